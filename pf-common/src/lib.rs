@@ -1,0 +1,133 @@
+//! Types shared by pf's eBPF programs and its userspace: map keys and values, counter indices,
+//! limits, and the checksum arithmetic the data plane applies to every rewritten packet.
+//!
+//! Every map type is `#[repr(C)]`, holds addresses and ports in network byte order exactly as
+//! they appear on the wire, and has no implicit padding: the bytemuck `Pod` derive refuses to
+//! compile a type with padding, and the size assertions below pin the layouts that userspace and
+//! the kernel programs must agree on.
+#![no_std]
+
+pub mod checksum;
+pub mod counters;
+pub mod limits;
+
+use bytemuck::{Pod, Zeroable};
+
+/// IANA protocol numbers that pf forwards.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// One side of a forward: an IPv4 address, a port and a protocol, as the packet carries them.
+///
+/// In `FORWARD_NAT` it is the public endpoint (a packet's destination); in `REVERSE_NAT` it is the
+/// tunnel endpoint (a reply's source).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct EndpointKey {
+    /// IPv4 address, network byte order.
+    pub addr: [u8; 4],
+    /// TCP or UDP port, network byte order.
+    pub port: [u8; 2],
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// Always zero: the kernel hashes all eight key bytes.
+    pub _pad: u8,
+}
+
+impl EndpointKey {
+    #[inline(always)]
+    pub const fn new(addr: [u8; 4], port: [u8; 2], proto: u8) -> Self {
+        Self {
+            addr,
+            port,
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// What an endpoint is rewritten to, plus this entry's traffic counters.
+///
+/// Both NAT maps are per-CPU hashes, so each CPU owns its copy of `packets` and `bytes` and the
+/// programs add to them without atomics; userspace writes the same address and port to every CPU
+/// and sums the counters when it reads them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct NatEntry {
+    /// IPv4 address written into the packet, network byte order.
+    pub addr: [u8; 4],
+    /// Port written into the packet, network byte order.
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+    /// Packets rewritten through this entry (this CPU's share).
+    pub packets: u64,
+    /// IPv4 bytes (the IP total length) of those packets (this CPU's share).
+    pub bytes: u64,
+}
+
+impl NatEntry {
+    pub const fn new(addr: [u8; 4], port: [u8; 2]) -> Self {
+        Self {
+            addr,
+            port,
+            _pad: [0; 2],
+            packets: 0,
+            bytes: 0,
+        }
+    }
+}
+
+/// Protocol set of a reservation, as a bit mask.
+pub const PROTO_MASK_TCP: u8 = 1;
+pub const PROTO_MASK_UDP: u8 = 2;
+
+/// Key of a reservation record: where its public range starts and which protocols it covers.
+///
+/// Two reservations never overlap, so the first port and the protocol set identify one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct ReservationKey {
+    /// Public IPv4 address, network byte order.
+    pub public_addr: [u8; 4],
+    /// First public port of the range, network byte order.
+    pub first_port: [u8; 2],
+    /// `PROTO_MASK_TCP`, `PROTO_MASK_UDP` or both.
+    pub protocols: u8,
+    pub _pad: u8,
+}
+
+/// A reservation record: the rest of what `pf reserve` was asked. Only userspace reads these; the
+/// programs work from the per-port entries in the NAT maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct ReservationValue {
+    /// Tunnel IPv4 address, network byte order.
+    pub target_addr: [u8; 4],
+    /// Last public port of the range (equal to the first for a single port), network byte order.
+    pub last_port: [u8; 2],
+    /// Target port of the first public port; the range maps one to one from here.
+    pub target_first_port: [u8; 2],
+}
+
+const _: () = assert!(core::mem::size_of::<EndpointKey>() == 8);
+const _: () = assert!(core::mem::size_of::<NatEntry>() == 24);
+const _: () = assert!(core::mem::size_of::<ReservationKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ReservationValue>() == 8);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: each type is #[repr(C)], Pod (so every bit pattern is valid) and has no padding.
+    unsafe impl aya::Pod for super::EndpointKey {}
+    unsafe impl aya::Pod for super::NatEntry {}
+    unsafe impl aya::Pod for super::ReservationKey {}
+    unsafe impl aya::Pod for super::ReservationValue {}
+}
+
+/// Names of the maps, as declared in pf-ebpf and pinned under pf's bpffs directory.
+pub mod map_names {
+    pub const FORWARD_NAT: &str = "FORWARD_NAT";
+    pub const REVERSE_NAT: &str = "REVERSE_NAT";
+    pub const RESERVATIONS: &str = "RESERVATIONS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const ALL: [&str; 4] = [FORWARD_NAT, REVERSE_NAT, RESERVATIONS, COUNTERS];
+}

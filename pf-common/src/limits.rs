@@ -1,0 +1,13 @@
+//! Every size limit of pf, in one place (Katran keeps its limits the same way).
+
+/// Entries in each NAT map (`FORWARD_NAT`, `REVERSE_NAT`): one per public port and protocol.
+/// Sized for 1M forwarded ports, e.g. 16 public IPs with every port reserved for both protocols.
+/// The maps are created with `BPF_F_NO_PREALLOC`, so an empty map costs nothing.
+pub const MAX_FORWARDS: u32 = 1 << 20;
+
+/// Reservation records: at most one per forwarded port.
+pub const MAX_RESERVATIONS: u32 = MAX_FORWARDS;
+
+/// The widest range one reservation may cover. A range is added entry by entry, all or nothing;
+/// the bound keeps one command's work (and a typo's damage) small.
+pub const MAX_RANGE_PORTS: u32 = 4096;

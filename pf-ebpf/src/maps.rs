@@ -1,0 +1,41 @@
+//! The maps both programs share, all pinned by name under pf's bpffs directory so every attached
+//! interface and every later `pf` command sees one state. Layouts: pf-common and ARCHITECTURE.md.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+};
+use pf_common::{
+    EndpointKey, NatEntry, ReservationKey, ReservationValue,
+    counters::COUNTER_SLOTS,
+    limits::{MAX_FORWARDS, MAX_RESERVATIONS},
+};
+
+/// Ingress: (public address, public port, protocol) -> tunnel address and port.
+#[map]
+pub static FORWARD_NAT: PerCpuHashMap<EndpointKey, NatEntry> =
+    PerCpuHashMap::pinned(MAX_FORWARDS, BPF_F_NO_PREALLOC);
+
+/// Egress: (tunnel address, tunnel port, protocol) -> public address and port.
+#[map]
+pub static REVERSE_NAT: PerCpuHashMap<EndpointKey, NatEntry> =
+    PerCpuHashMap::pinned(MAX_FORWARDS, BPF_F_NO_PREALLOC);
+
+/// The reservation records behind the NAT entries. Read only by userspace; declared here so it is
+/// created and pinned with the others.
+#[map]
+pub static RESERVATIONS: HashMap<ReservationKey, ReservationValue> =
+    HashMap::pinned(MAX_RESERVATIONS, BPF_F_NO_PREALLOC);
+
+/// Global outcome counters, indexed by `pf_common::counters`.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(counter) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot, and programs do not migrate CPUs while they run.
+        unsafe { *counter += 1 };
+    }
+}

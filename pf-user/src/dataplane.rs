@@ -1,0 +1,327 @@
+//! Loading pf's eBPF object and attaching its programs to an interface.
+//!
+//! `pf attach IFACE` loads both programs (their maps are the pinned ones, shared by every
+//! interface), attaches XDP to the interface's ingress and a TCX program to its egress, and pins
+//! both links under `<pin dir>/links/IFACE.{xdp,tc}`: a pinned link stays attached after `pf`
+//! exits, and `pf detach IFACE` unpins it, which detaches it.
+
+use std::{error::Error, ffi::CString, fmt, io, str::FromStr};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::TcAttachOptions,
+    },
+    util::KernelVersion,
+};
+
+use crate::{bpffs::PinDir, error::PfError};
+
+pub const INGRESS_PROGRAM: &str = "pf_ingress";
+pub const EGRESS_PROGRAM: &str = "pf_egress";
+const XDP_LINK: &str = "xdp";
+const TC_LINK: &str = "tc";
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pf-ebpf"));
+
+/// An error and its sources on one line.
+pub(crate) fn chain(e: &dyn Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+/// Parses pf's eBPF object, creating and pinning its maps under `dir` (or opening them if they
+/// are pinned already). The programs are not loaded into the kernel yet.
+pub fn load_object(dir: &PinDir) -> Result<Ebpf, PfError> {
+    if OBJECT.is_empty() {
+        return Err(PfError::NoEmbeddedObject);
+    }
+    EbpfLoader::new()
+        .default_map_pin_directory(dir.root())
+        .load(OBJECT)
+        .map_err(|e| {
+            let detail = chain(&e);
+            match e {
+                aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
+                    if io_error.raw_os_error() == Some(libc::ENOSYS) =>
+                {
+                    PfError::NoBpfSupport(detail)
+                }
+                _ => PfError::Load(detail),
+            }
+        })
+}
+
+/// Both programs loaded into the kernel (verified), with the pinned maps; not attached.
+pub struct Programs {
+    ebpf: Ebpf,
+}
+
+impl Programs {
+    pub fn load(dir: &PinDir) -> Result<Self, PfError> {
+        let mut ebpf = load_object(dir)?;
+        let load_err = |e: ProgramError| PfError::Load(chain(&e));
+        let ingress: &mut Xdp = program_mut(&mut ebpf, INGRESS_PROGRAM)?
+            .try_into()
+            .map_err(load_err)?;
+        ingress.load().map_err(load_err)?;
+        let egress: &mut SchedClassifier = program_mut(&mut ebpf, EGRESS_PROGRAM)?
+            .try_into()
+            .map_err(load_err)?;
+        egress.load().map_err(load_err)?;
+        Ok(Self { ebpf })
+    }
+
+    pub fn ingress(&self) -> &Xdp {
+        self.ebpf
+            .program(INGRESS_PROGRAM)
+            .expect("loaded")
+            .try_into()
+            .expect("an XDP program")
+    }
+
+    pub fn egress(&self) -> &SchedClassifier {
+        self.ebpf
+            .program(EGRESS_PROGRAM)
+            .expect("loaded")
+            .try_into()
+            .expect("a TC program")
+    }
+
+    fn ingress_mut(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(INGRESS_PROGRAM)
+            .expect("loaded")
+            .try_into()
+            .expect("an XDP program")
+    }
+
+    fn egress_mut(&mut self) -> &mut SchedClassifier {
+        self.ebpf
+            .program_mut(EGRESS_PROGRAM)
+            .expect("loaded")
+            .try_into()
+            .expect("a TC program")
+    }
+}
+
+fn program_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut aya::programs::Program, PfError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| PfError::Load(format!("program {name} missing from the object")))
+}
+
+/// How to attach the XDP program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Native (driver) mode if the driver supports it, else generic (skb) mode.
+    #[default]
+    Auto,
+    /// Native mode only: fail if the driver has no XDP support.
+    Native,
+    /// Generic mode: works on any device, at the cost of an skb per packet.
+    Skb,
+}
+
+impl FromStr for AttachMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(AttachMode::Auto),
+            "native" => Ok(AttachMode::Native),
+            "skb" => Ok(AttachMode::Skb),
+            other => Err(format!(
+                "unknown mode '{other}' (expected auto, native or skb)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AttachMode::Auto => "auto",
+            AttachMode::Native => "native",
+            AttachMode::Skb => "skb",
+        })
+    }
+}
+
+fn interface_exists(iface: &str) -> bool {
+    let Ok(name) = CString::new(iface) else {
+        return false;
+    };
+    // SAFETY: a valid C string.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+}
+
+fn os_error(e: &ProgramError) -> Option<i32> {
+    let mut source: Option<&dyn Error> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            return io.raw_os_error();
+        }
+        source = err.source();
+    }
+    None
+}
+
+/// Fails unless every map is pinned or none is (a half-made state must not be extended).
+fn check_pins_consistent(dir: &PinDir) -> Result<(), PfError> {
+    let pinned = pf_common::map_names::ALL
+        .iter()
+        .filter(|n| dir.map(n).exists())
+        .count();
+    if pinned != 0 && pinned != pf_common::map_names::ALL.len() {
+        return Err(PfError::PartialState(dir.root().to_path_buf()));
+    }
+    Ok(())
+}
+
+/// Attaches pf to `iface`; returns the XDP mode used ("native" or "skb").
+pub fn attach(dir: &PinDir, iface: &str, mode: AttachMode) -> Result<&'static str, PfError> {
+    if !interface_exists(iface) {
+        return Err(PfError::UnknownInterface(iface.to_string()));
+    }
+    let kernel = KernelVersion::current()
+        .map_err(|e| PfError::Load(format!("reading the kernel version: {e}")))?;
+    if kernel < KernelVersion::new(6, 6, 0) {
+        return Err(PfError::KernelTooOld(kernel.to_string()));
+    }
+    dir.prepare()?;
+    let _lock = dir.lock(true)?;
+    let (xdp_pin, tc_pin) = (dir.link(iface, XDP_LINK), dir.link(iface, TC_LINK));
+    if xdp_pin.exists() || tc_pin.exists() {
+        return Err(PfError::AlreadyAttached(iface.to_string()));
+    }
+    check_pins_consistent(dir)?;
+    let mut programs = Programs::load(dir)?;
+    let iface_dir = dir.iface_links(iface);
+    std::fs::create_dir_all(&iface_dir)
+        .map_err(|e| PfError::io(format!("creating {}", iface_dir.display()), e))?;
+    let result = attach_programs(&mut programs, iface, mode, &xdp_pin, &tc_pin);
+    if result.is_err() {
+        let _ = std::fs::remove_dir(&iface_dir);
+    }
+    result
+}
+
+fn attach_programs(
+    programs: &mut Programs,
+    iface: &str,
+    mode: AttachMode,
+    xdp_pin: &std::path::Path,
+    tc_pin: &std::path::Path,
+) -> Result<&'static str, PfError> {
+    let attempts: &[(XdpMode, &'static str)] = match mode {
+        AttachMode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "skb")],
+        AttachMode::Native => &[(XdpMode::Driver, "native")],
+        AttachMode::Skb => &[(XdpMode::Skb, "skb")],
+    };
+    let mut used = None;
+    let mut last_error = String::new();
+    for &(xdp_mode, name) in attempts {
+        match programs.ingress_mut().attach(iface, xdp_mode) {
+            Ok(id) => {
+                used = Some((id, name));
+                break;
+            }
+            Err(e) if matches!(os_error(&e), Some(libc::EBUSY | libc::EEXIST)) => {
+                return Err(PfError::XdpBusy {
+                    iface: iface.to_string(),
+                });
+            }
+            Err(e) => last_error = format!("{name} mode: {}", chain(&e)),
+        }
+    }
+    let Some((xdp_id, used_mode)) = used else {
+        return Err(PfError::Attach {
+            what: "the XDP program",
+            iface: iface.to_string(),
+            detail: last_error,
+        });
+    };
+    let attach_err = |what: &'static str| {
+        move |detail: String| PfError::Attach {
+            what,
+            iface: iface.to_string(),
+            detail,
+        }
+    };
+    let xdp_link: FdLink = programs
+        .ingress_mut()
+        .take_link(xdp_id)
+        .map_err(|e| chain(&e))
+        .and_then(|l| l.try_into().map_err(|e: LinkError| chain(&e)))
+        .map_err(attach_err("the XDP program"))?;
+
+    // Until both links are pinned, dropping them (on any error below) detaches them again.
+    let tc_id = programs
+        .egress_mut()
+        .attach_with_options(
+            iface,
+            TcAttachType::Egress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(|e| chain(&e))
+        .map_err(attach_err("the TC egress program"))?;
+    let tc_link: FdLink = programs
+        .egress_mut()
+        .take_link(tc_id)
+        .map_err(|e| chain(&e))
+        .and_then(|l| l.try_into().map_err(|e: LinkError| chain(&e)))
+        .map_err(attach_err("the TC egress program"))?;
+
+    let pinned_xdp = xdp_link
+        .pin(xdp_pin)
+        .map_err(|e| chain(&e))
+        .map_err(attach_err("the XDP link (pinning)"))?;
+    if let Err(e) = tc_link.pin(tc_pin) {
+        let _ = pinned_xdp.unpin();
+        return Err(attach_err("the TC link (pinning)")(chain(&e)));
+    }
+    Ok(used_mode)
+}
+
+/// Detaches pf from `iface` by unpinning its links. Works for an interface that has gone too
+/// (its pins are cleared).
+pub fn detach(dir: &PinDir, iface: &str) -> Result<(), PfError> {
+    let pins = [dir.link(iface, XDP_LINK), dir.link(iface, TC_LINK)];
+    if !dir.exists() || !pins.iter().any(|p| p.exists()) {
+        return Err(if interface_exists(iface) {
+            PfError::NotAttached(iface.to_string())
+        } else {
+            PfError::UnknownInterface(iface.to_string())
+        });
+    }
+    let _lock = dir.lock(true)?;
+    for pin in pins.iter().filter(|p| p.exists()) {
+        match PinnedLink::from_pin(pin) {
+            // Unpinning drops the last reference once this FdLink is dropped: the link detaches.
+            Ok(link) => drop(
+                link.unpin()
+                    .map_err(|e| PfError::io(format!("removing {}", pin.display()), e))?,
+            ),
+            Err(_) => std::fs::remove_file(pin)
+                .map_err(|e| PfError::io(format!("removing {}", pin.display()), e))?,
+        }
+    }
+    let iface_dir = dir.iface_links(iface);
+    std::fs::remove_dir(&iface_dir)
+        .map_err(|e| PfError::io(format!("removing {}", iface_dir.display()), e))
+}
+
+/// Interfaces pf is attached to through `dir`.
+pub fn attached_interfaces(dir: &PinDir) -> Vec<String> {
+    dir.linked_interfaces()
+}

@@ -1,0 +1,112 @@
+//! pf's library errors. Each message is one line that names what is wrong and, where it helps,
+//! what to do about it.
+
+use std::{io, path::PathBuf};
+
+use crate::spec::{Reservation, SpecError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PfError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+
+    #[error(
+        "pf needs root (CAP_BPF and CAP_NET_ADMIN, or CAP_SYS_ADMIN) to load programs and open its maps"
+    )]
+    NotRoot,
+
+    #[error("this kernel has no BPF support: {0}")]
+    NoBpfSupport(String),
+
+    #[error("{path} is not on a BPF filesystem (mount one with `mount -t bpf bpf {path}`)")]
+    NotBpffs { path: PathBuf },
+
+    #[error("could not mount bpffs at {path}: {source}")]
+    MountBpffs { path: PathBuf, source: io::Error },
+
+    #[error(
+        "this pf binary has no embedded eBPF object (it was built with AYA_BUILD_SKIP=1); rebuild without it"
+    )]
+    NoEmbeddedObject,
+
+    #[error(
+        "pinned map {path} does not have the layout this pf expects ({detail}); it was made by another pf version: detach every interface and remove {dir} to start afresh"
+    )]
+    MapLayout {
+        path: PathBuf,
+        dir: PathBuf,
+        detail: String,
+    },
+
+    #[error(
+        "pf's state at {0} is incomplete (some maps are pinned, others missing); detach every interface and remove the directory to start afresh"
+    )]
+    PartialState(PathBuf),
+
+    #[error("{public} overlaps the existing reservation {existing}")]
+    Conflict {
+        public: String,
+        existing: Reservation,
+    },
+
+    #[error(
+        "target {target} is already the target of {existing}; replies from it could not be mapped back to one public port"
+    )]
+    AmbiguousTarget {
+        target: String,
+        existing: Reservation,
+    },
+
+    #[error(
+        "{public}/{proto} is in the forwarding map but no reservation record covers it (inconsistent state)"
+    )]
+    Orphan { public: String, proto: &'static str },
+
+    #[error("no reservation {spec}{hint}")]
+    NoSuchReservation { spec: String, hint: String },
+
+    #[error("unknown interface '{0}'")]
+    UnknownInterface(String),
+
+    #[error("pf is already attached to {0} (run `pf detach {0}` first)")]
+    AlreadyAttached(String),
+
+    #[error("pf is not attached to {0}")]
+    NotAttached(String),
+
+    #[error(
+        "{iface} already has an XDP program that pf did not attach; remove it first (ip link set dev {iface} xdp off)"
+    )]
+    XdpBusy { iface: String },
+
+    #[error("could not attach {what} to {iface}: {detail}")]
+    Attach {
+        what: &'static str,
+        iface: String,
+        detail: String,
+    },
+
+    #[error("pf needs Linux 6.6 or newer (TCX) for its egress program; this kernel is {0}")]
+    KernelTooOld(String),
+
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
+
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+
+    #[error("loading pf's eBPF object: {0}")]
+    Load(String),
+}
+
+impl PfError {
+    pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Self {
+        PfError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}

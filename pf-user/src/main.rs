@@ -1,0 +1,236 @@
+//! The `pf` command. Library errors are typed (`pf::PfError`); here, at the edge, every failure
+//! becomes one `error: ...` line on stderr and a non-zero exit code.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use pf::{
+    bpffs::{DEFAULT_PIN_DIR, PinDir},
+    dataplane::{self, AttachMode},
+    privilege,
+    spec::{PublicSpec, Reservation, TargetSpec},
+    state::{State, Stats, Traffic},
+};
+use serde_json::{Value, json};
+
+/// Port forwarding in the kernel's fastest hook: XDP rewrites packets to a reserved public
+/// IP:port towards a tunnel client; TC egress rewrites the replies back.
+#[derive(Parser)]
+#[command(name = "pf", version)]
+struct Cli {
+    /// Directory on a BPF filesystem where pf pins its maps and links.
+    #[arg(long, global = true, env = "PF_BPFFS", default_value = DEFAULT_PIN_DIR, value_name = "DIR")]
+    bpffs: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach pf's XDP (ingress) and TC (egress) programs to a public interface.
+    Attach {
+        iface: String,
+        /// XDP mode: auto (native, falling back to skb), native, or skb.
+        #[arg(long, default_value = "auto", value_name = "auto|native|skb")]
+        mode: AttachMode,
+    },
+    /// Remove pf's programs from an interface.
+    Detach { iface: String },
+    /// Forward PUBLIC_IP:PORT[-PORT]/tcp|udp|both to a tunnel address.
+    Reserve {
+        #[arg(value_name = "PUBLIC_IP:PORT[-PORT]/tcp|udp|both")]
+        public: PublicSpec,
+        /// Target address; with a port, the range is shifted to start there.
+        #[arg(long = "to", value_name = "TARGET_IP[:PORT]")]
+        to: TargetSpec,
+    },
+    /// Remove a reservation, named exactly as it was made.
+    Release {
+        #[arg(value_name = "PUBLIC_IP:PORT[-PORT]/tcp|udp|both")]
+        public: PublicSpec,
+    },
+    /// List reservations, one per line.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show global counters and per-reservation traffic.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // clap's message is several lines; keep the first, which names the problem.
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("error: {first} (see `pf --help`)");
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    // Validate what needs no kernel before asking for privileges.
+    let reservation = match &cli.command {
+        Command::Reserve { public, to } => Some(Reservation::new(*public, *to)?),
+        _ => None,
+    };
+    privilege::require_privileges()?;
+    let dir = PinDir::new(&cli.bpffs);
+    match cli.command {
+        Command::Attach { iface, mode } => {
+            let used = dataplane::attach(&dir, &iface, mode)?;
+            println!("attached pf to {iface} (XDP in {used} mode on ingress, TC on egress)");
+        }
+        Command::Detach { iface } => {
+            dataplane::detach(&dir, &iface)?;
+            println!("detached pf from {iface}");
+        }
+        Command::Reserve { .. } => {
+            let r = reservation.expect("validated above");
+            State::open_for_write(&dir)?.reserve(&r)?;
+            println!("reserved {r}");
+        }
+        Command::Release { public } => {
+            let r = State::open_for_write(&dir)?.release(&public)?;
+            println!("released {r}");
+        }
+        Command::List { json } => {
+            let list = match State::open_for_read(&dir)? {
+                Some(state) => state.list()?,
+                None => Vec::new(),
+            };
+            if json {
+                let rows: Vec<Value> = list.iter().map(reservation_json).collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if list.is_empty() {
+                println!("no reservations");
+            } else {
+                for r in &list {
+                    println!("{r}");
+                }
+            }
+        }
+        Command::Stats { json } => {
+            let stats = match State::open_for_read(&dir)? {
+                Some(state) => Some(state.stats()?),
+                None => None,
+            };
+            let attached = dataplane::attached_interfaces(&dir);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&stats_json(stats.as_ref(), &attached))?
+                );
+            } else {
+                print_stats(stats.as_ref(), &attached);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn reservation_json(r: &Reservation) -> Value {
+    let target = r.target_ports();
+    json!({
+        "public_ip": r.public.addr.to_string(),
+        "first_port": r.public.ports.first,
+        "last_port": r.public.ports.last,
+        "protocol": r.public.protocols,
+        "target_ip": r.target_addr.to_string(),
+        "target_first_port": target.first,
+        "target_last_port": target.last,
+        "spec": r.to_string(),
+    })
+}
+
+fn stats_json(stats: Option<&Stats>, attached: &[String]) -> Value {
+    let counters = |c: &[(&str, u64)]| -> Value {
+        c.iter()
+            .map(|(name, v)| ((*name).to_string(), json!(v)))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    let empty = Stats {
+        ingress: Vec::new(),
+        egress: Vec::new(),
+        reservations: Vec::new(),
+    };
+    let s = stats.unwrap_or(&empty);
+    let reservations: Vec<Value> = s
+        .reservations
+        .iter()
+        .map(|(r, t)| {
+            let mut v = reservation_json(r);
+            v["traffic"] = serde_json::to_value(t).expect("plain struct");
+            v
+        })
+        .collect();
+    json!({
+        "attached": attached,
+        "ingress": counters(&s.ingress),
+        "egress": counters(&s.egress),
+        "reservations": reservations,
+    })
+}
+
+fn print_stats(stats: Option<&Stats>, attached: &[String]) {
+    if attached.is_empty() {
+        println!("attached: (none)");
+    } else {
+        println!("attached: {}", attached.join(", "));
+    }
+    let Some(stats) = stats else {
+        println!("no state yet (nothing reserved or attached)");
+        return;
+    };
+    let line = |c: &[(&str, u64)]| {
+        c.iter()
+            .map(|(n, v)| format!("{n} {v}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    println!("ingress (XDP): {}", line(&stats.ingress));
+    println!("egress  (TC):  {}", line(&stats.egress));
+    if stats.reservations.is_empty() {
+        println!("no reservations");
+        return;
+    }
+    println!(
+        "{:<52} {:>10} {:>12} {:>10} {:>12}",
+        "RESERVATION", "IN PKTS", "IN BYTES", "OUT PKTS", "OUT BYTES"
+    );
+    for (
+        r,
+        Traffic {
+            in_packets,
+            in_bytes,
+            out_packets,
+            out_bytes,
+        },
+    ) in &stats.reservations
+    {
+        println!(
+            "{:<52} {in_packets:>10} {in_bytes:>12} {out_packets:>10} {out_bytes:>12}",
+            r.to_string()
+        );
+    }
+}

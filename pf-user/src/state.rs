@@ -1,0 +1,517 @@
+//! pf's state: the pinned maps, and the reservations kept in them.
+//!
+//! The NAT maps hold one entry per (port, protocol); the `RESERVATIONS` map holds the records
+//! the admin made, so a range stays one reservation. Changes are made under an exclusive lock on
+//! the pin directory, validated in full before the first map write, and rolled back if a write
+//! fails, so a reservation is added or removed all or nothing.
+
+use std::{fs::File, net::Ipv4Addr};
+
+use aya::maps::{
+    HashMap, Map, MapData, MapError, MapType, PerCpuArray, PerCpuHashMap, PerCpuValues,
+};
+use pf_common::{
+    EndpointKey, NatEntry, ReservationKey, ReservationValue,
+    counters::{COUNTER_SLOTS, EGRESS_BASE, INGRESS_BASE, Outcome},
+    limits::{MAX_FORWARDS, MAX_RESERVATIONS},
+    map_names,
+};
+use serde::Serialize;
+
+use crate::{
+    bpffs::PinDir,
+    dataplane,
+    error::PfError,
+    spec::{PortRange, Protocols, PublicSpec, Reservation},
+};
+
+/// BPF_NOEXIST: fail instead of replacing an existing element.
+const BPF_NOEXIST: u64 = 1;
+
+fn proto_name(proto: u8) -> &'static str {
+    if proto == pf_common::IPPROTO_TCP {
+        "tcp"
+    } else {
+        "udp"
+    }
+}
+
+fn endpoint(addr: Ipv4Addr, port: u16, proto: u8) -> EndpointKey {
+    EndpointKey::new(addr.octets(), port.to_be_bytes(), proto)
+}
+
+/// Open handles on pf's maps, with pf's lock on the pin directory held.
+pub struct State {
+    forward: PerCpuHashMap<MapData, EndpointKey, NatEntry>,
+    reverse: PerCpuHashMap<MapData, EndpointKey, NatEntry>,
+    reservations: HashMap<MapData, ReservationKey, ReservationValue>,
+    counters: PerCpuArray<MapData, u64>,
+    nr_cpus: usize,
+    _lock: File,
+}
+
+/// Traffic through one reservation, summed over its ports, protocols and CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Traffic {
+    pub in_packets: u64,
+    pub in_bytes: u64,
+    pub out_packets: u64,
+    pub out_bytes: u64,
+}
+
+/// Everything `pf stats` shows.
+#[derive(Clone, Debug)]
+pub struct Stats {
+    /// XDP ingress outcomes, by name, in `Outcome` order.
+    pub ingress: Vec<(&'static str, u64)>,
+    /// TC egress outcomes, by name, in `Outcome` order.
+    pub egress: Vec<(&'static str, u64)>,
+    pub reservations: Vec<(Reservation, Traffic)>,
+}
+
+impl Stats {
+    pub fn ingress(&self, outcome: Outcome) -> u64 {
+        self.ingress[outcome as usize].1
+    }
+    pub fn egress(&self, outcome: Outcome) -> u64 {
+        self.egress[outcome as usize].1
+    }
+}
+
+struct Layout {
+    name: &'static str,
+    map_type: MapType,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+}
+
+const LAYOUTS: [Layout; 4] = [
+    Layout {
+        name: map_names::FORWARD_NAT,
+        map_type: MapType::PerCpuHash,
+        key_size: size_of::<EndpointKey>() as u32,
+        value_size: size_of::<NatEntry>() as u32,
+        max_entries: MAX_FORWARDS,
+    },
+    Layout {
+        name: map_names::REVERSE_NAT,
+        map_type: MapType::PerCpuHash,
+        key_size: size_of::<EndpointKey>() as u32,
+        value_size: size_of::<NatEntry>() as u32,
+        max_entries: MAX_FORWARDS,
+    },
+    Layout {
+        name: map_names::RESERVATIONS,
+        map_type: MapType::Hash,
+        key_size: size_of::<ReservationKey>() as u32,
+        value_size: size_of::<ReservationValue>() as u32,
+        max_entries: MAX_RESERVATIONS,
+    },
+    Layout {
+        name: map_names::COUNTERS,
+        map_type: MapType::PerCpuArray,
+        key_size: 4,
+        value_size: 8,
+        max_entries: COUNTER_SLOTS,
+    },
+];
+
+/// Opens a pinned map and checks it has the layout this build of pf was compiled for: a map
+/// left by another version must not be read or written with the wrong sizes.
+fn open_map(dir: &PinDir, layout: &Layout) -> Result<Map, PfError> {
+    let path = dir.map(layout.name);
+    let map_err = |source| PfError::Map {
+        map: layout.name,
+        source,
+    };
+    let data = MapData::from_pin(&path).map_err(map_err)?;
+    let info = data.info().map_err(map_err)?;
+    let found_type = info.map_type().map_err(map_err)?;
+    let found = (
+        found_type,
+        info.key_size(),
+        info.value_size(),
+        info.max_entries(),
+    );
+    let want = (
+        layout.map_type,
+        layout.key_size,
+        layout.value_size,
+        layout.max_entries,
+    );
+    if found != want {
+        return Err(PfError::MapLayout {
+            path,
+            dir: dir.root().to_path_buf(),
+            detail: format!(
+                "found {found:?}, want {want:?} as (type, key size, value size, max entries)"
+            ),
+        });
+    }
+    Map::from_map_data(data).map_err(map_err)
+}
+
+impl State {
+    /// Opens pf's state for changes, creating the pin directory (mounting bpffs if needed) and
+    /// the maps if this is the first use.
+    pub fn open_for_write(dir: &PinDir) -> Result<Self, PfError> {
+        dir.prepare()?;
+        let lock = dir.lock(true)?;
+        let pinned = map_names::ALL
+            .iter()
+            .filter(|n| dir.map(n).exists())
+            .count();
+        if pinned == 0 {
+            // Loading the object creates and pins every map; the programs are not loaded.
+            drop(dataplane::load_object(dir)?);
+        } else if pinned < map_names::ALL.len() {
+            return Err(PfError::PartialState(dir.root().to_path_buf()));
+        }
+        Self::open_maps(dir, lock)
+    }
+
+    /// Opens pf's state for reading; `None` when pf has never been used with this directory.
+    pub fn open_for_read(dir: &PinDir) -> Result<Option<Self>, PfError> {
+        if !dir.exists() || !dir.map(map_names::RESERVATIONS).exists() {
+            return Ok(None);
+        }
+        let lock = dir.lock(false)?;
+        Self::open_maps(dir, lock).map(Some)
+    }
+
+    fn open_maps(dir: &PinDir, lock: File) -> Result<Self, PfError> {
+        let [forward, reverse, reservations, counters] =
+            LAYOUTS.each_ref().map(|l| open_map(dir, l));
+        let typed = |name: &'static str| move |source: MapError| PfError::Map { map: name, source };
+        Ok(Self {
+            forward: forward?.try_into().map_err(typed(map_names::FORWARD_NAT))?,
+            reverse: reverse?.try_into().map_err(typed(map_names::REVERSE_NAT))?,
+            reservations: reservations?
+                .try_into()
+                .map_err(typed(map_names::RESERVATIONS))?,
+            counters: counters?.try_into().map_err(typed(map_names::COUNTERS))?,
+            nr_cpus: aya::util::nr_cpus()
+                .map_err(|(what, e)| PfError::io(format!("reading {what}"), e))?,
+            _lock: lock,
+        })
+    }
+
+    fn per_cpu(&self, entry: NatEntry) -> Result<PerCpuValues<NatEntry>, PfError> {
+        PerCpuValues::try_from(vec![entry; self.nr_cpus])
+            .map_err(|e| PfError::io("building per-CPU values", e))
+    }
+
+    /// Every reservation, sorted by public address, port and protocol.
+    pub fn list(&self) -> Result<Vec<Reservation>, PfError> {
+        let mut out = Vec::new();
+        for item in self.reservations.iter() {
+            let (key, value) = item.map_err(|source| PfError::Map {
+                map: map_names::RESERVATIONS,
+                source,
+            })?;
+            if let Some(r) = record_to_reservation(&key, &value) {
+                out.push(r);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The reservation whose public side covers `addr:port/proto`, if any. A scan: only used to
+    /// name the owner of a conflict.
+    fn find_public(
+        &self,
+        addr: Ipv4Addr,
+        ports: PortRange,
+        protocols: Protocols,
+    ) -> Result<Option<Reservation>, PfError> {
+        Ok(self.list()?.into_iter().find(|r| {
+            r.public.addr == addr
+                && r.public.protocols.overlaps(protocols)
+                && r.public.ports.overlaps(ports)
+        }))
+    }
+
+    /// The reservation whose target side covers `addr:port/proto`, if any (a scan, as above).
+    fn find_target(
+        &self,
+        addr: Ipv4Addr,
+        port: u16,
+        protocols: Protocols,
+    ) -> Result<Option<Reservation>, PfError> {
+        let ports = PortRange {
+            first: port,
+            last: port,
+        };
+        Ok(self.list()?.into_iter().find(|r| {
+            r.target_addr == addr
+                && r.public.protocols.overlaps(protocols)
+                && r.target_ports().overlaps(ports)
+        }))
+    }
+
+    fn contains(
+        map: &PerCpuHashMap<MapData, EndpointKey, NatEntry>,
+        name: &'static str,
+        key: &EndpointKey,
+    ) -> Result<bool, PfError> {
+        match map.get(key, 0) {
+            Ok(_) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(source) => Err(PfError::Map { map: name, source }),
+        }
+    }
+
+    /// Adds a reservation: checks every port of it against both NAT maps first, then writes the
+    /// reverse entries, the forward entries and the record, undoing what it wrote on any failure.
+    pub fn reserve(&mut self, r: &Reservation) -> Result<(), PfError> {
+        let protocols = r.public.protocols;
+        for &proto in protocols.ip_protocols() {
+            let one = if proto == pf_common::IPPROTO_TCP {
+                Protocols::Tcp
+            } else {
+                Protocols::Udp
+            };
+            for (public_port, target_port) in r.port_pairs() {
+                let fkey = endpoint(r.public.addr, public_port, proto);
+                if Self::contains(&self.forward, map_names::FORWARD_NAT, &fkey)? {
+                    let ports = PortRange {
+                        first: public_port,
+                        last: public_port,
+                    };
+                    let public = format!("{}:{public_port}/{}", r.public.addr, proto_name(proto));
+                    return Err(match self.find_public(r.public.addr, ports, one)? {
+                        Some(existing) => PfError::Conflict { public, existing },
+                        None => PfError::Orphan {
+                            public,
+                            proto: proto_name(proto),
+                        },
+                    });
+                }
+                let rkey = endpoint(r.target_addr, target_port, proto);
+                if Self::contains(&self.reverse, map_names::REVERSE_NAT, &rkey)? {
+                    let target = format!("{}:{target_port}/{}", r.target_addr, proto_name(proto));
+                    return Err(match self.find_target(r.target_addr, target_port, one)? {
+                        Some(existing) => PfError::AmbiguousTarget { target, existing },
+                        None => PfError::Orphan {
+                            public: target,
+                            proto: proto_name(proto),
+                        },
+                    });
+                }
+            }
+        }
+        let (rec_key, rec_value) = reservation_to_record(r);
+
+        let mut written: Vec<(bool, EndpointKey)> = Vec::new();
+        let result = self.write_entries(r, &mut written).and_then(|()| {
+            self.reservations
+                .insert(rec_key, rec_value, BPF_NOEXIST)
+                .map_err(|source| PfError::Map {
+                    map: map_names::RESERVATIONS,
+                    source,
+                })
+        });
+        if result.is_err() {
+            for (is_forward, key) in written.iter().rev() {
+                let map = if *is_forward {
+                    &mut self.forward
+                } else {
+                    &mut self.reverse
+                };
+                let _ = map.remove(key);
+            }
+        }
+        result
+    }
+
+    fn write_entries(
+        &mut self,
+        r: &Reservation,
+        written: &mut Vec<(bool, EndpointKey)>,
+    ) -> Result<(), PfError> {
+        // Reverse entries first: a forward entry without its reverse would let replies leave
+        // with the tunnel address.
+        for is_forward in [false, true] {
+            for &proto in r.public.protocols.ip_protocols() {
+                for (public_port, target_port) in r.port_pairs() {
+                    let public = (r.public.addr, public_port);
+                    let target = (r.target_addr, target_port);
+                    let (from, to) = if is_forward {
+                        (public, target)
+                    } else {
+                        (target, public)
+                    };
+                    let key = endpoint(from.0, from.1, proto);
+                    let value = self.per_cpu(NatEntry::new(to.0.octets(), to.1.to_be_bytes()))?;
+                    let (map, name) = if is_forward {
+                        (&mut self.forward, map_names::FORWARD_NAT)
+                    } else {
+                        (&mut self.reverse, map_names::REVERSE_NAT)
+                    };
+                    map.insert(key, value, BPF_NOEXIST)
+                        .map_err(|source| PfError::Map { map: name, source })?;
+                    written.push((is_forward, key));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the reservation made exactly as `spec` (same address, range and protocols) and
+    /// returns it.
+    pub fn release(&mut self, spec: &PublicSpec) -> Result<Reservation, PfError> {
+        let key = ReservationKey {
+            public_addr: spec.addr.octets(),
+            first_port: spec.ports.first.to_be_bytes(),
+            protocols: spec.protocols.mask(),
+            _pad: 0,
+        };
+        let found = self
+            .reservations
+            .get(&key, 0)
+            .ok()
+            .and_then(|v| record_to_reservation(&key, &v));
+        let Some(r) = found.filter(|r| r.public == *spec) else {
+            let hint = match self.find_public(spec.addr, spec.ports, spec.protocols)? {
+                Some(other) => format!(
+                    "; it overlaps {other}: release that whole, as `pf release {}`",
+                    other.public
+                ),
+                None => " (see `pf list`)".to_string(),
+            };
+            return Err(PfError::NoSuchReservation {
+                spec: spec.to_string(),
+                hint,
+            });
+        };
+        // Forward entries first, so no new inbound packet is rewritten while the replies' entries
+        // still exist; the record last, so a failure leaves the reservation visible in `pf list`.
+        for &proto in r.public.protocols.ip_protocols() {
+            for (public_port, _) in r.port_pairs() {
+                remove_entry(
+                    &mut self.forward,
+                    map_names::FORWARD_NAT,
+                    &endpoint(r.public.addr, public_port, proto),
+                )?;
+            }
+        }
+        for &proto in r.public.protocols.ip_protocols() {
+            for (_, target_port) in r.port_pairs() {
+                remove_entry(
+                    &mut self.reverse,
+                    map_names::REVERSE_NAT,
+                    &endpoint(r.target_addr, target_port, proto),
+                )?;
+            }
+        }
+        match self.reservations.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(r),
+            Err(source) => Err(PfError::Map {
+                map: map_names::RESERVATIONS,
+                source,
+            }),
+        }
+    }
+
+    fn sum_traffic(
+        map: &PerCpuHashMap<MapData, EndpointKey, NatEntry>,
+        name: &'static str,
+        key: &EndpointKey,
+    ) -> Result<(u64, u64), PfError> {
+        match map.get(key, 0) {
+            Ok(values) => Ok(values
+                .iter()
+                .fold((0, 0), |(p, b), e| (p + e.packets, b + e.bytes))),
+            Err(MapError::KeyNotFound) => Ok((0, 0)),
+            Err(source) => Err(PfError::Map { map: name, source }),
+        }
+    }
+
+    pub fn stats(&self) -> Result<Stats, PfError> {
+        let counter = |slot: u32| -> Result<u64, PfError> {
+            let values = self.counters.get(&slot, 0).map_err(|source| PfError::Map {
+                map: map_names::COUNTERS,
+                source,
+            })?;
+            Ok(values.iter().sum())
+        };
+        let mut ingress = Vec::new();
+        let mut egress = Vec::new();
+        for outcome in Outcome::ALL {
+            ingress.push((outcome.name(), counter(INGRESS_BASE + outcome as u32)?));
+            egress.push((outcome.name(), counter(EGRESS_BASE + outcome as u32)?));
+        }
+        let mut reservations = Vec::new();
+        for r in self.list()? {
+            let mut t = Traffic::default();
+            for &proto in r.public.protocols.ip_protocols() {
+                for (public_port, target_port) in r.port_pairs() {
+                    let (p, b) = Self::sum_traffic(
+                        &self.forward,
+                        map_names::FORWARD_NAT,
+                        &endpoint(r.public.addr, public_port, proto),
+                    )?;
+                    t.in_packets += p;
+                    t.in_bytes += b;
+                    let (p, b) = Self::sum_traffic(
+                        &self.reverse,
+                        map_names::REVERSE_NAT,
+                        &endpoint(r.target_addr, target_port, proto),
+                    )?;
+                    t.out_packets += p;
+                    t.out_bytes += b;
+                }
+            }
+            reservations.push((r, t));
+        }
+        Ok(Stats {
+            ingress,
+            egress,
+            reservations,
+        })
+    }
+}
+
+fn remove_entry(
+    map: &mut PerCpuHashMap<MapData, EndpointKey, NatEntry>,
+    name: &'static str,
+    key: &EndpointKey,
+) -> Result<(), PfError> {
+    match map.remove(key) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(source) => Err(PfError::Map { map: name, source }),
+    }
+}
+
+fn reservation_to_record(r: &Reservation) -> (ReservationKey, ReservationValue) {
+    (
+        ReservationKey {
+            public_addr: r.public.addr.octets(),
+            first_port: r.public.ports.first.to_be_bytes(),
+            protocols: r.public.protocols.mask(),
+            _pad: 0,
+        },
+        ReservationValue {
+            target_addr: r.target_addr.octets(),
+            last_port: r.public.ports.last.to_be_bytes(),
+            target_first_port: r.target_first_port.to_be_bytes(),
+        },
+    )
+}
+
+fn record_to_reservation(key: &ReservationKey, value: &ReservationValue) -> Option<Reservation> {
+    Some(Reservation {
+        public: PublicSpec {
+            addr: Ipv4Addr::from(key.public_addr),
+            ports: PortRange {
+                first: u16::from_be_bytes(key.first_port),
+                last: u16::from_be_bytes(value.last_port),
+            },
+            protocols: Protocols::from_mask(key.protocols)?,
+        },
+        target_addr: Ipv4Addr::from(value.target_addr),
+        target_first_port: u16::from_be_bytes(value.target_first_port),
+    })
+}
