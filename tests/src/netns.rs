@@ -1,0 +1,125 @@
+//! A network namespace owned by a test: created on `new`, deleted on drop with every process
+//! the test started inside it.
+
+use std::{
+    fs::File,
+    io,
+    os::fd::AsRawFd,
+    process::{Child, Command, Output, Stdio},
+    sync::Mutex,
+    thread,
+};
+
+/// Runs `cmd` and returns its output; an error names the command and what it printed.
+pub fn run(cmd: &mut Command) -> io::Result<Output> {
+    let out = cmd
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("{cmd:?}: {e}")))?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(out)
+}
+
+/// `run` for a command line given as words.
+pub fn sh(words: &[&str]) -> io::Result<Output> {
+    run(Command::new(words[0]).args(&words[1..]))
+}
+
+pub struct Netns {
+    name: String,
+    children: Mutex<Vec<Child>>,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> io::Result<Self> {
+        // A namespace left by a crashed earlier run of the same name would make `add` fail.
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
+        sh(&["ip", "netns", "add", name])?;
+        let ns = Self {
+            name: name.to_string(),
+            children: Mutex::new(Vec::new()),
+        };
+        ns.run(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// A command run inside the namespace with `ip netns exec` (which also gives it a fresh
+    /// /sys: fine for tools, not for anything that needs the host's /sys/fs/bpf).
+    pub fn cmd(&self, words: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).args(words);
+        c
+    }
+
+    /// A command run with only the network namespace entered (`nsenter --net`), keeping the
+    /// host's mounts, so a `pf` run this way sees the same pinned state.
+    pub fn nsenter(&self, words: &[&str]) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.path())).args(words);
+        c
+    }
+
+    /// Runs a command inside the namespace; it must succeed.
+    pub fn run(&self, words: &[&str]) -> io::Result<Output> {
+        run(&mut self.cmd(words))
+    }
+
+    /// Starts a long-running command inside the namespace; it is killed when the namespace is
+    /// dropped.
+    pub fn spawn(&self, words: &[&str]) -> io::Result<()> {
+        let child = self
+            .cmd(words)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.children.lock().unwrap().push(child);
+        Ok(())
+    }
+
+    /// Runs `f` on a thread that has entered this namespace (sockets it opens belong here).
+    pub fn within<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> io::Result<T> {
+        let file = File::open(self.path())?;
+        thread::spawn(move || {
+            // SAFETY: a valid namespace fd; setns affects only this thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| io::Error::other("namespace thread panicked"))?
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for mut child in self.children.lock().unwrap().drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}

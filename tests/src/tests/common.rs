@@ -1,0 +1,99 @@
+//! Helpers every privileged test uses.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use pf::bpffs::PinDir;
+
+/// Fails the test unless it runs as root: these tests load BPF programs and make namespaces.
+/// A privileged test never skips, so a run without privileges cannot pass by doing nothing.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "pf's privileged tests need root: run them with `sudo cargo xtask test`"
+    );
+}
+
+/// The `pf` binary under test; `cargo xtask test` builds it and sets PF_BIN.
+pub fn pf_bin() -> PathBuf {
+    let path = std::env::var_os("PF_BIN")
+        .map(PathBuf::from)
+        .expect("PF_BIN is not set: run the privileged tests through `cargo xtask test`");
+    assert!(path.is_file(), "PF_BIN={} is not a file", path.display());
+    path
+}
+
+/// A pin directory of this test's own under /sys/fs/bpf, removed (with every map and link
+/// pinned in it, which detaches the links) when dropped.
+pub struct TempPinDir {
+    pub dir: PinDir,
+}
+
+impl TempPinDir {
+    pub fn new() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path = PathBuf::from(format!("/sys/fs/bpf/pf-test-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        Self {
+            dir: PinDir::new(path),
+        }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.root()
+    }
+}
+
+impl Drop for TempPinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.dir.root());
+    }
+}
+
+/// `pf --bpffs DIR ARGS...` as a command (to run on the host or, through `Netns::nsenter`, in a
+/// namespace).
+pub fn pf_words(dir: &TempPinDir, args: &[&str]) -> Vec<String> {
+    let mut words = vec![
+        pf_bin().display().to_string(),
+        "--bpffs".into(),
+        dir.path().display().to_string(),
+    ];
+    words.extend(args.iter().map(|s| s.to_string()));
+    words
+}
+
+pub fn pf(dir: &TempPinDir, args: &[&str]) -> Output {
+    let words = pf_words(dir, args);
+    Command::new(&words[0])
+        .args(&words[1..])
+        .output()
+        .expect("running pf")
+}
+
+/// Runs pf and insists it succeeds; returns stdout.
+pub fn pf_ok(dir: &TempPinDir, args: &[&str]) -> String {
+    let out = pf(dir, args);
+    assert!(
+        out.status.success(),
+        "pf {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+/// `pf list --json` parsed.
+pub fn pf_list(dir: &TempPinDir) -> serde_json::Value {
+    serde_json::from_str(&pf_ok(dir, &["list", "--json"])).expect("pf list --json prints JSON")
+}
+
+/// `pf stats --json` parsed.
+pub fn pf_stats(dir: &TempPinDir) -> serde_json::Value {
+    serde_json::from_str(&pf_ok(dir, &["stats", "--json"])).expect("pf stats --json prints JSON")
+}

@@ -1,0 +1,8 @@
+//! pf's privileged tests. Each one needs root and the kernel's BPF support, and fails (never
+//! skips) without them.
+
+mod cli;
+mod common;
+mod e2e;
+mod fixtures;
+mod packet;

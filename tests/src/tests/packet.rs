@@ -1,0 +1,168 @@
+//! Builds test frames field by field, with every checksum computed from scratch, so an expected
+//! output is an independent statement of what the programs must produce.
+
+use pf_common::{IPPROTO_TCP, IPPROTO_UDP, checksum};
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const ETH_P_IPV4: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_8021Q: u16 = 0x8100;
+
+#[derive(Clone, Debug)]
+pub struct Pkt {
+    /// VLAN IDs, outermost first, each with TPID 0x8100.
+    pub vlans: Vec<u16>,
+    pub ether_type: u16,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    /// IPv4 options; the length must be a multiple of 4 (at most 40).
+    pub ip_options: Vec<u8>,
+    /// The IPv4 flags and fragment offset field.
+    pub frag: u16,
+    pub ttl: u8,
+    pub payload: Vec<u8>,
+    /// Send UDP with checksum 0 ("none").
+    pub udp_no_checksum: bool,
+    /// Bytes after the IP packet (Ethernet padding).
+    pub trailer: Vec<u8>,
+}
+
+impl Pkt {
+    fn new(proto: u8, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Self {
+        Self {
+            vlans: Vec::new(),
+            ether_type: ETH_P_IPV4,
+            src,
+            dst,
+            proto,
+            sport,
+            dport,
+            ip_options: Vec::new(),
+            frag: 0x4000, // DF
+            ttl: 64,
+            payload: b"pf test payload".to_vec(),
+            udp_no_checksum: false,
+            trailer: Vec::new(),
+        }
+    }
+
+    pub fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Self {
+        Self::new(IPPROTO_TCP, src, sport, dst, dport)
+    }
+
+    pub fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Self {
+        Self::new(IPPROTO_UDP, src, sport, dst, dport)
+    }
+
+    pub fn icmp_echo(src: [u8; 4], dst: [u8; 4]) -> Self {
+        Self::new(IPPROTO_ICMP, src, 0, dst, 0)
+    }
+
+    /// The same packet with its destination rewritten.
+    pub fn with_dst(&self, dst: [u8; 4], dport: u16) -> Self {
+        Self {
+            dst,
+            dport,
+            ..self.clone()
+        }
+    }
+
+    /// The same packet with its source rewritten.
+    pub fn with_src(&self, src: [u8; 4], sport: u16) -> Self {
+        Self {
+            src,
+            sport,
+            ..self.clone()
+        }
+    }
+
+    fn l4(&self) -> Vec<u8> {
+        let mut l4 = match self.proto {
+            IPPROTO_TCP => {
+                let mut h = vec![0u8; 20];
+                h[0..2].copy_from_slice(&self.sport.to_be_bytes());
+                h[2..4].copy_from_slice(&self.dport.to_be_bytes());
+                h[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes()); // seq
+                h[12] = 5 << 4; // data offset
+                h[13] = 0x18; // PSH, ACK
+                h[14..16].copy_from_slice(&64240u16.to_be_bytes());
+                h
+            }
+            IPPROTO_UDP => {
+                let mut h = vec![0u8; 8];
+                h[0..2].copy_from_slice(&self.sport.to_be_bytes());
+                h[2..4].copy_from_slice(&self.dport.to_be_bytes());
+                h[4..6].copy_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
+                h
+            }
+            _ => vec![8, 0, 0, 0, 0, 1, 0, 1], // ICMP echo request, id 1, seq 1
+        };
+        l4.extend_from_slice(&self.payload);
+        let (at, pseudo) = match self.proto {
+            IPPROTO_TCP => (16, true),
+            IPPROTO_UDP => (6, true),
+            _ => (2, false),
+        };
+        if self.proto == IPPROTO_UDP && self.udp_no_checksum {
+            return l4;
+        }
+        let initial = if pseudo {
+            checksum::pseudo_header_sum(self.src, self.dst, self.proto, l4.len() as u16)
+        } else {
+            0
+        };
+        let mut c = checksum::checksum(&l4, initial);
+        if self.proto == IPPROTO_UDP && c == 0 {
+            c = 0xffff;
+        }
+        l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
+        l4
+    }
+
+    /// The IPv4 packet (no Ethernet header).
+    pub fn ipv4(&self) -> Vec<u8> {
+        assert_eq!(
+            self.ip_options.len() % 4,
+            0,
+            "IP options must fill 32-bit words"
+        );
+        let l4 = self.l4();
+        let ihl = 20 + self.ip_options.len();
+        let mut ip = vec![0u8; ihl];
+        ip[0] = 0x40 | (ihl / 4) as u8;
+        ip[2..4].copy_from_slice(&((ihl + l4.len()) as u16).to_be_bytes());
+        ip[4..6].copy_from_slice(&0xbeefu16.to_be_bytes());
+        ip[6..8].copy_from_slice(&self.frag.to_be_bytes());
+        ip[8] = self.ttl;
+        ip[9] = self.proto;
+        ip[12..16].copy_from_slice(&self.src);
+        ip[16..20].copy_from_slice(&self.dst);
+        ip[20..].copy_from_slice(&self.ip_options);
+        let c = checksum::checksum(&ip, 0);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        ip.extend_from_slice(&l4);
+        ip
+    }
+
+    /// The whole Ethernet frame.
+    pub fn frame(&self) -> Vec<u8> {
+        let mut f = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
+        for vid in &self.vlans {
+            f.extend_from_slice(&ETH_P_8021Q.to_be_bytes());
+            f.extend_from_slice(&vid.to_be_bytes());
+        }
+        f.extend_from_slice(&self.ether_type.to_be_bytes());
+        if self.ether_type == ETH_P_IPV4 {
+            f.extend_from_slice(&self.ipv4());
+        } else {
+            f.extend_from_slice(&[0x60, 0, 0, 0, 0, 8, 17, 64]); // looks like IPv6, or ARP's bytes
+            f.extend_from_slice(&[0u8; 40]);
+        }
+        f.extend_from_slice(&self.trailer);
+        f
+    }
+}
