@@ -70,11 +70,17 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            // clap's message is several lines; keep the first, which names the problem.
+            // clap's message spans lines: fold its first paragraph (the problem, and e.g. the
+            // missing argument's name) into the one line pf prints.
             let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("error: {first} (see `pf --help`)");
+            let problem: Vec<&str> = rendered
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let problem = problem.join(" ");
+            let problem = problem.strip_prefix("error: ").unwrap_or(&problem);
+            eprintln!("error: {problem} (see `pf --help`)");
             return ExitCode::from(2);
         }
     };

@@ -1,1 +1,273 @@
+//! The `pf` command's contract for bad input: one `error:` line on stderr naming the problem,
+//! a non-zero exit, and no change to pf's state.
 
+use std::process::Command;
+
+use crate::netns::Netns;
+
+use super::common::{TempPinDir, pf, pf_list, pf_ok, pf_words, require_root};
+
+/// Asserts `pf ARGS` fails with exactly one stderr line that starts `error:` and contains
+/// `needle`, printing nothing on stdout.
+fn assert_refused(output: std::process::Output, args: &[&str], needle: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "pf {args:?} succeeded");
+    assert!(
+        output.stdout.is_empty(),
+        "pf {args:?} printed on stdout: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "pf {args:?}: want one stderr line, got {stderr:?}"
+    );
+    assert!(lines[0].starts_with("error: "), "pf {args:?}: {stderr:?}");
+    assert!(
+        lines[0].contains(needle),
+        "pf {args:?}: {stderr:?} does not mention {needle:?}"
+    );
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    require_root();
+    let dir = TempPinDir::new();
+    pf_ok(
+        &dir,
+        &["reserve", "198.51.100.1:8080/tcp", "--to", "10.8.0.2:80"],
+    );
+    pf_ok(
+        &dir,
+        &["reserve", "198.51.100.1:7000-7009/both", "--to", "10.8.0.3"],
+    );
+    let before = pf_list(&dir);
+    let stats_before = pf_ok(&dir, &["stats"]);
+
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["reserve", "198.51.100.1:0/tcp", "--to", "10.8.0.2"],
+            "port 0",
+        ),
+        (
+            &["reserve", "198.51.100.1:65536/tcp", "--to", "10.8.0.2"],
+            "'65536' is not a number from 1 to 65535",
+        ),
+        (
+            &["reserve", "198.51.100.1:9000-8000/tcp", "--to", "10.8.0.2"],
+            "9000-8000 is reversed",
+        ),
+        (
+            &["reserve", "198.51.100.1:1000-9000/udp", "--to", "10.8.0.2"],
+            "the largest range is 4096 ports",
+        ),
+        (
+            &["reserve", "198.51.100.1:80/sctp", "--to", "10.8.0.2"],
+            "unknown protocol 'sctp'",
+        ),
+        (
+            &["reserve", "198.51.100.300:80/tcp", "--to", "10.8.0.2"],
+            "'198.51.100.300' is not an IPv4 address",
+        ),
+        (
+            &["reserve", "198.51.100.1:80/tcp", "--to", "10.8.0"],
+            "'10.8.0' is not an IPv4 address",
+        ),
+        (
+            &["reserve", "198.51.100.1:80/tcp", "--to", "224.0.0.1"],
+            "multicast",
+        ),
+        (
+            &[
+                "reserve",
+                "198.51.100.1:65530-65535/tcp",
+                "--to",
+                "10.8.0.2:65534",
+            ],
+            "would run past 65535",
+        ),
+        (
+            &["reserve", "198.51.100.1:80/tcp"],
+            "required arguments were not provided: --to <TARGET_IP[:PORT]>",
+        ),
+        // Conflicts name the existing reservation.
+        (
+            &["reserve", "198.51.100.1:8080/both", "--to", "10.8.0.5"],
+            "overlaps the existing reservation 198.51.100.1:8080/tcp -> 10.8.0.2:80",
+        ),
+        (
+            &["reserve", "198.51.100.1:7005/udp", "--to", "10.8.0.5"],
+            "overlaps the existing reservation 198.51.100.1:7000-7009/both -> 10.8.0.3:7000-7009",
+        ),
+        // A range whose middle conflicts is refused whole.
+        (
+            &["reserve", "198.51.100.1:8078-8082/tcp", "--to", "10.8.0.7"],
+            "198.51.100.1:8080/tcp overlaps",
+        ),
+        (
+            &["reserve", "198.51.100.1:9090/tcp", "--to", "10.8.0.2:80"],
+            "already the target of 198.51.100.1:8080/tcp -> 10.8.0.2:80",
+        ),
+        (
+            &["release", "198.51.100.1:8081/tcp"],
+            "no reservation 198.51.100.1:8081/tcp",
+        ),
+        (
+            &["release", "198.51.100.1:8080/udp"],
+            "no reservation 198.51.100.1:8080/udp",
+        ),
+        (
+            &["release", "198.51.100.1:7000-7004/both"],
+            "release that whole, as `pf release 198.51.100.1:7000-7009/both`",
+        ),
+        (
+            &["attach", "no-such-if0"],
+            "unknown interface 'no-such-if0'",
+        ),
+        (
+            &["detach", "no-such-if0"],
+            "unknown interface 'no-such-if0'",
+        ),
+        (&["detach", "lo"], "pf is not attached to lo"),
+        (&["attach", "lo", "--mode", "turbo"], "unknown mode 'turbo'"),
+        (&["frobnicate"], "frobnicate"),
+    ];
+    for (args, needle) in cases {
+        assert_refused(pf(&dir, args), args, needle);
+        assert_eq!(
+            pf_list(&dir),
+            before,
+            "pf {args:?} changed the reservations"
+        );
+    }
+    assert_eq!(
+        pf_ok(&dir, &["stats"]),
+        stats_before,
+        "refused commands changed the maps"
+    );
+    // Nothing of the refused range was left behind: its free ports can still be reserved.
+    pf_ok(
+        &dir,
+        &["reserve", "198.51.100.1:8078-8079/tcp", "--to", "10.8.0.7"],
+    );
+    pf_ok(
+        &dir,
+        &[
+            "reserve",
+            "198.51.100.1:8081-8082/tcp",
+            "--to",
+            "10.8.0.7:8081",
+        ],
+    );
+    assert_eq!(pf_list(&dir).as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn without_privileges_pf_refuses_and_changes_nothing() {
+    require_root();
+    let dir = TempPinDir::new();
+    pf_ok(
+        &dir,
+        &["reserve", "198.51.100.1:8080/tcp", "--to", "10.8.0.2:80"],
+    );
+    let before = pf_list(&dir);
+    for args in [
+        &["list"][..],
+        &["reserve", "198.51.100.1:9000/udp", "--to", "10.8.0.2"],
+        &["release", "198.51.100.1:8080/tcp"],
+    ] {
+        let words = pf_words(&dir, args);
+        // setpriv to an unprivileged uid: the kernel clears the capabilities.
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .args(&words)
+            .output()
+            .expect("running setpriv");
+        assert_refused(out, args, "pf needs root");
+    }
+    assert_eq!(pf_list(&dir), before);
+}
+
+#[test]
+fn pin_directory_must_be_on_bpffs() {
+    require_root();
+    let not_bpffs = std::env::temp_dir().join(format!("pf-not-bpffs-{}", std::process::id()));
+    std::fs::create_dir_all(&not_bpffs).unwrap();
+    let pf_bin = super::common::pf_bin();
+    let out = Command::new(&pf_bin)
+        .args([
+            "--bpffs",
+            not_bpffs.to_str().unwrap(),
+            "reserve",
+            "198.51.100.1:80/tcp",
+            "--to",
+            "10.8.0.2",
+        ])
+        .output()
+        .unwrap();
+    let entries = std::fs::read_dir(&not_bpffs).unwrap().count();
+    std::fs::remove_dir_all(&not_bpffs).unwrap();
+    assert_refused(out, &["reserve"], "is not on a BPF filesystem");
+    assert_eq!(entries, 0, "pf wrote into a directory that is not bpffs");
+}
+
+#[test]
+fn list_and_stats_on_a_fresh_directory_create_nothing() {
+    require_root();
+    let dir = TempPinDir::new();
+    assert_eq!(pf_ok(&dir, &["list"]).trim(), "no reservations");
+    assert_eq!(pf_list(&dir), serde_json::json!([]));
+    assert!(pf_ok(&dir, &["stats"]).contains("no state yet"));
+    assert!(
+        !dir.path().exists(),
+        "a read-only command created {}",
+        dir.path().display()
+    );
+}
+
+#[test]
+fn attach_is_exclusive_per_interface() {
+    require_root();
+    let ns = Netns::new(&format!("pf{}-attach", std::process::id())).unwrap();
+    ns.run(&[
+        "ip", "link", "add", "name", "pfa", "type", "veth", "peer", "name", "pfb",
+    ])
+    .unwrap();
+    ns.run(&["ip", "link", "set", "pfa", "up"]).unwrap();
+    ns.run(&["ip", "link", "set", "pfb", "up"]).unwrap();
+    let (first, second) = (TempPinDir::new(), TempPinDir::new());
+    let run_in = |dir: &TempPinDir, args: &[&str]| {
+        let words = pf_words(dir, args);
+        let words: Vec<&str> = words.iter().map(String::as_str).collect();
+        ns.nsenter(&words).output().unwrap()
+    };
+    assert!(run_in(&first, &["attach", "pfa"]).status.success());
+    assert_refused(
+        run_in(&first, &["attach", "pfa"]),
+        &["attach", "pfa"],
+        "pf is already attached to pfa",
+    );
+    // Another pf instance (another pin directory) cannot take the interface over.
+    assert_refused(
+        run_in(&second, &["attach", "pfa"]),
+        &["attach", "pfa"],
+        "already has an XDP program that pf did not attach",
+    );
+    assert!(!second.dir.link("pfa", "xdp").exists());
+    // Interface names with a dot (as VLAN devices have) work: bpffs forbids '.' in pin names.
+    ns.run(&[
+        "ip", "link", "add", "name", "pfc.100", "type", "veth", "peer", "name", "pfd",
+    ])
+    .unwrap();
+    ns.run(&["ip", "link", "set", "pfc.100", "up"]).unwrap();
+    assert!(run_in(&first, &["attach", "pfc.100"]).status.success());
+    let attached = pf_ok(&first, &["stats", "--json"]);
+    let attached: serde_json::Value = serde_json::from_str(&attached).unwrap();
+    assert_eq!(attached["attached"], serde_json::json!(["pfa", "pfc.100"]));
+    for iface in ["pfa", "pfc.100"] {
+        assert!(run_in(&first, &["detach", iface]).status.success());
+    }
+    let link = ns.run(&["ip", "-d", "link", "show"]).unwrap();
+    assert!(!String::from_utf8_lossy(&link.stdout).contains("xdp"));
+}
