@@ -197,7 +197,7 @@ impl FromStr for PublicSpec {
     fn from_str(s: &str) -> Result<Self, SpecError> {
         let syntax = || SpecError::PublicSyntax(s.to_string());
         let (endpoint, proto) = s.split_once('/').ok_or_else(syntax)?;
-        let (addr, ports) = endpoint.split_once(':').ok_or_else(syntax)?;
+        let (addr, ports) = endpoint.rsplit_once(':').ok_or_else(syntax)?;
         let addr = parse_addr(addr)?;
         let ports = match ports.split_once('-') {
             Some((first, last)) => PortRange::new(parse_port(first)?, parse_port(last)?)?,
@@ -230,6 +230,9 @@ pub struct TargetSpec {
 impl FromStr for TargetSpec {
     type Err = SpecError;
     fn from_str(s: &str) -> Result<Self, SpecError> {
+        if s.matches(':').count() > 1 {
+            return Err(SpecError::BadAddress(s.to_string())); // IPv6: pf forwards IPv4 only
+        }
         match s.split_once(':') {
             Some((addr, port)) => {
                 if port.contains(['-', ':']) {
@@ -363,10 +366,7 @@ mod tests {
                 "198.51.100.300:80/tcp",
                 SpecError::BadAddress("198.51.100.300".into()),
             ),
-            (
-                "[::1]:80/tcp",
-                SpecError::PublicSyntax("[::1]:80/tcp".into()),
-            ),
+            ("[::1]:80/tcp", SpecError::BadAddress("[::1]".into())),
             (
                 "0.0.0.0:80/tcp",
                 SpecError::UnusableAddress {

@@ -1,1 +1,157 @@
-fn main() {}
+//! pf's developer commands:
+//! - `cargo xtask setup`: installs what a fresh machine lacks (idempotent).
+//! - `cargo xtask demo`: real forwarding between three network namespaces (the README's first
+//!   command).
+//! - `cargo xtask test`: formatting, lints, unit tests and the privileged tests (the README's
+//!   second command, and what CI runs).
+
+mod demo;
+mod setup;
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Command, ExitCode, Stdio},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what a fresh machine lacks: Debian packages, rust-src, bpf-linker.
+    Setup,
+    /// Build pf and show it forwarding real traffic between network namespaces.
+    Demo,
+    /// Run every check: fmt, clippy, unit tests, privileged tests.
+    Test,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Setup => setup::ensure(),
+        Task::Demo => setup::ensure().and_then(|()| demo::run()),
+        Task::Test => setup::ensure().and_then(|()| test()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Runs a command from the workspace root, echoing it; fails if it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+pub fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Builds the `pf` binary and returns its path.
+pub fn build_pf() -> Result<PathBuf> {
+    run(cargo().args(["build", "--package", "pf-user", "--bin", "pf"]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    Ok(target.join("debug").join("pf"))
+}
+
+/// Runs a `cargo test` command, echoing its output, and adds its "test result" lines to
+/// `tally` (passed, failed).
+fn run_tests(cmd: &mut Command, tally: &mut (u64, u64)) -> Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let mut child = cmd
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split("; ")
+                    .find_map(|part| {
+                        part.trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(word)
+                    })
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            tally.0 += count(" passed");
+            tally.1 += count(" failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn test() -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "pf-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let mut tally = (0, 0);
+    // Unit tests: pf-common (checksum math), pf-user (argument parsing and validation).
+    run_tests(
+        cargo().args(["test", "--package", "pf-common", "--package", "pf-user"]),
+        &mut tally,
+    )?;
+    // Privileged tests: one binary, one test at a time (they share the kernel), as root.
+    let pf = build_pf()?;
+    run_tests(
+        cargo()
+            .args([
+                "test",
+                "--package",
+                "pf-tests",
+                "--lib",
+                "--",
+                "--test-threads=1",
+            ])
+            .env("PF_BIN", &pf),
+        &mut tally,
+    )?;
+    ensure!(tally.0 > 0, "no test ran");
+    println!("xtask: {} passed, {} failed", tally.0, tally.1);
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! `cargo xtask demo`: pf's main job, shown with real traffic. Three network namespaces play the
+//! internet host, the VPN server and the tunnel client; pf on the server's public interface
+//! forwards a reserved port to the client's web server. Everything is torn down at the end,
+//! also on failure.
+
+use std::{process::Command, thread, time::Duration};
+
+use anyhow::{Context, Result, bail, ensure};
+use pf_tests::topology::{CLIENT_IP, INTERNET_IP, PUBLIC_IFACE, PUBLIC_IP, Topology};
+
+/// The demo's own pin directory, so it never touches an instance an admin runs at the default.
+const PIN_DIR: &str = "/sys/fs/bpf/pf-demo";
+
+struct PinDirGuard;
+
+impl Drop for PinDirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(PIN_DIR);
+    }
+}
+
+fn show(title: &str) {
+    println!("\n== {title}");
+}
+
+/// Runs and prints a command as an admin would type it (the pf path shortened to `pf`).
+fn step(label: &str, cmd: &mut Command) -> Result<String> {
+    println!("$ {label}");
+    let out = cmd.output().with_context(|| format!("running {label}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    print!("{stdout}");
+    if !stdout.ends_with('\n') && !stdout.is_empty() {
+        println!();
+    }
+    if !out.status.success() {
+        bail!(
+            "{label} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(stdout)
+}
+
+pub fn run() -> Result<()> {
+    let pf = crate::build_pf()?;
+    let pf = pf.to_str().context("UTF-8 path")?;
+    ensure!(
+        Command::new("id")
+            .arg("-u")
+            .output()?
+            .stdout
+            .starts_with(b"0"),
+        "the demo needs root (it creates network namespaces and loads BPF programs)"
+    );
+    let _ = std::fs::remove_dir_all(PIN_DIR);
+    let _pins = PinDirGuard;
+
+    show("pf demo: port forwarding in XDP, between three network namespaces");
+    println!(
+        "internet host {INTERNET_IP} --- {PUBLIC_IFACE} {PUBLIC_IP} [VPN server] tun0 10.8.0.1 --- tunnel client {CLIENT_IP}"
+    );
+    let topo = Topology::new("pfdemo").context("building the namespaces")?;
+
+    let web_root = std::env::temp_dir().join("pf-demo-web");
+    std::fs::create_dir_all(&web_root)?;
+    let page = format!("Hello from the tunnel client {CLIENT_IP}, port 80, reached through pf.\n");
+    std::fs::write(web_root.join("index.html"), &page)?;
+    let web_root_str = web_root.display().to_string();
+    topo.client.spawn(&[
+        "python3",
+        "-m",
+        "http.server",
+        "80",
+        "--bind",
+        CLIENT_IP,
+        "--directory",
+        &web_root_str,
+    ])?;
+    println!("the tunnel client serves a page on {CLIENT_IP}:80 (python3 -m http.server)");
+    wait_for(&topo, &format!("http://{CLIENT_IP}:80/"))?;
+
+    let on_server = |args: &[&str]| {
+        let mut c = topo.server.nsenter(&[pf, "--bpffs", PIN_DIR]);
+        c.args(args);
+        c
+    };
+    let result = (|| -> Result<()> {
+        show("on the server: attach pf to the public interface and reserve a port");
+        step(
+            &format!("pf attach {PUBLIC_IFACE}"),
+            &mut on_server(&["attach", PUBLIC_IFACE]),
+        )?;
+        let public = format!("{PUBLIC_IP}:8080/tcp");
+        let target = format!("{CLIENT_IP}:80");
+        step(
+            &format!("pf reserve {public} --to {target}"),
+            &mut on_server(&["reserve", &public, "--to", &target]),
+        )?;
+
+        show("on the internet host: connect to the public address");
+        let url = format!("http://{PUBLIC_IP}:8080/");
+        let body = step(
+            &format!("curl {url}"),
+            &mut topo
+                .inet
+                .cmd(&["curl", "--silent", "--fail", "--max-time", "5", &url]),
+        )?;
+        ensure!(
+            body == page,
+            "the internet host got {body:?}, not the client's page"
+        );
+
+        show("on the server: what pf counted");
+        step("pf stats", &mut on_server(&["stats"]))?;
+        step("pf list", &mut on_server(&["list"]))?;
+
+        show("clean up");
+        step(
+            &format!("pf detach {PUBLIC_IFACE}"),
+            &mut on_server(&["detach", PUBLIC_IFACE]),
+        )?;
+        Ok(())
+    })();
+    drop(topo);
+    let _ = std::fs::remove_dir_all(&web_root);
+    result?;
+    println!(
+        "\ndemo complete: the request to {PUBLIC_IP}:8080 was answered by the tunnel client; namespaces removed"
+    );
+    Ok(())
+}
+
+fn wait_for(topo: &Topology, url: &str) -> Result<()> {
+    for _ in 0..100 {
+        let ok = topo
+            .client
+            .cmd(&["curl", "--silent", "--fail", "--max-time", "1", url])
+            .output()?
+            .status
+            .success();
+        if ok {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    bail!("the client's web server did not come up at {url}")
+}
