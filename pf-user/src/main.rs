@@ -8,7 +8,7 @@ use pf::{
     bpffs::{DEFAULT_PIN_DIR, PinDir},
     dataplane::{self, AttachMode},
     privilege,
-    spec::{PublicSpec, Reservation, TargetSpec},
+    spec::{PublicSpec, Reservation, SpecError, TargetSpec},
     state::{State, Stats, Traffic},
 };
 use serde_json::{Value, json};
@@ -88,7 +88,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            // A bad argument exits 2 whether clap or pf's own validation caught it.
+            if e.downcast_ref::<SpecError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -45,38 +45,46 @@ fn bad_input_is_refused_and_changes_nothing() {
     let before = pf_list(&dir);
     let stats_before = pf_ok(&dir, &["stats"]);
 
-    let cases: &[(&[&str], &str)] = &[
+    let cases: &[(&[&str], &str, i32)] = &[
         (
             &["reserve", "198.51.100.1:0/tcp", "--to", "10.8.0.2"],
             "port 0",
+            2,
         ),
         (
             &["reserve", "198.51.100.1:65536/tcp", "--to", "10.8.0.2"],
             "'65536' is not a number from 1 to 65535",
+            2,
         ),
         (
             &["reserve", "198.51.100.1:9000-8000/tcp", "--to", "10.8.0.2"],
             "9000-8000 is reversed",
+            2,
         ),
         (
             &["reserve", "198.51.100.1:1000-9000/udp", "--to", "10.8.0.2"],
             "the largest range is 4096 ports",
+            2,
         ),
         (
             &["reserve", "198.51.100.1:80/sctp", "--to", "10.8.0.2"],
             "unknown protocol 'sctp'",
+            2,
         ),
         (
             &["reserve", "198.51.100.300:80/tcp", "--to", "10.8.0.2"],
             "'198.51.100.300' is not an IPv4 address",
+            2,
         ),
         (
             &["reserve", "198.51.100.1:80/tcp", "--to", "10.8.0"],
             "'10.8.0' is not an IPv4 address",
+            2,
         ),
         (
             &["reserve", "198.51.100.1:80/tcp", "--to", "224.0.0.1"],
             "multicast",
+            2,
         ),
         (
             &[
@@ -86,55 +94,72 @@ fn bad_input_is_refused_and_changes_nothing() {
                 "10.8.0.2:65534",
             ],
             "would run past 65535",
+            2,
         ),
         (
             &["reserve", "198.51.100.1:80/tcp"],
             "required arguments were not provided: --to <TARGET_IP[:PORT]>",
+            2,
         ),
         // Conflicts name the existing reservation.
         (
             &["reserve", "198.51.100.1:8080/both", "--to", "10.8.0.5"],
             "overlaps the existing reservation 198.51.100.1:8080/tcp -> 10.8.0.2:80",
+            1,
         ),
         (
             &["reserve", "198.51.100.1:7005/udp", "--to", "10.8.0.5"],
             "overlaps the existing reservation 198.51.100.1:7000-7009/both -> 10.8.0.3:7000-7009",
+            1,
         ),
         // A range whose middle conflicts is refused whole.
         (
             &["reserve", "198.51.100.1:8078-8082/tcp", "--to", "10.8.0.7"],
             "198.51.100.1:8080/tcp overlaps",
+            1,
         ),
         (
             &["reserve", "198.51.100.1:9090/tcp", "--to", "10.8.0.2:80"],
             "already the target of 198.51.100.1:8080/tcp -> 10.8.0.2:80",
+            1,
         ),
         (
             &["release", "198.51.100.1:8081/tcp"],
             "no reservation 198.51.100.1:8081/tcp",
+            1,
         ),
         (
             &["release", "198.51.100.1:8080/udp"],
             "no reservation 198.51.100.1:8080/udp",
+            1,
         ),
         (
             &["release", "198.51.100.1:7000-7004/both"],
             "release that whole, as `pf release 198.51.100.1:7000-7009/both`",
+            1,
         ),
         (
             &["attach", "no-such-if0"],
             "unknown interface 'no-such-if0'",
+            1,
         ),
         (
             &["detach", "no-such-if0"],
             "unknown interface 'no-such-if0'",
+            1,
         ),
-        (&["detach", "lo"], "pf is not attached to lo"),
-        (&["attach", "lo", "--mode", "turbo"], "unknown mode 'turbo'"),
-        (&["frobnicate"], "frobnicate"),
+        (&["detach", "lo"], "pf is not attached to lo", 1),
+        (
+            &["attach", "lo", "--mode", "turbo"],
+            "unknown mode 'turbo'",
+            2,
+        ),
+        (&["frobnicate"], "frobnicate", 2),
     ];
-    for (args, needle) in cases {
-        assert_refused(pf(&dir, args), args, needle);
+    for (args, needle, code) in cases {
+        let out = pf(&dir, args);
+        assert_eq!(out.status.code(), Some(*code), "exit code of pf {args:?}");
+        assert_refused(out, args, needle);
         assert_eq!(
             pf_list(&dir),
             before,
