@@ -8,6 +8,7 @@ use std::{
     process::{Child, Command, Output, Stdio},
     sync::Mutex,
     thread,
+    time::{Duration, Instant},
 };
 
 /// Runs `cmd` and returns its output; an error names the command and what it printed.
@@ -92,6 +93,62 @@ impl Netns {
             .spawn()?;
         self.children.lock().unwrap().push(child);
         Ok(())
+    }
+
+    /// `curl URL` from inside the namespace: the body of a 2xx answer, or what went wrong.
+    pub fn curl(&self, url: &str) -> Result<String, String> {
+        let out = self
+            .cmd(&[
+                "curl",
+                "--silent",
+                "--show-error",
+                "--fail",
+                "--max-time",
+                "5",
+                url,
+            ])
+            .output()
+            .map_err(|e| format!("running curl: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "curl {url}: {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// Waits, at most 15 s, until `url` answers from inside the namespace.
+    pub fn wait_for_http(&self, url: &str) -> io::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match self.curl(url) {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(io::Error::other(format!("no answer: {e}")));
+                }
+                Err(_) => thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// Serves `dir` over HTTP on `addr:port` with Python's http.server until the namespace is
+    /// dropped, and waits until it answers.
+    pub fn serve_directory(&self, addr: &str, port: u16, dir: &str) -> io::Result<()> {
+        let port_text = port.to_string();
+        self.spawn(&[
+            "python3",
+            "-m",
+            "http.server",
+            &port_text,
+            "--bind",
+            addr,
+            "--directory",
+            dir,
+        ])?;
+        self.wait_for_http(&format!("http://{addr}:{port}/"))
     }
 
     /// Runs `f` on a thread that has entered this namespace (sockets it opens belong here).

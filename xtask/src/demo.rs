@@ -3,7 +3,7 @@
 //! forwards a reserved port to the client's web server. Everything is torn down at the end,
 //! also on failure.
 
-use std::{process::Command, thread, time::Duration};
+use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
 use pf_tests::topology::{CLIENT_IP, INTERNET_IP, PUBLIC_IFACE, PUBLIC_IP, Topology};
@@ -66,18 +66,10 @@ pub fn run() -> Result<()> {
     let page = format!("Hello from the tunnel client {CLIENT_IP}, port 80, reached through pf.\n");
     std::fs::write(web_root.join("index.html"), &page)?;
     let web_root_str = web_root.display().to_string();
-    topo.client.spawn(&[
-        "python3",
-        "-m",
-        "http.server",
-        "80",
-        "--bind",
-        CLIENT_IP,
-        "--directory",
-        &web_root_str,
-    ])?;
+    topo.client
+        .serve_directory(CLIENT_IP, 80, &web_root_str)
+        .context("starting the client's web server")?;
     println!("the tunnel client serves a page on {CLIENT_IP}:80 (python3 -m http.server)");
-    wait_for(&topo, &format!("http://{CLIENT_IP}:80/"))?;
 
     let on_server = |args: &[&str]| {
         let mut c = topo.server.nsenter(&[pf, "--bpffs", PIN_DIR]);
@@ -128,20 +120,4 @@ pub fn run() -> Result<()> {
         "\ndemo complete: the request to {PUBLIC_IP}:8080 was answered by the tunnel client; namespaces removed"
     );
     Ok(())
-}
-
-fn wait_for(topo: &Topology, url: &str) -> Result<()> {
-    for _ in 0..100 {
-        let ok = topo
-            .client
-            .cmd(&["curl", "--silent", "--fail", "--max-time", "1", url])
-            .output()?
-            .status
-            .success();
-        if ok {
-            return Ok(());
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    bail!("the client's web server did not come up at {url}")
 }

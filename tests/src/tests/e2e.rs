@@ -126,43 +126,6 @@ impl Drop for WebRoot {
     }
 }
 
-/// `curl` from a namespace; Ok(body) on a 2xx answer, Err(curl's exit status and stderr) else.
-fn curl(ns: &Netns, url: &str) -> Result<String, String> {
-    let out = ns
-        .cmd(&[
-            "curl",
-            "--silent",
-            "--show-error",
-            "--fail",
-            "--max-time",
-            "5",
-            url,
-        ])
-        .output()
-        .expect("running curl");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "curl {url}: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// Waits (bounded) until `url` answers from inside `ns`.
-fn wait_for_http(ns: &Netns, url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        match curl(ns, url) {
-            Ok(_) => return,
-            Err(e) if Instant::now() > deadline => panic!("server never came up: {e}"),
-            Err(_) => thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
-
 /// One UDP request/reply through `nc`, as a customer's peer would send it.
 fn udp_round_trip(ns: &Netns, host: &str, port: u16, message: &str) -> String {
     let mut child = ns
@@ -261,39 +224,23 @@ fn forwarding_scenario(mode: &str) {
     let client_dir = client_root.0.display().to_string();
     let server_dir = server_root.0.display().to_string();
     topo.client
-        .spawn(&[
-            "python3",
-            "-m",
-            "http.server",
-            "80",
-            "--bind",
-            CLIENT_IP,
-            "--directory",
-            &client_dir,
-        ])
-        .unwrap();
+        .serve_directory(CLIENT_IP, 80, &client_dir)
+        .expect("client web server");
     topo.server
-        .spawn(&[
-            "python3",
-            "-m",
-            "http.server",
-            "8081",
-            "--bind",
-            PUBLIC_IP,
-            "--directory",
-            &server_dir,
-        ])
-        .unwrap();
+        .serve_directory(PUBLIC_IP, 8081, &server_dir)
+        .expect("server's own web server");
     let mut servers = Servers::new();
     for port in 9810..=9812 {
         servers.http(&topo.client, port);
     }
     servers.udp_echo(&topo.client, 5300);
-    wait_for_http(&topo.client, &format!("http://{CLIENT_IP}:80/"));
-    wait_for_http(&topo.server, &format!("http://{PUBLIC_IP}:8081/"));
 
     // Before pf: the reserved port is just a closed port on the server.
-    assert!(curl(&topo.inet, &format!("http://{PUBLIC_IP}:8080/")).is_err());
+    assert!(
+        topo.inet
+            .curl(&format!("http://{PUBLIC_IP}:8080/"))
+            .is_err()
+    );
 
     let links_before = pf_link_ids();
     let attached = pf_in(
@@ -338,7 +285,9 @@ fn forwarding_scenario(mode: &str) {
 
     // TCP: curl on the internet host reaches the client's web server through the public port.
     assert_eq!(
-        curl(&topo.inet, &format!("http://{PUBLIC_IP}:8080/")).unwrap(),
+        topo.inet
+            .curl(&format!("http://{PUBLIC_IP}:8080/"))
+            .unwrap(),
         client_page
     );
     // UDP: a request and its reply, the reply coming back from the public address and port
@@ -350,12 +299,17 @@ fn forwarding_scenario(mode: &str) {
     // A range: each public port reaches its own shifted target, and the client sees the
     // internet host's real address.
     for (public, target) in (8810..=8812).zip(9810..=9812) {
-        let body = curl(&topo.inet, &format!("http://{PUBLIC_IP}:{public}/")).unwrap();
+        let body = topo
+            .inet
+            .curl(&format!("http://{PUBLIC_IP}:{public}/"))
+            .unwrap();
         assert_eq!(body, format!("port {target} from {INTERNET_IP}"));
     }
     // The server's own, unreserved port is served by the server itself.
     assert_eq!(
-        curl(&topo.inet, &format!("http://{PUBLIC_IP}:8081/")).unwrap(),
+        topo.inet
+            .curl(&format!("http://{PUBLIC_IP}:8081/"))
+            .unwrap(),
         server_page
     );
 
@@ -386,10 +340,12 @@ fn forwarding_scenario(mode: &str) {
     pf_ok(&dir, &["release", &format!("{PUBLIC_IP}:8080/tcp")]);
     assert_eq!(pf_list(&dir).as_array().unwrap().len(), 2);
     assert!(
-        curl(&topo.inet, &format!("http://{PUBLIC_IP}:8080/")).is_err(),
+        topo.inet
+            .curl(&format!("http://{PUBLIC_IP}:8080/"))
+            .is_err(),
         "released port still forwards"
     );
-    assert!(curl(&topo.inet, &format!("http://{PUBLIC_IP}:8810/")).is_ok());
+    assert!(topo.inet.curl(&format!("http://{PUBLIC_IP}:8810/")).is_ok());
 
     // Detach: no pf program remains on the interface, and the server's traffic is unaffected.
     pf_in(&topo.server, &dir, &["detach", PUBLIC_IFACE]);
@@ -406,11 +362,15 @@ fn forwarding_scenario(mode: &str) {
     assert!(left.is_empty(), "links {left:?} survived detach");
     assert_eq!(pf_stats(&dir)["attached"], serde_json::json!([]));
     assert_eq!(
-        curl(&topo.inet, &format!("http://{PUBLIC_IP}:8081/")).unwrap(),
+        topo.inet
+            .curl(&format!("http://{PUBLIC_IP}:8081/"))
+            .unwrap(),
         server_page
     );
     assert!(
-        curl(&topo.inet, &format!("http://{PUBLIC_IP}:8810/")).is_err(),
+        topo.inet
+            .curl(&format!("http://{PUBLIC_IP}:8810/"))
+            .is_err(),
         "forwarding without pf attached"
     );
 }
