@@ -32,6 +32,13 @@ pub fn pf_egress(ctx: TcContext) -> i32 {
     if verdict.drop { TC_ACT_SHOT } else { TC_ACT_OK }
 }
 
+/// Does nothing but pass: the baseline `cargo xtask bench` measures pf's programs against, in
+/// the same run. Never attached.
+#[xdp]
+pub fn pf_bench_noop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -21,6 +21,8 @@ use crate::{bpffs::PinDir, error::PfError};
 
 pub const INGRESS_PROGRAM: &str = "pf_ingress";
 pub const EGRESS_PROGRAM: &str = "pf_egress";
+/// An XDP program that only returns XDP_PASS: the benchmark's baseline, never attached.
+pub const NOOP_PROGRAM: &str = "pf_bench_noop";
 const XDP_LINK: &str = "xdp";
 const TC_LINK: &str = "tc";
 
@@ -94,6 +96,24 @@ impl Programs {
             .expect("loaded")
             .try_into()
             .expect("a TC program")
+    }
+
+    /// Loads the no-op baseline program (for benchmarks); then [`Programs::noop`] gives it.
+    pub fn load_noop_baseline(&mut self) -> Result<(), PfError> {
+        let load_err = |e: ProgramError| PfError::Load(chain(&e));
+        let noop: &mut Xdp = program_mut(&mut self.ebpf, NOOP_PROGRAM)?
+            .try_into()
+            .map_err(load_err)?;
+        noop.load().map_err(load_err)
+    }
+
+    /// The no-op baseline program; panics unless [`Programs::load_noop_baseline`] ran.
+    pub fn noop(&self) -> &Xdp {
+        self.ebpf
+            .program(NOOP_PROGRAM)
+            .expect("in the object")
+            .try_into()
+            .expect("an XDP program")
     }
 
     fn ingress_mut(&mut self) -> &mut Xdp {

@@ -59,6 +59,24 @@ pub struct Traffic {
     pub out_bytes: u64,
 }
 
+/// The global outcome counters of both programs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Counters {
+    /// XDP ingress outcomes, by name, in `Outcome` order.
+    pub ingress: Vec<(&'static str, u64)>,
+    /// TC egress outcomes, by name, in `Outcome` order.
+    pub egress: Vec<(&'static str, u64)>,
+}
+
+impl Counters {
+    pub fn ingress(&self, outcome: Outcome) -> u64 {
+        self.ingress[outcome as usize].1
+    }
+    pub fn egress(&self, outcome: Outcome) -> u64 {
+        self.egress[outcome as usize].1
+    }
+}
+
 /// Everything `pf stats` shows.
 #[derive(Clone, Debug)]
 pub struct Stats {
@@ -429,7 +447,9 @@ impl State {
         }
     }
 
-    pub fn stats(&self) -> Result<Stats, PfError> {
+    /// The global outcome counters, summed over CPUs: (ingress, egress), in `Outcome` order.
+    /// Cheap: one lookup per counter.
+    pub fn counters(&self) -> Result<Counters, PfError> {
         let counter = |slot: u32| -> Result<u64, PfError> {
             let values = self.counters.get(&slot, 0).map_err(|source| PfError::Map {
                 map: map_names::COUNTERS,
@@ -443,6 +463,12 @@ impl State {
             ingress.push((outcome.name(), counter(INGRESS_BASE + outcome as u32)?));
             egress.push((outcome.name(), counter(EGRESS_BASE + outcome as u32)?));
         }
+        Ok(Counters { ingress, egress })
+    }
+
+    /// The global counters and every reservation's traffic (a walk over all their entries).
+    pub fn stats(&self) -> Result<Stats, PfError> {
+        let Counters { ingress, egress } = self.counters()?;
         let mut reservations = Vec::new();
         for r in self.list()? {
             let mut t = Traffic::default();

@@ -5,6 +5,7 @@
 //! `cargo xtask test` with `--test-threads=1`, as aya runs its integration tests).
 
 pub mod netns;
+pub mod packet;
 pub mod topology;
 
 #[cfg(test)]

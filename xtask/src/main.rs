@@ -30,8 +30,17 @@ enum Task {
     Setup,
     /// Build pf and show it forwarding real traffic between network namespaces.
     Demo,
-    /// Run every check: fmt, clippy, unit tests, privileged tests.
+    /// Run every check: fmt, clippy, unit tests, privileged tests, the benchmark's smoke run.
     Test,
+    /// Measure pf's per-packet cost beside a no-op program (results in bench/results/).
+    Bench {
+        /// Fewer reservations (up to 100,000): well under two minutes.
+        #[arg(long)]
+        quick: bool,
+        /// A few seconds: checks the harness works; results go under target/.
+        #[arg(long, conflicts_with = "quick")]
+        smoke: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -40,6 +49,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::ensure(),
         Task::Demo => setup::ensure().and_then(|()| demo::run()),
         Task::Test => setup::ensure().and_then(|()| test()),
+        Task::Bench { quick, smoke } => setup::ensure().and_then(|()| bench(quick, smoke)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -151,7 +161,30 @@ fn test() -> Result<()> {
             .env("PF_BIN", &pf),
         &mut tally,
     )?;
+    bench(false, true)?;
     ensure!(tally.0 > 0, "no test ran");
     println!("xtask: {} passed, {} failed", tally.0, tally.1);
     Ok(())
+}
+
+/// Runs the benchmark (tests/examples/bench.rs), built with optimisations, as root.
+fn bench(quick: bool, smoke: bool) -> Result<()> {
+    let (profile, out) = match (quick, smoke) {
+        (_, true) => ("--smoke", root().join("target").join("bench-smoke")),
+        (true, _) => ("--quick", root().join("bench").join("results")),
+        _ => ("--full", root().join("bench").join("results")),
+    };
+    let out = out.to_str().context("UTF-8 path")?.to_string();
+    run(cargo().args([
+        "run",
+        "--release",
+        "--package",
+        "pf-tests",
+        "--example",
+        "bench",
+        "--",
+        profile,
+        "--out",
+        &out,
+    ]))
 }

@@ -10,10 +10,8 @@ use pf::{
 };
 use pf_common::counters::Outcome;
 
-use super::{
-    common::{TempPinDir, require_root},
-    packet::{ETH_P_ARP, ETH_P_IPV6, Pkt},
-};
+use super::common::{TempPinDir, require_root};
+use crate::packet::{ETH_P_ARP, ETH_P_IPV6, Pkt};
 
 const XDP_PASS: u32 = 2;
 const TC_ACT_OK: u32 = 0;

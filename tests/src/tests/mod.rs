@@ -5,4 +5,3 @@ mod cli;
 mod common;
 mod e2e;
 mod fixtures;
-mod packet;
