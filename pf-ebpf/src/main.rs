@@ -32,11 +32,16 @@ pub fn pf_egress(ctx: TcContext) -> i32 {
     if verdict.drop { TC_ACT_SHOT } else { TC_ACT_OK }
 }
 
-/// Does nothing but pass: the baseline `cargo xtask bench` measures pf's programs against, in
+/// Do nothing but pass: the baselines `cargo xtask bench` measures pf's programs against, in
 /// the same run. Never attached.
 #[xdp]
 pub fn pf_bench_noop(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+#[classifier]
+pub fn pf_bench_noop_tc(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
 }
 
 #[cfg(not(test))]

@@ -21,8 +21,9 @@ use crate::{bpffs::PinDir, error::PfError};
 
 pub const INGRESS_PROGRAM: &str = "pf_ingress";
 pub const EGRESS_PROGRAM: &str = "pf_egress";
-/// An XDP program that only returns XDP_PASS: the benchmark's baseline, never attached.
+/// Programs that only pass (XDP_PASS, TC_ACT_OK): the benchmark's baselines, never attached.
 pub const NOOP_PROGRAM: &str = "pf_bench_noop";
+pub const NOOP_TC_PROGRAM: &str = "pf_bench_noop_tc";
 const XDP_LINK: &str = "xdp";
 const TC_LINK: &str = "tc";
 
@@ -98,22 +99,36 @@ impl Programs {
             .expect("a TC program")
     }
 
-    /// Loads the no-op baseline program (for benchmarks); then [`Programs::noop`] gives it.
-    pub fn load_noop_baseline(&mut self) -> Result<(), PfError> {
+    /// Loads the no-op baseline programs (for benchmarks); then [`Programs::noop`] and
+    /// [`Programs::noop_tc`] give them.
+    pub fn load_noop_baselines(&mut self) -> Result<(), PfError> {
         let load_err = |e: ProgramError| PfError::Load(chain(&e));
         let noop: &mut Xdp = program_mut(&mut self.ebpf, NOOP_PROGRAM)?
             .try_into()
             .map_err(load_err)?;
-        noop.load().map_err(load_err)
+        noop.load().map_err(load_err)?;
+        let noop_tc: &mut SchedClassifier = program_mut(&mut self.ebpf, NOOP_TC_PROGRAM)?
+            .try_into()
+            .map_err(load_err)?;
+        noop_tc.load().map_err(load_err)
     }
 
-    /// The no-op baseline program; panics unless [`Programs::load_noop_baseline`] ran.
+    /// The no-op XDP baseline; panics unless [`Programs::load_noop_baselines`] ran.
     pub fn noop(&self) -> &Xdp {
         self.ebpf
             .program(NOOP_PROGRAM)
             .expect("in the object")
             .try_into()
             .expect("an XDP program")
+    }
+
+    /// The no-op TC baseline; panics unless [`Programs::load_noop_baselines`] ran.
+    pub fn noop_tc(&self) -> &SchedClassifier {
+        self.ebpf
+            .program(NOOP_TC_PROGRAM)
+            .expect("in the object")
+            .try_into()
+            .expect("a TC program")
     }
 
     fn ingress_mut(&mut self) -> &mut Xdp {
