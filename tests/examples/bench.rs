@@ -21,7 +21,10 @@ use pf::{
     state::State,
 };
 use pf_common::counters::Outcome;
-use pf_tests::packet::{ETH_P_ARP, Pkt};
+use pf_tests::{
+    ScratchDir,
+    packet::{ETH_P_ARP, Pkt},
+};
 use serde_json::{Value, json};
 
 /// Where the identity reservations live (TEST-NET-2; the bench sends nothing anywhere).
@@ -69,14 +72,6 @@ struct Case<'a> {
     program: Which,
     packet: &'a [u8],
     must_count: Option<Outcome>,
-}
-
-struct PinDirGuard(PinDir);
-
-impl Drop for PinDirGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(self.0.root());
-    }
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -173,13 +168,10 @@ fn main() {
 }
 
 fn run(profile: &Profile, out_dir: &std::path::Path) -> Result<(), String> {
-    let dir = PinDirGuard(PinDir::new(format!(
-        "/sys/fs/bpf/pf-bench-{}",
-        std::process::id()
-    )));
-    let _ = std::fs::remove_dir_all(dir.0.root());
+    let scratch = ScratchDir::claim(format!("/sys/fs/bpf/pf-bench-{}", std::process::id()));
+    let dir = PinDir::new(scratch.path());
     let err = |e: pf::PfError| e.to_string();
-    let mut state = State::open_for_write(&dir.0).map_err(err)?;
+    let mut state = State::open_for_write(&dir).map_err(err)?;
     let hit = Ipv4Addr::from(HIT_ADDR);
     // The identity reservations the hit cases run through (they count toward the total).
     state
@@ -188,7 +180,7 @@ fn run(profile: &Profile, out_dir: &std::path::Path) -> Result<(), String> {
     state
         .reserve(&reservation(hit, 5353, Protocols::Udp, hit, 5353))
         .map_err(err)?;
-    let mut programs = Programs::load(&dir.0).map_err(err)?;
+    let mut programs = Programs::load(&dir).map_err(err)?;
     programs.load_noop_baselines().map_err(err)?;
 
     let tcp_hit = Pkt::tcp(REMOTE, 40000, HIT_ADDR, 8080).frame();

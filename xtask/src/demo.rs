@@ -6,18 +6,13 @@
 use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
-use pf_tests::topology::{CLIENT_IP, INTERNET_IP, PUBLIC_IFACE, PUBLIC_IP, Topology};
+use pf_tests::{
+    ScratchDir,
+    topology::{CLIENT_IP, INTERNET_IP, PUBLIC_IFACE, PUBLIC_IP, Topology},
+};
 
 /// The demo's own pin directory, so it never touches an instance an admin runs at the default.
 const PIN_DIR: &str = "/sys/fs/bpf/pf-demo";
-
-struct PinDirGuard;
-
-impl Drop for PinDirGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(PIN_DIR);
-    }
-}
 
 fn show(title: &str) {
     println!("\n== {title}");
@@ -52,8 +47,7 @@ pub fn run() -> Result<()> {
             .starts_with(b"0"),
         "the demo needs root (it creates network namespaces and loads BPF programs)"
     );
-    let _ = std::fs::remove_dir_all(PIN_DIR);
-    let _pins = PinDirGuard;
+    let _pins = ScratchDir::claim(PIN_DIR);
 
     show("pf demo: port forwarding in XDP, between three network namespaces");
     println!(
@@ -61,11 +55,11 @@ pub fn run() -> Result<()> {
     );
     let topo = Topology::new("pfdemo").context("building the namespaces")?;
 
-    let web_root = std::env::temp_dir().join("pf-demo-web");
-    std::fs::create_dir_all(&web_root)?;
+    let web_root = ScratchDir::claim(std::env::temp_dir().join("pf-demo-web"));
+    std::fs::create_dir_all(web_root.path())?;
     let page = format!("Hello from the tunnel client {CLIENT_IP}, port 80, reached through pf.\n");
-    std::fs::write(web_root.join("index.html"), &page)?;
-    let web_root_str = web_root.display().to_string();
+    std::fs::write(web_root.path().join("index.html"), &page)?;
+    let web_root_str = web_root.path().display().to_string();
     topo.client
         .serve_directory(CLIENT_IP, 80, &web_root_str)
         .context("starting the client's web server")?;
@@ -114,7 +108,6 @@ pub fn run() -> Result<()> {
         Ok(())
     })();
     drop(topo);
-    let _ = std::fs::remove_dir_all(&web_root);
     result?;
     println!(
         "\ndemo complete: the request to {PUBLIC_IP}:8080 was answered by the tunnel client; namespaces removed"

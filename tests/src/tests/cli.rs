@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::netns::Netns;
+use crate::{ScratchDir, netns::Netns};
 
 use super::common::{TempPinDir, pf, pf_list, pf_ok, pf_words, require_root};
 
@@ -217,8 +217,11 @@ fn without_privileges_pf_refuses_and_changes_nothing() {
 #[test]
 fn pin_directory_must_be_on_bpffs() {
     require_root();
-    let not_bpffs = std::env::temp_dir().join(format!("pf-not-bpffs-{}", std::process::id()));
-    std::fs::create_dir_all(&not_bpffs).unwrap();
+    let scratch = ScratchDir::claim(
+        std::env::temp_dir().join(format!("pf-not-bpffs-{}", std::process::id())),
+    );
+    let not_bpffs = scratch.path();
+    std::fs::create_dir_all(not_bpffs).unwrap();
     let pf_bin = super::common::pf_bin();
     let out = Command::new(&pf_bin)
         .args([
@@ -231,8 +234,7 @@ fn pin_directory_must_be_on_bpffs() {
         ])
         .output()
         .unwrap();
-    let entries = std::fs::read_dir(&not_bpffs).unwrap().count();
-    std::fs::remove_dir_all(&not_bpffs).unwrap();
+    let entries = std::fs::read_dir(not_bpffs).unwrap().count();
     assert_refused(out, &["reserve"], "is not on a BPF filesystem");
     assert_eq!(entries, 0, "pf wrote into a directory that is not bpffs");
 }

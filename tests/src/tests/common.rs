@@ -8,6 +8,8 @@ use std::{
 
 use pf::bpffs::PinDir;
 
+use crate::ScratchDir;
+
 /// Fails the test unless it runs as root: these tests load BPF programs and make namespaces.
 /// A privileged test never skips, so a run without privileges cannot pass by doing nothing.
 pub fn require_root() {
@@ -32,27 +34,22 @@ pub fn pf_bin() -> PathBuf {
 /// pinned in it, which detaches the links) when dropped.
 pub struct TempPinDir {
     pub dir: PinDir,
+    _scratch: ScratchDir,
 }
 
 impl TempPinDir {
     pub fn new() -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
-        let path = PathBuf::from(format!("/sys/fs/bpf/pf-test-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
+        let scratch = ScratchDir::claim(format!("/sys/fs/bpf/pf-test-{}-{n}", std::process::id()));
         Self {
-            dir: PinDir::new(path),
+            dir: PinDir::new(scratch.path()),
+            _scratch: scratch,
         }
     }
 
     pub fn path(&self) -> &std::path::Path {
         self.dir.root()
-    }
-}
-
-impl Drop for TempPinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(self.dir.root());
     }
 }
 

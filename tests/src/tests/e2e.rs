@@ -6,7 +6,6 @@ use std::{
     collections::BTreeSet,
     io::{ErrorKind, Read, Write},
     net::{TcpListener, UdpSocket},
-    path::PathBuf,
     process::Command,
     sync::{
         Arc,
@@ -17,6 +16,7 @@ use std::{
 };
 
 use crate::{
+    ScratchDir,
     netns::Netns,
     topology::{CLIENT_IP, INTERNET_IP, PUBLIC_IFACE, PUBLIC_IP, Topology},
 };
@@ -108,22 +108,14 @@ impl Drop for Servers {
     }
 }
 
-/// A directory of web content, removed on drop.
-struct WebRoot(PathBuf);
-
-impl WebRoot {
-    fn new(name: &str, body: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("pf-e2e-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("index.html"), body).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for WebRoot {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A directory holding one page, removed on drop.
+fn web_root(name: &str, body: &str) -> ScratchDir {
+    let dir = ScratchDir::claim(
+        std::env::temp_dir().join(format!("pf-e2e-{}-{name}", std::process::id())),
+    );
+    std::fs::create_dir_all(dir.path()).unwrap();
+    std::fs::write(dir.path().join("index.html"), body).unwrap();
+    dir
 }
 
 /// One UDP request/reply through `nc`, as a customer's peer would send it.
@@ -219,10 +211,10 @@ fn forwarding_scenario(mode: &str) {
         Topology::new(&format!("pf{}{mode}", std::process::id())).expect("building the topology");
     let client_page = format!("tunnel client page {}", std::process::id());
     let server_page = format!("the server's own page {}", std::process::id());
-    let client_root = WebRoot::new(&format!("{mode}-client"), &client_page);
-    let server_root = WebRoot::new(&format!("{mode}-server"), &server_page);
-    let client_dir = client_root.0.display().to_string();
-    let server_dir = server_root.0.display().to_string();
+    let client_root = web_root(&format!("{mode}-client"), &client_page);
+    let server_root = web_root(&format!("{mode}-server"), &server_page);
+    let client_dir = client_root.path().display().to_string();
+    let server_dir = server_root.path().display().to_string();
     topo.client
         .serve_directory(CLIENT_IP, 80, &client_dir)
         .expect("client web server");
