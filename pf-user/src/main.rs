@@ -9,7 +9,7 @@ use pf::{
     dataplane::{self, AttachMode},
     privilege,
     spec::{PublicSpec, Reservation, SpecError, TargetSpec},
-    state::{State, Stats, Traffic},
+    state::{Counters, State, Stats, Traffic},
 };
 use serde_json::{Value, json};
 
@@ -181,8 +181,10 @@ fn stats_json(stats: Option<&Stats>, attached: &[String]) -> Value {
             .into()
     };
     let empty = Stats {
-        ingress: Vec::new(),
-        egress: Vec::new(),
+        counters: Counters {
+            ingress: Vec::new(),
+            egress: Vec::new(),
+        },
         reservations: Vec::new(),
     };
     let s = stats.unwrap_or(&empty);
@@ -197,8 +199,8 @@ fn stats_json(stats: Option<&Stats>, attached: &[String]) -> Value {
         .collect();
     json!({
         "attached": attached,
-        "ingress": counters(&s.ingress),
-        "egress": counters(&s.egress),
+        "ingress": counters(&s.counters.ingress),
+        "egress": counters(&s.counters.egress),
         "reservations": reservations,
     })
 }
@@ -219,8 +221,8 @@ fn print_stats(stats: Option<&Stats>, attached: &[String]) {
             .collect::<Vec<_>>()
             .join("  ")
     };
-    println!("ingress (XDP): {}", line(&stats.ingress));
-    println!("egress  (TC):  {}", line(&stats.egress));
+    println!("ingress (XDP): {}", line(&stats.counters.ingress));
+    println!("egress  (TC):  {}", line(&stats.counters.egress));
     if stats.reservations.is_empty() {
         println!("no reservations");
         return;

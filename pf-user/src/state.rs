@@ -80,20 +80,8 @@ impl Counters {
 /// Everything `pf stats` shows.
 #[derive(Clone, Debug)]
 pub struct Stats {
-    /// XDP ingress outcomes, by name, in `Outcome` order.
-    pub ingress: Vec<(&'static str, u64)>,
-    /// TC egress outcomes, by name, in `Outcome` order.
-    pub egress: Vec<(&'static str, u64)>,
+    pub counters: Counters,
     pub reservations: Vec<(Reservation, Traffic)>,
-}
-
-impl Stats {
-    pub fn ingress(&self, outcome: Outcome) -> u64 {
-        self.ingress[outcome as usize].1
-    }
-    pub fn egress(&self, outcome: Outcome) -> u64 {
-        self.egress[outcome as usize].1
-    }
 }
 
 struct Layout {
@@ -468,7 +456,7 @@ impl State {
 
     /// The global counters and every reservation's traffic (a walk over all their entries).
     pub fn stats(&self) -> Result<Stats, PfError> {
-        let Counters { ingress, egress } = self.counters()?;
+        let counters = self.counters()?;
         let mut reservations = Vec::new();
         for r in self.list()? {
             let mut t = Traffic::default();
@@ -493,8 +481,7 @@ impl State {
             reservations.push((r, t));
         }
         Ok(Stats {
-            ingress,
-            egress,
+            counters,
             reservations,
         })
     }

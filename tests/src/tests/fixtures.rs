@@ -118,9 +118,9 @@ impl Harness {
             let after = self.stats();
             let counters = |s: &Stats| {
                 if ingress {
-                    s.ingress.clone()
+                    s.counters.ingress.clone()
                 } else {
-                    s.egress.clone()
+                    s.counters.egress.clone()
                 }
             };
             let moved: Vec<(&str, u64)> = counters(&before)
