@@ -10,7 +10,7 @@ use std::{error::Error, ffi::CString, fmt, io, str::FromStr};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        LinkOrder, Program, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         tc::TcAttachOptions,
     },
@@ -71,89 +71,76 @@ pub struct Programs {
 impl Programs {
     pub fn load(dir: &PinDir) -> Result<Self, PfError> {
         let mut ebpf = load_object(dir)?;
-        let load_err = |e: ProgramError| PfError::Load(chain(&e));
-        let ingress: &mut Xdp = program_mut(&mut ebpf, INGRESS_PROGRAM)?
-            .try_into()
-            .map_err(load_err)?;
-        ingress.load().map_err(load_err)?;
-        let egress: &mut SchedClassifier = program_mut(&mut ebpf, EGRESS_PROGRAM)?
-            .try_into()
-            .map_err(load_err)?;
-        egress.load().map_err(load_err)?;
+        typed_mut::<Xdp>(&mut ebpf, INGRESS_PROGRAM)?
+            .load()
+            .map_err(load_error)?;
+        typed_mut::<SchedClassifier>(&mut ebpf, EGRESS_PROGRAM)?
+            .load()
+            .map_err(load_error)?;
         Ok(Self { ebpf })
     }
 
     pub fn ingress(&self) -> &Xdp {
-        self.ebpf
-            .program(INGRESS_PROGRAM)
-            .expect("loaded")
-            .try_into()
-            .expect("an XDP program")
+        typed(&self.ebpf, INGRESS_PROGRAM)
     }
 
     pub fn egress(&self) -> &SchedClassifier {
-        self.ebpf
-            .program(EGRESS_PROGRAM)
-            .expect("loaded")
-            .try_into()
-            .expect("a TC program")
+        typed(&self.ebpf, EGRESS_PROGRAM)
     }
 
     /// Loads the no-op baseline programs (for benchmarks); then [`Programs::noop`] and
     /// [`Programs::noop_tc`] give them.
     pub fn load_noop_baselines(&mut self) -> Result<(), PfError> {
-        let load_err = |e: ProgramError| PfError::Load(chain(&e));
-        let noop: &mut Xdp = program_mut(&mut self.ebpf, NOOP_PROGRAM)?
-            .try_into()
-            .map_err(load_err)?;
-        noop.load().map_err(load_err)?;
-        let noop_tc: &mut SchedClassifier = program_mut(&mut self.ebpf, NOOP_TC_PROGRAM)?
-            .try_into()
-            .map_err(load_err)?;
-        noop_tc.load().map_err(load_err)
+        typed_mut::<Xdp>(&mut self.ebpf, NOOP_PROGRAM)?
+            .load()
+            .map_err(load_error)?;
+        typed_mut::<SchedClassifier>(&mut self.ebpf, NOOP_TC_PROGRAM)?
+            .load()
+            .map_err(load_error)
     }
 
-    /// The no-op XDP baseline; panics unless [`Programs::load_noop_baselines`] ran.
+    /// The no-op XDP baseline; usable once [`Programs::load_noop_baselines`] ran.
     pub fn noop(&self) -> &Xdp {
-        self.ebpf
-            .program(NOOP_PROGRAM)
-            .expect("in the object")
-            .try_into()
-            .expect("an XDP program")
+        typed(&self.ebpf, NOOP_PROGRAM)
     }
 
-    /// The no-op TC baseline; panics unless [`Programs::load_noop_baselines`] ran.
+    /// The no-op TC baseline; usable once [`Programs::load_noop_baselines`] ran.
     pub fn noop_tc(&self) -> &SchedClassifier {
-        self.ebpf
-            .program(NOOP_TC_PROGRAM)
-            .expect("in the object")
-            .try_into()
-            .expect("a TC program")
+        typed(&self.ebpf, NOOP_TC_PROGRAM)
     }
 
     fn ingress_mut(&mut self) -> &mut Xdp {
-        self.ebpf
-            .program_mut(INGRESS_PROGRAM)
-            .expect("loaded")
-            .try_into()
-            .expect("an XDP program")
+        typed_mut(&mut self.ebpf, INGRESS_PROGRAM).expect("checked by Programs::load")
     }
 
     fn egress_mut(&mut self) -> &mut SchedClassifier {
-        self.ebpf
-            .program_mut(EGRESS_PROGRAM)
-            .expect("loaded")
-            .try_into()
-            .expect("a TC program")
+        typed_mut(&mut self.ebpf, EGRESS_PROGRAM).expect("checked by Programs::load")
     }
 }
 
-fn program_mut<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &str,
-) -> Result<&'a mut aya::programs::Program, PfError> {
-    ebpf.program_mut(name)
-        .ok_or_else(|| PfError::Load(format!("program {name} missing from the object")))
+fn load_error(e: ProgramError) -> PfError {
+    PfError::Load(chain(&e))
+}
+
+/// Program `name` of pf's object as its type `T` (Xdp, SchedClassifier).
+fn typed_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, PfError>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| PfError::Load(format!("program {name} missing from the object")))?;
+    program.try_into().map_err(load_error)
+}
+
+/// Program `name` as its type; pf's own object always has it, so a miss is a bug.
+fn typed<'a, T>(ebpf: &'a Ebpf, name: &str) -> &'a T
+where
+    &'a T: TryFrom<&'a Program, Error = ProgramError>,
+{
+    ebpf.program(name)
+        .and_then(|p| p.try_into().ok())
+        .unwrap_or_else(|| panic!("pf's object has no program {name} of the expected type"))
 }
 
 /// How to attach the XDP program.
