@@ -40,11 +40,7 @@ pub fn run() -> Result<()> {
     let pf = crate::build_pf()?;
     let pf = pf.to_str().context("UTF-8 path")?;
     ensure!(
-        Command::new("id")
-            .arg("-u")
-            .output()?
-            .stdout
-            .starts_with(b"0"),
+        crate::setup::is_root(),
         "the demo needs root (it creates network namespaces and loads BPF programs)"
     );
     let _pins = ScratchDir::claim(PIN_DIR);

@@ -38,7 +38,8 @@ fn package_installed(name: &str) -> bool {
         .is_some_and(|s| s.contains("install ok installed"))
 }
 
-fn is_root() -> bool {
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
 }
 

@@ -5,7 +5,7 @@ use std::process::Command;
 
 use crate::{ScratchDir, netns::Netns};
 
-use super::common::{TempPinDir, pf, pf_list, pf_ok, pf_words, require_root};
+use super::common::{TempPinDir, pf, pf_in_ns, pf_list, pf_ok, pf_words, require_root};
 
 /// Asserts `pf ARGS` fails with exactly one stderr line that starts `error:` and contains
 /// `needle`, printing nothing on stdout.
@@ -264,11 +264,7 @@ fn attach_is_exclusive_per_interface() {
     ns.run(&["ip", "link", "set", "pfa", "up"]).unwrap();
     ns.run(&["ip", "link", "set", "pfb", "up"]).unwrap();
     let (first, second) = (TempPinDir::new(), TempPinDir::new());
-    let run_in = |dir: &TempPinDir, args: &[&str]| {
-        let words = pf_words(dir, args);
-        let words: Vec<&str> = words.iter().map(String::as_str).collect();
-        ns.nsenter(&words).output().unwrap()
-    };
+    let run_in = |dir: &TempPinDir, args: &[&str]| pf_in_ns(&ns, dir, args);
     assert!(run_in(&first, &["attach", "pfa"]).status.success());
     assert_refused(
         run_in(&first, &["attach", "pfa"]),

@@ -8,7 +8,7 @@ use std::{
 
 use pf::bpffs::PinDir;
 
-use crate::ScratchDir;
+use crate::{ScratchDir, netns::Netns};
 
 /// Fails the test unless it runs as root: these tests load BPF programs and make namespaces.
 /// A privileged test never skips, so a run without privileges cannot pass by doing nothing.
@@ -71,6 +71,14 @@ pub fn pf(dir: &TempPinDir, args: &[&str]) -> Output {
         .args(&words[1..])
         .output()
         .expect("running pf")
+}
+
+/// `pf` run inside a namespace's network stack (`nsenter --net`, so it still shares the host's
+/// bpffs): for attach and detach, which name the namespace's interfaces.
+pub fn pf_in_ns(ns: &Netns, dir: &TempPinDir, args: &[&str]) -> Output {
+    let words = pf_words(dir, args);
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    ns.nsenter(&words).output().expect("running pf")
 }
 
 /// Runs pf and insists it succeeds; returns stdout.

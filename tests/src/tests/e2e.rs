@@ -22,7 +22,7 @@ use crate::{
 };
 use serde_json::Value;
 
-use super::common::{TempPinDir, pf_list, pf_ok, pf_stats, pf_words, require_root};
+use super::common::{TempPinDir, pf_in_ns, pf_list, pf_ok, pf_stats, require_root};
 
 /// Upper bound for any server a test starts: it stops by itself even if the test hangs.
 const SERVER_LIFETIME: Duration = Duration::from_secs(120);
@@ -139,9 +139,7 @@ fn udp_round_trip(ns: &Netns, host: &str, port: u16, message: &str) -> String {
 /// pf run inside the server's network namespace (for attach and detach, which name its
 /// interfaces), sharing the host's bpffs.
 fn pf_in(ns: &Netns, dir: &TempPinDir, args: &[&str]) -> String {
-    let words = pf_words(dir, args);
-    let words: Vec<&str> = words.iter().map(String::as_str).collect();
-    let out = ns.nsenter(&words).output().expect("running pf");
+    let out = pf_in_ns(ns, dir, args);
     assert!(
         out.status.success(),
         "pf {args:?} in {}: {}",
