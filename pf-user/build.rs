@@ -14,11 +14,13 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::default(),
     )?;
-    // With AYA_BUILD_SKIP=1 no object is built; leave an empty one so the crate still compiles
+    // With AYA_BUILD_SKIP=1 no object is built; leave empty ones so the crate still compiles
     // (for clippy or docs), and the loader refuses it with a clear error at run time.
-    let object = PathBuf::from(env::var("OUT_DIR")?).join("pf-ebpf");
-    if !object.exists() {
-        fs::write(&object, [])?;
+    for name in ["pf-ebpf", "pf-bench"] {
+        let object = PathBuf::from(env::var("OUT_DIR")?).join(name);
+        if !object.exists() {
+            fs::write(&object, [])?;
+        }
     }
     Ok(())
 }

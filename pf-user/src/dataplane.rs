@@ -29,6 +29,11 @@ const TC_LINK: &str = "tc";
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pf-ebpf"));
 
+/// The forwarding benchmark's generator and sink programs (pf-ebpf/src/bench.rs), a separate
+/// object pf itself never loads; embedded only for `cargo xtask bench`.
+#[cfg(feature = "bench")]
+pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pf-bench"));
+
 /// An error and its sources on one line.
 pub(crate) fn chain(e: &dyn Error) -> String {
     let mut s = e.to_string();

@@ -95,6 +95,14 @@ pub enum PfError {
         source: aya::maps::MapError,
     },
 
+    #[error("map {map}: batch write of {count} entries failed after {done}: {source}")]
+    MapBatch {
+        map: &'static str,
+        done: u32,
+        count: usize,
+        source: io::Error,
+    },
+
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
 

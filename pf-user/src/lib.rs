@@ -5,6 +5,7 @@
 //! - [`dataplane`]: loading the eBPF programs, attaching and detaching them.
 //! - [`bpffs`]: the pin directory.
 
+mod batch;
 pub mod bpffs;
 pub mod dataplane;
 pub mod error;

@@ -109,6 +109,13 @@ pub struct PortRange {
 }
 
 impl PortRange {
+    pub const fn single(port: u16) -> Self {
+        Self {
+            first: port,
+            last: port,
+        }
+    }
+
     pub fn new(first: u16, last: u16) -> Result<Self, SpecError> {
         if first == 0 || last == 0 {
             return Err(SpecError::PortZero);

@@ -5,10 +5,10 @@
 //! the pin directory, validated in full before the first map write, and rolled back if a write
 //! fails, so a reservation is added or removed all or nothing.
 
-use std::{fs::File, net::Ipv4Addr};
+use std::{fs::File, net::Ipv4Addr, os::fd::AsFd};
 
 use aya::maps::{
-    HashMap, Map, MapData, MapError, MapType, PerCpuArray, PerCpuHashMap, PerCpuValues,
+    HashMap, IterableMap, Map, MapData, MapError, MapType, PerCpuArray, PerCpuHashMap,
 };
 use pf_common::{
     EndpointKey, NatEntry, ReservationKey, ReservationValue,
@@ -19,14 +19,54 @@ use pf_common::{
 use serde::Serialize;
 
 use crate::{
+    batch,
     bpffs::PinDir,
     dataplane,
     error::PfError,
     spec::{PortRange, Protocols, PublicSpec, Reservation},
 };
 
-/// BPF_NOEXIST: fail instead of replacing an existing element.
-const BPF_NOEXIST: u64 = 1;
+/// Batched writes take no BPF_NOEXIST (the kernel accepts only BPF_F_LOCK there): they may
+/// replace. `reserve_all` has checked, under pf's exclusive lock, that no key it writes exists,
+/// and every writer of these maps takes that lock, so nothing is replaced.
+const BATCH_ELEM_FLAGS: u64 = 0;
+/// Elements per batched map write: bounds the buffers (a 4-CPU per-CPU value is 96 bytes).
+const BATCH_ELEMENTS: usize = 65_536;
+
+fn one_protocol(proto: u8) -> Protocols {
+    if proto == pf_common::IPPROTO_TCP {
+        Protocols::Tcp
+    } else {
+        Protocols::Udp
+    }
+}
+
+/// The NAT entries a failed `reserve_all` wrote, to delete again.
+#[derive(Default)]
+struct Rollback {
+    forward: Vec<EndpointKey>,
+    reverse: Vec<EndpointKey>,
+}
+
+impl Rollback {
+    fn nat(&mut self, is_forward: bool, keys: &[EndpointKey]) {
+        if is_forward {
+            self.forward.extend_from_slice(keys)
+        } else {
+            self.reverse.extend_from_slice(keys)
+        }
+    }
+
+    /// Forward entries first, as `release` does.
+    fn undo(self, state: &mut State) {
+        for key in &self.forward {
+            let _ = state.forward.remove(key);
+        }
+        for key in &self.reverse {
+            let _ = state.reverse.remove(key);
+        }
+    }
+}
 
 fn proto_name(proto: u8) -> &'static str {
     if proto == pf_common::IPPROTO_TCP {
@@ -203,11 +243,6 @@ impl State {
         })
     }
 
-    fn per_cpu(&self, entry: NatEntry) -> Result<PerCpuValues<NatEntry>, PfError> {
-        PerCpuValues::try_from(vec![entry; self.nr_cpus])
-            .map_err(|e| PfError::io("building per-CPU values", e))
-    }
-
     /// Every reservation, sorted by public address, port and protocol.
     pub fn list(&self) -> Result<Vec<Reservation>, PfError> {
         let mut out = Vec::new();
@@ -272,97 +307,161 @@ impl State {
     /// Adds a reservation: checks every port of it against both NAT maps first, then writes the
     /// reverse entries, the forward entries and the record, undoing what it wrote on any failure.
     pub fn reserve(&mut self, r: &Reservation) -> Result<(), PfError> {
-        let protocols = r.public.protocols;
-        for &proto in protocols.ip_protocols() {
-            let one = if proto == pf_common::IPPROTO_TCP {
-                Protocols::Tcp
-            } else {
-                Protocols::Udp
-            };
-            for (public_port, target_port) in r.port_pairs() {
-                let fkey = endpoint(r.public.addr, public_port, proto);
-                if Self::contains(&self.forward, map_names::FORWARD_NAT, &fkey)? {
-                    let ports = PortRange {
-                        first: public_port,
-                        last: public_port,
-                    };
+        self.reserve_all(std::slice::from_ref(r))
+    }
+
+    /// Adds many reservations all or nothing, with batched map writes (a few syscalls per
+    /// 65,536 entries instead of one per entry). Each is checked against the maps and against
+    /// the ones before it in `rs`; the first conflict refuses the whole batch and changes nothing.
+    pub fn reserve_all(&mut self, rs: &[Reservation]) -> Result<(), PfError> {
+        let mut forward = Vec::new();
+        let mut reverse = Vec::new();
+        // Entries claimed earlier in this batch, and by which reservation.
+        let mut claimed_public = std::collections::HashMap::new();
+        let mut claimed_target = std::collections::HashMap::new();
+        for (index, r) in rs.iter().enumerate() {
+            for &proto in r.public.protocols.ip_protocols() {
+                for (public_port, target_port) in r.port_pairs() {
+                    let fkey = endpoint(r.public.addr, public_port, proto);
+                    let rkey = endpoint(r.target_addr, target_port, proto);
                     let public = format!("{}:{public_port}/{}", r.public.addr, proto_name(proto));
-                    return Err(match self.find_public(r.public.addr, ports, one)? {
-                        Some(existing) => PfError::Conflict { public, existing },
-                        None => PfError::Orphan {
-                            public,
-                            proto: proto_name(proto),
-                        },
-                    });
-                }
-                let rkey = endpoint(r.target_addr, target_port, proto);
-                if Self::contains(&self.reverse, map_names::REVERSE_NAT, &rkey)? {
                     let target = format!("{}:{target_port}/{}", r.target_addr, proto_name(proto));
-                    return Err(match self.find_target(r.target_addr, target_port, one)? {
-                        Some(existing) => PfError::AmbiguousTarget { target, existing },
-                        None => PfError::Orphan {
-                            public: target,
-                            proto: proto_name(proto),
-                        },
-                    });
+                    if let Some(&earlier) = claimed_public.get(&fkey) {
+                        let existing: Reservation = rs[earlier];
+                        return Err(PfError::Conflict { public, existing });
+                    }
+                    if Self::contains(&self.forward, map_names::FORWARD_NAT, &fkey)? {
+                        let ports = PortRange::single(public_port);
+                        return Err(
+                            match self.find_public(r.public.addr, ports, one_protocol(proto))? {
+                                Some(existing) => PfError::Conflict { public, existing },
+                                None => PfError::Orphan {
+                                    public,
+                                    proto: proto_name(proto),
+                                },
+                            },
+                        );
+                    }
+                    if let Some(&earlier) = claimed_target.get(&rkey) {
+                        let existing: Reservation = rs[earlier];
+                        return Err(PfError::AmbiguousTarget { target, existing });
+                    }
+                    if Self::contains(&self.reverse, map_names::REVERSE_NAT, &rkey)? {
+                        return Err(
+                            match self.find_target(
+                                r.target_addr,
+                                target_port,
+                                one_protocol(proto),
+                            )? {
+                                Some(existing) => PfError::AmbiguousTarget { target, existing },
+                                None => PfError::Orphan {
+                                    public: target,
+                                    proto: proto_name(proto),
+                                },
+                            },
+                        );
+                    }
+                    claimed_public.insert(fkey, index);
+                    claimed_target.insert(rkey, index);
+                    let to_target =
+                        NatEntry::new(r.target_addr.octets(), target_port.to_be_bytes());
+                    let to_public =
+                        NatEntry::new(r.public.addr.octets(), public_port.to_be_bytes());
+                    forward.push((fkey, to_target));
+                    reverse.push((rkey, to_public));
                 }
             }
         }
-        let (rec_key, rec_value) = reservation_to_record(r);
+        let records: Vec<_> = rs.iter().map(reservation_to_record).collect();
 
-        let mut written: Vec<(bool, EndpointKey)> = Vec::new();
-        let result = self.write_entries(r, &mut written).and_then(|()| {
-            self.reservations
-                .insert(rec_key, rec_value, BPF_NOEXIST)
-                .map_err(|source| PfError::Map {
-                    map: map_names::RESERVATIONS,
-                    source,
-                })
-        });
+        // Reverse entries first: a forward entry without its reverse would let replies leave
+        // with the tunnel address. The records last, so `pf list` never shows a reservation
+        // that does not forward yet.
+        let mut rollback = Rollback::default();
+        let result = self
+            .write_nat(false, &reverse, &mut rollback)
+            .and_then(|()| self.write_nat(true, &forward, &mut rollback))
+            .and_then(|()| self.write_records(&records));
         if result.is_err() {
-            for (is_forward, key) in written.iter().rev() {
-                let map = if *is_forward {
-                    &mut self.forward
-                } else {
-                    &mut self.reverse
-                };
-                let _ = map.remove(key);
-            }
+            rollback.undo(self);
         }
         result
     }
 
-    fn write_entries(
+    /// Writes NAT entries in batches, noting each written key in `rollback`.
+    fn write_nat(
         &mut self,
-        r: &Reservation,
-        written: &mut Vec<(bool, EndpointKey)>,
+        is_forward: bool,
+        entries: &[(EndpointKey, NatEntry)],
+        rollback: &mut Rollback,
     ) -> Result<(), PfError> {
-        // Reverse entries first: a forward entry without its reverse would let replies leave
-        // with the tunnel address.
-        for is_forward in [false, true] {
-            for &proto in r.public.protocols.ip_protocols() {
-                for (public_port, target_port) in r.port_pairs() {
-                    let public = (r.public.addr, public_port);
-                    let target = (r.target_addr, target_port);
-                    let (from, to) = if is_forward {
-                        (public, target)
-                    } else {
-                        (target, public)
-                    };
-                    let key = endpoint(from.0, from.1, proto);
-                    let value = self.per_cpu(NatEntry::new(to.0.octets(), to.1.to_be_bytes()))?;
-                    let (map, name) = if is_forward {
-                        (&mut self.forward, map_names::FORWARD_NAT)
-                    } else {
-                        (&mut self.reverse, map_names::REVERSE_NAT)
-                    };
-                    map.insert(key, value, BPF_NOEXIST)
-                        .map_err(|source| PfError::Map { map: name, source })?;
-                    written.push((is_forward, key));
-                }
-            }
+        let (map, name) = if is_forward {
+            (&self.forward, map_names::FORWARD_NAT)
+        } else {
+            (&self.reverse, map_names::REVERSE_NAT)
+        };
+        for chunk in entries.chunks(BATCH_ELEMENTS) {
+            let keys: Vec<EndpointKey> = chunk.iter().map(|(k, _)| *k).collect();
+            // A per-CPU map takes one value per possible CPU (NatEntry is a multiple of 8 bytes).
+            let values: Vec<NatEntry> = chunk
+                .iter()
+                .flat_map(|(_, v)| std::iter::repeat_n(*v, self.nr_cpus))
+                .collect();
+            let result = batch::update(
+                map.map().fd().as_fd(),
+                bytemuck::cast_slice(&keys),
+                bytemuck::cast_slice(&values),
+                keys.len() as u32,
+                BATCH_ELEM_FLAGS,
+            );
+            let done = match &result {
+                Ok(()) => keys.len(),
+                Err((done, _)) => *done as usize,
+            };
+            rollback.nat(is_forward, &keys[..done.min(keys.len())]);
+            result.map_err(|(done, source)| PfError::MapBatch {
+                map: name,
+                done,
+                count: keys.len(),
+                source,
+            })?;
         }
         Ok(())
+    }
+
+    fn write_records(
+        &mut self,
+        records: &[(ReservationKey, ReservationValue)],
+    ) -> Result<(), PfError> {
+        let mut written = 0;
+        let mut result = Ok(());
+        for chunk in records.chunks(BATCH_ELEMENTS) {
+            let keys: Vec<ReservationKey> = chunk.iter().map(|(k, _)| *k).collect();
+            let values: Vec<ReservationValue> = chunk.iter().map(|(_, v)| *v).collect();
+            if let Err((done, source)) = batch::update(
+                self.reservations.map().fd().as_fd(),
+                bytemuck::cast_slice(&keys),
+                bytemuck::cast_slice(&values),
+                keys.len() as u32,
+                BATCH_ELEM_FLAGS,
+            ) {
+                written += done as usize;
+                result = Err(PfError::MapBatch {
+                    map: map_names::RESERVATIONS,
+                    done,
+                    count: keys.len(),
+                    source,
+                });
+                break;
+            }
+            written += keys.len();
+        }
+        if result.is_err() {
+            for (key, _) in &records[..written] {
+                let _ = self.reservations.remove(key);
+            }
+        }
+        result
     }
 
     /// Removes the reservation made exactly as `spec` (same address, range and protocols) and
