@@ -8,6 +8,8 @@
 //!   rewrites them in place), so the headers are written on every run, not once.
 //! - `pf_bench_sink`, on the receiving veth: counts and drops the frames addressed to the one
 //!   endpoint it is told to expect, and passes everything else (ARP above all) to the kernel.
+//! - `pf_bench_pass`, XDP_PASS only: stands in for pf on the server's public veth in the
+//!   configurations without pf, so every configuration receives through native XDP alike.
 #![no_std]
 #![no_main]
 
@@ -117,6 +119,11 @@ pub fn pf_bench_sink(ctx: XdpContext) -> u32 {
     } else {
         xdp_action::XDP_PASS
     }
+}
+
+#[xdp]
+pub fn pf_bench_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
 }
 
 #[cfg(not(test))]

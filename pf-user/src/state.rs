@@ -324,19 +324,27 @@ impl State {
                 for (public_port, target_port) in r.port_pairs() {
                     let fkey = endpoint(r.public.addr, public_port, proto);
                     let rkey = endpoint(r.target_addr, target_port, proto);
-                    let public = format!("{}:{public_port}/{}", r.public.addr, proto_name(proto));
-                    let target = format!("{}:{target_port}/{}", r.target_addr, proto_name(proto));
+                    // Named only in an error: formatting them for every port would cost more
+                    // than the map writes.
+                    let public =
+                        || format!("{}:{public_port}/{}", r.public.addr, proto_name(proto));
+                    let target =
+                        || format!("{}:{target_port}/{}", r.target_addr, proto_name(proto));
                     if let Some(&earlier) = claimed_public.get(&fkey) {
                         let existing: Reservation = rs[earlier];
+                        let public = public();
                         return Err(PfError::Conflict { public, existing });
                     }
                     if Self::contains(&self.forward, map_names::FORWARD_NAT, &fkey)? {
                         let ports = PortRange::single(public_port);
                         return Err(
                             match self.find_public(r.public.addr, ports, one_protocol(proto))? {
-                                Some(existing) => PfError::Conflict { public, existing },
+                                Some(existing) => PfError::Conflict {
+                                    public: public(),
+                                    existing,
+                                },
                                 None => PfError::Orphan {
-                                    public,
+                                    public: public(),
                                     proto: proto_name(proto),
                                 },
                             },
@@ -344,6 +352,7 @@ impl State {
                     }
                     if let Some(&earlier) = claimed_target.get(&rkey) {
                         let existing: Reservation = rs[earlier];
+                        let target = target();
                         return Err(PfError::AmbiguousTarget { target, existing });
                     }
                     if Self::contains(&self.reverse, map_names::REVERSE_NAT, &rkey)? {
@@ -353,9 +362,12 @@ impl State {
                                 target_port,
                                 one_protocol(proto),
                             )? {
-                                Some(existing) => PfError::AmbiguousTarget { target, existing },
+                                Some(existing) => PfError::AmbiguousTarget {
+                                    target: target(),
+                                    existing,
+                                },
                                 None => PfError::Orphan {
-                                    public: target,
+                                    public: target(),
                                     proto: proto_name(proto),
                                 },
                             },

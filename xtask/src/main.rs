@@ -32,9 +32,10 @@ enum Task {
     Demo,
     /// Run every check: fmt, clippy, unit tests, privileged tests, the benchmark's smoke run.
     Test,
-    /// Measure pf's per-packet cost beside a no-op program (results in bench/results/).
+    /// Measure pf beside nftables DNAT, plain forwarding and the kernel's ceiling: per-packet
+    /// cost, control plane, forwarding pps, TCP throughput (JSON and PNG in bench/results/).
     Bench {
-        /// Fewer reservations (up to 100,000): well under two minutes.
+        /// Shorter runs and up to 100,000 reservations: under two minutes.
         #[arg(long)]
         quick: bool,
         /// A few seconds: checks the harness works; results go under target/.
@@ -167,7 +168,7 @@ fn test() -> Result<()> {
     Ok(())
 }
 
-/// Runs the benchmark (tests/examples/bench.rs), built with optimisations, as root.
+/// Runs the benchmark (tests/examples/bench/), built with optimisations, as root.
 fn bench(quick: bool, smoke: bool) -> Result<()> {
     let (profile, out) = match (quick, smoke) {
         (_, true) => ("--smoke", root().join("target").join("bench-smoke")),

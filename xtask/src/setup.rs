@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::run;
 
-/// Debian packages: tools the tests and demo use, and the LLVM that bpf-linker links against.
+/// Debian packages: tools the tests, demo and benchmark use, and the LLVM that bpf-linker links against.
 const PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -20,6 +20,8 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "python3",
     "util-linux",
+    // The benchmark plot's font.
+    "fonts-dejavu-core",
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",

@@ -1,23 +1,18 @@
-//! Per-packet cost of pf's loaded programs, measured with BPF_PROG_TEST_RUN beside a no-op XDP
-//! program in the same run, at growing numbers of reservations. Run by `cargo xtask bench`.
+//! Per-packet cost of pf's loaded programs, measured with BPF_PROG_TEST_RUN beside a no-op
+//! program of the same hook in the same run, at growing numbers of reservations.
 //!
 //! `repeat` re-runs one buffer, which a hit rewrites on its first run. So the hit cases use an
 //! identity reservation (a public endpoint forwarded to itself): every run does the full lookup,
 //! rewrite and checksum update and still hits, and the bench checks that the `rewritten` counter
 //! moved by exactly the number of runs.
 
-use std::{
-    net::Ipv4Addr,
-    path::PathBuf,
-    process::Command,
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::net::Ipv4Addr;
 
 use aya::programs::{TestRun, TestRunOptions};
 use pf::{
     bpffs::PinDir,
     dataplane::Programs,
-    spec::{PortRange, Protocols, PublicSpec, Reservation, TargetSpec},
+    spec::{Protocols, Reservation},
     state::State,
 };
 use pf_common::counters::Outcome;
@@ -27,35 +22,11 @@ use pf_tests::{
 };
 use serde_json::{Value, json};
 
+use crate::{Profile, median, reservation};
+
 /// Where the identity reservations live (TEST-NET-2; the bench sends nothing anywhere).
 const HIT_ADDR: [u8; 4] = [198, 51, 100, 1];
 const REMOTE: [u8; 4] = [203, 0, 113, 7];
-
-struct Profile {
-    name: &'static str,
-    sizes: &'static [u32],
-    repeat: u32,
-    repetitions: usize,
-}
-
-const FULL: Profile = Profile {
-    name: "full",
-    sizes: &[1, 1_000, 100_000, 1_000_000],
-    repeat: 1_000_000,
-    repetitions: 5,
-};
-const QUICK: Profile = Profile {
-    name: "quick",
-    sizes: &[1, 1_000, 100_000],
-    repeat: 1_000_000,
-    repetitions: 3,
-};
-const SMOKE: Profile = Profile {
-    name: "smoke",
-    sizes: &[1, 1_000],
-    repeat: 10_000,
-    repetitions: 3,
-};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Which {
@@ -74,45 +45,9 @@ struct Case<'a> {
     must_count: Option<Outcome>,
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
-fn reservation(
-    public: Ipv4Addr,
-    port: u16,
-    protocols: Protocols,
-    target: Ipv4Addr,
-    target_port: u16,
-) -> Reservation {
-    let public = PublicSpec {
-        addr: public,
-        ports: PortRange {
-            first: port,
-            last: port,
-        },
-        protocols,
-    };
-    Reservation::new(
-        public,
-        TargetSpec {
-            addr: target,
-            port: Some(target_port),
-        },
-    )
-    .expect("valid reservation")
-}
-
 /// The i-th filler reservation: distinct public endpoints (198.18.0.0/15, the benchmarking
 /// range) and distinct targets, so each adds one entry to each NAT map.
-fn filler(i: u32) -> Reservation {
+pub fn filler(i: u32) -> Reservation {
     let public = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i / 60_000);
     let target = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 0, 0, 0)) + i);
     reservation(
@@ -124,50 +59,8 @@ fn filler(i: u32) -> Reservation {
     )
 }
 
-fn output(words: &[&str]) -> String {
-    Command::new(words[0])
-        .args(&words[1..])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())
-            })
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let profile = if args.iter().any(|a| a == "--smoke") {
-        SMOKE
-    } else if args.iter().any(|a| a == "--quick") {
-        QUICK
-    } else {
-        FULL
-    };
-    let out_dir = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1))
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("bench/results"));
-    if let Err(e) = run(&profile, &out_dir) {
-        eprintln!("bench: error: {e}");
-        std::process::exit(1);
-    }
-}
-
-fn run(profile: &Profile, out_dir: &std::path::Path) -> Result<(), String> {
+/// Runs every case at every size of the profile; returns one JSON object per (size, case).
+pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
     let scratch = ScratchDir::claim(format!("/sys/fs/bpf/pf-bench-{}", std::process::id()));
     let dir = PinDir::new(scratch.path());
     let err = |e: pf::PfError| e.to_string();
@@ -249,11 +142,12 @@ fn run(profile: &Profile, out_dir: &std::path::Path) -> Result<(), String> {
         "reservations", "case", "ns/packet", "vs no-op of its hook"
     );
     for &size in profile.sizes {
-        while filled < size {
+        if filled < size {
+            let more: Vec<Reservation> = (filled..size).map(filler).collect();
             state
-                .reserve(&filler(filled))
-                .map_err(|e| format!("adding reservation {} of {size}: {e}", filled + 1))?;
-            filled += 1;
+                .reserve_all(&more)
+                .map_err(|e| format!("filling to {size} reservations: {e}"))?;
+            filled = size;
         }
         let mut noop_median = f64::NAN;
         for Case {
@@ -306,26 +200,5 @@ fn run(profile: &Profile, out_dir: &std::path::Path) -> Result<(), String> {
         }
     }
 
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let report: Value = json!({
-        "benchmark": "per-packet cost (BPF_PROG_TEST_RUN)",
-        "profile": profile.name,
-        "unix_time": now,
-        "commit": output(&["git", "rev-parse", "HEAD"]),
-        "kernel": output(&["uname", "-r"]),
-        "cpu_model": cpu_model(),
-        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "repeat": profile.repeat,
-        "repetitions": profile.repetitions,
-        "results": results,
-    });
-    std::fs::create_dir_all(out_dir).map_err(|e| format!("creating {}: {e}", out_dir.display()))?;
-    let path = out_dir.join(format!("per-packet-{}-{now}.json", profile.name));
-    std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap())
-        .map_err(|e| format!("writing {}: {e}", path.display()))?;
-    println!("wrote {}", path.display());
-    Ok(())
+    Ok(results)
 }
