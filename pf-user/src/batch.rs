@@ -1,7 +1,24 @@
 //! BPF_MAP_UPDATE_BATCH (Linux 5.6), which aya 0.14 does not wrap: many elements written with
 //! one syscall instead of one each. pf needs Linux 6.6 anyway (TCX), so there is no fallback.
 
-use std::{io, os::fd::AsRawFd, os::fd::BorrowedFd};
+use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd},
+    thread,
+    time::Duration,
+};
+
+use bytemuck::Pod;
+
+/// Elements per syscall: bounds what one call copies (a 4-CPU per-CPU value is 96 bytes).
+const CHUNK: usize = 65_536;
+/// How often a write that makes no progress against ENOMEM is retried, 1 ms apart.
+///
+/// Maps made with BPF_F_NO_PREALLOC take each new element from the kernel's bpf_mem_alloc
+/// caches, which are refilled asynchronously (irq_work). A long burst of inserts can drain them
+/// and get ENOMEM although memory is plentiful (seen here filling 1,000,000 per-CPU entries);
+/// a moment later the refill has run and the write succeeds.
+const ENOMEM_RETRIES: u32 = 200;
 
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
@@ -20,12 +37,56 @@ struct BatchAttr {
     flags: u64,
 }
 
+/// Writes every (key, value) pair in chunks, retrying transient ENOMEM, and reports each written
+/// run of keys to `written` (so the caller can undo them). `values` holds `values_per_key`
+/// values for each key (a per-CPU map takes one per possible CPU). On failure returns the error
+/// and how many keys were written in all.
+pub(crate) fn update_all<K: Pod, V: Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+    values_per_key: usize,
+    elem_flags: u64,
+    mut written: impl FnMut(&[K]),
+) -> Result<(), (usize, io::Error)> {
+    debug_assert_eq!(values.len(), keys.len() * values_per_key);
+    let mut offset = 0;
+    let mut stalls = 0;
+    while offset < keys.len() {
+        let end = (offset + CHUNK).min(keys.len());
+        let chunk = &keys[offset..end];
+        let chunk_values = &values[offset * values_per_key..end * values_per_key];
+        let result = update(
+            map,
+            bytemuck::cast_slice(chunk),
+            bytemuck::cast_slice(chunk_values),
+            chunk.len() as u32,
+            elem_flags,
+        );
+        let done = match &result {
+            Ok(()) => chunk.len(),
+            Err((done, _)) => (*done as usize).min(chunk.len()),
+        };
+        written(&chunk[..done]);
+        offset += done;
+        if let Err((_, error)) = result {
+            stalls = if done > 0 { 0 } else { stalls + 1 };
+            if error.raw_os_error() == Some(libc::ENOMEM) && stalls <= ENOMEM_RETRIES {
+                thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            return Err((offset, error));
+        }
+    }
+    Ok(())
+}
+
 /// Writes `count` elements whose keys and values lie back to back in `keys` and `values` (for a
 /// per-CPU map, each value is one slot per possible CPU, each rounded up to 8 bytes), with
 /// `elem_flags` applied to every element (the kernel takes only BPF_F_LOCK there: a batch
 /// write replaces existing elements). On failure, returns how many
 /// elements, from the first, were written before the one that failed.
-pub(crate) fn update(
+fn update(
     map: BorrowedFd<'_>,
     keys: &[u8],
     values: &[u8],

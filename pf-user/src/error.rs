@@ -98,7 +98,7 @@ pub enum PfError {
     #[error("map {map}: batch write of {count} entries failed after {done}: {source}")]
     MapBatch {
         map: &'static str,
-        done: u32,
+        done: usize,
         count: usize,
         source: io::Error,
     },

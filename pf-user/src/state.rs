@@ -30,8 +30,6 @@ use crate::{
 /// replace. `reserve_all` has checked, under pf's exclusive lock, that no key it writes exists,
 /// and every writer of these maps takes that lock, so nothing is replaced.
 const BATCH_ELEM_FLAGS: u64 = 0;
-/// Elements per batched map write: bounds the buffers (a 4-CPU per-CPU value is 96 bytes).
-const BATCH_ELEMENTS: usize = 65_536;
 
 fn one_protocol(proto: u8) -> Protocols {
     if proto == pf_common::IPPROTO_TCP {
@@ -412,68 +410,54 @@ impl State {
         } else {
             (&self.reverse, map_names::REVERSE_NAT)
         };
-        for chunk in entries.chunks(BATCH_ELEMENTS) {
-            let keys: Vec<EndpointKey> = chunk.iter().map(|(k, _)| *k).collect();
-            // A per-CPU map takes one value per possible CPU (NatEntry is a multiple of 8 bytes).
-            let values: Vec<NatEntry> = chunk
-                .iter()
-                .flat_map(|(_, v)| std::iter::repeat_n(*v, self.nr_cpus))
-                .collect();
-            let result = batch::update(
-                map.map().fd().as_fd(),
-                bytemuck::cast_slice(&keys),
-                bytemuck::cast_slice(&values),
-                keys.len() as u32,
-                BATCH_ELEM_FLAGS,
-            );
-            let done = match &result {
-                Ok(()) => keys.len(),
-                Err((done, _)) => *done as usize,
-            };
-            rollback.nat(is_forward, &keys[..done.min(keys.len())]);
-            result.map_err(|(done, source)| PfError::MapBatch {
-                map: name,
-                done,
-                count: keys.len(),
-                source,
-            })?;
-        }
-        Ok(())
+        let keys: Vec<EndpointKey> = entries.iter().map(|(k, _)| *k).collect();
+        // A per-CPU map takes one value per possible CPU (NatEntry is a multiple of 8 bytes).
+        let values: Vec<NatEntry> = entries
+            .iter()
+            .flat_map(|(_, v)| std::iter::repeat_n(*v, self.nr_cpus))
+            .collect();
+        batch::update_all(
+            map.map().fd().as_fd(),
+            &keys,
+            &values,
+            self.nr_cpus,
+            BATCH_ELEM_FLAGS,
+            |written| rollback.nat(is_forward, written),
+        )
+        .map_err(|(done, source)| PfError::MapBatch {
+            map: name,
+            done,
+            count: keys.len(),
+            source,
+        })
     }
 
     fn write_records(
         &mut self,
         records: &[(ReservationKey, ReservationValue)],
     ) -> Result<(), PfError> {
-        let mut written = 0;
-        let mut result = Ok(());
-        for chunk in records.chunks(BATCH_ELEMENTS) {
-            let keys: Vec<ReservationKey> = chunk.iter().map(|(k, _)| *k).collect();
-            let values: Vec<ReservationValue> = chunk.iter().map(|(_, v)| *v).collect();
-            if let Err((done, source)) = batch::update(
-                self.reservations.map().fd().as_fd(),
-                bytemuck::cast_slice(&keys),
-                bytemuck::cast_slice(&values),
-                keys.len() as u32,
-                BATCH_ELEM_FLAGS,
-            ) {
-                written += done as usize;
-                result = Err(PfError::MapBatch {
-                    map: map_names::RESERVATIONS,
-                    done,
-                    count: keys.len(),
-                    source,
-                });
-                break;
-            }
-            written += keys.len();
-        }
-        if result.is_err() {
-            for (key, _) in &records[..written] {
+        let keys: Vec<ReservationKey> = records.iter().map(|(k, _)| *k).collect();
+        let values: Vec<ReservationValue> = records.iter().map(|(_, v)| *v).collect();
+        let result = batch::update_all(
+            self.reservations.map().fd().as_fd(),
+            &keys,
+            &values,
+            1,
+            BATCH_ELEM_FLAGS,
+            |_| {},
+        );
+        if let Err((done, source)) = result {
+            for key in &keys[..done] {
                 let _ = self.reservations.remove(key);
             }
+            return Err(PfError::MapBatch {
+                map: map_names::RESERVATIONS,
+                done,
+                count: keys.len(),
+                source,
+            });
         }
-        result
+        Ok(())
     }
 
     /// Removes the reservation made exactly as `spec` (same address, range and protocols) and
