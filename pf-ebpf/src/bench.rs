@@ -8,6 +8,10 @@
 //!   rewrites them in place), so the headers are written on every run, not once.
 //! - `pf_bench_sink`, on the receiving veth: counts and drops the frames addressed to the one
 //!   endpoint it is told to expect, and passes everything else (ARP above all) to the kernel.
+//! - `pf_bench_lookup`, one per-CPU hash lookup keyed by 8 bytes of the packet (XDP_PASS on a
+//!   hit):
+//!   the floor under pf's ingress hit (which does that lookup plus parsing and the rewrite), for
+//!   the per-packet comparison.
 //! - `pf_bench_pass`, XDP_PASS only: stands in for pf on the server's public veth in the
 //!   configurations without pf, so every configuration receives through native XDP alike.
 #![no_std]
@@ -16,9 +20,9 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{BPF_F_NO_PREALLOC, xdp_action},
     macros::{map, xdp},
-    maps::PerCpuArray,
+    maps::{PerCpuArray, PerCpuHashMap},
     programs::XdpContext,
 };
 
@@ -118,6 +122,33 @@ pub fn pf_bench_sink(ctx: XdpContext) -> u32 {
         xdp_action::XDP_DROP
     } else {
         xdp_action::XDP_PASS
+    }
+}
+
+/// Same key and value sizes, type and flags as pf's FORWARD_NAT.
+#[map]
+static LOOKUP_ONLY: PerCpuHashMap<[u8; 8], [u8; 24]> =
+    PerCpuHashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
+
+/// Where the key is read: the IPv4 destination address and the L4 destination port (with the
+/// two bytes after them), as pf's key holds address, port and protocol.
+const LOOKUP_KEY_OFFSET: usize = 30;
+
+#[xdp]
+pub fn pf_bench_lookup(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    if start + LOOKUP_KEY_OFFSET + 8 > ctx.data_end() {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: bounds checked above; an unaligned read of plain bytes.
+    let key: [u8; 8] =
+        unsafe { core::ptr::read_unaligned((start + LOOKUP_KEY_OFFSET) as *const [u8; 8]) };
+    // SAFETY: the value is only tested for presence. A miss drops, so the bench can tell from
+    // the verdict that the packet hit (the buffer never changes, so every run does the same).
+    if unsafe { LOOKUP_ONLY.get(&key) }.is_some() {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
     }
 }
 

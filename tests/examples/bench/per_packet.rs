@@ -8,10 +8,14 @@
 
 use std::net::Ipv4Addr;
 
-use aya::programs::{TestRun, TestRunOptions};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{PerCpuHashMap, PerCpuValues},
+    programs::{TestRun, TestRunOptions, Xdp},
+};
 use pf::{
     bpffs::PinDir,
-    dataplane::Programs,
+    dataplane::{self, Programs},
     spec::{Protocols, Reservation},
     state::State,
 };
@@ -31,6 +35,8 @@ const REMOTE: [u8; 4] = [203, 0, 113, 7];
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Which {
     Noop,
+    /// One per-CPU hash lookup and nothing else (the bench object's `pf_bench_lookup`).
+    LookupOnly,
     Ingress,
     NoopTc,
     Egress,
@@ -59,6 +65,33 @@ pub fn filler(i: u32) -> Reservation {
     )
 }
 
+const XDP_PASS: u32 = 2;
+
+/// The lookup-only baseline, its map holding the key it will read from `packet` (the same 8
+/// bytes, at the same offset, that pf's key is built from).
+fn load_lookup_only(packet: &[u8]) -> Result<Ebpf, String> {
+    let mut ebpf = EbpfLoader::new()
+        .load(dataplane::BENCH_OBJECT)
+        .map_err(|e| format!("loading the bench object: {e}"))?;
+    let xdp: &mut Xdp = ebpf
+        .program_mut("pf_bench_lookup")
+        .ok_or("no program pf_bench_lookup")?
+        .try_into()
+        .map_err(|e| format!("pf_bench_lookup: {e}"))?;
+    xdp.load()
+        .map_err(|e| format!("loading pf_bench_lookup: {e}"))?;
+    let mut map: PerCpuHashMap<_, [u8; 8], [u8; 24]> = PerCpuHashMap::try_from(
+        ebpf.map_mut("LOOKUP_ONLY")
+            .ok_or("the bench object has no LOOKUP_ONLY")?,
+    )
+    .map_err(|e| e.to_string())?;
+    let key: [u8; 8] = packet[30..38].try_into().unwrap();
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| format!("{what}: {e}"))?;
+    let values = PerCpuValues::try_from(vec![[0u8; 24]; cpus]).map_err(|e| e.to_string())?;
+    map.insert(key, values, 0).map_err(|e| e.to_string())?;
+    Ok(ebpf)
+}
+
 /// Runs every case at every size of the profile; returns one JSON object per (size, case).
 pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
     let scratch = ScratchDir::claim(format!("/sys/fs/bpf/pf-bench-{}", std::process::id()));
@@ -85,11 +118,23 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
     }
     .frame();
     let egress_hit = Pkt::tcp(HIT_ADDR, 8080, REMOTE, 40000).frame();
+    let lookup_object = load_lookup_only(&tcp_hit)?;
+    let lookup_only: &Xdp = lookup_object
+        .program("pf_bench_lookup")
+        .ok_or("no program pf_bench_lookup")?
+        .try_into()
+        .map_err(|e| format!("pf_bench_lookup: {e}"))?;
 
     let cases = [
         Case {
             name: "no-op XDP (baseline)",
             program: Which::Noop,
+            packet: &tcp_hit,
+            must_count: None,
+        },
+        Case {
+            name: "hash lookup only",
+            program: Which::LookupOnly,
             packet: &tcp_hit,
             must_count: None,
         },
@@ -167,11 +212,15 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
                 };
                 let result = match program {
                     Which::Noop => programs.noop().test_run(opts),
+                    Which::LookupOnly => lookup_only.test_run(opts),
                     Which::NoopTc => programs.noop_tc().test_run(opts),
                     Which::Ingress => programs.ingress().test_run(opts),
                     Which::Egress => programs.egress().test_run(opts),
                 }
                 .map_err(|e| format!("{name}: BPF_PROG_TEST_RUN: {e}"))?;
+                if *program == Which::LookupOnly && result.return_value != XDP_PASS {
+                    return Err(format!("{name}: the lookup missed"));
+                }
                 if let Some(outcome) = *must_count {
                     let after = state.counters().map_err(err)?;
                     let moved = if *program == Which::Ingress {
