@@ -4,6 +4,7 @@
 //! The tests themselves are this crate's unit tests (one test binary, run by
 //! `cargo xtask test` with `--test-threads=1`, as aya runs its integration tests).
 
+pub mod model;
 pub mod netns;
 pub mod packet;
 pub mod topology;

@@ -4,6 +4,8 @@
 //!   command).
 //! - `cargo xtask test`: formatting, lints, unit tests and the privileged tests (the README's
 //!   second command, and what CI runs).
+//! - `cargo xtask fuzz`: the differential tests with a random seed and many more frames.
+//! - `cargo xtask bench`: the benchmark.
 
 mod demo;
 mod setup;
@@ -32,6 +34,16 @@ enum Task {
     Demo,
     /// Run every check: fmt, clippy, unit tests, privileged tests, the benchmark's smoke run.
     Test,
+    /// Differential fuzzing: the loaded programs against the reference model on random frames
+    /// (a random seed, printed, so any mismatch can be replayed with --seed).
+    Fuzz {
+        /// Frames per program.
+        #[arg(long, default_value_t = 1_000_000)]
+        packets: u64,
+        /// Replay this seed (hex) instead of a random one.
+        #[arg(long)]
+        seed: Option<String>,
+    },
     /// Measure pf beside nftables DNAT, plain forwarding and the kernel's ceiling: per-packet
     /// cost, control plane, forwarding pps, TCP throughput (JSON and PNG in bench/results/).
     Bench {
@@ -50,6 +62,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::ensure(),
         Task::Demo => setup::ensure().and_then(|()| demo::run()),
         Task::Test => setup::ensure().and_then(|()| test()),
+        Task::Fuzz { packets, seed } => setup::ensure().and_then(|()| fuzz(packets, seed)),
         Task::Bench { quick, smoke } => setup::ensure().and_then(|()| bench(quick, smoke)),
     };
     match result {
@@ -166,6 +179,40 @@ fn test() -> Result<()> {
     ensure!(tally.0 > 0, "no test ran");
     println!("xtask: {} passed, {} failed", tally.0, tally.1);
     Ok(())
+}
+
+/// Runs the differential tests (tests/src/tests/differential.rs) with a random or given seed.
+fn fuzz(packets: u64, seed: Option<String>) -> Result<()> {
+    let seed = match seed {
+        Some(s) => s.trim_start_matches("0x").to_string(),
+        None => {
+            let mut bytes = [0u8; 8];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+                .context("reading /dev/urandom")?;
+            format!("{:x}", u64::from_ne_bytes(bytes))
+        }
+    };
+    eprintln!(
+        "xtask: fuzzing with seed {seed}, {packets} frames per program (replay: cargo xtask fuzz --seed {seed} --packets {packets})"
+    );
+    let pf = build_pf()?;
+    run(cargo()
+        .args([
+            "test",
+            "--release",
+            "--package",
+            "pf-tests",
+            "--lib",
+            "differential",
+            "--",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env("PF_BIN", &pf)
+        .env("PF_FUZZ_SEED", &seed)
+        .env("PF_FUZZ_PACKETS", packets.to_string()))
+    .with_context(|| format!("fuzzing with seed {seed} found a mismatch (replay: cargo xtask fuzz --seed {seed} --packets {packets})"))
 }
 
 /// Runs the benchmark (tests/examples/bench/), built with optimisations, as root.

@@ -4,5 +4,6 @@
 mod batch;
 mod cli;
 mod common;
+mod differential;
 mod e2e;
 mod fixtures;
