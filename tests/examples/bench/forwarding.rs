@@ -43,7 +43,7 @@ use pf_tests::{
 };
 use serde_json::{Value, json};
 
-use crate::{Profile, median, reservation};
+use crate::{Profile, load_xdp, median, reservation};
 
 pub const PUBLIC_PORT: u16 = 8080;
 pub const TARGET_PORT: u16 = 80;
@@ -110,13 +110,8 @@ fn attach_bench_program(
     let iface = iface.to_string();
     ns.within(move || -> Result<Ebpf, String> {
         let mut ebpf = ebpf;
-        let xdp: &mut Xdp = ebpf
-            .program_mut(program)
-            .ok_or_else(|| format!("no program {program}"))?
-            .try_into()
-            .map_err(|e| format!("{program}: {e}"))?;
-        xdp.load().map_err(|e| format!("loading {program}: {e}"))?;
-        xdp.attach(&iface, XdpMode::Driver)
+        load_xdp(&mut ebpf, program)?
+            .attach(&iface, XdpMode::Driver)
             .map_err(|e| format!("attaching {program} to {iface}: {e}"))?;
         Ok(ebpf)
     })
@@ -172,13 +167,7 @@ impl Generator {
             .override_global("GEN_FIRST_SRC_PORT", &FIRST_SRC_PORT, true)
             .load(bench_object()?)
             .map_err(|e| format!("loading the generator: {e}"))?;
-        let xdp: &mut Xdp = ebpf
-            .program_mut("pf_bench_gen")
-            .ok_or("no program pf_bench_gen")?
-            .try_into()
-            .map_err(|e| format!("pf_bench_gen: {e}"))?;
-        xdp.load()
-            .map_err(|e| format!("loading pf_bench_gen: {e}"))?;
+        load_xdp(&mut ebpf, "pf_bench_gen")?;
         Ok(Self { ebpf, frame })
     }
 

@@ -114,6 +114,20 @@ pub fn reservation(
     .expect("valid reservation")
 }
 
+/// Finds the XDP program `name` in a bench object and loads it into the kernel (verifies it).
+pub fn load_xdp<'a>(
+    ebpf: &'a mut aya::Ebpf,
+    name: &str,
+) -> Result<&'a mut aya::programs::Xdp, String> {
+    let xdp: &mut aya::programs::Xdp = ebpf
+        .program_mut(name)
+        .ok_or_else(|| format!("no program {name}"))?
+        .try_into()
+        .map_err(|e| format!("{name}: {e}"))?;
+    xdp.load().map_err(|e| format!("loading {name}: {e}"))?;
+    Ok(xdp)
+}
+
 fn output(words: &[&str]) -> String {
     Command::new(words[0])
         .args(&words[1..])

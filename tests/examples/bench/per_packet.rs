@@ -26,7 +26,7 @@ use pf_tests::{
 };
 use serde_json::{Value, json};
 
-use crate::{Profile, median, reservation};
+use crate::{Profile, load_xdp, median, reservation};
 
 /// Where the identity reservations live (TEST-NET-2; the bench sends nothing anywhere).
 const HIT_ADDR: [u8; 4] = [198, 51, 100, 1];
@@ -73,13 +73,7 @@ fn load_lookup_only(packet: &[u8]) -> Result<Ebpf, String> {
     let mut ebpf = EbpfLoader::new()
         .load(dataplane::BENCH_OBJECT)
         .map_err(|e| format!("loading the bench object: {e}"))?;
-    let xdp: &mut Xdp = ebpf
-        .program_mut("pf_bench_lookup")
-        .ok_or("no program pf_bench_lookup")?
-        .try_into()
-        .map_err(|e| format!("pf_bench_lookup: {e}"))?;
-    xdp.load()
-        .map_err(|e| format!("loading pf_bench_lookup: {e}"))?;
+    load_xdp(&mut ebpf, "pf_bench_lookup")?;
     let mut map: PerCpuHashMap<_, [u8; 8], [u8; 24]> = PerCpuHashMap::try_from(
         ebpf.map_mut("LOOKUP_ONLY")
             .ok_or("the bench object has no LOOKUP_ONLY")?,

@@ -98,15 +98,7 @@ fn per_packet(
             )
             .map_err(err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 13))
-        .draw()
-        .map_err(err)?;
-    Ok(())
+    legend(&mut chart)
 }
 
 fn forwarding(
@@ -181,6 +173,13 @@ fn forwarding(
             .label(format!("{f} flow{}", if f == 1 { "" } else { "s" }))
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
     }
+    legend(&mut chart)
+}
+
+/// The series labels, boxed in the upper right corner.
+fn legend<'a, CT: plotters::coord::CoordTranslate>(
+    chart: &mut ChartContext<'a, BitMapBackend<'a>, CT>,
+) -> Result<(), String> {
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)
@@ -188,6 +187,5 @@ fn forwarding(
         .border_style(BLACK)
         .label_font(("sans-serif", 13))
         .draw()
-        .map_err(err)?;
-    Ok(())
+        .map_err(err)
 }
