@@ -39,24 +39,21 @@ fn one_protocol(proto: u8) -> Protocols {
     }
 }
 
-/// The NAT entries a failed `reserve_all` wrote, to delete again.
+/// What a failed `reserve_all` wrote, to delete again.
 #[derive(Default)]
 struct Rollback {
     forward: Vec<EndpointKey>,
     reverse: Vec<EndpointKey>,
+    records: Vec<ReservationKey>,
 }
 
 impl Rollback {
-    fn nat(&mut self, is_forward: bool, keys: &[EndpointKey]) {
-        if is_forward {
-            self.forward.extend_from_slice(keys)
-        } else {
-            self.reverse.extend_from_slice(keys)
-        }
-    }
-
-    /// Forward entries first, as `release` does.
+    /// The records first (`pf list` stops showing them), then forward entries before reverse
+    /// ones, as `release` does.
     fn undo(self, state: &mut State) {
+        for key in &self.records {
+            let _ = state.reservations.remove(key);
+        }
         for key in &self.forward {
             let _ = state.forward.remove(key);
         }
@@ -64,6 +61,32 @@ impl Rollback {
             let _ = state.reverse.remove(key);
         }
     }
+}
+
+/// Writes `keys` and their `values` (`values_per_key` each) to one map in batches, reporting
+/// each written run of keys to `written`.
+fn write_batch<K: bytemuck::Pod, V: bytemuck::Pod>(
+    map: &MapData,
+    name: &'static str,
+    keys: &[K],
+    values: &[V],
+    values_per_key: usize,
+    written: impl FnMut(&[K]),
+) -> Result<(), PfError> {
+    batch::update_all(
+        map.fd().as_fd(),
+        keys,
+        values,
+        values_per_key,
+        BATCH_ELEM_FLAGS,
+        written,
+    )
+    .map_err(|(done, source)| PfError::MapBatch {
+        map: name,
+        done,
+        count: keys.len(),
+        source,
+    })
 }
 
 fn proto_name(proto: u8) -> &'static str {
@@ -312,8 +335,10 @@ impl State {
     /// 65,536 entries instead of one per entry). Each is checked against the maps and against
     /// the ones before it in `rs`; the first conflict refuses the whole batch and changes nothing.
     pub fn reserve_all(&mut self, rs: &[Reservation]) -> Result<(), PfError> {
-        let mut forward = Vec::new();
-        let mut reverse = Vec::new();
+        // Keys and values as the maps take them: a per-CPU map one value per possible CPU, each
+        // rounded up to 8 bytes (NatEntry is 24).
+        let (mut forward_keys, mut forward_values) = (Vec::new(), Vec::new());
+        let (mut reverse_keys, mut reverse_values) = (Vec::new(), Vec::new());
         // Entries claimed earlier in this batch, and by which reservation.
         let mut claimed_public = std::collections::HashMap::new();
         let mut claimed_target = std::collections::HashMap::new();
@@ -377,87 +402,52 @@ impl State {
                         NatEntry::new(r.target_addr.octets(), target_port.to_be_bytes());
                     let to_public =
                         NatEntry::new(r.public.addr.octets(), public_port.to_be_bytes());
-                    forward.push((fkey, to_target));
-                    reverse.push((rkey, to_public));
+                    forward_keys.push(fkey);
+                    forward_values.extend(std::iter::repeat_n(to_target, self.nr_cpus));
+                    reverse_keys.push(rkey);
+                    reverse_values.extend(std::iter::repeat_n(to_public, self.nr_cpus));
                 }
             }
         }
-        let records: Vec<_> = rs.iter().map(reservation_to_record).collect();
+        let (record_keys, record_values): (Vec<_>, Vec<_>) =
+            rs.iter().map(reservation_to_record).unzip();
 
         // Reverse entries first: a forward entry without its reverse would let replies leave
         // with the tunnel address. The records last, so `pf list` never shows a reservation
         // that does not forward yet.
         let mut rollback = Rollback::default();
-        let result = self
-            .write_nat(false, &reverse, &mut rollback)
-            .and_then(|()| self.write_nat(true, &forward, &mut rollback))
-            .and_then(|()| self.write_records(&records));
+        let result = write_batch(
+            self.reverse.map(),
+            map_names::REVERSE_NAT,
+            &reverse_keys,
+            &reverse_values,
+            self.nr_cpus,
+            |keys| rollback.reverse.extend_from_slice(keys),
+        )
+        .and_then(|()| {
+            write_batch(
+                self.forward.map(),
+                map_names::FORWARD_NAT,
+                &forward_keys,
+                &forward_values,
+                self.nr_cpus,
+                |keys| rollback.forward.extend_from_slice(keys),
+            )
+        })
+        .and_then(|()| {
+            write_batch(
+                self.reservations.map(),
+                map_names::RESERVATIONS,
+                &record_keys,
+                &record_values,
+                1,
+                |keys| rollback.records.extend_from_slice(keys),
+            )
+        });
         if result.is_err() {
             rollback.undo(self);
         }
         result
-    }
-
-    /// Writes NAT entries in batches, noting each written key in `rollback`.
-    fn write_nat(
-        &mut self,
-        is_forward: bool,
-        entries: &[(EndpointKey, NatEntry)],
-        rollback: &mut Rollback,
-    ) -> Result<(), PfError> {
-        let (map, name) = if is_forward {
-            (&self.forward, map_names::FORWARD_NAT)
-        } else {
-            (&self.reverse, map_names::REVERSE_NAT)
-        };
-        let keys: Vec<EndpointKey> = entries.iter().map(|(k, _)| *k).collect();
-        // A per-CPU map takes one value per possible CPU (NatEntry is a multiple of 8 bytes).
-        let values: Vec<NatEntry> = entries
-            .iter()
-            .flat_map(|(_, v)| std::iter::repeat_n(*v, self.nr_cpus))
-            .collect();
-        batch::update_all(
-            map.map().fd().as_fd(),
-            &keys,
-            &values,
-            self.nr_cpus,
-            BATCH_ELEM_FLAGS,
-            |written| rollback.nat(is_forward, written),
-        )
-        .map_err(|(done, source)| PfError::MapBatch {
-            map: name,
-            done,
-            count: keys.len(),
-            source,
-        })
-    }
-
-    fn write_records(
-        &mut self,
-        records: &[(ReservationKey, ReservationValue)],
-    ) -> Result<(), PfError> {
-        let keys: Vec<ReservationKey> = records.iter().map(|(k, _)| *k).collect();
-        let values: Vec<ReservationValue> = records.iter().map(|(_, v)| *v).collect();
-        let result = batch::update_all(
-            self.reservations.map().fd().as_fd(),
-            &keys,
-            &values,
-            1,
-            BATCH_ELEM_FLAGS,
-            |_| {},
-        );
-        if let Err((done, source)) = result {
-            for key in &keys[..done] {
-                let _ = self.reservations.remove(key);
-            }
-            return Err(PfError::MapBatch {
-                map: map_names::RESERVATIONS,
-                done,
-                count: keys.len(),
-                source,
-            });
-        }
-        Ok(())
     }
 
     /// Removes the reservation made exactly as `spec` (same address, range and protocols) and
