@@ -43,10 +43,12 @@ use pf_tests::{
 };
 use serde_json::{Value, json};
 
-use crate::{Profile, load_xdp, median, reservation};
+use crate::{Profile, bench_object, load_xdp, median, reservation};
 
 pub const PUBLIC_PORT: u16 = 8080;
 pub const TARGET_PORT: u16 = 80;
+/// Where TCP to the public port is forwarded: iperf3's port on the client.
+pub const TCP_TARGET_PORT: u16 = 5201;
 const FIRST_SRC_PORT: u16 = 10_000;
 /// A 64-byte frame on the wire: 60 bytes plus the 4-byte FCS veth does not carry.
 const FRAME_LEN: usize = 60;
@@ -82,13 +84,6 @@ impl Config {
             _ => (PUBLIC_IP.parse().unwrap(), PUBLIC_PORT),
         }
     }
-}
-
-fn bench_object() -> Result<&'static [u8], String> {
-    if dataplane::BENCH_OBJECT.is_empty() {
-        return Err("the bench eBPF object is empty (built with AYA_BUILD_SKIP?)".into());
-    }
-    Ok(dataplane::BENCH_OBJECT)
 }
 
 /// Loads the bench object with the sink's expected endpoint, and attaches `program` in native
@@ -230,21 +225,21 @@ fn pin_to_last_cpu() -> Result<(), String> {
 }
 
 /// What one configuration needs kept alive while it runs.
-struct Setup {
-    topology: Topology,
+pub struct Setup {
+    pub topology: Topology,
     /// Counts delivered frames: on eth0 (forwarding) or pub0 (ceiling).
     sink: Ebpf,
     _pass: Option<Ebpf>,
     _pf_dir: Option<ScratchDir>,
 }
 
-pub fn nft_dnat_rules(tcp_target_port: u16) -> String {
+fn nft_dnat_rules() -> String {
     format!(
         "table ip pfbench {{
   chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
     ip daddr {PUBLIC_IP} udp dport {PUBLIC_PORT} dnat to {CLIENT_IP}:{TARGET_PORT}
-    ip daddr {PUBLIC_IP} tcp dport {PUBLIC_PORT} dnat to {CLIENT_IP}:{tcp_target_port}
+    ip daddr {PUBLIC_IP} tcp dport {PUBLIC_PORT} dnat to {CLIENT_IP}:{TCP_TARGET_PORT}
   }}
 }}
 "
@@ -253,25 +248,22 @@ pub fn nft_dnat_rules(tcp_target_port: u16) -> String {
 
 /// Builds the topology for `config`: the forwarding configuration on the server, the sink, and
 /// for the TCP runs a route from the internet host to the client network (plain only) and
-/// DNAT/reservations for TCP to `tcp_target_port`.
-pub fn setup(config: Config, tcp_target_port: u16) -> Result<SetupHandle, String> {
+/// DNAT/reservations for TCP to `TCP_TARGET_PORT`.
+pub fn setup(config: Config) -> Result<Setup, String> {
     let topology = Topology::new("pfbench").map_err(|e| format!("topology: {e}"))?;
     let public: Ipv4Addr = PUBLIC_IP.parse().unwrap();
     let client: Ipv4Addr = CLIENT_IP.parse().unwrap();
-    let mut pass = None;
+    let pass = if matches!(config, Config::Plain | Config::Nftables) {
+        Some(attach_bench_program(
+            &topology.server,
+            PUBLIC_IFACE,
+            "pf_bench_pass",
+            (public, 0),
+        )?)
+    } else {
+        None
+    };
     let mut pf_dir = None;
-    match config {
-        Config::Ceiling => {}
-        Config::Plain | Config::Nftables => {
-            pass = Some(attach_bench_program(
-                &topology.server,
-                PUBLIC_IFACE,
-                "pf_bench_pass",
-                (public, 0),
-            )?);
-        }
-        Config::Pf => {}
-    }
     if config == Config::Plain {
         topology
             .inet
@@ -280,7 +272,7 @@ pub fn setup(config: Config, tcp_target_port: u16) -> Result<SetupHandle, String
     }
     if config == Config::Nftables {
         let rules = std::env::temp_dir().join(format!("pfbench-{}.nft", std::process::id()));
-        std::fs::write(&rules, nft_dnat_rules(tcp_target_port)).map_err(|e| e.to_string())?;
+        std::fs::write(&rules, nft_dnat_rules()).map_err(|e| e.to_string())?;
         let loaded = topology.server.run(&["nft", "-f", rules.to_str().unwrap()]);
         let _ = std::fs::remove_file(&rules);
         loaded.map_err(|e| format!("loading the nftables rules: {e}"))?;
@@ -291,7 +283,7 @@ pub fn setup(config: Config, tcp_target_port: u16) -> Result<SetupHandle, String
         let mut state = State::open_for_write(&dir).map_err(|e| e.to_string())?;
         for (protocols, target_port) in [
             (Protocols::Udp, TARGET_PORT),
-            (Protocols::Tcp, tcp_target_port),
+            (Protocols::Tcp, TCP_TARGET_PORT),
         ] {
             state
                 .reserve(&reservation(
@@ -329,21 +321,12 @@ pub fn setup(config: Config, tcp_target_port: u16) -> Result<SetupHandle, String
             (client, TARGET_PORT),
         )?
     };
-    Ok(SetupHandle(Setup {
+    Ok(Setup {
         topology,
         sink,
         _pass: pass,
         _pf_dir: pf_dir,
-    }))
-}
-
-/// A configured topology (opaque to the TCP section, which only needs the namespaces).
-pub struct SetupHandle(Setup);
-
-impl SetupHandle {
-    pub fn topology(&self) -> &Topology {
-        &self.0.topology
-    }
+    })
 }
 
 /// One (configuration, flows) measurement: every repetition.
@@ -410,9 +393,9 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
     );
     let mut results = Vec::new();
     for config in Config::ALL {
-        let handle = setup(config, 5201)?;
+        let setup = setup(config)?;
         for &flows in profile.flows {
-            results.push(measure(&handle.0, config, flows, profile)?);
+            results.push(measure(&setup, config, flows, profile)?);
         }
     }
     Ok(results)

@@ -114,6 +114,14 @@ pub fn reservation(
     .expect("valid reservation")
 }
 
+/// The bench's own eBPF object (pf-ebpf/src/bench.rs).
+pub fn bench_object() -> Result<&'static [u8], String> {
+    if pf::dataplane::BENCH_OBJECT.is_empty() {
+        return Err("the bench eBPF object is empty (built with AYA_BUILD_SKIP?)".into());
+    }
+    Ok(pf::dataplane::BENCH_OBJECT)
+}
+
 /// Finds the XDP program `name` in a bench object and loads it into the kernel (verifies it).
 pub fn load_xdp<'a>(
     ebpf: &'a mut aya::Ebpf,

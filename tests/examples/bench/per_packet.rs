@@ -15,7 +15,7 @@ use aya::{
 };
 use pf::{
     bpffs::PinDir,
-    dataplane::{self, Programs},
+    dataplane::Programs,
     spec::{Protocols, Reservation},
     state::State,
 };
@@ -26,7 +26,7 @@ use pf_tests::{
 };
 use serde_json::{Value, json};
 
-use crate::{Profile, load_xdp, median, reservation};
+use crate::{Profile, bench_object, load_xdp, median, reservation};
 
 /// Where the identity reservations live (TEST-NET-2; the bench sends nothing anywhere).
 const HIT_ADDR: [u8; 4] = [198, 51, 100, 1];
@@ -71,7 +71,7 @@ const XDP_PASS: u32 = 2;
 /// bytes, at the same offset, that pf's key is built from).
 fn load_lookup_only(packet: &[u8]) -> Result<Ebpf, String> {
     let mut ebpf = EbpfLoader::new()
-        .load(dataplane::BENCH_OBJECT)
+        .load(bench_object()?)
         .map_err(|e| format!("loading the bench object: {e}"))?;
     load_xdp(&mut ebpf, "pf_bench_lookup")?;
     let mut map: PerCpuHashMap<_, [u8; 8], [u8; 24]> = PerCpuHashMap::try_from(

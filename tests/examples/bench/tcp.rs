@@ -9,16 +9,14 @@ use serde_json::{Value, json};
 
 use crate::{
     Profile,
-    forwarding::{self, Config, PUBLIC_PORT},
+    forwarding::{self, Config, PUBLIC_PORT, TCP_TARGET_PORT},
     median,
 };
 
-const IPERF_PORT: u16 = 5201;
-
 fn measure(config: Config, profile: &Profile) -> Result<Value, String> {
-    let handle = forwarding::setup(config, IPERF_PORT)?;
-    let t = handle.topology();
-    let port = IPERF_PORT.to_string();
+    let setup = forwarding::setup(config)?;
+    let t = &setup.topology;
+    let port = TCP_TARGET_PORT.to_string();
     t.client
         .spawn(&["iperf3", "--server", "--bind", CLIENT_IP, "--port", &port])
         .map_err(|e| format!("starting iperf3 --server: {e}"))?;
@@ -26,7 +24,7 @@ fn measure(config: Config, profile: &Profile) -> Result<Value, String> {
     let listening = (0..50).any(|_| {
         let out = t
             .client
-            .run(&["ss", "-Hltn", &format!("sport = :{IPERF_PORT}")])
+            .run(&["ss", "-Hltn", &format!("sport = :{TCP_TARGET_PORT}")])
             .map(|o| !o.stdout.is_empty())
             .unwrap_or(false);
         if !out {
@@ -38,7 +36,7 @@ fn measure(config: Config, profile: &Profile) -> Result<Value, String> {
         return Err("iperf3 --server did not start listening within 5 s".into());
     }
     let (dest, dest_port) = match config {
-        Config::Plain => (CLIENT_IP, IPERF_PORT),
+        Config::Plain => (CLIENT_IP, TCP_TARGET_PORT),
         _ => (PUBLIC_IP, PUBLIC_PORT),
     };
     let dest_port = dest_port.to_string();

@@ -6,7 +6,8 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use pf::bpffs::PinDir;
+use aya::programs::{ProgramError, TestRun, TestRunOptions};
+use pf::{bpffs::PinDir, dataplane::Programs, state::Counters};
 
 use crate::{ScratchDir, netns::Netns};
 
@@ -101,4 +102,50 @@ pub fn pf_list(dir: &TempPinDir) -> serde_json::Value {
 /// `pf stats --json` parsed.
 pub fn pf_stats(dir: &TempPinDir) -> serde_json::Value {
     serde_json::from_str(&pf_ok(dir, &["stats", "--json"])).expect("pf stats --json prints JSON")
+}
+
+/// A frame in hex, for failure messages (and to paste into a fixture).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs `frame` once through the loaded ingress (XDP) or egress (TC) program with
+/// BPF_PROG_TEST_RUN: the verdict and the frame as it left.
+pub fn run_program(
+    programs: &Programs,
+    ingress: bool,
+    frame: &[u8],
+) -> Result<(u32, Vec<u8>), ProgramError> {
+    let mut out = vec![0u8; frame.len() + 512];
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ..Default::default()
+    };
+    let result = if ingress {
+        programs.ingress().test_run(opts)
+    } else {
+        programs.egress().test_run(opts)
+    }?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value, out))
+}
+
+/// The outcome counters of one direction that moved from `before` to `after`, with how far.
+pub fn counters_moved(
+    before: &Counters,
+    after: &Counters,
+    ingress: bool,
+) -> Vec<(&'static str, u64)> {
+    let (before, after) = if ingress {
+        (&before.ingress, &after.ingress)
+    } else {
+        (&before.egress, &after.egress)
+    };
+    before
+        .iter()
+        .zip(after)
+        .filter(|(b, a)| a.1 != b.1)
+        .map(|(b, a)| (b.0, a.1 - b.1))
+        .collect()
 }

@@ -2,7 +2,6 @@
 //! expected counter}, each run through the real loaded XDP and TC programs with
 //! BPF_PROG_TEST_RUN, with the maps filled by pf's own library.
 
-use aya::programs::{TestRun, TestRunOptions};
 use pf::{
     dataplane::Programs,
     spec::Reservation,
@@ -10,7 +9,7 @@ use pf::{
 };
 use pf_common::counters::Outcome;
 
-use super::common::{TempPinDir, require_root};
+use super::common::{TempPinDir, counters_moved, hex, require_root, run_program};
 use crate::packet::{ETH_P_ARP, ETH_P_IPV6, Pkt};
 
 const XDP_PASS: u32 = 2;
@@ -93,20 +92,8 @@ impl Harness {
     }
 
     fn run(&self, ingress: bool, data: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; data.len() + 512];
-        let opts = TestRunOptions {
-            data_in: Some(data),
-            data_out: Some(&mut out),
-            ..Default::default()
-        };
-        let result = if ingress {
-            self.programs.ingress().test_run(opts)
-        } else {
-            self.programs.egress().test_run(opts)
-        }
-        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {}: {e:?}", hex(data)));
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        run_program(&self.programs, ingress, data)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {}: {e:?}", hex(data)))
     }
 
     /// Runs every fixture; all mismatches are collected and reported together.
@@ -116,19 +103,7 @@ impl Harness {
             let before = self.stats();
             let (action, out) = self.run(ingress, &f.packet_in);
             let after = self.stats();
-            let counters = |s: &Stats| {
-                if ingress {
-                    s.counters.ingress.clone()
-                } else {
-                    s.counters.egress.clone()
-                }
-            };
-            let moved: Vec<(&str, u64)> = counters(&before)
-                .iter()
-                .zip(counters(&after))
-                .filter(|(b, a)| a.1 != b.1)
-                .map(|(b, a)| (b.0, a.1 - b.1))
-                .collect();
+            let moved = counters_moved(&before.counters, &after.counters, ingress);
             let mut problems = Vec::new();
             if action != f.action {
                 problems.push(format!("action {action}, expected {}", f.action));
@@ -179,10 +154,6 @@ impl Harness {
             failures.join("\n")
         );
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// The IPv4 total length of a frame with at most one VLAN tag.
