@@ -30,6 +30,13 @@ pub const fn update_addr(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
     !fold(sum)
 }
 
+/// RFC 1624 eqn. 3 for one 16-bit word of the covered data changing from `old` to `new`.
+#[inline(always)]
+pub const fn update_word(check: u16, old: u16, new: u16) -> u16 {
+    let sum = (!check) as u32 + (!old) as u32 + new as u32;
+    !fold(sum)
+}
+
 /// RFC 1624 eqn. 3 for a TCP checksum after an address (part of the pseudo-header) and a port
 /// changed together.
 #[inline(always)]
@@ -112,6 +119,7 @@ mod tests {
         // HC = 0xDD2F, m = 0x5555, m' = 0x3285 gives HC' = 0x0000.
         let sum = (!0xDD2Fu16) as u32 + (!0x5555u16) as u32 + 0x3285;
         assert_eq!(!fold(sum), 0x0000);
+        assert_eq!(update_word(0xDD2F, 0x5555, 0x3285), 0x0000);
         // The same through update_addr: the other word of the address does not change.
         assert_eq!(
             update_addr(0xDD2F, [0x55, 0x55, 1, 2], [0x32, 0x85, 1, 2]),

@@ -8,28 +8,36 @@
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// Matched a reservation and was rewritten.
+    /// A TCP/UDP packet, or a fragment of a datagram, that matched a reservation and was
+    /// rewritten.
     Rewritten = 0,
-    /// IPv4 TCP/UDP that matched no reservation: passed untouched.
-    NoReservation = 1,
+    /// An ICMP error about a forwarded flow, rewritten (RFC 5508): outer address, and the
+    /// embedded packet's address and port.
+    IcmpErrorRewritten = 1,
+    /// IPv4 TCP/UDP, or an ICMP error about TCP/UDP, that matched no reservation: passed
+    /// untouched.
+    NoReservation = 2,
     /// Not IPv4 (ARP, IPv6, LLDP, ...): passed untouched.
-    NotIpv4 = 2,
+    NotIpv4 = 3,
     /// More than one VLAN tag (QinQ): pf parses one tag only, so passed untouched.
-    VlanStacked = 3,
-    /// IPv4 but neither TCP nor UDP (ICMP, GRE, ESP, ...): passed untouched.
-    NotTcpUdp = 4,
-    /// An IPv4 fragment (MF set or offset non-zero): passed untouched. See ARCHITECTURE.md.
-    Fragment = 5,
+    VlanStacked = 4,
+    /// IPv4 carrying neither TCP, UDP nor an ICMP error about TCP/UDP (ICMP echo, GRE, ESP,
+    /// ...): passed untouched.
+    OtherProtocol = 5,
+    /// A fragment pf cannot place: a later fragment of a datagram whose first fragment pf did
+    /// not rewrite (or has not seen yet), or a fragmented ICMP message. Passed untouched.
+    Fragment = 6,
     /// A header is cut short by the end of the frame or by the IP total length.
-    Truncated = 6,
-    /// IPv4 header that cannot be right: IHL below 5 or total length below the header length.
-    BadIpHeader = 7,
+    Truncated = 7,
+    /// IPv4 header that cannot be right (also inside an ICMP error): version not 4, IHL below 5,
+    /// or a total length below the header length.
+    BadIpHeader = 8,
     /// The rewrite itself failed (a kernel helper returned an error): passed as it was.
-    RewriteFailed = 8,
+    RewriteFailed = 9,
 }
 
 /// Outcomes per direction.
-pub const OUTCOMES: u32 = 9;
+pub const OUTCOMES: u32 = 10;
 /// First counter of the XDP ingress program.
 pub const INGRESS_BASE: u32 = 0;
 /// First counter of the TC egress program.
@@ -40,10 +48,11 @@ pub const COUNTER_SLOTS: u32 = 2 * OUTCOMES;
 impl Outcome {
     pub const ALL: [Outcome; OUTCOMES as usize] = [
         Outcome::Rewritten,
+        Outcome::IcmpErrorRewritten,
         Outcome::NoReservation,
         Outcome::NotIpv4,
         Outcome::VlanStacked,
-        Outcome::NotTcpUdp,
+        Outcome::OtherProtocol,
         Outcome::Fragment,
         Outcome::Truncated,
         Outcome::BadIpHeader,
@@ -54,10 +63,11 @@ impl Outcome {
     pub const fn name(self) -> &'static str {
         match self {
             Outcome::Rewritten => "rewritten",
+            Outcome::IcmpErrorRewritten => "icmp_error_rewritten",
             Outcome::NoReservation => "no_reservation",
             Outcome::NotIpv4 => "not_ipv4",
             Outcome::VlanStacked => "vlan_stacked",
-            Outcome::NotTcpUdp => "not_tcp_udp",
+            Outcome::OtherProtocol => "other_protocol",
             Outcome::Fragment => "fragment",
             Outcome::Truncated => "truncated",
             Outcome::BadIpHeader => "bad_ip_header",

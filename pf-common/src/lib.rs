@@ -16,6 +16,9 @@ use bytemuck::{Pod, Zeroable};
 /// IANA protocol numbers that pf forwards.
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+/// ICMP: pf rewrites the errors (destination unreachable, time exceeded, parameter problem)
+/// that are about a forwarded flow.
+pub const IPPROTO_ICMP: u8 = 1;
 
 /// One side of a forward: an IPv4 address, a port and a protocol, as the packet carries them.
 ///
@@ -113,6 +116,37 @@ const _: () = assert!(core::mem::size_of::<EndpointKey>() == 8);
 const _: () = assert!(core::mem::size_of::<NatEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<ReservationKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ReservationValue>() == 8);
+const _: () = assert!(core::mem::size_of::<FragmentKey>() == 12);
+const _: () = assert!(core::mem::size_of::<FragmentValue>() == 8);
+
+/// Which program tracks a fragmented datagram, in `FragmentKey::direction`.
+pub const FRAGMENT_INGRESS: u8 = 0;
+pub const FRAGMENT_EGRESS: u8 = 1;
+
+/// A fragmented datagram in flight, as its fragments carry it before any rewrite: RFC 791
+/// identifies a datagram by (source, destination, protocol, identification). Only the first
+/// fragment carries ports, so when it is rewritten its program records the datagram here, and the
+/// later fragments find their NAT entry through it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragmentKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    /// IPv4 identification, network byte order.
+    pub id: [u8; 2],
+    pub proto: u8,
+    /// `FRAGMENT_INGRESS` or `FRAGMENT_EGRESS`: both programs share one map.
+    pub direction: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+/// The NAT map key the datagram's first fragment matched (in `FORWARD_NAT` for ingress, in
+/// `REVERSE_NAT` for egress). Later fragments look the entry up again, so they are counted with
+/// the reservation and stop being rewritten the moment it is released.
+pub struct FragmentValue {
+    pub nat_key: EndpointKey,
+}
 
 #[cfg(feature = "user")]
 mod user {
@@ -121,6 +155,8 @@ mod user {
     unsafe impl aya::Pod for super::NatEntry {}
     unsafe impl aya::Pod for super::ReservationKey {}
     unsafe impl aya::Pod for super::ReservationValue {}
+    unsafe impl aya::Pod for super::FragmentKey {}
+    unsafe impl aya::Pod for super::FragmentValue {}
 }
 
 /// Names of the maps, as declared in pf-ebpf and pinned under pf's bpffs directory.
@@ -129,5 +165,6 @@ pub mod map_names {
     pub const REVERSE_NAT: &str = "REVERSE_NAT";
     pub const RESERVATIONS: &str = "RESERVATIONS";
     pub const COUNTERS: &str = "COUNTERS";
-    pub const ALL: [&str; 4] = [FORWARD_NAT, REVERSE_NAT, RESERVATIONS, COUNTERS];
+    pub const FRAGMENTS: &str = "FRAGMENTS";
+    pub const ALL: [&str; 5] = [FORWARD_NAT, REVERSE_NAT, RESERVATIONS, COUNTERS, FRAGMENTS];
 }

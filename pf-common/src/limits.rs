@@ -11,3 +11,8 @@ pub const MAX_RESERVATIONS: u32 = MAX_FORWARDS;
 /// The widest range one reservation may cover. A range is added entry by entry, all or nothing;
 /// the bound keeps one command's work (and a typo's damage) small.
 pub const MAX_RANGE_PORTS: u32 = 4096;
+
+/// Fragmented datagrams tracked at once, both directions together (an LRU map: the oldest is
+/// forgotten first). An entry is needed only while a datagram's fragments are in flight,
+/// milliseconds, so this covers a heavy fragment load; the map is preallocated (about 1 MB).
+pub const MAX_TRACKED_DATAGRAMS: u32 = 16_384;

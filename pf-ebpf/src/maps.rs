@@ -4,12 +4,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use pf_common::{
-    EndpointKey, NatEntry, ReservationKey, ReservationValue,
+    EndpointKey, FragmentKey, FragmentValue, NatEntry, ReservationKey, ReservationValue,
     counters::COUNTER_SLOTS,
-    limits::{MAX_FORWARDS, MAX_RESERVATIONS},
+    limits::{MAX_FORWARDS, MAX_RESERVATIONS, MAX_TRACKED_DATAGRAMS},
 };
 
 /// Ingress: (public address, public port, protocol) -> tunnel address and port.
@@ -27,6 +27,13 @@ pub static REVERSE_NAT: PerCpuHashMap<EndpointKey, NatEntry> =
 #[map]
 pub static RESERVATIONS: HashMap<ReservationKey, ReservationValue> =
     HashMap::pinned(MAX_RESERVATIONS, BPF_F_NO_PREALLOC);
+
+/// Fragmented datagrams whose first fragment was rewritten, both directions: the later
+/// fragments carry no ports and find their NAT entry here. LRU, so stale entries age out; shared
+/// across CPUs, since a datagram's fragments may arrive on different ones.
+#[map]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> =
+    LruHashMap::pinned(MAX_TRACKED_DATAGRAMS, 0);
 
 /// Global outcome counters, indexed by `pf_common::counters`.
 #[map]

@@ -1,43 +1,211 @@
-//! The two rewrites: destination NAT at XDP ingress, source NAT at TC egress.
+//! The rewrites: destination NAT at XDP ingress, source NAT at TC egress, each for whole
+//! packets, for fragments (through the fragment table) and for ICMP errors about forwarded flows
+//! (RFC 5508).
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::{TcContext, XdpContext},
 };
-use pf_common::{EndpointKey, IPPROTO_UDP, checksum, counters::Outcome};
-
-use crate::{
-    maps::{FORWARD_NAT, REVERSE_NAT},
-    parse::{MAX_HEADERS_LEN, parse},
+use pf_common::{
+    EndpointKey, FRAGMENT_EGRESS, FRAGMENT_INGRESS, FragmentKey, FragmentValue, IPPROTO_UDP,
+    NatEntry, checksum, counters::Outcome,
 };
 
+use crate::{
+    maps::{FORWARD_NAT, FRAGMENTS, REVERSE_NAT},
+    parse::{
+        IP_MF, IP_OFFSET_MASK, IcmpError, Ipv4, MAX_HEADERS_LEN, MAX_ICMP_ERROR_LEN, is_icmp,
+        is_tcp_udp, parse_icmp_error, parse_ipv4, parse_ports,
+    },
+};
+
+/// Whether the packet is a later fragment (non-zero offset): no TCP/UDP header.
+#[inline(always)]
+fn is_later_fragment(ip: &Ipv4) -> bool {
+    ip.frags & IP_OFFSET_MASK != 0
+}
+
+/// Whether the packet is any fragment: the first (MF, offset 0) or a later one.
+#[inline(always)]
+fn is_fragment(ip: &Ipv4) -> bool {
+    ip.frags & (IP_MF | IP_OFFSET_MASK) != 0
+}
+
+/// The fragment-table key of the datagram `ip` belongs to, as its fragments arrive.
+///
+/// SAFETY: `ip.ip` must have been bounds-checked by the parser.
+#[inline(always)]
+unsafe fn fragment_key(ip: &Ipv4, direction: u8) -> FragmentKey {
+    unsafe {
+        FragmentKey {
+            src: (*ip.ip).src_addr,
+            dst: (*ip.ip).dst_addr,
+            id: (*ip.ip).id,
+            proto: ip.proto,
+            direction,
+        }
+    }
+}
+
+/// Records that a first fragment was rewritten through `nat_key`, so the datagram's later
+/// fragments follow it. A failed insert only means they pass untouched, counted as fragments.
+#[inline(always)]
+fn track_datagram(key: &FragmentKey, nat_key: EndpointKey) {
+    let _ = FRAGMENTS.insert(key, &FragmentValue { nat_key }, 0);
+}
+
+/// The NAT entry a later fragment's datagram was rewritten through, if its first fragment was
+/// rewritten and the reservation still exists.
+#[inline(always)]
+fn tracked_entry(key: &FragmentKey, direction: u8) -> Option<*mut NatEntry> {
+    // SAFETY: a map value, copied out at once.
+    let nat_key = unsafe { FRAGMENTS.get(key) }?.nat_key;
+    if direction == FRAGMENT_INGRESS {
+        FORWARD_NAT.get_ptr_mut(&nat_key)
+    } else {
+        REVERSE_NAT.get_ptr_mut(&nat_key)
+    }
+}
+
+/// The new checksums of an ICMP error translation. The embedded packet's address and port
+/// change from `old_*` to `new_*`; the outer address does too when `outer_changes`.
+struct IcmpChecks {
+    outer_ip: u16,
+    icmp: u16,
+    inner_ip: u16,
+    inner_l4: Option<u16>,
+}
+
+/// The checksums an ICMP error carries before translation.
+struct IcmpOldChecks {
+    outer_ip: u16,
+    icmp: u16,
+    inner_ip: u16,
+    inner_l4: Option<u16>,
+}
+
+/// RFC 1624 updates, in the order `tests/src/model.rs` states: the embedded IPv4 and TCP/UDP
+/// checksums for the embedded address and port, the ICMP checksum for every embedded word that
+/// changed (address, embedded IPv4 checksum, port, embedded TCP/UDP checksum), and the outer
+/// IPv4 checksum for the outer address.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn icmp_checks(
+    old: &IcmpOldChecks,
+    proto: u8,
+    old_addr: [u8; 4],
+    new_addr: [u8; 4],
+    old_port: [u8; 2],
+    new_port: [u8; 2],
+    outer_changes: bool,
+) -> IcmpChecks {
+    let inner_ip = checksum::update_addr(old.inner_ip, old_addr, new_addr);
+    let inner_l4 = old.inner_l4.map(|c| {
+        if proto == IPPROTO_UDP {
+            checksum::update_udp_addr_port(c, old_addr, new_addr, old_port, new_port)
+        } else {
+            checksum::update_addr_port(c, old_addr, new_addr, old_port, new_port)
+        }
+    });
+    let mut icmp = checksum::update_addr(old.icmp, old_addr, new_addr);
+    icmp = checksum::update_word(icmp, old.inner_ip, inner_ip);
+    icmp = checksum::update_word(
+        icmp,
+        u16::from_be_bytes(old_port),
+        u16::from_be_bytes(new_port),
+    );
+    if let (Some(old_l4), Some(new_l4)) = (old.inner_l4, inner_l4) {
+        icmp = checksum::update_word(icmp, old_l4, new_l4);
+    }
+    let outer_ip = if outer_changes {
+        checksum::update_addr(old.outer_ip, old_addr, new_addr)
+    } else {
+        old.outer_ip
+    };
+    IcmpChecks {
+        outer_ip,
+        icmp,
+        inner_ip,
+        inner_l4,
+    }
+}
+
+/// Reads the checksums an ICMP error translation updates.
+///
+/// SAFETY: every pointer in `ip` and `e` must have been bounds-checked by the parser.
+#[inline(always)]
+unsafe fn icmp_old_checks(ip: &Ipv4, e: &IcmpError) -> IcmpOldChecks {
+    unsafe {
+        IcmpOldChecks {
+            outer_ip: u16::from_be_bytes((*ip.ip).check),
+            icmp: u16::from_be_bytes(*e.icmp_check),
+            inner_ip: u16::from_be_bytes((*e.inner_ip).check),
+            inner_l4: e.inner_l4_check.map(|p| u16::from_be_bytes(*p)),
+        }
+    }
+}
+
 /// Ingress: a packet to a reserved public endpoint gets the tunnel endpoint as its destination.
-/// The IPv4 and TCP/UDP checksums are updated incrementally (RFC 1624): XDP sees frames as they
-/// came off the wire, with complete checksums.
+/// Checksums are updated incrementally (RFC 1624): XDP sees frames as they came off the wire,
+/// with complete checksums.
 #[inline(always)]
 pub fn ingress(ctx: &XdpContext) -> Outcome {
     let (start, end) = (ctx.data(), ctx.data_end());
-    let h = match parse(start, end, end - start) {
+    // The frame's length is `end - start`, but LLVM must not know it: from the IPv4 total
+    // length checks it would prove later pointer checks redundant and drop them, and the
+    // verifier, which cannot follow that proof, would reject the program. A volatile read
+    // hides the equality for the cost of one stack access.
+    let frame_len = end - start;
+    // SAFETY: reads a local.
+    let frame_len = unsafe { core::ptr::read_volatile(&frame_len) };
+    let ip = match parse_ipv4(start, end, frame_len) {
+        Ok(ip) => ip,
+        Err(outcome) => return outcome,
+    };
+    if is_tcp_udp(ip.proto) {
+        if is_later_fragment(&ip) {
+            ingress_later_fragment(&ip)
+        } else {
+            ingress_tcp_udp(start, end, &ip)
+        }
+    } else if is_icmp(ip.proto) {
+        if is_fragment(&ip) {
+            // An ICMP error fits in 576 bytes (RFC 1812); a fragmented one is not worth parsing.
+            return Outcome::Fragment;
+        }
+        ingress_icmp_error(start, end, &ip)
+    } else {
+        Outcome::OtherProtocol
+    }
+}
+
+#[inline(always)]
+fn ingress_tcp_udp(start: usize, end: usize, ip: &Ipv4) -> Outcome {
+    let h = match parse_ports(start, end, ip) {
         Ok(h) => h,
         Err(outcome) => return outcome,
     };
-    // SAFETY: parse bounds-checked every pointer in `h` against `end`.
+    // SAFETY: the parser bounds-checked every pointer in `ip` and `h` against `end`.
     unsafe {
-        let old_addr = (*h.ip).dst_addr;
+        let old_addr = (*ip.ip).dst_addr;
         let old_port = (*h.ports)[1];
-        let key = EndpointKey::new(old_addr, old_port, h.proto);
+        let key = EndpointKey::new(old_addr, old_port, ip.proto);
         let Some(entry) = FORWARD_NAT.get_ptr_mut(&key) else {
             return Outcome::NoReservation;
         };
         let entry = &mut *entry;
         let (new_addr, new_port) = (entry.addr, entry.port);
+        if ip.frags & IP_MF != 0 {
+            // A first fragment: the key is taken before the destination changes.
+            track_datagram(&fragment_key(ip, FRAGMENT_INGRESS), key);
+        }
 
-        let ip_check = u16::from_be_bytes((*h.ip).check);
-        (*h.ip).check = checksum::update_addr(ip_check, old_addr, new_addr).to_be_bytes();
-        (*h.ip).dst_addr = new_addr;
+        let ip_check = u16::from_be_bytes((*ip.ip).check);
+        (*ip.ip).check = checksum::update_addr(ip_check, old_addr, new_addr).to_be_bytes();
+        (*ip.ip).dst_addr = new_addr;
 
         let l4_check = u16::from_be_bytes(*h.l4_check);
-        let l4_check = if h.proto == IPPROTO_UDP {
+        let l4_check = if ip.proto == IPPROTO_UDP {
             checksum::update_udp_addr_port(l4_check, old_addr, new_addr, old_port, new_port)
         } else {
             checksum::update_addr_port(l4_check, old_addr, new_addr, old_port, new_port)
@@ -46,9 +214,74 @@ pub fn ingress(ctx: &XdpContext) -> Outcome {
         (*h.ports)[1] = new_port;
 
         entry.packets += 1;
-        entry.bytes += h.ip_len as u64;
+        entry.bytes += ip.ip_len as u64;
     }
     Outcome::Rewritten
+}
+
+/// A later fragment carries no ports: it follows its datagram's first fragment, if that was
+/// rewritten. Only the destination address (and the IPv4 checksum) changes; the TCP/UDP
+/// checksum, in the first fragment, covers the whole datagram and was updated there.
+#[inline(always)]
+fn ingress_later_fragment(ip: &Ipv4) -> Outcome {
+    // SAFETY: the parser bounds-checked `ip.ip`.
+    unsafe {
+        let Some(entry) = tracked_entry(&fragment_key(ip, FRAGMENT_INGRESS), FRAGMENT_INGRESS)
+        else {
+            return Outcome::Fragment;
+        };
+        let entry = &mut *entry;
+        let old_addr = (*ip.ip).dst_addr;
+        let ip_check = u16::from_be_bytes((*ip.ip).check);
+        (*ip.ip).check = checksum::update_addr(ip_check, old_addr, entry.addr).to_be_bytes();
+        (*ip.ip).dst_addr = entry.addr;
+        entry.packets += 1;
+        entry.bytes += ip.ip_len as u64;
+    }
+    Outcome::Rewritten
+}
+
+/// An ICMP error from the Internet about a packet pf's egress sent from a public endpoint (so
+/// the embedded source is that endpoint, and the error is addressed to it) goes on to the tunnel
+/// endpoint, looking as if that endpoint's own packet had caused it.
+#[inline(always)]
+fn ingress_icmp_error(start: usize, end: usize, ip: &Ipv4) -> Outcome {
+    let e = match parse_icmp_error(start, end, ip) {
+        Ok(e) => e,
+        Err(outcome) => return outcome,
+    };
+    // SAFETY: the parser bounds-checked every pointer in `ip` and `e` against `end`.
+    unsafe {
+        let old_addr = (*e.inner_ip).src_addr;
+        let old_port = (*e.inner_ports)[0];
+        if (*ip.ip).dst_addr != old_addr {
+            return Outcome::NoReservation;
+        }
+        let key = EndpointKey::new(old_addr, old_port, e.inner_proto);
+        let Some(entry) = FORWARD_NAT.get_ptr_mut(&key) else {
+            return Outcome::NoReservation;
+        };
+        let (new_addr, new_port) = ((*entry).addr, (*entry).port);
+        let c = icmp_checks(
+            &icmp_old_checks(ip, &e),
+            e.inner_proto,
+            old_addr,
+            new_addr,
+            old_port,
+            new_port,
+            true,
+        );
+        (*ip.ip).dst_addr = new_addr;
+        (*ip.ip).check = c.outer_ip.to_be_bytes();
+        *e.icmp_check = c.icmp.to_be_bytes();
+        (*e.inner_ip).src_addr = new_addr;
+        (*e.inner_ip).check = c.inner_ip.to_be_bytes();
+        (*e.inner_ports)[0] = new_port;
+        if let (Some(p), Some(check)) = (e.inner_l4_check, c.inner_l4) {
+            *p = check.to_be_bytes();
+        }
+    }
+    Outcome::IcmpErrorRewritten
 }
 
 /// What `egress` decided: the outcome to count, and whether the packet must be dropped because a
@@ -68,47 +301,86 @@ impl From<Outcome> for EgressVerdict {
     }
 }
 
+/// A rewrite that failed after its first write: the packet must not leave half rewritten.
+const HALF_REWRITTEN: EgressVerdict = EgressVerdict {
+    outcome: Outcome::RewriteFailed,
+    drop: true,
+};
+
+/// Makes the first `want` bytes of the frame (or all of it, if shorter) directly readable.
+/// Headers of a forwarded or local packet are normally in the linear part already. A pull
+/// invalidates earlier packet pointers, so take data/data_end afterwards.
+#[inline(always)]
+fn pull(ctx: &TcContext, frame_len: usize, want: usize) -> bool {
+    let want = if frame_len < want { frame_len } else { want };
+    ctx.data_end() - ctx.data() >= want || ctx.pull_data(want as u32).is_ok()
+}
+
 /// Egress: a reply from a tunnel endpoint that is the target of a reservation gets the public
-/// endpoint as its source. The skb helpers update the checksums: unlike XDP, an skb here may carry
-/// CHECKSUM_PARTIAL (only the pseudo-header sum in the field), which they handle.
+/// endpoint as its source. TCP/UDP checksums go through the skb helpers: unlike XDP, an skb here
+/// may carry CHECKSUM_PARTIAL (only the pseudo-header sum in the field), which they handle.
 #[inline(always)]
 pub fn egress(ctx: &TcContext) -> EgressVerdict {
     let frame_len = ctx.len() as usize;
-    let want = if frame_len < MAX_HEADERS_LEN {
-        frame_len
-    } else {
-        MAX_HEADERS_LEN
-    };
-    // Headers of a forwarded or local packet are normally in the linear part; pull them there if
-    // not (this also invalidates earlier packet pointers, so take data/data_end afterwards).
-    if ctx.data_end() - ctx.data() < want && ctx.pull_data(want as u32).is_err() {
+    if !pull(ctx, frame_len, MAX_HEADERS_LEN) {
         return Outcome::Truncated.into();
     }
-    let (start, end) = (ctx.data(), ctx.data_end());
-    let h = match parse(start, end, frame_len) {
+    let ip = match parse_ipv4(ctx.data(), ctx.data_end(), frame_len) {
+        Ok(ip) => ip,
+        Err(outcome) => return outcome.into(),
+    };
+    if is_tcp_udp(ip.proto) {
+        if is_later_fragment(&ip) {
+            egress_later_fragment(ctx, &ip)
+        } else {
+            egress_tcp_udp(ctx, &ip)
+        }
+    } else if is_icmp(ip.proto) {
+        if is_fragment(&ip) {
+            return Outcome::Fragment.into();
+        }
+        // An ICMP error is read deeper than other packets; parse again after the pull.
+        if !pull(ctx, frame_len, MAX_ICMP_ERROR_LEN) {
+            return Outcome::Truncated.into();
+        }
+        let (start, end) = (ctx.data(), ctx.data_end());
+        match parse_ipv4(start, end, frame_len) {
+            Ok(ip) => egress_icmp_error(ctx, start, end, &ip),
+            Err(outcome) => outcome.into(),
+        }
+    } else {
+        Outcome::OtherProtocol.into()
+    }
+}
+
+#[inline(always)]
+fn egress_tcp_udp(ctx: &TcContext, ip: &Ipv4) -> EgressVerdict {
+    let start = ctx.data();
+    let h = match parse_ports(start, ctx.data_end(), ip) {
         Ok(h) => h,
         Err(outcome) => return outcome.into(),
     };
-    // SAFETY: parse bounds-checked every pointer in `h` against `end`; they are only read, and
-    // only before the first helper call below invalidates them.
-    let (old_addr, old_port, addr_off, port_off, check_off) = unsafe {
+    // SAFETY: the parser bounds-checked every pointer; they are only read, and only before the
+    // first helper call below invalidates them.
+    let (old_addr, old_port, addr_off, port_off, check_off, fragment) = unsafe {
         (
-            (*h.ip).src_addr,
+            (*ip.ip).src_addr,
             (*h.ports)[0],
-            h.ip as usize - start + 12,
+            ip.ip as usize - start + 12,
             h.ports as usize - start,
             h.l4_check as usize - start,
+            fragment_key(ip, FRAGMENT_EGRESS),
         )
     };
     let ip_check_off = addr_off - 2;
-    let key = EndpointKey::new(old_addr, old_port, h.proto);
+    let key = EndpointKey::new(old_addr, old_port, ip.proto);
     let Some(entry) = REVERSE_NAT.get_ptr_mut(&key) else {
         return Outcome::NoReservation.into();
     };
     // SAFETY: a per-CPU map value, valid for the rest of the program.
     let entry = unsafe { &mut *entry };
     let (new_addr, new_port) = (entry.addr, entry.port);
-    let l4_flags = if h.proto == IPPROTO_UDP {
+    let l4_flags = if ip.proto == IPPROTO_UDP {
         BPF_F_MARK_MANGLED_0 as u64
     } else {
         0
@@ -142,12 +414,112 @@ pub fn egress(ctx: &TcContext) -> EgressVerdict {
         && ctx.store(addr_off, &new_addr, 0).is_ok()
         && ctx.store(port_off, &new_port, 0).is_ok();
     if !rest_ok {
-        return EgressVerdict {
-            outcome: Outcome::RewriteFailed,
-            drop: true,
-        };
+        return HALF_REWRITTEN;
+    }
+    if ip.frags & IP_MF != 0 {
+        track_datagram(&fragment, key);
     }
     entry.packets += 1;
-    entry.bytes += h.ip_len as u64;
+    entry.bytes += ip.ip_len as u64;
     Outcome::Rewritten.into()
+}
+
+/// The egress side of `ingress_later_fragment`: the source address follows the first fragment's.
+#[inline(always)]
+fn egress_later_fragment(ctx: &TcContext, ip: &Ipv4) -> EgressVerdict {
+    let start = ctx.data();
+    // SAFETY: the parser bounds-checked `ip.ip`; read before any helper call.
+    let (key, old_addr, ip_check, addr_off) = unsafe {
+        (
+            fragment_key(ip, FRAGMENT_EGRESS),
+            (*ip.ip).src_addr,
+            u16::from_be_bytes((*ip.ip).check),
+            ip.ip as usize - start + 12,
+        )
+    };
+    let Some(entry) = tracked_entry(&key, FRAGMENT_EGRESS) else {
+        return Outcome::Fragment.into();
+    };
+    // SAFETY: a per-CPU map value, valid for the rest of the program.
+    let entry = unsafe { &mut *entry };
+    let check = checksum::update_addr(ip_check, old_addr, entry.addr).to_be_bytes();
+    if ctx.store(addr_off - 2, &check, 0).is_err() {
+        return Outcome::RewriteFailed.into();
+    }
+    if ctx.store(addr_off, &entry.addr, 0).is_err() {
+        return HALF_REWRITTEN;
+    }
+    entry.packets += 1;
+    entry.bytes += ip.ip_len as u64;
+    Outcome::Rewritten.into()
+}
+
+/// An ICMP error about a packet that reached a tunnel endpoint through pf (so the embedded
+/// destination is that endpoint) leaves about the public endpoint instead: the embedded
+/// destination becomes the public address and port. The outer source becomes the public address
+/// too when the tunnel endpoint sent the error itself; an error the server (or a hop inside the
+/// tunnel) sent keeps its own source. The fields are written with `bpf_skb_store_bytes`, the
+/// checksums computed here: ICMP is never CHECKSUM_PARTIAL, and every change is balanced by a
+/// checksum change in the same packet, so a CHECKSUM_COMPLETE sum stays right.
+#[inline(always)]
+fn egress_icmp_error(ctx: &TcContext, start: usize, end: usize, ip: &Ipv4) -> EgressVerdict {
+    let e = match parse_icmp_error(start, end, ip) {
+        Ok(e) => e,
+        Err(outcome) => return outcome.into(),
+    };
+    // SAFETY: the parser bounds-checked every pointer; they are only read, and only before the
+    // first helper call below invalidates them.
+    let (old_addr, old_port, outer_src, old) = unsafe {
+        (
+            (*e.inner_ip).dst_addr,
+            (*e.inner_ports)[1],
+            (*ip.ip).src_addr,
+            icmp_old_checks(ip, &e),
+        )
+    };
+    let key = EndpointKey::new(old_addr, old_port, e.inner_proto);
+    let Some(entry) = REVERSE_NAT.get_ptr_mut(&key) else {
+        return Outcome::NoReservation.into();
+    };
+    // SAFETY: a per-CPU map value.
+    let (new_addr, new_port) = unsafe { ((*entry).addr, (*entry).port) };
+    let outer_changes = outer_src == old_addr;
+    let c = icmp_checks(
+        &old,
+        e.inner_proto,
+        old_addr,
+        new_addr,
+        old_port,
+        new_port,
+        outer_changes,
+    );
+    let offset = |p: usize| p - start;
+    let outer_ip = offset(ip.ip as usize);
+    let inner_ip = offset(e.inner_ip as usize);
+    let inner_ports = offset(e.inner_ports as usize);
+    let icmp_check = offset(e.icmp_check as usize);
+
+    // Deepest first: if the first store fails, nothing has changed yet.
+    let first = match (e.inner_l4_check, c.inner_l4) {
+        (Some(p), Some(check)) => ctx.store(offset(p as usize), &check.to_be_bytes(), 0),
+        _ => ctx.store(inner_ports + 2, &new_port, 0),
+    };
+    if first.is_err() {
+        return Outcome::RewriteFailed.into();
+    }
+    let rest_ok = ctx.store(inner_ports + 2, &new_port, 0).is_ok()
+        && ctx.store(inner_ip + 16, &new_addr, 0).is_ok()
+        && ctx
+            .store(inner_ip + 10, &c.inner_ip.to_be_bytes(), 0)
+            .is_ok()
+        && ctx.store(icmp_check, &c.icmp.to_be_bytes(), 0).is_ok()
+        && (!outer_changes
+            || (ctx.store(outer_ip + 12, &new_addr, 0).is_ok()
+                && ctx
+                    .store(outer_ip + 10, &c.outer_ip.to_be_bytes(), 0)
+                    .is_ok()));
+    if !rest_ok {
+        return HALF_REWRITTEN;
+    }
+    Outcome::IcmpErrorRewritten.into()
 }

@@ -1,45 +1,90 @@
 //! Bounded header parsing shared by both programs (the xdp-tools header-cursor style).
 //!
-//! Policy, the same in both directions:
+//! Policy, the same in both directions (`tests/src/model.rs` states it in full):
 //! - Ethernet, then at most one VLAN tag (802.1Q or 802.1ad); a second tag is `VlanStacked`.
-//! - IPv4 only. IHL is honoured, so options are allowed and skipped. IHL below 5, or a total
-//!   length shorter than the header, is `BadIpHeader`; a total length longer than the frame is
-//!   `Truncated` (Ethernet padding after a shorter total length is fine).
-//! - TCP and UDP only. Fragments (MF set or a non-zero offset) are not touched: only the first
-//!   fragment carries ports, so rewriting it alone would split a datagram across two addresses.
-//! - The TCP (20 bytes) or UDP (8 bytes) header must lie inside both the frame and the IP total
-//!   length, or the packet is `Truncated`.
+//! - IPv4 only. IHL is honoured, so options are allowed and skipped. Version not 4, IHL below 5,
+//!   or a total length shorter than the header is `BadIpHeader`; a total length longer than the
+//!   frame is `Truncated` (Ethernet padding after a shorter total length is fine).
+//! - TCP, UDP, and ICMP errors (destination unreachable, time exceeded, parameter problem) whose
+//!   embedded packet is TCP or UDP. Anything else is `OtherProtocol`.
+//! - A TCP (20 bytes) or UDP (8 bytes) header must lie inside both the frame and the IP total
+//!   length, or the packet is `Truncated`. A later fragment (non-zero offset) has no such header;
+//!   the caller places it through the fragment table.
+//! - An ICMP error must quote at least the embedded IPv4 header and 8 bytes after it (RFC 792),
+//!   all inside the total length, or it is `Truncated`.
 
 use core::mem::size_of;
 
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, vlan::VlanHdr};
-use pf_common::{IPPROTO_TCP, IPPROTO_UDP, counters::Outcome};
+use pf_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, counters::Outcome};
 
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
-/// MF flag and fragment offset bits of the IPv4 `frags` field.
-const IP_MF_OFFSET_MASK: u16 = 0x3fff;
+/// The MF flag of the IPv4 `frags` field.
+pub const IP_MF: u16 = 0x2000;
+/// The fragment offset bits of the IPv4 `frags` field.
+pub const IP_OFFSET_MASK: u16 = 0x1fff;
 const TCP_HDR_LEN: usize = 20;
 const UDP_HDR_LEN: usize = 8;
 const TCP_CHECK_OFFSET: usize = 16;
 const UDP_CHECK_OFFSET: usize = 6;
+const ICMP_HDR_LEN: usize = 8;
+const ICMP_CHECK_OFFSET: usize = 2;
+/// The ICMP error types RFC 5508 has a NAT translate: each quotes the packet it is about.
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// The most an ICMP error is read for: the embedded IPv4 header and its first 8 bytes after it.
+const QUOTED_PORTS_LEN: usize = 8;
+const MAX_IPV4_HDR_LEN: usize = 60;
 
-/// Deepest header a packet pf rewrites can need: Ethernet, one VLAN tag, the largest IPv4
-/// header, and a TCP header.
-pub const MAX_HEADERS_LEN: usize = EthHdr::LEN + VlanHdr::LEN + 60 + TCP_HDR_LEN;
+/// Deepest header a TCP/UDP packet pf rewrites can need: Ethernet, one VLAN tag, the largest
+/// IPv4 header, and a TCP header.
+pub const MAX_HEADERS_LEN: usize = EthHdr::LEN + VlanHdr::LEN + MAX_IPV4_HDR_LEN + TCP_HDR_LEN;
 
-/// Where the headers of an IPv4 TCP/UDP packet lie. The pointers are checked against the end of
-/// the packet data for the whole header they point into.
-pub struct Headers {
+/// Deepest byte an ICMP error translation reads: the outer headers, ICMP's, the largest
+/// embedded IPv4 header and the embedded TCP checksum.
+pub const MAX_ICMP_ERROR_LEN: usize = EthHdr::LEN
+    + VlanHdr::LEN
+    + MAX_IPV4_HDR_LEN
+    + ICMP_HDR_LEN
+    + MAX_IPV4_HDR_LEN
+    + TCP_CHECK_OFFSET
+    + 2;
+
+/// An IPv4 packet whose header passed the checks every packet gets.
+pub struct Ipv4 {
     pub ip: *mut Ipv4Hdr,
-    /// The first four bytes of the TCP/UDP header: source port, destination port.
+    /// Offset of the layer-4 header from the start of the packet.
+    pub l4_off: usize,
+    /// IPv4 header length in bytes.
+    pub ihl: usize,
+    /// IPv4 total length, host order.
+    pub ip_len: u16,
+    pub proto: u8,
+    /// The flags and fragment offset field, host order.
+    pub frags: u16,
+}
+
+/// The two fields of a TCP/UDP header that pf rewrites, each bounds-checked.
+pub struct Ports {
+    /// Source port, destination port.
     pub ports: *mut [[u8; 2]; 2],
     /// The TCP or UDP checksum field.
     pub l4_check: *mut [u8; 2],
-    pub proto: u8,
-    /// IPv4 total length, host order.
-    pub ip_len: u16,
+}
+
+/// An ICMP error about a TCP/UDP packet, with the fields a translation reads or writes.
+pub struct IcmpError {
+    pub icmp_check: *mut [u8; 2],
+    pub inner_ip: *mut Ipv4Hdr,
+    /// The embedded packet's source and destination ports.
+    pub inner_ports: *mut [[u8; 2]; 2],
+    /// The embedded TCP/UDP checksum, when the error quotes it (UDP's always is, within the 8
+    /// bytes; TCP's is 16 bytes in, which RFC 792 does not promise).
+    pub inner_l4_check: Option<*mut [u8; 2]>,
+    pub inner_proto: u8,
 }
 
 /// A pointer to a `T` at `offset` from `start`, if the whole `T` lies before `end`.
@@ -51,10 +96,21 @@ fn ptr_at<T>(start: usize, end: usize, offset: usize) -> Result<*mut T, Outcome>
     Ok((start + offset) as *mut T)
 }
 
-/// Parses the packet between `start` and `end` (the directly readable data). `frame_len` is the
-/// length of the whole frame, which for an skb may extend past `end`.
+/// The IPv4 header length from the version/IHL byte, if the version is 4 and IHL at least 5.
 #[inline(always)]
-pub fn parse(start: usize, end: usize, frame_len: usize) -> Result<Headers, Outcome> {
+fn header_len(vihl: u8) -> Result<usize, Outcome> {
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+        return Err(Outcome::BadIpHeader);
+    }
+    Ok(ihl)
+}
+
+/// Parses Ethernet, an optional VLAN tag and the IPv4 header of the packet between `start` and
+/// `end` (the directly readable data). `frame_len` is the length of the whole frame, which for
+/// an skb may extend past `end`.
+#[inline(always)]
+pub fn parse_ipv4(start: usize, end: usize, frame_len: usize) -> Result<Ipv4, Outcome> {
     let eth: *mut EthHdr = ptr_at(start, end, 0)?;
     // SAFETY (all reads below): each pointer was bounds-checked by ptr_at.
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
@@ -72,11 +128,7 @@ pub fn parse(start: usize, end: usize, frame_len: usize) -> Result<Headers, Outc
     }
 
     let ip: *mut Ipv4Hdr = ptr_at(start, end, l3_off)?;
-    let vihl = unsafe { (*ip).vihl };
-    let ihl = ((vihl & 0x0f) as usize) * 4;
-    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
-        return Err(Outcome::BadIpHeader);
-    }
+    let ihl = header_len(unsafe { (*ip).vihl })?;
     let ip_len = u16::from_be_bytes(unsafe { (*ip).tot_len });
     if (ip_len as usize) < ihl {
         return Err(Outcome::BadIpHeader);
@@ -84,34 +136,116 @@ pub fn parse(start: usize, end: usize, frame_len: usize) -> Result<Headers, Outc
     if l3_off + ip_len as usize > frame_len {
         return Err(Outcome::Truncated);
     }
-    let proto = unsafe { (*ip).proto };
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return Err(Outcome::NotTcpUdp);
-    }
-    if u16::from_be_bytes(unsafe { (*ip).frags }) & IP_MF_OFFSET_MASK != 0 {
-        return Err(Outcome::Fragment);
-    }
+    Ok(Ipv4 {
+        ip,
+        l4_off: l3_off + ihl,
+        ihl,
+        ip_len,
+        proto: unsafe { (*ip).proto },
+        frags: u16::from_be_bytes(unsafe { (*ip).frags }),
+    })
+}
 
-    let l4_off = l3_off + ihl;
+/// The TCP or UDP header at `l4_off`, which must lie inside both the packet data and the `room`
+/// bytes the IP total length leaves for it.
+#[inline(always)]
+fn parse_ports_at(
+    start: usize,
+    end: usize,
+    l4_off: usize,
+    room: usize,
+    proto: u8,
+) -> Result<Ports, Outcome> {
     let (l4_len, check_off) = if proto == IPPROTO_TCP {
         (TCP_HDR_LEN, TCP_CHECK_OFFSET)
     } else {
         (UDP_HDR_LEN, UDP_CHECK_OFFSET)
     };
-    if ihl + l4_len > ip_len as usize {
-        return Err(Outcome::Truncated);
-    }
-    if start + l4_off + l4_len > end {
+    if l4_len > room || start + l4_off + l4_len > end {
         return Err(Outcome::Truncated);
     }
     // The two fields pf rewrites, each bounds-checked where the verifier can see it.
-    let ports: *mut [[u8; 2]; 2] = ptr_at(start, end, l4_off)?;
-    let l4_check: *mut [u8; 2] = ptr_at(start, end, l4_off + check_off)?;
-    Ok(Headers {
-        ip,
-        ports,
-        l4_check,
-        proto,
-        ip_len,
+    Ok(Ports {
+        ports: ptr_at(start, end, l4_off)?,
+        l4_check: ptr_at(start, end, l4_off + check_off)?,
     })
+}
+
+/// The TCP/UDP header of an unfragmented packet or a first fragment.
+#[inline(always)]
+pub fn parse_ports(start: usize, end: usize, ip: &Ipv4) -> Result<Ports, Outcome> {
+    parse_ports_at(start, end, ip.l4_off, ip.ip_len as usize - ip.ihl, ip.proto)
+}
+
+/// An ICMP error (outer packet already parsed, not a fragment) and the TCP/UDP packet it quotes.
+#[inline(always)]
+pub fn parse_icmp_error(start: usize, end: usize, ip: &Ipv4) -> Result<IcmpError, Outcome> {
+    // Bytes the total length leaves after the outer IPv4 header.
+    let room = ip.ip_len as usize - ip.ihl;
+    if ICMP_HDR_LEN > room {
+        return Err(Outcome::Truncated);
+    }
+    // Type, code and checksum in one bounds check. (A one-byte check would be folded by LLVM
+    // into a form the verifier does not credit with the byte.)
+    let icmp: *mut [u8; 4] = ptr_at(start, end, ip.l4_off)?;
+    // SAFETY (all reads below): each pointer was bounds-checked by ptr_at.
+    let icmp_type = unsafe { (*icmp)[0] };
+    if icmp_type != ICMP_DEST_UNREACH
+        && icmp_type != ICMP_TIME_EXCEEDED
+        && icmp_type != ICMP_PARAMETER_PROBLEM
+    {
+        return Err(Outcome::OtherProtocol);
+    }
+    let icmp_check = (icmp as usize + ICMP_CHECK_OFFSET) as *mut [u8; 2];
+
+    let inner_off = ip.l4_off + ICMP_HDR_LEN;
+    let room = room - ICMP_HDR_LEN;
+    if Ipv4Hdr::LEN > room {
+        return Err(Outcome::Truncated);
+    }
+    let inner_ip: *mut Ipv4Hdr = ptr_at(start, end, inner_off)?;
+    let inner_ihl = header_len(unsafe { (*inner_ip).vihl })?;
+    let inner_proto = unsafe { (*inner_ip).proto };
+    if inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP {
+        return Err(Outcome::OtherProtocol);
+    }
+    // A later fragment quotes no ports; a first fragment does.
+    if u16::from_be_bytes(unsafe { (*inner_ip).frags }) & IP_OFFSET_MASK != 0 {
+        return Err(Outcome::Fragment);
+    }
+    if inner_ihl + QUOTED_PORTS_LEN > room {
+        return Err(Outcome::Truncated);
+    }
+    let room = room - inner_ihl;
+    let inner_l4_off = inner_off + inner_ihl;
+    let inner_ports: *mut [[u8; 2]; 2] = ptr_at(start, end, inner_l4_off)?;
+    let check_off = if inner_proto == IPPROTO_TCP {
+        TCP_CHECK_OFFSET
+    } else {
+        UDP_CHECK_OFFSET
+    };
+    let inner_l4_check = if check_off + 2 <= room {
+        Some(ptr_at(start, end, inner_l4_off + check_off)?)
+    } else {
+        None
+    };
+    Ok(IcmpError {
+        icmp_check,
+        inner_ip,
+        inner_ports,
+        inner_l4_check,
+        inner_proto,
+    })
+}
+
+/// Whether `proto` is one pf parses past the IPv4 header.
+#[inline(always)]
+pub fn is_tcp_udp(proto: u8) -> bool {
+    proto == IPPROTO_TCP || proto == IPPROTO_UDP
+}
+
+/// Whether `proto` is ICMP.
+#[inline(always)]
+pub fn is_icmp(proto: u8) -> bool {
+    proto == IPPROTO_ICMP
 }

@@ -11,9 +11,9 @@ use aya::maps::{
     HashMap, IterableMap, Map, MapData, MapError, MapType, PerCpuArray, PerCpuHashMap,
 };
 use pf_common::{
-    EndpointKey, NatEntry, ReservationKey, ReservationValue,
+    EndpointKey, FragmentKey, FragmentValue, NatEntry, ReservationKey, ReservationValue,
     counters::{COUNTER_SLOTS, EGRESS_BASE, INGRESS_BASE, Outcome},
-    limits::{MAX_FORWARDS, MAX_RESERVATIONS},
+    limits::{MAX_FORWARDS, MAX_RESERVATIONS, MAX_TRACKED_DATAGRAMS},
     map_names,
 };
 use serde::Serialize;
@@ -153,7 +153,7 @@ struct Layout {
     max_entries: u32,
 }
 
-const LAYOUTS: [Layout; 4] = [
+const LAYOUTS: [Layout; 5] = [
     Layout {
         name: map_names::FORWARD_NAT,
         map_type: MapType::PerCpuHash,
@@ -181,6 +181,13 @@ const LAYOUTS: [Layout; 4] = [
         key_size: 4,
         value_size: 8,
         max_entries: COUNTER_SLOTS,
+    },
+    Layout {
+        name: map_names::FRAGMENTS,
+        map_type: MapType::LruHash,
+        key_size: size_of::<FragmentKey>() as u32,
+        value_size: size_of::<FragmentValue>() as u32,
+        max_entries: MAX_TRACKED_DATAGRAMS,
     },
 ];
 
@@ -248,8 +255,10 @@ impl State {
     }
 
     fn open_maps(dir: &PinDir, lock: File) -> Result<Self, PfError> {
-        let [forward, reverse, reservations, counters] =
+        // The fragment table is the programs' alone; it is opened only to check its layout.
+        let [forward, reverse, reservations, counters, fragments] =
             LAYOUTS.each_ref().map(|l| open_map(dir, l));
+        fragments?;
         let typed = |name: &'static str| move |source: MapError| PfError::Map { map: name, source };
         Ok(Self {
             forward: forward?.try_into().map_err(typed(map_names::FORWARD_NAT))?,

@@ -9,15 +9,43 @@
 //! 2. The 20-byte IPv4 header must be in the frame (`Truncated`). Version not 4 or IHL below 5
 //!    is `BadIpHeader`, as is a total length shorter than the header. A total length reaching
 //!    past the frame is `Truncated` (trailing padding is fine).
-//! 3. Not TCP or UDP is `NotTcpUdp`; MF set or a fragment offset is `Fragment`.
-//! 4. The TCP (20 bytes) or UDP (8 bytes) header must fit in the total length and in the frame
-//!    (`Truncated`).
+//! 3. The protocol decides the rest: TCP and UDP go to 4, ICMP to 7; anything else is
+//!    `OtherProtocol`.
+//!
+//! TCP and UDP:
+//! 4. A later fragment (non-zero offset) has no ports: see 6. Otherwise the TCP (20 bytes) or
+//!    UDP (8 bytes) header must fit in the total length and in the frame (`Truncated`).
 //! 5. Ingress looks up (destination address, destination port, protocol) in FORWARD_NAT, egress
-//!    (source address, source port, protocol) in REVERSE_NAT. A miss is `NoReservation`.
-//! 6. A hit rewrites that address and port. The IPv4 checksum and the TCP/UDP checksum are
-//!    updated incrementally, RFC 1624 eqn. 3 (`HC' = ~(~HC + ~m + m')`), so a checksum that was
-//!    wrong stays exactly as wrong. A UDP checksum of 0 (none) stays 0, and an updated UDP
-//!    checksum of 0 is written 0xffff. The outcome is `Rewritten`.
+//!    (source address, source port, protocol) in REVERSE_NAT. A miss is `NoReservation`. A hit
+//!    rewrites that address and port. The IPv4 checksum and the TCP/UDP checksum are updated
+//!    incrementally, RFC 1624 eqn. 3 (`HC' = ~(~HC + ~m + m')`), so a checksum that was wrong
+//!    stays exactly as wrong. A UDP checksum of 0 (none) stays 0, and an updated UDP checksum of
+//!    0 is written 0xffff. The outcome is `Rewritten`, and if the packet is a first fragment
+//!    (MF set) its datagram (source, destination, identification, protocol, direction; as it
+//!    arrived) is recorded with the NAT key it matched, replacing any earlier record.
+//! 6. A later fragment whose datagram is recorded, and whose NAT key is still in the map, gets
+//!    that entry's address (destination at ingress, source at egress) and an updated IPv4
+//!    checksum: `Rewritten`. Any other later fragment is `Fragment`.
+//!
+//! ICMP:
+//! 7. Any fragment (MF or an offset) is `Fragment`. The 8-byte ICMP header must fit in the total
+//!    length (`Truncated`). Types other than 3, 11 and 12 (destination unreachable, time
+//!    exceeded, parameter problem) are `OtherProtocol`.
+//! 8. The embedded IPv4 header: its first 20 bytes must fit in what the total length leaves
+//!    after the ICMP header (`Truncated`); version not 4 or IHL below 5 is `BadIpHeader`; a
+//!    protocol other than TCP or UDP is `OtherProtocol`; a non-zero fragment offset is
+//!    `Fragment`; the embedded header (IHL) and 8 bytes after it must fit (`Truncated`).
+//! 9. Ingress: the outer destination must equal the embedded source, and (embedded source,
+//!    embedded source port, protocol) must be in FORWARD_NAT; egress: (embedded destination,
+//!    embedded destination port, protocol) in REVERSE_NAT. Otherwise `NoReservation`.
+//! 10. A hit rewrites the embedded address and port (source at ingress, destination at egress)
+//!    and the outer address: the destination at ingress, the source at egress only when it
+//!    equals the embedded destination (the tunnel endpoint sent the error itself). RFC 1624
+//!    updates, in this order: the embedded IPv4 checksum (address), the embedded TCP/UDP
+//!    checksum if the quote holds it (address and port, with the UDP zero rule), the ICMP
+//!    checksum for each changed embedded word (address, embedded IPv4 checksum, port, embedded
+//!    TCP/UDP checksum), the outer IPv4 checksum (address, if it changed). The outcome is
+//!    `IcmpErrorRewritten`.
 //!
 //! Every frame not rewritten leaves byte for byte as it came. The verdict is always XDP_PASS at
 //! ingress and TC_ACT_OK at egress (TC_ACT_SHOT only for a rewrite that fails half way, which no
@@ -25,7 +53,7 @@
 
 use std::collections::HashMap;
 
-use pf_common::{IPPROTO_TCP, IPPROTO_UDP, checksum, counters::Outcome};
+use pf_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, checksum, counters::Outcome};
 
 pub const XDP_PASS: u32 = 2;
 pub const TC_ACT_OK: u32 = 0;
@@ -33,7 +61,7 @@ pub const TC_ACT_OK: u32 = 0;
 /// One NAT map: (address, port, protocol) to (address, port), as the packet carries them.
 pub type NatTable = HashMap<([u8; 4], [u8; 2], u8), ([u8; 4], [u8; 2])>;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Direction {
     /// XDP on the public NIC: destination NAT through FORWARD_NAT.
     Ingress,
@@ -49,30 +77,67 @@ pub struct Expected {
     pub outcome: Outcome,
 }
 
-/// Where the fields a rewrite touches lie in a frame that parsed.
-struct Parsed {
-    ip: usize,
-    l4: usize,
-    proto: u8,
+/// A fragmented datagram, as its fragments arrive: (source, destination, identification,
+/// protocol, direction).
+type DatagramKey = ([u8; 4], [u8; 4], [u8; 2], u8, Direction);
+
+/// The model's state: both NAT maps, and the fragment table the programs fill as they go.
+#[derive(Clone, Debug, Default)]
+pub struct Model {
+    pub forward: NatTable,
+    pub reverse: NatTable,
+    /// Datagram to the NAT key its first fragment matched.
+    fragments: HashMap<DatagramKey, ([u8; 4], [u8; 2], u8)>,
 }
 
 fn be16(frame: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([frame[at], frame[at + 1]])
 }
 
-fn parse(frame: &[u8]) -> Result<Parsed, Outcome> {
+fn addr(frame: &[u8], at: usize) -> [u8; 4] {
+    frame[at..at + 4].try_into().unwrap()
+}
+
+fn port(frame: &[u8], at: usize) -> [u8; 2] {
+    frame[at..at + 2].try_into().unwrap()
+}
+
+fn put(frame: &mut [u8], at: usize, bytes: &[u8]) {
+    frame[at..at + bytes.len()].copy_from_slice(bytes);
+}
+
+/// An IPv4 packet that passed steps 1 and 2.
+struct Ip {
+    /// Offset of the IPv4 header in the frame.
+    at: usize,
+    header_len: usize,
+    total_len: usize,
+    proto: u8,
+    frags: u16,
+}
+
+fn header_len(version_ihl: u8) -> Result<usize, Outcome> {
+    let header_len = usize::from(version_ihl & 0x0f) * 4;
+    if version_ihl >> 4 != 4 || header_len < 20 {
+        return Err(Outcome::BadIpHeader);
+    }
+    Ok(header_len)
+}
+
+/// Steps 1 and 2.
+fn parse_ip(frame: &[u8]) -> Result<Ip, Outcome> {
     const VLAN_TPIDS: [u16; 2] = [0x8100, 0x88a8];
     if frame.len() < 14 {
         return Err(Outcome::Truncated);
     }
     let mut ether_type = be16(frame, 12);
-    let mut ip = 14;
+    let mut at = 14;
     if VLAN_TPIDS.contains(&ether_type) {
         if frame.len() < 18 {
             return Err(Outcome::Truncated);
         }
         ether_type = be16(frame, 16);
-        ip = 18;
+        at = 18;
         if VLAN_TPIDS.contains(&ether_type) {
             return Err(Outcome::VlanStacked);
         }
@@ -80,79 +145,271 @@ fn parse(frame: &[u8]) -> Result<Parsed, Outcome> {
     if ether_type != 0x0800 {
         return Err(Outcome::NotIpv4);
     }
-    if frame.len() < ip + 20 {
+    if frame.len() < at + 20 {
         return Err(Outcome::Truncated);
     }
-    let version = frame[ip] >> 4;
-    let header_len = usize::from(frame[ip] & 0x0f) * 4;
-    if version != 4 || header_len < 20 {
-        return Err(Outcome::BadIpHeader);
-    }
-    let total_len = usize::from(be16(frame, ip + 2));
+    let header_len = header_len(frame[at])?;
+    let total_len = usize::from(be16(frame, at + 2));
     if total_len < header_len {
         return Err(Outcome::BadIpHeader);
     }
-    if ip + total_len > frame.len() {
+    if at + total_len > frame.len() {
         return Err(Outcome::Truncated);
     }
-    let proto = frame[ip + 9];
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return Err(Outcome::NotTcpUdp);
-    }
-    if be16(frame, ip + 6) & 0x3fff != 0 {
-        return Err(Outcome::Fragment);
-    }
-    let l4_header_len = if proto == IPPROTO_TCP { 20 } else { 8 };
-    let l4 = ip + header_len;
-    if header_len + l4_header_len > total_len || l4 + l4_header_len > frame.len() {
-        return Err(Outcome::Truncated);
-    }
-    Ok(Parsed { ip, l4, proto })
+    Ok(Ip {
+        at,
+        header_len,
+        total_len,
+        proto: frame[at + 9],
+        frags: be16(frame, at + 6),
+    })
 }
 
-/// What the program for `direction` must do with `frame`, given its NAT map.
-pub fn expected(direction: Direction, frame: &[u8], nat: &NatTable) -> Expected {
-    let verdict = match direction {
-        Direction::Ingress => XDP_PASS,
-        Direction::Egress => TC_ACT_OK,
-    };
-    let untouched = |outcome| Expected {
-        verdict,
-        frame: frame.to_vec(),
-        outcome,
-    };
-    let p = match parse(frame) {
-        Ok(p) => p,
-        Err(outcome) => return untouched(outcome),
-    };
-    // Ingress rewrites the destination, egress the source.
-    let (addr_at, port_at) = match direction {
-        Direction::Ingress => (p.ip + 16, p.l4 + 2),
-        Direction::Egress => (p.ip + 12, p.l4),
-    };
-    let old_addr: [u8; 4] = frame[addr_at..addr_at + 4].try_into().unwrap();
-    let old_port: [u8; 2] = frame[port_at..port_at + 2].try_into().unwrap();
-    let Some(&(new_addr, new_port)) = nat.get(&(old_addr, old_port, p.proto)) else {
-        return untouched(Outcome::NoReservation);
-    };
+/// Where an ICMP error's fields lie (step 8).
+struct IcmpError {
+    icmp: usize,
+    inner: usize,
+    inner_l4: usize,
+    inner_proto: u8,
+    /// The embedded TCP/UDP checksum's offset, if the quote holds it.
+    inner_check: Option<usize>,
+}
 
-    let mut out = frame.to_vec();
-    out[addr_at..addr_at + 4].copy_from_slice(&new_addr);
-    out[port_at..port_at + 2].copy_from_slice(&new_port);
-    let ip_check = be16(frame, p.ip + 10);
-    out[p.ip + 10..p.ip + 12]
-        .copy_from_slice(&checksum::update_addr(ip_check, old_addr, new_addr).to_be_bytes());
-    let check_at = p.l4 + if p.proto == IPPROTO_TCP { 16 } else { 6 };
-    let l4_check = be16(frame, check_at);
-    let new_check = if p.proto == IPPROTO_UDP {
-        checksum::update_udp_addr_port(l4_check, old_addr, new_addr, old_port, new_port)
+fn parse_icmp_error(frame: &[u8], ip: &Ip) -> Result<IcmpError, Outcome> {
+    let icmp = ip.at + ip.header_len;
+    let mut room = ip.total_len - ip.header_len;
+    if room < 8 {
+        return Err(Outcome::Truncated);
+    }
+    if ![3, 11, 12].contains(&frame[icmp]) {
+        return Err(Outcome::OtherProtocol);
+    }
+    room -= 8;
+    let inner = icmp + 8;
+    if room < 20 {
+        return Err(Outcome::Truncated);
+    }
+    let inner_header_len = header_len(frame[inner])?;
+    let inner_proto = frame[inner + 9];
+    if inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP {
+        return Err(Outcome::OtherProtocol);
+    }
+    if be16(frame, inner + 6) & 0x1fff != 0 {
+        return Err(Outcome::Fragment);
+    }
+    if room < inner_header_len + 8 {
+        return Err(Outcome::Truncated);
+    }
+    room -= inner_header_len;
+    let check_offset = if inner_proto == IPPROTO_TCP { 16 } else { 6 };
+    Ok(IcmpError {
+        icmp,
+        inner,
+        inner_l4: inner + inner_header_len,
+        inner_proto,
+        inner_check: (room >= check_offset + 2).then_some(inner + inner_header_len + check_offset),
+    })
+}
+
+/// RFC 1624 update of a TCP/UDP checksum for an address and port change (step 5's rules).
+fn l4_check(proto: u8, check: u16, addrs: ([u8; 4], [u8; 4]), ports: ([u8; 2], [u8; 2])) -> u16 {
+    if proto == IPPROTO_UDP {
+        checksum::update_udp_addr_port(check, addrs.0, addrs.1, ports.0, ports.1)
     } else {
-        checksum::update_addr_port(l4_check, old_addr, new_addr, old_port, new_port)
-    };
-    out[check_at..check_at + 2].copy_from_slice(&new_check.to_be_bytes());
-    Expected {
-        verdict,
-        frame: out,
-        outcome: Outcome::Rewritten,
+        checksum::update_addr_port(check, addrs.0, addrs.1, ports.0, ports.1)
+    }
+}
+
+impl Model {
+    pub fn new(forward: NatTable, reverse: NatTable) -> Self {
+        Self {
+            forward,
+            reverse,
+            fragments: HashMap::new(),
+        }
+    }
+
+    /// Forgets every fragmented datagram, as clearing the kernel's fragment table does.
+    pub fn forget_fragments(&mut self) {
+        self.fragments.clear();
+    }
+
+    fn nat(&self, direction: Direction) -> &NatTable {
+        match direction {
+            Direction::Ingress => &self.forward,
+            Direction::Egress => &self.reverse,
+        }
+    }
+
+    /// What the program for `direction` must do with `frame`; records a first fragment's
+    /// datagram as the program does.
+    pub fn expected(&mut self, direction: Direction, frame: &[u8]) -> Expected {
+        let verdict = match direction {
+            Direction::Ingress => XDP_PASS,
+            Direction::Egress => TC_ACT_OK,
+        };
+        let (outcome, out) = match self.rewrite(direction, frame) {
+            Ok((outcome, out)) => (outcome, out),
+            Err(outcome) => (outcome, frame.to_vec()),
+        };
+        Expected {
+            verdict,
+            frame: out,
+            outcome,
+        }
+    }
+
+    fn rewrite(
+        &mut self,
+        direction: Direction,
+        frame: &[u8],
+    ) -> Result<(Outcome, Vec<u8>), Outcome> {
+        let ip = parse_ip(frame)?;
+        match ip.proto {
+            IPPROTO_TCP | IPPROTO_UDP if ip.frags & 0x1fff != 0 => {
+                self.later_fragment(direction, frame, &ip)
+            }
+            IPPROTO_TCP | IPPROTO_UDP => self.tcp_udp(direction, frame, &ip),
+            IPPROTO_ICMP if ip.frags & 0x3fff != 0 => Err(Outcome::Fragment),
+            IPPROTO_ICMP => self.icmp_error(direction, frame, &ip),
+            _ => Err(Outcome::OtherProtocol),
+        }
+    }
+
+    /// Where the address and port a direction rewrites lie: (address, port) offsets.
+    fn rewritten_fields(direction: Direction, ip: usize, l4: usize) -> (usize, usize) {
+        match direction {
+            Direction::Ingress => (ip + 16, l4 + 2),
+            Direction::Egress => (ip + 12, l4),
+        }
+    }
+
+    fn datagram(direction: Direction, frame: &[u8], ip: &Ip) -> DatagramKey {
+        (
+            addr(frame, ip.at + 12),
+            addr(frame, ip.at + 16),
+            port(frame, ip.at + 4),
+            ip.proto,
+            direction,
+        )
+    }
+
+    fn tcp_udp(
+        &mut self,
+        direction: Direction,
+        frame: &[u8],
+        ip: &Ip,
+    ) -> Result<(Outcome, Vec<u8>), Outcome> {
+        let l4 = ip.at + ip.header_len;
+        let l4_header_len = if ip.proto == IPPROTO_TCP { 20 } else { 8 };
+        if ip.header_len + l4_header_len > ip.total_len || l4 + l4_header_len > frame.len() {
+            return Err(Outcome::Truncated);
+        }
+        let (addr_at, port_at) = Self::rewritten_fields(direction, ip.at, l4);
+        let key = (addr(frame, addr_at), port(frame, port_at), ip.proto);
+        let &(new_addr, new_port) = self
+            .nat(direction)
+            .get(&key)
+            .ok_or(Outcome::NoReservation)?;
+        if ip.frags & 0x2000 != 0 {
+            self.fragments
+                .insert(Self::datagram(direction, frame, ip), key);
+        }
+
+        let mut out = frame.to_vec();
+        put(&mut out, addr_at, &new_addr);
+        put(&mut out, port_at, &new_port);
+        let ip_check = checksum::update_addr(be16(frame, ip.at + 10), key.0, new_addr);
+        put(&mut out, ip.at + 10, &ip_check.to_be_bytes());
+        let check_at = l4 + if ip.proto == IPPROTO_TCP { 16 } else { 6 };
+        let check = l4_check(
+            ip.proto,
+            be16(frame, check_at),
+            (key.0, new_addr),
+            (key.1, new_port),
+        );
+        put(&mut out, check_at, &check.to_be_bytes());
+        Ok((Outcome::Rewritten, out))
+    }
+
+    fn later_fragment(
+        &mut self,
+        direction: Direction,
+        frame: &[u8],
+        ip: &Ip,
+    ) -> Result<(Outcome, Vec<u8>), Outcome> {
+        let nat_key = self
+            .fragments
+            .get(&Self::datagram(direction, frame, ip))
+            .ok_or(Outcome::Fragment)?;
+        let &(new_addr, _) = self.nat(direction).get(nat_key).ok_or(Outcome::Fragment)?;
+        let (addr_at, _) = Self::rewritten_fields(direction, ip.at, 0);
+        let mut out = frame.to_vec();
+        put(&mut out, addr_at, &new_addr);
+        let ip_check =
+            checksum::update_addr(be16(frame, ip.at + 10), addr(frame, addr_at), new_addr);
+        put(&mut out, ip.at + 10, &ip_check.to_be_bytes());
+        Ok((Outcome::Rewritten, out))
+    }
+
+    fn icmp_error(
+        &mut self,
+        direction: Direction,
+        frame: &[u8],
+        ip: &Ip,
+    ) -> Result<(Outcome, Vec<u8>), Outcome> {
+        let e = parse_icmp_error(frame, ip)?;
+        // The embedded packet went the other way: at ingress it is one egress sent (embedded
+        // source = public endpoint), at egress one ingress delivered (embedded destination =
+        // tunnel endpoint).
+        let (inner_addr_at, inner_port_at, outer_addr_at) = match direction {
+            Direction::Ingress => (e.inner + 12, e.inner_l4, ip.at + 16),
+            Direction::Egress => (e.inner + 16, e.inner_l4 + 2, ip.at + 12),
+        };
+        let old_addr = addr(frame, inner_addr_at);
+        let old_port = port(frame, inner_port_at);
+        let outer_matches = addr(frame, outer_addr_at) == old_addr;
+        if direction == Direction::Ingress && !outer_matches {
+            return Err(Outcome::NoReservation);
+        }
+        let &(new_addr, new_port) = self
+            .nat(direction)
+            .get(&(old_addr, old_port, e.inner_proto))
+            .ok_or(Outcome::NoReservation)?;
+
+        let mut out = frame.to_vec();
+        put(&mut out, inner_addr_at, &new_addr);
+        put(&mut out, inner_port_at, &new_port);
+        let old_inner_ip_check = be16(frame, e.inner + 10);
+        let inner_ip_check = checksum::update_addr(old_inner_ip_check, old_addr, new_addr);
+        put(&mut out, e.inner + 10, &inner_ip_check.to_be_bytes());
+        let inner_check = e.inner_check.map(|at| {
+            let old = be16(frame, at);
+            let new = l4_check(
+                e.inner_proto,
+                old,
+                (old_addr, new_addr),
+                (old_port, new_port),
+            );
+            put(&mut out, at, &new.to_be_bytes());
+            (old, new)
+        });
+        let mut icmp_check = checksum::update_addr(be16(frame, e.icmp + 2), old_addr, new_addr);
+        icmp_check = checksum::update_word(icmp_check, old_inner_ip_check, inner_ip_check);
+        icmp_check = checksum::update_word(
+            icmp_check,
+            u16::from_be_bytes(old_port),
+            u16::from_be_bytes(new_port),
+        );
+        if let Some((old, new)) = inner_check {
+            icmp_check = checksum::update_word(icmp_check, old, new);
+        }
+        put(&mut out, e.icmp + 2, &icmp_check.to_be_bytes());
+        if outer_matches {
+            put(&mut out, outer_addr_at, &new_addr);
+            let ip_check = checksum::update_addr(be16(frame, ip.at + 10), old_addr, new_addr);
+            put(&mut out, ip.at + 10, &ip_check.to_be_bytes());
+        }
+        Ok((Outcome::IcmpErrorRewritten, out))
     }
 }

@@ -21,6 +21,8 @@ pub struct Pkt {
     pub dport: u16,
     /// IPv4 options; the length must be a multiple of 4 (at most 40).
     pub ip_options: Vec<u8>,
+    /// The IPv4 identification.
+    pub id: u16,
     /// The IPv4 flags and fragment offset field.
     pub frag: u16,
     pub ttl: u8,
@@ -29,6 +31,11 @@ pub struct Pkt {
     pub udp_no_checksum: bool,
     /// Bytes after the IP packet (Ethernet padding).
     pub trailer: Vec<u8>,
+    /// ICMP's type, code, checksum (computed) and rest-of-header; the payload follows.
+    pub icmp_header: [u8; 8],
+    /// Bytes to carry after the IPv4 header instead of a built TCP/UDP/ICMP header and payload:
+    /// a later fragment's.
+    pub raw_l4: Option<Vec<u8>>,
 }
 
 impl Pkt {
@@ -42,11 +49,14 @@ impl Pkt {
             sport,
             dport,
             ip_options: Vec::new(),
+            id: 0xbeef,
             frag: 0x4000, // DF
             ttl: 64,
             payload: b"pf test payload".to_vec(),
             udp_no_checksum: false,
             trailer: Vec::new(),
+            icmp_header: [8, 0, 0, 0, 0, 1, 0, 1], // echo request, id 1, seq 1
+            raw_l4: None,
         }
     }
 
@@ -60,6 +70,38 @@ impl Pkt {
 
     pub fn icmp_echo(src: [u8; 4], dst: [u8; 4]) -> Self {
         Self::new(IPPROTO_ICMP, src, 0, dst, 0)
+    }
+
+    /// An ICMP error of `icmp_type`/`code` from `src` to `dst`, quoting `quoted` (an IPv4
+    /// packet, whole or cut short).
+    pub fn icmp_error(src: [u8; 4], dst: [u8; 4], icmp_type: u8, code: u8, quoted: &[u8]) -> Self {
+        let mut p = Self::new(IPPROTO_ICMP, src, 0, dst, 0);
+        p.icmp_header = [icmp_type, code, 0, 0, 0, 0, 0, 0];
+        if (icmp_type, code) == (3, 4) {
+            p.icmp_header[6..8].copy_from_slice(&1280u16.to_be_bytes()); // next-hop MTU
+        }
+        p.frag = 0;
+        p.payload = quoted.to_vec();
+        p
+    }
+
+    /// The packet as two fragments, split `first_len` bytes (a multiple of 8) into what follows
+    /// the IPv4 header: the first (MF set, with the TCP/UDP header) and the last.
+    pub fn fragments(&self, first_len: usize) -> [Pkt; 2] {
+        assert_eq!(first_len % 8, 0, "fragment offsets count 8-byte units");
+        let l4 = self.l4();
+        assert!(first_len < l4.len());
+        let first = Pkt {
+            frag: 0x2000,
+            raw_l4: Some(l4[..first_len].to_vec()),
+            ..self.clone()
+        };
+        let last = Pkt {
+            frag: (first_len / 8) as u16,
+            raw_l4: Some(l4[first_len..].to_vec()),
+            ..self.clone()
+        };
+        [first, last]
     }
 
     /// The same packet with its destination rewritten.
@@ -81,6 +123,9 @@ impl Pkt {
     }
 
     fn l4(&self) -> Vec<u8> {
+        if let Some(raw) = &self.raw_l4 {
+            return raw.clone();
+        }
         let mut l4 = match self.proto {
             IPPROTO_TCP => {
                 let mut h = vec![0u8; 20];
@@ -99,7 +144,7 @@ impl Pkt {
                 h[4..6].copy_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
                 h
             }
-            _ => vec![8, 0, 0, 0, 0, 1, 0, 1], // ICMP echo request, id 1, seq 1
+            _ => self.icmp_header.to_vec(),
         };
         l4.extend_from_slice(&self.payload);
         let (at, pseudo) = match self.proto {
@@ -135,7 +180,7 @@ impl Pkt {
         let mut ip = vec![0u8; ihl];
         ip[0] = 0x40 | (ihl / 4) as u8;
         ip[2..4].copy_from_slice(&((ihl + l4.len()) as u16).to_be_bytes());
-        ip[4..6].copy_from_slice(&0xbeefu16.to_be_bytes());
+        ip[4..6].copy_from_slice(&self.id.to_be_bytes());
         ip[6..8].copy_from_slice(&self.frag.to_be_bytes());
         ip[8] = self.ttl;
         ip[9] = self.proto;

@@ -5,13 +5,16 @@
 //! mismatch prints the seed, the frame's index and the frame in hex, so it can be replayed and
 //! turned into a fixture.
 
+use aya::maps::MapData;
 use pf::{dataplane::Programs, spec::Reservation, state::State};
-use pf_common::{IPPROTO_TCP, IPPROTO_UDP, checksum, counters::Outcome};
+use pf_common::{
+    FragmentKey, FragmentValue, IPPROTO_TCP, IPPROTO_UDP, checksum, counters::Outcome, map_names,
+};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::common::{TempPinDir, counters_moved, hex, require_root, run_program};
 use crate::{
-    model::{self, Direction, NatTable},
+    model::{Direction, Model, NatTable},
     packet::{ETH_P_ARP, ETH_P_IPV6, Pkt},
 };
 
@@ -23,6 +26,8 @@ const RESERVATIONS: [(&str, &str); 4] = [
 ];
 const DEFAULT_SEED: u64 = 0x5eed_0f0f;
 const DEFAULT_PACKETS: u64 = 20_000;
+/// Frames between clearings of the fragment table (kernel and model alike).
+const FORGET_EVERY: u64 = 2_000;
 
 fn tables(reservations: &[Reservation]) -> (NatTable, NatTable) {
     let mut forward = NatTable::new();
@@ -57,9 +62,28 @@ fn endpoint(rng: &mut StdRng, nat: &NatTable) -> ([u8; 4], u16, Option<u8>) {
     }
 }
 
-/// A valid frame: TCP, UDP or ICMP over IPv4 with random addresses, ports, options, VLAN tag,
-/// TTL, flags, payload and padding; hitting `nat` more often than not.
-fn generated(rng: &mut StdRng, direction: Direction, nat: &NatTable) -> Vec<u8> {
+/// Random Ethernet/IPv4 dressing shared by every generated frame: VLAN tag, IP options, TTL,
+/// payload, UDP without checksum, trailing padding.
+fn dress(rng: &mut StdRng, p: &mut Pkt) {
+    if rng.random_bool(0.2) {
+        p.vlans = vec![rng.random_range(1..4095)];
+    }
+    if rng.random_bool(0.2) {
+        let words = rng.random_range(1..=10);
+        p.ip_options = (0..words * 4).map(|_| rng.random()).collect();
+    }
+    p.ttl = rng.random();
+    p.id = rng.random_range(0..4); // few identifications, so datagrams collide now and then
+    let len = rng.random_range(0..300);
+    p.payload = (0..len).map(|_| rng.random()).collect();
+    p.udp_no_checksum = rng.random_bool(0.1);
+    if rng.random_bool(0.2) {
+        p.trailer = (0..rng.random_range(1..20)).map(|_| rng.random()).collect();
+    }
+}
+
+/// A TCP or UDP packet (sometimes ICMP echo) to (ingress) or from (egress) a random endpoint.
+fn transport(rng: &mut StdRng, direction: Direction, nat: &NatTable) -> Pkt {
     let (addr, port, proto) = endpoint(rng, nat);
     let proto = proto.unwrap_or(match rng.random_range(0..5) {
         0..=1 => IPPROTO_TCP,
@@ -72,22 +96,128 @@ fn generated(rng: &mut StdRng, direction: Direction, nat: &NatTable) -> Vec<u8> 
         Direction::Egress => Pkt::tcp(addr, port, other_addr, other_port),
     };
     p.proto = proto;
+    dress(rng, &mut p);
+    // None, DF, the reserved bit, or (rarely) a first or later fragment of its own.
+    p.frag = [0, 0x4000, 0x8000, 0x2000, 0x2000 | 7, 12][rng.random_range(0..6)];
+    if p.frag & 0x1fff != 0 {
+        p.raw_l4 = Some(
+            (0..rng.random_range(8..100))
+                .map(|_| rng.random())
+                .collect(),
+        );
+    }
+    p
+}
+
+/// An ICMP error about a packet of a forwarded flow going the other way: at ingress one pf's
+/// egress sent (its source a public endpoint), at egress one pf's ingress delivered (its
+/// destination a tunnel endpoint). Quoted whole or cut anywhere; sent to or from the quoted
+/// endpoint, mostly.
+fn icmp_error(rng: &mut StdRng, direction: Direction, nat: &NatTable) -> Pkt {
+    let quoted = transport(
+        rng,
+        match direction {
+            Direction::Ingress => Direction::Egress,
+            Direction::Egress => Direction::Ingress,
+        },
+        nat,
+    );
+    let bytes = quoted.ipv4();
+    let cut = match rng.random_range(0..4) {
+        0 => rng.random_range(0..=bytes.len()),
+        1 => (20 + quoted.ip_options.len() + 8).min(bytes.len()), // RFC 792's minimum
+        _ => bytes.len(),
+    };
+    let (icmp_type, code) = [
+        (3, 3),
+        (3, 4),
+        (3, 1),
+        (11, 0),
+        (12, 0),
+        (5, 1),
+        (0, 0),
+        (8, 0),
+    ][rng.random_range(0..8)];
+    let endpoint = match direction {
+        Direction::Ingress => quoted.src,
+        Direction::Egress => quoted.dst,
+    };
+    let other: [u8; 4] = rng.random();
+    let near = if rng.random_bool(0.8) {
+        endpoint
+    } else {
+        rng.random()
+    };
+    let mut p = match direction {
+        Direction::Ingress => Pkt::icmp_error(other, near, icmp_type, code, &bytes[..cut]),
+        Direction::Egress => Pkt::icmp_error(near, other, icmp_type, code, &bytes[..cut]),
+    };
     if rng.random_bool(0.2) {
         p.vlans = vec![rng.random_range(1..4095)];
     }
-    if rng.random_bool(0.2) {
-        let words = rng.random_range(1..=10);
-        p.ip_options = (0..words * 4).map(|_| rng.random()).collect();
+    if rng.random_bool(0.1) {
+        p.ip_options = vec![0x01; 4 * rng.random_range(1..=10)];
     }
-    p.ttl = rng.random();
-    p.frag = [0, 0x4000, 0x8000][rng.random_range(0..3)]; // none, DF, the reserved bit
-    let len = rng.random_range(0..300);
-    p.payload = (0..len).map(|_| rng.random()).collect();
-    p.udp_no_checksum = rng.random_bool(0.1);
-    if rng.random_bool(0.2) {
-        p.trailer = (0..rng.random_range(1..20)).map(|_| rng.random()).collect();
+    if rng.random_bool(0.05) {
+        p.frag = [0x2000, 0x2000 | 7, 12][rng.random_range(0..3)];
     }
-    p.frame()
+    p
+}
+
+/// A valid frame: TCP, UDP, ICMP echo or an ICMP error over IPv4, with random addresses,
+/// ports, options, VLAN tag, TTL, flags, payload and padding; hitting `nat` more often than not.
+fn generated(rng: &mut StdRng, direction: Direction, nat: &NatTable) -> Vec<u8> {
+    if rng.random_bool(0.25) {
+        icmp_error(rng, direction, nat).frame()
+    } else {
+        transport(rng, direction, nat).frame()
+    }
+}
+
+/// A fragmented TCP or UDP datagram: two or three fragments, in order or not, each as it would
+/// arrive.
+fn fragment_train(rng: &mut StdRng, direction: Direction, nat: &NatTable) -> Vec<Vec<u8>> {
+    let mut p = transport(rng, direction, nat);
+    if p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP {
+        p.proto = IPPROTO_UDP;
+    }
+    p.frag = 0;
+    p.raw_l4 = None;
+    p.payload = (0..rng.random_range(16..400))
+        .map(|_| rng.random())
+        .collect();
+    let whole = Pkt {
+        raw_l4: None,
+        ..p.clone()
+    };
+    let l4_len = whole.ipv4().len() - 20 - whole.ip_options.len();
+    // Split points at multiples of 8, the first possibly inside the TCP/UDP header.
+    let mut cuts: Vec<usize> = (0..rng.random_range(1..=2))
+        .map(|_| 8 * rng.random_range(1..=(l4_len - 1) / 8))
+        .collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    let [first, rest] = whole.fragments(cuts[0]);
+    let mut frames = vec![first.frame()];
+    let rest_bytes = rest.raw_l4.clone().unwrap();
+    let mut at = cuts[0];
+    for &cut in cuts[1..].iter().chain(std::iter::once(&l4_len)) {
+        let piece = rest_bytes[at - cuts[0]..cut - cuts[0]].to_vec();
+        let more = if cut < l4_len { 0x2000 } else { 0 };
+        frames.push(
+            Pkt {
+                frag: more | (at / 8) as u16,
+                raw_l4: Some(piece),
+                ..rest.clone()
+            }
+            .frame(),
+        );
+        at = cut;
+    }
+    if rng.random_bool(0.2) {
+        frames.swap(0, 1); // a later fragment overtakes the first
+    }
+    frames
 }
 
 /// A generated frame, broken in one of the ways a forwarder meets on the Internet.
@@ -162,29 +292,63 @@ fn kernel_refuses(direction: Direction, frame: &[u8]) -> bool {
         }
 }
 
-/// A changed frame's checksums: the IPv4 header's must verify, and the TCP/UDP one must verify
-/// whenever it did before the rewrite (a wrong one stays wrong, by design).
-fn checksums_hold(before: &[u8], after: &[u8]) -> bool {
-    let l3 = if after[12..14] == [0x08, 0x00] {
+/// Whether `data` (a whole header or message with its checksum inside) sums to zero.
+fn verifies(data: &[u8], initial: u32) -> bool {
+    checksum::checksum(data, initial) == 0
+}
+
+/// The checksums a rewritten frame carries, each as it verified or not: the IPv4 header's; for
+/// a whole TCP/UDP packet the TCP/UDP one (a fragment's covers the whole datagram and cannot
+/// be checked alone); for an ICMP error the ICMP one, the quoted IPv4 header's, and the quoted
+/// TCP/UDP one if the whole quoted packet is there.
+fn checksum_states(frame: &[u8]) -> Vec<(&'static str, bool)> {
+    let l3 = if frame[12..14] == [0x08, 0x00] {
         14
     } else {
         18
     };
-    let ihl = usize::from(after[l3] & 0x0f) * 4;
-    let ip_ok = |f: &[u8]| checksum::checksum(&f[l3..l3 + ihl], 0) == 0;
-    let l4_ok = |f: &[u8]| {
-        let total = usize::from(u16::from_be_bytes([f[l3 + 2], f[l3 + 3]]));
-        let proto = f[l3 + 9];
-        let l4 = &f[l3 + ihl..l3 + total];
+    let ihl = usize::from(frame[l3] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([frame[l3 + 2], frame[l3 + 3]]));
+    let proto = frame[l3 + 9];
+    let fragment = u16::from_be_bytes([frame[l3 + 6], frame[l3 + 7]]) & 0x3fff != 0;
+    let mut states = vec![("IPv4 header", verifies(&frame[l3..l3 + ihl], 0))];
+    let l4_ok = |ip: &[u8], l4: &[u8]| {
+        let proto = ip[9];
         if proto == IPPROTO_UDP && l4[6..8] == [0, 0] {
             return true;
         }
-        let src: [u8; 4] = f[l3 + 12..l3 + 16].try_into().unwrap();
-        let dst: [u8; 4] = f[l3 + 16..l3 + 20].try_into().unwrap();
-        let pseudo = checksum::pseudo_header_sum(src, dst, proto, l4.len() as u16);
-        checksum::checksum(l4, pseudo) == 0
+        let src: [u8; 4] = ip[12..16].try_into().unwrap();
+        let dst: [u8; 4] = ip[16..20].try_into().unwrap();
+        verifies(
+            l4,
+            checksum::pseudo_header_sum(src, dst, proto, l4.len() as u16),
+        )
     };
-    (!ip_ok(before) || ip_ok(after)) && (!l4_ok(before) || l4_ok(after))
+    let l4 = &frame[l3 + ihl..l3 + total];
+    if proto == crate::packet::IPPROTO_ICMP {
+        states.push(("ICMP", verifies(l4, 0)));
+        let quoted = &l4[8..];
+        let quoted_ihl = usize::from(quoted[0] & 0x0f) * 4;
+        if quoted.len() >= quoted_ihl {
+            states.push(("quoted IPv4 header", verifies(&quoted[..quoted_ihl], 0)));
+        }
+        let quoted_total = usize::from(u16::from_be_bytes([quoted[2], quoted[3]]));
+        if quoted_total == quoted.len() && quoted_total >= quoted_ihl {
+            states.push(("quoted TCP/UDP", l4_ok(quoted, &quoted[quoted_ihl..])));
+        }
+    } else if !fragment {
+        states.push(("TCP/UDP", l4_ok(&frame[l3..], l4)));
+    }
+    states
+}
+
+/// A rewritten frame's checksums: each must verify whenever it did before the rewrite (a wrong
+/// one stays wrong, by design).
+fn checksums_hold(before: &[u8], after: &[u8]) -> bool {
+    checksum_states(before)
+        .iter()
+        .zip(checksum_states(after))
+        .all(|(&(_, was), (_, is))| !was || is)
 }
 
 fn run_direction(direction: Direction, seed: u64, packets: u64) {
@@ -198,27 +362,50 @@ fn run_direction(direction: Direction, seed: u64, packets: u64) {
     state.reserve_all(&reservations).expect("reserving");
     let programs = Programs::load(&dir.dir).expect("loading pf's programs");
     let (forward, reverse) = tables(&reservations);
+    let mut model = Model::new(forward.clone(), reverse.clone());
     let nat = match direction {
         Direction::Ingress => &forward,
         Direction::Egress => &reverse,
     };
 
+    let mut fragments: aya::maps::HashMap<MapData, FragmentKey, FragmentValue> =
+        MapData::from_pin(dir.dir.map(map_names::FRAGMENTS))
+            .and_then(aya::maps::Map::from_map_data)
+            .and_then(|m| m.try_into())
+            .expect("opening the fragment table");
+
     let mut rng = StdRng::seed_from_u64(seed);
     let mut compared = 0u64;
     let mut rewritten = 0u64;
+    let mut icmp_rewritten = 0u64;
     let mut index = 0u64;
+    let mut queue = std::collections::VecDeque::new();
+    let mut next_forget = 0;
     while compared < packets {
+        if queue.is_empty() {
+            // The kernel's LRU table may forget a datagram early once it fills; keep it far
+            // from full, and the model in step.
+            if index >= next_forget {
+                next_forget = index + FORGET_EVERY;
+                let keys: Vec<_> = fragments.keys().map(|k| k.unwrap()).collect();
+                for k in keys {
+                    fragments.remove(&k).unwrap();
+                }
+                model.forget_fragments();
+            }
+            match rng.random_range(0..20) {
+                0..=1 => queue.extend(fragment_train(&mut rng, direction, nat)),
+                2..=10 => queue.push_back(generated(&mut rng, direction, nat)),
+                _ => queue.push_back(mutated(&mut rng, direction, nat)),
+            }
+        }
+        let frame = queue.pop_front().unwrap();
         index += 1;
         assert!(index < packets * 2, "too many frames the kernel refuses");
-        let frame = if rng.random_bool(0.5) {
-            generated(&mut rng, direction, nat)
-        } else {
-            mutated(&mut rng, direction, nat)
-        };
         if kernel_refuses(direction, &frame) {
             continue;
         }
-        let want = model::expected(direction, &frame, nat);
+        let want = model.expected(direction, &frame);
         let before = state.counters().unwrap();
         let context = || {
             format!(
@@ -244,7 +431,13 @@ fn run_direction(direction: Direction, seed: u64, packets: u64) {
             "{}: output bytes (got, want)",
             context()
         );
-        if want.outcome == Outcome::Rewritten {
+        if want.outcome == Outcome::IcmpErrorRewritten {
+            icmp_rewritten += 1;
+        }
+        if matches!(
+            want.outcome,
+            Outcome::Rewritten | Outcome::IcmpErrorRewritten
+        ) {
             rewritten += 1;
             assert!(
                 checksums_hold(&frame, &out),
@@ -256,10 +449,13 @@ fn run_direction(direction: Direction, seed: u64, packets: u64) {
     }
     // The generator must exercise the rewrite, not only the refusals.
     assert!(
-        rewritten * 10 > compared,
-        "only {rewritten} of {compared} frames were rewritten"
+        rewritten * 10 > compared && icmp_rewritten * 100 > compared,
+        "only {rewritten} of {compared} frames were rewritten, {icmp_rewritten} of them ICMP errors"
     );
-    println!("{direction:?}: {compared} frames agree with the model ({rewritten} rewritten)");
+    println!(
+        "{direction:?}: {compared} frames agree with the model ({rewritten} rewritten, \
+         {icmp_rewritten} of them ICMP errors)"
+    );
 }
 
 fn seed_and_count() -> (u64, u64) {

@@ -20,6 +20,8 @@ const OTHER_PUBLIC: [u8; 4] = [198, 51, 100, 9];
 const REMOTE: [u8; 4] = [203, 0, 113, 7];
 const CLIENT: [u8; 4] = [10, 8, 0, 2];
 const RANGE_CLIENT: [u8; 4] = [10, 8, 0, 3];
+/// A router on the Internet that sends ICMP errors.
+const ROUTER: [u8; 4] = [192, 0, 2, 1];
 
 /// The reservations every fixture runs against.
 const RESERVATIONS: [(&str, &str); 3] = [
@@ -43,6 +45,14 @@ fn rewritten(description: &str, action: u32, packet_in: &Pkt, packet_out: &Pkt) 
         action,
         packet_out: packet_out.frame(),
         outcome: Outcome::Rewritten,
+    }
+}
+
+/// An ICMP error about a forwarded flow, translated.
+fn icmp_rewritten(description: &str, action: u32, packet_in: &Pkt, packet_out: &Pkt) -> Fixture {
+    Fixture {
+        outcome: Outcome::IcmpErrorRewritten,
+        ..rewritten(description, action, packet_in, packet_out)
     }
 }
 
@@ -328,7 +338,7 @@ fn ingress_fixtures() {
             "ICMP echo to the public address",
             XDP_PASS,
             Pkt::icmp_echo(REMOTE, PUBLIC).frame(),
-            Outcome::NotTcpUdp,
+            Outcome::OtherProtocol,
         ),
         untouched(
             "IPv6",
@@ -360,16 +370,18 @@ fn ingress_fixtures() {
             .frame(),
             Outcome::VlanStacked,
         ),
-        untouched(
-            "first fragment (MF, offset 0)",
-            XDP_PASS,
-            Pkt {
+        {
+            let first = Pkt {
                 frag: 0x2000,
                 ..tcp.clone()
-            }
-            .frame(),
-            Outcome::Fragment,
-        ),
+            };
+            rewritten(
+                "first fragment (MF, offset 0) carrying the TCP header",
+                XDP_PASS,
+                &first,
+                &first.with_dst(CLIENT, 80),
+            )
+        },
         untouched(
             "middle fragment (MF, offset 185)",
             XDP_PASS,
@@ -467,6 +479,13 @@ fn ingress_fixtures() {
             Outcome::Truncated,
         ));
     }
+    f.extend(fragment_fixtures(
+        XDP_PASS,
+        &Pkt::udp(REMOTE, 40001, PUBLIC, 5353),
+        &Pkt::udp(REMOTE, 40001, PUBLIC, 5353).with_dst(CLIENT, 53),
+        &Pkt::udp(REMOTE, 40001, PUBLIC, 5354),
+    ));
+    f.extend(ingress_icmp_fixtures());
     h.check(true, &f);
 }
 
@@ -566,7 +585,7 @@ fn egress_fixtures() {
             "ICMP from the client",
             TC_ACT_OK,
             Pkt::icmp_echo(CLIENT, REMOTE).frame(),
-            Outcome::NotTcpUdp,
+            Outcome::OtherProtocol,
         ),
         untouched(
             "IPv6",
@@ -599,10 +618,10 @@ fn egress_fixtures() {
             Outcome::VlanStacked,
         ),
         untouched(
-            "first fragment",
+            "later fragment of a datagram whose first fragment was not seen",
             TC_ACT_OK,
             Pkt {
-                frag: 0x2000,
+                frag: 185,
                 ..udp.clone()
             }
             .frame(),
@@ -623,6 +642,13 @@ fn egress_fixtures() {
             Outcome::Truncated,
         ),
     ];
+    f.extend(fragment_fixtures(
+        TC_ACT_OK,
+        &Pkt::udp(CLIENT, 53, REMOTE, 40001),
+        &Pkt::udp(CLIENT, 53, REMOTE, 40001).with_src(PUBLIC, 5353),
+        &Pkt::udp(CLIENT, 54, REMOTE, 40001),
+    ));
+    f.extend(egress_icmp_fixtures());
     // BPF_PROG_TEST_RUN refuses an skb whose IPv4 header is incomplete (EINVAL), as the stack
     // never hands one to egress; so truncations here start at the end of the IPv4 header.
     for cut in [34, 40, 53] {
@@ -634,4 +660,248 @@ fn egress_fixtures() {
         ));
     }
     h.check(false, &f);
+}
+
+/// A fragmented datagram through either program, in order: its first fragment is rewritten and
+/// recorded, its later fragment follows; a later fragment of an unseen datagram, and the
+/// fragments of a datagram that matches no reservation, pass untouched. Run in this order, as
+/// the fragment table carries state from one fixture to the next.
+fn fragment_fixtures(
+    action: u32,
+    datagram: &Pkt,
+    rewritten_datagram: &Pkt,
+    unreserved: &Pkt,
+) -> Vec<Fixture> {
+    let datagram = Pkt {
+        id: 0x1001,
+        payload: (0..40).collect(),
+        ..datagram.clone()
+    };
+    let rewritten_datagram = Pkt {
+        id: 0x1001,
+        payload: (0..40).collect(),
+        ..rewritten_datagram.clone()
+    };
+    let [first, last] = datagram.fragments(24);
+    let [first_out, last_out] = rewritten_datagram.fragments(24);
+    let unseen = Pkt {
+        id: 0x1002,
+        ..last.clone()
+    };
+    let [other_first, other_last] = Pkt {
+        id: 0x1003,
+        ..unreserved.clone()
+    }
+    .fragments(8);
+    vec![
+        rewritten(
+            "first fragment of a UDP datagram: rewritten (the checksum covers the whole datagram)",
+            action,
+            &first,
+            &first_out,
+        ),
+        rewritten(
+            "later fragment of that datagram: the address follows the first fragment",
+            action,
+            &last,
+            &last_out,
+        ),
+        untouched(
+            "later fragment of a datagram whose first fragment was not seen",
+            action,
+            unseen.frame(),
+            Outcome::Fragment,
+        ),
+        untouched(
+            "first fragment of an unreserved datagram",
+            action,
+            other_first.frame(),
+            Outcome::NoReservation,
+        ),
+        untouched(
+            "later fragment of the unreserved datagram",
+            action,
+            other_last.frame(),
+            Outcome::Fragment,
+        ),
+    ]
+}
+
+/// ICMP errors from the Internet about packets pf's egress sent from a public endpoint.
+fn ingress_icmp_fixtures() -> Vec<Fixture> {
+    let tcp = Pkt::tcp(PUBLIC, 8080, REMOTE, 40000);
+    let tcp_out = tcp.with_src(CLIENT, 80);
+    let udp = Pkt::udp(PUBLIC, 5353, REMOTE, 40001);
+    let udp_out = udp.with_src(CLIENT, 53);
+    let error = |quoted: &[u8]| Pkt::icmp_error(ROUTER, PUBLIC, 3, 4, quoted);
+    let error_out = |quoted: &[u8]| Pkt::icmp_error(ROUTER, CLIENT, 3, 4, quoted);
+    vec![
+        icmp_rewritten(
+            "fragmentation needed about a forwarded TCP flow, whole packet quoted",
+            XDP_PASS,
+            &error(&tcp.ipv4()),
+            &error_out(&tcp_out.ipv4()),
+        ),
+        icmp_rewritten(
+            "RFC 792's minimum quote: IPv4 header and 8 bytes (no TCP checksum to update)",
+            XDP_PASS,
+            &error(&tcp.ipv4()[..28]),
+            &error_out(&tcp_out.ipv4()[..28]),
+        ),
+        icmp_rewritten(
+            "time exceeded about a forwarded UDP flow",
+            XDP_PASS,
+            &Pkt::icmp_error(ROUTER, PUBLIC, 11, 0, &udp.ipv4()),
+            &Pkt::icmp_error(ROUTER, CLIENT, 11, 0, &udp_out.ipv4()),
+        ),
+        {
+            let zero = Pkt {
+                udp_no_checksum: true,
+                ..udp.clone()
+            };
+            let zero_out = Pkt {
+                udp_no_checksum: true,
+                ..udp_out.clone()
+            };
+            icmp_rewritten(
+                "parameter problem about UDP without a checksum: the quoted 0 stays 0",
+                XDP_PASS,
+                &Pkt::icmp_error(ROUTER, PUBLIC, 12, 0, &zero.ipv4()),
+                &Pkt::icmp_error(ROUTER, CLIENT, 12, 0, &zero_out.ipv4()),
+            )
+        },
+        {
+            let opts = Pkt {
+                ip_options: vec![0x01; 8],
+                ..tcp.clone()
+            };
+            let opts_out = Pkt {
+                ip_options: vec![0x01; 8],
+                ..tcp_out.clone()
+            };
+            let outer = |p: &Pkt, dst| Pkt {
+                vlans: vec![7],
+                ip_options: vec![0x01; 4],
+                ..Pkt::icmp_error(ROUTER, dst, 3, 4, &p.ipv4())
+            };
+            icmp_rewritten(
+                "VLAN tag, outer and quoted IPv4 options",
+                XDP_PASS,
+                &outer(&opts, PUBLIC),
+                &outer(&opts_out, CLIENT),
+            )
+        },
+        untouched(
+            "error about the server's own, unreserved port",
+            XDP_PASS,
+            error(&Pkt::tcp(PUBLIC, 8081, REMOTE, 40000).ipv4()).frame(),
+            Outcome::NoReservation,
+        ),
+        untouched(
+            "error sent to another address than the quoted source",
+            XDP_PASS,
+            Pkt::icmp_error(ROUTER, OTHER_PUBLIC, 3, 4, &tcp.ipv4()).frame(),
+            Outcome::NoReservation,
+        ),
+        untouched(
+            "error quoting an ICMP echo",
+            XDP_PASS,
+            error(&Pkt::icmp_echo(PUBLIC, REMOTE).ipv4()).frame(),
+            Outcome::OtherProtocol,
+        ),
+        untouched(
+            "redirect (not an error pf translates)",
+            XDP_PASS,
+            Pkt::icmp_error(ROUTER, PUBLIC, 5, 1, &tcp.ipv4()).frame(),
+            Outcome::OtherProtocol,
+        ),
+        untouched(
+            "quote cut inside the ports",
+            XDP_PASS,
+            error(&tcp.ipv4()[..23]).frame(),
+            Outcome::Truncated,
+        ),
+        untouched(
+            "quote cut inside the quoted IPv4 header",
+            XDP_PASS,
+            error(&tcp.ipv4()[..19]).frame(),
+            Outcome::Truncated,
+        ),
+        untouched(
+            "quoted IHL 4",
+            XDP_PASS,
+            error(&patched(tcp.ipv4(), |q| q[0] = 0x44)).frame(),
+            Outcome::BadIpHeader,
+        ),
+        untouched(
+            "quote of a later fragment (no ports)",
+            XDP_PASS,
+            error(
+                &Pkt {
+                    frag: 0x2000 | 3,
+                    ..tcp.clone()
+                }
+                .ipv4(),
+            )
+            .frame(),
+            Outcome::Fragment,
+        ),
+        untouched(
+            "a fragmented ICMP error",
+            XDP_PASS,
+            Pkt {
+                frag: 0x2000,
+                ..error(&tcp.ipv4())
+            }
+            .frame(),
+            Outcome::Fragment,
+        ),
+    ]
+}
+
+/// ICMP errors about packets that reached a tunnel endpoint through pf, on their way out.
+fn egress_icmp_fixtures() -> Vec<Fixture> {
+    let udp = Pkt::udp(REMOTE, 40001, CLIENT, 53);
+    let udp_out = udp.with_dst(PUBLIC, 5353);
+    let tcp = Pkt::tcp(REMOTE, 40000, CLIENT, 80);
+    let tcp_out = tcp.with_dst(PUBLIC, 8080);
+    vec![
+        icmp_rewritten(
+            "port unreachable from the tunnel endpoint: outer source and quoted destination",
+            TC_ACT_OK,
+            &Pkt::icmp_error(CLIENT, REMOTE, 3, 3, &udp.ipv4()),
+            &Pkt::icmp_error(PUBLIC, REMOTE, 3, 3, &udp_out.ipv4()),
+        ),
+        icmp_rewritten(
+            "fragmentation needed from the server itself: its outer source is kept",
+            TC_ACT_OK,
+            &Pkt::icmp_error(PUBLIC, REMOTE, 3, 4, &tcp.ipv4()),
+            &Pkt::icmp_error(PUBLIC, REMOTE, 3, 4, &tcp_out.ipv4()),
+        ),
+        icmp_rewritten(
+            "RFC 792's minimum quote from the tunnel endpoint",
+            TC_ACT_OK,
+            &Pkt::icmp_error(CLIENT, REMOTE, 3, 3, &tcp.ipv4()[..28]),
+            &Pkt::icmp_error(PUBLIC, REMOTE, 3, 3, &tcp_out.ipv4()[..28]),
+        ),
+        untouched(
+            "error about an unreserved flow",
+            TC_ACT_OK,
+            Pkt::icmp_error(
+                CLIENT,
+                REMOTE,
+                3,
+                3,
+                &Pkt::udp(REMOTE, 1, CLIENT, 54).ipv4(),
+            )
+            .frame(),
+            Outcome::NoReservation,
+        ),
+        untouched(
+            "echo request from the tunnel endpoint",
+            TC_ACT_OK,
+            Pkt::icmp_echo(CLIENT, REMOTE).frame(),
+            Outcome::OtherProtocol,
+        ),
+    ]
 }
