@@ -87,12 +87,47 @@ impl Servers {
         let stop = self.stop.clone();
         self.threads.push(thread::spawn(move || {
             let deadline = Instant::now() + SERVER_LIFETIME;
-            let mut buf = [0u8; 2048];
+            let mut buf = vec![0u8; 65536];
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                 if let Ok((n, peer)) = socket.recv_from(&mut buf) {
                     let mut reply = b"pong:".to_vec();
                     reply.extend_from_slice(&buf[..n]);
                     let _ = socket.send_to(&reply, peer);
+                }
+            }
+        }));
+    }
+}
+
+impl Servers {
+    /// A TCP server on `port` that reads each connection to its end and answers with the
+    /// number of bytes it read.
+    fn tcp_sink(&mut self, ns: &Netns, port: u16) {
+        let listener = ns
+            .within(move || TcpListener::bind(("0.0.0.0", port)))
+            .unwrap()
+            .unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = self.stop.clone();
+        self.threads.push(thread::spawn(move || {
+            let deadline = Instant::now() + SERVER_LIFETIME;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        conn.set_nonblocking(false).unwrap();
+                        conn.set_read_timeout(Some(Duration::from_secs(20)))
+                            .unwrap();
+                        let mut total = 0usize;
+                        let mut buf = vec![0u8; 65536];
+                        while let Ok(n @ 1..) = conn.read(&mut buf) {
+                            total += n;
+                        }
+                        let _ = write!(conn, "{total}");
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(_) => break,
                 }
             }
         }));
@@ -373,4 +408,286 @@ fn forwarding_native_xdp() {
 #[test]
 fn forwarding_generic_xdp() {
     forwarding_scenario("skb");
+}
+
+/// A raw socket receiving every ICMP message that reaches a namespace, so a test can see an
+/// error exactly as it arrived.
+struct IcmpCapture(std::os::fd::OwnedFd);
+
+impl IcmpCapture {
+    fn open(ns: &Netns) -> Self {
+        let fd = ns
+            .within(|| {
+                // SAFETY: plain socket(2); the result is checked.
+                let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+                assert!(
+                    fd >= 0,
+                    "raw ICMP socket: {}",
+                    std::io::Error::last_os_error()
+                );
+                // SAFETY: a descriptor we own from here on.
+                unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+            })
+            .unwrap();
+        let timeout = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        // SAFETY: a valid socket and a timeval of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+        Self(fd)
+    }
+
+    /// The first ICMP error (IPv4 packet, outer header included) received within `wait` that
+    /// `wanted` accepts.
+    fn error_where(&self, wait: Duration, wanted: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + wait;
+        let mut buf = vec![0u8; 2048];
+        while Instant::now() < deadline {
+            // SAFETY: reads into a buffer of the length passed.
+            let n = unsafe {
+                libc::recv(
+                    std::os::fd::AsRawFd::as_raw_fd(&self.0),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                )
+            };
+            if n > 0 && wanted(&buf[..n as usize]) {
+                return Some(buf[..n as usize].to_vec());
+            }
+        }
+        None
+    }
+}
+
+/// The fields of an ICMP error a test checks: (outer source, type, code, quoted source,
+/// quoted source port, quoted destination, quoted destination port).
+type ErrorFields = ([u8; 4], u8, u8, [u8; 4], u16, [u8; 4], u16);
+
+fn error_fields(packet: &[u8]) -> ErrorFields {
+    let ihl = usize::from(packet[0] & 0x0f) * 4;
+    let icmp = &packet[ihl..];
+    let quoted = &icmp[8..];
+    let quoted_ihl = usize::from(quoted[0] & 0x0f) * 4;
+    let ports = &quoted[quoted_ihl..];
+    let four = |b: &[u8]| -> [u8; 4] { b[..4].try_into().unwrap() };
+    (
+        four(&packet[12..]),
+        icmp[0],
+        icmp[1],
+        four(&quoted[12..]),
+        u16::from_be_bytes([ports[0], ports[1]]),
+        four(&quoted[16..]),
+        u16::from_be_bytes([ports[2], ports[3]]),
+    )
+}
+
+fn ip(s: &str) -> [u8; 4] {
+    s.parse::<std::net::Ipv4Addr>().unwrap().octets()
+}
+
+/// ICMP errors and fragments through pf, with real traffic:
+/// - a UDP packet to a reserved port whose target has no listener: the tunnel client's port
+///   unreachable reaches the internet host as from PUBLIC_IP:port (so its connected socket gets
+///   ECONNREFUSED);
+/// - the reverse: the tunnel client's UDP socket, sending from its forwarded port to a closed
+///   port on the internet host, gets that host's port unreachable through pf;
+/// - path MTU discovery: with a 1280-byte MTU on the server's route into the tunnel, a 4 MB
+///   forwarded TCP upload completes because the server's fragmentation-needed error reaches the
+///   sender about PUBLIC_IP:port;
+/// - a 4,000-byte UDP datagram over 1,500-byte links arrives whole, and so does its 4,005-byte
+///   echo: every fragment follows its first through pf, both ways.
+#[test]
+fn icmp_errors_and_fragments() {
+    require_root();
+    let dir = TempPinDir::new();
+    let topo =
+        Topology::new(&format!("pf{}icmp", std::process::id())).expect("building the topology");
+    let mut servers = Servers::new();
+    servers.tcp_sink(&topo.client, 80);
+    servers.udp_echo(&topo.client, 5300);
+    pf_in(&topo.server, &dir, &["attach", PUBLIC_IFACE]);
+    for (public, target) in [
+        ("8080/tcp", "80"),
+        ("5353/udp", "5300"),
+        ("7000/udp", "7000"),
+    ] {
+        pf_ok(
+            &dir,
+            &[
+                "reserve",
+                &format!("{PUBLIC_IP}:{public}"),
+                "--to",
+                &format!("{CLIENT_IP}:{target}"),
+            ],
+        );
+    }
+    let icmp_counts = || {
+        let stats = pf_stats(&dir);
+        (
+            counter(&stats, "ingress", "icmp_error_rewritten"),
+            counter(&stats, "egress", "icmp_error_rewritten"),
+        )
+    };
+
+    // 1. Port unreachable from the tunnel client, seen on the internet host.
+    let capture = IcmpCapture::open(&topo.inet);
+    let refused = topo
+        .inet
+        .within(|| {
+            let socket = UdpSocket::bind(("0.0.0.0", 40700)).unwrap();
+            socket.connect((PUBLIC_IP, 7000)).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .unwrap();
+            socket.send(b"anyone there?").unwrap();
+            socket.recv(&mut [0u8; 64]).map_err(|e| e.kind())
+        })
+        .unwrap();
+    assert_eq!(
+        refused,
+        Err(ErrorKind::ConnectionRefused),
+        "the internet host's socket"
+    );
+    let error = capture
+        .error_where(Duration::from_secs(3), |p| error_fields(p).1 == 3)
+        .expect("a port unreachable at the internet host");
+    assert_eq!(
+        error_fields(&error),
+        (
+            ip(PUBLIC_IP),
+            3,
+            3,
+            ip(INTERNET_IP),
+            40700,
+            ip(PUBLIC_IP),
+            7000
+        ),
+        "the error as the internet host received it: from the public address, about the public port"
+    );
+    let (_, egress_icmp) = icmp_counts();
+    assert!(
+        egress_icmp >= 1,
+        "egress icmp_error_rewritten: {egress_icmp}"
+    );
+
+    // 2. Port unreachable from the internet host, seen by the tunnel client's socket on its
+    //    forwarded port.
+    let refused = topo
+        .client
+        .within(|| {
+            let socket = UdpSocket::bind((CLIENT_IP, 7000)).unwrap();
+            socket.connect((INTERNET_IP, 40999)).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .unwrap();
+            socket.send(b"hello from a forwarded port").unwrap();
+            socket.recv(&mut [0u8; 64]).map_err(|e| e.kind())
+        })
+        .unwrap();
+    assert_eq!(
+        refused,
+        Err(ErrorKind::ConnectionRefused),
+        "the tunnel client's socket"
+    );
+    let (ingress_icmp, _) = icmp_counts();
+    assert!(
+        ingress_icmp >= 1,
+        "ingress icmp_error_rewritten: {ingress_icmp}"
+    );
+
+    // 3. Path MTU discovery through pf. The client's interface keeps 1,500 bytes, so it
+    //    advertises a 1,460-byte MSS; only the server's route into the tunnel is smaller.
+    topo.server
+        .run(&[
+            "ip",
+            "route",
+            "replace",
+            "10.8.0.0/24",
+            "dev",
+            "tun0",
+            "mtu",
+            "1280",
+        ])
+        .unwrap();
+    let (_, egress_before) = icmp_counts();
+    let upload: usize = 4 << 20;
+    let reply = topo
+        .inet
+        .within(move || -> std::io::Result<String> {
+            let mut conn = std::net::TcpStream::connect_timeout(
+                &format!("{PUBLIC_IP}:8080").parse().unwrap(),
+                Duration::from_secs(5),
+            )?;
+            conn.set_write_timeout(Some(Duration::from_secs(20)))?;
+            conn.set_read_timeout(Some(Duration::from_secs(20)))?;
+            let chunk = vec![0x5a; 65536];
+            for _ in 0..upload / chunk.len() {
+                conn.write_all(&chunk)?;
+            }
+            conn.shutdown(std::net::Shutdown::Write)?;
+            let mut reply = String::new();
+            conn.read_to_string(&mut reply)?;
+            Ok(reply)
+        })
+        .unwrap();
+    assert_eq!(
+        reply.as_ref().map(String::as_str).ok(),
+        Some(upload.to_string().as_str()),
+        "a 4 MB upload through a 1,280-byte tunnel route: {reply:?}"
+    );
+    let (_, egress_after) = icmp_counts();
+    assert!(
+        egress_after > egress_before,
+        "the server's fragmentation-needed went out through pf's translation"
+    );
+
+    // 4. A 4,000-byte UDP datagram over 1,500-byte links, and its echo.
+    let before = pf_stats(&dir);
+    let payload: Vec<u8> = (0..4000u32).map(|i| (i % 251) as u8).collect();
+    let sent = payload.clone();
+    let echo = topo
+        .inet
+        .within(move || -> std::io::Result<Vec<u8>> {
+            let socket = UdpSocket::bind(("0.0.0.0", 0))?;
+            socket.connect((PUBLIC_IP, 5353))?;
+            socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+            socket.send(&sent)?;
+            let mut buf = vec![0u8; 65536];
+            let n = socket.recv(&mut buf)?;
+            Ok(buf[..n].to_vec())
+        })
+        .unwrap();
+    let mut want = b"pong:".to_vec();
+    want.extend_from_slice(&payload);
+    assert_eq!(
+        echo.as_ref().map(Vec::len).map_err(|e| e.kind()),
+        Ok(want.len()),
+        "the echo of a 4,000-byte datagram"
+    );
+    assert!(echo.unwrap() == want, "the echo's bytes");
+    let after = pf_stats(&dir);
+    for direction in ["ingress", "egress"] {
+        let moved =
+            counter(&after, direction, "rewritten") - counter(&before, direction, "rewritten");
+        assert!(
+            moved >= 3,
+            "{direction}: {moved} rewritten, want every fragment (3)"
+        );
+        assert_eq!(
+            counter(&after, direction, "fragment"),
+            counter(&before, direction, "fragment"),
+            "{direction}: no fragment left behind"
+        );
+    }
 }
