@@ -351,33 +351,124 @@ fn checksums_hold(before: &[u8], after: &[u8]) -> bool {
         .all(|(&(_, was), (_, is))| !was || is)
 }
 
-fn run_direction(direction: Direction, seed: u64, packets: u64) {
-    require_root();
-    let dir = TempPinDir::new();
-    let mut state = State::open_for_write(&dir.dir).expect("creating pf's maps");
-    let reservations: Vec<Reservation> = RESERVATIONS
-        .iter()
-        .map(|(p, t)| Reservation::new(p.parse().unwrap(), t.parse().unwrap()).unwrap())
-        .collect();
-    state.reserve_all(&reservations).expect("reserving");
-    let programs = Programs::load(&dir.dir).expect("loading pf's programs");
-    let (forward, reverse) = tables(&reservations);
-    let mut model = Model::new(forward.clone(), reverse.clone());
-    let nat = match direction {
-        Direction::Ingress => &forward,
-        Direction::Egress => &reverse,
-    };
+/// The loaded programs, their maps filled with `RESERVATIONS`, and the model beside them.
+struct Rig {
+    _dir: TempPinDir,
+    state: State,
+    programs: Programs,
+    model: Model,
+    fragments: aya::maps::HashMap<MapData, FragmentKey, FragmentValue>,
+}
 
-    let mut fragments: aya::maps::HashMap<MapData, FragmentKey, FragmentValue> =
-        MapData::from_pin(dir.dir.map(map_names::FRAGMENTS))
+impl Rig {
+    fn new() -> Self {
+        require_root();
+        let dir = TempPinDir::new();
+        let mut state = State::open_for_write(&dir.dir).expect("creating pf's maps");
+        let reservations: Vec<Reservation> = RESERVATIONS
+            .iter()
+            .map(|(p, t)| Reservation::new(p.parse().unwrap(), t.parse().unwrap()).unwrap())
+            .collect();
+        state.reserve_all(&reservations).expect("reserving");
+        let programs = Programs::load(&dir.dir).expect("loading pf's programs");
+        let (forward, reverse) = tables(&reservations);
+        let fragments = MapData::from_pin(dir.dir.map(map_names::FRAGMENTS))
             .and_then(aya::maps::Map::from_map_data)
             .and_then(|m| m.try_into())
             .expect("opening the fragment table");
+        Self {
+            _dir: dir,
+            state,
+            programs,
+            model: Model::new(forward, reverse),
+            fragments,
+        }
+    }
 
+    fn nat(&self, direction: Direction) -> &NatTable {
+        match direction {
+            Direction::Ingress => &self.model.forward,
+            Direction::Egress => &self.model.reverse,
+        }
+    }
+
+    /// Empties the kernel's fragment table and the model's alike.
+    fn forget_fragments(&mut self) {
+        let keys: Vec<_> = self.fragments.keys().map(|k| k.unwrap()).collect();
+        for k in keys {
+            self.fragments.remove(&k).unwrap();
+        }
+        self.model.forget_fragments();
+    }
+
+    /// Runs `frame` through the loaded program and the model; the outcome if they agree on
+    /// verdict, counter and every byte, and a rewritten frame's checksums hold; what differs if
+    /// not.
+    fn check(&mut self, direction: Direction, frame: &[u8]) -> Result<Outcome, String> {
+        let ingress = direction == Direction::Ingress;
+        let want = self.model.expected(direction, frame);
+        let before = self.state.counters().unwrap();
+        let (verdict, out) = run_program(&self.programs, ingress, frame)
+            .map_err(|e| format!("BPF_PROG_TEST_RUN: {e}"))?;
+        let after = self.state.counters().unwrap();
+        let got = (verdict, counters_moved(&before, &after, ingress));
+        let wanted = (want.verdict, vec![(want.outcome.name(), 1)]);
+        if got != wanted {
+            return Err(format!("verdict and counter {got:?}, want {wanted:?}"));
+        }
+        if out != want.frame {
+            return Err(format!(
+                "output bytes\n  got  {}\n  want {}",
+                hex(&out),
+                hex(&want.frame)
+            ));
+        }
+        let rewritten = matches!(
+            want.outcome,
+            Outcome::Rewritten | Outcome::IcmpErrorRewritten
+        );
+        if rewritten && !checksums_hold(frame, &out) {
+            return Err("a rewritten frame's checksums do not hold".into());
+        }
+        Ok(want.outcome)
+    }
+}
+
+/// The regression corpus: frames that once told the programs and the model apart, or that sit
+/// on a boundary worth keeping, one per line as `ingress|egress <hex>`. Run in file order, so
+/// a later fragment may rely on a first fragment on an earlier line.
+const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/corpus/frames.txt");
+
+fn from_hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+/// Appends a frame that told the program and the model apart to the corpus, so it stays a
+/// test once fixed.
+fn keep_in_corpus(direction: Direction, frame: &[u8], origin: &str, problem: &str) {
+    use std::io::Write as _;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(CORPUS)
+        .expect("opening the corpus");
+    let first_line = problem.lines().next().unwrap_or_default();
+    writeln!(
+        f,
+        "# {origin}: {first_line}\n{} {}",
+        format!("{direction:?}").to_lowercase(),
+        hex(frame)
+    )
+    .expect("writing the corpus");
+}
+
+fn run_direction(direction: Direction, seed: u64, packets: u64) {
+    let mut rig = Rig::new();
     let mut rng = StdRng::seed_from_u64(seed);
+    let mut outcomes = std::collections::BTreeMap::<&str, u64>::new();
     let mut compared = 0u64;
-    let mut rewritten = 0u64;
-    let mut icmp_rewritten = 0u64;
     let mut index = 0u64;
     let mut queue = std::collections::VecDeque::new();
     let mut next_forget = 0;
@@ -387,16 +478,13 @@ fn run_direction(direction: Direction, seed: u64, packets: u64) {
             // from full, and the model in step.
             if index >= next_forget {
                 next_forget = index + FORGET_EVERY;
-                let keys: Vec<_> = fragments.keys().map(|k| k.unwrap()).collect();
-                for k in keys {
-                    fragments.remove(&k).unwrap();
-                }
-                model.forget_fragments();
+                rig.forget_fragments();
             }
+            let nat = rig.nat(direction).clone();
             match rng.random_range(0..20) {
-                0..=1 => queue.extend(fragment_train(&mut rng, direction, nat)),
-                2..=10 => queue.push_back(generated(&mut rng, direction, nat)),
-                _ => queue.push_back(mutated(&mut rng, direction, nat)),
+                0..=1 => queue.extend(fragment_train(&mut rng, direction, &nat)),
+                2..=10 => queue.push_back(generated(&mut rng, direction, &nat)),
+                _ => queue.push_back(mutated(&mut rng, direction, &nat)),
             }
         }
         let frame = queue.pop_front().unwrap();
@@ -405,57 +493,53 @@ fn run_direction(direction: Direction, seed: u64, packets: u64) {
         if kernel_refuses(direction, &frame) {
             continue;
         }
-        let want = model.expected(direction, &frame);
-        let before = state.counters().unwrap();
-        let context = || {
-            format!(
-                "{direction:?} seed {seed:#x} frame {index}: {}",
-                hex(&frame)
-            )
-        };
-        let (verdict, out) = run_program(&programs, direction == Direction::Ingress, &frame)
-            .unwrap_or_else(|e| panic!("{}: BPF_PROG_TEST_RUN: {e}", context()));
-        let after = state.counters().unwrap();
-        assert_eq!(
-            (
-                verdict,
-                counters_moved(&before, &after, direction == Direction::Ingress)
-            ),
-            (want.verdict, vec![(want.outcome.name(), 1)]),
-            "{}: verdict and counter",
-            context()
-        );
-        assert_eq!(
-            hex(&out),
-            hex(&want.frame),
-            "{}: output bytes (got, want)",
-            context()
-        );
-        if want.outcome == Outcome::IcmpErrorRewritten {
-            icmp_rewritten += 1;
-        }
-        if matches!(
-            want.outcome,
-            Outcome::Rewritten | Outcome::IcmpErrorRewritten
-        ) {
-            rewritten += 1;
-            assert!(
-                checksums_hold(&frame, &out),
-                "{}: a rewritten frame's checksums",
-                context()
-            );
+        match rig.check(direction, &frame) {
+            Ok(outcome) => *outcomes.entry(outcome.name()).or_default() += 1,
+            Err(problem) => {
+                let origin = format!("found by seed {seed:x}, frame {index}");
+                keep_in_corpus(direction, &frame, &origin, &problem);
+                panic!(
+                    "{direction:?} {origin}: {problem}\n  frame {}\n(added to {CORPUS})",
+                    hex(&frame)
+                );
+            }
         }
         compared += 1;
     }
-    // The generator must exercise the rewrite, not only the refusals.
+    // The generator must exercise every kind of rewrite, not only the refusals.
+    let count = |name| outcomes.get(name).copied().unwrap_or(0);
     assert!(
-        rewritten * 10 > compared && icmp_rewritten * 100 > compared,
-        "only {rewritten} of {compared} frames were rewritten, {icmp_rewritten} of them ICMP errors"
+        count("rewritten") * 10 > compared && count("icmp_error_rewritten") * 100 > compared,
+        "too few rewrites: {outcomes:?}"
     );
-    println!(
-        "{direction:?}: {compared} frames agree with the model ({rewritten} rewritten, \
-         {icmp_rewritten} of them ICMP errors)"
-    );
+    println!("{direction:?}: {compared} frames agree with the model: {outcomes:?}");
+}
+
+/// Every frame of the regression corpus agrees with the model.
+#[test]
+fn corpus_agrees_with_the_model() {
+    let mut rig = Rig::new();
+    let corpus = std::fs::read_to_string(CORPUS).expect("reading the corpus");
+    let mut checked = 0;
+    for (n, line) in corpus.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (direction, frame) = line.split_once(' ').expect("`direction hex`");
+        let direction = match direction {
+            "ingress" => Direction::Ingress,
+            "egress" => Direction::Egress,
+            other => panic!("{CORPUS}:{}: unknown direction {other}", n + 1),
+        };
+        let frame = from_hex(frame.trim());
+        if let Err(problem) = rig.check(direction, &frame) {
+            panic!("{CORPUS}:{}: {problem}", n + 1);
+        }
+        checked += 1;
+    }
+    assert!(checked > 0, "the corpus is empty");
+    println!("{checked} corpus frames agree with the model");
 }
 
 fn seed_and_count() -> (u64, u64) {
