@@ -42,8 +42,62 @@ pub const OUTCOMES: u32 = 10;
 pub const INGRESS_BASE: u32 = 0;
 /// First counter of the TC egress program.
 pub const EGRESS_BASE: u32 = OUTCOMES;
+/// What the fast path (`pf_ingress_fast`, `pf attach --fast-path`) did with a packet the
+/// ingress program rewrote: each such packet moves exactly one of these, besides its outcome.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FastPath {
+    /// The FIB had a route and a neighbour, and the egress device is in `REDIRECT_DEVICES`: TTL
+    /// decremented, Ethernet addresses set, sent with XDP_REDIRECT.
+    Redirected = 0,
+    /// `BPF_FIB_LKUP_RET_NO_NEIGH`: passed; the kernel resolves the neighbour and forwards.
+    NoNeighbour = 1,
+    /// `BPF_FIB_LKUP_RET_FRAG_NEEDED`: passed; the kernel fragments or answers
+    /// fragmentation-needed.
+    FragNeeded = 2,
+    /// TTL 1 or 0: passed; the kernel answers time-exceeded.
+    TtlExpired = 3,
+    /// Any other FIB answer (a local address, blackhole, unreachable, prohibit, forwarding
+    /// disabled, a lightweight tunnel): passed for the kernel to deal with.
+    NotForwarded = 4,
+    /// The route leaves by a device that is not in `REDIRECT_DEVICES` (an L3 device such as
+    /// WireGuard or tun cannot take XDP frames): passed.
+    NoRedirectDevice = 5,
+    /// The frame carries a VLAN tag: passed, the kernel forwards it.
+    VlanTagged = 6,
+}
+
+/// Fast-path outcomes.
+pub const FAST_PATH_OUTCOMES: u32 = 7;
+/// First counter of the fast path.
+pub const FAST_PATH_BASE: u32 = 2 * OUTCOMES;
 /// Entries in the `COUNTERS` per-CPU array.
-pub const COUNTER_SLOTS: u32 = 2 * OUTCOMES;
+pub const COUNTER_SLOTS: u32 = 2 * OUTCOMES + FAST_PATH_OUTCOMES;
+
+impl FastPath {
+    pub const ALL: [FastPath; FAST_PATH_OUTCOMES as usize] = [
+        FastPath::Redirected,
+        FastPath::NoNeighbour,
+        FastPath::FragNeeded,
+        FastPath::TtlExpired,
+        FastPath::NotForwarded,
+        FastPath::NoRedirectDevice,
+        FastPath::VlanTagged,
+    ];
+
+    /// The name `pf stats` prints.
+    pub const fn name(self) -> &'static str {
+        match self {
+            FastPath::Redirected => "redirected",
+            FastPath::NoNeighbour => "no_neighbour",
+            FastPath::FragNeeded => "frag_needed",
+            FastPath::TtlExpired => "ttl_expired",
+            FastPath::NotForwarded => "not_forwarded",
+            FastPath::NoRedirectDevice => "no_redirect_device",
+            FastPath::VlanTagged => "vlan_tagged",
+        }
+    }
+}
 
 impl Outcome {
     pub const ALL: [Outcome; OUTCOMES as usize] = [

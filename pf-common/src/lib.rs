@@ -166,5 +166,13 @@ pub mod map_names {
     pub const RESERVATIONS: &str = "RESERVATIONS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const FRAGMENTS: &str = "FRAGMENTS";
-    pub const ALL: [&str; 5] = [FORWARD_NAT, REVERSE_NAT, RESERVATIONS, COUNTERS, FRAGMENTS];
+    pub const REDIRECT_DEVICES: &str = "REDIRECT_DEVICES";
+    pub const ALL: [&str; 6] = [
+        FORWARD_NAT,
+        REVERSE_NAT,
+        RESERVATIONS,
+        COUNTERS,
+        FRAGMENTS,
+        REDIRECT_DEVICES,
+    ];
 }

@@ -2,6 +2,7 @@
 #![no_std]
 #![no_main]
 
+mod fast;
 mod maps;
 mod nat;
 mod parse;
@@ -11,7 +12,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use pf_common::counters::{EGRESS_BASE, INGRESS_BASE};
+use pf_common::counters::{EGRESS_BASE, FAST_PATH_BASE, INGRESS_BASE, Outcome};
 
 /// XDP on the public NIC. Always `XDP_PASS`: a rewritten packet goes on into the kernel, which
 /// routes it to the tunnel (and decrements its TTL); everything else goes on untouched. Either way
@@ -21,6 +22,21 @@ pub fn pf_ingress(ctx: XdpContext) -> u32 {
     let outcome = nat::ingress(&ctx);
     maps::count(INGRESS_BASE + outcome as u32);
     xdp_action::XDP_PASS
+}
+
+/// XDP on the public NIC with the fast path (`pf attach --fast-path`): the same rewrite, then a
+/// rewritten packet leaves by XDP_REDIRECT when the FIB and `REDIRECT_DEVICES` allow it
+/// (bypassing the kernel's forwarding path, netfilter included), else XDP_PASS as above.
+#[xdp]
+pub fn pf_ingress_fast(ctx: XdpContext) -> u32 {
+    let outcome = nat::ingress(&ctx);
+    maps::count(INGRESS_BASE + outcome as u32);
+    if outcome != Outcome::Rewritten && outcome != Outcome::IcmpErrorRewritten {
+        return xdp_action::XDP_PASS;
+    }
+    let (fast, action) = fast::forward(&ctx);
+    maps::count(FAST_PATH_BASE + fast as u32);
+    action
 }
 
 /// TC egress on the public NIC, after routing and netfilter. `TC_ACT_OK` lets the packet leave

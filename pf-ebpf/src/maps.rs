@@ -4,12 +4,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{DevMapHash, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use pf_common::{
     EndpointKey, FragmentKey, FragmentValue, NatEntry, ReservationKey, ReservationValue,
     counters::COUNTER_SLOTS,
-    limits::{MAX_FORWARDS, MAX_RESERVATIONS, MAX_TRACKED_DATAGRAMS},
+    limits::{MAX_FORWARDS, MAX_REDIRECT_DEVICES, MAX_RESERVATIONS, MAX_TRACKED_DATAGRAMS},
 };
 
 /// Ingress: (public address, public port, protocol) -> tunnel address and port.
@@ -34,6 +34,11 @@ pub static RESERVATIONS: HashMap<ReservationKey, ReservationValue> =
 #[map]
 pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> =
     LruHashMap::pinned(MAX_TRACKED_DATAGRAMS, 0);
+
+/// The devices the fast path may redirect to, keyed by ifindex: only devices that can take
+/// XDP frames (`ndo_xdp_xmit`). Filled by userspace.
+#[map]
+pub static REDIRECT_DEVICES: DevMapHash = DevMapHash::pinned(MAX_REDIRECT_DEVICES, 0);
 
 /// Global outcome counters, indexed by `pf_common::counters`.
 #[map]

@@ -21,6 +21,8 @@ use crate::{bpffs::PinDir, error::PfError};
 
 pub const INGRESS_PROGRAM: &str = "pf_ingress";
 pub const EGRESS_PROGRAM: &str = "pf_egress";
+/// The ingress program with the XDP_REDIRECT fast path (`pf attach --fast-path`).
+pub const FAST_INGRESS_PROGRAM: &str = "pf_ingress_fast";
 /// Programs that only pass (XDP_PASS, TC_ACT_OK): the benchmark's baselines, never attached.
 pub const NOOP_PROGRAM: &str = "pf_bench_noop";
 pub const NOOP_TC_PROGRAM: &str = "pf_bench_noop_tc";
@@ -91,6 +93,18 @@ impl Programs {
 
     pub fn egress(&self) -> &SchedClassifier {
         typed(&self.ebpf, EGRESS_PROGRAM)
+    }
+
+    /// Loads the fast-path ingress program; then [`Programs::fast_ingress`] gives it.
+    pub fn load_fast_ingress(&mut self) -> Result<(), PfError> {
+        typed_mut::<Xdp>(&mut self.ebpf, FAST_INGRESS_PROGRAM)?
+            .load()
+            .map_err(load_error)
+    }
+
+    /// The fast-path ingress program; usable once [`Programs::load_fast_ingress`] ran.
+    pub fn fast_ingress(&self) -> &Xdp {
+        typed(&self.ebpf, FAST_INGRESS_PROGRAM)
     }
 
     /// Loads the no-op baseline programs (for benchmarks); then [`Programs::noop`] and

@@ -184,6 +184,7 @@ fn stats_json(stats: Option<&Stats>, attached: &[String]) -> Value {
         counters: Counters {
             ingress: Vec::new(),
             egress: Vec::new(),
+            fast_path: Vec::new(),
         },
         reservations: Vec::new(),
     };
@@ -201,6 +202,7 @@ fn stats_json(stats: Option<&Stats>, attached: &[String]) -> Value {
         "attached": attached,
         "ingress": counters(&s.counters.ingress),
         "egress": counters(&s.counters.egress),
+        "fast_path": counters(&s.counters.fast_path),
         "reservations": reservations,
     })
 }
@@ -223,6 +225,7 @@ fn print_stats(stats: Option<&Stats>, attached: &[String]) {
     };
     println!("ingress (XDP): {}", line(&stats.counters.ingress));
     println!("egress  (TC):  {}", line(&stats.counters.egress));
+    println!("fast path:     {}", line(&stats.counters.fast_path));
     if stats.reservations.is_empty() {
         println!("no reservations");
         return;

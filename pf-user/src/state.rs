@@ -12,8 +12,8 @@ use aya::maps::{
 };
 use pf_common::{
     EndpointKey, FragmentKey, FragmentValue, NatEntry, ReservationKey, ReservationValue,
-    counters::{COUNTER_SLOTS, EGRESS_BASE, INGRESS_BASE, Outcome},
-    limits::{MAX_FORWARDS, MAX_RESERVATIONS, MAX_TRACKED_DATAGRAMS},
+    counters::{COUNTER_SLOTS, EGRESS_BASE, FAST_PATH_BASE, FastPath, INGRESS_BASE, Outcome},
+    limits::{MAX_FORWARDS, MAX_REDIRECT_DEVICES, MAX_RESERVATIONS, MAX_TRACKED_DATAGRAMS},
     map_names,
 };
 use serde::Serialize;
@@ -127,6 +127,9 @@ pub struct Counters {
     pub ingress: Vec<(&'static str, u64)>,
     /// TC egress outcomes, by name, in `Outcome` order.
     pub egress: Vec<(&'static str, u64)>,
+    /// Fast-path outcomes of rewritten packets, by name, in `FastPath` order (all zero unless
+    /// an interface is attached with `--fast-path`).
+    pub fast_path: Vec<(&'static str, u64)>,
 }
 
 impl Counters {
@@ -153,7 +156,7 @@ struct Layout {
     max_entries: u32,
 }
 
-const LAYOUTS: [Layout; 5] = [
+const LAYOUTS: [Layout; 6] = [
     Layout {
         name: map_names::FORWARD_NAT,
         map_type: MapType::PerCpuHash,
@@ -188,6 +191,14 @@ const LAYOUTS: [Layout; 5] = [
         key_size: size_of::<FragmentKey>() as u32,
         value_size: size_of::<FragmentValue>() as u32,
         max_entries: MAX_TRACKED_DATAGRAMS,
+    },
+    Layout {
+        name: map_names::REDIRECT_DEVICES,
+        map_type: MapType::DevMapHash,
+        key_size: 4,
+        // struct bpf_devmap_val: ifindex, and a program fd/id.
+        value_size: 8,
+        max_entries: MAX_REDIRECT_DEVICES,
     },
 ];
 
@@ -255,10 +266,17 @@ impl State {
     }
 
     fn open_maps(dir: &PinDir, lock: File) -> Result<Self, PfError> {
-        // The fragment table is the programs' alone; it is opened only to check its layout.
-        let [forward, reverse, reservations, counters, fragments] =
-            LAYOUTS.each_ref().map(|l| open_map(dir, l));
+        // The fragment table and the redirect devices are opened only to check their layout.
+        let [
+            forward,
+            reverse,
+            reservations,
+            counters,
+            fragments,
+            redirect_devices,
+        ] = LAYOUTS.each_ref().map(|l| open_map(dir, l));
         fragments?;
+        redirect_devices?;
         let typed = |name: &'static str| move |source: MapError| PfError::Map { map: name, source };
         Ok(Self {
             forward: forward?.try_into().map_err(typed(map_names::FORWARD_NAT))?,
@@ -545,7 +563,15 @@ impl State {
             ingress.push((outcome.name(), counter(INGRESS_BASE + outcome as u32)?));
             egress.push((outcome.name(), counter(EGRESS_BASE + outcome as u32)?));
         }
-        Ok(Counters { ingress, egress })
+        let fast_path = FastPath::ALL
+            .iter()
+            .map(|&f| Ok((f.name(), counter(FAST_PATH_BASE + f as u32)?)))
+            .collect::<Result<_, PfError>>()?;
+        Ok(Counters {
+            ingress,
+            egress,
+            fast_path,
+        })
     }
 
     /// The global counters and every reservation's traffic (a walk over all their entries).

@@ -6,4 +6,5 @@ mod cli;
 mod common;
 mod differential;
 mod e2e;
+mod fast_path;
 mod fixtures;
