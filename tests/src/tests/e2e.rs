@@ -41,9 +41,14 @@ impl Servers {
         }
     }
 
-    /// An HTTP responder on `port` whose body names the port and the peer's address, so a test
-    /// can see which target a connection reached and that its source address was kept.
-    fn http(&mut self, ns: &Netns, port: u16) {
+    /// A TCP server on `port` that hands each accepted connection (blocking, with the peer's
+    /// address) to `handle`, one at a time, until the test ends.
+    fn tcp(
+        &mut self,
+        ns: &Netns,
+        port: u16,
+        handle: impl Fn(std::net::TcpStream, std::net::SocketAddr) + Send + 'static,
+    ) {
         let listener = ns
             .within(move || TcpListener::bind(("0.0.0.0", port)))
             .unwrap()
@@ -54,17 +59,9 @@ impl Servers {
             let deadline = Instant::now() + SERVER_LIFETIME;
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                 match listener.accept() {
-                    Ok((mut conn, peer)) => {
+                    Ok((conn, peer)) => {
                         conn.set_nonblocking(false).unwrap();
-                        conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-                        let mut request = [0u8; 1024];
-                        let _ = conn.read(&mut request);
-                        let body = format!("port {port} from {}", peer.ip());
-                        let _ = write!(
-                            conn,
-                            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                            body.len()
-                        );
+                        handle(conn, peer);
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {
                         thread::sleep(Duration::from_millis(5))
@@ -73,6 +70,37 @@ impl Servers {
                 }
             }
         }));
+    }
+
+    /// An HTTP responder on `port` whose body names the port and the peer's address, so a test
+    /// can see which target a connection reached and that its source address was kept.
+    fn http(&mut self, ns: &Netns, port: u16) {
+        self.tcp(ns, port, move |mut conn, peer| {
+            conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut request = [0u8; 1024];
+            let _ = conn.read(&mut request);
+            let body = format!("port {port} from {}", peer.ip());
+            let _ = write!(
+                conn,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        });
+    }
+
+    /// A TCP server on `port` that reads each connection to its end and answers with the
+    /// number of bytes it read.
+    fn tcp_sink(&mut self, ns: &Netns, port: u16) {
+        self.tcp(ns, port, |mut conn, _| {
+            conn.set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let mut total = 0usize;
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n @ 1..) = conn.read(&mut buf) {
+                total += n;
+            }
+            let _ = write!(conn, "{total}");
+        });
     }
 
     /// A UDP server on `port` that answers each datagram with "pong:" and the datagram.
@@ -93,41 +121,6 @@ impl Servers {
                     let mut reply = b"pong:".to_vec();
                     reply.extend_from_slice(&buf[..n]);
                     let _ = socket.send_to(&reply, peer);
-                }
-            }
-        }));
-    }
-}
-
-impl Servers {
-    /// A TCP server on `port` that reads each connection to its end and answers with the
-    /// number of bytes it read.
-    fn tcp_sink(&mut self, ns: &Netns, port: u16) {
-        let listener = ns
-            .within(move || TcpListener::bind(("0.0.0.0", port)))
-            .unwrap()
-            .unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let stop = self.stop.clone();
-        self.threads.push(thread::spawn(move || {
-            let deadline = Instant::now() + SERVER_LIFETIME;
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match listener.accept() {
-                    Ok((mut conn, _)) => {
-                        conn.set_nonblocking(false).unwrap();
-                        conn.set_read_timeout(Some(Duration::from_secs(20)))
-                            .unwrap();
-                        let mut total = 0usize;
-                        let mut buf = vec![0u8; 65536];
-                        while let Ok(n @ 1..) = conn.read(&mut buf) {
-                            total += n;
-                        }
-                        let _ = write!(conn, "{total}");
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(5))
-                    }
-                    Err(_) => break,
                 }
             }
         }));
