@@ -139,11 +139,11 @@ pub struct FragmentKey {
     pub direction: u8,
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
 /// The NAT map key the datagram's first fragment matched (in `FORWARD_NAT` for ingress, in
 /// `REVERSE_NAT` for egress). Later fragments look the entry up again, so they are counted with
 /// the reservation and stop being rewritten the moment it is released.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct FragmentValue {
     pub nat_key: EndpointKey,
 }

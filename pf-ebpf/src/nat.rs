@@ -67,31 +67,24 @@ fn tracked_entry(key: &FragmentKey, direction: u8) -> Option<*mut NatEntry> {
     }
 }
 
-/// The new checksums of an ICMP error translation. The embedded packet's address and port
-/// change from `old_*` to `new_*`; the outer address does too when `outer_changes`.
+/// The four checksums an ICMP error translation updates, before or after it.
 struct IcmpChecks {
     outer_ip: u16,
     icmp: u16,
     inner_ip: u16,
+    /// The embedded TCP/UDP checksum, if the quote holds it.
     inner_l4: Option<u16>,
 }
 
-/// The checksums an ICMP error carries before translation.
-struct IcmpOldChecks {
-    outer_ip: u16,
-    icmp: u16,
-    inner_ip: u16,
-    inner_l4: Option<u16>,
-}
-
-/// RFC 1624 updates, in the order `tests/src/model.rs` states: the embedded IPv4 and TCP/UDP
-/// checksums for the embedded address and port, the ICMP checksum for every embedded word that
-/// changed (address, embedded IPv4 checksum, port, embedded TCP/UDP checksum), and the outer
-/// IPv4 checksum for the outer address.
+/// The checksums after the embedded address and port change from `old_*` to `new_*` (and the
+/// outer address too when `outer_changes`). RFC 1624 updates, in the order `tests/src/model.rs`
+/// states: the embedded IPv4 and TCP/UDP checksums for the embedded address and port, the ICMP
+/// checksum for every embedded word that changed (address, embedded IPv4 checksum, port,
+/// embedded TCP/UDP checksum), and the outer IPv4 checksum for the outer address.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn icmp_checks(
-    old: &IcmpOldChecks,
+    old: &IcmpChecks,
     proto: u8,
     old_addr: [u8; 4],
     new_addr: [u8; 4],
@@ -134,9 +127,9 @@ fn icmp_checks(
 ///
 /// SAFETY: every pointer in `ip` and `e` must have been bounds-checked by the parser.
 #[inline(always)]
-unsafe fn icmp_old_checks(ip: &Ipv4, e: &IcmpError) -> IcmpOldChecks {
+unsafe fn icmp_old_checks(ip: &Ipv4, e: &IcmpError) -> IcmpChecks {
     unsafe {
-        IcmpOldChecks {
+        IcmpChecks {
             outer_ip: u16::from_be_bytes((*ip.ip).check),
             icmp: u16::from_be_bytes(*e.icmp_check),
             inner_ip: u16::from_be_bytes((*e.inner_ip).check),

@@ -1,9 +1,9 @@
 //! Builds test frames field by field, with every checksum computed from scratch, so an expected
 //! output is an independent statement of what the programs must produce.
 
+pub use pf_common::IPPROTO_ICMP;
 use pf_common::{IPPROTO_TCP, IPPROTO_UDP, checksum};
 
-pub const IPPROTO_ICMP: u8 = 1;
 pub const ETH_P_IPV4: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_ARP: u16 = 0x0806;
