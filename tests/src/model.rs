@@ -276,11 +276,20 @@ impl Model {
         }
     }
 
-    /// Where the address and port a direction rewrites lie: (address, port) offsets.
-    fn rewritten_fields(direction: Direction, ip: usize, l4: usize) -> (usize, usize) {
+    /// Where the address a direction rewrites lies: the destination at ingress, the source at
+    /// egress.
+    fn rewritten_addr(direction: Direction, ip: usize) -> usize {
         match direction {
-            Direction::Ingress => (ip + 16, l4 + 2),
-            Direction::Egress => (ip + 12, l4),
+            Direction::Ingress => ip + 16,
+            Direction::Egress => ip + 12,
+        }
+    }
+
+    /// Where the port a direction rewrites lies.
+    fn rewritten_port(direction: Direction, l4: usize) -> usize {
+        match direction {
+            Direction::Ingress => l4 + 2,
+            Direction::Egress => l4,
         }
     }
 
@@ -305,7 +314,8 @@ impl Model {
         if ip.header_len + l4_header_len > ip.total_len || l4 + l4_header_len > frame.len() {
             return Err(Outcome::Truncated);
         }
-        let (addr_at, port_at) = Self::rewritten_fields(direction, ip.at, l4);
+        let addr_at = Self::rewritten_addr(direction, ip.at);
+        let port_at = Self::rewritten_port(direction, l4);
         let key = (addr(frame, addr_at), port(frame, port_at), ip.proto);
         let &(new_addr, new_port) = self
             .nat(direction)
@@ -343,7 +353,7 @@ impl Model {
             .get(&Self::datagram(direction, frame, ip))
             .ok_or(Outcome::Fragment)?;
         let &(new_addr, _) = self.nat(direction).get(nat_key).ok_or(Outcome::Fragment)?;
-        let (addr_at, _) = Self::rewritten_fields(direction, ip.at, 0);
+        let addr_at = Self::rewritten_addr(direction, ip.at);
         let mut out = frame.to_vec();
         put(&mut out, addr_at, &new_addr);
         let ip_check =

@@ -6,8 +6,16 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use aya::programs::{ProgramError, TestRun, TestRunOptions};
-use pf::{bpffs::PinDir, dataplane::Programs, state::Counters};
+use aya::{
+    maps::{Map, MapData, MapError},
+    programs::{ProgramError, TestRun, TestRunOptions, TestRunResult},
+};
+use pf::{
+    bpffs::PinDir,
+    dataplane::Programs,
+    spec::Reservation,
+    state::{Counters, State},
+};
 
 use crate::{ScratchDir, netns::Netns};
 
@@ -109,26 +117,48 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Runs `frame` once through the loaded ingress (XDP) or egress (TC) program with
-/// BPF_PROG_TEST_RUN: the verdict and the frame as it left.
+/// Runs `frame` once through `program` with BPF_PROG_TEST_RUN, with `ctx` as its context if
+/// given (an `xdp_md` naming the ingress interface, say): the verdict and the frame as it left.
+pub fn run_once(
+    program: &impl for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+    frame: &[u8],
+    ctx: Option<&[u8]>,
+) -> Result<(u32, Vec<u8>), ProgramError> {
+    let mut out = vec![0u8; frame.len() + 512];
+    let result = program.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: ctx,
+        ..Default::default()
+    })?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value, out))
+}
+
+/// Runs `frame` once through the loaded ingress (XDP) or egress (TC) program.
 pub fn run_program(
     programs: &Programs,
     ingress: bool,
     frame: &[u8],
 ) -> Result<(u32, Vec<u8>), ProgramError> {
-    let mut out = vec![0u8; frame.len() + 512];
-    let opts = TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(&mut out),
-        ..Default::default()
-    };
-    let result = if ingress {
-        programs.ingress().test_run(opts)
+    if ingress {
+        run_once(programs.ingress(), frame, None)
     } else {
-        programs.egress().test_run(opts)
-    }?;
-    out.truncate(result.data_size_out as usize);
-    Ok((result.return_value, out))
+        run_once(programs.egress(), frame, None)
+    }
+}
+
+/// The counters of one block that moved from `before` to `after`, with how far.
+pub fn moved(
+    before: &[(&'static str, u64)],
+    after: &[(&'static str, u64)],
+) -> Vec<(&'static str, u64)> {
+    before
+        .iter()
+        .zip(after)
+        .filter(|(b, a)| a.1 != b.1)
+        .map(|(b, a)| (b.0, a.1 - b.1))
+        .collect()
 }
 
 /// The outcome counters of one direction that moved from `before` to `after`, with how far.
@@ -137,15 +167,50 @@ pub fn counters_moved(
     after: &Counters,
     ingress: bool,
 ) -> Vec<(&'static str, u64)> {
-    let (before, after) = if ingress {
-        (&before.ingress, &after.ingress)
+    if ingress {
+        moved(&before.ingress, &after.ingress)
     } else {
-        (&before.egress, &after.egress)
-    };
-    before
+        moved(&before.egress, &after.egress)
+    }
+}
+
+/// pf's maps in a fresh pin directory, filled with `reservations` through pf's own library,
+/// and its programs loaded against them (so the verifier accepted them).
+pub struct LoadedPf {
+    pub state: State,
+    pub programs: Programs,
+    /// Last, so the pins go after the maps and programs holding them are closed.
+    pub dir: TempPinDir,
+}
+
+impl LoadedPf {
+    pub fn new(reservations: &[Reservation]) -> Self {
+        require_root();
+        let dir = TempPinDir::new();
+        let mut state = State::open_for_write(&dir.dir).expect("creating pf's maps");
+        state.reserve_all(reservations).expect("reserving");
+        let programs = Programs::load(&dir.dir)
+            .expect("loading pf's programs (the verifier must accept them)");
+        Self {
+            state,
+            programs,
+            dir,
+        }
+    }
+
+    /// One of pf's pinned maps, opened with aya's typed view `T`.
+    pub fn map<T: TryFrom<Map, Error = MapError>>(&self, name: &str) -> T {
+        MapData::from_pin(self.dir.dir.map(name))
+            .and_then(Map::from_map_data)
+            .and_then(T::try_from)
+            .unwrap_or_else(|e| panic!("opening {name}: {e}"))
+    }
+}
+
+/// Reservations written as the CLI takes them: (public, target).
+pub fn reservations(specs: &[(&str, &str)]) -> Vec<Reservation> {
+    specs
         .iter()
-        .zip(after)
-        .filter(|(b, a)| a.1 != b.1)
-        .map(|(b, a)| (b.0, a.1 - b.1))
+        .map(|(p, t)| Reservation::new(p.parse().unwrap(), t.parse().unwrap()).unwrap())
         .collect()
 }

@@ -6,13 +6,13 @@
 //! turned into a fixture.
 
 use aya::maps::MapData;
-use pf::{dataplane::Programs, spec::Reservation, state::State};
+use pf::spec::Reservation;
 use pf_common::{
     FragmentKey, FragmentValue, IPPROTO_TCP, IPPROTO_UDP, checksum, counters::Outcome, map_names,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-use super::common::{TempPinDir, counters_moved, hex, require_root, run_program};
+use super::common::{LoadedPf, counters_moved, hex, reservations, run_program};
 use crate::{
     model::{Direction, Model, NatTable},
     packet::{ETH_P_ARP, ETH_P_IPV6, Pkt},
@@ -353,33 +353,19 @@ fn checksums_hold(before: &[u8], after: &[u8]) -> bool {
 
 /// The loaded programs, their maps filled with `RESERVATIONS`, and the model beside them.
 struct Rig {
-    _dir: TempPinDir,
-    state: State,
-    programs: Programs,
+    pf: LoadedPf,
     model: Model,
     fragments: aya::maps::HashMap<MapData, FragmentKey, FragmentValue>,
 }
 
 impl Rig {
     fn new() -> Self {
-        require_root();
-        let dir = TempPinDir::new();
-        let mut state = State::open_for_write(&dir.dir).expect("creating pf's maps");
-        let reservations: Vec<Reservation> = RESERVATIONS
-            .iter()
-            .map(|(p, t)| Reservation::new(p.parse().unwrap(), t.parse().unwrap()).unwrap())
-            .collect();
-        state.reserve_all(&reservations).expect("reserving");
-        let programs = Programs::load(&dir.dir).expect("loading pf's programs");
+        let reservations = reservations(&RESERVATIONS);
+        let pf = LoadedPf::new(&reservations);
         let (forward, reverse) = tables(&reservations);
-        let fragments = MapData::from_pin(dir.dir.map(map_names::FRAGMENTS))
-            .and_then(aya::maps::Map::from_map_data)
-            .and_then(|m| m.try_into())
-            .expect("opening the fragment table");
+        let fragments = pf.map(map_names::FRAGMENTS);
         Self {
-            _dir: dir,
-            state,
-            programs,
+            pf,
             model: Model::new(forward, reverse),
             fragments,
         }
@@ -407,10 +393,10 @@ impl Rig {
     fn check(&mut self, direction: Direction, frame: &[u8]) -> Result<Outcome, String> {
         let ingress = direction == Direction::Ingress;
         let want = self.model.expected(direction, frame);
-        let before = self.state.counters().unwrap();
-        let (verdict, out) = run_program(&self.programs, ingress, frame)
+        let before = self.pf.state.counters().unwrap();
+        let (verdict, out) = run_program(&self.pf.programs, ingress, frame)
             .map_err(|e| format!("BPF_PROG_TEST_RUN: {e}"))?;
-        let after = self.state.counters().unwrap();
+        let after = self.pf.state.counters().unwrap();
         let got = (verdict, counters_moved(&before, &after, ingress));
         let wanted = (want.verdict, vec![(want.outcome.name(), 1)]);
         if got != wanted {

@@ -489,6 +489,26 @@ fn ip(s: &str) -> [u8; 4] {
     s.parse::<std::net::Ipv4Addr>().unwrap().octets()
 }
 
+/// Sends one datagram from `local` to `peer` on a connected socket in `ns`, and waits up to
+/// 3 s for the answer: its length, or the error the socket reports (ECONNREFUSED when an ICMP
+/// port unreachable about the datagram came back).
+fn udp_answer(
+    ns: &Netns,
+    local: (&'static str, u16),
+    peer: (&'static str, u16),
+) -> Result<usize, ErrorKind> {
+    ns.within(move || {
+        let socket = UdpSocket::bind(local).unwrap();
+        socket.connect(peer).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        socket.send(b"is anyone there?").unwrap();
+        socket.recv(&mut [0u8; 64]).map_err(|e| e.kind())
+    })
+    .unwrap()
+}
+
 /// ICMP errors and fragments through pf, with real traffic:
 /// - a UDP packet to a reserved port whose target has no listener: the tunnel client's port
 ///   unreachable reaches the internet host as from PUBLIC_IP:port (so its connected socket gets
@@ -535,20 +555,8 @@ fn icmp_errors_and_fragments() {
 
     // 1. Port unreachable from the tunnel client, seen on the internet host.
     let capture = IcmpCapture::open(&topo.inet);
-    let refused = topo
-        .inet
-        .within(|| {
-            let socket = UdpSocket::bind(("0.0.0.0", 40700)).unwrap();
-            socket.connect((PUBLIC_IP, 7000)).unwrap();
-            socket
-                .set_read_timeout(Some(Duration::from_secs(3)))
-                .unwrap();
-            socket.send(b"anyone there?").unwrap();
-            socket.recv(&mut [0u8; 64]).map_err(|e| e.kind())
-        })
-        .unwrap();
     assert_eq!(
-        refused,
+        udp_answer(&topo.inet, ("0.0.0.0", 40700), (PUBLIC_IP, 7000)),
         Err(ErrorKind::ConnectionRefused),
         "the internet host's socket"
     );
@@ -576,20 +584,8 @@ fn icmp_errors_and_fragments() {
 
     // 2. Port unreachable from the internet host, seen by the tunnel client's socket on its
     //    forwarded port.
-    let refused = topo
-        .client
-        .within(|| {
-            let socket = UdpSocket::bind((CLIENT_IP, 7000)).unwrap();
-            socket.connect((INTERNET_IP, 40999)).unwrap();
-            socket
-                .set_read_timeout(Some(Duration::from_secs(3)))
-                .unwrap();
-            socket.send(b"hello from a forwarded port").unwrap();
-            socket.recv(&mut [0u8; 64]).map_err(|e| e.kind())
-        })
-        .unwrap();
     assert_eq!(
-        refused,
+        udp_answer(&topo.client, (CLIENT_IP, 7000), (INTERNET_IP, 40999)),
         Err(ErrorKind::ConnectionRefused),
         "the tunnel client's socket"
     );

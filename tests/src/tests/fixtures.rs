@@ -2,14 +2,10 @@
 //! expected counter}, each run through the real loaded XDP and TC programs with
 //! BPF_PROG_TEST_RUN, with the maps filled by pf's own library.
 
-use pf::{
-    dataplane::Programs,
-    spec::Reservation,
-    state::{State, Stats},
-};
+use pf::state::Stats;
 use pf_common::counters::Outcome;
 
-use super::common::{TempPinDir, counters_moved, hex, require_root, run_program};
+use super::common::{LoadedPf, counters_moved, hex, reservations, run_program};
 use crate::packet::{ETH_P_ARP, ETH_P_IPV6, Pkt};
 
 const XDP_PASS: u32 = 2;
@@ -73,36 +69,19 @@ fn patched(frame: Vec<u8>, patch: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     f
 }
 
-struct Harness {
-    programs: Programs,
-    state: State,
-    _dir: TempPinDir,
-}
+struct Harness(LoadedPf);
 
 impl Harness {
     fn new() -> Self {
-        require_root();
-        let dir = TempPinDir::new();
-        let mut state = State::open_for_write(&dir.dir).expect("creating pf's maps");
-        for (public, target) in RESERVATIONS {
-            let r = Reservation::new(public.parse().unwrap(), target.parse().unwrap()).unwrap();
-            state.reserve(&r).expect("reserving");
-        }
-        let programs = Programs::load(&dir.dir)
-            .expect("loading pf's programs (the verifier must accept them)");
-        Self {
-            programs,
-            state,
-            _dir: dir,
-        }
+        Self(LoadedPf::new(&reservations(&RESERVATIONS)))
     }
 
     fn stats(&self) -> Stats {
-        self.state.stats().expect("reading stats")
+        self.0.state.stats().expect("reading stats")
     }
 
     fn run(&self, ingress: bool, data: &[u8]) -> (u32, Vec<u8>) {
-        run_program(&self.programs, ingress, data)
+        run_program(&self.0.programs, ingress, data)
             .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {}: {e:?}", hex(data)))
     }
 
