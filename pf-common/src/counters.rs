@@ -42,13 +42,16 @@ pub const OUTCOMES: u32 = 10;
 pub const INGRESS_BASE: u32 = 0;
 /// First counter of the TC egress program.
 pub const EGRESS_BASE: u32 = OUTCOMES;
-/// What the fast path (`pf_ingress_fast`, `pf attach --fast-path`) did with a packet the
-/// ingress program rewrote: each such packet moves exactly one of these, besides its outcome.
+/// What a fast path did with a packet. Two blocks use it: the ingress fast path
+/// (`pf_ingress_fast`, `pf attach --fast-path`), where each packet the ingress program rewrote
+/// moves exactly one of these besides its outcome; and the reply fast path (`pf_reply_fast`,
+/// `pf attach --tunnel-side`), where every packet moves exactly one.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FastPath {
-    /// The FIB had a route and a neighbour, and the egress device is in `REDIRECT_DEVICES`: TTL
-    /// decremented, Ethernet addresses set, sent with XDP_REDIRECT.
+    /// The FIB had a route and a neighbour, and the egress device is in the program's device
+    /// map: TTL decremented, Ethernet addresses set (and, for a reply, the source rewritten),
+    /// sent with XDP_REDIRECT.
     Redirected = 0,
     /// `BPF_FIB_LKUP_RET_NO_NEIGH`: passed; the kernel resolves the neighbour and forwards.
     NoNeighbour = 1,
@@ -60,19 +63,27 @@ pub enum FastPath {
     /// Any other FIB answer (a local address, blackhole, unreachable, prohibit, forwarding
     /// disabled, a lightweight tunnel): passed for the kernel to deal with.
     NotForwarded = 4,
-    /// The route leaves by a device that is not in `REDIRECT_DEVICES` (an L3 device such as
-    /// WireGuard or tun cannot take XDP frames): passed.
+    /// The route leaves by a device that is not in the program's device map: passed. At
+    /// ingress, `REDIRECT_DEVICES` (an L3 device such as WireGuard or tun cannot take XDP
+    /// frames); for a reply, `PUBLIC_DEVICES` (only public interfaces attached with
+    /// `--fast-path` that can take XDP frames).
     NoRedirectDevice = 5,
     /// The frame carries a VLAN tag: passed, the kernel forwards it.
     VlanTagged = 6,
+    /// Reply fast path only: not a whole TCP/UDP packet from a reservation's target (anything
+    /// else the client sends, fragments, malformed packets): passed untouched. Never counted at
+    /// ingress, whose outcome counters classify such packets.
+    NotAReply = 7,
 }
 
 /// Fast-path outcomes.
-pub const FAST_PATH_OUTCOMES: u32 = 7;
-/// First counter of the fast path.
+pub const FAST_PATH_OUTCOMES: u32 = 8;
+/// First counter of the ingress fast path.
 pub const FAST_PATH_BASE: u32 = 2 * OUTCOMES;
+/// First counter of the reply fast path.
+pub const REPLY_FAST_PATH_BASE: u32 = FAST_PATH_BASE + FAST_PATH_OUTCOMES;
 /// Entries in the `COUNTERS` per-CPU array.
-pub const COUNTER_SLOTS: u32 = 2 * OUTCOMES + FAST_PATH_OUTCOMES;
+pub const COUNTER_SLOTS: u32 = 2 * OUTCOMES + 2 * FAST_PATH_OUTCOMES;
 
 impl FastPath {
     pub const ALL: [FastPath; FAST_PATH_OUTCOMES as usize] = [
@@ -83,6 +94,7 @@ impl FastPath {
         FastPath::NotForwarded,
         FastPath::NoRedirectDevice,
         FastPath::VlanTagged,
+        FastPath::NotAReply,
     ];
 
     /// The name `pf stats` prints.
@@ -95,6 +107,7 @@ impl FastPath {
             FastPath::NotForwarded => "not_forwarded",
             FastPath::NoRedirectDevice => "no_redirect_device",
             FastPath::VlanTagged => "vlan_tagged",
+            FastPath::NotAReply => "not_a_reply",
         }
     }
 }

@@ -167,12 +167,14 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const REDIRECT_DEVICES: &str = "REDIRECT_DEVICES";
-    pub const ALL: [&str; 6] = [
+    pub const PUBLIC_DEVICES: &str = "PUBLIC_DEVICES";
+    pub const ALL: [&str; 7] = [
         FORWARD_NAT,
         REVERSE_NAT,
         RESERVATIONS,
         COUNTERS,
         FRAGMENTS,
         REDIRECT_DEVICES,
+        PUBLIC_DEVICES,
     ];
 }

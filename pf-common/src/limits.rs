@@ -17,5 +17,6 @@ pub const MAX_RANGE_PORTS: u32 = 4096;
 /// milliseconds, so this covers a heavy fragment load; the map is preallocated (about 1 MB).
 pub const MAX_TRACKED_DATAGRAMS: u32 = 16_384;
 
-/// Devices the fast path may redirect to (`REDIRECT_DEVICES`, keyed by ifindex).
+/// Devices the fast paths may redirect to (`REDIRECT_DEVICES` and `PUBLIC_DEVICES`, keyed by
+/// ifindex).
 pub const MAX_REDIRECT_DEVICES: u32 = 256;

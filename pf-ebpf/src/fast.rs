@@ -1,7 +1,12 @@
-//! The fast path (`pf attach --fast-path`): a packet the ingress program rewrote leaves by
-//! XDP_REDIRECT, as xdp-forward and Cilium do it, when the kernel's FIB knows the way and the
-//! egress device can take XDP frames; every other case falls back to XDP_PASS untouched beyond
-//! the rewrite, and the kernel forwards it as in the default mode.
+//! The fast paths: a packet leaves by XDP_REDIRECT, as xdp-forward and Cilium do it, when the
+//! kernel's FIB knows the way and the egress device is in the program's device map. Every other
+//! case falls back to XDP_PASS, and the kernel forwards the packet as in the default mode.
+//!
+//! - Ingress (`pf attach IFACE --fast-path`): a packet the ingress program rewrote goes to the
+//!   tunnel-side device, through `REDIRECT_DEVICES` (every device that can take XDP frames).
+//! - Replies (`pf attach IFACE --tunnel-side`): a reply from a reservation's target goes out a
+//!   public interface, through `PUBLIC_DEVICES` (the `--fast-path` public interfaces that can
+//!   take XDP frames), rewritten only once the redirect is certain.
 
 use core::mem::size_of;
 
@@ -11,35 +16,43 @@ use aya_ebpf::{
         bpf_fib_lookup as FibParams, xdp_action,
     },
     helpers::bpf_fib_lookup,
+    maps::DevMapHash,
     programs::XdpContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use pf_common::{checksum, counters::FastPath};
 
-use crate::maps::REDIRECT_DEVICES;
-
 const AF_INET: u8 = 2;
 const ETH_P_IPV4_BE: u16 = 0x0800u16.to_be();
 
-/// Forwards a rewritten packet itself if it can: the fast-path outcome and the XDP action.
+/// The next hop of a packet whose redirect is already set up: the Ethernet addresses to write.
+pub struct NextHop {
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+}
+
+/// Asks the FIB where the packet goes and, if it leaves by a device in `devices`, sets up the
+/// redirect (`bpf_redirect_map`). After `Ok`, the program must call [`finish`] and return
+/// XDP_REDIRECT; after `Err`, nothing was written and the outcome says why the packet passes.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext) -> (FastPath, u32) {
-    let pass = |outcome| (outcome, xdp_action::XDP_PASS);
+pub fn route(ctx: &XdpContext, devices: &DevMapHash) -> Result<NextHop, FastPath> {
     let (start, end) = (ctx.data(), ctx.data_end());
     if start + EthHdr::LEN + Ipv4Hdr::LEN > end {
-        return pass(FastPath::NotForwarded); // cannot happen after a rewrite
+        return Err(FastPath::NotForwarded); // cannot happen after the callers' parsing
     }
     let eth = start as *mut EthHdr;
     let ip = (start + EthHdr::LEN) as *mut Ipv4Hdr;
     // SAFETY: both headers were bounds-checked above.
-    let out_ifindex = unsafe {
+    unsafe {
         // A tagged frame would leave with its tag; the kernel knows what to do with it.
         if (*eth).ether_type != ETH_P_IPV4_BE {
-            return pass(FastPath::VlanTagged);
+            return Err(FastPath::VlanTagged);
         }
         // The kernel must answer time-exceeded, so it must see the packet.
         if (*ip).ttl <= 1 {
-            return pass(FastPath::TtlExpired);
+            return Err(FastPath::TtlExpired);
         }
 
         // SAFETY: a plain C struct, all zeroes valid.
@@ -64,29 +77,42 @@ pub fn forward(ctx: &XdpContext) -> (FastPath, u32) {
         );
         match rc as u32 {
             BPF_FIB_LKUP_RET_SUCCESS => {}
-            BPF_FIB_LKUP_RET_NO_NEIGH => return pass(FastPath::NoNeighbour),
-            BPF_FIB_LKUP_RET_FRAG_NEEDED => return pass(FastPath::FragNeeded),
-            _ => return pass(FastPath::NotForwarded),
+            BPF_FIB_LKUP_RET_NO_NEIGH => return Err(FastPath::NoNeighbour),
+            BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(FastPath::FragNeeded),
+            _ => return Err(FastPath::NotForwarded),
         }
-        if REDIRECT_DEVICES.get_ifindex(fib.ifindex).is_none() {
-            return pass(FastPath::NoRedirectDevice);
+        // The map lookup happens here, once: XDP_REDIRECT if the device is in the map (the
+        // redirect then holds it until the program returns), else the flags' low bits,
+        // XDP_PASS. Nothing was written yet, so a miss passes the packet as it came.
+        if devices
+            .redirect(fib.ifindex, xdp_action::XDP_PASS as u64)
+            .is_err()
+        {
+            return Err(FastPath::NoRedirectDevice);
         }
+        Ok(NextHop {
+            eth,
+            ip,
+            smac: fib.smac,
+            dmac: fib.dmac,
+        })
+    }
+}
 
-        // Forward as the kernel would: TTL down by one (the checksum word holding TTL and
-        // protocol changes by 0x0100), and the next hop's Ethernet addresses.
+/// Forwards as the kernel would: TTL down by one (the checksum word holding TTL and protocol
+/// changes by 0x0100), and the next hop's Ethernet addresses. Returns XDP_REDIRECT.
+#[inline(always)]
+pub fn finish(hop: NextHop) -> u32 {
+    // SAFETY: `route` bounds-checked both headers, and no helper has changed the packet since.
+    unsafe {
+        let ip = hop.ip;
         let old_word = u16::from_be_bytes([(*ip).ttl, (*ip).proto]);
         (*ip).ttl -= 1;
         let new_word = u16::from_be_bytes([(*ip).ttl, (*ip).proto]);
         let check = u16::from_be_bytes((*ip).check);
         (*ip).check = checksum::update_word(check, old_word, new_word).to_be_bytes();
-        (*eth).dst_addr = fib.dmac;
-        (*eth).src_addr = fib.smac;
-        fib.ifindex
-    };
-    // The low bits of the flags are the action if the device left the map since the lookup
-    // above: XDP_PASS, so the kernel forwards the packet after all.
-    match REDIRECT_DEVICES.redirect(out_ifindex, xdp_action::XDP_PASS as u64) {
-        Ok(action) => (FastPath::Redirected, action),
-        Err(action) => (FastPath::NoRedirectDevice, action),
+        (*hop.eth).dst_addr = hop.dmac;
+        (*hop.eth).src_addr = hop.smac;
     }
+    xdp_action::XDP_REDIRECT
 }

@@ -12,7 +12,9 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use pf_common::counters::{EGRESS_BASE, FAST_PATH_BASE, INGRESS_BASE, Outcome};
+use pf_common::counters::{
+    EGRESS_BASE, FAST_PATH_BASE, FastPath, INGRESS_BASE, Outcome, REPLY_FAST_PATH_BASE,
+};
 
 /// XDP on the public NIC. Always `XDP_PASS`: a rewritten packet goes on into the kernel, which
 /// routes it to the tunnel (and decrements its TTL); everything else goes on untouched. Either way
@@ -34,8 +36,33 @@ pub fn pf_ingress_fast(ctx: XdpContext) -> u32 {
     if outcome != Outcome::Rewritten && outcome != Outcome::IcmpErrorRewritten {
         return xdp_action::XDP_PASS;
     }
-    let (fast, action) = fast::forward(&ctx);
+    let (fast, action) = match fast::route(&ctx, &maps::REDIRECT_DEVICES) {
+        Ok(hop) => (FastPath::Redirected, fast::finish(hop)),
+        Err(fast) => (fast, xdp_action::XDP_PASS),
+    };
     maps::count(FAST_PATH_BASE + fast as u32);
+    action
+}
+
+/// XDP on an Ethernet-like tunnel-side interface (`pf attach IFACE --tunnel-side`): a reply from
+/// a reservation's target leaves straight out a public interface attached with `--fast-path`,
+/// its source rewritten to the public endpoint, when the FIB and `PUBLIC_DEVICES` allow it.
+/// Otherwise, and for everything else, XDP_PASS with nothing written: the kernel routes the
+/// packet and TC egress on the public interface rewrites it, as without this program. A
+/// redirected frame never passes TC egress, so no reply is rewritten twice.
+#[xdp]
+pub fn pf_reply_fast(ctx: XdpContext) -> u32 {
+    let (fast, action) = match nat::reply(&ctx) {
+        None => (FastPath::NotAReply, xdp_action::XDP_PASS),
+        Some(reply) => match fast::route(&ctx, &maps::PUBLIC_DEVICES) {
+            Ok(hop) => {
+                nat::rewrite_reply(&reply);
+                (FastPath::Redirected, fast::finish(hop))
+            }
+            Err(fast) => (fast, xdp_action::XDP_PASS),
+        },
+    };
+    maps::count(REPLY_FAST_PATH_BASE + fast as u32);
     action
 }
 

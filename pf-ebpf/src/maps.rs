@@ -35,10 +35,15 @@ pub static RESERVATIONS: HashMap<ReservationKey, ReservationValue> =
 pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> =
     LruHashMap::pinned(MAX_TRACKED_DATAGRAMS, 0);
 
-/// The devices the fast path may redirect to, keyed by ifindex: only devices that can take
-/// XDP frames (`ndo_xdp_xmit`). Filled by userspace.
+/// The devices the ingress fast path may redirect to, keyed by ifindex: only devices that can
+/// take XDP frames (`ndo_xdp_xmit`). Filled by userspace.
 #[map]
 pub static REDIRECT_DEVICES: DevMapHash = DevMapHash::pinned(MAX_REDIRECT_DEVICES, 0);
+
+/// The devices the reply fast path may redirect to: the public interfaces attached with
+/// `--fast-path` that can take XDP frames. A reply routed anywhere else is left to the kernel.
+#[map]
+pub static PUBLIC_DEVICES: DevMapHash = DevMapHash::pinned(MAX_REDIRECT_DEVICES, 0);
 
 /// Global outcome counters, indexed by `pf_common::counters`.
 #[map]

@@ -14,8 +14,8 @@ use pf_common::{
 use crate::{
     maps::{FORWARD_NAT, FRAGMENTS, REVERSE_NAT},
     parse::{
-        IP_MF, IP_OFFSET_MASK, IcmpError, Ipv4, MAX_HEADERS_LEN, MAX_ICMP_ERROR_LEN, is_icmp,
-        is_tcp_udp, parse_icmp_error, parse_ipv4, parse_ports,
+        IP_MF, IP_OFFSET_MASK, IcmpError, Ipv4, MAX_HEADERS_LEN, MAX_ICMP_ERROR_LEN, Ports,
+        is_icmp, is_tcp_udp, parse_icmp_error, parse_ipv4, parse_ports,
     },
 };
 
@@ -187,15 +187,40 @@ fn ingress_tcp_udp(start: usize, end: usize, ip: &Ipv4) -> Outcome {
             return Outcome::NoReservation;
         };
         let entry = &mut *entry;
-        let (new_addr, new_port) = (entry.addr, entry.port);
         if ip.frags & IP_MF != 0 {
             // A first fragment: the key is taken before the destination changes.
             track_datagram(&fragment_key(ip, FRAGMENT_INGRESS), key);
         }
+        rewrite_xdp(ip, &h, Endpoint::Destination, entry);
+    }
+    Outcome::Rewritten
+}
+
+/// Which endpoint of a packet a rewrite replaces.
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Source,
+    Destination,
+}
+
+/// Replaces one endpoint of a whole TCP/UDP packet in an XDP frame with `entry`'s address and
+/// port, and counts the packet with the entry. Checksums are updated incrementally (RFC 1624):
+/// XDP sees frames as they came off the wire, with complete checksums.
+///
+/// SAFETY: every pointer in `ip` and `h` must have been bounds-checked by the parser.
+#[inline(always)]
+unsafe fn rewrite_xdp(ip: &Ipv4, h: &Ports, endpoint: Endpoint, entry: &mut NatEntry) {
+    unsafe {
+        let (addr, port) = match endpoint {
+            Endpoint::Source => (&mut (*ip.ip).src_addr, &mut (*h.ports)[0]),
+            Endpoint::Destination => (&mut (*ip.ip).dst_addr, &mut (*h.ports)[1]),
+        };
+        let (old_addr, old_port) = (*addr, *port);
+        let (new_addr, new_port) = (entry.addr, entry.port);
 
         let ip_check = u16::from_be_bytes((*ip.ip).check);
         (*ip.ip).check = checksum::update_addr(ip_check, old_addr, new_addr).to_be_bytes();
-        (*ip.ip).dst_addr = new_addr;
+        *addr = new_addr;
 
         let l4_check = u16::from_be_bytes(*h.l4_check);
         let l4_check = if ip.proto == IPPROTO_UDP {
@@ -204,12 +229,51 @@ fn ingress_tcp_udp(start: usize, end: usize, ip: &Ipv4) -> Outcome {
             checksum::update_addr_port(l4_check, old_addr, new_addr, old_port, new_port)
         };
         *h.l4_check = l4_check.to_be_bytes();
-        (*h.ports)[1] = new_port;
+        *port = new_port;
 
         entry.packets += 1;
         entry.bytes += ip.ip_len as u64;
     }
-    Outcome::Rewritten
+}
+
+/// A reply the reply fast path may send out itself: a whole TCP/UDP packet from a reservation's
+/// target, found but not yet rewritten.
+pub struct Reply {
+    ip: Ipv4,
+    ports: Ports,
+    entry: *mut NatEntry,
+}
+
+/// Reply fast path, step one: whether the frame is a reply pf forwards (an unfragmented TCP/UDP
+/// packet whose source is in `REVERSE_NAT`). Nothing is written: if the packet cannot be
+/// redirected, it must reach the kernel as it came, because with the public address as its
+/// source it would be dropped there as a martian, and TC egress rewrites it after routing.
+/// Fragments and ICMP errors always take that way.
+#[inline(always)]
+pub fn reply(ctx: &XdpContext) -> Option<Reply> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    // As at ingress: LLVM must not learn the frame length (see `ingress`).
+    let frame_len = end - start;
+    // SAFETY: reads a local.
+    let frame_len = unsafe { core::ptr::read_volatile(&frame_len) };
+    let ip = parse_ipv4(start, end, frame_len).ok()?;
+    if !is_tcp_udp(ip.proto) || is_fragment(&ip) {
+        return None;
+    }
+    let ports = parse_ports(start, end, &ip).ok()?;
+    // SAFETY: the parser bounds-checked both pointers.
+    let key = unsafe { EndpointKey::new((*ip.ip).src_addr, (*ports.ports)[0], ip.proto) };
+    let entry = REVERSE_NAT.get_ptr_mut(&key)?;
+    Some(Reply { ip, ports, entry })
+}
+
+/// Reply fast path, step two, once the redirect is certain: the source becomes the public
+/// endpoint, exactly once (a redirected frame never meets TC egress).
+#[inline(always)]
+pub fn rewrite_reply(reply: &Reply) {
+    // SAFETY: `reply` holds parser-checked packet pointers (no helper since has changed the
+    // packet) and a per-CPU map value.
+    unsafe { rewrite_xdp(&reply.ip, &reply.ports, Endpoint::Source, &mut *reply.entry) }
 }
 
 /// A later fragment carries no ports: it follows its datagram's first fragment, if that was

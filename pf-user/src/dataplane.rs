@@ -1,11 +1,15 @@
 //! Loading pf's eBPF object and attaching its programs to an interface.
 //!
-//! `pf attach IFACE` loads both programs (their maps are the pinned ones, shared by every
+//! `pf attach IFACE` loads the programs (their maps are the pinned ones, shared by every
 //! interface), attaches XDP to the interface's ingress and a TCX program to its egress, and pins
-//! both links under `<pin dir>/links/IFACE.{xdp,tc}`: a pinned link stays attached after `pf`
-//! exits, and `pf detach IFACE` unpins it, which detaches it.
+//! both links under `<pin dir>/links/IFACE/`: a pinned link stays attached after `pf` exits, and
+//! `pf detach IFACE` unpins it, which detaches it. The XDP link's pin name says which program it
+//! runs ([`Role`]), so `pf stats` and `pf detach` know without asking the kernel.
+//!
+//! Every attach, detach and `pf refresh` also refills the fast paths' device maps from what the
+//! kernel says at that moment ([`refresh_devices`]).
 
-use std::{error::Error, ffi::CString, fmt, io, str::FromStr};
+use std::{error::Error, fmt, io, str::FromStr};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -17,16 +21,17 @@ use aya::{
     util::KernelVersion,
 };
 
-use crate::{bpffs::PinDir, error::PfError};
+use crate::{bpffs::PinDir, error::PfError, netdev, state::State};
 
 pub const INGRESS_PROGRAM: &str = "pf_ingress";
 pub const EGRESS_PROGRAM: &str = "pf_egress";
 /// The ingress program with the XDP_REDIRECT fast path (`pf attach --fast-path`).
 pub const FAST_INGRESS_PROGRAM: &str = "pf_ingress_fast";
+/// The reply fast path, for a tunnel-side interface (`pf attach --tunnel-side`).
+pub const REPLY_PROGRAM: &str = "pf_reply_fast";
 /// Programs that only pass (XDP_PASS, TC_ACT_OK): the benchmark's baselines, never attached.
 pub const NOOP_PROGRAM: &str = "pf_bench_noop";
 pub const NOOP_TC_PROGRAM: &str = "pf_bench_noop_tc";
-const XDP_LINK: &str = "xdp";
 const TC_LINK: &str = "tc";
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pf-ebpf"));
@@ -107,6 +112,18 @@ impl Programs {
         typed(&self.ebpf, FAST_INGRESS_PROGRAM)
     }
 
+    /// Loads the reply fast-path program; then [`Programs::reply`] gives it.
+    pub fn load_reply(&mut self) -> Result<(), PfError> {
+        typed_mut::<Xdp>(&mut self.ebpf, REPLY_PROGRAM)?
+            .load()
+            .map_err(load_error)
+    }
+
+    /// The reply fast-path program; usable once [`Programs::load_reply`] ran.
+    pub fn reply(&self) -> &Xdp {
+        typed(&self.ebpf, REPLY_PROGRAM)
+    }
+
     /// Loads the no-op baseline programs (for benchmarks); then [`Programs::noop`] and
     /// [`Programs::noop_tc`] give them.
     pub fn load_noop_baselines(&mut self) -> Result<(), PfError> {
@@ -128,8 +145,20 @@ impl Programs {
         typed(&self.ebpf, NOOP_TC_PROGRAM)
     }
 
-    fn ingress_mut(&mut self) -> &mut Xdp {
-        typed_mut(&mut self.ebpf, INGRESS_PROGRAM).expect("checked by Programs::load")
+    /// The XDP program of `role`, loaded by [`Programs::load_for`].
+    fn xdp_mut(&mut self, role: Role) -> &mut Xdp {
+        typed_mut(&mut self.ebpf, role.xdp_program()).expect("checked by Programs::load_for")
+    }
+
+    /// Loads what `role` attaches.
+    fn load_for(dir: &PinDir, role: Role) -> Result<Self, PfError> {
+        let mut programs = Self::load(dir)?;
+        match role {
+            Role::Public => {}
+            Role::PublicFastPath => programs.load_fast_ingress()?,
+            Role::TunnelSide => programs.load_reply()?,
+        }
+        Ok(programs)
     }
 
     fn egress_mut(&mut self) -> &mut SchedClassifier {
@@ -198,12 +227,56 @@ impl fmt::Display for AttachMode {
     }
 }
 
+/// What pf does on an interface it is attached to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A public interface: XDP rewrites and passes to the kernel, TC egress rewrites replies.
+    Public,
+    /// A public interface with the ingress fast path (`--fast-path`): rewritten packets leave by
+    /// XDP_REDIRECT where they can, bypassing the kernel's forwarding path and netfilter; TC
+    /// egress as with [`Role::Public`].
+    PublicFastPath,
+    /// An Ethernet-like tunnel-side interface (`--tunnel-side`): the reply fast path only.
+    TunnelSide,
+}
+
+impl Role {
+    const ALL: [Role; 3] = [Role::Public, Role::PublicFastPath, Role::TunnelSide];
+
+    fn xdp_program(self) -> &'static str {
+        match self {
+            Role::Public => INGRESS_PROGRAM,
+            Role::PublicFastPath => FAST_INGRESS_PROGRAM,
+            Role::TunnelSide => REPLY_PROGRAM,
+        }
+    }
+
+    /// The pin name of the XDP link, which records the role.
+    fn xdp_link(self) -> &'static str {
+        match self {
+            Role::Public => "xdp",
+            Role::PublicFastPath => "xdp_fast",
+            Role::TunnelSide => "xdp_reply",
+        }
+    }
+
+    /// Whether the role has the TC egress program too.
+    fn has_egress(self) -> bool {
+        self != Role::TunnelSide
+    }
+
+    /// How `pf stats` names it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Role::Public => "public",
+            Role::PublicFastPath => "public, fast path",
+            Role::TunnelSide => "tunnel side, reply fast path",
+        }
+    }
+}
+
 fn interface_exists(iface: &str) -> bool {
-    let Ok(name) = CString::new(iface) else {
-        return false;
-    };
-    // SAFETY: a valid C string.
-    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+    netdev::ifindex(iface).is_some()
 }
 
 fn os_error(e: &ProgramError) -> Option<i32> {
@@ -229,10 +302,57 @@ fn check_pins_consistent(dir: &PinDir) -> Result<(), PfError> {
     Ok(())
 }
 
-/// Attaches pf to `iface`; returns the XDP mode used ("native" or "skb").
-pub fn attach(dir: &PinDir, iface: &str, mode: AttachMode) -> Result<&'static str, PfError> {
+/// What `attach` did.
+#[derive(Clone, Debug)]
+pub struct Attached {
+    /// The XDP mode used: "native" or "skb".
+    pub xdp_mode: &'static str,
+    /// The fast paths' device maps afterwards.
+    pub devices: FastPathDevices,
+}
+
+/// The devices in the fast paths' device maps, by name (or `#ifindex` for one that is gone).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FastPathDevices {
+    /// `REDIRECT_DEVICES`: where the ingress fast path may send packets.
+    pub redirect: Vec<String>,
+    /// `PUBLIC_DEVICES`: where the reply fast path may send replies.
+    pub public: Vec<String>,
+}
+
+impl FastPathDevices {
+    /// What the maps of an open `state` hold.
+    pub fn read(state: &State) -> Result<Self, PfError> {
+        let (redirect, public) = state.fast_path_devices()?;
+        Ok(Self::from_ifindexes(&redirect, &public))
+    }
+
+    fn from_ifindexes(redirect: &[u32], public: &[u32]) -> Self {
+        let names = |ifindexes: &[u32]| {
+            ifindexes
+                .iter()
+                .map(|&i| netdev::ifname(i).unwrap_or_else(|| format!("#{i}")))
+                .collect()
+        };
+        Self {
+            redirect: names(redirect),
+            public: names(public),
+        }
+    }
+}
+
+/// Attaches pf to `iface` in `role`.
+pub fn attach(
+    dir: &PinDir,
+    iface: &str,
+    mode: AttachMode,
+    role: Role,
+) -> Result<Attached, PfError> {
     if !interface_exists(iface) {
         return Err(PfError::UnknownInterface(iface.to_string()));
+    }
+    if role == Role::TunnelSide && !netdev::is_ethernet(iface)? {
+        return Err(PfError::NotEthernet(iface.to_string()));
     }
     let kernel = KernelVersion::current()
         .map_err(|e| PfError::Load(format!("reading the kernel version: {e}")))?;
@@ -240,30 +360,36 @@ pub fn attach(dir: &PinDir, iface: &str, mode: AttachMode) -> Result<&'static st
         return Err(PfError::KernelTooOld(kernel.to_string()));
     }
     dir.prepare()?;
-    let _lock = dir.lock(true)?;
-    let (xdp_pin, tc_pin) = (dir.link(iface, XDP_LINK), dir.link(iface, TC_LINK));
-    if xdp_pin.exists() || tc_pin.exists() {
+    let lock = dir.lock(true)?;
+    if role_of(dir, iface).is_some() || dir.link(iface, TC_LINK).exists() {
         return Err(PfError::AlreadyAttached(iface.to_string()));
     }
     check_pins_consistent(dir)?;
-    let mut programs = Programs::load(dir)?;
+    let mut programs = Programs::load_for(dir, role)?;
     let iface_dir = dir.iface_links(iface);
     std::fs::create_dir_all(&iface_dir)
         .map_err(|e| PfError::io(format!("creating {}", iface_dir.display()), e))?;
-    let result = attach_programs(&mut programs, iface, mode, &xdp_pin, &tc_pin);
-    if result.is_err() {
-        let _ = std::fs::remove_dir(&iface_dir);
-    }
-    result
+    let xdp_mode = match attach_programs(&mut programs, dir, iface, mode, role) {
+        Ok(used) => used,
+        Err(e) => {
+            let _ = std::fs::remove_dir(&iface_dir);
+            return Err(e);
+        }
+    };
+    // The programs are attached and pinned; the maps exist (loading the object pinned them).
+    drop(programs);
+    let devices = refresh_locked(dir, lock)?;
+    Ok(Attached { xdp_mode, devices })
 }
 
 fn attach_programs(
     programs: &mut Programs,
+    dir: &PinDir,
     iface: &str,
     mode: AttachMode,
-    xdp_pin: &std::path::Path,
-    tc_pin: &std::path::Path,
+    role: Role,
 ) -> Result<&'static str, PfError> {
+    let (xdp_pin, tc_pin) = (dir.link(iface, role.xdp_link()), dir.link(iface, TC_LINK));
     let attempts: &[(XdpMode, &'static str)] = match mode {
         AttachMode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "skb")],
         AttachMode::Native => &[(XdpMode::Driver, "native")],
@@ -272,7 +398,7 @@ fn attach_programs(
     let mut used = None;
     let mut last_error = String::new();
     for &(xdp_mode, name) in attempts {
-        match programs.ingress_mut().attach(iface, xdp_mode) {
+        match programs.xdp_mut(role).attach(iface, xdp_mode) {
             Ok(id) => {
                 used = Some((id, name));
                 break;
@@ -300,44 +426,90 @@ fn attach_programs(
         }
     };
     let xdp_link: FdLink = programs
-        .ingress_mut()
+        .xdp_mut(role)
         .take_link(xdp_id)
         .map_err(|e| chain(&e))
         .and_then(|l| l.try_into().map_err(|e: LinkError| chain(&e)))
         .map_err(attach_err("the XDP program"))?;
 
-    // Until both links are pinned, dropping them (on any error below) detaches them again.
-    let tc_id = programs
-        .egress_mut()
-        .attach_with_options(
-            iface,
-            TcAttachType::Egress,
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
+    // Until every link is pinned, dropping them (on any error below) detaches them again.
+    let tc_link: Option<FdLink> = if role.has_egress() {
+        let tc_id = programs
+            .egress_mut()
+            .attach_with_options(
+                iface,
+                TcAttachType::Egress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|e| chain(&e))
+            .map_err(attach_err("the TC egress program"))?;
+        Some(
+            programs
+                .egress_mut()
+                .take_link(tc_id)
+                .map_err(|e| chain(&e))
+                .and_then(|l| l.try_into().map_err(|e: LinkError| chain(&e)))
+                .map_err(attach_err("the TC egress program"))?,
         )
-        .map_err(|e| chain(&e))
-        .map_err(attach_err("the TC egress program"))?;
-    let tc_link: FdLink = programs
-        .egress_mut()
-        .take_link(tc_id)
-        .map_err(|e| chain(&e))
-        .and_then(|l| l.try_into().map_err(|e: LinkError| chain(&e)))
-        .map_err(attach_err("the TC egress program"))?;
+    } else {
+        None
+    };
 
     let pinned_xdp = xdp_link
-        .pin(xdp_pin)
+        .pin(&xdp_pin)
         .map_err(|e| chain(&e))
         .map_err(attach_err("the XDP link (pinning)"))?;
-    if let Err(e) = tc_link.pin(tc_pin) {
+    if let Some(tc_link) = tc_link
+        && let Err(e) = tc_link.pin(&tc_pin)
+    {
         let _ = pinned_xdp.unpin();
         return Err(attach_err("the TC link (pinning)")(chain(&e)));
     }
     Ok(used_mode)
 }
 
+/// The role pf is attached to `iface` in, read from its XDP link's pin name.
+fn role_of(dir: &PinDir, iface: &str) -> Option<Role> {
+    Role::ALL
+        .into_iter()
+        .find(|r| dir.link(iface, r.xdp_link()).exists())
+}
+
+/// Refills the fast paths' device maps from what the kernel says now: `REDIRECT_DEVICES` gets
+/// every device of the namespace that can take XDP frames (`NETDEV_XDP_ACT_NDO_XMIT`), and
+/// `PUBLIC_DEVICES` those of them pf is attached to with `--fast-path`. A device that cannot
+/// take frames (WireGuard, tun, a veth whose peer has neither XDP nor GRO) is left out, and
+/// packets routed to it take the kernel's path. Run by every attach and detach, and by
+/// `pf refresh` after interfaces change.
+pub fn refresh_devices(dir: &PinDir) -> Result<FastPathDevices, PfError> {
+    if !dir.exists() || !dir.map(pf_common::map_names::REDIRECT_DEVICES).exists() {
+        return Ok(FastPathDevices::default());
+    }
+    let lock = dir.lock(true)?;
+    refresh_locked(dir, lock)
+}
+
+fn refresh_locked(dir: &PinDir, lock: std::fs::File) -> Result<FastPathDevices, PfError> {
+    let mut state = State::open_maps(dir, lock)?;
+    let redirect = netdev::redirect_targets()?;
+    let public: Vec<u32> = attachments(dir)
+        .into_iter()
+        .filter(|(_, role)| *role == Role::PublicFastPath)
+        .filter_map(|(iface, _)| netdev::ifindex(&iface))
+        .filter(|i| redirect.contains(i))
+        .collect();
+    state.set_fast_path_devices(&redirect, &public)?;
+    FastPathDevices::read(&state)
+}
+
 /// Detaches pf from `iface` by unpinning its links. Works for an interface that has gone too
 /// (its pins are cleared).
 pub fn detach(dir: &PinDir, iface: &str) -> Result<(), PfError> {
-    let pins = [dir.link(iface, XDP_LINK), dir.link(iface, TC_LINK)];
+    let pins: Vec<_> = Role::ALL
+        .iter()
+        .map(|r| dir.link(iface, r.xdp_link()))
+        .chain([dir.link(iface, TC_LINK)])
+        .collect();
     if !dir.exists() || !pins.iter().any(|p| p.exists()) {
         return Err(if interface_exists(iface) {
             PfError::NotAttached(iface.to_string())
@@ -345,7 +517,7 @@ pub fn detach(dir: &PinDir, iface: &str) -> Result<(), PfError> {
             PfError::UnknownInterface(iface.to_string())
         });
     }
-    let _lock = dir.lock(true)?;
+    let lock = dir.lock(true)?;
     for pin in pins.iter().filter(|p| p.exists()) {
         match PinnedLink::from_pin(pin) {
             // Unpinning drops the last reference once this FdLink is dropped: the link detaches.
@@ -359,10 +531,31 @@ pub fn detach(dir: &PinDir, iface: &str) -> Result<(), PfError> {
     }
     let iface_dir = dir.iface_links(iface);
     std::fs::remove_dir(&iface_dir)
-        .map_err(|e| PfError::io(format!("removing {}", iface_dir.display()), e))
+        .map_err(|e| PfError::io(format!("removing {}", iface_dir.display()), e))?;
+    // A detached public interface leaves PUBLIC_DEVICES; with maps only half made (an attach
+    // that failed early), there is nothing to refresh.
+    if pf_common::map_names::ALL
+        .iter()
+        .all(|n| dir.map(n).exists())
+    {
+        refresh_locked(dir, lock)?;
+    }
+    Ok(())
 }
 
 /// Interfaces pf is attached to through `dir`.
 pub fn attached_interfaces(dir: &PinDir) -> Vec<String> {
     dir.linked_interfaces()
+}
+
+/// Interfaces pf is attached to through `dir`, each with its role (an interface whose pins are
+/// incomplete, from an attach that was interrupted, counts as public).
+pub fn attachments(dir: &PinDir) -> Vec<(String, Role)> {
+    dir.linked_interfaces()
+        .into_iter()
+        .map(|iface| {
+            let role = role_of(dir, &iface).unwrap_or(Role::Public);
+            (iface, role)
+        })
+        .collect()
 }

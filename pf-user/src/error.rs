@@ -75,6 +75,11 @@ pub enum PfError {
     NotAttached(String),
 
     #[error(
+        "{0} is not an Ethernet-like interface: --tunnel-side needs Ethernet frames (veth, tap, VXLAN); replies from a layer-3 tunnel such as WireGuard or tun are rewritten by the TC egress program on the public interface, with no attach needed on the tunnel side"
+    )]
+    NotEthernet(String),
+
+    #[error(
         "{iface} already has an XDP program that pf did not attach; remove it first (ip link set dev {iface} xdp off)"
     )]
     XdpBusy { iface: String },

@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use pf::{
     bpffs::{DEFAULT_PIN_DIR, PinDir},
-    dataplane::{self, AttachMode},
+    dataplane::{self, AttachMode, FastPathDevices, Role},
     privilege,
     spec::{PublicSpec, Reservation, SpecError, TargetSpec},
     state::{Counters, State, Stats, Traffic},
@@ -33,7 +33,19 @@ enum Command {
         /// XDP mode: auto (native, falling back to skb), native, or skb.
         #[arg(long, default_value = "auto", value_name = "auto|native|skb")]
         mode: AttachMode,
+        /// Forwarded packets leave by XDP_REDIRECT where the route and the egress device allow
+        /// it. They then bypass the server's forwarding path: netfilter (FORWARD and
+        /// POSTROUTING rules, conntrack), qdiscs and tcpdump on the way out. Off by default.
+        #[arg(long, conflicts_with = "tunnel_side")]
+        fast_path: bool,
+        /// IFACE is an Ethernet-like tunnel-side interface (veth, tap, VXLAN): attach only the
+        /// reply fast path, which sends replies from forwarded ports straight out a public
+        /// interface attached with --fast-path, bypassing netfilter as that does.
+        #[arg(long)]
+        tunnel_side: bool,
     },
+    /// Re-read which devices can take redirected frames (after adding or changing interfaces).
+    Refresh,
     /// Remove pf's programs from an interface.
     Detach { iface: String },
     /// Forward PUBLIC_IP:PORT[-PORT]/tcp|udp|both to a tunnel address.
@@ -107,10 +119,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     privilege::require_privileges()?;
     let dir = PinDir::new(&cli.bpffs);
     match cli.command {
-        Command::Attach { iface, mode } => {
-            let used = dataplane::attach(&dir, &iface, mode)?;
-            println!("attached pf to {iface} (XDP in {used} mode on ingress, TC on egress)");
+        Command::Attach {
+            iface,
+            mode,
+            fast_path,
+            tunnel_side,
+        } => {
+            let role = match (fast_path, tunnel_side) {
+                (_, true) => Role::TunnelSide,
+                (true, false) => Role::PublicFastPath,
+                (false, false) => Role::Public,
+            };
+            let attached = dataplane::attach(&dir, &iface, mode, role)?;
+            let used = attached.xdp_mode;
+            match role {
+                Role::Public => {
+                    println!("attached pf to {iface} (XDP in {used} mode on ingress, TC on egress)")
+                }
+                Role::PublicFastPath => println!(
+                    "attached pf to {iface} with the fast path (XDP in {used} mode on ingress, TC on egress): forwarded packets that can be redirected bypass the kernel's forwarding path and netfilter"
+                ),
+                Role::TunnelSide => println!(
+                    "attached pf's reply fast path to {iface} (XDP in {used} mode): replies that can be redirected out a fast-path public interface bypass the kernel's forwarding path and netfilter"
+                ),
+            }
+            if role != Role::Public {
+                print_devices(&attached.devices);
+            }
         }
+        Command::Refresh => print_devices(&dataplane::refresh_devices(&dir)?),
         Command::Detach { iface } => {
             dataplane::detach(&dir, &iface)?;
             println!("detached pf from {iface}");
@@ -141,18 +178,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Stats { json } => {
-            let stats = match State::open_for_read(&dir)? {
-                Some(state) => Some(state.stats()?),
-                None => None,
+            let (stats, devices) = match State::open_for_read(&dir)? {
+                Some(state) => (Some(state.stats()?), FastPathDevices::read(&state)?),
+                None => (None, FastPathDevices::default()),
             };
-            let attached = dataplane::attached_interfaces(&dir);
+            let attached = dataplane::attachments(&dir);
             if json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&stats_json(stats.as_ref(), &attached))?
+                    serde_json::to_string_pretty(&stats_json(stats.as_ref(), &attached, &devices))?
                 );
             } else {
-                print_stats(stats.as_ref(), &attached);
+                print_stats(stats.as_ref(), &attached, &devices);
             }
         }
     }
@@ -173,7 +210,26 @@ fn reservation_json(r: &Reservation) -> Value {
     })
 }
 
-fn stats_json(stats: Option<&Stats>, attached: &[String]) -> Value {
+fn print_devices(devices: &FastPathDevices) {
+    let list = |names: &[String]| {
+        if names.is_empty() {
+            "(none)".to_string()
+        } else {
+            names.join(", ")
+        }
+    };
+    println!(
+        "fast path: forwarded packets may be redirected to {}; replies to {}",
+        list(&devices.redirect),
+        list(&devices.public)
+    );
+}
+
+fn stats_json(
+    stats: Option<&Stats>,
+    attached: &[(String, Role)],
+    devices: &FastPathDevices,
+) -> Value {
     let counters = |c: &[(&str, u64)]| -> Value {
         c.iter()
             .map(|(name, v)| ((*name).to_string(), json!(v)))
@@ -185,6 +241,7 @@ fn stats_json(stats: Option<&Stats>, attached: &[String]) -> Value {
             ingress: Vec::new(),
             egress: Vec::new(),
             fast_path: Vec::new(),
+            reply_fast_path: Vec::new(),
         },
         reservations: Vec::new(),
     };
@@ -199,19 +256,32 @@ fn stats_json(stats: Option<&Stats>, attached: &[String]) -> Value {
         })
         .collect();
     json!({
-        "attached": attached,
+        "attached": attached.iter().map(|(iface, _)| iface).collect::<Vec<_>>(),
+        "roles": attached
+            .iter()
+            .map(|(iface, role)| (iface.clone(), json!(role.describe())))
+            .collect::<serde_json::Map<_, _>>(),
+        "fast_path_devices": {
+            "redirect": devices.redirect,
+            "public": devices.public,
+        },
         "ingress": counters(&s.counters.ingress),
         "egress": counters(&s.counters.egress),
         "fast_path": counters(&s.counters.fast_path),
+        "reply_fast_path": counters(&s.counters.reply_fast_path),
         "reservations": reservations,
     })
 }
 
-fn print_stats(stats: Option<&Stats>, attached: &[String]) {
+fn print_stats(stats: Option<&Stats>, attached: &[(String, Role)], devices: &FastPathDevices) {
     if attached.is_empty() {
         println!("attached: (none)");
     } else {
-        println!("attached: {}", attached.join(", "));
+        let list: Vec<String> = attached
+            .iter()
+            .map(|(iface, role)| format!("{iface} ({})", role.describe()))
+            .collect();
+        println!("attached: {}", list.join(", "));
     }
     let Some(stats) = stats else {
         println!("no state yet (nothing reserved or attached)");
@@ -225,7 +295,11 @@ fn print_stats(stats: Option<&Stats>, attached: &[String]) {
     };
     println!("ingress (XDP): {}", line(&stats.counters.ingress));
     println!("egress  (TC):  {}", line(&stats.counters.egress));
-    println!("fast path:     {}", line(&stats.counters.fast_path));
+    if attached.iter().any(|(_, role)| *role != Role::Public) {
+        println!("fast path:     {}", line(&stats.counters.fast_path));
+        println!("reply fast:    {}", line(&stats.counters.reply_fast_path));
+        print_devices(devices);
+    }
     if stats.reservations.is_empty() {
         println!("no reservations");
         return;

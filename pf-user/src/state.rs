@@ -7,12 +7,16 @@
 
 use std::{fs::File, net::Ipv4Addr, os::fd::AsFd};
 
+use aya::maps::xdp::XdpMapError;
 use aya::maps::{
-    HashMap, IterableMap, Map, MapData, MapError, MapType, PerCpuArray, PerCpuHashMap,
+    DevMapHash, HashMap, IterableMap, Map, MapData, MapError, MapType, PerCpuArray, PerCpuHashMap,
 };
 use pf_common::{
     EndpointKey, FragmentKey, FragmentValue, NatEntry, ReservationKey, ReservationValue,
-    counters::{COUNTER_SLOTS, EGRESS_BASE, FAST_PATH_BASE, FastPath, INGRESS_BASE, Outcome},
+    counters::{
+        COUNTER_SLOTS, EGRESS_BASE, FAST_PATH_BASE, FastPath, INGRESS_BASE, Outcome,
+        REPLY_FAST_PATH_BASE,
+    },
     limits::{MAX_FORWARDS, MAX_REDIRECT_DEVICES, MAX_RESERVATIONS, MAX_TRACKED_DATAGRAMS},
     map_names,
 };
@@ -107,6 +111,8 @@ pub struct State {
     reverse: PerCpuHashMap<MapData, EndpointKey, NatEntry>,
     reservations: HashMap<MapData, ReservationKey, ReservationValue>,
     counters: PerCpuArray<MapData, u64>,
+    redirect_devices: DevMapHash<MapData>,
+    public_devices: DevMapHash<MapData>,
     nr_cpus: usize,
     _lock: File,
 }
@@ -130,6 +136,9 @@ pub struct Counters {
     /// Fast-path outcomes of rewritten packets, by name, in `FastPath` order (all zero unless
     /// an interface is attached with `--fast-path`).
     pub fast_path: Vec<(&'static str, u64)>,
+    /// Reply fast-path outcomes, by name, in `FastPath` order (all zero unless an interface is
+    /// attached with `--tunnel-side`).
+    pub reply_fast_path: Vec<(&'static str, u64)>,
 }
 
 impl Counters {
@@ -156,7 +165,10 @@ struct Layout {
     max_entries: u32,
 }
 
-const LAYOUTS: [Layout; 6] = [
+/// struct bpf_devmap_val: ifindex, and a program fd/id.
+const DEVMAP_VALUE_SIZE: u32 = 8;
+
+const LAYOUTS: [Layout; 7] = [
     Layout {
         name: map_names::FORWARD_NAT,
         map_type: MapType::PerCpuHash,
@@ -196,8 +208,14 @@ const LAYOUTS: [Layout; 6] = [
         name: map_names::REDIRECT_DEVICES,
         map_type: MapType::DevMapHash,
         key_size: 4,
-        // struct bpf_devmap_val: ifindex, and a program fd/id.
-        value_size: 8,
+        value_size: DEVMAP_VALUE_SIZE,
+        max_entries: MAX_REDIRECT_DEVICES,
+    },
+    Layout {
+        name: map_names::PUBLIC_DEVICES,
+        map_type: MapType::DevMapHash,
+        key_size: 4,
+        value_size: DEVMAP_VALUE_SIZE,
         max_entries: MAX_REDIRECT_DEVICES,
     },
 ];
@@ -265,8 +283,9 @@ impl State {
         Self::open_maps(dir, lock).map(Some)
     }
 
-    fn open_maps(dir: &PinDir, lock: File) -> Result<Self, PfError> {
-        // The fragment table and the redirect devices are opened only to check their layout.
+    /// Opens pf's maps (all of them pinned already) under a lock the caller took.
+    pub(crate) fn open_maps(dir: &PinDir, lock: File) -> Result<Self, PfError> {
+        // The fragment table is opened only to check its layout.
         let [
             forward,
             reverse,
@@ -274,9 +293,9 @@ impl State {
             counters,
             fragments,
             redirect_devices,
+            public_devices,
         ] = LAYOUTS.each_ref().map(|l| open_map(dir, l));
         fragments?;
-        redirect_devices?;
         let typed = |name: &'static str| move |source: MapError| PfError::Map { map: name, source };
         Ok(Self {
             forward: forward?.try_into().map_err(typed(map_names::FORWARD_NAT))?,
@@ -285,6 +304,12 @@ impl State {
                 .try_into()
                 .map_err(typed(map_names::RESERVATIONS))?,
             counters: counters?.try_into().map_err(typed(map_names::COUNTERS))?,
+            redirect_devices: redirect_devices?
+                .try_into()
+                .map_err(typed(map_names::REDIRECT_DEVICES))?,
+            public_devices: public_devices?
+                .try_into()
+                .map_err(typed(map_names::PUBLIC_DEVICES))?,
             nr_cpus: aya::util::nr_cpus()
                 .map_err(|(what, e)| PfError::io(format!("reading {what}"), e))?,
             _lock: lock,
@@ -563,15 +588,77 @@ impl State {
             ingress.push((outcome.name(), counter(INGRESS_BASE + outcome as u32)?));
             egress.push((outcome.name(), counter(EGRESS_BASE + outcome as u32)?));
         }
-        let fast_path = FastPath::ALL
-            .iter()
-            .map(|&f| Ok((f.name(), counter(FAST_PATH_BASE + f as u32)?)))
-            .collect::<Result<_, PfError>>()?;
+        let fast_path_block = |base: u32| {
+            FastPath::ALL
+                .iter()
+                .map(|&f| Ok((f.name(), counter(base + f as u32)?)))
+                .collect::<Result<Vec<_>, PfError>>()
+        };
         Ok(Counters {
             ingress,
             egress,
-            fast_path,
+            fast_path: fast_path_block(FAST_PATH_BASE)?,
+            reply_fast_path: fast_path_block(REPLY_FAST_PATH_BASE)?,
         })
+    }
+
+    /// The fast paths' device maps, by ifindex: (`REDIRECT_DEVICES`, `PUBLIC_DEVICES`).
+    pub fn fast_path_devices(&self) -> Result<(Vec<u32>, Vec<u32>), PfError> {
+        let keys = |map: &DevMapHash<MapData>, name: &'static str| {
+            let mut keys = map
+                .keys()
+                .collect::<Result<Vec<u32>, _>>()
+                .map_err(|source| PfError::Map { map: name, source })?;
+            keys.sort_unstable();
+            Ok::<_, PfError>(keys)
+        };
+        Ok((
+            keys(&self.redirect_devices, map_names::REDIRECT_DEVICES)?,
+            keys(&self.public_devices, map_names::PUBLIC_DEVICES)?,
+        ))
+    }
+
+    /// Makes the fast paths' device maps hold exactly `redirect` and `public` (ifindexes):
+    /// additions first, then removals, so a device that stays is never missing in between.
+    pub(crate) fn set_fast_path_devices(
+        &mut self,
+        redirect: &[u32],
+        public: &[u32],
+    ) -> Result<(), PfError> {
+        let (old_redirect, old_public) = self.fast_path_devices()?;
+        for (map, name, old, new) in [
+            (
+                &mut self.redirect_devices,
+                map_names::REDIRECT_DEVICES,
+                old_redirect,
+                redirect,
+            ),
+            (
+                &mut self.public_devices,
+                map_names::PUBLIC_DEVICES,
+                old_public,
+                public,
+            ),
+        ] {
+            let map_err = |source: MapError| PfError::Map { map: name, source };
+            for &ifindex in new.iter().filter(|i| !old.contains(i)) {
+                map.insert(ifindex, ifindex, None, 0).map_err(|e| match e {
+                    XdpMapError::MapError(source) => map_err(source),
+                    // Only with a program attached to the entry, which pf never asks for.
+                    other => PfError::io(
+                        format!("map {name}: adding device {ifindex}"),
+                        std::io::Error::other(other.to_string()),
+                    ),
+                })?;
+            }
+            for ifindex in old.iter().filter(|i| !new.contains(i)) {
+                match map.remove(*ifindex) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(source) => return Err(map_err(source)),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The global counters and every reservation's traffic (a walk over all their entries).

@@ -14,6 +14,8 @@
 //! - `nftables`: prerouting DNAT to the client, with conntrack (which also un-NATs replies):
 //!   what an admin would otherwise use.
 //! - `pf`: pf attached to pub0 in native mode, one reservation.
+//! - `pf fast path`: the same with `--fast-path`: each frame leaves pub0's XDP by XDP_REDIRECT
+//!   into tun0 (the sink on eth0 makes tun0 able to take XDP frames).
 //!
 //! Every configuration without pf has `pf_bench_pass` (XDP_PASS) on pub0, so all receive
 //! through native XDP alike; the client's eth0 has `pf_bench_sink` expecting 10.8.0.2:80.
@@ -31,7 +33,7 @@ use aya::{
 };
 use pf::{
     bpffs::PinDir,
-    dataplane::{self, AttachMode},
+    dataplane::{self, AttachMode, Role},
     spec::Protocols,
     state::State,
 };
@@ -63,10 +65,17 @@ pub enum Config {
     Plain,
     Nftables,
     Pf,
+    PfFastPath,
 }
 
 impl Config {
-    pub const ALL: [Config; 4] = [Config::Ceiling, Config::Plain, Config::Nftables, Config::Pf];
+    pub const ALL: [Config; 5] = [
+        Config::Ceiling,
+        Config::Plain,
+        Config::Nftables,
+        Config::Pf,
+        Config::PfFastPath,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -74,6 +83,7 @@ impl Config {
             Config::Plain => "plain forwarding (no NAT)",
             Config::Nftables => "nftables DNAT",
             Config::Pf => "pf (XDP_PASS)",
+            Config::PfFastPath => "pf fast path (XDP_REDIRECT)",
         }
     }
 
@@ -277,7 +287,28 @@ pub fn setup(config: Config) -> Result<Setup, String> {
         let _ = std::fs::remove_file(&rules);
         loaded.map_err(|e| format!("loading the nftables rules: {e}"))?;
     }
-    if config == Config::Pf {
+    let sink = if config == Config::Ceiling {
+        attach_bench_program(
+            &topology.server,
+            PUBLIC_IFACE,
+            "pf_bench_sink",
+            (public, PUBLIC_PORT),
+        )?
+    } else {
+        attach_bench_program(
+            &topology.client,
+            "eth0",
+            "pf_bench_sink",
+            (client, TARGET_PORT),
+        )?
+    };
+    // After the sink: an XDP program on eth0 is what lets tun0 take redirected frames, and
+    // attach fills the fast path's device map from what the devices can do at that moment.
+    if let Some(role) = match config {
+        Config::Pf => Some(Role::Public),
+        Config::PfFastPath => Some(Role::PublicFastPath),
+        _ => None,
+    } {
         let scratch = ScratchDir::claim(format!("/sys/fs/bpf/pf-bench-fwd-{}", std::process::id()));
         let dir = PinDir::new(scratch.path());
         let mut state = State::open_for_write(&dir).map_err(|e| e.to_string())?;
@@ -300,27 +331,17 @@ pub fn setup(config: Config) -> Result<Setup, String> {
         topology
             .server
             .within(move || {
-                dataplane::attach(&PinDir::new(dir_path), PUBLIC_IFACE, AttachMode::Native)
+                dataplane::attach(
+                    &PinDir::new(dir_path),
+                    PUBLIC_IFACE,
+                    AttachMode::Native,
+                    role,
+                )
             })
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("pf attach: {e}"))?;
         pf_dir = Some(scratch);
     }
-    let sink = if config == Config::Ceiling {
-        attach_bench_program(
-            &topology.server,
-            PUBLIC_IFACE,
-            "pf_bench_sink",
-            (public, PUBLIC_PORT),
-        )?
-    } else {
-        attach_bench_program(
-            &topology.client,
-            "eth0",
-            "pf_bench_sink",
-            (client, TARGET_PORT),
-        )?
-    };
     Ok(Setup {
         topology,
         sink,

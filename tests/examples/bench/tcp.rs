@@ -72,10 +72,15 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
         profile.tcp_seconds
     );
     println!("{:<28} {:>12}", "configuration", "Gbit/s");
-    [Config::Plain, Config::Nftables, Config::Pf]
-        .into_iter()
-        .map(|config| measure(config, profile))
-        .collect()
+    [
+        Config::Plain,
+        Config::Nftables,
+        Config::Pf,
+        Config::PfFastPath,
+    ]
+    .into_iter()
+    .map(|config| measure(config, profile))
+    .collect()
 }
 
 /// The TCP table with each figure's ratio to nftables DNAT.

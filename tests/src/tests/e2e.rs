@@ -198,7 +198,12 @@ fn pf_link_ids() -> BTreeSet<u64> {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|p| matches!(p["name"].as_str(), Some("pf_ingress" | "pf_egress")))
+        .filter(|p| {
+            matches!(
+                p["name"].as_str(),
+                Some("pf_ingress" | "pf_ingress_fast" | "pf_reply_fast" | "pf_egress")
+            )
+        })
         .filter_map(|p| p["id"].as_u64())
         .collect();
     links
@@ -230,11 +235,42 @@ fn traffic<'a>(stats: &'a Value, spec_prefix: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no reservation {spec_prefix} in {stats}"))
 }
 
-fn forwarding_scenario(mode: &str) {
+/// Which way forwarded packets take through the server.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Path {
+    /// `pf attach`: XDP_PASS, the kernel forwards.
+    Kernel,
+    /// `pf attach --fast-path` on pub0 and `--tunnel-side` on tun0, with GRO on the far ends so
+    /// both veths can take redirected frames: both directions leave by XDP_REDIRECT.
+    Fast,
+    /// The same attach, but neither far end has GRO or XDP, so no device can take redirected
+    /// frames: every packet must fall back to the kernel, and still arrive.
+    FastFallback,
+}
+
+impl Path {
+    fn name(self) -> &'static str {
+        match self {
+            Path::Kernel => "k",
+            Path::Fast => "f",
+            Path::FastFallback => "b",
+        }
+    }
+}
+
+fn forwarding_scenario(mode: &str, path: Path) {
     require_root();
     let dir = TempPinDir::new();
-    let topo =
-        Topology::new(&format!("pf{}{mode}", std::process::id())).expect("building the topology");
+    let topo = Topology::new(&format!("pf{}{mode}{}", std::process::id(), path.name()))
+        .expect("building the topology");
+    if path == Path::Fast {
+        topo.client
+            .run(&["ethtool", "-K", "eth0", "gro", "on"])
+            .unwrap();
+        topo.inet
+            .run(&["ethtool", "-K", "inet0", "gro", "on"])
+            .unwrap();
+    }
     let client_page = format!("tunnel client page {}", std::process::id());
     let server_page = format!("the server's own page {}", std::process::id());
     let client_root = web_root(&format!("{mode}-client"), &client_page);
@@ -261,17 +297,34 @@ fn forwarding_scenario(mode: &str) {
     );
 
     let links_before = pf_link_ids();
-    let attached = pf_in(
-        &topo.server,
-        &dir,
-        &["attach", PUBLIC_IFACE, "--mode", mode],
-    );
+    let mut attach = vec!["attach", PUBLIC_IFACE, "--mode", mode];
+    if path != Path::Kernel {
+        attach.push("--fast-path");
+    }
+    let attached = pf_in(&topo.server, &dir, &attach);
     assert!(attached.contains(&format!("{mode} mode")), "{attached}");
+    if path != Path::Kernel {
+        let attached = pf_in(
+            &topo.server,
+            &dir,
+            &["attach", "tun0", "--tunnel-side", "--mode", mode],
+        );
+        let devices = match path {
+            Path::Fast => "redirected to pub0, tun0; replies to pub0",
+            _ => "redirected to (none); replies to (none)",
+        };
+        assert!(
+            attached.contains(devices),
+            "want '{devices}' in: {attached}"
+        );
+    }
     let our_links: BTreeSet<u64> = pf_link_ids().difference(&links_before).copied().collect();
+    let want_links = if path == Path::Kernel { 2 } else { 3 };
     assert_eq!(
         our_links.len(),
-        2,
-        "attach makes one XDP and one TCX link: {our_links:?}"
+        want_links,
+        "one XDP and one TCX link on pub0 (and one XDP link on tun0 with the fast path): \
+         {our_links:?}"
     );
     pf_ok(
         &dir,
@@ -332,9 +385,33 @@ fn forwarding_scenario(mode: &str) {
     );
 
     let stats = pf_stats(&dir);
-    assert_eq!(stats["attached"], serde_json::json!([PUBLIC_IFACE]));
     assert!(counter(&stats, "ingress", "rewritten") > 0, "{stats}");
-    assert!(counter(&stats, "egress", "rewritten") > 0, "{stats}");
+    let fast = |name| counter(&stats, "fast_path", name);
+    let reply = |name| counter(&stats, "reply_fast_path", name);
+    match path {
+        Path::Kernel => {
+            assert_eq!(stats["attached"], serde_json::json!([PUBLIC_IFACE]));
+            assert!(counter(&stats, "egress", "rewritten") > 0, "{stats}");
+            assert_eq!(fast("redirected") + reply("redirected"), 0, "{stats}");
+        }
+        Path::Fast => {
+            assert_eq!(stats["attached"], serde_json::json!([PUBLIC_IFACE, "tun0"]));
+            assert_eq!(stats["roles"]["tun0"], "tunnel side, reply fast path");
+            // Both directions took the fast path; the first packets of a flow may have gone
+            // the kernel's way while the neighbours were resolved.
+            assert!(fast("redirected") > 0, "{stats}");
+            assert!(reply("redirected") > 0, "{stats}");
+            assert_eq!(fast("no_redirect_device") + reply("no_redirect_device"), 0);
+        }
+        Path::FastFallback => {
+            // Nothing could be redirected, yet everything above arrived: the kernel forwarded
+            // each packet after pf's rewrite, and TC egress rewrote every reply.
+            assert_eq!(fast("redirected") + reply("redirected"), 0, "{stats}");
+            assert!(fast("no_redirect_device") > 0, "{stats}");
+            assert!(reply("no_redirect_device") > 0, "{stats}");
+            assert!(counter(&stats, "egress", "rewritten") > 0, "{stats}");
+        }
+    }
     assert!(
         counter(&stats, "ingress", "no_reservation") > 0,
         "the 8081 traffic: {stats}"
@@ -365,17 +442,24 @@ fn forwarding_scenario(mode: &str) {
     );
     assert!(topo.inet.curl(&format!("http://{PUBLIC_IP}:8810/")).is_ok());
 
-    // Detach: no pf program remains on the interface, and the server's traffic is unaffected.
-    pf_in(&topo.server, &dir, &["detach", PUBLIC_IFACE]);
-    let link = topo
-        .server
-        .run(&["ip", "-d", "link", "show", PUBLIC_IFACE])
-        .unwrap();
-    let link = String::from_utf8_lossy(&link.stdout);
-    assert!(
-        !link.contains("xdp"),
-        "an XDP program is still attached: {link}"
-    );
+    // Detach: no pf program remains on the interfaces, and the server's traffic is unaffected.
+    let ifaces: &[&str] = if path == Path::Kernel {
+        &[PUBLIC_IFACE]
+    } else {
+        &[PUBLIC_IFACE, "tun0"]
+    };
+    for iface in ifaces {
+        pf_in(&topo.server, &dir, &["detach", iface]);
+        let link = topo
+            .server
+            .run(&["ip", "-d", "link", "show", iface])
+            .unwrap();
+        let link = String::from_utf8_lossy(&link.stdout);
+        assert!(
+            !link.contains("xdp"),
+            "an XDP program is still attached to {iface}: {link}"
+        );
+    }
     let left: Vec<u64> = pf_link_ids().intersection(&our_links).copied().collect();
     assert!(left.is_empty(), "links {left:?} survived detach");
     assert_eq!(pf_stats(&dir)["attached"], serde_json::json!([]));
@@ -395,12 +479,22 @@ fn forwarding_scenario(mode: &str) {
 
 #[test]
 fn forwarding_native_xdp() {
-    forwarding_scenario("native");
+    forwarding_scenario("native", Path::Kernel);
 }
 
 #[test]
 fn forwarding_generic_xdp() {
-    forwarding_scenario("skb");
+    forwarding_scenario("skb", Path::Kernel);
+}
+
+#[test]
+fn forwarding_fast_path() {
+    forwarding_scenario("native", Path::Fast);
+}
+
+#[test]
+fn forwarding_fast_path_falls_back_when_no_device_takes_redirects() {
+    forwarding_scenario("native", Path::FastFallback);
 }
 
 /// A raw socket receiving every ICMP message that reaches a namespace, so a test can see an
