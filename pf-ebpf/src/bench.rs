@@ -14,6 +14,9 @@
 //!   the per-packet comparison.
 //! - `pf_bench_pass`, XDP_PASS only: stands in for pf on the server's public veth in the
 //!   configurations without pf, so every configuration receives through native XDP alike.
+//! - `pf_bench_redirect`: redirects every frame to the one device in `BENCH_REDIRECT`, with no
+//!   parsing, NAT or FIB lookup: the least an XDP forwarder can do on the same path, the floor
+//!   under pf's fast path.
 #![no_std]
 #![no_main]
 
@@ -22,7 +25,7 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, xdp_action},
     macros::{map, xdp},
-    maps::{PerCpuArray, PerCpuHashMap},
+    maps::{DevMap, PerCpuArray, PerCpuHashMap},
     programs::XdpContext,
 };
 
@@ -155,6 +158,17 @@ pub fn pf_bench_lookup(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn pf_bench_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// Slot 0: the device `pf_bench_redirect` sends every frame to (set by the bench).
+#[map]
+static BENCH_REDIRECT: DevMap = DevMap::with_max_entries(1, 0);
+
+#[xdp]
+pub fn pf_bench_redirect(_ctx: XdpContext) -> u32 {
+    BENCH_REDIRECT
+        .redirect(0, xdp_action::XDP_PASS as u64)
+        .unwrap_or(xdp_action::XDP_PASS)
 }
 
 #[cfg(not(test))]

@@ -16,9 +16,13 @@
 //! - `pf`: pf attached to pub0 in native mode, one reservation.
 //! - `pf fast path`: the same with `--fast-path`: each frame leaves pub0's XDP by XDP_REDIRECT
 //!   into tun0 (the sink on eth0 makes tun0 able to take XDP frames).
+//! - `redirect only`: frames addressed to the client, redirected from pub0 to tun0 by
+//!   `pf_bench_redirect`, which does nothing else (no parsing, NAT, FIB lookup or MAC rewrite):
+//!   the floor under the fast path on the same two veth hops.
 //!
-//! Every configuration without pf has `pf_bench_pass` (XDP_PASS) on pub0, so all receive
-//! through native XDP alike; the client's eth0 has `pf_bench_sink` expecting 10.8.0.2:80.
+//! Every configuration without pf has `pf_bench_pass` (XDP_PASS, or `pf_bench_redirect` for
+//! redirect only) on pub0, so all receive through native XDP alike; the client's eth0 has
+//! `pf_bench_sink` expecting 10.8.0.2:80.
 
 use std::{
     net::Ipv4Addr,
@@ -28,7 +32,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::PerCpuArray,
+    maps::{DevMap, PerCpuArray},
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
 };
 use pf::{
@@ -66,14 +70,16 @@ pub enum Config {
     Nftables,
     Pf,
     PfFastPath,
+    RedirectOnly,
 }
 
 impl Config {
-    pub const ALL: [Config; 5] = [
+    pub const ALL: [Config; 6] = [
         Config::Ceiling,
         Config::Plain,
         Config::Nftables,
         Config::Pf,
+        Config::RedirectOnly,
         Config::PfFastPath,
     ];
 
@@ -84,13 +90,14 @@ impl Config {
             Config::Nftables => "nftables DNAT",
             Config::Pf => "pf (XDP_PASS)",
             Config::PfFastPath => "pf fast path (XDP_REDIRECT)",
+            Config::RedirectOnly => "redirect only (no NAT/FIB)",
         }
     }
 
     /// Where the generator addresses its frames.
     fn destination(self) -> (Ipv4Addr, u16) {
         match self {
-            Config::Plain => (CLIENT_IP.parse().unwrap(), TARGET_PORT),
+            Config::Plain | Config::RedirectOnly => (CLIENT_IP.parse().unwrap(), TARGET_PORT),
             _ => (PUBLIC_IP.parse().unwrap(), PUBLIC_PORT),
         }
     }
@@ -239,6 +246,7 @@ pub struct Setup {
     pub topology: Topology,
     /// Counts delivered frames: on eth0 (forwarding) or pub0 (ceiling).
     sink: Ebpf,
+    /// pub0's program in the configurations without pf.
     _pass: Option<Ebpf>,
     _pf_dir: Option<ScratchDir>,
 }
@@ -263,7 +271,7 @@ pub fn setup(config: Config) -> Result<Setup, String> {
     let topology = Topology::new("pfbench").map_err(|e| format!("topology: {e}"))?;
     let public: Ipv4Addr = PUBLIC_IP.parse().unwrap();
     let client: Ipv4Addr = CLIENT_IP.parse().unwrap();
-    let pass = if matches!(config, Config::Plain | Config::Nftables) {
+    let mut pass = if matches!(config, Config::Plain | Config::Nftables) {
         Some(attach_bench_program(
             &topology.server,
             PUBLIC_IFACE,
@@ -302,6 +310,33 @@ pub fn setup(config: Config) -> Result<Setup, String> {
             (client, TARGET_PORT),
         )?
     };
+    if config == Config::RedirectOnly {
+        let program = attach_bench_program(
+            &topology.server,
+            PUBLIC_IFACE,
+            "pf_bench_redirect",
+            (public, 0),
+        )?;
+        // In the server's namespace: the kernel resolves a DEVMAP entry's ifindex in the
+        // namespace of the process that writes it.
+        let program = topology
+            .server
+            .within(move || -> Result<Ebpf, String> {
+                let mut program = program;
+                let tun0 = pf::netdev::ifindex("tun0").ok_or("no tun0 in the server namespace")?;
+                let mut devices: DevMap<_> = program
+                    .map_mut("BENCH_REDIRECT")
+                    .ok_or("the bench object has no BENCH_REDIRECT")?
+                    .try_into()
+                    .map_err(|e| format!("BENCH_REDIRECT: {e}"))?;
+                devices
+                    .set(0, tun0, None, 0)
+                    .map_err(|e| format!("BENCH_REDIRECT: {e}"))?;
+                Ok(program)
+            })
+            .map_err(|e| e.to_string())??;
+        pass = Some(program);
+    }
     // After the sink: an XDP program on eth0 is what lets tun0 take redirected frames, and
     // attach fills the fast path's device map from what the devices can do at that moment.
     if let Some(role) = match config {
