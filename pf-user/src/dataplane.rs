@@ -378,8 +378,16 @@ pub fn attach(
     };
     // The programs are attached and pinned; the maps exist (loading the object pinned them).
     drop(programs);
-    let devices = refresh_locked(dir, lock)?;
-    Ok(Attached { xdp_mode, devices })
+    match refresh_locked(dir, lock) {
+        Ok(devices) => Ok(Attached { xdp_mode, devices }),
+        Err(e) => {
+            // An attach that cannot fill the device maps changes nothing. The refresh dropped
+            // the lock with its state; take it again to undo.
+            let _lock = dir.lock(true)?;
+            let _ = remove_links(dir, iface);
+            Err(e)
+        }
+    }
 }
 
 fn attach_programs(
@@ -505,12 +513,7 @@ fn refresh_locked(dir: &PinDir, lock: std::fs::File) -> Result<FastPathDevices, 
 /// Detaches pf from `iface` by unpinning its links. Works for an interface that has gone too
 /// (its pins are cleared).
 pub fn detach(dir: &PinDir, iface: &str) -> Result<(), PfError> {
-    let pins: Vec<_> = Role::ALL
-        .iter()
-        .map(|r| dir.link(iface, r.xdp_link()))
-        .chain([dir.link(iface, TC_LINK)])
-        .collect();
-    if !dir.exists() || !pins.iter().any(|p| p.exists()) {
+    if !dir.exists() || !link_pins(dir, iface).iter().any(|p| p.exists()) {
         return Err(if interface_exists(iface) {
             PfError::NotAttached(iface.to_string())
         } else {
@@ -518,7 +521,31 @@ pub fn detach(dir: &PinDir, iface: &str) -> Result<(), PfError> {
         });
     }
     let lock = dir.lock(true)?;
-    for pin in pins.iter().filter(|p| p.exists()) {
+    remove_links(dir, iface)?;
+    // A detached public interface leaves PUBLIC_DEVICES; with maps only half made (an attach
+    // that failed early), there is nothing to refresh.
+    if pf_common::map_names::ALL
+        .iter()
+        .all(|n| dir.map(n).exists())
+    {
+        refresh_locked(dir, lock)?;
+    }
+    Ok(())
+}
+
+/// Every link pin `iface` may have.
+fn link_pins(dir: &PinDir, iface: &str) -> Vec<std::path::PathBuf> {
+    Role::ALL
+        .iter()
+        .map(|r| dir.link(iface, r.xdp_link()))
+        .chain([dir.link(iface, TC_LINK)])
+        .collect()
+}
+
+/// Unpins `iface`'s links, which detaches them, and removes its link directory. The caller
+/// holds the exclusive lock.
+fn remove_links(dir: &PinDir, iface: &str) -> Result<(), PfError> {
+    for pin in link_pins(dir, iface).iter().filter(|p| p.exists()) {
         match PinnedLink::from_pin(pin) {
             // Unpinning drops the last reference once this FdLink is dropped: the link detaches.
             Ok(link) => drop(
@@ -531,16 +558,7 @@ pub fn detach(dir: &PinDir, iface: &str) -> Result<(), PfError> {
     }
     let iface_dir = dir.iface_links(iface);
     std::fs::remove_dir(&iface_dir)
-        .map_err(|e| PfError::io(format!("removing {}", iface_dir.display()), e))?;
-    // A detached public interface leaves PUBLIC_DEVICES; with maps only half made (an attach
-    // that failed early), there is nothing to refresh.
-    if pf_common::map_names::ALL
-        .iter()
-        .all(|n| dir.map(n).exists())
-    {
-        refresh_locked(dir, lock)?;
-    }
-    Ok(())
+        .map_err(|e| PfError::io(format!("removing {}", iface_dir.display()), e))
 }
 
 /// Interfaces pf is attached to through `dir`.

@@ -154,6 +154,16 @@ fn bad_input_is_refused_and_changes_nothing() {
             "unknown mode 'turbo'",
             2,
         ),
+        (
+            &["attach", "lo", "--tunnel-side"],
+            "lo is not an Ethernet-like interface",
+            1,
+        ),
+        (
+            &["attach", "lo", "--fast-path", "--tunnel-side"],
+            "'--fast-path' cannot be used with '--tunnel-side'",
+            2,
+        ),
         (&["frobnicate"], "frobnicate", 2),
     ];
     for (args, needle, code) in cases {
@@ -266,11 +276,13 @@ fn attach_is_exclusive_per_interface() {
     let (first, second) = (TempPinDir::new(), TempPinDir::new());
     let run_in = |dir: &TempPinDir, args: &[&str]| pf_in_ns(&ns, dir, args);
     assert!(run_in(&first, &["attach", "pfa"]).status.success());
-    assert_refused(
-        run_in(&first, &["attach", "pfa"]),
-        &["attach", "pfa"],
-        "pf is already attached to pfa",
-    );
+    for args in [
+        &["attach", "pfa"][..],
+        &["attach", "pfa", "--fast-path"],
+        &["attach", "pfa", "--tunnel-side"],
+    ] {
+        assert_refused(run_in(&first, args), args, "pf is already attached to pfa");
+    }
     // Another pf instance (another pin directory) cannot take the interface over.
     assert_refused(
         run_in(&second, &["attach", "pfa"]),
