@@ -164,11 +164,13 @@ pub fn pf_bench_pass(_ctx: XdpContext) -> u32 {
 #[map]
 static BENCH_REDIRECT: DevMap = DevMap::with_max_entries(1, 0);
 
+/// A failed redirect drops (the map's fallback action): the kernel would deliver the frame to
+/// the client anyway, and the figure must be the redirect's or nothing.
 #[xdp]
 pub fn pf_bench_redirect(_ctx: XdpContext) -> u32 {
     BENCH_REDIRECT
-        .redirect(0, xdp_action::XDP_PASS as u64)
-        .unwrap_or(xdp_action::XDP_PASS)
+        .redirect(0, xdp_action::XDP_DROP as u64)
+        .unwrap_or(xdp_action::XDP_DROP)
 }
 
 #[cfg(not(test))]

@@ -359,6 +359,9 @@ pub fn attach(
     if kernel < KernelVersion::new(6, 6, 0) {
         return Err(PfError::KernelTooOld(kernel.to_string()));
     }
+    // The device maps are refilled after attaching (attaching XDP can make a NIC a redirect
+    // target); asking once before catches a kernel that cannot answer while nothing changed.
+    netdev::redirect_targets()?;
     dir.prepare()?;
     let lock = dir.lock(true)?;
     if role_of(dir, iface).is_some() || dir.link(iface, TC_LINK).exists() {
@@ -378,14 +381,19 @@ pub fn attach(
     };
     // The programs are attached and pinned; the maps exist (loading the object pinned them).
     drop(programs);
-    match refresh_locked(dir, lock) {
+    match refresh_locked(dir, &lock) {
         Ok(devices) => Ok(Attached { xdp_mode, devices }),
         Err(e) => {
-            // An attach that cannot fill the device maps changes nothing. The refresh dropped
-            // the lock with its state; take it again to undo.
-            let _lock = dir.lock(true)?;
-            let _ = remove_links(dir, iface);
-            Err(e)
+            // An attach that cannot fill the device maps changes nothing: its links go again,
+            // under the lock still held.
+            match remove_links(dir, iface) {
+                Ok(()) => Err(e),
+                Err(undo) => Err(PfError::Attach {
+                    what: "the fast paths' device maps",
+                    iface: iface.to_string(),
+                    detail: format!("{e}; removing the links again failed too: {undo}"),
+                }),
+            }
         }
     }
 }
@@ -494,12 +502,17 @@ pub fn refresh_devices(dir: &PinDir) -> Result<FastPathDevices, PfError> {
         return Ok(FastPathDevices::default());
     }
     let lock = dir.lock(true)?;
-    refresh_locked(dir, lock)
+    refresh_locked(dir, &lock)
 }
 
-fn refresh_locked(dir: &PinDir, lock: std::fs::File) -> Result<FastPathDevices, PfError> {
-    let mut state = State::open_maps(dir, lock)?;
+/// The refresh, under the exclusive lock the caller holds (`lock` is a handle on it; the lock
+/// stays held as long as the caller's own handle does).
+fn refresh_locked(dir: &PinDir, lock: &std::fs::File) -> Result<FastPathDevices, PfError> {
     let redirect = netdev::redirect_targets()?;
+    let lock = lock
+        .try_clone()
+        .map_err(|e| PfError::io("duplicating the pin directory's lock", e))?;
+    let mut state = State::open_maps(dir, lock)?;
     let public: Vec<u32> = attachments(dir)
         .into_iter()
         .filter(|(_, role)| *role == Role::PublicFastPath)
@@ -521,6 +534,8 @@ pub fn detach(dir: &PinDir, iface: &str) -> Result<(), PfError> {
         });
     }
     let lock = dir.lock(true)?;
+    // Asked before anything is removed, so a kernel that cannot answer changes nothing.
+    netdev::redirect_targets()?;
     remove_links(dir, iface)?;
     // A detached public interface leaves PUBLIC_DEVICES; with maps only half made (an attach
     // that failed early), there is nothing to refresh.
@@ -528,7 +543,7 @@ pub fn detach(dir: &PinDir, iface: &str) -> Result<(), PfError> {
         .iter()
         .all(|n| dir.map(n).exists())
     {
-        refresh_locked(dir, lock)?;
+        refresh_locked(dir, &lock)?;
     }
     Ok(())
 }

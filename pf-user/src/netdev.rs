@@ -17,6 +17,7 @@ const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_DUMP_INTR: u16 = 0x10;
 const GENL_ID_CTRL: u16 = 0x10;
 const CTRL_CMD_GETFAMILY: u8 = 3;
 const CTRL_ATTR_FAMILY_ID: u16 = 1;
@@ -121,12 +122,17 @@ impl GenlSocket {
             let n =
                 unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n < 0 {
-                return Err(io::Error::last_os_error());
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
             }
             let mut rest = &buf[..n as usize];
             while rest.len() >= NLMSG_HDRLEN {
                 let msg_len = u32::from_ne_bytes(rest[0..4].try_into().unwrap()) as usize;
                 let msg_type = u16::from_ne_bytes(rest[4..6].try_into().unwrap());
+                let msg_flags = u16::from_ne_bytes(rest[6..8].try_into().unwrap());
                 let msg_seq = u32::from_ne_bytes(rest[8..12].try_into().unwrap());
                 if msg_len < NLMSG_HDRLEN || msg_len > rest.len() {
                     return Err(io::Error::new(
@@ -139,11 +145,24 @@ impl GenlSocket {
                 if msg_seq != self.seq {
                     continue;
                 }
+                // A dump that changed while it ran may be incomplete; a partial device list
+                // would remove devices from the maps. Refuse it rather than act on it.
+                if msg_flags & NLM_F_DUMP_INTR != 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::Interrupted,
+                        "the device list changed during the dump; try again",
+                    ));
+                }
+                // NLMSG_ERROR carries an errno (0: an acknowledgement); NLMSG_DONE may too.
+                let errno = || {
+                    body.get(0..4)
+                        .map(|b| i32::from_ne_bytes(b.try_into().unwrap()))
+                        .unwrap_or(0)
+                };
                 match msg_type {
-                    NLMSG_DONE => return Ok(answers),
-                    NLMSG_ERROR => {
-                        let errno = i32::from_ne_bytes(body[0..4].try_into().unwrap_or([0; 4]));
-                        if errno != 0 {
+                    NLMSG_DONE | NLMSG_ERROR => {
+                        let errno = errno();
+                        if errno < 0 {
                             return Err(io::Error::from_raw_os_error(-errno));
                         }
                         return Ok(answers);

@@ -41,6 +41,7 @@ use pf::{
     spec::Protocols,
     state::State,
 };
+use pf_common::counters::FastPath;
 use pf_tests::{
     ScratchDir,
     netns::Netns,
@@ -248,7 +249,8 @@ pub struct Setup {
     sink: Ebpf,
     /// pub0's program in the configurations without pf.
     _pass: Option<Ebpf>,
-    _pf_dir: Option<ScratchDir>,
+    /// pf's pin directory, in the configurations with pf.
+    pf_dir: Option<ScratchDir>,
 }
 
 fn nft_dnat_rules() -> String {
@@ -381,8 +383,20 @@ pub fn setup(config: Config) -> Result<Setup, String> {
         topology,
         sink,
         _pass: pass,
-        _pf_dir: pf_dir,
+        pf_dir,
     })
+}
+
+/// pf's `fast_path.redirected` counter, for the fast-path configuration.
+fn fast_path_redirected(setup: &Setup, config: Config) -> Result<Option<u64>, String> {
+    let (Config::PfFastPath, Some(dir)) = (config, &setup.pf_dir) else {
+        return Ok(None);
+    };
+    let state = State::open_for_read(&PinDir::new(dir.path()))
+        .map_err(|e| e.to_string())?
+        .ok_or("pf's maps are gone")?;
+    let counters = state.counters().map_err(|e| e.to_string())?;
+    Ok(Some(counters.fast_path[FastPath::Redirected as usize].1))
 }
 
 /// One (configuration, flows) measurement: every repetition.
@@ -394,11 +408,23 @@ fn measure(setup: &Setup, config: Config, flows: u32, profile: &Profile) -> Resu
     let mut runs = Vec::new();
     for _ in 0..profile.repetitions {
         let before = sink_count(&setup.sink)?;
+        let redirected_before = fast_path_redirected(setup, config)?;
         let (g, sent, elapsed) = generator.send(&setup.topology.inet, profile.forward_seconds)?;
         generator = g;
         // Frames still queued in a softirq when the generator returned are counted too.
         std::thread::sleep(Duration::from_millis(20));
         let delivered = sink_count(&setup.sink)? - before;
+        // The kernel would deliver these frames too: the fast path's figure counts only if pf
+        // redirected (at least) every frame that arrived.
+        if let (Some(b), Some(a)) = (redirected_before, fast_path_redirected(setup, config)?)
+            && a - b < delivered
+        {
+            return Err(format!(
+                "{}: {delivered} frames delivered but only {} redirected",
+                config.name(),
+                a - b
+            ));
+        }
         let seconds = elapsed.as_secs_f64();
         runs.push(json!({
             "sent": sent,
