@@ -138,20 +138,26 @@ unsafe fn icmp_old_checks(ip: &Ipv4, e: &IcmpError) -> IcmpChecks {
     }
 }
 
+/// `parse_ipv4` for an XDP frame, whose directly readable data is the whole frame. The frame's
+/// length is `end - start`, but LLVM must not know it: from the IPv4 total length checks it
+/// would prove later pointer checks redundant and drop them, and the verifier, which cannot
+/// follow that proof, would reject the program. A volatile read hides the equality for the cost
+/// of one stack access.
+#[inline(always)]
+fn parse_xdp_ipv4(start: usize, end: usize) -> Result<Ipv4, Outcome> {
+    let frame_len = end - start;
+    // SAFETY: reads a local.
+    let frame_len = unsafe { core::ptr::read_volatile(&frame_len) };
+    parse_ipv4(start, end, frame_len)
+}
+
 /// Ingress: a packet to a reserved public endpoint gets the tunnel endpoint as its destination.
 /// Checksums are updated incrementally (RFC 1624): XDP sees frames as they came off the wire,
 /// with complete checksums.
 #[inline(always)]
 pub fn ingress(ctx: &XdpContext) -> Outcome {
     let (start, end) = (ctx.data(), ctx.data_end());
-    // The frame's length is `end - start`, but LLVM must not know it: from the IPv4 total
-    // length checks it would prove later pointer checks redundant and drop them, and the
-    // verifier, which cannot follow that proof, would reject the program. A volatile read
-    // hides the equality for the cost of one stack access.
-    let frame_len = end - start;
-    // SAFETY: reads a local.
-    let frame_len = unsafe { core::ptr::read_volatile(&frame_len) };
-    let ip = match parse_ipv4(start, end, frame_len) {
+    let ip = match parse_xdp_ipv4(start, end) {
         Ok(ip) => ip,
         Err(outcome) => return outcome,
     };
@@ -252,11 +258,7 @@ pub struct Reply {
 #[inline(always)]
 pub fn reply(ctx: &XdpContext) -> Option<Reply> {
     let (start, end) = (ctx.data(), ctx.data_end());
-    // As at ingress: LLVM must not learn the frame length (see `ingress`).
-    let frame_len = end - start;
-    // SAFETY: reads a local.
-    let frame_len = unsafe { core::ptr::read_volatile(&frame_len) };
-    let ip = parse_ipv4(start, end, frame_len).ok()?;
+    let ip = parse_xdp_ipv4(start, end).ok()?;
     if !is_tcp_udp(ip.proto) || is_fragment(&ip) {
         return None;
     }

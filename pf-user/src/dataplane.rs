@@ -576,11 +576,6 @@ fn remove_links(dir: &PinDir, iface: &str) -> Result<(), PfError> {
         .map_err(|e| PfError::io(format!("removing {}", iface_dir.display()), e))
 }
 
-/// Interfaces pf is attached to through `dir`.
-pub fn attached_interfaces(dir: &PinDir) -> Vec<String> {
-    dir.linked_interfaces()
-}
-
 /// Interfaces pf is attached to through `dir`, each with its role (an interface whose pins are
 /// incomplete, from an attach that was interrupted, counts as public).
 pub fn attachments(dir: &PinDir) -> Vec<(String, Role)> {

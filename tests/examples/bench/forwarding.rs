@@ -189,10 +189,8 @@ impl Generator {
     fn send(self, inet: &Netns, seconds: f64) -> Result<(Self, u64, Duration), String> {
         inet.within(move || -> Result<(Self, u64, Duration), String> {
             pin_to_last_cpu()?;
-            let ifindex = unsafe { libc::if_nametoindex(c"inet0".as_ptr()) };
-            if ifindex == 0 {
-                return Err("no inet0 in the internet host's namespace".into());
-            }
+            let ifindex =
+                pf::netdev::ifindex("inet0").ok_or("no inet0 in the internet host's namespace")?;
             // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
             // egress_ifindex. In live-frames mode XDP_TX leaves by ingress_ifindex.
             let ctx: Vec<u8> = [0, FRAME_LEN as u32, 0, ifindex, 0, 0]

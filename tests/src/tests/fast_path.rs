@@ -165,15 +165,11 @@ fn fast_path_fib_outcomes() {
     let (tun0_mac, pub0_mac) = (server_mac("tun0"), server_mac(PUBLIC_IFACE));
     let ifindex = |name: &'static str| {
         topo.server
-            .within(move || {
-                let name = std::ffi::CString::new(name).unwrap();
-                // SAFETY: a valid C string.
-                unsafe { libc::if_nametoindex(name.as_ptr()) }
-            })
+            .within(move || pf::netdev::ifindex(name))
             .unwrap()
+            .unwrap_or_else(|| panic!("no {name} in the server namespace"))
     };
     let (pub0, tun0) = (ifindex(PUBLIC_IFACE), ifindex("tun0"));
-    assert!(pub0 != 0 && tun0 != 0, "interfaces in the server namespace");
 
     let reservations: Vec<Reservation> = RESERVATIONS
         .iter()
