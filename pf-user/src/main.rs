@@ -6,9 +6,11 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use pf::{
     bpffs::{DEFAULT_PIN_DIR, PinDir},
+    client::{Client, ClientError, encode},
     dataplane::{self, AttachMode, FastPathDevices, Role},
-    privilege,
-    spec::{PublicSpec, Reservation, SpecError, TargetSpec},
+    policy::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET, parse_ttl},
+    privilege, service,
+    spec::{PublicSpec, Reservation, SpecError, TargetSpec, parse_public_request},
     state::{Counters, State, Stats, Traffic},
 };
 use serde_json::{Value, json};
@@ -21,6 +23,9 @@ struct Cli {
     /// Directory on a BPF filesystem where pf pins its maps and links.
     #[arg(long, global = true, env = "PF_BPFFS", default_value = DEFAULT_PIN_DIR, value_name = "DIR")]
     bpffs: PathBuf,
+    /// The socket of `pf serve`, which reserve, release, list, renew, enable and disable use.
+    #[arg(long, global = true, env = "PF_SOCKET", default_value = DEFAULT_SOCKET, value_name = "PATH")]
+    socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,21 +53,53 @@ enum Command {
     Refresh,
     /// Remove pf's programs from an interface.
     Detach { iface: String },
-    /// Forward PUBLIC_IP:PORT[-PORT]/tcp|udp|both to a tunnel address.
+    /// Run the reservation service: attach, reconcile the maps with the store, serve the API.
+    Serve {
+        #[arg(long, env = "PF_CONFIG", default_value = DEFAULT_CONFIG, value_name = "PATH")]
+        config: PathBuf,
+    },
+    /// Forward PUBLIC_IP:PORT[-PORT]/tcp|udp|both to a tunnel address (PUBLIC_IP/tcp|udp|both:
+    /// a free port from the pool, printed).
     Reserve {
-        #[arg(value_name = "PUBLIC_IP:PORT[-PORT]/tcp|udp|both")]
-        public: PublicSpec,
+        #[arg(value_name = "PUBLIC_IP[:PORT[-PORT]]/tcp|udp|both")]
+        public: String,
         /// Target address; with a port, the range is shifted to start there.
         #[arg(long = "to", value_name = "TARGET_IP[:PORT]")]
         to: TargetSpec,
+        /// The account the reservation belongs to.
+        #[arg(long, default_value = "admin")]
+        owner: String,
+        /// Lifetime, e.g. 30d, 12h, 90s; without it the policy's default_ttl (or none).
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+        #[arg(long)]
+        note: Option<String>,
     },
-    /// Remove a reservation, named exactly as it was made.
+    /// Remove a reservation, by id or named exactly as it was made; or all of one owner's.
     Release {
-        #[arg(value_name = "PUBLIC_IP:PORT[-PORT]/tcp|udp|both")]
-        public: PublicSpec,
+        #[arg(
+            value_name = "ID|PUBLIC_IP:PORT[-PORT]/tcp|udp|both",
+            required_unless_present = "owner",
+            conflicts_with = "owner"
+        )]
+        reservation: Option<String>,
+        #[arg(long)]
+        owner: Option<String>,
     },
+    /// Extend a reservation's lifetime from now (by --ttl, or by the lifetime it had).
+    Renew {
+        id: u64,
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+    },
+    /// Forward a disabled reservation again.
+    Enable { id: u64 },
+    /// Stop forwarding a reservation but keep its ports.
+    Disable { id: u64 },
     /// List reservations, one per line.
     List {
+        #[arg(long)]
+        owner: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -101,7 +138,11 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e}");
             // A bad argument exits 2 whether clap or pf's own validation caught it.
-            if e.downcast_ref::<SpecError>().is_some() {
+            let bad_request = matches!(
+                e.downcast_ref::<ClientError>(),
+                Some(ClientError::Api { status: 400, .. })
+            );
+            if e.downcast_ref::<SpecError>().is_some() || bad_request {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE
@@ -110,15 +151,175 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    // Validate what needs no kernel before asking for privileges.
-    let reservation = match &cli.command {
-        Command::Reserve { public, to } => Some(Reservation::new(*public, *to)?),
-        _ => None,
+/// Commands the service answers: checked here first, so a typo is refused without a round
+/// trip, then sent.
+fn run_client(client: &Client, command: &Command) -> anyhow::Result<bool> {
+    match command {
+        Command::Reserve {
+            public,
+            to,
+            owner,
+            ttl,
+            note,
+        } => {
+            let (addr, ports, protocols) = parse_public_request(public)?;
+            if let Some(ports) = ports {
+                Reservation::new(
+                    PublicSpec {
+                        addr,
+                        ports,
+                        protocols,
+                    },
+                    *to,
+                )?;
+            }
+            if let Some(ttl) = ttl {
+                parse_ttl(ttl).map_err(SpecError::BadTtl)?;
+            }
+            let body = json!({ "owner": owner, "public": public, "to": to_arg(to), "ttl": ttl, "note": note });
+            let r = client.call("POST", "/v1/reservations", Some(&body))?;
+            println!("reserved {}", describe(&r));
+        }
+        Command::Release { reservation, owner } => {
+            let released = match (reservation, owner) {
+                (_, Some(owner)) => client.call(
+                    "DELETE",
+                    &format!("/v1/reservations?owner={}", encode(owner)),
+                    None,
+                )?,
+                (Some(which), None) => {
+                    let id = match which.parse::<u64>() {
+                        Ok(id) => id,
+                        Err(_) => find_by_spec(client, &which.parse()?)?,
+                    };
+                    Value::Array(vec![client.call(
+                        "DELETE",
+                        &format!("/v1/reservations/{id}"),
+                        None,
+                    )?])
+                }
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let released = released.as_array().cloned().unwrap_or_default();
+            if released.is_empty() {
+                println!("nothing to release");
+            }
+            for r in &released {
+                println!("released {}", describe(r));
+            }
+        }
+        Command::Renew { id, ttl } => {
+            if let Some(ttl) = ttl {
+                parse_ttl(ttl).map_err(SpecError::BadTtl)?;
+            }
+            let r = client.call(
+                "POST",
+                &format!("/v1/reservations/{id}/renew"),
+                Some(&json!({ "ttl": ttl })),
+            )?;
+            println!("renewed {}", describe(&r));
+        }
+        Command::Enable { id } | Command::Disable { id } => {
+            let action = if matches!(command, Command::Enable { .. }) {
+                "enable"
+            } else {
+                "disable"
+            };
+            let r = client.call("POST", &format!("/v1/reservations/{id}/{action}"), None)?;
+            println!("{action}d {}", describe(&r));
+        }
+        Command::List { owner, json } => {
+            let path = match owner {
+                Some(owner) => format!("/v1/reservations?owner={}", encode(owner)),
+                None => "/v1/reservations".to_string(),
+            };
+            let list = client.call("GET", &path, None)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                let rows = list.as_array().cloned().unwrap_or_default();
+                if rows.is_empty() {
+                    println!("no reservations");
+                }
+                for r in &rows {
+                    println!("{}", describe(r));
+                }
+            }
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+fn to_arg(to: &TargetSpec) -> String {
+    match to.port {
+        Some(port) => format!("{}:{port}", to.addr),
+        None => to.addr.to_string(),
+    }
+}
+
+/// One line for a reservation as the API returns it.
+fn describe(r: &Value) -> String {
+    let mut line = format!(
+        "{}: {} (owner {}",
+        r["id"],
+        r["spec"].as_str().unwrap_or("?"),
+        r["owner"].as_str().unwrap_or("?")
+    );
+    if let Some(expires) = r["expires"].as_str() {
+        line += &format!(", expires {expires}");
+    }
+    if r["enabled"] == json!(false) {
+        line += ", disabled";
+    }
+    if let Some(note) = r["note"].as_str().filter(|n| !n.is_empty()) {
+        line += &format!(", note {note:?}");
+    }
+    line + ")"
+}
+
+/// The id of the reservation made exactly as `spec`; an error naming the overlapping one if
+/// `spec` is only part of it.
+fn find_by_spec(client: &Client, spec: &PublicSpec) -> anyhow::Result<u64> {
+    let list = client.call("GET", "/v1/reservations", None)?;
+    let rows = list.as_array().cloned().unwrap_or_default();
+    let wanted = spec.to_string();
+    if let Some(r) = rows.iter().find(|r| r["public"] == json!(wanted)) {
+        return Ok(r["id"].as_u64().unwrap_or_default());
+    }
+    let overlapping = rows.iter().find(|r| {
+        r["public"]
+            .as_str()
+            .and_then(|p| p.parse::<PublicSpec>().ok())
+            .is_some_and(|p| {
+                p.addr == spec.addr
+                    && p.protocols.overlaps(spec.protocols)
+                    && p.ports.overlaps(spec.ports)
+            })
+    });
+    let hint = match overlapping {
+        Some(r) => format!(
+            "; it overlaps {}: release that whole, as `pf release {}`",
+            describe(r),
+            r["id"]
+        ),
+        None => " (see `pf list`)".to_string(),
     };
+    anyhow::bail!("no reservation {wanted}{hint}")
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    // Reservation commands talk to the service: the socket's permissions decide who may.
+    if run_client(&Client::new(&cli.socket), &cli.command)? {
+        return Ok(());
+    }
     privilege::require_privileges()?;
     let dir = PinDir::new(&cli.bpffs);
     match cli.command {
+        Command::Serve { config } => {
+            let config = Config::load(&config)?;
+            service::run(config)?;
+        }
         Command::Attach {
             iface,
             mode,
@@ -152,31 +353,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dataplane::detach(&dir, &iface)?;
             println!("detached pf from {iface}");
         }
-        Command::Reserve { .. } => {
-            let r = reservation.expect("validated above");
-            State::open_for_write(&dir)?.reserve(&r)?;
-            println!("reserved {r}");
-        }
-        Command::Release { public } => {
-            let r = State::open_for_write(&dir)?.release(&public)?;
-            println!("released {r}");
-        }
-        Command::List { json } => {
-            let list = match State::open_for_read(&dir)? {
-                Some(state) => state.list()?,
-                None => Vec::new(),
-            };
-            if json {
-                let rows: Vec<Value> = list.iter().map(reservation_json).collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else if list.is_empty() {
-                println!("no reservations");
-            } else {
-                for r in &list {
-                    println!("{r}");
-                }
-            }
-        }
+        Command::Reserve { .. }
+        | Command::Release { .. }
+        | Command::Renew { .. }
+        | Command::Enable { .. }
+        | Command::Disable { .. }
+        | Command::List { .. } => unreachable!("answered by the service"),
         Command::Stats { json } => {
             let (stats, devices) = match State::open_for_read(&dir)? {
                 Some(state) => (Some(state.stats()?), FastPathDevices::read(&state)?),

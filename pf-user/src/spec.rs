@@ -34,6 +34,8 @@ pub enum SpecError {
         len: u32,
         max: u32,
     },
+    #[error("{0}")]
+    BadTtl(String),
     #[error("target ports {first}-{last} would run past 65535")]
     TargetOverflow { first: u16, last: u32 },
 }
@@ -219,6 +221,20 @@ impl FromStr for PublicSpec {
             protocols: proto.parse()?,
         })
     }
+}
+
+/// The public side of a reservation request: `IP:PORT[-PORT]/PROTO`, or `IP/PROTO` for a port
+/// the service picks from its pool (`None`).
+pub fn parse_public_request(
+    s: &str,
+) -> Result<(Ipv4Addr, Option<PortRange>, Protocols), SpecError> {
+    if let Some((addr, proto)) = s.split_once('/')
+        && !addr.contains(':')
+    {
+        return Ok((parse_addr(addr)?, None, proto.parse()?));
+    }
+    let spec: PublicSpec = s.parse()?;
+    Ok((spec.addr, Some(spec.ports), spec.protocols))
 }
 
 impl fmt::Display for PublicSpec {

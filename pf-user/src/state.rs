@@ -558,6 +558,43 @@ impl State {
         }
     }
 
+    /// Removes every NAT entry that none of `keep` accounts for (left by a crash, or written
+    /// by hand) and returns each as `address:port/protocol (map)`. Reservation records are not
+    /// touched: release those first.
+    pub fn prune(&mut self, keep: &[Reservation]) -> Result<Vec<String>, PfError> {
+        let mut forward_keep = std::collections::HashSet::new();
+        let mut reverse_keep = std::collections::HashSet::new();
+        for r in keep {
+            for &proto in r.public.protocols.ip_protocols() {
+                for (public_port, target_port) in r.port_pairs() {
+                    forward_keep.insert(endpoint(r.public.addr, public_port, proto));
+                    reverse_keep.insert(endpoint(r.target_addr, target_port, proto));
+                }
+            }
+        }
+        let mut removed = Vec::new();
+        for (map, name, keep) in [
+            (&mut self.forward, map_names::FORWARD_NAT, &forward_keep),
+            (&mut self.reverse, map_names::REVERSE_NAT, &reverse_keep),
+        ] {
+            let stale = map
+                .keys()
+                .filter(|k| k.as_ref().map_or(true, |k| !keep.contains(k)))
+                .collect::<Result<Vec<EndpointKey>, _>>()
+                .map_err(|source| PfError::Map { map: name, source })?;
+            for key in stale {
+                remove_entry(map, name, &key)?;
+                removed.push(format!(
+                    "{}:{}/{} ({name})",
+                    Ipv4Addr::from(key.addr),
+                    u16::from_be_bytes(key.port),
+                    proto_name(key.proto)
+                ));
+            }
+        }
+        Ok(removed)
+    }
+
     fn sum_traffic(
         map: &PerCpuHashMap<MapData, EndpointKey, NatEntry>,
         name: &'static str,

@@ -7,6 +7,7 @@
 pub mod model;
 pub mod netns;
 pub mod packet;
+pub mod service;
 pub mod topology;
 
 use std::path::{Path, PathBuf};

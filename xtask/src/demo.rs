@@ -1,13 +1,14 @@
 //! `cargo xtask demo`: pf's main job, shown with real traffic. Three network namespaces play the
-//! internet host, the VPN server and the tunnel client; pf on the server's public interface
-//! forwards a reserved port to the client's web server. Everything is torn down at the end,
-//! also on failure.
+//! internet host, the VPN server and the tunnel client. `pf serve` on the server attaches to
+//! the public interface; a customer's reservation, made through it, forwards a public port to
+//! the client's web server. Everything is torn down at the end, also on failure.
 
 use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
 use pf_tests::{
     ScratchDir,
+    service::Service,
     topology::{CLIENT_IP, INTERNET_IP, PUBLIC_IFACE, PUBLIC_IP, Topology},
 };
 
@@ -61,22 +62,49 @@ pub fn run() -> Result<()> {
         .context("starting the client's web server")?;
     println!("the tunnel client serves a page on {CLIENT_IP}:80 (python3 -m http.server)");
 
+    show("on the server: pf serve attaches to the public interface and serves the API");
+    let policy = format!(
+        "[[interfaces]]\nname = \"{PUBLIC_IFACE}\"\n\n[policy]\npublic_ips = [\"{PUBLIC_IP}\"]\n\
+         target_networks = [\"10.8.0.0/24\"]\nport_pool = [\"8000-8999\"]\nforbidden_ports = [8022]\n\
+         ports_per_owner = 20\n"
+    );
+    let mut service = Service::start(
+        std::path::Path::new(pf),
+        ScratchDir::claim(std::env::temp_dir().join("pf-demo-service")),
+        std::path::Path::new(PIN_DIR),
+        Some(topo.server.path()),
+        &policy,
+    )
+    .context("starting pf serve")?;
+    println!("$ cat {}", service.config().display());
+    print!("{}", std::fs::read_to_string(service.config())?);
+    println!("$ pf serve --config {}", service.config().display());
+    print!("{}", service.log());
+    let socket = service.socket();
+    let socket = socket.to_str().context("UTF-8 path")?;
     let on_server = |args: &[&str]| {
-        let mut c = topo.server.nsenter(&[pf, "--bpffs", PIN_DIR]);
+        let mut c = topo
+            .server
+            .nsenter(&[pf, "--bpffs", PIN_DIR, "--socket", socket]);
         c.args(args);
         c
     };
     let result = (|| -> Result<()> {
-        show("on the server: attach pf to the public interface and reserve a port");
-        step(
-            &format!("pf attach {PUBLIC_IFACE}"),
-            &mut on_server(&["attach", PUBLIC_IFACE]),
-        )?;
+        show("on the server: a customer reserves a port (through the service)");
         let public = format!("{PUBLIC_IP}:8080/tcp");
         let target = format!("{CLIENT_IP}:80");
         step(
-            &format!("pf reserve {public} --to {target}"),
-            &mut on_server(&["reserve", &public, "--to", &target]),
+            &format!("pf reserve {public} --to {target} --owner customer-42 --ttl 1h"),
+            &mut on_server(&[
+                "reserve",
+                &public,
+                "--to",
+                &target,
+                "--owner",
+                "customer-42",
+                "--ttl",
+                "1h",
+            ]),
         )?;
 
         show("on the internet host: connect to the public address");
@@ -96,7 +124,8 @@ pub fn run() -> Result<()> {
         step("pf stats", &mut on_server(&["stats"]))?;
         step("pf list", &mut on_server(&["list"]))?;
 
-        show("clean up");
+        show("clean up: stop the service (forwarding goes on without it), then detach");
+        service.stop();
         step(
             &format!("pf detach {PUBLIC_IFACE}"),
             &mut on_server(&["detach", PUBLIC_IFACE]),

@@ -3,7 +3,11 @@
 
 use std::process::Command;
 
-use crate::{ScratchDir, netns::Netns};
+use crate::{
+    ScratchDir,
+    netns::Netns,
+    service::{Service, TEST_POLICY},
+};
 
 use super::common::{TempPinDir, pf, pf_in_ns, pf_list, pf_ok, pf_words, require_root};
 
@@ -34,6 +38,7 @@ fn assert_refused(output: std::process::Output, args: &[&str], needle: &str) {
 fn bad_input_is_refused_and_changes_nothing() {
     require_root();
     let dir = TempPinDir::new();
+    let _service = dir.serve();
     pf_ok(
         &dir,
         &["reserve", "198.51.100.1:8080/tcp", "--to", "10.8.0.2:80"],
@@ -104,23 +109,23 @@ fn bad_input_is_refused_and_changes_nothing() {
         // Conflicts name the existing reservation.
         (
             &["reserve", "198.51.100.1:8080/both", "--to", "10.8.0.5"],
-            "overlaps the existing reservation 198.51.100.1:8080/tcp -> 10.8.0.2:80",
+            "198.51.100.1:8080/both overlaps reservation 1 (198.51.100.1:8080/tcp -> 10.8.0.2:80, owner admin)",
             1,
         ),
         (
             &["reserve", "198.51.100.1:7005/udp", "--to", "10.8.0.5"],
-            "overlaps the existing reservation 198.51.100.1:7000-7009/both -> 10.8.0.3:7000-7009",
+            "198.51.100.1:7005/udp overlaps reservation 2 (198.51.100.1:7000-7009/both -> 10.8.0.3:7000-7009",
             1,
         ),
         // A range whose middle conflicts is refused whole.
         (
             &["reserve", "198.51.100.1:8078-8082/tcp", "--to", "10.8.0.7"],
-            "198.51.100.1:8080/tcp overlaps",
+            "198.51.100.1:8078-8082/tcp overlaps reservation 1",
             1,
         ),
         (
             &["reserve", "198.51.100.1:9090/tcp", "--to", "10.8.0.2:80"],
-            "already the target of 198.51.100.1:8080/tcp -> 10.8.0.2:80",
+            "target 10.8.0.2:80/tcp is already the target of reservation 1",
             1,
         ),
         (
@@ -135,7 +140,7 @@ fn bad_input_is_refused_and_changes_nothing() {
         ),
         (
             &["release", "198.51.100.1:7000-7004/both"],
-            "release that whole, as `pf release 198.51.100.1:7000-7009/both`",
+            "release that whole, as `pf release 2`",
             1,
         ),
         (
@@ -165,6 +170,43 @@ fn bad_input_is_refused_and_changes_nothing() {
             2,
         ),
         (&["frobnicate"], "frobnicate", 2),
+        // The service's own checks: policy, lifetimes, ids.
+        (
+            &["reserve", "198.51.100.1:8090/tcp", "--to", "192.168.1.2"],
+            "refused by policy.target_networks: target 192.168.1.2 is outside the tunnel networks (10.8.0.0/16)",
+            1,
+        ),
+        (
+            &["reserve", "203.0.113.9:8090/tcp", "--to", "10.8.0.2"],
+            "refused by policy.public_ips: 203.0.113.9 is not one of",
+            1,
+        ),
+        (
+            &[
+                "reserve",
+                "198.51.100.1:8090/tcp",
+                "--to",
+                "10.8.0.2",
+                "--ttl",
+                "3x",
+            ],
+            "'3x' is not a lifetime",
+            2,
+        ),
+        (&["release", "99"], "no reservation with id 99", 1),
+        (
+            &["renew", "99", "--ttl", "1h"],
+            "no reservation with id 99",
+            1,
+        ),
+        (&["renew", "1"], "reservation 1 has no lifetime to renew", 2),
+        (&["disable", "99"], "no reservation with id 99", 1),
+        (&["release"], "required arguments were not provided", 2),
+        (
+            &["release", "1", "--owner", "admin"],
+            "cannot be used with '--owner <OWNER>'",
+            2,
+        ),
     ];
     for (args, needle, code) in cases {
         let out = pf(&dir, args);
@@ -198,30 +240,53 @@ fn bad_input_is_refused_and_changes_nothing() {
     assert_eq!(pf_list(&dir).as_array().unwrap().len(), 4);
 }
 
+/// `pf ARGS` as the unprivileged uid 65534: the kernel clears its capabilities, and the
+/// service's socket (0660, root's) is closed to it.
+fn pf_unprivileged(dir: &TempPinDir, args: &[&str]) -> std::process::Output {
+    let words = pf_words(dir, args);
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(&words)
+        .output()
+        .expect("running setpriv")
+}
+
 #[test]
 fn without_privileges_pf_refuses_and_changes_nothing() {
     require_root();
     let dir = TempPinDir::new();
+    let service = dir.serve();
     pf_ok(
         &dir,
         &["reserve", "198.51.100.1:8080/tcp", "--to", "10.8.0.2:80"],
     );
     let before = pf_list(&dir);
+    let audit_before = std::fs::read_to_string(service.audit_log()).unwrap();
+    // The service's commands: the socket refuses the caller.
     for args in [
         &["list"][..],
         &["reserve", "198.51.100.1:9000/udp", "--to", "10.8.0.2"],
-        &["release", "198.51.100.1:8080/tcp"],
+        &["release", "1"],
+        &["release", "--owner", "admin"],
+        &["disable", "1"],
     ] {
-        let words = pf_words(&dir, args);
-        // setpriv to an unprivileged uid: the kernel clears the capabilities.
-        let out = Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-            .args(&words)
-            .output()
-            .expect("running setpriv");
-        assert_refused(out, args, "pf needs root");
+        assert_refused(pf_unprivileged(&dir, args), args, "permission denied on");
+    }
+    // The kernel's commands: no capabilities.
+    for args in [
+        &["stats"][..],
+        &["attach", "lo"],
+        &["detach", "lo"],
+        &["refresh"],
+    ] {
+        assert_refused(pf_unprivileged(&dir, args), args, "pf needs root");
     }
     assert_eq!(pf_list(&dir), before);
+    assert_eq!(
+        std::fs::read_to_string(service.audit_log()).unwrap(),
+        audit_before,
+        "a refused connection reached the service"
+    );
 }
 
 #[test]
@@ -232,20 +297,30 @@ fn pin_directory_must_be_on_bpffs() {
     );
     let not_bpffs = scratch.path();
     std::fs::create_dir_all(not_bpffs).unwrap();
-    let pf_bin = super::common::pf_bin();
-    let out = Command::new(&pf_bin)
-        .args([
-            "--bpffs",
-            not_bpffs.to_str().unwrap(),
-            "reserve",
-            "198.51.100.1:80/tcp",
-            "--to",
-            "10.8.0.2",
-        ])
+    // pf serve refuses to start on it ...
+    let started = Service::start(
+        &super::common::pf_bin(),
+        ScratchDir::claim(
+            std::env::temp_dir().join(format!("pf-not-bpffs-svc-{}", std::process::id())),
+        ),
+        not_bpffs,
+        None,
+        TEST_POLICY,
+    );
+    let err = started
+        .err()
+        .expect("pf serve started on a directory that is not bpffs");
+    assert!(
+        err.to_string().contains("is not on a BPF filesystem"),
+        "{err}"
+    );
+    // ... and so does attach.
+    let out = Command::new(super::common::pf_bin())
+        .args(["--bpffs", not_bpffs.to_str().unwrap(), "attach", "lo"])
         .output()
         .unwrap();
+    assert_refused(out, &["attach"], "is not on a BPF filesystem");
     let entries = std::fs::read_dir(not_bpffs).unwrap().count();
-    assert_refused(out, &["reserve"], "is not on a BPF filesystem");
     assert_eq!(entries, 0, "pf wrote into a directory that is not bpffs");
 }
 
@@ -253,8 +328,13 @@ fn pin_directory_must_be_on_bpffs() {
 fn list_and_stats_on_a_fresh_directory_create_nothing() {
     require_root();
     let dir = TempPinDir::new();
-    assert_eq!(pf_ok(&dir, &["list"]).trim(), "no reservations");
-    assert_eq!(pf_list(&dir), serde_json::json!([]));
+    // Without the service, its commands say so in one line.
+    for args in [
+        &["list"][..],
+        &["reserve", "198.51.100.1:80/tcp", "--to", "10.8.0.2"],
+    ] {
+        assert_refused(pf(&dir, args), args, "pf serve is not running");
+    }
     assert!(pf_ok(&dir, &["stats"]).contains("no state yet"));
     assert!(
         !dir.path().exists(),

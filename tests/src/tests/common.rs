@@ -17,7 +17,11 @@ use pf::{
     state::{Counters, State},
 };
 
-use crate::{ScratchDir, netns::Netns};
+use crate::{
+    ScratchDir,
+    netns::Netns,
+    service::{Service, TEST_POLICY},
+};
 
 /// Fails the test unless it runs as root: these tests load BPF programs and make namespaces.
 /// A privileged test never skips, so a run without privileges cannot pass by doing nothing.
@@ -40,9 +44,11 @@ pub fn pf_bin() -> PathBuf {
 }
 
 /// A pin directory of this test's own under /sys/fs/bpf, removed (with every map and link
-/// pinned in it, which detaches the links) when dropped.
+/// pinned in it, which detaches the links) when dropped; and where its `pf serve` keeps its
+/// files and socket.
 pub struct TempPinDir {
     pub dir: PinDir,
+    service_files: PathBuf,
     _scratch: ScratchDir,
 }
 
@@ -50,15 +56,40 @@ impl TempPinDir {
     pub fn new() -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
-        let scratch = ScratchDir::claim(format!("/sys/fs/bpf/pf-test-{}-{n}", std::process::id()));
+        let name = format!("pf-test-{}-{n}", std::process::id());
+        let scratch = ScratchDir::claim(format!("/sys/fs/bpf/{name}"));
         Self {
             dir: PinDir::new(scratch.path()),
+            service_files: std::env::temp_dir().join(name),
             _scratch: scratch,
         }
     }
 
     pub fn path(&self) -> &std::path::Path {
         self.dir.root()
+    }
+
+    /// The socket every `pf` run through `pf_words` uses.
+    pub fn socket(&self) -> PathBuf {
+        self.service_files.join("pf.sock")
+    }
+
+    /// Starts `pf serve` on this pin directory with the test policy, in the host's network
+    /// namespace.
+    pub fn serve(&self) -> Service {
+        self.serve_with(None, TEST_POLICY)
+    }
+
+    /// Starts `pf serve` with `policy`, in `netns` if given.
+    pub fn serve_with(&self, netns: Option<&Netns>, policy: &str) -> Service {
+        Service::start(
+            &pf_bin(),
+            ScratchDir::claim(&self.service_files),
+            self.path(),
+            netns.map(Netns::path),
+            policy,
+        )
+        .expect("starting pf serve")
     }
 }
 
@@ -69,6 +100,8 @@ pub fn pf_words(dir: &TempPinDir, args: &[&str]) -> Vec<String> {
         pf_bin().display().to_string(),
         "--bpffs".into(),
         dir.path().display().to_string(),
+        "--socket".into(),
+        dir.socket().display().to_string(),
     ];
     words.extend(args.iter().map(|s| s.to_string()));
     words

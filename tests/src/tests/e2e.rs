@@ -261,6 +261,8 @@ impl Path {
 fn forwarding_scenario(mode: &str, path: Path) {
     require_root();
     let dir = TempPinDir::new();
+    // Reservations go through the service, which keeps them in its store.
+    let _service = dir.serve();
     let topo = Topology::new(&format!("pf{}{mode}{}", std::process::id(), path.name()))
         .expect("building the topology");
     if path == Path::Fast {
@@ -618,6 +620,7 @@ fn udp_answer(
 fn icmp_errors_and_fragments() {
     require_root();
     let dir = TempPinDir::new();
+    let _service = dir.serve();
     let topo =
         Topology::new(&format!("pf{}icmp", std::process::id())).expect("building the topology");
     let mut servers = Servers::new();

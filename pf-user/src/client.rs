@@ -1,0 +1,110 @@
+//! The CLI's side of the API: one blocking HTTP/1.1 request per command over the Unix socket
+//! (`Connection: close`, so the response ends where the stream does).
+
+use std::{
+    io::{self, Read, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde_json::Value;
+
+/// How long the CLI waits for the service to answer.
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "pf serve is not running (nothing listens on {0}); start it with `systemctl start pf` or `pf serve --config /etc/pf/pf.toml`"
+    )]
+    NotRunning(PathBuf),
+    #[error(
+        "permission denied on {0}: the API is for root and the socket's group (service.socket_group in pf.toml)"
+    )]
+    PermissionDenied(PathBuf),
+    #[error("talking to pf serve on {socket}: {source}")]
+    Io { socket: PathBuf, source: io::Error },
+    #[error("pf serve answered with something that is not HTTP/JSON: {0}")]
+    BadResponse(String),
+    /// The service refused: its status and message.
+    #[error("{message}")]
+    Api { status: u16, message: String },
+}
+
+pub struct Client {
+    socket: PathBuf,
+}
+
+/// Percent-encodes a query value.
+pub fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl Client {
+    pub fn new(socket: &Path) -> Self {
+        Self {
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    /// Sends one request; a 2xx answer's JSON body, or the service's error.
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
+        let io_err = |source| ClientError::Io {
+            socket: self.socket.clone(),
+            source,
+        };
+        let mut stream = UnixStream::connect(&self.socket).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+                ClientError::NotRunning(self.socket.clone())
+            }
+            io::ErrorKind::PermissionDenied => ClientError::PermissionDenied(self.socket.clone()),
+            _ => io_err(e),
+        })?;
+        stream.set_read_timeout(Some(TIMEOUT)).map_err(io_err)?;
+        stream.set_write_timeout(Some(TIMEOUT)).map_err(io_err)?;
+        let body = body.map(Value::to_string).unwrap_or_default();
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: pf\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).map_err(io_err)?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).map_err(io_err)?;
+        let text = String::from_utf8_lossy(&response);
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| ClientError::BadResponse(text.chars().take(80).collect()))?;
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| ClientError::BadResponse(head.lines().next().unwrap_or("").into()))?;
+        let value: Value = serde_json::from_str(body)
+            .map_err(|e| ClientError::BadResponse(format!("status {status}, body: {e}")))?;
+        if (200..300).contains(&status) {
+            Ok(value)
+        } else {
+            Err(ClientError::Api {
+                status,
+                message: value["error"]
+                    .as_str()
+                    .unwrap_or("(no message)")
+                    .to_string(),
+            })
+        }
+    }
+}

@@ -1,0 +1,631 @@
+//! The reservation store: the source of truth for what pf forwards. The kernel maps are its
+//! cache, rebuilt from it by `pf serve` on every start.
+//!
+//! [`Store`] is small on purpose, so that a server-backed store (PostgreSQL, shared by a fleet
+//! of VPN servers) can take [`SqliteStore`]'s place. Every method is one transaction: a range is
+//! stored whole or not at all.
+
+use std::{net::Ipv4Addr, path::Path};
+
+use pf_common::limits::MAX_RANGE_PORTS;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use crate::spec::{PortRange, Protocols, PublicSpec, Reservation};
+
+/// One reservation as the product knows it: who owns it, what it forwards, for how long.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub id: u64,
+    /// The provider's account id: an opaque string.
+    pub owner: String,
+    pub reservation: Reservation,
+    /// Unix time in milliseconds.
+    pub created_ms: u64,
+    /// The lifetime asked for, which `renew` applies again; `None` lasts until released.
+    pub ttl_ms: Option<u64>,
+    /// Unix time in milliseconds after which the reservation is removed.
+    pub expires_ms: Option<u64>,
+    /// A disabled reservation keeps its ports but forwards nothing.
+    pub enabled: bool,
+    pub note: String,
+}
+
+/// A record before the store has given it an id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewRecord {
+    pub owner: String,
+    pub reservation: Reservation,
+    pub created_ms: u64,
+    pub ttl_ms: Option<u64>,
+    pub expires_ms: Option<u64>,
+    pub enabled: bool,
+    pub note: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("reservation store: {what}: {source}")]
+    Sqlite {
+        what: &'static str,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "reservation store {path} has schema version {found}; this pf knows versions up to {known} (it was written by a newer pf)"
+    )]
+    NewerSchema {
+        path: String,
+        found: i64,
+        known: i64,
+    },
+    #[error("reservation store: row {id} is not a valid reservation ({detail})")]
+    BadRow { id: i64, detail: String },
+}
+
+fn sql(what: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Sqlite { what, source }
+}
+
+/// What every reservation store can do. Conflicts and policy are checked by the caller (the
+/// service runs one operation at a time); the store answers the questions they need.
+pub trait Store: Send {
+    fn insert(&mut self, new: &NewRecord) -> Result<Record, StoreError>;
+    /// Inserts all of `new` in one transaction (bulk loads and benchmarks).
+    fn insert_all(&mut self, new: &[NewRecord]) -> Result<Vec<Record>, StoreError>;
+    fn get(&self, id: u64) -> Result<Option<Record>, StoreError>;
+    /// Every record, or one owner's, by id.
+    fn list(&self, owner: Option<&str>) -> Result<Vec<Record>, StoreError>;
+    /// Removes a record; false if there was none.
+    fn delete(&mut self, id: u64) -> Result<bool, StoreError>;
+    fn set_enabled(&mut self, id: u64, enabled: bool) -> Result<bool, StoreError>;
+    fn set_lifetime(
+        &mut self,
+        id: u64,
+        ttl_ms: Option<u64>,
+        expires_ms: Option<u64>,
+    ) -> Result<bool, StoreError>;
+    /// A record whose public side shares a port and protocol with `addr:ports/protocols`.
+    fn public_overlap(
+        &self,
+        addr: Ipv4Addr,
+        ports: PortRange,
+        protocols: Protocols,
+    ) -> Result<Option<Record>, StoreError>;
+    /// A record whose target side shares a port and protocol with `addr:ports/protocols`.
+    fn target_overlap(
+        &self,
+        addr: Ipv4Addr,
+        ports: PortRange,
+        protocols: Protocols,
+    ) -> Result<Option<Record>, StoreError>;
+    /// The public ranges taken on `addr` for any of `protocols`.
+    fn used_public_ports(
+        &self,
+        addr: Ipv4Addr,
+        protocols: Protocols,
+    ) -> Result<Vec<PortRange>, StoreError>;
+    /// Public ports an owner holds, enabled or not.
+    fn owner_ports(&self, owner: &str) -> Result<u64, StoreError>;
+    /// Records whose expiry is at or before `now_ms`.
+    fn expired(&self, now_ms: u64) -> Result<Vec<Record>, StoreError>;
+    /// The earliest expiry of any record.
+    fn next_expiry(&self) -> Result<Option<u64>, StoreError>;
+}
+
+/// The schema this pf writes; `PRAGMA user_version` records it in the file.
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS reservations (
+    id                INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused: a stale id finds nothing
+    owner             TEXT    NOT NULL,
+    public_ip         TEXT    NOT NULL,
+    first_port        INTEGER NOT NULL CHECK (first_port BETWEEN 1 AND 65535),
+    last_port         INTEGER NOT NULL CHECK (last_port BETWEEN first_port AND 65535),
+    protocols         INTEGER NOT NULL CHECK (protocols IN (1, 2, 3)), -- 1 tcp, 2 udp, 3 both
+    target_ip         TEXT    NOT NULL,
+    target_first_port INTEGER NOT NULL CHECK (target_first_port BETWEEN 1 AND 65535),
+    created_ms        INTEGER NOT NULL,
+    ttl_ms            INTEGER,
+    expires_ms        INTEGER,
+    enabled           INTEGER NOT NULL CHECK (enabled IN (0, 1)),
+    note              TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reservations_public ON reservations (public_ip, first_port);
+CREATE INDEX IF NOT EXISTS reservations_target ON reservations (target_ip, target_first_port);
+CREATE INDEX IF NOT EXISTS reservations_owner ON reservations (owner);
+CREATE INDEX IF NOT EXISTS reservations_expiry ON reservations (expires_ms)
+    WHERE expires_ms IS NOT NULL;
+";
+
+const COLUMNS: &str = "id, owner, public_ip, first_port, last_port, protocols, target_ip, \
+                       target_first_port, created_ms, ttl_ms, expires_ms, enabled, note";
+
+/// The embedded store: one SQLite file in WAL mode, synchronous=FULL, so a reservation the
+/// service reported as made survives a crash or a power cut.
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path).map_err(sql("opening the database"))?;
+        Self::init(conn, &path.display().to_string())
+    }
+
+    /// A store in memory, for tests of the store itself.
+    pub fn in_memory() -> Result<Self, StoreError> {
+        let conn = Connection::open_in_memory().map_err(sql("opening the database"))?;
+        Self::init(conn, ":memory:")
+    }
+
+    fn init(conn: Connection, path: &str) -> Result<Self, StoreError> {
+        // Another process holding a write lock (a backup, sqlite3) is waited for, briefly.
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(sql("setting the busy timeout"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql("switching to WAL mode"))?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql("setting synchronous=FULL"))?;
+        let found: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(sql("reading the schema version"))?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                path: path.to_string(),
+                found,
+                known: SCHEMA_VERSION,
+            });
+        }
+        conn.execute_batch(SCHEMA)
+            .map_err(sql("creating the schema"))?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(sql("writing the schema version"))?;
+        Ok(Self { conn })
+    }
+
+    fn insert_one(conn: &Connection, new: &NewRecord) -> Result<Record, StoreError> {
+        let r = &new.reservation;
+        conn.prepare_cached(
+            "INSERT INTO reservations (owner, public_ip, first_port, last_port, protocols, \
+             target_ip, target_first_port, created_ms, ttl_ms, expires_ms, enabled, note) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                new.owner,
+                r.public.addr.to_string(),
+                r.public.ports.first,
+                r.public.ports.last,
+                r.public.protocols.mask(),
+                r.target_addr.to_string(),
+                r.target_first_port,
+                new.created_ms as i64,
+                new.ttl_ms.map(|t| t as i64),
+                new.expires_ms.map(|t| t as i64),
+                new.enabled,
+                new.note,
+            ])
+        })
+        .map_err(sql("inserting a reservation"))?;
+        Ok(Record {
+            id: conn.last_insert_rowid() as u64,
+            owner: new.owner.clone(),
+            reservation: new.reservation,
+            created_ms: new.created_ms,
+            ttl_ms: new.ttl_ms,
+            expires_ms: new.expires_ms,
+            enabled: new.enabled,
+            note: new.note.clone(),
+        })
+    }
+
+    fn query(
+        &self,
+        what: &'static str,
+        where_clause: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<Record>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM reservations {where_clause}"
+            ))
+            .map_err(sql(what))?;
+        let rows = stmt
+            .query_map(params, raw_row)
+            .map_err(sql(what))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql(what))?;
+        rows.into_iter().map(RawRow::into_record).collect()
+    }
+
+    fn update(
+        &mut self,
+        what: &'static str,
+        statement: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<bool, StoreError> {
+        let changed = self
+            .conn
+            .prepare_cached(statement)
+            .and_then(|mut s| s.execute(params))
+            .map_err(sql(what))?;
+        Ok(changed > 0)
+    }
+}
+
+/// A row as SQLite holds it, checked into a [`Record`] separately so that a hand-edited bad row
+/// is reported, not trusted.
+struct RawRow {
+    id: i64,
+    owner: String,
+    public_ip: String,
+    first_port: i64,
+    last_port: i64,
+    protocols: i64,
+    target_ip: String,
+    target_first_port: i64,
+    created_ms: i64,
+    ttl_ms: Option<i64>,
+    expires_ms: Option<i64>,
+    enabled: bool,
+    note: String,
+}
+
+fn raw_row(row: &Row<'_>) -> rusqlite::Result<RawRow> {
+    Ok(RawRow {
+        id: row.get(0)?,
+        owner: row.get(1)?,
+        public_ip: row.get(2)?,
+        first_port: row.get(3)?,
+        last_port: row.get(4)?,
+        protocols: row.get(5)?,
+        target_ip: row.get(6)?,
+        target_first_port: row.get(7)?,
+        created_ms: row.get(8)?,
+        ttl_ms: row.get(9)?,
+        expires_ms: row.get(10)?,
+        enabled: row.get(11)?,
+        note: row.get(12)?,
+    })
+}
+
+impl RawRow {
+    fn into_record(self) -> Result<Record, StoreError> {
+        let id = self.id;
+        let bad = |detail: String| StoreError::BadRow { id, detail };
+        let port = |v: i64| u16::try_from(v).map_err(|_| bad(format!("port {v}")));
+        let addr = |s: &str| {
+            s.parse::<Ipv4Addr>()
+                .map_err(|_| bad(format!("address '{s}'")))
+        };
+        let ports = PortRange::new(port(self.first_port)?, port(self.last_port)?)
+            .map_err(|e| bad(e.to_string()))?;
+        let protocols = u8::try_from(self.protocols)
+            .ok()
+            .and_then(Protocols::from_mask)
+            .ok_or_else(|| bad(format!("protocols {}", self.protocols)))?;
+        let public = PublicSpec {
+            addr: addr(&self.public_ip)?,
+            ports,
+            protocols,
+        };
+        let target = crate::spec::TargetSpec {
+            addr: addr(&self.target_ip)?,
+            port: Some(port(self.target_first_port)?),
+        };
+        let reservation = Reservation::new(public, target).map_err(|e| bad(e.to_string()))?;
+        Ok(Record {
+            id: id as u64,
+            owner: self.owner,
+            reservation,
+            created_ms: self.created_ms as u64,
+            ttl_ms: self.ttl_ms.map(|t| t as u64),
+            expires_ms: self.expires_ms.map(|t| t as u64),
+            enabled: self.enabled,
+            note: self.note,
+        })
+    }
+}
+
+/// The lowest first port a record overlapping `ports` can have: no range is wider than
+/// MAX_RANGE_PORTS, so the index scan is bounded.
+fn lowest_overlapping_first(ports: PortRange) -> i64 {
+    (i64::from(ports.first) - i64::from(MAX_RANGE_PORTS) + 1).max(1)
+}
+
+impl Store for SqliteStore {
+    fn insert(&mut self, new: &NewRecord) -> Result<Record, StoreError> {
+        Self::insert_one(&self.conn, new)
+    }
+
+    fn insert_all(&mut self, new: &[NewRecord]) -> Result<Vec<Record>, StoreError> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql("starting a transaction"))?;
+        let records = new
+            .iter()
+            .map(|n| Self::insert_one(&tx, n))
+            .collect::<Result<Vec<_>, _>>()?;
+        tx.commit().map_err(sql("committing"))?;
+        Ok(records)
+    }
+
+    fn get(&self, id: u64) -> Result<Option<Record>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM reservations WHERE id = ?1"))
+            .map_err(sql("reading a reservation"))?;
+        let row = stmt
+            .query_row([id as i64], raw_row)
+            .optional()
+            .map_err(sql("reading a reservation"))?;
+        row.map(RawRow::into_record).transpose()
+    }
+
+    fn list(&self, owner: Option<&str>) -> Result<Vec<Record>, StoreError> {
+        match owner {
+            Some(owner) => self.query(
+                "listing reservations",
+                "WHERE owner = ?1 ORDER BY id",
+                [owner],
+            ),
+            None => self.query("listing reservations", "ORDER BY id", []),
+        }
+    }
+
+    fn delete(&mut self, id: u64) -> Result<bool, StoreError> {
+        self.update(
+            "deleting a reservation",
+            "DELETE FROM reservations WHERE id = ?1",
+            [id as i64],
+        )
+    }
+
+    fn set_enabled(&mut self, id: u64, enabled: bool) -> Result<bool, StoreError> {
+        self.update(
+            "enabling or disabling a reservation",
+            "UPDATE reservations SET enabled = ?2 WHERE id = ?1",
+            params![id as i64, enabled],
+        )
+    }
+
+    fn set_lifetime(
+        &mut self,
+        id: u64,
+        ttl_ms: Option<u64>,
+        expires_ms: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        self.update(
+            "renewing a reservation",
+            "UPDATE reservations SET ttl_ms = ?2, expires_ms = ?3 WHERE id = ?1",
+            params![
+                id as i64,
+                ttl_ms.map(|t| t as i64),
+                expires_ms.map(|t| t as i64)
+            ],
+        )
+    }
+
+    fn public_overlap(
+        &self,
+        addr: Ipv4Addr,
+        ports: PortRange,
+        protocols: Protocols,
+    ) -> Result<Option<Record>, StoreError> {
+        Ok(self
+            .query(
+                "checking public ports",
+                "WHERE public_ip = ?1 AND first_port BETWEEN ?2 AND ?3 AND last_port >= ?4 \
+                 AND (protocols & ?5) != 0 ORDER BY first_port LIMIT 1",
+                params![
+                    addr.to_string(),
+                    lowest_overlapping_first(ports),
+                    ports.last,
+                    ports.first,
+                    protocols.mask()
+                ],
+            )?
+            .pop())
+    }
+
+    fn target_overlap(
+        &self,
+        addr: Ipv4Addr,
+        ports: PortRange,
+        protocols: Protocols,
+    ) -> Result<Option<Record>, StoreError> {
+        Ok(self
+            .query(
+                "checking target ports",
+                "WHERE target_ip = ?1 AND target_first_port BETWEEN ?2 AND ?3 \
+                 AND target_first_port + (last_port - first_port) >= ?4 \
+                 AND (protocols & ?5) != 0 ORDER BY target_first_port LIMIT 1",
+                params![
+                    addr.to_string(),
+                    lowest_overlapping_first(ports),
+                    ports.last,
+                    ports.first,
+                    protocols.mask()
+                ],
+            )?
+            .pop())
+    }
+
+    fn used_public_ports(
+        &self,
+        addr: Ipv4Addr,
+        protocols: Protocols,
+    ) -> Result<Vec<PortRange>, StoreError> {
+        let what = "reading used ports";
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT first_port, last_port FROM reservations \
+                 WHERE public_ip = ?1 AND (protocols & ?2) != 0",
+            )
+            .map_err(sql(what))?;
+        let rows = stmt
+            .query_map(params![addr.to_string(), protocols.mask()], |r| {
+                Ok((r.get::<_, u16>(0)?, r.get::<_, u16>(1)?))
+            })
+            .map_err(sql(what))?;
+        rows.map(|r| {
+            r.map(|(first, last)| PortRange { first, last })
+                .map_err(sql(what))
+        })
+        .collect()
+    }
+
+    fn owner_ports(&self, owner: &str) -> Result<u64, StoreError> {
+        self.conn
+            .prepare_cached(
+                "SELECT COALESCE(SUM(last_port - first_port + 1), 0) FROM reservations \
+                 WHERE owner = ?1",
+            )
+            .and_then(|mut s| s.query_row([owner], |r| r.get::<_, i64>(0)))
+            .map(|n| n as u64)
+            .map_err(sql("counting an owner's ports"))
+    }
+
+    fn expired(&self, now_ms: u64) -> Result<Vec<Record>, StoreError> {
+        self.query(
+            "finding expired reservations",
+            "WHERE expires_ms IS NOT NULL AND expires_ms <= ?1 ORDER BY expires_ms",
+            [now_ms as i64],
+        )
+    }
+
+    fn next_expiry(&self) -> Result<Option<u64>, StoreError> {
+        self.conn
+            .prepare_cached("SELECT MIN(expires_ms) FROM reservations")
+            .and_then(|mut s| s.query_row([], |r| r.get::<_, Option<i64>>(0)))
+            .map(|t| t.map(|t| t as u64))
+            .map_err(sql("finding the next expiry"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new(owner: &str, public: &str, to: &str) -> NewRecord {
+        NewRecord {
+            owner: owner.into(),
+            reservation: Reservation::new(public.parse().unwrap(), to.parse().unwrap()).unwrap(),
+            created_ms: 1_000,
+            ttl_ms: None,
+            expires_ms: None,
+            enabled: true,
+            note: String::new(),
+        }
+    }
+
+    fn range(first: u16, last: u16) -> PortRange {
+        PortRange { first, last }
+    }
+
+    #[test]
+    fn records_round_trip_and_ids_are_never_reused() {
+        let dir = std::env::temp_dir().join(format!("pf-store-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pf.db");
+        let mut store = SqliteStore::open(&path).unwrap();
+        let mut a = new("acct-1", "198.51.100.1:8810-8815/both", "10.8.0.2:9810");
+        a.ttl_ms = Some(60_000);
+        a.expires_ms = Some(61_000);
+        a.note = "seedbox".into();
+        let a = store.insert(&a).unwrap();
+        let b = store
+            .insert(&new("acct-2", "198.51.100.1:80/tcp", "10.8.0.3"))
+            .unwrap();
+        assert!(store.delete(b.id).unwrap());
+        assert!(!store.delete(b.id).unwrap());
+        drop(store);
+        // Reopened: what was committed is there, and a new id is past the deleted one.
+        let mut store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.list(None).unwrap(), vec![a.clone()]);
+        assert_eq!(store.get(a.id).unwrap(), Some(a.clone()));
+        let c = store
+            .insert(&new("acct-2", "198.51.100.1:81/tcp", "10.8.0.3"))
+            .unwrap();
+        assert!(c.id > b.id);
+        assert_eq!(store.list(Some("acct-2")).unwrap(), vec![c]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn overlaps_ports_quota_and_expiry() {
+        let mut store = SqliteStore::in_memory().unwrap();
+        let mut a = new("acct-1", "198.51.100.1:8810-8815/tcp", "10.8.0.2:9810");
+        a.expires_ms = Some(5_000);
+        let a = store.insert(&a).unwrap();
+        let pub_ip: Ipv4Addr = "198.51.100.1".parse().unwrap();
+        let target: Ipv4Addr = "10.8.0.2".parse().unwrap();
+        // Public side: the range's edges overlap, next to it does not, nor udp.
+        for (ports, protocols, hit) in [
+            (range(8815, 8820), Protocols::Tcp, true),
+            (range(8800, 8810), Protocols::Both, true),
+            (range(8816, 8816), Protocols::Tcp, false),
+            (range(8809, 8809), Protocols::Tcp, false),
+            (range(8812, 8812), Protocols::Udp, false),
+        ] {
+            let found = store.public_overlap(pub_ip, ports, protocols).unwrap();
+            assert_eq!(found.is_some(), hit, "{ports} {protocols}");
+        }
+        assert!(
+            store
+                .public_overlap(
+                    "198.51.100.2".parse().unwrap(),
+                    range(8810, 8810),
+                    Protocols::Tcp
+                )
+                .unwrap()
+                .is_none()
+        );
+        // Target side covers 9810-9815.
+        for (ports, hit) in [
+            (range(9815, 9815), true),
+            (range(9700, 9810), true),
+            (range(9816, 9900), false),
+        ] {
+            let found = store.target_overlap(target, ports, Protocols::Tcp).unwrap();
+            assert_eq!(found.map(|r| r.id), hit.then_some(a.id), "{ports}");
+        }
+        store
+            .insert(&new("acct-1", "198.51.100.1:7000/both", "10.8.0.2"))
+            .unwrap();
+        assert_eq!(store.owner_ports("acct-1").unwrap(), 7);
+        assert_eq!(store.owner_ports("nobody").unwrap(), 0);
+        assert_eq!(
+            store.used_public_ports(pub_ip, Protocols::Udp).unwrap(),
+            vec![range(7000, 7000)]
+        );
+        assert_eq!(store.next_expiry().unwrap(), Some(5_000));
+        assert!(store.expired(4_999).unwrap().is_empty());
+        assert_eq!(store.expired(5_000).unwrap(), vec![a.clone()]);
+        assert!(store.set_lifetime(a.id, Some(1), Some(9_000)).unwrap());
+        assert!(store.expired(5_000).unwrap().is_empty());
+        assert!(store.set_enabled(a.id, false).unwrap());
+        assert!(!store.get(a.id).unwrap().unwrap().enabled);
+    }
+
+    #[test]
+    fn a_bad_row_is_reported_not_trusted() {
+        let store = SqliteStore::in_memory().unwrap();
+        store
+            .conn
+            .execute(
+                "INSERT INTO reservations (owner, public_ip, first_port, last_port, protocols, \
+                 target_ip, target_first_port, created_ms, enabled, note) \
+                 VALUES ('x', '198.51.100', 80, 80, 1, '10.8.0.2', 80, 0, 1, '')",
+                [],
+            )
+            .unwrap();
+        let err = store.list(None).unwrap_err().to_string();
+        assert!(err.contains("address '198.51.100'"), "{err}");
+    }
+}
