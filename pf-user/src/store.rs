@@ -105,6 +105,8 @@ pub trait Store: Send {
     ) -> Result<Vec<PortRange>, StoreError>;
     /// Public ports an owner holds, enabled or not.
     fn owner_ports(&self, owner: &str) -> Result<u64, StoreError>;
+    /// How many records there are.
+    fn count(&self) -> Result<u64, StoreError>;
     /// Records whose expiry is at or before `now_ms`.
     fn expired(&self, now_ms: u64) -> Result<Vec<Record>, StoreError>;
     /// The earliest expiry of any record.
@@ -490,6 +492,14 @@ impl Store for SqliteStore {
             .map_err(sql("counting an owner's ports"))
     }
 
+    fn count(&self) -> Result<u64, StoreError> {
+        self.conn
+            .prepare_cached("SELECT COUNT(*) FROM reservations")
+            .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
+            .map(|n| n as u64)
+            .map_err(sql("counting reservations"))
+    }
+
     fn expired(&self, now_ms: u64) -> Result<Vec<Record>, StoreError> {
         self.query(
             "finding expired reservations",
@@ -500,7 +510,7 @@ impl Store for SqliteStore {
 
     fn next_expiry(&self) -> Result<Option<u64>, StoreError> {
         self.conn
-            .prepare_cached("SELECT MIN(expires_ms) FROM reservations")
+            .prepare_cached("SELECT MIN(expires_ms) FROM reservations WHERE expires_ms IS NOT NULL")
             .and_then(|mut s| s.query_row([], |r| r.get::<_, Option<i64>>(0)))
             .map(|t| t.map(|t| t as u64))
             .map_err(sql("finding the next expiry"))
@@ -600,6 +610,7 @@ mod tests {
             .unwrap();
         assert_eq!(store.owner_ports("acct-1").unwrap(), 7);
         assert_eq!(store.owner_ports("nobody").unwrap(), 0);
+        assert_eq!(store.count().unwrap(), 2);
         assert_eq!(
             store.used_public_ports(pub_ip, Protocols::Udp).unwrap(),
             vec![range(7000, 7000)]

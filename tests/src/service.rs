@@ -48,7 +48,6 @@ impl Service {
         netns: Option<String>,
         policy: &str,
     ) -> io::Result<Self> {
-        std::fs::create_dir_all(files.path())?;
         let dir = files.path();
         let config = format!(
             "[service]\nsocket = \"{}\"\ndatabase = \"{}\"\naudit_log = \"{}\"\nbpffs = \"{}\"\n{policy}",
@@ -57,7 +56,23 @@ impl Service {
             dir.join("audit.jsonl").display(),
             bpffs.display(),
         );
-        std::fs::write(dir.join("pf.toml"), config)?;
+        Self::start_in(pf_bin, files, netns, &config)
+    }
+
+    /// Starts `pf serve` on a whole config of the caller's, whose socket must be
+    /// `files/pf.sock`.
+    pub fn start_with_config(pf_bin: &Path, files: ScratchDir, config: &str) -> io::Result<Self> {
+        Self::start_in(pf_bin, files, None, config)
+    }
+
+    fn start_in(
+        pf_bin: &Path,
+        files: ScratchDir,
+        netns: Option<String>,
+        config: &str,
+    ) -> io::Result<Self> {
+        std::fs::create_dir_all(files.path())?;
+        std::fs::write(files.path().join("pf.toml"), config)?;
         let mut service = Self {
             pf_bin: pf_bin.to_path_buf(),
             netns,

@@ -101,11 +101,27 @@ pub fn cargo() -> Command {
 
 /// Builds the `pf` binary and returns its path.
 pub fn build_pf() -> Result<PathBuf> {
-    run(cargo().args(["build", "--package", "pf-user", "--bin", "pf"]))?;
+    build_pf_profile(false)
+}
+
+/// `pf` built with optimisations, for the benchmark.
+fn build_pf_release() -> Result<PathBuf> {
+    build_pf_profile(true)
+}
+
+fn build_pf_profile(release: bool) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "pf-user", "--bin", "pf"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"));
-    Ok(target.join("debug").join("pf"))
+    Ok(target
+        .join(if release { "release" } else { "debug" })
+        .join("pf"))
 }
 
 /// Runs a `cargo test` command, echoing its output, and adds its "test result" lines to
@@ -223,7 +239,9 @@ fn bench(quick: bool, smoke: bool) -> Result<()> {
         _ => ("--full", root().join("bench").join("results")),
     };
     let out = out.to_str().context("UTF-8 path")?.to_string();
-    run(cargo().args([
+    // The service section runs the real `pf serve`, optimised as the other figures are.
+    let pf = build_pf_release()?;
+    run(cargo().env("PF_BIN", &pf).args([
         "run",
         "--release",
         "--package",

@@ -312,7 +312,7 @@ impl Engine {
             }
             Request::Status => Ok(json!({
                 "version": env!("CARGO_PKG_VERSION"),
-                "reservations": self.store.list(None)?.len(),
+                "reservations": self.store.count()?,
                 "next_expiry": self.next_expiry.map(rfc3339),
                 "attached": crate::dataplane::attachments(&self.dir)
                     .iter()
@@ -604,8 +604,19 @@ impl Engine {
             .copied()
             .collect();
         state.reserve_all(&missing)?;
-        for r in &missing {
-            drifts.push(format!("added {r}: in the store, not in the maps"));
+        // Empty maps are a fresh boot (or a first start), not drift: one line says so.
+        let fresh = actual.is_empty() && drifts.is_empty();
+        if fresh {
+            if !missing.is_empty() {
+                eprintln!(
+                    "pf serve: the maps were empty: loaded {} reservations from the store",
+                    missing.len()
+                );
+            }
+        } else {
+            for r in &missing {
+                drifts.push(format!("added {r}: in the store, not in the maps"));
+            }
         }
         for d in drifts.iter().take(DRIFT_LOG_LIMIT) {
             eprintln!("pf serve: drift: {d}");
@@ -618,6 +629,7 @@ impl Engine {
         }
         Ok(ReconcileReport {
             reservations: desired.len(),
+            loaded: if fresh { missing.len() } else { 0 },
             drifts: drifts.len(),
         })
     }
@@ -628,6 +640,8 @@ impl Engine {
 pub struct ReconcileReport {
     /// Enabled reservations in the store (and now in the maps).
     pub reservations: usize,
+    /// Reservations written to maps that were empty (a boot): not drift.
+    pub loaded: usize,
     /// Differences found and repaired.
     pub drifts: usize,
 }

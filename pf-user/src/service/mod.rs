@@ -173,8 +173,9 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         .reconcile()
         .map_err(|e| ServeError::Reconcile(e.message))?;
     eprintln!(
-        "pf serve: {} reservations in the maps, {} drifts repaired ({} ms)",
+        "pf serve: {} reservations in the maps ({} loaded into empty maps), {} drifts repaired ({} ms)",
         report.reservations,
+        report.loaded,
         report.drifts,
         started.elapsed().as_millis()
     );

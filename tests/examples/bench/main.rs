@@ -4,10 +4,12 @@
 //!    1,000,000 reservations (`per_packet`).
 //! 2. Control plane: the time to apply 1,000 and 100,000 reservations, batched and one at a
 //!    time (`control`).
-//! 3. Forwarding: 64-byte UDP frames delivered per second through three namespaces for pf,
+//! 3. The reservation service: applying 1,000 and 100,000 reservations to store and maps, and
+//!    reserve-call latency through the API (`service`).
+//! 4. Forwarding: 64-byte UDP frames delivered per second through three namespaces for pf,
 //!    nftables DNAT, plain forwarding and the arrival ceiling, with 1 and 1,024 flows
 //!    (`forwarding`).
-//! 4. TCP throughput with iperf3 through pf, nftables DNAT and plain forwarding (`tcp`).
+//! 5. TCP throughput with iperf3 through pf, nftables DNAT and plain forwarding (`tcp`).
 //!
 //! Every repetition goes into one JSON file under the output directory, with the commit, kernel,
 //! CPU model and core count; a PNG plot beside it (`plot`); a table with ratios on stdout.
@@ -16,6 +18,7 @@ mod control;
 mod forwarding;
 mod per_packet;
 mod plot;
+mod service;
 mod tcp;
 
 use std::{
@@ -28,7 +31,7 @@ use std::{
 use pf::spec::{PortRange, Protocols, PublicSpec, Reservation, TargetSpec};
 use serde_json::{Value, json};
 
-const SECTIONS: [&str; 4] = ["per-packet", "control", "forwarding", "tcp"];
+const SECTIONS: [&str; 5] = ["per-packet", "control", "service", "forwarding", "tcp"];
 
 pub struct Profile {
     name: &'static str,
@@ -173,7 +176,7 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("bench/results"));
-    // `--only SECTION` (per-packet, control, forwarding, tcp): one section, for profiling.
+    // `--only SECTION` (per-packet, control, service, forwarding, tcp): one section, for profiling.
     let only = args
         .iter()
         .position(|a| a == "--only")
@@ -204,6 +207,7 @@ fn run(profile: &Profile, out_dir: &Path, only: Option<&str>) -> Result<(), Stri
     let wanted = |section: &str| only.is_none_or(|o| o == section);
     let mut per_packet = Vec::new();
     let mut control = Vec::new();
+    let mut service = Value::Null;
     let mut forwarding = Vec::new();
     let mut tcp = Vec::new();
     if wanted("per-packet") {
@@ -211,6 +215,9 @@ fn run(profile: &Profile, out_dir: &Path, only: Option<&str>) -> Result<(), Stri
     }
     if wanted("control") {
         control = control::run(profile)?;
+    }
+    if wanted("service") {
+        service = service::run(profile)?;
     }
     if wanted("forwarding") {
         forwarding = forwarding::run(profile)?;
@@ -238,6 +245,7 @@ fn run(profile: &Profile, out_dir: &Path, only: Option<&str>) -> Result<(), Stri
         "repetitions": profile.repetitions,
         "per_packet": { "repeat": profile.repeat, "results": per_packet },
         "control_plane": control,
+        "service": service,
         "forwarding": forwarding,
         "tcp": tcp,
     });

@@ -8,3 +8,4 @@ mod differential;
 mod e2e;
 mod fast_path;
 mod fixtures;
+mod service;

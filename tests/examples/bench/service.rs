@@ -1,0 +1,241 @@
+//! The reservation service (`pf serve`):
+//!
+//! 1. Applying N reservations to store and maps: inserting them into a fresh SQLite store (one
+//!    transaction), then the reconcile `pf serve` runs on start, which writes them all to empty
+//!    maps. Baseline, in the same run: the batched map writes alone (`State::reserve_all`).
+//! 2. Reserve-call latency through the API, one connection per call as the CLI makes them,
+//!    against the real `pf serve` process holding the largest store of step 1. Baseline: the
+//!    same round trip for `GET /v1/status`, which touches neither store nor maps.
+
+use std::{path::Path, time::Instant};
+
+use pf::{
+    bpffs::PinDir,
+    client::Client,
+    policy::Config,
+    service::{audit::Audit, engine::Engine},
+    state::State,
+    store::{NewRecord, SqliteStore, Store},
+};
+use pf_tests::{ScratchDir, service::Service};
+use serde_json::{Value, json};
+
+use crate::{Profile, median, per_packet::filler};
+
+/// The public address the latency calls reserve on (the filler uses 198.18.0.0/15).
+const LATENCY_IP: &str = "203.0.113.1";
+
+const POLICY: &str = r#"
+[policy]
+public_ips = ["203.0.113.1"]
+target_networks = ["10.0.0.0/8"]
+port_pool = ["1-65535"]
+ports_per_owner = 1000000
+max_range_ports = 4096
+forbid_listening_ports = false
+"#;
+
+struct Applied {
+    store_seconds: f64,
+    reconcile_seconds: f64,
+    maps_only_seconds: f64,
+}
+
+fn pins(tag: &str) -> ScratchDir {
+    ScratchDir::claim(format!(
+        "/sys/fs/bpf/pf-bench-svc-{tag}-{}",
+        std::process::id()
+    ))
+}
+
+/// Store and maps from nothing, left in place (the last run's serve the latency calls).
+fn apply(size: u32, files: &Path, pin_dir: &Path) -> Result<Applied, String> {
+    let reservations: Vec<_> = (0..size).map(filler).collect();
+    let records: Vec<NewRecord> = reservations
+        .iter()
+        .enumerate()
+        .map(|(i, r)| NewRecord {
+            owner: format!("bench-{}", i % 1000),
+            reservation: *r,
+            created_ms: 0,
+            ttl_ms: None,
+            expires_ms: None,
+            enabled: true,
+            note: String::new(),
+        })
+        .collect();
+    let _ = std::fs::remove_dir_all(files);
+    std::fs::create_dir_all(files).map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let mut store = SqliteStore::open(&files.join("pf.db")).map_err(|e| e.to_string())?;
+    store.insert_all(&records).map_err(|e| e.to_string())?;
+    let store_seconds = start.elapsed().as_secs_f64();
+
+    let config = Config::parse(POLICY)?;
+    let audit = Audit::open(&files.join("audit.jsonl")).map_err(|e| e.to_string())?;
+    let dir = PinDir::new(pin_dir);
+    let start = Instant::now();
+    let mut engine =
+        Engine::new(Box::new(store), dir, config.policy, audit).map_err(|e| e.to_string())?;
+    let report = engine.reconcile().map_err(|e| e.message)?;
+    let reconcile_seconds = start.elapsed().as_secs_f64();
+    if report.reservations != size as usize || report.loaded != size as usize {
+        return Err(format!("reconcile applied {report:?}, not {size}"));
+    }
+
+    let baseline = pins("maps");
+    let baseline_dir = PinDir::new(baseline.path());
+    let mut state = State::open_for_write(&baseline_dir).map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    state
+        .reserve_all(&reservations)
+        .map_err(|e| e.to_string())?;
+    let maps_only_seconds = start.elapsed().as_secs_f64();
+    Ok(Applied {
+        store_seconds,
+        reconcile_seconds,
+        maps_only_seconds,
+    })
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+/// Milliseconds per call, sorted.
+fn latencies(
+    calls: u32,
+    mut call: impl FnMut(u32) -> Result<(), String>,
+) -> Result<Vec<f64>, String> {
+    let mut out = Vec::with_capacity(calls as usize);
+    for i in 0..calls {
+        let start = Instant::now();
+        call(i)?;
+        out.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    out.sort_by(|a, b| a.total_cmp(b));
+    Ok(out)
+}
+
+pub fn run(profile: &Profile) -> Result<Value, String> {
+    let pf_bin = std::env::var_os("PF_BIN")
+        .ok_or("PF_BIN is not set: run the benchmark through `cargo xtask bench`")?;
+    println!();
+    println!("reservation service: applying N reservations to store and maps (pf serve's start)");
+    println!(
+        "{:>13} {:>10} {:>13} {:>10} {:>15} {:>13}",
+        "reservations", "store ms", "reconcile ms", "total ms", "maps only ms", "vs maps only"
+    );
+    let files = std::env::temp_dir().join(format!("pf-bench-svc-{}", std::process::id()));
+    let files_guard = ScratchDir::claim(&files);
+    let mut applied = Vec::new();
+    let mut last_pins = None;
+    for &size in profile.control_sizes {
+        let mut runs = Vec::new();
+        for _ in 0..profile.repetitions {
+            let pin_dir = pins("store");
+            runs.push(apply(size, &files, pin_dir.path())?);
+            last_pins = Some(pin_dir);
+        }
+        let m = |f: fn(&Applied) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+        let (store, reconcile, maps) = (
+            m(|a| a.store_seconds),
+            m(|a| a.reconcile_seconds),
+            m(|a| a.maps_only_seconds),
+        );
+        let total = m(|a| a.store_seconds + a.reconcile_seconds);
+        println!(
+            "{size:>13} {:>10.1} {:>13.1} {:>10.1} {:>15.1} {:>12.1}x",
+            store * 1e3,
+            reconcile * 1e3,
+            total * 1e3,
+            maps * 1e3,
+            total / maps
+        );
+        applied.push(json!({
+            "reservations": size,
+            "store_seconds": runs.iter().map(|a| a.store_seconds).collect::<Vec<_>>(),
+            "reconcile_seconds": runs.iter().map(|a| a.reconcile_seconds).collect::<Vec<_>>(),
+            "maps_only_seconds": runs.iter().map(|a| a.maps_only_seconds).collect::<Vec<_>>(),
+            "median_total_seconds": total,
+            "median_maps_only_seconds": maps,
+            "total_over_maps_only": total / maps,
+        }));
+    }
+
+    // The latency run: pf serve on the largest store and its maps, already in agreement.
+    let pin_dir = last_pins.ok_or("no control sizes in this profile")?;
+    let largest = profile.control_sizes.last().copied().unwrap_or(0);
+    let service_files = ScratchDir::claim(files.join("service"));
+    std::fs::create_dir_all(service_files.path()).map_err(|e| e.to_string())?;
+    let config = format!(
+        "[service]\nsocket = \"{0}/pf.sock\"\ndatabase = \"{1}/pf.db\"\naudit_log = \"{0}/audit.jsonl\"\nbpffs = \"{2}\"\n{POLICY}",
+        service_files.path().display(),
+        files.display(),
+        pin_dir.path().display()
+    );
+    let mut service = Service::start_with_config(Path::new(&pf_bin), service_files, &config)
+        .map_err(|e| e.to_string())?;
+    let client = Client::new(&service.socket());
+    let calls = (profile.repetitions as u32 * 100).max(100);
+    let status = latencies(calls, |_| {
+        client
+            .call("GET", "/v1/status", None)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })?;
+    let reserve = latencies(calls, |i| {
+        let body = json!({
+            "owner": "latency",
+            "public": format!("{LATENCY_IP}:{}/tcp", 1024 + i),
+            "to": format!("10.200.{}.{}:80", i / 250, i % 250 + 1),
+        });
+        client
+            .call("POST", "/v1/reservations", Some(&body))
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })?;
+    let auto = latencies(calls, |i| {
+        let body = json!({
+            "owner": "latency",
+            "public": format!("{LATENCY_IP}/udp"),
+            "to": format!("10.201.{}.{}", i / 250, i % 250 + 1),
+        });
+        client
+            .call("POST", "/v1/reservations", Some(&body))
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })?;
+    service.stop();
+    println!();
+    println!(
+        "reserve-call latency through the API ({calls} sequential calls, {largest} reservations held)"
+    );
+    println!(
+        "{:<28} {:>9} {:>9} {:>14}",
+        "call", "p50 ms", "p99 ms", "p50 vs status"
+    );
+    let base = percentile(&status, 0.5);
+    let mut latency = Vec::new();
+    for (name, v) in [
+        ("GET /v1/status (baseline)", &status),
+        ("reserve, given port", &reserve),
+        ("reserve, automatic port", &auto),
+    ] {
+        let (p50, p99) = (percentile(v, 0.5), percentile(v, 0.99));
+        println!("{name:<28} {p50:>9.2} {p99:>9.2} {:>13.1}x", p50 / base);
+        latency.push(json!({
+            "call": name,
+            "calls": calls,
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "p50_over_status": p50 / base,
+        }));
+    }
+    drop(files_guard);
+    Ok(json!({
+        "apply": applied,
+        "latency": { "reservations_held": largest, "results": latency },
+    }))
+}
