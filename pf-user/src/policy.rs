@@ -589,6 +589,14 @@ target_networks = ["10.8.0.0/16"]
     }
 
     #[test]
+    fn the_example_config_parses() {
+        let c = Config::parse(include_str!("../../dist/pf.toml")).unwrap();
+        assert_eq!(c.interfaces.len(), 1);
+        assert_eq!(c.policy.forbidden_ports.len(), 2);
+        assert_eq!(c.policy.default_ttl, Some(Duration::from_secs(30 * 86400)));
+    }
+
+    #[test]
     fn config_errors_name_the_key() {
         for (text, needle) in [
             (

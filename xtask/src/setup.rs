@@ -20,6 +20,8 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "python3",
     "util-linux",
+    // systemd-analyze, which checks the shipped unit (dist/pf.service).
+    "systemd",
     // The benchmark plot's font.
     "fonts-dejavu-core",
     "llvm-22-dev",

@@ -386,3 +386,31 @@ fn attach_is_exclusive_per_interface() {
     let link = ns.run(&["ip", "-d", "link", "show"]).unwrap();
     assert!(!String::from_utf8_lossy(&link.stdout).contains("xdp"));
 }
+
+#[test]
+fn the_shipped_systemd_unit_verifies() {
+    require_root();
+    let scratch =
+        ScratchDir::claim(std::env::temp_dir().join(format!("pf-unit-{}", std::process::id())));
+    std::fs::create_dir_all(scratch.path()).unwrap();
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/pf.service"),
+    )
+    .unwrap();
+    // The unit names the installed binary; verify it against the one under test.
+    let pf = super::common::pf_bin();
+    let unit = unit.replace("/usr/local/bin/pf", pf.to_str().unwrap());
+    assert!(unit.contains(&format!("ExecStart={} serve --config", pf.display())));
+    let path = scratch.path().join("pf.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("running systemd-analyze (Debian package systemd)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify: {stderr}"
+    );
+}
