@@ -139,12 +139,19 @@ fn duration(key: &str, s: &Option<String>) -> Result<Option<Duration>, String> {
         .transpose()
 }
 
+/// The longest lifetime pf takes: far beyond any product's, and far inside what its clock and
+/// its dates can hold.
+pub const MAX_TTL: Duration = Duration::from_secs(100 * 366 * 86_400);
+
 /// A lifetime as people write it: `90s`, `30m`, `12h`, `30d`, `1w` (humantime's syntax).
 pub fn parse_ttl(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("'{s}' is not a lifetime such as 30d, 12h or 90s ({e})"))?;
     if d < Duration::from_secs(1) {
         return Err(format!("'{s}' is shorter than one second"));
+    }
+    if d > MAX_TTL {
+        return Err(format!("'{s}' is longer than 100 years"));
     }
     Ok(d)
 }
@@ -690,6 +697,12 @@ target_networks = ["10.8.0.0/16"]
         assert_eq!(c.policy.lifetime(None), Ok(Some(Duration::from_secs(60))));
         assert_eq!(parse_ttl("30d").unwrap(), Duration::from_secs(30 * 86400));
         assert!(parse_ttl("0s").is_err());
+        assert!(parse_ttl("100y").is_ok());
+        assert!(
+            parse_ttl("10000y")
+                .unwrap_err()
+                .contains("longer than 100 years")
+        );
     }
 
     #[test]

@@ -550,12 +550,53 @@ impl State {
             }
         }
         match self.reservations.remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(r),
-            Err(source) => Err(PfError::Map {
+            Err(e) if !not_found(&e) => Err(PfError::Map {
                 map: map_names::RESERVATIONS,
-                source,
+                source: e,
             }),
+            _ => Ok(r),
         }
+    }
+
+    /// Whether every NAT entry of `r` is in the maps with the address and port it must have.
+    /// A crash part-way through a write or a removal can leave a record whose entries are not
+    /// all there.
+    pub fn is_complete(&self, r: &Reservation) -> Result<bool, PfError> {
+        let holds = |map: &PerCpuHashMap<MapData, EndpointKey, NatEntry>,
+                     name: &'static str,
+                     key: &EndpointKey,
+                     addr: Ipv4Addr,
+                     port: u16| {
+            match map.get(key, 0) {
+                Ok(values) => Ok(values
+                    .iter()
+                    .all(|e| e.addr == addr.octets() && e.port == port.to_be_bytes())),
+                Err(MapError::KeyNotFound) => Ok(false),
+                Err(source) => Err(PfError::Map { map: name, source }),
+            }
+        };
+        for &proto in r.public.protocols.ip_protocols() {
+            for (public_port, target_port) in r.port_pairs() {
+                let forward = endpoint(r.public.addr, public_port, proto);
+                let reverse = endpoint(r.target_addr, target_port, proto);
+                if !holds(
+                    &self.forward,
+                    map_names::FORWARD_NAT,
+                    &forward,
+                    r.target_addr,
+                    target_port,
+                )? || !holds(
+                    &self.reverse,
+                    map_names::REVERSE_NAT,
+                    &reverse,
+                    r.public.addr,
+                    public_port,
+                )? {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
     }
 
     /// Removes every NAT entry that none of `keep` accounts for (left by a crash, or written
@@ -690,8 +731,8 @@ impl State {
             }
             for ifindex in old.iter().filter(|i| !new.contains(i)) {
                 match map.remove(*ifindex) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(source) => return Err(map_err(source)),
+                    Err(e) if !not_found(&e) => return Err(map_err(e)),
+                    _ => {}
                 }
             }
         }
@@ -731,14 +772,28 @@ impl State {
     }
 }
 
+/// Whether a map operation failed only because the key was not there. aya reports a lookup's
+/// miss as `KeyNotFound`, but a delete's as the syscall's ENOENT.
+fn not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+/// Removes a NAT entry; one already gone is fine (a removal may finish what a crash began).
 fn remove_entry(
     map: &mut PerCpuHashMap<MapData, EndpointKey, NatEntry>,
     name: &'static str,
     key: &EndpointKey,
 ) -> Result<(), PfError> {
     match map.remove(key) {
-        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-        Err(source) => Err(PfError::Map { map: name, source }),
+        Err(e) if !not_found(&e) => Err(PfError::Map {
+            map: name,
+            source: e,
+        }),
+        _ => Ok(()),
     }
 }
 

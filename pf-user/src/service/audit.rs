@@ -32,7 +32,8 @@ pub struct Audit {
 }
 
 impl Audit {
-    /// Opens `path` for appending (mode 0640), creating it and its directory.
+    /// Opens `path` for appending (mode 0640 under the service's umask: 0600), creating it and
+    /// its directory.
     pub fn open(path: &Path) -> std::io::Result<Self> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;

@@ -28,6 +28,9 @@ use super::audit::{Audit, Caller};
 pub const MAX_OWNER_LEN: usize = 128;
 pub const MAX_NOTE_LEN: usize = 1024;
 
+/// How long after a failed expiry it is tried again.
+const EXPIRY_RETRY_MS: u64 = 1000;
+
 /// Reconcile logs this many drifts one by one, then a count.
 const DRIFT_LOG_LIMIT: usize = 20;
 
@@ -154,7 +157,12 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The last instant RFC 3339 (four-digit years) can write: 9999-12-31T23:59:59.999Z.
+const LATEST_RFC3339_MS: u64 = 253_402_300_799_999;
+
 fn rfc3339(ms: u64) -> String {
+    // A hand-edited row could hold any number; humantime panics past year 9999.
+    let ms = ms.min(LATEST_RFC3339_MS);
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
@@ -273,7 +281,7 @@ impl Engine {
             Request::ReleaseOwner(owner) => json!({ "owner": owner }),
             _ => Value::Null,
         };
-        let result = self.dispatch(request);
+        let result = self.dispatch(request, caller);
         if let Some(action) = action {
             match &result {
                 Ok(done) => self.audit.write(caller, action, "ok", done, None),
@@ -286,7 +294,7 @@ impl Engine {
         result
     }
 
-    fn dispatch(&mut self, request: Request) -> Result<Value, ApiError> {
+    fn dispatch(&mut self, request: Request, caller: Caller) -> Result<Value, ApiError> {
         match request {
             Request::Reserve(r) => self.reserve(r).map(|r| record_json(&r)),
             Request::Get(id) => Ok(record_json(&self.get(id)?)),
@@ -299,10 +307,37 @@ impl Engine {
             )),
             Request::Release(id) => self.release(id).map(|r| record_json(&r)),
             Request::ReleaseOwner(owner) => {
+                // Each release is its own change, audited as it lands: a failure part-way says
+                // which went before it.
                 let records = self.store.list(Some(&owner))?;
+                let total = records.len();
                 let mut released = Vec::new();
                 for r in records {
-                    released.push(record_json(&self.release(r.id)?));
+                    match self.release(r.id) {
+                        Ok(r) => {
+                            let done = record_json(&r);
+                            self.audit.write(caller, "release", "ok", &done, None);
+                            released.push(done);
+                        }
+                        Err(e) => {
+                            let ids: Vec<String> =
+                                released.iter().map(|r| r["id"].to_string()).collect();
+                            return Err(ApiError {
+                                message: format!(
+                                    "released {} of {total} reservations of {owner} ({}), then reservation {}: {}",
+                                    ids.len(),
+                                    if ids.is_empty() {
+                                        "none".to_string()
+                                    } else {
+                                        ids.join(", ")
+                                    },
+                                    r.id,
+                                    e.message
+                                ),
+                                ..e
+                            });
+                        }
+                    }
                 }
                 Ok(Value::Array(released))
             }
@@ -327,8 +362,8 @@ impl Engine {
     }
 
     fn reserve(&mut self, req: ReserveRequest) -> Result<Record, ApiError> {
-        let owner = req.owner.trim();
-        if owner.is_empty() {
+        let owner = req.owner.as_str();
+        if owner.trim().is_empty() {
             return Err(ApiError::bad_request("owner is empty: give the account id"));
         }
         check_text("owner", owner, MAX_OWNER_LEN)?;
@@ -516,11 +551,14 @@ impl Engine {
             .transpose()
             .map_err(ApiError::bad_request)?
             .or(record.ttl_ms.map(Duration::from_millis));
-        let Some(ttl) = self.policy.lifetime(asked)? else {
+        // A permanent reservation stays so unless a lifetime is given: renew never starts an
+        // expiry nobody asked for (not even the policy's default_ttl).
+        let Some(asked) = asked else {
             return Err(ApiError::bad_request(format!(
                 "reservation {id} has no lifetime to renew: give a ttl"
             )));
         };
+        let ttl = self.policy.lifetime(Some(asked))?.unwrap_or(asked);
         let ttl_ms = duration_ms(ttl);
         let expires = now_ms().saturating_add(ttl_ms);
         self.store.set_lifetime(id, Some(ttl_ms), Some(expires))?;
@@ -560,18 +598,27 @@ impl Engine {
                 return;
             }
         };
+        let mut failed = false;
         for record in due {
             match self.release(record.id) {
                 Ok(r) => self
                     .audit
                     .write(Caller::SERVICE, "expire", "ok", &record_json(&r), None),
-                Err(e) => eprintln!(
-                    "pf serve: could not expire reservation {}: {}",
-                    record.id, e.message
-                ),
+                Err(e) => {
+                    failed = true;
+                    eprintln!(
+                        "pf serve: could not expire reservation {}: {} (trying again in {EXPIRY_RETRY_MS} ms)",
+                        record.id, e.message
+                    );
+                }
             }
         }
         self.refresh_next_expiry();
+        if failed {
+            // Not at once: the due record is still there, and retrying in a loop would spin.
+            let retry = now.saturating_add(EXPIRY_RETRY_MS);
+            self.next_expiry = Some(self.next_expiry.map_or(retry, |t| t.max(retry)));
+        }
     }
 
     /// Makes the maps hold exactly the store's enabled reservations: removes what the store
@@ -589,32 +636,49 @@ impl Engine {
         let want: std::collections::HashSet<&Reservation> = desired.iter().collect();
         let have: std::collections::HashSet<&Reservation> = actual.iter().collect();
         let mut drifts = Vec::new();
+        // Records the store does not have go, with their entries.
         for r in actual.iter().filter(|r| !want.contains(r)) {
             state.release(&r.public)?;
             drifts.push(format!("removed {r}: in the maps, not in the store"));
         }
-        for entry in state.prune(&desired)? {
+        // Records whose entries are not all there (a crash in the middle of a write or a
+        // removal) are written again, whole.
+        let mut intact = Vec::new();
+        let mut absent = Vec::new();
+        let mut rewrite = Vec::new();
+        for r in desired.iter() {
+            if !have.contains(r) {
+                absent.push(*r);
+            } else if state.is_complete(r)? {
+                intact.push(*r);
+            } else {
+                state.release(&r.public)?;
+                drifts.push(format!(
+                    "rewrote {r}: some of its entries were missing or wrong"
+                ));
+                rewrite.push(*r);
+            }
+        }
+        // Entries no intact reservation accounts for: orphans, and what a half-written
+        // reservation left, which is about to be written whole.
+        for entry in state.prune(&intact)? {
             drifts.push(format!(
                 "removed {entry}: an entry no reservation accounts for"
             ));
         }
-        let missing: Vec<Reservation> = desired
-            .iter()
-            .filter(|r| !have.contains(r))
-            .copied()
-            .collect();
+        let missing: Vec<Reservation> = absent.iter().chain(&rewrite).copied().collect();
         state.reserve_all(&missing)?;
         // Empty maps are a fresh boot (or a first start), not drift: one line says so.
         let fresh = actual.is_empty() && drifts.is_empty();
         if fresh {
-            if !missing.is_empty() {
+            if !absent.is_empty() {
                 eprintln!(
                     "pf serve: the maps were empty: loaded {} reservations from the store",
-                    missing.len()
+                    absent.len()
                 );
             }
         } else {
-            for r in &missing {
+            for r in &absent {
                 drifts.push(format!("added {r}: in the store, not in the maps"));
             }
         }
@@ -629,7 +693,7 @@ impl Engine {
         }
         Ok(ReconcileReport {
             reservations: desired.len(),
-            loaded: if fresh { missing.len() } else { 0 },
+            loaded: if fresh { absent.len() } else { 0 },
             drifts: drifts.len(),
         })
     }

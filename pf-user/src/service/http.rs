@@ -89,9 +89,12 @@ async fn respond(
     caller: Caller,
     jobs: mpsc::Sender<Job>,
 ) -> Response<Full<Bytes>> {
-    let created = req.method() == Method::POST && req.uri().path() == "/v1/reservations";
+    let mut created = false;
     let result = match route(req).await {
-        Ok(request) => ask(request, caller, &jobs).await,
+        Ok(request) => {
+            created = matches!(request, Request::Reserve(_));
+            ask(request, caller, &jobs).await
+        }
         Err(e) => Err(e),
     };
     match result {

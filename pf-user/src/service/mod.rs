@@ -12,7 +12,7 @@ mod http;
 
 use std::{
     fs::File,
-    os::unix::fs::PermissionsExt,
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::mpsc,
     time::Duration,
@@ -43,7 +43,7 @@ pub enum ServeError {
         what: String,
         source: std::io::Error,
     },
-    #[error("another pf serve is running with socket {0} (its lock is held)")]
+    #[error("another pf serve is running with {0} (its lock is held)")]
     AlreadyRunning(PathBuf),
     #[error("unknown group '{0}' (service.socket_group)")]
     UnknownGroup(String),
@@ -75,12 +75,14 @@ struct Job {
 const EXPIRY_POLL: Duration = Duration::from_secs(1);
 
 /// Holds `path` locked for the life of the service: a second `pf serve` on the same socket or
-/// store refuses to start instead of fighting over the maps.
-fn lock_file(path: &Path, socket: &Path) -> Result<File, ServeError> {
+/// store refuses to start instead of fighting over the maps. Mode 0600: nobody else can open
+/// it, so nobody else can take the lock away.
+fn lock_file(path: &Path, what: &Path) -> Result<File, ServeError> {
     let file = File::options()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(path)
         .map_err(io(format!("opening {}", path.display())))?;
     // SAFETY: flock on an fd we own.
@@ -91,7 +93,7 @@ fn lock_file(path: &Path, socket: &Path) -> Result<File, ServeError> {
         )
     } != 0
     {
-        return Err(ServeError::AlreadyRunning(socket.to_path_buf()));
+        return Err(ServeError::AlreadyRunning(what.to_path_buf()));
     }
     Ok(file)
 }
@@ -151,16 +153,22 @@ fn attach_interfaces(dir: &PinDir, config: &Config) -> Result<(), ServeError> {
 
 /// Runs the service until SIGTERM or SIGINT. The data plane stays pinned when it stops.
 pub fn run(config: Config) -> Result<(), ServeError> {
+    // Everything the service creates is its own (the store holds owners and notes): the socket
+    // is opened up to 0660 explicitly below, after bind, and no earlier.
+    // SAFETY: umask has no preconditions.
+    unsafe { libc::umask(0o077) };
     let service = &config.service;
     create_parent(&service.socket, 0o755)?;
-    let lock_path = service.socket.with_extension("lock");
-    let _lock = lock_file(&lock_path, &service.socket)?;
+    create_parent(&service.database, 0o750)?;
+    let _socket_lock = lock_file(&service.socket.with_extension("lock"), &service.socket)?;
+    let mut database_lock = service.database.clone().into_os_string();
+    database_lock.push(".lock");
+    let _database_lock = lock_file(Path::new(&database_lock), &service.database)?;
 
     let dir = PinDir::new(&service.bpffs);
     dir.prepare()?;
     attach_interfaces(&dir, &config)?;
 
-    create_parent(&service.database, 0o750)?;
     let store = SqliteStore::open(&service.database)?;
     let audit = Audit::open(&service.audit_log).map_err(io(format!(
         "opening the audit log {}",
@@ -199,7 +207,16 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     let (jobs, queue) = mpsc::channel::<Job>();
     let engine_thread = std::thread::Builder::new()
         .name("pf-engine".into())
-        .spawn(move || run_engine(engine, queue))
+        .spawn(move || {
+            // The one writer must not die quietly, leaving an API that answers 503 for ever:
+            // the process ends, and its supervisor restarts it (the start reconciles).
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_engine(engine, queue)))
+                .is_err()
+            {
+                eprintln!("pf serve: the engine failed; exiting so that a restart reconciles");
+                std::process::exit(70);
+            }
+        })
         .map_err(io("starting the engine thread"))?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()

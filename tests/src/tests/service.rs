@@ -19,7 +19,7 @@ use std::{
 
 use aya::maps::{Map, MapData, PerCpuHashMap};
 use pf::{client::Client, state::State};
-use pf_common::{EndpointKey, NatEntry, map_names};
+use pf_common::{EndpointKey, NatEntry, ReservationKey, ReservationValue, map_names};
 use serde_json::{Value, json};
 
 use crate::{
@@ -473,17 +473,17 @@ fn a_restart_repairs_drift_between_store_and_maps() {
     require_root();
     let dir = TempPinDir::new();
     let mut service = dir.serve();
-    pf_ok(
-        &dir,
-        &["reserve", "198.51.100.1:8080/tcp", "--to", "10.8.0.2:80"],
-    );
-    pf_ok(
-        &dir,
-        &["reserve", "198.51.100.1:7000-7003/udp", "--to", "10.8.0.3"],
-    );
+    for (public, to) in [
+        ("198.51.100.1:8080/tcp", "10.8.0.2:80"),
+        ("198.51.100.1:7000-7003/udp", "10.8.0.3"),
+        ("198.51.100.1:6000/tcp", "10.8.0.6"),
+    ] {
+        pf_ok(&dir, &["reserve", public, "--to", to]);
+    }
     service.stop();
     // Behind the store's back: one reservation gone from the maps, one added that the store
-    // never had, and an orphan NAT entry (what a crash half-way through a write could leave).
+    // never had, and an orphan NAT entry; and what a crash half-way through a write or a
+    // removal leaves: a record with one entry missing, and entries whose record is missing.
     {
         let mut state = State::open_for_write(&dir.dir).unwrap();
         state
@@ -492,11 +492,29 @@ fn a_restart_repairs_drift_between_store_and_maps() {
         let stranger = super::common::reservations(&[("198.51.100.1:9999/tcp", "10.8.0.9")]);
         state.reserve_all(&stranger).unwrap();
     }
+    let mut records: aya::maps::HashMap<MapData, ReservationKey, ReservationValue> =
+        MapData::from_pin(dir.dir.map(map_names::RESERVATIONS))
+            .and_then(Map::from_map_data)
+            .and_then(aya::maps::HashMap::try_from)
+            .unwrap();
+    let record_of_6000 = records
+        .keys()
+        .map(Result::unwrap)
+        .find(|k| k.first_port == 6000u16.to_be_bytes())
+        .unwrap();
+    records.remove(&record_of_6000).unwrap();
+    drop(records);
     let mut forward: PerCpuHashMap<MapData, EndpointKey, NatEntry> =
         MapData::from_pin(dir.dir.map(map_names::FORWARD_NAT))
             .and_then(Map::from_map_data)
             .and_then(PerCpuHashMap::try_from)
             .unwrap();
+    let udp_7001 = EndpointKey::new(
+        [198, 51, 100, 1],
+        7001u16.to_be_bytes(),
+        pf_common::IPPROTO_UDP,
+    );
+    forward.remove(&udp_7001).unwrap();
     let orphan = EndpointKey::new(
         [198, 51, 100, 1],
         5555u16.to_be_bytes(),
@@ -516,13 +534,22 @@ fn a_restart_repairs_drift_between_store_and_maps() {
     let log = service.log();
     for drift in [
         "drift: removed 198.51.100.1:9999/tcp -> 10.8.0.9:9999: in the maps, not in the store",
+        "drift: rewrote 198.51.100.1:7000-7003/udp -> 10.8.0.3:7000-7003: some of its entries were missing or wrong",
         "drift: removed 198.51.100.1:5555/tcp (FORWARD_NAT): an entry no reservation accounts for",
+        "drift: removed 198.51.100.1:6000/tcp (FORWARD_NAT): an entry no reservation accounts for",
+        "drift: removed 10.8.0.6:6000/tcp (REVERSE_NAT): an entry no reservation accounts for",
         "drift: added 198.51.100.1:8080/tcp -> 10.8.0.2:80: in the store, not in the maps",
-        "3 drifts repaired",
+        "drift: added 198.51.100.1:6000/tcp -> 10.8.0.6:6000: in the store, not in the maps",
+        "7 drifts repaired",
     ] {
         assert!(log.contains(drift), "want {drift:?} in: {log}");
     }
-    assert_eq!(assert_store_and_maps_agree(&dir).len(), 2);
+    assert_eq!(assert_store_and_maps_agree(&dir).len(), 3);
+    // Every entry carries the right address and port again (counts alone would not show it).
+    let state = State::open_for_read(&dir.dir).unwrap().unwrap();
+    for r in state.list().unwrap() {
+        assert!(state.is_complete(&r).unwrap(), "{r}");
+    }
 }
 
 /// `curl --unix-socket`: (HTTP status, JSON body).
