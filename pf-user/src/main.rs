@@ -176,7 +176,7 @@ fn run_client(client: &Client, command: &Command) -> anyhow::Result<bool> {
             if let Some(ttl) = ttl {
                 parse_ttl(ttl).map_err(SpecError::BadTtl)?;
             }
-            let body = json!({ "owner": owner, "public": public, "to": to_arg(to), "ttl": ttl, "note": note });
+            let body = json!({ "owner": owner, "public": public, "to": to.to_string(), "ttl": ttl, "note": note });
             let r = client.call("POST", "/v1/reservations", Some(&body))?;
             println!("reserved {}", describe(&r));
         }
@@ -251,13 +251,6 @@ fn run_client(client: &Client, command: &Command) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-fn to_arg(to: &TargetSpec) -> String {
-    match to.port {
-        Some(port) => format!("{}:{port}", to.addr),
-        None => to.addr.to_string(),
-    }
-}
-
 /// One line for a reservation as the API returns it.
 fn describe(r: &Value) -> String {
     let mut line = format!(
@@ -291,11 +284,7 @@ fn find_by_spec(client: &Client, spec: &PublicSpec) -> anyhow::Result<u64> {
         r["public"]
             .as_str()
             .and_then(|p| p.parse::<PublicSpec>().ok())
-            .is_some_and(|p| {
-                p.addr == spec.addr
-                    && p.protocols.overlaps(spec.protocols)
-                    && p.ports.overlaps(spec.ports)
-            })
+            .is_some_and(|p| p.overlaps(spec))
     });
     let hint = match overlapping {
         Some(r) => format!(
@@ -378,20 +367,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn reservation_json(r: &Reservation) -> Value {
-    let target = r.target_ports();
-    json!({
-        "public_ip": r.public.addr.to_string(),
-        "first_port": r.public.ports.first,
-        "last_port": r.public.ports.last,
-        "protocol": r.public.protocols,
-        "target_ip": r.target_addr.to_string(),
-        "target_first_port": target.first,
-        "target_last_port": target.last,
-        "spec": r.to_string(),
-    })
-}
-
 fn print_devices(devices: &FastPathDevices) {
     let list = |names: &[String]| {
         if names.is_empty() {
@@ -432,7 +407,7 @@ fn stats_json(
         .reservations
         .iter()
         .map(|(r, t)| {
-            let mut v = reservation_json(r);
+            let mut v = r.to_json();
             v["traffic"] = serde_json::to_value(t).expect("plain struct");
             v
         })

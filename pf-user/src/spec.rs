@@ -237,6 +237,15 @@ pub fn parse_public_request(
     Ok((spec.addr, Some(spec.ports), spec.protocols))
 }
 
+impl PublicSpec {
+    /// Whether the two share an address, a port and a protocol.
+    pub fn overlaps(&self, other: &PublicSpec) -> bool {
+        self.addr == other.addr
+            && self.protocols.overlaps(other.protocols)
+            && self.ports.overlaps(other.ports)
+    }
+}
+
 impl fmt::Display for PublicSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}/{}", self.addr, self.ports, self.protocols)
@@ -270,6 +279,15 @@ impl FromStr for TargetSpec {
                 addr: parse_addr(s)?,
                 port: None,
             }),
+        }
+    }
+}
+
+impl fmt::Display for TargetSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(port) => write!(f, "{}:{port}", self.addr),
+            None => write!(f, "{}", self.addr),
         }
     }
 }
@@ -310,6 +328,23 @@ impl Reservation {
     /// Every (public port, target port) pair.
     pub fn port_pairs(&self) -> impl Iterator<Item = (u16, u16)> + '_ {
         self.public.ports.ports().zip(self.target_ports().ports())
+    }
+}
+
+impl Reservation {
+    /// The reservation as `pf stats --json` and the API show it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let target = self.target_ports();
+        serde_json::json!({
+            "public_ip": self.public.addr.to_string(),
+            "first_port": self.public.ports.first,
+            "last_port": self.public.ports.last,
+            "protocol": self.public.protocols,
+            "target_ip": self.target_addr.to_string(),
+            "target_first_port": target.first,
+            "target_last_port": target.last,
+            "spec": self.to_string(),
+        })
     }
 }
 

@@ -10,6 +10,7 @@ use std::{fs::File, net::Ipv4Addr, os::fd::AsFd};
 use aya::maps::xdp::XdpMapError;
 use aya::maps::{
     DevMapHash, HashMap, IterableMap, Map, MapData, MapError, MapType, PerCpuArray, PerCpuHashMap,
+    PerCpuValues,
 };
 use pf_common::{
     EndpointKey, FragmentKey, FragmentValue, NatEntry, ReservationKey, ReservationValue,
@@ -103,6 +104,49 @@ fn proto_name(proto: u8) -> &'static str {
 
 fn endpoint(addr: Ipv4Addr, port: u16, proto: u8) -> EndpointKey {
     EndpointKey::new(addr.octets(), port.to_be_bytes(), proto)
+}
+
+/// One (port, protocol) of a reservation: its key in each NAT map, and the ports they carry.
+struct NatPair {
+    proto: u8,
+    public_port: u16,
+    target_port: u16,
+    /// `FORWARD_NAT`'s key: the public endpoint.
+    forward: EndpointKey,
+    /// `REVERSE_NAT`'s key: the target endpoint.
+    reverse: EndpointKey,
+}
+
+/// Every (port, protocol) of `r`, protocol by protocol and port by port: the order in which
+/// pf writes, removes and reads them.
+fn nat_pairs(r: &Reservation) -> impl Iterator<Item = NatPair> + '_ {
+    r.public
+        .protocols
+        .ip_protocols()
+        .iter()
+        .flat_map(move |&proto| {
+            r.port_pairs()
+                .map(move |(public_port, target_port)| NatPair {
+                    proto,
+                    public_port,
+                    target_port,
+                    forward: endpoint(r.public.addr, public_port, proto),
+                    reverse: endpoint(r.target_addr, target_port, proto),
+                })
+        })
+}
+
+/// A NAT entry's per-CPU values; `None` if the key is not in the map.
+fn lookup(
+    map: &PerCpuHashMap<MapData, EndpointKey, NatEntry>,
+    name: &'static str,
+    key: &EndpointKey,
+) -> Result<Option<PerCpuValues<NatEntry>>, PfError> {
+    match map.get(key, 0) {
+        Ok(values) => Ok(Some(values)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(source) => Err(PfError::Map { map: name, source }),
+    }
 }
 
 /// Open handles on pf's maps, with pf's lock on the pin directory held.
@@ -334,17 +378,8 @@ impl State {
 
     /// The reservation whose public side covers `addr:port/proto`, if any. A scan: only used to
     /// name the owner of a conflict.
-    fn find_public(
-        &self,
-        addr: Ipv4Addr,
-        ports: PortRange,
-        protocols: Protocols,
-    ) -> Result<Option<Reservation>, PfError> {
-        Ok(self.list()?.into_iter().find(|r| {
-            r.public.addr == addr
-                && r.public.protocols.overlaps(protocols)
-                && r.public.ports.overlaps(ports)
-        }))
+    fn find_public(&self, spec: &PublicSpec) -> Result<Option<Reservation>, PfError> {
+        Ok(self.list()?.into_iter().find(|r| r.public.overlaps(spec)))
     }
 
     /// The reservation whose target side covers `addr:port/proto`, if any (a scan, as above).
@@ -365,18 +400,6 @@ impl State {
         }))
     }
 
-    fn contains(
-        map: &PerCpuHashMap<MapData, EndpointKey, NatEntry>,
-        name: &'static str,
-        key: &EndpointKey,
-    ) -> Result<bool, PfError> {
-        match map.get(key, 0) {
-            Ok(_) => Ok(true),
-            Err(MapError::KeyNotFound) => Ok(false),
-            Err(source) => Err(PfError::Map { map: name, source }),
-        }
-    }
-
     /// Adds a reservation: checks every port of it against both NAT maps first, then writes the
     /// reverse entries, the forward entries and the record, undoing what it wrote on any failure.
     pub fn reserve(&mut self, r: &Reservation) -> Result<(), PfError> {
@@ -395,70 +418,67 @@ impl State {
         let mut claimed_public = std::collections::HashMap::new();
         let mut claimed_target = std::collections::HashMap::new();
         for (index, r) in rs.iter().enumerate() {
-            for &proto in r.public.protocols.ip_protocols() {
-                for (public_port, target_port) in r.port_pairs() {
-                    let fkey = endpoint(r.public.addr, public_port, proto);
-                    let rkey = endpoint(r.target_addr, target_port, proto);
-                    // Named only in an error: formatting them for every port would cost more
-                    // than the map writes.
-                    let public =
-                        || format!("{}:{public_port}/{}", r.public.addr, proto_name(proto));
-                    let target =
-                        || format!("{}:{target_port}/{}", r.target_addr, proto_name(proto));
-                    if let Some(&earlier) = claimed_public.get(&fkey) {
-                        let existing: Reservation = rs[earlier];
-                        let public = public();
-                        return Err(PfError::Conflict { public, existing });
-                    }
-                    if Self::contains(&self.forward, map_names::FORWARD_NAT, &fkey)? {
-                        let ports = PortRange::single(public_port);
-                        return Err(
-                            match self.find_public(r.public.addr, ports, one_protocol(proto))? {
-                                Some(existing) => PfError::Conflict {
-                                    public: public(),
-                                    existing,
-                                },
-                                None => PfError::Orphan {
-                                    public: public(),
-                                    proto: proto_name(proto),
-                                },
-                            },
-                        );
-                    }
-                    if let Some(&earlier) = claimed_target.get(&rkey) {
-                        let existing: Reservation = rs[earlier];
-                        let target = target();
-                        return Err(PfError::AmbiguousTarget { target, existing });
-                    }
-                    if Self::contains(&self.reverse, map_names::REVERSE_NAT, &rkey)? {
-                        return Err(
-                            match self.find_target(
-                                r.target_addr,
-                                target_port,
-                                one_protocol(proto),
-                            )? {
-                                Some(existing) => PfError::AmbiguousTarget {
-                                    target: target(),
-                                    existing,
-                                },
-                                None => PfError::Orphan {
-                                    public: target(),
-                                    proto: proto_name(proto),
-                                },
-                            },
-                        );
-                    }
-                    claimed_public.insert(fkey, index);
-                    claimed_target.insert(rkey, index);
-                    let to_target =
-                        NatEntry::new(r.target_addr.octets(), target_port.to_be_bytes());
-                    let to_public =
-                        NatEntry::new(r.public.addr.octets(), public_port.to_be_bytes());
-                    forward_keys.push(fkey);
-                    forward_values.extend(std::iter::repeat_n(to_target, self.nr_cpus));
-                    reverse_keys.push(rkey);
-                    reverse_values.extend(std::iter::repeat_n(to_public, self.nr_cpus));
+            for NatPair {
+                proto,
+                public_port,
+                target_port,
+                forward: fkey,
+                reverse: rkey,
+            } in nat_pairs(r)
+            {
+                // Named only in an error: formatting them for every port would cost more
+                // than the map writes.
+                let public = || format!("{}:{public_port}/{}", r.public.addr, proto_name(proto));
+                let target = || format!("{}:{target_port}/{}", r.target_addr, proto_name(proto));
+                if let Some(&earlier) = claimed_public.get(&fkey) {
+                    let existing: Reservation = rs[earlier];
+                    let public = public();
+                    return Err(PfError::Conflict { public, existing });
                 }
+                if lookup(&self.forward, map_names::FORWARD_NAT, &fkey)?.is_some() {
+                    let spec = PublicSpec {
+                        addr: r.public.addr,
+                        ports: PortRange::single(public_port),
+                        protocols: one_protocol(proto),
+                    };
+                    return Err(match self.find_public(&spec)? {
+                        Some(existing) => PfError::Conflict {
+                            public: public(),
+                            existing,
+                        },
+                        None => PfError::Orphan {
+                            public: public(),
+                            proto: proto_name(proto),
+                        },
+                    });
+                }
+                if let Some(&earlier) = claimed_target.get(&rkey) {
+                    let existing: Reservation = rs[earlier];
+                    let target = target();
+                    return Err(PfError::AmbiguousTarget { target, existing });
+                }
+                if lookup(&self.reverse, map_names::REVERSE_NAT, &rkey)?.is_some() {
+                    return Err(
+                        match self.find_target(r.target_addr, target_port, one_protocol(proto))? {
+                            Some(existing) => PfError::AmbiguousTarget {
+                                target: target(),
+                                existing,
+                            },
+                            None => PfError::Orphan {
+                                public: target(),
+                                proto: proto_name(proto),
+                            },
+                        },
+                    );
+                }
+                claimed_public.insert(fkey, index);
+                claimed_target.insert(rkey, index);
+                let to_target = NatEntry::new(r.target_addr.octets(), target_port.to_be_bytes());
+                let to_public = NatEntry::new(r.public.addr.octets(), public_port.to_be_bytes());
+                forward_keys.push(fkey);
+                forward_values.extend(std::iter::repeat_n(to_target, self.nr_cpus));
+                reverse_keys.push(rkey);
+                reverse_values.extend(std::iter::repeat_n(to_public, self.nr_cpus));
             }
         }
         let (record_keys, record_values): (Vec<_>, Vec<_>) =
@@ -517,7 +537,7 @@ impl State {
             .ok()
             .and_then(|v| record_to_reservation(&key, &v));
         let Some(r) = found.filter(|r| r.public == *spec) else {
-            let hint = match self.find_public(spec.addr, spec.ports, spec.protocols)? {
+            let hint = match self.find_public(spec)? {
                 Some(other) => format!(
                     "; it overlaps {other}: release that whole, as `pf release {}`",
                     other.public
@@ -531,23 +551,11 @@ impl State {
         };
         // Forward entries first, so no new inbound packet is rewritten while the replies' entries
         // still exist; the record last, so a failure leaves the reservation visible in `pf list`.
-        for &proto in r.public.protocols.ip_protocols() {
-            for (public_port, _) in r.port_pairs() {
-                remove_entry(
-                    &mut self.forward,
-                    map_names::FORWARD_NAT,
-                    &endpoint(r.public.addr, public_port, proto),
-                )?;
-            }
+        for pair in nat_pairs(&r) {
+            remove_entry(&mut self.forward, map_names::FORWARD_NAT, &pair.forward)?;
         }
-        for &proto in r.public.protocols.ip_protocols() {
-            for (_, target_port) in r.port_pairs() {
-                remove_entry(
-                    &mut self.reverse,
-                    map_names::REVERSE_NAT,
-                    &endpoint(r.target_addr, target_port, proto),
-                )?;
-            }
+        for pair in nat_pairs(&r) {
+            remove_entry(&mut self.reverse, map_names::REVERSE_NAT, &pair.reverse)?;
         }
         match self.reservations.remove(&key) {
             Err(e) if !not_found(&e) => Err(PfError::Map {
@@ -562,38 +570,37 @@ impl State {
     /// A crash part-way through a write or a removal can leave a record whose entries are not
     /// all there.
     pub fn is_complete(&self, r: &Reservation) -> Result<bool, PfError> {
-        let holds = |map: &PerCpuHashMap<MapData, EndpointKey, NatEntry>,
-                     name: &'static str,
-                     key: &EndpointKey,
-                     addr: Ipv4Addr,
-                     port: u16| {
-            match map.get(key, 0) {
-                Ok(values) => Ok(values
+        // Userspace writes the same address and port for every CPU.
+        fn holds(
+            map: &PerCpuHashMap<MapData, EndpointKey, NatEntry>,
+            name: &'static str,
+            key: &EndpointKey,
+            addr: Ipv4Addr,
+            port: u16,
+        ) -> Result<bool, PfError> {
+            Ok(lookup(map, name, key)?.is_some_and(|values| {
+                values
                     .iter()
-                    .all(|e| e.addr == addr.octets() && e.port == port.to_be_bytes())),
-                Err(MapError::KeyNotFound) => Ok(false),
-                Err(source) => Err(PfError::Map { map: name, source }),
-            }
-        };
-        for &proto in r.public.protocols.ip_protocols() {
-            for (public_port, target_port) in r.port_pairs() {
-                let forward = endpoint(r.public.addr, public_port, proto);
-                let reverse = endpoint(r.target_addr, target_port, proto);
-                if !holds(
-                    &self.forward,
-                    map_names::FORWARD_NAT,
-                    &forward,
-                    r.target_addr,
-                    target_port,
-                )? || !holds(
-                    &self.reverse,
-                    map_names::REVERSE_NAT,
-                    &reverse,
-                    r.public.addr,
-                    public_port,
-                )? {
-                    return Ok(false);
-                }
+                    .all(|e| e.addr == addr.octets() && e.port == port.to_be_bytes())
+            }))
+        }
+        for pair in nat_pairs(r) {
+            let forward = holds(
+                &self.forward,
+                map_names::FORWARD_NAT,
+                &pair.forward,
+                r.target_addr,
+                pair.target_port,
+            )?;
+            let reverse = holds(
+                &self.reverse,
+                map_names::REVERSE_NAT,
+                &pair.reverse,
+                r.public.addr,
+                pair.public_port,
+            )?;
+            if !(forward && reverse) {
+                return Ok(false);
             }
         }
         Ok(true)
@@ -605,13 +612,9 @@ impl State {
     pub fn prune(&mut self, keep: &[Reservation]) -> Result<Vec<String>, PfError> {
         let mut forward_keep = std::collections::HashSet::new();
         let mut reverse_keep = std::collections::HashSet::new();
-        for r in keep {
-            for &proto in r.public.protocols.ip_protocols() {
-                for (public_port, target_port) in r.port_pairs() {
-                    forward_keep.insert(endpoint(r.public.addr, public_port, proto));
-                    reverse_keep.insert(endpoint(r.target_addr, target_port, proto));
-                }
-            }
+        for pair in keep.iter().flat_map(nat_pairs) {
+            forward_keep.insert(pair.forward);
+            reverse_keep.insert(pair.reverse);
         }
         let mut removed = Vec::new();
         for (map, name, keep) in [
@@ -641,13 +644,11 @@ impl State {
         name: &'static str,
         key: &EndpointKey,
     ) -> Result<(u64, u64), PfError> {
-        match map.get(key, 0) {
-            Ok(values) => Ok(values
+        Ok(lookup(map, name, key)?.map_or((0, 0), |values| {
+            values
                 .iter()
-                .fold((0, 0), |(p, b), e| (p + e.packets, b + e.bytes))),
-            Err(MapError::KeyNotFound) => Ok((0, 0)),
-            Err(source) => Err(PfError::Map { map: name, source }),
-        }
+                .fold((0, 0), |(p, b), e| (p + e.packets, b + e.bytes))
+        }))
     }
 
     /// The global outcome counters, summed over CPUs: (ingress, egress), in `Outcome` order.
@@ -745,23 +746,15 @@ impl State {
         let mut reservations = Vec::new();
         for r in self.list()? {
             let mut t = Traffic::default();
-            for &proto in r.public.protocols.ip_protocols() {
-                for (public_port, target_port) in r.port_pairs() {
-                    let (p, b) = Self::sum_traffic(
-                        &self.forward,
-                        map_names::FORWARD_NAT,
-                        &endpoint(r.public.addr, public_port, proto),
-                    )?;
-                    t.in_packets += p;
-                    t.in_bytes += b;
-                    let (p, b) = Self::sum_traffic(
-                        &self.reverse,
-                        map_names::REVERSE_NAT,
-                        &endpoint(r.target_addr, target_port, proto),
-                    )?;
-                    t.out_packets += p;
-                    t.out_bytes += b;
-                }
+            for pair in nat_pairs(&r) {
+                let (p, b) =
+                    Self::sum_traffic(&self.forward, map_names::FORWARD_NAT, &pair.forward)?;
+                t.in_packets += p;
+                t.in_bytes += b;
+                let (p, b) =
+                    Self::sum_traffic(&self.reverse, map_names::REVERSE_NAT, &pair.reverse)?;
+                t.out_packets += p;
+                t.out_bytes += b;
             }
             reservations.push((r, t));
         }

@@ -168,26 +168,16 @@ fn rfc3339(ms: u64) -> String {
 
 /// A record as the API shows it.
 pub fn record_json(r: &Record) -> Value {
-    let res = &r.reservation;
-    let target = res.target_ports();
-    json!({
-        "id": r.id,
-        "owner": r.owner,
-        "public": res.public.to_string(),
-        "public_ip": res.public.addr.to_string(),
-        "first_port": res.public.ports.first,
-        "last_port": res.public.ports.last,
-        "protocol": res.public.protocols,
-        "target_ip": res.target_addr.to_string(),
-        "target_first_port": target.first,
-        "target_last_port": target.last,
-        "spec": res.to_string(),
-        "created": rfc3339(r.created_ms),
-        "ttl_seconds": r.ttl_ms.map(|t| t / 1000),
-        "expires": r.expires_ms.map(rfc3339),
-        "enabled": r.enabled,
-        "note": r.note,
-    })
+    let mut v = r.reservation.to_json();
+    v["id"] = json!(r.id);
+    v["owner"] = json!(r.owner);
+    v["public"] = json!(r.reservation.public.to_string());
+    v["created"] = json!(rfc3339(r.created_ms));
+    v["ttl_seconds"] = json!(r.ttl_ms.map(|t| t / 1000));
+    v["expires"] = json!(r.expires_ms.map(rfc3339));
+    v["enabled"] = json!(r.enabled);
+    v["note"] = json!(r.note);
+    v
 }
 
 fn check_text(field: &str, s: &str, max: usize) -> Result<(), ApiError> {

@@ -188,27 +188,25 @@ pub fn run(profile: &Profile) -> Result<Value, String> {
             .map(drop)
             .map_err(|e| e.to_string())
     })?;
+    let post = |body: serde_json::Value| {
+        client
+            .call("POST", "/v1/reservations", Some(&body))
+            .map(drop)
+            .map_err(|e| e.to_string())
+    };
     let reserve = latencies(calls, |i| {
-        let body = json!({
+        post(json!({
             "owner": "latency",
             "public": format!("{LATENCY_IP}:{}/tcp", 1024 + i),
             "to": format!("10.200.{}.{}:80", i / 250, i % 250 + 1),
-        });
-        client
-            .call("POST", "/v1/reservations", Some(&body))
-            .map(drop)
-            .map_err(|e| e.to_string())
+        }))
     })?;
     let auto = latencies(calls, |i| {
-        let body = json!({
+        post(json!({
             "owner": "latency",
             "public": format!("{LATENCY_IP}/udp"),
             "to": format!("10.201.{}.{}", i / 250, i % 250 + 1),
-        });
-        client
-            .call("POST", "/v1/reservations", Some(&body))
-            .map(drop)
-            .map_err(|e| e.to_string())
+        }))
     })?;
     service.stop();
     println!();

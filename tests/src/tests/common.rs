@@ -69,6 +69,14 @@ impl TempPinDir {
         self.dir.root()
     }
 
+    /// One of pf's pinned maps in this directory, opened with aya's typed view `T`.
+    pub fn map<T: TryFrom<Map, Error = MapError>>(&self, name: &str) -> T {
+        MapData::from_pin(self.dir.map(name))
+            .and_then(Map::from_map_data)
+            .and_then(T::try_from)
+            .unwrap_or_else(|e| panic!("opening {name}: {e}"))
+    }
+
     /// The socket every `pf` run through `pf_words` uses.
     pub fn socket(&self) -> PathBuf {
         self.service_files.join("pf.sock")
@@ -233,10 +241,7 @@ impl LoadedPf {
 
     /// One of pf's pinned maps, opened with aya's typed view `T`.
     pub fn map<T: TryFrom<Map, Error = MapError>>(&self, name: &str) -> T {
-        MapData::from_pin(self.dir.dir.map(name))
-            .and_then(Map::from_map_data)
-            .and_then(T::try_from)
-            .unwrap_or_else(|e| panic!("opening {name}: {e}"))
+        self.dir.map(name)
     }
 }
 

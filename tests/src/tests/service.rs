@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use aya::maps::{Map, MapData, PerCpuHashMap};
+use aya::maps::{MapData, PerCpuHashMap};
 use pf::{client::Client, state::State};
 use pf_common::{EndpointKey, NatEntry, ReservationKey, ReservationValue, map_names};
 use serde_json::{Value, json};
@@ -32,11 +32,9 @@ use super::common::{TempPinDir, pf_list, pf_ok, require_root};
 
 /// Entries in one of the NAT maps.
 fn nat_entries(dir: &TempPinDir, name: &str) -> usize {
-    let map: PerCpuHashMap<MapData, EndpointKey, NatEntry> = MapData::from_pin(dir.dir.map(name))
-        .and_then(Map::from_map_data)
-        .and_then(PerCpuHashMap::try_from)
-        .unwrap_or_else(|e| panic!("opening {name}: {e}"));
-    map.keys().count()
+    dir.map::<PerCpuHashMap<MapData, EndpointKey, NatEntry>>(name)
+        .keys()
+        .count()
 }
 
 /// The store (through the API) and the kernel maps hold exactly the same reservations: the
@@ -493,10 +491,7 @@ fn a_restart_repairs_drift_between_store_and_maps() {
         state.reserve_all(&stranger).unwrap();
     }
     let mut records: aya::maps::HashMap<MapData, ReservationKey, ReservationValue> =
-        MapData::from_pin(dir.dir.map(map_names::RESERVATIONS))
-            .and_then(Map::from_map_data)
-            .and_then(aya::maps::HashMap::try_from)
-            .unwrap();
+        dir.map(map_names::RESERVATIONS);
     let record_of_6000 = records
         .keys()
         .map(Result::unwrap)
@@ -505,10 +500,7 @@ fn a_restart_repairs_drift_between_store_and_maps() {
     records.remove(&record_of_6000).unwrap();
     drop(records);
     let mut forward: PerCpuHashMap<MapData, EndpointKey, NatEntry> =
-        MapData::from_pin(dir.dir.map(map_names::FORWARD_NAT))
-            .and_then(Map::from_map_data)
-            .and_then(PerCpuHashMap::try_from)
-            .unwrap();
+        dir.map(map_names::FORWARD_NAT);
     let udp_7001 = EndpointKey::new(
         [198, 51, 100, 1],
         7001u16.to_be_bytes(),
