@@ -105,6 +105,31 @@ impl PinDir {
             .map_err(|e| PfError::io(format!("creating {}", self.links().display()), e))
     }
 
+    /// Takes the service lock of this directory, held by one `pf serve` for its whole life: a
+    /// second service on the same pins would "repair" the first one's reservations away. A
+    /// directory (bpffs holds no plain files) that only `pf serve` locks, so the commands'
+    /// own short locks on the root are not in its way. `None` if another process holds it.
+    pub fn service_lock(&self) -> Result<Option<File>, PfError> {
+        let path = self.root.join("service");
+        match fs::create_dir(&path) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(PfError::io(format!("creating {}", path.display()), e));
+            }
+            _ => {}
+        }
+        let dir =
+            File::open(&path).map_err(|e| PfError::io(format!("opening {}", path.display()), e))?;
+        // SAFETY: a valid open file descriptor.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Ok(None);
+            }
+            return Err(PfError::io(format!("locking {}", path.display()), e));
+        }
+        Ok(Some(dir))
+    }
+
     /// Takes pf's lock on this directory: exclusive for changes, shared for reads, so two `pf`
     /// commands never interleave their map updates. Held until the returned file is dropped.
     pub fn lock(&self, exclusive: bool) -> Result<File, PfError> {

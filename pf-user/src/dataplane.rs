@@ -21,7 +21,7 @@ use aya::{
     util::KernelVersion,
 };
 
-use crate::{bpffs::PinDir, error::PfError, netdev, state::State};
+use crate::{bpffs::PinDir, bpfinfo, error::PfError, netdev, state::State};
 
 pub const INGRESS_PROGRAM: &str = "pf_ingress";
 pub const EGRESS_PROGRAM: &str = "pf_egress";
@@ -307,6 +307,8 @@ fn check_pins_consistent(dir: &PinDir) -> Result<(), PfError> {
 pub struct Attached {
     /// The XDP mode used: "native" or "skb".
     pub xdp_mode: &'static str,
+    /// Why pins found on the interface were dead and replaced, if there were any.
+    pub replaced: Option<String>,
     /// The fast paths' device maps afterwards.
     pub devices: FastPathDevices,
 }
@@ -364,8 +366,18 @@ pub fn attach(
     netdev::redirect_targets()?;
     dir.prepare()?;
     let lock = dir.lock(true)?;
-    if role_of(dir, iface).is_some() || dir.link(iface, TC_LINK).exists() {
-        return Err(PfError::AlreadyAttached(iface.to_string()));
+    // Pins are what pf left, not proof that anything is attached: the kernel decides. A dead
+    // attachment (its device removed, its link unpinned, its programs reading maps that are
+    // no longer pinned) is replaced.
+    let mut replaced = None;
+    if link_pins(dir, iface).iter().any(|p| p.exists()) {
+        match check_attachment(dir, iface, role_of(dir, iface)) {
+            Health::Live => return Err(PfError::AlreadyAttached(iface.to_string())),
+            Health::Dead(reason) => {
+                remove_links(dir, iface)?;
+                replaced = Some(reason);
+            }
+        }
     }
     check_pins_consistent(dir)?;
     let mut programs = Programs::load_for(dir, role)?;
@@ -382,7 +394,11 @@ pub fn attach(
     // The programs are attached and pinned; the maps exist (loading the object pinned them).
     drop(programs);
     match refresh_locked(dir, &lock) {
-        Ok(devices) => Ok(Attached { xdp_mode, devices }),
+        Ok(devices) => Ok(Attached {
+            xdp_mode,
+            replaced,
+            devices,
+        }),
         Err(e) => {
             // An attach that cannot fill the device maps changes nothing: its links go again,
             // under the lock still held.
@@ -513,10 +529,10 @@ fn refresh_locked(dir: &PinDir, lock: &std::fs::File) -> Result<FastPathDevices,
         .try_clone()
         .map_err(|e| PfError::io("duplicating the pin directory's lock", e))?;
     let mut state = State::open_maps(dir, lock)?;
-    let public: Vec<u32> = attachments(dir)
+    let public: Vec<u32> = inspect(dir)
         .into_iter()
-        .filter(|(_, role)| *role == Role::PublicFastPath)
-        .filter_map(|(iface, _)| netdev::ifindex(&iface))
+        .filter(|a| a.role == Role::PublicFastPath && a.health.is_live())
+        .filter_map(|a| netdev::ifindex(&a.iface))
         .filter(|i| redirect.contains(i))
         .collect();
     state.set_fast_path_devices(&redirect, &public)?;
@@ -576,8 +592,9 @@ fn remove_links(dir: &PinDir, iface: &str) -> Result<(), PfError> {
         .map_err(|e| PfError::io(format!("removing {}", iface_dir.display()), e))
 }
 
-/// Interfaces pf is attached to through `dir`, each with its role (an interface whose pins are
-/// incomplete, from an attach that was interrupted, counts as public).
+/// Interfaces pf has pins for in `dir`, each with its role (an interface whose pins are
+/// incomplete, from an attach that was interrupted, counts as public). Pins only: see
+/// [`inspect`] for what the kernel says.
 pub fn attachments(dir: &PinDir) -> Vec<(String, Role)> {
     dir.linked_interfaces()
         .into_iter()
@@ -586,4 +603,131 @@ pub fn attachments(dir: &PinDir) -> Vec<(String, Role)> {
             (iface, role)
         })
         .collect()
+}
+
+/// Whether an attachment pf pinned is really there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Every link is attached to the interface, and its program uses the pinned maps.
+    Live,
+    /// Why it is not: pf forwards nothing through it. `pf attach` and `pf serve` replace it.
+    Dead(String),
+}
+
+impl Health {
+    pub fn is_live(&self) -> bool {
+        *self == Health::Live
+    }
+}
+
+/// An interface pf has pins for, and what the kernel says of them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub iface: String,
+    pub role: Role,
+    pub health: Health,
+}
+
+/// Every interface pf has pins for in `dir`, each checked with the kernel.
+pub fn inspect(dir: &PinDir) -> Vec<Attachment> {
+    dir.linked_interfaces()
+        .into_iter()
+        .map(|iface| {
+            let found = role_of(dir, &iface);
+            let health = check_attachment(dir, &iface, found);
+            Attachment {
+                role: found.unwrap_or(Role::Public),
+                health,
+                iface,
+            }
+        })
+        .collect()
+}
+
+/// The kernel names a map by at most 15 characters of its name.
+const BPF_OBJ_NAME_MAX: usize = 15;
+
+/// Asks the kernel whether `iface`'s pinned links are attached to it, and whether their
+/// programs use the maps pinned in `dir` (a program keeps the maps it was loaded with; if
+/// those pins were removed and the maps made anew, reservations written there are never
+/// read).
+fn check_attachment(dir: &PinDir, iface: &str, role: Option<Role>) -> Health {
+    let Some(role) = role else {
+        return Health::Dead("its XDP link is not pinned".into());
+    };
+    let pinned_maps: Vec<(&str, Option<u32>)> = pf_common::map_names::ALL
+        .iter()
+        .map(|name| {
+            let id = aya::maps::MapData::from_pin(dir.map(name))
+                .ok()
+                .and_then(|m| m.info().ok())
+                .map(|info| info.id());
+            (*name, id)
+        })
+        .collect();
+    let current = netdev::ifindex(iface);
+    let mut links = vec![(role.xdp_link(), "XDP", bpfinfo::LINK_TYPE_XDP)];
+    if role.has_egress() {
+        links.push((TC_LINK, "TC", bpfinfo::LINK_TYPE_TCX));
+    }
+    for (pin_name, hook, link_type) in links {
+        let pin = dir.link(iface, pin_name);
+        if !pin.exists() {
+            return Health::Dead(format!("its {hook} link is not pinned"));
+        }
+        let link = match bpfinfo::link_state(&pin) {
+            Ok(link) => link,
+            Err(e) => return Health::Dead(format!("its {hook} link pin cannot be read: {e}")),
+        };
+        if link.link_type != link_type {
+            return Health::Dead(format!("{} is not a {hook} link", pin.display()));
+        }
+        if link.ifindex == 0 {
+            return Health::Dead(format!(
+                "the kernel detached its {hook} program (the interface was removed)"
+            ));
+        }
+        if let Some(now) = current
+            && now != link.ifindex
+        {
+            return Health::Dead(format!(
+                "its {hook} link is on ifindex {} but {iface} is ifindex {now} now (the interface was re-created)",
+                link.ifindex
+            ));
+        }
+        let used = match bpfinfo::program_map_ids(link.prog_id) {
+            Ok(Some(ids)) => ids,
+            Ok(None) => {
+                return Health::Dead(format!("its {hook} program is not loaded"));
+            }
+            Err(e) => {
+                return Health::Dead(format!("reading its {hook} program's maps: {e}"));
+            }
+        };
+        for id in used {
+            let Some(name) = aya::maps::MapInfo::from_id(id)
+                .ok()
+                .and_then(|info| info.name_as_str().map(str::to_string))
+            else {
+                continue;
+            };
+            let Some((pf_name, pinned)) = pinned_maps
+                .iter()
+                .find(|(n, _)| n[..n.len().min(BPF_OBJ_NAME_MAX)] == name)
+            else {
+                continue; // not one of pf's pinned maps (.rodata and the like)
+            };
+            if *pinned != Some(id) {
+                return Health::Dead(format!(
+                    "its {hook} program uses map {pf_name} id {id}, but {} {}",
+                    dir.map(pf_name).display(),
+                    match pinned {
+                        Some(other) => format!("is map id {other} (the pins were replaced)"),
+                        None => "is not pinned (the pins were removed)".into(),
+                    }
+                ));
+            }
+        }
+    }
+    Health::Live
 }

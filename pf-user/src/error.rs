@@ -43,6 +43,11 @@ pub enum PfError {
     )]
     PartialState(PathBuf),
 
+    #[error(
+        "pf's pinned maps in {0} were removed or replaced after pf serve started, so the attached programs may not read what pf writes; restart pf serve (it attaches again and reloads the maps from the store)"
+    )]
+    MapsReplaced(PathBuf),
+
     #[error("{public} overlaps the existing reservation {existing}")]
     Conflict {
         public: String,

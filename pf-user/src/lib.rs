@@ -12,6 +12,7 @@
 
 mod batch;
 pub mod bpffs;
+pub mod bpfinfo;
 pub mod client;
 pub mod dataplane;
 pub mod error;

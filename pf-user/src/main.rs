@@ -7,13 +7,35 @@ use clap::{Parser, Subcommand};
 use pf::{
     bpffs::{DEFAULT_PIN_DIR, PinDir},
     client::{Client, ClientError, encode},
-    dataplane::{self, AttachMode, FastPathDevices, Role},
+    dataplane::{self, AttachMode, Attachment, FastPathDevices, Health, Role},
     policy::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET, parse_ttl},
     privilege, service,
     spec::{PublicSpec, Reservation, SpecError, TargetSpec, parse_public_request},
     state::{Counters, State, Stats, Traffic},
 };
 use serde_json::{Value, json};
+
+/// Prints a line on stdout. A closed pipe (`pf list | head`) ends pf quietly with success, as
+/// it ends `cat`; any other failure to write is an error.
+macro_rules! out {
+    ($($arg:tt)*) => { write_out(format_args!($($arg)*)) };
+}
+
+fn write_out(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_fmt(args)
+        .and_then(|()| stdout.write_all(b"\n"))
+        .and_then(|()| stdout.flush())
+    {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
 
 /// Port forwarding in the kernel's fastest hook: XDP rewrites packets to a reserved public
 /// IP:port towards a tunnel client; TC egress rewrites the replies back.
@@ -57,6 +79,11 @@ enum Command {
     Serve {
         #[arg(long, env = "PF_CONFIG", default_value = DEFAULT_CONFIG, value_name = "PATH")]
         config: PathBuf,
+        /// Reconcile even if that removes reservations the store does not know from the maps
+        /// when the store is new or empty, or more than service.reconcile_removal_limit of
+        /// them: for a store that really was lost.
+        #[arg(long)]
+        force_reconcile: bool,
     },
     /// Forward PUBLIC_IP:PORT[-PORT]/tcp|udp|both to a tunnel address (PUBLIC_IP/tcp|udp|both:
     /// a free port from the pool, printed).
@@ -96,12 +123,22 @@ enum Command {
     Enable { id: u64 },
     /// Stop forwarding a reservation but keep its ports.
     Disable { id: u64 },
-    /// List reservations, one per line.
+    /// List reservations, one per line (--expired: those expired in the last 7 days).
     List {
         #[arg(long)]
         owner: Option<String>,
         #[arg(long)]
         json: bool,
+        /// The expired history instead, newest first: what `pf restore` can bring back.
+        #[arg(long)]
+        expired: bool,
+    },
+    /// Bring back an expired reservation under its id (if its ports are still free).
+    Restore {
+        id: u64,
+        /// A new lifetime; without it, the lifetime it had.
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
     },
     /// Show global counters and per-reservation traffic.
     Stats {
@@ -178,7 +215,7 @@ fn run_client(client: &Client, command: &Command) -> anyhow::Result<bool> {
             }
             let body = json!({ "owner": owner, "public": public, "to": to.to_string(), "ttl": ttl, "note": note });
             let r = client.call("POST", "/v1/reservations", Some(&body))?;
-            println!("reserved {}", describe(&r));
+            out!("reserved {}", describe(&r));
         }
         Command::Release { reservation, owner } => {
             let released = match (reservation, owner) {
@@ -200,12 +237,18 @@ fn run_client(client: &Client, command: &Command) -> anyhow::Result<bool> {
                 }
                 (None, None) => unreachable!("clap requires one"),
             };
-            let released = released.as_array().cloned().unwrap_or_default();
+            // One reservation, or an owner's: {"owner": ..., "released": [...]}.
+            let released = released
+                .get("released")
+                .unwrap_or(&released)
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
             if released.is_empty() {
-                println!("nothing to release");
+                out!("nothing to release");
             }
             for r in &released {
-                println!("released {}", describe(r));
+                out!("released {}", describe(r));
             }
         }
         Command::Renew { id, ttl } => {
@@ -217,7 +260,7 @@ fn run_client(client: &Client, command: &Command) -> anyhow::Result<bool> {
                 &format!("/v1/reservations/{id}/renew"),
                 Some(&json!({ "ttl": ttl })),
             )?;
-            println!("renewed {}", describe(&r));
+            out!("renewed {}", describe(&r));
         }
         Command::Enable { id } | Command::Disable { id } => {
             let action = if matches!(command, Command::Enable { .. }) {
@@ -226,23 +269,39 @@ fn run_client(client: &Client, command: &Command) -> anyhow::Result<bool> {
                 "disable"
             };
             let r = client.call("POST", &format!("/v1/reservations/{id}/{action}"), None)?;
-            println!("{action}d {}", describe(&r));
+            out!("{action}d {}", describe(&r));
         }
-        Command::List { owner, json } => {
+        Command::Restore { id, ttl } => {
+            if let Some(ttl) = ttl {
+                parse_ttl(ttl).map_err(SpecError::BadTtl)?;
+            }
+            let r = client.call(
+                "POST",
+                &format!("/v1/expired/{id}/restore"),
+                Some(&json!({ "ttl": ttl })),
+            )?;
+            out!("restored {}", describe(&r));
+        }
+        Command::List {
+            owner,
+            json,
+            expired,
+        } => {
+            let collection = if *expired { "expired" } else { "reservations" };
             let path = match owner {
-                Some(owner) => format!("/v1/reservations?owner={}", encode(owner)),
-                None => "/v1/reservations".to_string(),
+                Some(owner) => format!("/v1/{collection}?owner={}", encode(owner)),
+                None => format!("/v1/{collection}"),
             };
             let list = client.call("GET", &path, None)?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                out!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 let rows = list.as_array().cloned().unwrap_or_default();
                 if rows.is_empty() {
-                    println!("no reservations");
+                    out!("no reservations");
                 }
                 for r in &rows {
-                    println!("{}", describe(r));
+                    out!("{}", describe(r));
                 }
             }
         }
@@ -264,6 +323,9 @@ fn describe(r: &Value) -> String {
     }
     if r["enabled"] == json!(false) {
         line += ", disabled";
+    }
+    if let Some(expired) = r["expired"].as_str() {
+        line += &format!(", expired {expired}");
     }
     if let Some(note) = r["note"].as_str().filter(|n| !n.is_empty()) {
         line += &format!(", note {note:?}");
@@ -305,9 +367,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     privilege::require_privileges()?;
     let dir = PinDir::new(&cli.bpffs);
     match cli.command {
-        Command::Serve { config } => {
+        Command::Serve {
+            config,
+            force_reconcile,
+        } => {
             let config = Config::load(&config)?;
-            service::run(config)?;
+            service::run(config, service::StartOptions { force_reconcile })?;
         }
         Command::Attach {
             iface,
@@ -321,15 +386,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (false, false) => Role::Public,
             };
             let attached = dataplane::attach(&dir, &iface, mode, role)?;
+            if let Some(reason) = &attached.replaced {
+                out!("replaced a dead attachment on {iface} ({reason})");
+            }
             let used = attached.xdp_mode;
             match role {
                 Role::Public => {
-                    println!("attached pf to {iface} (XDP in {used} mode on ingress, TC on egress)")
+                    out!("attached pf to {iface} (XDP in {used} mode on ingress, TC on egress)")
                 }
-                Role::PublicFastPath => println!(
+                Role::PublicFastPath => out!(
                     "attached pf to {iface} with the fast path (XDP in {used} mode on ingress, TC on egress): forwarded packets that can be redirected bypass the kernel's forwarding path and netfilter"
                 ),
-                Role::TunnelSide => println!(
+                Role::TunnelSide => out!(
                     "attached pf's reply fast path to {iface} (XDP in {used} mode): replies that can be redirected out a fast-path public interface bypass the kernel's forwarding path and netfilter"
                 ),
             }
@@ -340,22 +408,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Refresh => print_devices(&dataplane::refresh_devices(&dir)?),
         Command::Detach { iface } => {
             dataplane::detach(&dir, &iface)?;
-            println!("detached pf from {iface}");
+            out!("detached pf from {iface}");
         }
         Command::Reserve { .. }
         | Command::Release { .. }
         | Command::Renew { .. }
         | Command::Enable { .. }
         | Command::Disable { .. }
+        | Command::Restore { .. }
         | Command::List { .. } => unreachable!("answered by the service"),
         Command::Stats { json } => {
             let (stats, devices) = match State::open_for_read(&dir)? {
                 Some(state) => (Some(state.stats()?), FastPathDevices::read(&state)?),
                 None => (None, FastPathDevices::default()),
             };
-            let attached = dataplane::attachments(&dir);
+            let attached = dataplane::inspect(&dir);
             if json {
-                println!(
+                out!(
                     "{}",
                     serde_json::to_string_pretty(&stats_json(stats.as_ref(), &attached, &devices))?
                 );
@@ -375,18 +444,14 @@ fn print_devices(devices: &FastPathDevices) {
             names.join(", ")
         }
     };
-    println!(
+    out!(
         "fast path: forwarded packets may be redirected to {}; replies to {}",
         list(&devices.redirect),
         list(&devices.public)
     );
 }
 
-fn stats_json(
-    stats: Option<&Stats>,
-    attached: &[(String, Role)],
-    devices: &FastPathDevices,
-) -> Value {
+fn stats_json(stats: Option<&Stats>, attached: &[Attachment], devices: &FastPathDevices) -> Value {
     let counters = |c: &[(&str, u64)]| -> Value {
         c.iter()
             .map(|(name, v)| ((*name).to_string(), json!(v)))
@@ -413,10 +478,22 @@ fn stats_json(
         })
         .collect();
     json!({
-        "attached": attached.iter().map(|(iface, _)| iface).collect::<Vec<_>>(),
+        // Only what the kernel confirms is attached; "dead" names the rest, with why.
+        "attached": attached
+            .iter()
+            .filter(|a| a.health.is_live())
+            .map(|a| &a.iface)
+            .collect::<Vec<_>>(),
+        "dead": attached
+            .iter()
+            .filter_map(|a| match &a.health {
+                Health::Dead(why) => Some((a.iface.clone(), json!(why))),
+                Health::Live => None,
+            })
+            .collect::<serde_json::Map<_, _>>(),
         "roles": attached
             .iter()
-            .map(|(iface, role)| (iface.clone(), json!(role.describe())))
+            .map(|a| (a.iface.clone(), json!(a.role.describe())))
             .collect::<serde_json::Map<_, _>>(),
         "fast_path_devices": {
             "redirect": devices.redirect,
@@ -430,18 +507,25 @@ fn stats_json(
     })
 }
 
-fn print_stats(stats: Option<&Stats>, attached: &[(String, Role)], devices: &FastPathDevices) {
+fn print_stats(stats: Option<&Stats>, attached: &[Attachment], devices: &FastPathDevices) {
     if attached.is_empty() {
-        println!("attached: (none)");
+        out!("attached: (none)");
     } else {
         let list: Vec<String> = attached
             .iter()
-            .map(|(iface, role)| format!("{iface} ({})", role.describe()))
+            .map(|a| match &a.health {
+                Health::Live => format!("{} ({})", a.iface, a.role.describe()),
+                Health::Dead(why) => format!(
+                    "{} ({}, DEAD: {why}; `pf attach` or a pf serve restart replaces it)",
+                    a.iface,
+                    a.role.describe()
+                ),
+            })
             .collect();
-        println!("attached: {}", list.join(", "));
+        out!("attached: {}", list.join(", "));
     }
     let Some(stats) = stats else {
-        println!("no state yet (nothing reserved or attached)");
+        out!("no state yet (nothing reserved or attached)");
         return;
     };
     let line = |c: &[(&str, u64)]| {
@@ -450,20 +534,24 @@ fn print_stats(stats: Option<&Stats>, attached: &[(String, Role)], devices: &Fas
             .collect::<Vec<_>>()
             .join("  ")
     };
-    println!("ingress (XDP): {}", line(&stats.counters.ingress));
-    println!("egress  (TC):  {}", line(&stats.counters.egress));
-    if attached.iter().any(|(_, role)| *role != Role::Public) {
-        println!("fast path:     {}", line(&stats.counters.fast_path));
-        println!("reply fast:    {}", line(&stats.counters.reply_fast_path));
+    out!("ingress (XDP): {}", line(&stats.counters.ingress));
+    out!("egress  (TC):  {}", line(&stats.counters.egress));
+    if attached.iter().any(|a| a.role != Role::Public) {
+        out!("fast path:     {}", line(&stats.counters.fast_path));
+        out!("reply fast:    {}", line(&stats.counters.reply_fast_path));
         print_devices(devices);
     }
     if stats.reservations.is_empty() {
-        println!("no reservations");
+        out!("no reservations");
         return;
     }
-    println!(
+    out!(
         "{:<52} {:>10} {:>12} {:>10} {:>12}",
-        "RESERVATION", "IN PKTS", "IN BYTES", "OUT PKTS", "OUT BYTES"
+        "RESERVATION",
+        "IN PKTS",
+        "IN BYTES",
+        "OUT PKTS",
+        "OUT BYTES"
     );
     for (
         r,
@@ -475,7 +563,7 @@ fn print_stats(stats: Option<&Stats>, attached: &[(String, Role)], devices: &Fas
         },
     ) in &stats.reservations
     {
-        println!(
+        out!(
             "{:<52} {in_packets:>10} {in_bytes:>12} {out_packets:>10} {out_bytes:>12}",
             r.to_string()
         );

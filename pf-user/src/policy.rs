@@ -59,6 +59,15 @@ pub struct Ipv4Net {
 }
 
 impl Ipv4Net {
+    /// The network address and the broadcast address, for networks that have them (a /31
+    /// or /32 has neither: every address is a host's).
+    pub fn reserved_addresses(self) -> Option<(Ipv4Addr, Ipv4Addr)> {
+        (self.prefix < 31).then(|| {
+            let net = u32::from(self.addr) & self.mask();
+            (Ipv4Addr::from(net), Ipv4Addr::from(net | !self.mask()))
+        })
+    }
+
     fn mask(self) -> u32 {
         if self.prefix == 0 {
             0
@@ -174,6 +183,7 @@ struct RawService {
     database: Option<PathBuf>,
     audit_log: Option<PathBuf>,
     bpffs: Option<PathBuf>,
+    reconcile_removal_limit: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -224,7 +234,13 @@ pub struct ServiceConfig {
     pub database: PathBuf,
     pub audit_log: PathBuf,
     pub bpffs: PathBuf,
+    /// The largest share of the maps' reservations (0 to 1) that a start's reconcile removes
+    /// without `--force-reconcile` (beyond a handful, which is ordinary drift).
+    pub reconcile_removal_limit: f64,
 }
+
+/// Default `service.reconcile_removal_limit`.
+pub const DEFAULT_RECONCILE_REMOVAL_LIMIT: f64 = 0.25;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -353,6 +369,15 @@ impl Config {
             })
             .collect::<Result<Vec<_>, String>>()?;
         let s = raw.service;
+        let reconcile_removal_limit = s
+            .reconcile_removal_limit
+            .unwrap_or(DEFAULT_RECONCILE_REMOVAL_LIMIT);
+        if !(0.0..=1.0).contains(&reconcile_removal_limit) {
+            return Err(
+                "service.reconcile_removal_limit must be a share from 0.0 to 1.0 (0.25 is a quarter)"
+                    .into(),
+            );
+        }
         Ok(Config {
             service: ServiceConfig {
                 socket: s.socket.unwrap_or_else(|| DEFAULT_SOCKET.into()),
@@ -360,6 +385,7 @@ impl Config {
                 database: s.database.unwrap_or_else(|| DEFAULT_DATABASE.into()),
                 audit_log: s.audit_log.unwrap_or_else(|| DEFAULT_AUDIT_LOG.into()),
                 bpffs: s.bpffs.unwrap_or_else(|| DEFAULT_PIN_DIR.into()),
+                reconcile_removal_limit,
             },
             interfaces,
             policy,
@@ -371,11 +397,62 @@ fn in_ranges(ranges: &[PortRange], port: u16) -> bool {
     ranges.iter().any(|r| r.first <= port && port <= r.last)
 }
 
+/// The rule that keeps every reservation off the server itself. Always on: a reservation
+/// that reached the gateway's own tunnel address would expose its services (DNS resolvers,
+/// admin interfaces) to the internet.
+pub const TARGET_NOT_SERVER: &str = "policy.target_not_server";
+
 impl Policy {
+    /// Refuses a target that is the server itself: one of its addresses (read from the
+    /// kernel by the caller, at each reservation), or a network or broadcast address of one
+    /// of its subnets or of a target network (delivered to the server's own sockets).
+    pub fn check_target(&self, r: &Reservation, local: &LocalAddresses) -> Result<(), Refusal> {
+        let target = r.target_addr;
+        if let Some(iface) = local.owner_of(target) {
+            return Err(refuse(
+                TARGET_NOT_SERVER,
+                format!("{target} is an address of this server ({iface})"),
+            ));
+        }
+        for (net, whose) in self
+            .target_networks
+            .iter()
+            .map(|n| (*n, "target network".to_string()))
+            .chain(
+                local
+                    .subnets()
+                    .map(|(net, iface)| (net, format!("subnet of {iface}"))),
+            )
+        {
+            if let Some((network, broadcast)) = net.reserved_addresses() {
+                if target == network {
+                    return Err(refuse(
+                        TARGET_NOT_SERVER,
+                        format!("{target} is the network address of {net} ({whose})"),
+                    ));
+                }
+                if target == broadcast {
+                    return Err(refuse(
+                        TARGET_NOT_SERVER,
+                        format!(
+                            "{target} is the broadcast address of {net} ({whose}), which the server itself receives"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Checks everything about `r` that does not depend on other reservations: the public IP,
-    /// the target network, the range's size and each port against the pool, the forbidden
-    /// ports and the server's own listening sockets.
-    pub fn check(&self, r: &Reservation, listening: &Listening) -> Result<(), Refusal> {
+    /// the target network and that the target is not the server, the range's size and each
+    /// port against the pool, the forbidden ports and the server's own listening sockets.
+    pub fn check(
+        &self,
+        r: &Reservation,
+        listening: &Listening,
+        local: &LocalAddresses,
+    ) -> Result<(), Refusal> {
         let public = r.public;
         if !self.public_ips.contains(&public.addr) {
             return Err(refuse(
@@ -401,6 +478,7 @@ impl Policy {
                 ),
             ));
         }
+        self.check_target(r, local)?;
         if public.ports.len() > self.max_range_ports {
             return Err(refuse(
                 "policy.max_range_ports",
@@ -493,6 +571,97 @@ fn join<T: fmt::Display>(items: &[T]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The server's own IPv4 addresses in this network namespace, each with its interface and
+/// prefix, read from the kernel (getifaddrs).
+#[derive(Debug, Default)]
+pub struct LocalAddresses {
+    /// (interface, address, prefix length).
+    addresses: Vec<(String, Ipv4Addr, u8)>,
+}
+
+impl LocalAddresses {
+    pub fn read() -> std::io::Result<Self> {
+        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+        // SAFETY: getifaddrs fills `head` with a list freed below.
+        if unsafe { libc::getifaddrs(&mut head) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut addresses = Vec::new();
+        let mut cursor = head;
+        while !cursor.is_null() {
+            // SAFETY: a node of the list getifaddrs returned, not freed yet.
+            let node = unsafe { &*cursor };
+            cursor = node.ifa_next;
+            if node.ifa_addr.is_null()
+                // SAFETY: non-null sockaddr.
+                || i32::from(unsafe { (*node.ifa_addr).sa_family }) != libc::AF_INET
+            {
+                continue;
+            }
+            // SAFETY: an AF_INET sockaddr is a sockaddr_in; the netmask of an AF_INET entry is
+            // one too (or null).
+            let (addr, mask) = unsafe {
+                let addr = (*node.ifa_addr.cast::<libc::sockaddr_in>()).sin_addr.s_addr;
+                let mask = if node.ifa_netmask.is_null() {
+                    u32::MAX.to_be()
+                } else {
+                    (*node.ifa_netmask.cast::<libc::sockaddr_in>())
+                        .sin_addr
+                        .s_addr
+                };
+                (addr, mask)
+            };
+            // SAFETY: ifa_name is a NUL-terminated string.
+            let name = unsafe { std::ffi::CStr::from_ptr(node.ifa_name) }
+                .to_string_lossy()
+                .into_owned();
+            addresses.push((
+                name,
+                Ipv4Addr::from(u32::from_be(addr)),
+                u32::from_be(mask).count_ones() as u8,
+            ));
+        }
+        // SAFETY: the list from getifaddrs, freed once.
+        unsafe { libc::freeifaddrs(head) };
+        Ok(Self { addresses })
+    }
+
+    /// The interface that holds `addr`, if the server does.
+    pub fn owner_of(&self, addr: Ipv4Addr) -> Option<&str> {
+        self.addresses
+            .iter()
+            .find(|(_, a, _)| *a == addr)
+            .map(|(iface, _, _)| iface.as_str())
+    }
+
+    /// The server's own subnets, each with its interface.
+    pub fn subnets(&self) -> impl Iterator<Item = (Ipv4Net, &str)> {
+        self.addresses.iter().map(|(iface, addr, prefix)| {
+            let net = Ipv4Net {
+                addr: *addr,
+                prefix: *prefix,
+            };
+            (
+                Ipv4Net {
+                    addr: Ipv4Addr::from(u32::from(*addr) & net.mask()),
+                    prefix: *prefix,
+                },
+                iface.as_str(),
+            )
+        })
+    }
+
+    #[cfg(test)]
+    fn with(addresses: &[(&str, &str, u8)]) -> Self {
+        Self {
+            addresses: addresses
+                .iter()
+                .map(|(i, a, p)| (i.to_string(), a.parse().unwrap(), *p))
+                .collect(),
+        }
+    }
 }
 
 /// The ports the server itself has open in this network namespace, from /proc/net: TCP sockets
@@ -675,15 +844,73 @@ target_networks = ["10.8.0.0/16"]
                 "policy.forbid_listening_ports",
             ),
         ] {
-            let err = p.check(&reservation(public, to), &listening).unwrap_err();
+            let err = p
+                .check(
+                    &reservation(public, to),
+                    &listening,
+                    &LocalAddresses::default(),
+                )
+                .unwrap_err();
             assert_eq!(err.rule, rule, "{public}: {err}");
         }
         // The same port over TCP only is not the UDP listener's.
         p.check(
             &reservation("198.51.100.1:51820/tcp", "10.8.0.2"),
             &listening,
+            &LocalAddresses::default(),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn a_target_is_never_the_server_itself() {
+        let c = Config::parse(MINIMAL).unwrap(); // target_networks 10.8.0.0/16
+        let local = LocalAddresses::with(&[
+            ("tun0", "10.8.0.1", 24),
+            ("eth0", "198.51.100.1", 24),
+            ("lo", "127.0.0.1", 8),
+        ]);
+        for (to, needle) in [
+            ("10.8.0.1", "10.8.0.1 is an address of this server (tun0)"),
+            (
+                "10.8.0.255",
+                "broadcast address of 10.8.0.0/24 (subnet of tun0)",
+            ),
+            (
+                "10.8.0.0",
+                "network address of 10.8.0.0/16 (target network)",
+            ),
+            (
+                "10.8.255.255",
+                "broadcast address of 10.8.0.0/16 (target network)",
+            ),
+        ] {
+            let err = c
+                .policy
+                .check(
+                    &reservation("198.51.100.1:8080/tcp", to),
+                    &Listening::default(),
+                    &local,
+                )
+                .unwrap_err();
+            assert_eq!(err.rule, TARGET_NOT_SERVER, "{to}: {err}");
+            assert!(err.detail.contains(needle), "{to}: {err}");
+        }
+        for to in ["10.8.0.2", "10.8.0.254", "10.8.1.0", "10.8.1.255"] {
+            c.policy
+                .check(
+                    &reservation("198.51.100.1:8080/tcp", to),
+                    &Listening::default(),
+                    &local,
+                )
+                .unwrap_or_else(|e| panic!("{to}: {e}"));
+        }
+        // A /31 or /32 target network has no network or broadcast address to refuse.
+        let net: Ipv4Net = "10.9.0.0/31".parse().unwrap();
+        assert_eq!(net.reserved_addresses(), None);
+        // The real kernel: this host's loopback address is found.
+        let here = LocalAddresses::read().unwrap();
+        assert_eq!(here.owner_of(Ipv4Addr::LOCALHOST), Some("lo"));
     }
 
     #[test]

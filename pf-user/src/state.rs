@@ -158,6 +158,9 @@ pub struct State {
     redirect_devices: DevMapHash<MapData>,
     public_devices: DevMapHash<MapData>,
     nr_cpus: usize,
+    /// The kernel's ids of the maps opened, in `map_names::ALL` order: which maps these are,
+    /// whatever is pinned by now.
+    ids: [u32; 7],
     _lock: File,
 }
 
@@ -266,7 +269,7 @@ const LAYOUTS: [Layout; 7] = [
 
 /// Opens a pinned map and checks it has the layout this build of pf was compiled for: a map
 /// left by another version must not be read or written with the wrong sizes.
-fn open_map(dir: &PinDir, layout: &Layout) -> Result<Map, PfError> {
+fn open_map(dir: &PinDir, layout: &Layout) -> Result<(Map, u32), PfError> {
     let path = dir.map(layout.name);
     let map_err = |source| PfError::Map {
         map: layout.name,
@@ -296,7 +299,8 @@ fn open_map(dir: &PinDir, layout: &Layout) -> Result<Map, PfError> {
             ),
         });
     }
-    Map::from_map_data(data).map_err(map_err)
+    let id = info.id();
+    Ok((Map::from_map_data(data).map_err(map_err)?, id))
 }
 
 impl State {
@@ -316,6 +320,21 @@ impl State {
             return Err(PfError::PartialState(dir.root().to_path_buf()));
         }
         Self::open_maps(dir, lock)
+    }
+
+    /// Opens pf's maps for changes, which must be pinned already: for `pf serve` after its
+    /// start, where maps made anew would be maps no attached program reads.
+    pub fn open_existing_for_write(dir: &PinDir) -> Result<Self, PfError> {
+        let lock = dir.lock(true)?;
+        if !map_names::ALL.iter().all(|n| dir.map(n).exists()) {
+            return Err(PfError::MapsReplaced(dir.root().to_path_buf()));
+        }
+        Self::open_maps(dir, lock)
+    }
+
+    /// The kernel's ids of the open maps, in `map_names::ALL` order.
+    pub fn map_ids(&self) -> [u32; 7] {
+        self.ids
     }
 
     /// Opens pf's state for reading; `None` when pf has never been used with this directory.
@@ -339,6 +358,22 @@ impl State {
             redirect_devices,
             public_devices,
         ] = LAYOUTS.each_ref().map(|l| open_map(dir, l));
+        let mut ids = [0u32; 7];
+        let mut id_of = |index: usize, opened: Result<(Map, u32), PfError>| {
+            opened.map(|(map, id)| {
+                ids[index] = id;
+                map
+            })
+        };
+        let (forward, reverse, reservations, counters, fragments) = (
+            id_of(0, forward),
+            id_of(1, reverse),
+            id_of(2, reservations),
+            id_of(3, counters),
+            id_of(4, fragments),
+        );
+        let (redirect_devices, public_devices) =
+            (id_of(5, redirect_devices), id_of(6, public_devices));
         fragments?;
         let typed = |name: &'static str| move |source: MapError| PfError::Map { map: name, source };
         Ok(Self {
@@ -356,6 +391,7 @@ impl State {
                 .map_err(typed(map_names::PUBLIC_DEVICES))?,
             nr_cpus: aya::util::nr_cpus()
                 .map_err(|(what, e)| PfError::io(format!("reading {what}"), e))?,
+            ids,
             _lock: lock,
         })
     }

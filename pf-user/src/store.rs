@@ -57,6 +57,10 @@ pub enum StoreError {
         found: i64,
         known: i64,
     },
+    #[error(
+        "reservation store {path} has schema version {found}: a read-only start needs a store this pf has written before"
+    )]
+    ReadOnlySchema { path: String, found: i64 },
     #[error("reservation store: row {id} is not a valid reservation ({detail})")]
     BadRow { id: i64, detail: String },
 }
@@ -111,10 +115,28 @@ pub trait Store: Send {
     fn expired(&self, now_ms: u64) -> Result<Vec<Record>, StoreError>;
     /// The earliest expiry of any record.
     fn next_expiry(&self) -> Result<Option<u64>, StoreError>;
+    /// Moves a record to the expired history (one transaction), where it stays restorable
+    /// until purged; false if there was no such record.
+    fn expire(&mut self, id: u64, at_ms: u64) -> Result<bool, StoreError>;
+    /// The expired history, or one owner's, newest first, with when each expired.
+    fn history(&self, owner: Option<&str>) -> Result<Vec<(Record, u64)>, StoreError>;
+    /// Moves an expired record back, under its old id, with a new lifetime; the record as
+    /// restored, or `None` if the history has no such id.
+    fn restore(
+        &mut self,
+        id: u64,
+        ttl_ms: Option<u64>,
+        expires_ms: Option<u64>,
+    ) -> Result<Option<Record>, StoreError>;
+    /// Forgets history that expired before `before_ms`; how many records went.
+    fn purge_history(&mut self, before_ms: u64) -> Result<u64, StoreError>;
+    /// Why the store takes no changes, if it does not (opened read-only).
+    fn read_only(&self) -> Option<&str>;
 }
 
-/// The schema this pf writes; `PRAGMA user_version` records it in the file.
-const SCHEMA_VERSION: i64 = 1;
+/// The schema this pf writes; `PRAGMA user_version` records it in the file. Version 2 added
+/// the expired history.
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS reservations (
@@ -137,6 +159,26 @@ CREATE INDEX IF NOT EXISTS reservations_target ON reservations (target_ip, targe
 CREATE INDEX IF NOT EXISTS reservations_owner ON reservations (owner);
 CREATE INDEX IF NOT EXISTS reservations_expiry ON reservations (expires_ms)
     WHERE expires_ms IS NOT NULL;
+-- Expired reservations, kept restorable for a while: a clock stepped forward, or a lifetime
+-- set by mistake, must not lose a customer's port for good.
+CREATE TABLE IF NOT EXISTS expired (
+    id                INTEGER PRIMARY KEY,
+    owner             TEXT    NOT NULL,
+    public_ip         TEXT    NOT NULL,
+    first_port        INTEGER NOT NULL,
+    last_port         INTEGER NOT NULL,
+    protocols         INTEGER NOT NULL,
+    target_ip         TEXT    NOT NULL,
+    target_first_port INTEGER NOT NULL,
+    created_ms        INTEGER NOT NULL,
+    ttl_ms            INTEGER,
+    expires_ms        INTEGER,
+    enabled           INTEGER NOT NULL,
+    note              TEXT    NOT NULL,
+    expired_ms        INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS expired_owner ON expired (owner);
+CREATE INDEX IF NOT EXISTS expired_at ON expired (expired_ms);
 ";
 
 const COLUMNS: &str = "id, owner, public_ip, first_port, last_port, protocols, target_ip, \
@@ -146,6 +188,8 @@ const COLUMNS: &str = "id, owner, public_ip, first_port, last_port, protocols, t
 /// service reported as made survives a crash or a power cut.
 pub struct SqliteStore {
     conn: Connection,
+    /// Set when the file could only be opened read-only, with why.
+    read_only: Option<String>,
 }
 
 impl SqliteStore {
@@ -153,6 +197,43 @@ impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open(path).map_err(sql("opening the database"))?;
         Self::init(conn, &path.display().to_string())
+    }
+
+    /// Opens an existing store for reading only: the service can still start, reconcile and
+    /// answer reads when the store's disk is full. `why` says why it is read-only.
+    pub fn open_read_only(path: &Path, why: String) -> Result<Self, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql("opening the database read-only"))?;
+        let found: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(sql("reading the schema version"))?;
+        if found != SCHEMA_VERSION {
+            return Err(StoreError::ReadOnlySchema {
+                path: path.display().to_string(),
+                found,
+            });
+        }
+        Ok(Self {
+            conn,
+            read_only: Some(why),
+        })
+    }
+
+    /// Whether an open failed because the disk (or the quota) is full.
+    pub fn is_disk_full(e: &StoreError) -> bool {
+        matches!(
+            e,
+            StoreError::Sqlite {
+                source: rusqlite::Error::SqliteFailure(f, _),
+                ..
+            } if f.code == rusqlite::ErrorCode::DiskFull
+                || f.extended_code == rusqlite::ffi::SQLITE_IOERR_WRITE
+                || f.extended_code == rusqlite::ffi::SQLITE_IOERR_SHMSIZE
+                || f.extended_code == rusqlite::ffi::SQLITE_IOERR_TRUNCATE
+        )
     }
 
     /// A store in memory, for tests of the store itself.
@@ -165,8 +246,14 @@ impl SqliteStore {
         // Another process holding a write lock (a backup, sqlite3) is waited for, briefly.
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(sql("setting the busy timeout"))?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql("switching to WAL mode"))?;
+        // Only what is not so already is written: a start must not need disk space.
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .map_err(sql("reading the journal mode"))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            conn.pragma_update(None, "journal_mode", "WAL")
+                .map_err(sql("switching to WAL mode"))?;
+        }
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(sql("setting synchronous=FULL"))?;
         let found: i64 = conn
@@ -179,11 +266,21 @@ impl SqliteStore {
                 known: SCHEMA_VERSION,
             });
         }
-        conn.execute_batch(SCHEMA)
-            .map_err(sql("creating the schema"))?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(sql("writing the schema version"))?;
-        Ok(Self { conn })
+        if found < SCHEMA_VERSION {
+            conn.execute_batch(SCHEMA)
+                .map_err(sql("creating the schema"))?;
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(sql("writing the schema version"))?;
+        }
+        Ok(Self {
+            conn,
+            read_only: None,
+        })
+    }
+
+    /// Whether the file holds no reservations table yet (new, or zero bytes).
+    pub fn is_new(path: &Path) -> bool {
+        std::fs::metadata(path).map_or(true, |m| m.len() == 0)
     }
 
     fn insert_one(conn: &Connection, new: &NewRecord) -> Result<Record, StoreError> {
@@ -515,6 +612,101 @@ impl Store for SqliteStore {
             .map(|t| t.map(|t| t as u64))
             .map_err(sql("finding the next expiry"))
     }
+
+    fn expire(&mut self, id: u64, at_ms: u64) -> Result<bool, StoreError> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql("starting a transaction"))?;
+        let moved = tx
+            .execute(
+                &format!(
+                    "INSERT INTO expired ({COLUMNS}, expired_ms) \
+                     SELECT {COLUMNS}, ?2 FROM reservations WHERE id = ?1"
+                ),
+                params![id as i64, at_ms as i64],
+            )
+            .map_err(sql("keeping an expired reservation"))?;
+        tx.execute("DELETE FROM reservations WHERE id = ?1", [id as i64])
+            .map_err(sql("deleting an expired reservation"))?;
+        tx.commit().map_err(sql("committing"))?;
+        Ok(moved > 0)
+    }
+
+    fn history(&self, owner: Option<&str>) -> Result<Vec<(Record, u64)>, StoreError> {
+        let what = "reading the expired history";
+        let statement = format!(
+            "SELECT {COLUMNS}, expired_ms FROM expired {} ORDER BY expired_ms DESC, id DESC",
+            if owner.is_some() {
+                "WHERE owner = ?1"
+            } else {
+                ""
+            }
+        );
+        let mut stmt = self.conn.prepare_cached(&statement).map_err(sql(what))?;
+        let map = |r: &Row<'_>| Ok((raw_row(r)?, r.get::<_, i64>(13)?));
+        let rows = match owner {
+            Some(owner) => stmt.query_map([owner], map),
+            None => stmt.query_map([], map),
+        }
+        .map_err(sql(what))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(sql(what))?;
+        rows.into_iter()
+            .map(|(raw, at)| Ok((raw.into_record()?, at as u64)))
+            .collect()
+    }
+
+    fn restore(
+        &mut self,
+        id: u64,
+        ttl_ms: Option<u64>,
+        expires_ms: Option<u64>,
+    ) -> Result<Option<Record>, StoreError> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql("starting a transaction"))?;
+        let moved = tx
+            .execute(
+                &format!(
+                    "INSERT INTO reservations ({COLUMNS}) \
+                     SELECT {COLUMNS} FROM expired WHERE id = ?1"
+                ),
+                [id as i64],
+            )
+            .map_err(sql("restoring an expired reservation"))?;
+        if moved == 0 {
+            return Ok(None);
+        }
+        tx.execute(
+            "UPDATE reservations SET ttl_ms = ?2, expires_ms = ?3 WHERE id = ?1",
+            params![
+                id as i64,
+                ttl_ms.map(|t| t as i64),
+                expires_ms.map(|t| t as i64)
+            ],
+        )
+        .map_err(sql("restoring an expired reservation"))?;
+        tx.execute("DELETE FROM expired WHERE id = ?1", [id as i64])
+            .map_err(sql("restoring an expired reservation"))?;
+        tx.commit().map_err(sql("committing"))?;
+        self.get(id)
+    }
+
+    fn purge_history(&mut self, before_ms: u64) -> Result<u64, StoreError> {
+        self.conn
+            .execute(
+                "DELETE FROM expired WHERE expired_ms < ?1",
+                [before_ms as i64],
+            )
+            .map(|n| n as u64)
+            .map_err(sql("purging the expired history"))
+    }
+
+    fn read_only(&self) -> Option<&str> {
+        self.read_only.as_deref()
+    }
 }
 
 #[cfg(test)]
@@ -622,6 +814,33 @@ mod tests {
         assert!(store.expired(5_000).unwrap().is_empty());
         assert!(store.set_enabled(a.id, false).unwrap());
         assert!(!store.get(a.id).unwrap().unwrap().enabled);
+    }
+
+    #[test]
+    fn expired_records_stay_restorable_until_purged() {
+        let mut store = SqliteStore::in_memory().unwrap();
+        let mut a = new("acct-1", "198.51.100.1:8810/tcp", "10.8.0.2");
+        a.ttl_ms = Some(1_000);
+        a.expires_ms = Some(2_000);
+        let a = store.insert(&a).unwrap();
+        assert!(store.expire(a.id, 2_001).unwrap());
+        assert!(!store.expire(a.id, 2_002).unwrap(), "expired twice");
+        assert_eq!(store.get(a.id).unwrap(), None);
+        assert_eq!(store.count().unwrap(), 0);
+        assert_eq!(store.history(None).unwrap(), vec![(a.clone(), 2_001)]);
+        assert_eq!(store.history(Some("acct-2")).unwrap(), vec![]);
+        // Restored under its id, with the new lifetime.
+        let back = store
+            .restore(a.id, Some(5_000), Some(9_000))
+            .unwrap()
+            .unwrap();
+        assert_eq!((back.id, back.expires_ms), (a.id, Some(9_000)));
+        assert!(store.history(None).unwrap().is_empty());
+        assert_eq!(store.restore(a.id, None, None).unwrap(), None);
+        store.expire(a.id, 3_000).unwrap();
+        assert_eq!(store.purge_history(3_000).unwrap(), 0);
+        assert_eq!(store.purge_history(3_001).unwrap(), 1);
+        assert!(store.history(None).unwrap().is_empty());
     }
 
     #[test]

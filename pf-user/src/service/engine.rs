@@ -4,7 +4,7 @@
 
 use std::{
     net::Ipv4Addr,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use crate::{
     bpffs::PinDir,
     error::PfError,
-    policy::{Listening, Policy, parse_ttl},
+    policy::{Listening, LocalAddresses, Policy, parse_ttl},
     spec::{
         PortRange, Protocols, PublicSpec, Reservation, SpecError, TargetSpec, parse_public_request,
     },
@@ -33,6 +33,13 @@ const EXPIRY_RETRY_MS: u64 = 1000;
 
 /// Reconcile logs this many drifts one by one, then a count.
 const DRIFT_LOG_LIMIT: usize = 20;
+
+/// How long expired reservations stay restorable.
+pub const HISTORY_KEEP: Duration = Duration::from_secs(7 * 86_400);
+
+/// How far the system clock may move from the service's own (see [`Clock`]) before a step is
+/// reported.
+const CLOCK_STEP_TOLERANCE_MS: u64 = 2_000;
 
 /// An API failure: its HTTP status and a one-line message naming the problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +75,13 @@ impl ApiError {
     fn internal(message: impl Into<String>) -> Self {
         Self {
             status: 500,
+            message: message.into(),
+            rule: None,
+        }
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            status: 503,
             message: message.into(),
             rule: None,
         }
@@ -108,6 +122,7 @@ impl From<PfError> for ApiError {
             PfError::Conflict { .. } | PfError::AmbiguousTarget { .. } | PfError::Orphan { .. } => {
                 Self::conflict(e.to_string())
             }
+            PfError::MapsReplaced(_) => Self::unavailable(e.to_string()),
             other => Self::internal(other.to_string()),
         }
     }
@@ -138,23 +153,152 @@ pub struct RenewRequest {
     pub ttl: Option<String>,
 }
 
+/// `POST /v1/expired/{id}/restore`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// The new lifetime; without it, the one the reservation had.
+    #[serde(default)]
+    pub ttl: Option<String>,
+}
+
 /// What the API asks of the engine.
 #[derive(Debug)]
 pub enum Request {
     Reserve(ReserveRequest),
     Get(u64),
-    List { owner: Option<String> },
+    List {
+        owner: Option<String>,
+    },
     Release(u64),
     ReleaseOwner(String),
-    Renew { id: u64, ttl: Option<String> },
-    SetEnabled { id: u64, enabled: bool },
+    Renew {
+        id: u64,
+        ttl: Option<String>,
+    },
+    SetEnabled {
+        id: u64,
+        enabled: bool,
+    },
+    /// The expired history.
+    Expired {
+        owner: Option<String>,
+    },
+    Restore {
+        id: u64,
+        ttl: Option<String>,
+    },
     Status,
+    /// A change request the API could not even read (bad JSON, an unknown field, too large):
+    /// refused, and audited like any refusal.
+    Malformed {
+        action: &'static str,
+        subject: Value,
+        error: ApiError,
+    },
+    /// SIGHUP: open the audit log's path again (logrotate moved the file).
+    ReopenAudit,
+}
+
+impl Request {
+    /// The audit log's name for a change; `None` for a read.
+    fn action(&self) -> Option<&'static str> {
+        Some(match self {
+            Request::Reserve(_) => "reserve",
+            Request::Release(_) => "release",
+            Request::ReleaseOwner(_) => "release-owner",
+            Request::Renew { .. } => "renew",
+            Request::SetEnabled { enabled: true, .. } => "enable",
+            Request::SetEnabled { enabled: false, .. } => "disable",
+            Request::Restore { .. } => "restore",
+            Request::Malformed { action, .. } => action,
+            Request::Get(_)
+            | Request::List { .. }
+            | Request::Expired { .. }
+            | Request::Status
+            | Request::ReopenAudit => return None,
+        })
+    }
+
+    /// What a refusal's audit line records of the request.
+    fn subject(&self) -> Value {
+        match self {
+            Request::Reserve(r) => {
+                json!({ "owner": r.owner, "public": r.public, "to": r.to, "ttl": r.ttl })
+            }
+            Request::Release(id)
+            | Request::Renew { id, .. }
+            | Request::SetEnabled { id, .. }
+            | Request::Restore { id, .. } => json!({ "id": id }),
+            Request::ReleaseOwner(owner) => json!({ "owner": owner }),
+            Request::Malformed { subject, .. } => subject.clone(),
+            _ => Value::Null,
+        }
+    }
 }
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The service's time: the system clock read once at start, then advanced by the monotonic
+/// clock. Lifetimes run on elapsed time, so a step of the system clock (a bad NTP answer, an
+/// admin's `date -s`) neither expires reservations early nor keeps them late; a step is
+/// logged. A restart adopts the system clock again (and what fell due meanwhile expires, into
+/// the restorable history).
+pub struct Clock {
+    start_ms: u64,
+    start: Instant,
+    /// The system clock's offset last reported, so a step is logged once.
+    reported_offset_ms: i64,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        Self {
+            start_ms: now_ms(),
+            start: Instant::now(),
+            reported_offset_ms: 0,
+        }
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.start_ms
+            .saturating_add(self.start.elapsed().as_millis() as u64)
+    }
+
+    /// How far the system clock is ahead of the service's (negative: behind).
+    pub fn offset_ms(&self) -> i64 {
+        now_ms() as i64 - self.now_ms() as i64
+    }
+
+    /// Logs a step of the system clock away from the service's time, once per step.
+    fn notice_steps(&mut self) {
+        let offset = self.offset_ms();
+        if offset.abs_diff(self.reported_offset_ms) > CLOCK_STEP_TOLERANCE_MS {
+            eprintln!(
+                "pf serve: warning: the system clock stepped {} by {}; lifetimes keep running on elapsed time, so nothing expires early or late (the system clock is now {} from pf's; a restart adopts it)",
+                if offset > self.reported_offset_ms {
+                    "forward"
+                } else {
+                    "back"
+                },
+                humantime::format_duration(Duration::from_secs(
+                    offset.abs_diff(self.reported_offset_ms) / 1000
+                )),
+                humantime::format_duration(Duration::from_secs(offset.unsigned_abs() / 1000)),
+            );
+            self.reported_offset_ms = offset;
+        }
+    }
 }
 
 /// The last instant RFC 3339 (four-digit years) can write: 9999-12-31T23:59:59.999Z.
@@ -180,15 +324,67 @@ pub fn record_json(r: &Record) -> Value {
     v
 }
 
-fn check_text(field: &str, s: &str, max: usize) -> Result<(), ApiError> {
-    if s.chars().count() > max {
+/// Whether `c` changes how text reads without showing itself: Unicode's format characters
+/// (bidirectional overrides and isolates, zero-width spaces and joiners, the BOM, soft
+/// hyphens, tags) and the line and paragraph separators.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c as u32,
+        0x00AD
+            | 0x0600..=0x0605
+            | 0x061C
+            | 0x06DD
+            | 0x070F
+            | 0x0890..=0x0891
+            | 0x08E2
+            | 0x180E
+            | 0x200B..=0x200F
+            | 0x2028..=0x202E
+            | 0x2060..=0x2064
+            | 0x2066..=0x206F
+            | 0xFEFF
+            | 0xFFF9..=0xFFFB
+            | 0x110BD
+            | 0x110CD
+            | 0x13430..=0x1343F
+            | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A
+            | 0xE0001
+            | 0xE0020..=0xE007F
+    )
+}
+
+/// An owner is an account id: visible ASCII only, so two owners that print alike are alike
+/// (no look-alike letters from other scripts, no invisible characters, no spaces).
+fn check_owner(owner: &str) -> Result<(), ApiError> {
+    if owner.is_empty() {
+        return Err(ApiError::bad_request("owner is empty: give the account id"));
+    }
+    if owner.len() > MAX_OWNER_LEN {
         return Err(ApiError::bad_request(format!(
-            "{field} is longer than {max} characters"
+            "owner is longer than {MAX_OWNER_LEN} characters"
         )));
     }
-    if s.chars().any(char::is_control) {
+    if let Some(c) = owner.chars().find(|c| !c.is_ascii_graphic()) {
         return Err(ApiError::bad_request(format!(
-            "{field} contains control characters"
+            "owner contains {c:?} (U+{:04X}): an owner is an account id of visible ASCII characters (letters, digits, punctuation; no spaces)",
+            c as u32
+        )));
+    }
+    Ok(())
+}
+
+/// A note is free text on one line: any script, but nothing that hides or reorders text.
+fn check_note(note: &str) -> Result<(), ApiError> {
+    if note.chars().count() > MAX_NOTE_LEN {
+        return Err(ApiError::bad_request(format!(
+            "note is longer than {MAX_NOTE_LEN} characters"
+        )));
+    }
+    if let Some(c) = note.chars().find(|&c| c.is_control() || is_invisible(c)) {
+        return Err(ApiError::bad_request(format!(
+            "note contains the invisible or control character U+{:04X}",
+            c as u32
         )));
     }
     Ok(())
@@ -198,16 +394,48 @@ fn duration_ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX / 2)) as u64
 }
 
+/// What a start's reconcile may do without the admin's say-so.
+#[derive(Debug, Clone, Copy)]
+pub struct ReconcileGuard {
+    /// `pf serve --force-reconcile`: the admin accepts whatever the reconcile removes.
+    pub force: bool,
+    /// The store file was missing or empty before this start.
+    pub store_was_new: bool,
+    /// The largest share of the maps' reservations a reconcile removes unasked.
+    pub removal_limit: f64,
+}
+
+impl ReconcileGuard {
+    /// No limits: repairs of the service's own failed writes.
+    pub const REPAIR: ReconcileGuard = ReconcileGuard {
+        force: true,
+        store_was_new: false,
+        removal_limit: 1.0,
+    };
+}
+
+/// Removals a guarded reconcile makes without asking, whatever the share: a few strays are
+/// ordinary drift.
+const UNGUARDED_REMOVALS: usize = 10;
+
 pub struct Engine {
     store: Box<dyn Store>,
     dir: PinDir,
     policy: Policy,
     audit: Audit,
+    clock: Clock,
     /// The earliest expiry in the store, re-read after every change.
     next_expiry: Option<u64>,
     /// Picks automatic ports: seeded from the kernel, so the ports handed out are not
     /// guessable from the order of requests.
     rng: StdRng,
+    /// The kernel ids of the maps the start reconciled: the maps the attached programs use.
+    /// A later change that finds other maps pinned refuses (the pins were replaced).
+    map_ids: Option<[u32; 7]>,
+    /// A change reached the store but not the maps: reconcile at the next tick.
+    repair: bool,
+    /// When the expired history was last purged.
+    purged: Option<Instant>,
 }
 
 fn kernel_seed() -> u64 {
@@ -219,6 +447,11 @@ fn kernel_seed() -> u64 {
         return now_ms() ^ u64::from(std::process::id()) << 32;
     }
     u64::from_ne_bytes(seed)
+}
+
+fn local_addresses() -> Result<LocalAddresses, ApiError> {
+    LocalAddresses::read()
+        .map_err(|e| ApiError::internal(format!("reading the server's own addresses: {e}")))
 }
 
 impl Engine {
@@ -234,9 +467,18 @@ impl Engine {
             dir,
             policy,
             audit,
+            clock: Clock::new(),
             next_expiry,
             rng: StdRng::seed_from_u64(kernel_seed()),
+            map_ids: None,
+            repair: false,
+            purged: None,
         })
+    }
+
+    /// Now, on the service's clock (see [`Clock`]).
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
     }
 
     pub fn next_expiry(&self) -> Option<u64> {
@@ -250,43 +492,73 @@ impl Engine {
         }
     }
 
-    /// Handles one API request and writes its audit line.
-    pub fn handle(&mut self, request: Request, caller: Caller) -> Result<Value, ApiError> {
-        let action = match &request {
-            Request::Reserve(_) => Some("reserve"),
-            Request::Release(_) => Some("release"),
-            Request::ReleaseOwner(_) => Some("release-owner"),
-            Request::Renew { .. } => Some("renew"),
-            Request::SetEnabled { enabled: true, .. } => Some("enable"),
-            Request::SetEnabled { enabled: false, .. } => Some("disable"),
-            Request::Get(_) | Request::List { .. } | Request::Status => None,
+    /// pf's maps, for a change. Before the start's reconcile they are made if missing; after
+    /// it they must be the very maps it reconciled.
+    fn open_state(&self) -> Result<State, PfError> {
+        let Some(want) = self.map_ids else {
+            return State::open_for_write(&self.dir);
         };
-        let subject = match &request {
-            Request::Reserve(r) => {
-                json!({ "owner": r.owner, "public": r.public, "to": r.to, "ttl": r.ttl })
-            }
-            Request::Release(id) | Request::Renew { id, .. } | Request::SetEnabled { id, .. } => {
-                json!({ "id": id })
-            }
-            Request::ReleaseOwner(owner) => json!({ "owner": owner }),
-            _ => Value::Null,
-        };
-        let result = self.dispatch(request, caller);
-        if let Some(action) = action {
-            match &result {
-                Ok(done) => self.audit.write(caller, action, "ok", done, None),
-                Err(e) => self
-                    .audit
-                    .write(caller, action, "refused", &subject, Some(&e.message)),
-            }
-            self.refresh_next_expiry();
+        let state = State::open_existing_for_write(&self.dir)?;
+        if state.map_ids() != want {
+            return Err(PfError::MapsReplaced(self.dir.root().to_path_buf()));
         }
+        Ok(state)
+    }
+
+    /// Why changes are refused now, if they are.
+    fn refuse_changes(&mut self) -> Option<ApiError> {
+        if let Some(why) = self.store.read_only() {
+            return Some(ApiError::unavailable(format!(
+                "the reservation store is read-only ({why}): pf serve makes no change until it is restarted with room on the store's disk"
+            )));
+        }
+        if let Err(e) = self.audit.ready() {
+            return Some(ApiError::unavailable(format!(
+                "the audit log {} cannot be written ({e}): pf serve makes no change it cannot audit",
+                self.audit.path().display()
+            )));
+        }
+        None
+    }
+
+    fn audit(&mut self, caller: Caller, action: &str, result: &str, v: &Value, e: Option<&str>) {
+        if let Err(err) = self.audit.write(caller, action, result, v, e) {
+            eprintln!(
+                "pf serve: error: the audit log {} lost a line ({action} {result}): {err}",
+                self.audit.path().display()
+            );
+        }
+    }
+
+    /// Handles one API request; a change is made only if it can be audited, and is audited.
+    pub fn handle(&mut self, request: Request, caller: Caller) -> Result<Value, ApiError> {
+        let Some(action) = request.action() else {
+            return self.read(request);
+        };
+        let subject = request.subject();
+        if let Request::Malformed { error, .. } = request {
+            self.audit(caller, action, "refused", &subject, Some(&error.message));
+            return Err(error);
+        }
+        if let Some(refusal) = self.refuse_changes() {
+            // Recorded if the log takes it (a read-only store, say); the change is refused
+            // whether it does or not.
+            let _ = self
+                .audit
+                .write(caller, action, "refused", &subject, Some(&refusal.message));
+            return Err(refusal);
+        }
+        let result = self.change(request, caller);
+        match &result {
+            Ok(done) => self.audit(caller, action, "ok", done, None),
+            Err(e) => self.audit(caller, action, "refused", &subject, Some(&e.message)),
+        }
+        self.refresh_next_expiry();
         result
     }
 
-    fn dispatch(&mut self, request: Request, caller: Caller) -> Result<Value, ApiError> {
+    fn read(&mut self, request: Request) -> Result<Value, ApiError> {
         match request {
-            Request::Reserve(r) => self.reserve(r).map(|r| record_json(&r)),
             Request::Get(id) => Ok(record_json(&self.get(id)?)),
             Request::List { owner } => Ok(Value::Array(
                 self.store
@@ -295,96 +567,128 @@ impl Engine {
                     .map(record_json)
                     .collect(),
             )),
-            Request::Release(id) => self.release(id).map(|r| record_json(&r)),
-            Request::ReleaseOwner(owner) => {
-                // Each release is its own change, audited as it lands: a failure part-way says
-                // which went before it.
-                let records = self.store.list(Some(&owner))?;
-                let total = records.len();
-                let mut released = Vec::new();
-                for r in records {
-                    match self.release(r.id) {
-                        Ok(r) => {
-                            let done = record_json(&r);
-                            self.audit.write(caller, "release", "ok", &done, None);
-                            released.push(done);
-                        }
-                        Err(e) => {
-                            let ids: Vec<String> =
-                                released.iter().map(|r| r["id"].to_string()).collect();
-                            return Err(ApiError {
-                                message: format!(
-                                    "released {} of {total} reservations of {owner} ({}), then reservation {}: {}",
-                                    ids.len(),
-                                    if ids.is_empty() {
-                                        "none".to_string()
-                                    } else {
-                                        ids.join(", ")
-                                    },
-                                    r.id,
-                                    e.message
-                                ),
-                                ..e
-                            });
-                        }
-                    }
-                }
-                Ok(Value::Array(released))
-            }
-            Request::Renew { id, ttl } => self.renew(id, ttl).map(|r| record_json(&r)),
-            Request::SetEnabled { id, enabled } => {
-                self.set_enabled(id, enabled).map(|r| record_json(&r))
-            }
+            Request::Expired { owner } => Ok(Value::Array(
+                self.store
+                    .history(owner.as_deref())?
+                    .iter()
+                    .map(|(r, at)| {
+                        let mut v = record_json(r);
+                        v["expired"] = json!(rfc3339(*at));
+                        v
+                    })
+                    .collect(),
+            )),
             Request::Status => Ok(json!({
                 "version": env!("CARGO_PKG_VERSION"),
                 "reservations": self.store.count()?,
                 "next_expiry": self.next_expiry.map(rfc3339),
-                "attached": crate::dataplane::attachments(&self.dir)
+                "store_read_only": self.store.read_only(),
+                "clock_offset_seconds": self.clock.offset_ms() / 1000,
+                "attached": crate::dataplane::inspect(&self.dir)
                     .iter()
-                    .map(|(iface, role)| json!({ "interface": iface, "role": role.describe() }))
+                    .map(|a| {
+                        let mut v = json!({
+                            "interface": a.iface,
+                            "role": a.role.describe(),
+                            "live": a.health.is_live(),
+                        });
+                        if let crate::dataplane::Health::Dead(why) = &a.health {
+                            v["problem"] = json!(why);
+                        }
+                        v
+                    })
                     .collect::<Vec<_>>(),
             })),
+            Request::ReopenAudit => match self.audit.reopen() {
+                Ok(()) => {
+                    eprintln!(
+                        "pf serve: reopened the audit log {}",
+                        self.audit.path().display()
+                    );
+                    Ok(Value::Null)
+                }
+                Err(e) => {
+                    eprintln!(
+                        "pf serve: error: reopening the audit log {}: {e} (still writing the old file)",
+                        self.audit.path().display()
+                    );
+                    Err(ApiError::internal(e.to_string()))
+                }
+            },
+            _ => unreachable!("changes go through Engine::change"),
         }
+    }
+
+    fn change(&mut self, request: Request, caller: Caller) -> Result<Value, ApiError> {
+        match request {
+            Request::Reserve(r) => self.reserve(r).map(|r| record_json(&r)),
+            Request::Release(id) => self.release(id).map(|r| record_json(&r)),
+            Request::ReleaseOwner(owner) => self.release_owner(&owner, caller),
+            Request::Renew { id, ttl } => self.renew(id, ttl).map(|r| record_json(&r)),
+            Request::SetEnabled { id, enabled } => {
+                self.set_enabled(id, enabled).map(|r| record_json(&r))
+            }
+            Request::Restore { id, ttl } => self.restore(id, ttl).map(|r| record_json(&r)),
+            _ => unreachable!("reads go through Engine::read"),
+        }
+    }
+
+    /// Releases every reservation of `owner`, each its own change, audited as it lands (with
+    /// the owner asked for): a failure part-way says which went before it.
+    fn release_owner(&mut self, owner: &str, caller: Caller) -> Result<Value, ApiError> {
+        let records = self.store.list(Some(owner))?;
+        let total = records.len();
+        let mut released = Vec::new();
+        for r in records {
+            match self.release(r.id) {
+                Ok(r) => {
+                    let done = record_json(&r);
+                    self.audit(
+                        caller,
+                        "release",
+                        "ok",
+                        &json!({ "owner_asked": owner, "reservation": done }),
+                        None,
+                    );
+                    released.push(done);
+                }
+                Err(e) => {
+                    let ids: Vec<String> = released.iter().map(|r| r["id"].to_string()).collect();
+                    return Err(ApiError {
+                        message: format!(
+                            "released {} of {total} reservations of {owner} ({}), then reservation {}: {}",
+                            ids.len(),
+                            if ids.is_empty() {
+                                "none".to_string()
+                            } else {
+                                ids.join(", ")
+                            },
+                            r.id,
+                            e.message
+                        ),
+                        ..e
+                    });
+                }
+            }
+        }
+        Ok(json!({ "owner": owner, "released": released }))
     }
 
     fn get(&self, id: u64) -> Result<Record, ApiError> {
         self.store.get(id)?.ok_or_else(|| ApiError::not_found(id))
     }
 
-    fn reserve(&mut self, req: ReserveRequest) -> Result<Record, ApiError> {
-        let owner = req.owner.as_str();
-        if owner.trim().is_empty() {
-            return Err(ApiError::bad_request("owner is empty: give the account id"));
-        }
-        check_text("owner", owner, MAX_OWNER_LEN)?;
-        let note = req.note.unwrap_or_default();
-        check_text("note", &note, MAX_NOTE_LEN)?;
-        let ttl = req
-            .ttl
-            .as_deref()
-            .map(parse_ttl)
-            .transpose()
-            .map_err(ApiError::bad_request)?;
-        let ttl = self.policy.lifetime(ttl)?;
-        let (addr, ports, protocols) = parse_public_request(&req.public)?;
-        let target: TargetSpec = req.to.parse()?;
+    /// The checks every new or restored reservation passes: the policy (with the server's
+    /// listening ports and addresses as the kernel has them now), conflicts on both sides,
+    /// and the owner's quota.
+    fn admit(&self, owner: &str, reservation: &Reservation) -> Result<(), ApiError> {
         let listening = if self.policy.forbid_listening_ports {
             Listening::read()
         } else {
             Listening::default()
         };
-        let reservation = match ports {
-            Some(ports) => Reservation::new(
-                PublicSpec {
-                    addr,
-                    ports,
-                    protocols,
-                },
-                target,
-            )?,
-            None => self.free_port(addr, protocols, target, &listening)?,
-        };
-        self.policy.check(&reservation, &listening)?;
+        self.policy
+            .check(reservation, &listening, &local_addresses()?)?;
         let public = reservation.public;
         if let Some(existing) =
             self.store
@@ -421,7 +725,36 @@ impl Engine {
                 ),
             }));
         }
-        let now = now_ms();
+        Ok(())
+    }
+
+    fn reserve(&mut self, req: ReserveRequest) -> Result<Record, ApiError> {
+        let owner = req.owner.as_str();
+        check_owner(owner)?;
+        let note = req.note.unwrap_or_default();
+        check_note(&note)?;
+        let ttl = req
+            .ttl
+            .as_deref()
+            .map(parse_ttl)
+            .transpose()
+            .map_err(ApiError::bad_request)?;
+        let ttl = self.policy.lifetime(ttl)?;
+        let (addr, ports, protocols) = parse_public_request(&req.public)?;
+        let target: TargetSpec = req.to.parse()?;
+        let reservation = match ports {
+            Some(ports) => Reservation::new(
+                PublicSpec {
+                    addr,
+                    ports,
+                    protocols,
+                },
+                target,
+            )?,
+            None => self.free_port(addr, protocols, target)?,
+        };
+        self.admit(owner, &reservation)?;
+        let now = self.now_ms();
         let ttl_ms = ttl.map(duration_ms);
         let new = NewRecord {
             owner: owner.to_string(),
@@ -436,7 +769,7 @@ impl Engine {
         // are written is repaired by the next start's reconcile. If the maps refuse it, the
         // record goes again.
         let record = self.store.insert(&new)?;
-        if let Err(e) = State::open_for_write(&self.dir).and_then(|mut s| s.reserve(&reservation)) {
+        if let Err(e) = self.open_state().and_then(|mut s| s.reserve(&reservation)) {
             if let Err(undo) = self.store.delete(record.id) {
                 eprintln!(
                     "pf serve: reservation {} is in the store but not the maps ({undo}); the next start reconciles it",
@@ -455,8 +788,12 @@ impl Engine {
         addr: Ipv4Addr,
         protocols: Protocols,
         target: TargetSpec,
-        listening: &Listening,
     ) -> Result<Reservation, ApiError> {
+        let listening = if self.policy.forbid_listening_ports {
+            Listening::read()
+        } else {
+            Listening::default()
+        };
         let mut taken = vec![false; 65536];
         for r in self.store.used_public_ports(addr, protocols)? {
             for p in r.ports() {
@@ -469,7 +806,7 @@ impl Engine {
             .iter()
             .flat_map(|r| r.ports())
             .filter(|&p| !taken[usize::from(p)])
-            .filter(|&p| self.policy.allows_port(addr, p, protocols, listening))
+            .filter(|&p| self.policy.allows_port(addr, p, protocols, &listening))
             .collect();
         if candidates.is_empty() {
             return Err(crate::policy::Refusal {
@@ -507,19 +844,32 @@ impl Engine {
         )))
     }
 
-    /// Removes a reservation: the maps first, so a failure leaves it in the store, where the
-    /// next reconcile finds it.
+    /// Removes a reservation: the store first (the truth: a failure there changes nothing and
+    /// says so), then the maps. If the maps fail after the store has let go, the error says
+    /// so and the engine reconciles at its next tick until the maps agree.
     fn release(&mut self, id: u64) -> Result<Record, ApiError> {
         let record = self.get(id)?;
-        if record.enabled {
-            self.unmap(&record)?;
-        }
         self.store.delete(id)?;
+        self.unmap_after_store(&record, "released")?;
         Ok(record)
     }
 
+    /// Takes `record` out of the maps after the store has; a failure schedules a repair.
+    fn unmap_after_store(&mut self, record: &Record, done: &str) -> Result<(), ApiError> {
+        if !record.enabled {
+            return Ok(());
+        }
+        self.unmap(record).map_err(|e| {
+            self.repair = true;
+            ApiError::internal(format!(
+                "reservation {} is {done} in the store, but removing it from the kernel maps failed ({}); pf serve retries every second until the maps agree",
+                record.id, e.message
+            ))
+        })
+    }
+
     fn unmap(&mut self, record: &Record) -> Result<(), ApiError> {
-        let mut state = State::open_for_write(&self.dir)?;
+        let mut state = self.open_state()?;
         match state.release(&record.reservation.public) {
             Ok(_) => Ok(()),
             Err(PfError::NoSuchReservation { .. }) => {
@@ -550,7 +900,7 @@ impl Engine {
         };
         let ttl = self.policy.lifetime(Some(asked))?.unwrap_or(asked);
         let ttl_ms = duration_ms(ttl);
-        let expires = now_ms().saturating_add(ttl_ms);
+        let expires = self.now_ms().saturating_add(ttl_ms);
         self.store.set_lifetime(id, Some(ttl_ms), Some(expires))?;
         self.get(id)
     }
@@ -561,39 +911,146 @@ impl Engine {
             return Ok(record);
         }
         if enabled {
+            // The server's addresses may have changed since it was made.
+            self.policy
+                .check_target(&record.reservation, &local_addresses()?)?;
             self.store.set_enabled(id, true)?;
-            if let Err(e) =
-                State::open_for_write(&self.dir).and_then(|mut s| s.reserve(&record.reservation))
+            if let Err(e) = self
+                .open_state()
+                .and_then(|mut s| s.reserve(&record.reservation))
             {
                 self.store.set_enabled(id, false)?;
                 return Err(e.into());
             }
         } else {
-            self.unmap(&record)?;
             self.store.set_enabled(id, false)?;
+            self.unmap_after_store(&record, "disabled")?;
         }
         self.get(id)
     }
 
-    /// Removes every reservation whose expiry has passed, from the maps and then the store.
+    /// Brings an expired reservation back under its id, if it passes today's checks.
+    fn restore(&mut self, id: u64, ttl: Option<String>) -> Result<Record, ApiError> {
+        let Some((record, _)) = self
+            .store
+            .history(None)?
+            .into_iter()
+            .find(|(r, _)| r.id == id)
+        else {
+            return Err(ApiError {
+                status: 404,
+                message: format!("no expired reservation with id {id} (see `pf list --expired`)"),
+                rule: None,
+            });
+        };
+        let asked = ttl
+            .as_deref()
+            .map(parse_ttl)
+            .transpose()
+            .map_err(ApiError::bad_request)?
+            .or(record.ttl_ms.map(Duration::from_millis));
+        let ttl = self.policy.lifetime(asked)?;
+        self.admit(&record.owner, &record.reservation)?;
+        let ttl_ms = ttl.map(duration_ms);
+        let expires = ttl_ms.map(|t| self.now_ms().saturating_add(t));
+        let restored = self
+            .store
+            .restore(id, ttl_ms, expires)?
+            .ok_or_else(|| ApiError::internal(format!("expired reservation {id} vanished")))?;
+        if restored.enabled
+            && let Err(e) = self
+                .open_state()
+                .and_then(|mut s| s.reserve(&restored.reservation))
+        {
+            if let Err(undo) = self.store.expire(id, self.now_ms()) {
+                eprintln!(
+                    "pf serve: restored reservation {id} is in the store but not the maps ({undo}); repairing"
+                );
+                self.repair = true;
+            }
+            return Err(e.into());
+        }
+        Ok(restored)
+    }
+
+    /// One tick of the engine's own work: repairs, expiry, history purge, clock steps.
+    pub fn tick(&mut self) {
+        self.clock.notice_steps();
+        if self.repair {
+            match self.reconcile(ReconcileGuard::REPAIR) {
+                Ok(_) => {
+                    self.repair = false;
+                    eprintln!("pf serve: repaired the maps: they agree with the store again");
+                }
+                Err(e) => eprintln!("pf serve: repairing the maps: {}", e.message),
+            }
+        }
+        self.expire_due();
+        if self.store.read_only().is_none()
+            && self
+                .purged
+                .is_none_or(|t| t.elapsed() > Duration::from_secs(3600))
+        {
+            let before = self.now_ms().saturating_sub(duration_ms(HISTORY_KEEP));
+            match self.store.purge_history(before) {
+                Ok(0) => {}
+                Ok(n) => eprintln!(
+                    "pf serve: forgot {n} reservations that expired more than {} ago",
+                    humantime::format_duration(HISTORY_KEEP)
+                ),
+                Err(e) => eprintln!("pf serve: {e}"),
+            }
+            self.purged = Some(Instant::now());
+        }
+    }
+
+    /// Moves every reservation whose expiry has passed into the restorable history, and out
+    /// of the maps; each is audited, so nothing expires unless the audit log takes it.
     pub fn expire_due(&mut self) {
-        let now = now_ms();
+        let now = self.now_ms();
         if self.next_expiry.is_none_or(|t| t > now) {
+            return;
+        }
+        let retry = |engine: &mut Engine| {
+            // Not at once: the due record is still there, and retrying in a loop would spin.
+            let retry = now.saturating_add(EXPIRY_RETRY_MS);
+            engine.next_expiry = Some(engine.next_expiry.map_or(retry, |t| t.max(retry)));
+        };
+        if let Some(refusal) = self.refuse_changes() {
+            eprintln!(
+                "pf serve: expiry waits: {} (trying again in {EXPIRY_RETRY_MS} ms)",
+                refusal.message
+            );
+            retry(self);
             return;
         }
         let due = match self.store.expired(now) {
             Ok(due) => due,
             Err(e) => {
                 eprintln!("pf serve: {e}");
+                retry(self);
                 return;
             }
         };
         let mut failed = false;
         for record in due {
-            match self.release(record.id) {
-                Ok(r) => self
-                    .audit
-                    .write(Caller::SERVICE, "expire", "ok", &record_json(&r), None),
+            let outcome = self
+                .store
+                .expire(record.id, now)
+                .map_err(ApiError::from)
+                .and_then(|_| self.unmap_after_store(&record, "expired"));
+            match outcome {
+                Ok(()) => {
+                    eprintln!(
+                        "pf serve: expired reservation {} ({}, owner {}); restorable for {} (`pf restore {}`)",
+                        record.id,
+                        record.reservation,
+                        record.owner,
+                        humantime::format_duration(HISTORY_KEEP),
+                        record.id
+                    );
+                    self.audit(Caller::SERVICE, "expire", "ok", &record_json(&record), None);
+                }
                 Err(e) => {
                     failed = true;
                     eprintln!(
@@ -605,26 +1062,80 @@ impl Engine {
         }
         self.refresh_next_expiry();
         if failed {
-            // Not at once: the due record is still there, and retrying in a loop would spin.
-            let retry = now.saturating_add(EXPIRY_RETRY_MS);
-            self.next_expiry = Some(self.next_expiry.map_or(retry, |t| t.max(retry)));
+            retry(self);
         }
     }
 
+    /// Disables each enabled reservation whose target is the server itself (made before the
+    /// rule existed, or before the server took that address): reported, audited, and kept
+    /// out of the maps. Returns how many.
+    pub fn disable_server_targets(&mut self) -> Result<usize, ApiError> {
+        let local = local_addresses()?;
+        let mut disabled = 0;
+        for record in self.store.list(None)?.into_iter().filter(|r| r.enabled) {
+            let Err(refusal) = self.policy.check_target(&record.reservation, &local) else {
+                continue;
+            };
+            if self.store.read_only().is_some() {
+                eprintln!(
+                    "pf serve: warning: reservation {} ({}) breaks {}: {} (the store is read-only, so it stays)",
+                    record.id, record.reservation, refusal.rule, refusal.detail
+                );
+                continue;
+            }
+            self.store.set_enabled(record.id, false)?;
+            disabled += 1;
+            eprintln!(
+                "pf serve: disabled reservation {} ({}, owner {}): {refusal}",
+                record.id, record.reservation, record.owner
+            );
+            let mut done = record_json(&record);
+            done["enabled"] = json!(false);
+            self.audit(
+                Caller::SERVICE,
+                "disable",
+                "ok",
+                &done,
+                Some(&refusal.to_string()),
+            );
+        }
+        Ok(disabled)
+    }
+
     /// Makes the maps hold exactly the store's enabled reservations: removes what the store
-    /// does not have, adds what is missing, and logs each difference.
-    pub fn reconcile(&mut self) -> Result<ReconcileReport, ApiError> {
-        let desired: Vec<Reservation> = self
-            .store
-            .list(None)?
-            .into_iter()
+    /// does not have, adds what is missing, and logs each difference. `guard` refuses (before
+    /// any change) a reconcile that would remove what a new store or a large share implies
+    /// was lost, not meant.
+    pub fn reconcile(&mut self, guard: ReconcileGuard) -> Result<ReconcileReport, ApiError> {
+        let records = self.store.list(None)?;
+        let desired: Vec<Reservation> = records
+            .iter()
             .filter(|r| r.enabled)
             .map(|r| r.reservation)
             .collect();
-        let mut state = State::open_for_write(&self.dir)?;
+        let mut state = self.open_state()?;
         let actual = state.list()?;
         let want: std::collections::HashSet<&Reservation> = desired.iter().collect();
         let have: std::collections::HashSet<&Reservation> = actual.iter().collect();
+        let stored: std::collections::HashSet<&Reservation> =
+            records.iter().map(|r| &r.reservation).collect();
+        let unknown = actual.iter().filter(|r| !stored.contains(r)).count();
+        if !guard.force && unknown > 0 {
+            if guard.store_was_new {
+                return Err(ApiError::unavailable(format!(
+                    "the reservation store is new or empty, but the kernel maps hold {unknown} reservations it does not know: starting would stop forwarding them all. If the store's path is wrong, fix service.database; if the store really was lost and those reservations should go, start once with `pf serve --force-reconcile`"
+                )));
+            }
+            let share = unknown as f64 / actual.len() as f64;
+            if unknown > UNGUARDED_REMOVALS && share > guard.removal_limit {
+                return Err(ApiError::unavailable(format!(
+                    "the kernel maps hold {unknown} of {} reservations that the store does not know ({:.0}%, more than service.reconcile_removal_limit = {:.0}%): starting would stop forwarding them. If the store is the wrong one, fix service.database; if they should go, start once with `pf serve --force-reconcile`",
+                    actual.len(),
+                    share * 100.0,
+                    guard.removal_limit * 100.0
+                )));
+            }
+        }
         let mut drifts = Vec::new();
         // Records the store does not have go, with their entries.
         for r in actual.iter().filter(|r| !want.contains(r)) {
@@ -658,6 +1169,7 @@ impl Engine {
         }
         let missing: Vec<Reservation> = absent.iter().chain(&rewrite).copied().collect();
         state.reserve_all(&missing)?;
+        self.map_ids = Some(state.map_ids());
         // Empty maps are a fresh boot (or a first start), not drift: one line says so.
         let fresh = actual.is_empty() && drifts.is_empty();
         if fresh {
@@ -698,4 +1210,40 @@ pub struct ReconcileReport {
     pub loaded: usize,
     /// Differences found and repaired.
     pub drifts: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners_are_visible_ascii_and_notes_hide_nothing() {
+        for ok in ["acct-7", "user@example.com", "tunnel:10.8.0.2", "a/b+c=d"] {
+            check_owner(ok).unwrap_or_else(|e| panic!("{ok}: {}", e.message));
+        }
+        for (bad, needle) in [
+            ("", "owner is empty"),
+            ("acct 7", "' '"),
+            ("acct\u{202e}7", "U+202E"),
+            ("acct\u{200b}7", "U+200B"),
+            ("\u{0430}cct-7", "U+0430"), // Cyrillic a
+            ("acct\t7", "U+0009"),
+        ] {
+            let e = check_owner(bad).unwrap_err();
+            assert_eq!(e.status, 400);
+            assert!(e.message.contains(needle), "{bad:?}: {}", e.message);
+        }
+        assert!(check_owner(&"x".repeat(MAX_OWNER_LEN + 1)).is_err());
+        check_note("Plex auf dem NAS – 日本語 ok").unwrap();
+        for bad in [
+            "a\u{202e}b",
+            "a\u{2066}b",
+            "a\u{feff}b",
+            "a\nb",
+            "a\u{2028}b",
+        ] {
+            let e = check_note(bad).unwrap_err();
+            assert!(e.message.contains("U+"), "{bad:?}: {}", e.message);
+        }
+    }
 }

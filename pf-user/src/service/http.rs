@@ -11,11 +11,29 @@
 //! | `POST /v1/reservations/{id}/renew`     | renew (`{"ttl": "30d"}`, or the same again)  |
 //! | `POST /v1/reservations/{id}/enable`    | forward again                                |
 //! | `POST /v1/reservations/{id}/disable`   | stop forwarding, keep the ports              |
+//! | `GET /v1/expired[?owner=X]`            | the expired history (restorable for 7 days)  |
+//! | `POST /v1/expired/{id}/restore`        | restore (`{"ttl": "30d"}`, or the same again)|
 //!
 //! Every error is a 4xx/5xx with `{"error": "...", "rule": "policy...."}` (rule only for a
 //! policy refusal).
+//!
+//! Connections are bounded: each must send a request's headers within [`HEADER_TIMEOUT`] of
+//! opening or of its last answer, and its body within [`BODY_TIMEOUT`]; at most
+//! [`max_connections`] are open, and a new one beyond that closes the longest-idle one (so
+//! idle clients cannot hold the API). Accept errors (out of files) back off, with one log
+//! line per condition.
 
-use std::{convert::Infallible, os::unix::net::UnixListener as StdListener, sync::mpsc};
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    os::unix::net::UnixListener as StdListener,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{
@@ -24,7 +42,7 @@ use hyper::{
     server::conn::http1,
     service::service_fn,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::net::UnixListener;
@@ -32,25 +50,149 @@ use tokio::net::UnixListener;
 use super::{
     Job,
     audit::Caller,
-    engine::{ApiError, RenewRequest, Request},
+    engine::{ApiError, RenewRequest, Request, RestoreRequest},
 };
 
 /// Largest request body: a reservation is a few hundred bytes.
 const MAX_BODY: usize = 64 * 1024;
+/// How long a connection may take to send a request's headers (also: how long an idle
+/// keep-alive connection stays open).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request may take to send its body.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections open at once, whatever the file limit allows.
+const MAX_CONNECTIONS: usize = 1024;
+/// Files kept for everything but connections (store, maps, logs, the runtime).
+const RESERVED_FILES: u64 = 64;
+/// Longest wait after an accept error before trying again.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The connection cap: [`MAX_CONNECTIONS`], or fewer if the file limit is lower.
+pub fn max_connections() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur
+    } else {
+        1024
+    };
+    (soft.saturating_sub(RESERVED_FILES) as usize).clamp(1, MAX_CONNECTIONS)
+}
+
+/// Open connections, so that one beyond the cap can close the longest-idle one.
+#[derive(Default)]
+struct Connections {
+    next_id: u64,
+    open: HashMap<u64, Connection>,
+}
+
+struct Connection {
+    /// When it last became idle (opened, or answered).
+    idle_since: Arc<Mutex<Instant>>,
+    /// Inside a request (headers read, answer not yet written): never evicted then.
+    busy: Arc<AtomicBool>,
+    abort: tokio::task::AbortHandle,
+}
+
+/// Removes a connection from the registry when its task ends (or is aborted).
+struct Registered {
+    connections: Arc<Mutex<Connections>>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.connections.lock() {
+            c.open.remove(&self.id);
+        }
+    }
+}
+
+impl Connections {
+    /// Closes the connection idle the longest; false if every one is inside a request.
+    fn evict_idlest(&mut self) -> bool {
+        let idlest = self
+            .open
+            .iter()
+            .filter(|(_, c)| !c.busy.load(Ordering::Relaxed))
+            .min_by_key(|(_, c)| *c.idle_since.lock().expect("not poisoned"))
+            .map(|(id, _)| *id);
+        match idlest.and_then(|id| self.open.remove(&id)) {
+            Some(c) => {
+                c.abort.abort();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Logs a condition once when it starts and once when it ends.
+struct Condition {
+    active: Option<String>,
+}
+
+impl Condition {
+    fn set(&mut self, what: String) {
+        if self.active.as_ref() != Some(&what) {
+            eprintln!("pf serve: {what}");
+            self.active = Some(what);
+        }
+    }
+    fn clear(&mut self, ended: &str) {
+        if self.active.take().is_some() {
+            eprintln!("pf serve: {ended}");
+        }
+    }
+}
 
 pub async fn serve(listener: StdListener, jobs: mpsc::Sender<Job>) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
     let listener = UnixListener::from_std(listener)?;
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let cap = max_connections();
+    let connections = Arc::new(Mutex::new(Connections::default()));
+    let (mut accept_trouble, mut full) = (Condition { active: None }, Condition { active: None });
+    let mut backoff = Duration::ZERO;
     loop {
+        if !backoff.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = terminate.recv() => return Ok(()),
+                _ = interrupt.recv() => return Ok(()),
+            }
+        }
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    backoff = Duration::ZERO;
+                    accept_trouble.clear("accepting connections again");
+                    stream
+                }
                 Err(e) => {
-                    eprintln!("pf serve: accepting a connection: {e}");
+                    // Out of files or memory: retrying at once would spin. Back off, and say
+                    // so once, not once per attempt.
+                    backoff = (backoff * 2).clamp(Duration::from_millis(10), ACCEPT_BACKOFF_MAX);
+                    accept_trouble.set(format!(
+                        "accepting connections fails ({e}); retrying with back-off up to {ACCEPT_BACKOFF_MAX:?}"
+                    ));
                     continue;
                 }
             },
+            _ = hangup.recv() => {
+                let (reply, _) = tokio::sync::oneshot::channel();
+                let _ = jobs.send(Job {
+                    request: Request::ReopenAudit,
+                    caller: Caller::SERVICE,
+                    reply,
+                });
+                continue;
+            }
             _ = terminate.recv() => return Ok(()),
             _ = interrupt.recv() => return Ok(()),
         };
@@ -61,16 +203,59 @@ pub async fn serve(listener: StdListener, jobs: mpsc::Sender<Job>) -> std::io::R
             },
             Err(_) => Caller::SERVICE,
         };
+        let mut registry = connections.lock().expect("not poisoned");
+        if registry.open.len() >= cap {
+            if registry.evict_idlest() {
+                full.set(format!(
+                    "{cap} API connections are open (the most this service keeps); closing the longest-idle one for each new one"
+                ));
+            } else {
+                // Every connection is inside a request: this one waits for none of them.
+                full.set(format!(
+                    "{cap} API connections are open and all busy; refusing new ones until one ends"
+                ));
+                drop(stream);
+                continue;
+            }
+        } else if registry.open.len() < cap / 2 {
+            full.clear("API connections are below the cap again");
+        }
+        let id = registry.next_id;
+        registry.next_id += 1;
+        let idle_since = Arc::new(Mutex::new(Instant::now()));
+        let busy = Arc::new(AtomicBool::new(false));
+        let guard = Registered {
+            connections: connections.clone(),
+            id,
+        };
         let jobs = jobs.clone();
-        tokio::spawn(async move {
+        let (conn_idle, conn_busy) = (idle_since.clone(), busy.clone());
+        let task = tokio::spawn(async move {
+            let _guard = guard;
             let service = service_fn(move |req| {
-                let jobs = jobs.clone();
-                async move { Ok::<_, Infallible>(respond(req, caller, jobs).await) }
+                let (jobs, idle_since, busy) = (jobs.clone(), conn_idle.clone(), conn_busy.clone());
+                async move {
+                    busy.store(true, Ordering::Relaxed);
+                    let response = respond(req, caller, jobs).await;
+                    *idle_since.lock().expect("not poisoned") = Instant::now();
+                    busy.store(false, Ordering::Relaxed);
+                    Ok::<_, Infallible>(response)
+                }
             });
             let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+        registry.open.insert(
+            id,
+            Connection {
+                idle_since,
+                busy,
+                abort: task.abort_handle(),
+            },
+        );
     }
 }
 
@@ -84,18 +269,50 @@ fn json_response(status: u16, body: &Value) -> Response<Full<Bytes>> {
         .expect("a valid response")
 }
 
+/// The audit log's name for a change request, by method and path, for a request that could
+/// not be read at all; `None` for a read.
+fn change_action(method: &Method, segments: &[&str]) -> Option<&'static str> {
+    Some(match (method, segments) {
+        (&Method::POST, ["v1", "reservations"]) => "reserve",
+        (&Method::DELETE, ["v1", "reservations"]) => "release-owner",
+        (&Method::DELETE, ["v1", "reservations", _]) => "release",
+        (&Method::POST, ["v1", "reservations", _, "renew"]) => "renew",
+        (&Method::POST, ["v1", "reservations", _, "enable"]) => "enable",
+        (&Method::POST, ["v1", "reservations", _, "disable"]) => "disable",
+        (&Method::POST, ["v1", "expired", _, "restore"]) => "restore",
+        (&Method::GET | &Method::HEAD, _) => return None,
+        _ => "unknown",
+    })
+}
+
 async fn respond(
     req: hyper::Request<Incoming>,
     caller: Caller,
     jobs: mpsc::Sender<Job>,
 ) -> Response<Full<Bytes>> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
     let mut created = false;
     let result = match route(req).await {
         Ok(request) => {
             created = matches!(request, Request::Reserve(_));
             ask(request, caller, &jobs).await
         }
-        Err(e) => Err(e),
+        Err(error) => {
+            let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+            match change_action(&method, &segments) {
+                // A change that could not be read is still a change asked for: audited.
+                Some(action) => {
+                    let request = Request::Malformed {
+                        action,
+                        subject: serde_json::json!({ "method": method.as_str(), "path": path }),
+                        error,
+                    };
+                    ask(request, caller, &jobs).await
+                }
+                None => Err(error),
+            }
+        }
     };
     match result {
         Ok(body) => json_response(if created { 201 } else { 200 }, &body),
@@ -168,9 +385,17 @@ fn percent_decode(s: &str) -> Result<String, ApiError> {
 }
 
 async fn read_body(req: hyper::Request<Incoming>) -> Result<Bytes, ApiError> {
-    Ok(Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
+    let collected = tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(req.into_body(), MAX_BODY).collect(),
+    )
+    .await
+    .map_err(|_| ApiError {
+        status: 408,
+        message: format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
+        rule: None,
+    })?;
+    Ok(collected
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
                 ApiError {
@@ -247,6 +472,23 @@ async fn route(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
             }
         }
         ["v1", "reservations", _, _] => Err(not_allowed()),
+        ["v1", "expired"] if method == Method::GET => Ok(Request::Expired {
+            owner: query_param(query.as_deref(), "owner")?,
+        }),
+        ["v1", "expired"] => Err(not_allowed()),
+        ["v1", "expired", id, "restore"] if method == Method::POST => {
+            let id = parse_id(id)?;
+            let bytes = read_body(req).await?;
+            let restore: RestoreRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
+                RestoreRequest::default()
+            } else {
+                parse_json(&bytes)?
+            };
+            Ok(Request::Restore {
+                id,
+                ttl: restore.ttl,
+            })
+        }
         _ => Err(ApiError {
             status: 404,
             message: format!("no such API path {path} (see `pf serve --help`)"),

@@ -27,7 +27,7 @@ use crate::{
 };
 
 use audit::{Audit, Caller};
-use engine::{ApiError, Engine, Request};
+use engine::{ApiError, Engine, ReconcileGuard, Request};
 use serde_json::Value;
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +57,14 @@ pub enum ServeError {
     },
     #[error("reconciling the maps with the store: {0}")]
     Reconcile(String),
+}
+
+/// How `pf serve` was asked to start, beyond its config.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartOptions {
+    /// `--force-reconcile`: apply a reconcile that removes what the store does not know even
+    /// when the store is new or empty, or the removals pass `service.reconcile_removal_limit`.
+    pub force_reconcile: bool,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
@@ -98,16 +106,42 @@ fn lock_file(path: &Path, what: &Path) -> Result<File, ServeError> {
     Ok(file)
 }
 
+/// Creates the missing directories above `path`, each with `mode` (the service's umask would
+/// make them 0700, and a socket's group could not reach a socket below one).
 fn create_parent(path: &Path, mode: u32) -> Result<(), ServeError> {
-    if let Some(parent) = path.parent()
-        && !parent.as_os_str().is_empty()
-        && !parent.exists()
-    {
-        std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
-        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(mode))
-            .map_err(io(format!("setting the mode of {}", parent.display())))?;
+    let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    let missing: Vec<&Path> = parent.ancestors().take_while(|p| !p.exists()).collect();
+    for dir in missing.into_iter().rev() {
+        match std::fs::create_dir(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(io(format!("creating {}", dir.display()))(e));
+            }
+            _ => {}
+        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .map_err(io(format!("setting the mode of {}", dir.display())))?;
     }
     Ok(())
+}
+
+/// Opens the store; on a full disk, read-only (the service starts, reconciles and answers
+/// reads, and refuses changes until restarted with room).
+fn open_store(path: &Path) -> Result<SqliteStore, ServeError> {
+    match SqliteStore::open(path) {
+        Ok(store) => Ok(store),
+        Err(e) if SqliteStore::is_disk_full(&e) && path.exists() => {
+            let why = format!("opening it for writing failed: {e}");
+            let store = SqliteStore::open_read_only(path, why.clone())?;
+            eprintln!(
+                "pf serve: warning: the reservation store {} is read-only ({why}); changes are refused until pf serve restarts with room on its disk",
+                path.display()
+            );
+            Ok(store)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn group_id(name: &str) -> Result<u32, ServeError> {
@@ -122,23 +156,30 @@ fn group_id(name: &str) -> Result<u32, ServeError> {
 }
 
 /// Attaches to each configured interface, or adopts it when pf is attached already in the same
-/// role (a restart: the data plane stayed pinned and kept forwarding).
+/// role (a restart: the data plane stayed pinned and kept forwarding). Whether it is attached
+/// is the kernel's answer, not the pins': a dead attachment is attached again.
 fn attach_interfaces(dir: &PinDir, config: &Config) -> Result<(), ServeError> {
-    let attached = dataplane::attachments(dir);
+    let found = dataplane::inspect(dir);
     for want in &config.interfaces {
-        match attached.iter().find(|(iface, _)| *iface == want.name) {
-            Some((_, role)) if *role == want.role => {
-                eprintln!("pf serve: adopted {} ({})", want.name, role.describe());
+        match found.iter().find(|a| a.iface == want.name) {
+            Some(a) if a.health.is_live() && a.role == want.role => {
+                eprintln!("pf serve: adopted {} ({})", want.name, a.role.describe());
             }
-            Some((_, role)) => {
+            Some(a) if a.health.is_live() => {
                 return Err(ServeError::RoleMismatch {
                     iface: want.name.clone(),
-                    found: role.describe(),
+                    found: a.role.describe(),
                     want: want.role.describe(),
                 });
             }
-            None => {
+            _ => {
                 let done = dataplane::attach(dir, &want.name, want.mode, want.role)?;
+                if let Some(reason) = &done.replaced {
+                    eprintln!(
+                        "pf serve: {}: the pinned attachment was dead ({reason}); attached again",
+                        want.name
+                    );
+                }
                 eprintln!(
                     "pf serve: attached {} ({}, XDP in {} mode)",
                     want.name,
@@ -148,11 +189,21 @@ fn attach_interfaces(dir: &PinDir, config: &Config) -> Result<(), ServeError> {
             }
         }
     }
+    for a in &found {
+        if let dataplane::Health::Dead(reason) = &a.health
+            && !config.interfaces.iter().any(|i| i.name == a.iface)
+        {
+            eprintln!(
+                "pf serve: warning: {} is not in the config and its attachment is dead ({reason}): `pf attach {}` replaces it, `pf detach {}` removes it",
+                a.iface, a.iface, a.iface
+            );
+        }
+    }
     Ok(())
 }
 
 /// Runs the service until SIGTERM or SIGINT. The data plane stays pinned when it stops.
-pub fn run(config: Config) -> Result<(), ServeError> {
+pub fn run(config: Config, options: StartOptions) -> Result<(), ServeError> {
     // Everything the service creates is its own (the store holds owners and notes): the socket
     // is opened up to 0660 explicitly below, after bind, and no earlier.
     // SAFETY: umask has no preconditions.
@@ -167,9 +218,25 @@ pub fn run(config: Config) -> Result<(), ServeError> {
 
     let dir = PinDir::new(&service.bpffs);
     dir.prepare()?;
+    let Some(_pins_lock) = dir.service_lock()? else {
+        return Err(ServeError::AlreadyRunning(service.bpffs.clone()));
+    };
     attach_interfaces(&dir, &config)?;
 
-    let store = SqliteStore::open(&service.database)?;
+    let store_was_new = SqliteStore::is_new(&service.database);
+    if store_was_new && !options.force_reconcile {
+        // Refused here, before the store file is made, if the maps hold reservations.
+        if let Some(state) = crate::state::State::open_for_read(&dir)? {
+            let held = state.list()?.len();
+            if held > 0 {
+                return Err(ServeError::Reconcile(format!(
+                    "the reservation store {} is missing or empty, but the kernel maps hold {held} reservations: starting would stop forwarding them all. If the path is wrong, fix service.database; if the store really was lost and those reservations should go, start once with `pf serve --force-reconcile`",
+                    service.database.display()
+                )));
+            }
+        }
+    }
+    let store = open_store(&service.database)?;
     let audit = Audit::open(&service.audit_log).map_err(io(format!(
         "opening the audit log {}",
         service.audit_log.display()
@@ -177,9 +244,21 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     let mut engine = Engine::new(Box::new(store), dir, config.policy.clone(), audit)?;
     engine.expire_due();
     let started = std::time::Instant::now();
-    let report = engine
-        .reconcile()
+    let disabled = engine
+        .disable_server_targets()
         .map_err(|e| ServeError::Reconcile(e.message))?;
+    let report = engine
+        .reconcile(ReconcileGuard {
+            force: options.force_reconcile,
+            store_was_new,
+            removal_limit: service.reconcile_removal_limit,
+        })
+        .map_err(|e| ServeError::Reconcile(e.message))?;
+    if disabled > 0 {
+        eprintln!(
+            "pf serve: {disabled} reservations target the server itself and were disabled (see above)"
+        );
+    }
     eprintln!(
         "pf serve: {} reservations in the maps ({} loaded into empty maps), {} drifts repaired ({} ms)",
         report.reservations,
@@ -238,7 +317,7 @@ fn run_engine(mut engine: Engine, queue: mpsc::Receiver<Job>) {
     loop {
         let wait = engine
             .next_expiry()
-            .map(|t| Duration::from_millis(t.saturating_sub(engine::now_ms())))
+            .map(|t| Duration::from_millis(t.saturating_sub(engine.now_ms())))
             .unwrap_or(EXPIRY_POLL)
             .min(EXPIRY_POLL);
         match queue.recv_timeout(wait) {
@@ -249,6 +328,6 @@ fn run_engine(mut engine: Engine, queue: mpsc::Receiver<Job>) {
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
-        engine.expire_due();
+        engine.tick();
     }
 }

@@ -13,7 +13,10 @@ use pf::{
     bpffs::PinDir,
     client::Client,
     policy::Config,
-    service::{audit::Audit, engine::Engine},
+    service::{
+        audit::Audit,
+        engine::{Engine, ReconcileGuard},
+    },
     state::State,
     store::{NewRecord, SqliteStore, Store},
 };
@@ -80,7 +83,13 @@ fn apply(size: u32, files: &Path, pin_dir: &Path) -> Result<Applied, String> {
     let start = Instant::now();
     let mut engine =
         Engine::new(Box::new(store), dir, config.policy, audit).map_err(|e| e.to_string())?;
-    let report = engine.reconcile().map_err(|e| e.message)?;
+    let report = engine
+        .reconcile(ReconcileGuard {
+            force: false,
+            store_was_new: false,
+            removal_limit: 1.0,
+        })
+        .map_err(|e| e.message)?;
     let reconcile_seconds = start.elapsed().as_secs_f64();
     if report.reservations != size as usize || report.loaded != size as usize {
         return Err(format!("reconcile applied {report:?}, not {size}"));

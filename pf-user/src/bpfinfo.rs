@@ -1,0 +1,127 @@
+//! What the kernel says about pf's pinned links and the programs behind them: which device a
+//! link is attached to (ifindex 0 once the kernel detached it, as when its device was
+//! removed) and which maps a program uses. pf's attachment state comes from these answers,
+//! never from the pins alone: a pin can outlive what it pinned.
+//!
+//! aya 0.14's `LinkInfo` does not expose the XDP and TCX links' ifindex, so the link query is
+//! the raw `BPF_OBJ_GET_INFO_BY_FD`.
+
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::Path,
+};
+
+use aya::programs::loaded_programs;
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+/// `struct bpf_link_info`'s head: type, id, prog_id, then (8-aligned, at offset 16) a union
+/// whose XDP and TCX members both start with the ifindex.
+const LINK_TYPE_OFFSET: usize = 0;
+const LINK_PROG_ID_OFFSET: usize = 8;
+const LINK_IFINDEX_OFFSET: usize = 16;
+/// Larger than any kernel's `bpf_link_info`: the kernel copies what it has and checks that
+/// the tail it does not know is zero.
+const LINK_INFO_LEN: usize = 256;
+
+/// `BPF_LINK_TYPE_XDP` and `BPF_LINK_TYPE_TCX`.
+pub const LINK_TYPE_XDP: u32 = 6;
+pub const LINK_TYPE_TCX: u32 = 11;
+
+/// A pinned link as the kernel sees it now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkState {
+    pub link_type: u32,
+    pub prog_id: u32,
+    /// The device it is attached to; 0 when the kernel has detached it.
+    pub ifindex: u32,
+}
+
+fn read_u32(buf: &[u8], offset: usize) -> u32 {
+    u32::from_ne_bytes(buf[offset..offset + 4].try_into().expect("4 bytes"))
+}
+
+fn bpf(cmd: libc::c_long, attr: *mut u8, size: usize) -> io::Result<libc::c_long> {
+    // SAFETY: every caller passes a pointer to a bpf_attr prefix of `size` bytes for `cmd`,
+    // whose pointers (if any) point to live buffers of the lengths it gives.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+/// Opens the object pinned at `pin` (BPF_OBJ_GET).
+fn open_pin(pin: &Path) -> io::Result<OwnedFd> {
+    let path = CString::new(pin.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // union bpf_attr's obj member: pathname (a pointer as u64), bpf_fd, file_flags.
+    #[repr(C)]
+    struct ObjAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let mut attr = ObjAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = bpf(
+        BPF_OBJ_GET,
+        (&mut attr as *mut ObjAttr).cast(),
+        size_of::<ObjAttr>(),
+    )?;
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The state of the link pinned at `pin`.
+pub fn link_state(pin: &Path) -> io::Result<LinkState> {
+    let link = open_pin(pin)?;
+    let fd = link.as_raw_fd();
+    let mut info = [0u8; LINK_INFO_LEN];
+    // union bpf_attr's info member: bpf_fd, info_len, info (a pointer as u64).
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = InfoAttr {
+        bpf_fd: fd as u32,
+        info_len: LINK_INFO_LEN as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(
+        BPF_OBJ_GET_INFO_BY_FD,
+        (&mut attr as *mut InfoAttr).cast(),
+        size_of::<InfoAttr>(),
+    )?;
+    Ok(LinkState {
+        link_type: read_u32(&info, LINK_TYPE_OFFSET),
+        prog_id: read_u32(&info, LINK_PROG_ID_OFFSET),
+        ifindex: read_u32(&info, LINK_IFINDEX_OFFSET),
+    })
+}
+
+/// The ids of the maps program `prog_id` uses; `None` if no such program is loaded.
+pub fn program_map_ids(prog_id: u32) -> io::Result<Option<Vec<u32>>> {
+    for program in loaded_programs() {
+        let program = program.map_err(io::Error::other)?;
+        if program.id() == prog_id {
+            return Ok(Some(
+                program
+                    .map_ids()
+                    .map_err(io::Error::other)?
+                    .unwrap_or_default(),
+            ));
+        }
+    }
+    Ok(None)
+}
