@@ -85,7 +85,7 @@ pub enum PfError {
     NotEthernet(String),
 
     #[error(
-        "{iface} already has an XDP program that pf did not attach; remove it first (ip link set dev {iface} xdp off)"
+        "{iface} already has an XDP program that this pin directory did not attach (another tool's, or another pf's with another pin directory: one pf per interface); remove it first (ip link set dev {iface} xdp off)"
     )]
     XdpBusy { iface: String },
 

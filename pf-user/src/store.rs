@@ -202,14 +202,29 @@ impl SqliteStore {
     /// Opens an existing store for reading only: the service can still start, reconcile and
     /// answer reads when the store's disk is full. `why` says why it is read-only.
     pub fn open_read_only(path: &Path, why: String) -> Result<Self, StoreError> {
-        let conn = Connection::open_with_flags(
-            path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(sql("opening the database read-only"))?;
-        let found: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(sql("reading the schema version"))?;
+        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+            | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | rusqlite::OpenFlags::SQLITE_OPEN_URI;
+        let version = |conn: &Connection| {
+            conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))
+        };
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let wal_empty = std::fs::metadata(&wal).map_or(true, |m| m.len() == 0);
+        let opened = Connection::open_with_flags(path, flags)
+            .and_then(|conn| version(&conn).map(|v| (conn, v)));
+        let (conn, found) = match opened {
+            Ok(opened) => opened,
+            // A read-only open needs the WAL index (-shm), which a full disk may not let
+            // SQLite make. With no WAL content to miss, the file alone is the store.
+            Err(_) if wal_empty => {
+                let uri = format!("file:{}?immutable=1", path.display());
+                Connection::open_with_flags(uri, flags)
+                    .and_then(|conn| version(&conn).map(|v| (conn, v)))
+                    .map_err(sql("opening the database read-only"))?
+            }
+            Err(e) => return Err(sql("opening the database read-only")(e)),
+        };
         if found != SCHEMA_VERSION {
             return Err(StoreError::ReadOnlySchema {
                 path: path.display().to_string(),
@@ -222,17 +237,21 @@ impl SqliteStore {
         })
     }
 
-    /// Whether an open failed because the disk (or the quota) is full.
-    pub fn is_disk_full(e: &StoreError) -> bool {
+    /// Whether an open failed for want of room or of write access (a full disk, a quota, a
+    /// read-only mount), where reading may still work.
+    pub fn cannot_write(e: &StoreError) -> bool {
         matches!(
             e,
             StoreError::Sqlite {
                 source: rusqlite::Error::SqliteFailure(f, _),
                 ..
-            } if f.code == rusqlite::ErrorCode::DiskFull
-                || f.extended_code == rusqlite::ffi::SQLITE_IOERR_WRITE
-                || f.extended_code == rusqlite::ffi::SQLITE_IOERR_SHMSIZE
-                || f.extended_code == rusqlite::ffi::SQLITE_IOERR_TRUNCATE
+            } if matches!(
+                f.code,
+                rusqlite::ErrorCode::DiskFull
+                    | rusqlite::ErrorCode::SystemIoFailure
+                    | rusqlite::ErrorCode::CannotOpen
+                    | rusqlite::ErrorCode::ReadOnly
+            )
         )
     }
 
@@ -246,6 +265,26 @@ impl SqliteStore {
         // Another process holding a write lock (a backup, sqlite3) is waited for, briefly.
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(sql("setting the busy timeout"))?;
+        // SQLite falls back to reading only when the file cannot be written (a read-only
+        // filesystem): then the store takes no changes, and says so.
+        if conn
+            .is_readonly(rusqlite::MAIN_DB)
+            .map_err(sql("checking for write access"))?
+        {
+            let found: i64 = conn
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .map_err(sql("reading the schema version"))?;
+            if found != SCHEMA_VERSION {
+                return Err(StoreError::ReadOnlySchema {
+                    path: path.to_string(),
+                    found,
+                });
+            }
+            return Ok(Self {
+                conn,
+                read_only: Some("the file or its filesystem cannot be written".into()),
+            });
+        }
         // Only what is not so already is written: a start must not need disk space.
         let mode: String = conn
             .pragma_query_value(None, "journal_mode", |r| r.get(0))

@@ -36,12 +36,38 @@ pub struct Service {
     netns: Option<String>,
     files: ScratchDir,
     child: Option<Child>,
+    /// A command `pf serve` runs under (`prlimit --nofile=...`), for the next spawn.
+    pub wrapper: Vec<String>,
+    /// Arguments after `serve --config PATH` (`--force-reconcile`), for the next spawn.
+    pub args: Vec<String>,
+    /// Environment for the next spawn (libfaketime's).
+    pub env: Vec<(String, String)>,
 }
 
 impl Service {
     /// Writes a config with `bpffs` and `policy` (TOML: `[policy]` and any `[[interfaces]]`)
     /// into `files`, and starts `pf serve` on it.
     pub fn start(
+        pf_bin: &Path,
+        files: ScratchDir,
+        bpffs: &Path,
+        netns: Option<String>,
+        policy: &str,
+    ) -> io::Result<Self> {
+        let mut service = Self::prepare(pf_bin, files, bpffs, netns, policy)?;
+        service.spawn()?;
+        Ok(service)
+    }
+
+    /// Starts `pf serve` on a whole config of the caller's, whose socket must be
+    /// `files/pf.sock`.
+    pub fn start_with_config(pf_bin: &Path, files: ScratchDir, config: &str) -> io::Result<Self> {
+        Self::start_in(pf_bin, files, None, config)
+    }
+
+    /// Writes the config like [`Service::start`] but starts nothing: set `wrapper`, `args`
+    /// or `env` first, then [`Service::spawn`].
+    pub fn prepare(
         pf_bin: &Path,
         files: ScratchDir,
         bpffs: &Path,
@@ -56,13 +82,36 @@ impl Service {
             dir.join("audit.jsonl").display(),
             bpffs.display(),
         );
-        Self::start_in(pf_bin, files, netns, &config)
+        Self::prepare_in(pf_bin, files, netns, &config)
     }
 
-    /// Starts `pf serve` on a whole config of the caller's, whose socket must be
-    /// `files/pf.sock`.
-    pub fn start_with_config(pf_bin: &Path, files: ScratchDir, config: &str) -> io::Result<Self> {
-        Self::start_in(pf_bin, files, None, config)
+    /// Like [`Service::prepare`], with a whole config of the caller's (socket `files/pf.sock`).
+    pub fn prepare_with_config(
+        pf_bin: &Path,
+        files: ScratchDir,
+        netns: Option<String>,
+        config: &str,
+    ) -> io::Result<Self> {
+        Self::prepare_in(pf_bin, files, netns, config)
+    }
+
+    fn prepare_in(
+        pf_bin: &Path,
+        files: ScratchDir,
+        netns: Option<String>,
+        config: &str,
+    ) -> io::Result<Self> {
+        std::fs::create_dir_all(files.path())?;
+        std::fs::write(files.path().join("pf.toml"), config)?;
+        Ok(Self {
+            pf_bin: pf_bin.to_path_buf(),
+            netns,
+            files,
+            child: None,
+            wrapper: Vec::new(),
+            args: Vec::new(),
+            env: Vec::new(),
+        })
     }
 
     fn start_in(
@@ -71,16 +120,40 @@ impl Service {
         netns: Option<String>,
         config: &str,
     ) -> io::Result<Self> {
-        std::fs::create_dir_all(files.path())?;
-        std::fs::write(files.path().join("pf.toml"), config)?;
-        let mut service = Self {
-            pf_bin: pf_bin.to_path_buf(),
-            netns,
-            files,
-            child: None,
-        };
+        let mut service = Self::prepare_in(pf_bin, files, netns, config)?;
         service.spawn()?;
         Ok(service)
+    }
+
+    /// Runs `pf serve` to its exit, expecting it to refuse to start: its status and what it
+    /// printed (this run only).
+    pub fn run_to_exit(&mut self) -> io::Result<(std::process::ExitStatus, String)> {
+        let before = self.log().len();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.files.path().join("serve.log"))?;
+        let mut child = self
+            .command()
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok((status, self.log()[before..].to_string()));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(io::Error::other(format!(
+                    "pf serve did not exit within {START_TIMEOUT:?}: {}",
+                    self.log()
+                )));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -110,15 +183,19 @@ impl Service {
 
     /// The command that starts the service: `nsenter --net` keeps the host's bpffs.
     fn command(&self) -> Command {
-        let mut c = match &self.netns {
-            Some(path) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net={path}")).arg(&self.pf_bin);
-                c
-            }
-            None => Command::new(&self.pf_bin),
-        };
-        c.arg("serve").arg("--config").arg(self.config());
+        let mut words: Vec<String> = Vec::new();
+        if let Some(path) = &self.netns {
+            words.extend(["nsenter".to_string(), format!("--net={path}")]);
+        }
+        words.extend(self.wrapper.iter().cloned());
+        words.push(self.pf_bin.display().to_string());
+        let mut c = Command::new(&words[0]);
+        c.args(&words[1..])
+            .arg("serve")
+            .arg("--config")
+            .arg(self.config())
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 

@@ -19,7 +19,12 @@ const PACKAGES: &[&str] = &[
     "nftables",
     "bpftool",
     "python3",
+    // prlimit and setpriv (the service's file-limit and socket-group tests).
     "util-linux",
+    // libfaketime: a clock stepped under the running service.
+    "faketime",
+    // chattr: an immutable audit log.
+    "e2fsprogs",
     // systemd-analyze, which checks the shipped unit (dist/pf.service).
     "systemd",
     // The benchmark plot's font.

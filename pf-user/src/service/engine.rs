@@ -292,9 +292,11 @@ impl Clock {
                     "back"
                 },
                 humantime::format_duration(Duration::from_secs(
-                    offset.abs_diff(self.reported_offset_ms) / 1000
+                    (offset.abs_diff(self.reported_offset_ms) + 500) / 1000
                 )),
-                humantime::format_duration(Duration::from_secs(offset.unsigned_abs() / 1000)),
+                humantime::format_duration(Duration::from_secs(
+                    (offset.unsigned_abs() + 500) / 1000
+                )),
             );
             self.reported_offset_ms = offset;
         }

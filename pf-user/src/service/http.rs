@@ -130,20 +130,51 @@ impl Connections {
     }
 }
 
-/// Logs a condition once when it starts and once when it ends.
+/// How often a condition that comes and goes is logged at most.
+const CONDITION_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Logs a condition when it starts and when it ends, at most once a minute however often it
+/// comes and goes (out of files, a full connection table), with how often it happened.
+#[derive(Default)]
 struct Condition {
-    active: Option<String>,
+    active: bool,
+    last_logged: Option<Instant>,
+    /// Times it began since the last line.
+    unlogged: u64,
 }
 
 impl Condition {
-    fn set(&mut self, what: String) {
-        if self.active.as_ref() != Some(&what) {
-            eprintln!("pf serve: {what}");
-            self.active = Some(what);
+    fn set(&mut self, what: impl FnOnce() -> String) {
+        if self.active {
+            return;
         }
+        self.active = true;
+        if self
+            .last_logged
+            .is_some_and(|t| t.elapsed() < CONDITION_LOG_INTERVAL)
+        {
+            self.unlogged += 1;
+            return;
+        }
+        let again = match self.unlogged {
+            0 => String::new(),
+            n => format!(" ({n} more times in the last minute)"),
+        };
+        eprintln!("pf serve: {}{again}", what());
+        self.last_logged = Some(Instant::now());
+        self.unlogged = 0;
     }
+
     fn clear(&mut self, ended: &str) {
-        if self.active.take().is_some() {
+        if !self.active {
+            return;
+        }
+        self.active = false;
+        if self.unlogged == 0
+            && self
+                .last_logged
+                .is_some_and(|t| t.elapsed() >= Duration::from_secs(1))
+        {
             eprintln!("pf serve: {ended}");
         }
     }
@@ -157,7 +188,7 @@ pub async fn serve(listener: StdListener, jobs: mpsc::Sender<Job>) -> std::io::R
     let mut hangup = signal(SignalKind::hangup())?;
     let cap = max_connections();
     let connections = Arc::new(Mutex::new(Connections::default()));
-    let (mut accept_trouble, mut full) = (Condition { active: None }, Condition { active: None });
+    let (mut accept_trouble, mut full) = (Condition::default(), Condition::default());
     let mut backoff = Duration::ZERO;
     loop {
         if !backoff.is_zero() {
@@ -178,7 +209,7 @@ pub async fn serve(listener: StdListener, jobs: mpsc::Sender<Job>) -> std::io::R
                     // Out of files or memory: retrying at once would spin. Back off, and say
                     // so once, not once per attempt.
                     backoff = (backoff * 2).clamp(Duration::from_millis(10), ACCEPT_BACKOFF_MAX);
-                    accept_trouble.set(format!(
+                    accept_trouble.set(|| format!(
                         "accepting connections fails ({e}); retrying with back-off up to {ACCEPT_BACKOFF_MAX:?}"
                     ));
                     continue;
@@ -203,59 +234,70 @@ pub async fn serve(listener: StdListener, jobs: mpsc::Sender<Job>) -> std::io::R
             },
             Err(_) => Caller::SERVICE,
         };
-        let mut registry = connections.lock().expect("not poisoned");
-        if registry.open.len() >= cap {
-            if registry.evict_idlest() {
-                full.set(format!(
+        let evicted = {
+            let mut registry = connections.lock().expect("not poisoned");
+            let mut evicted = false;
+            if registry.open.len() >= cap {
+                if registry.evict_idlest() {
+                    evicted = true;
+                    full.set(|| format!(
                     "{cap} API connections are open (the most this service keeps); closing the longest-idle one for each new one"
                 ));
-            } else {
-                // Every connection is inside a request: this one waits for none of them.
-                full.set(format!(
+                } else {
+                    // Every connection is inside a request: this one waits for none of them.
+                    full.set(|| format!(
                     "{cap} API connections are open and all busy; refusing new ones until one ends"
                 ));
-                drop(stream);
-                continue;
-            }
-        } else if registry.open.len() < cap / 2 {
-            full.clear("API connections are below the cap again");
-        }
-        let id = registry.next_id;
-        registry.next_id += 1;
-        let idle_since = Arc::new(Mutex::new(Instant::now()));
-        let busy = Arc::new(AtomicBool::new(false));
-        let guard = Registered {
-            connections: connections.clone(),
-            id,
-        };
-        let jobs = jobs.clone();
-        let (conn_idle, conn_busy) = (idle_since.clone(), busy.clone());
-        let task = tokio::spawn(async move {
-            let _guard = guard;
-            let service = service_fn(move |req| {
-                let (jobs, idle_since, busy) = (jobs.clone(), conn_idle.clone(), conn_busy.clone());
-                async move {
-                    busy.store(true, Ordering::Relaxed);
-                    let response = respond(req, caller, jobs).await;
-                    *idle_since.lock().expect("not poisoned") = Instant::now();
-                    busy.store(false, Ordering::Relaxed);
-                    Ok::<_, Infallible>(response)
+                    drop(stream);
+                    continue;
                 }
+            } else if registry.open.len() < cap / 2 {
+                full.clear("API connections are below the cap again");
+            }
+            let id = registry.next_id;
+            registry.next_id += 1;
+            let idle_since = Arc::new(Mutex::new(Instant::now()));
+            let busy = Arc::new(AtomicBool::new(false));
+            let guard = Registered {
+                connections: connections.clone(),
+                id,
+            };
+            let jobs = jobs.clone();
+            let (conn_idle, conn_busy) = (idle_since.clone(), busy.clone());
+            let task = tokio::spawn(async move {
+                let _guard = guard;
+                let service = service_fn(move |req| {
+                    let (jobs, idle_since, busy) =
+                        (jobs.clone(), conn_idle.clone(), conn_busy.clone());
+                    async move {
+                        busy.store(true, Ordering::Relaxed);
+                        let response = respond(req, caller, jobs).await;
+                        *idle_since.lock().expect("not poisoned") = Instant::now();
+                        busy.store(false, Ordering::Relaxed);
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                let _ = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
             });
-            let _ = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-        registry.open.insert(
-            id,
-            Connection {
-                idle_since,
-                busy,
-                abort: task.abort_handle(),
-            },
-        );
+            registry.open.insert(
+                id,
+                Connection {
+                    idle_since,
+                    busy,
+                    abort: task.abort_handle(),
+                },
+            );
+            evicted
+        };
+        if evicted {
+            // Let the runtime drop the aborted connection (and close its file) before the
+            // next accept: a burst of connections must not outrun the evictions.
+            tokio::task::yield_now().await;
+        }
     }
 }
 

@@ -23,7 +23,7 @@ use crate::{
     dataplane,
     error::PfError,
     policy::{Config, ConfigError},
-    store::{SqliteStore, StoreError},
+    store::{SqliteStore, Store, StoreError},
 };
 
 use audit::{Audit, Caller};
@@ -92,6 +92,12 @@ fn lock_file(path: &Path, what: &Path) -> Result<File, ServeError> {
         .write(true)
         .mode(0o600)
         .open(path)
+        // On a read-only filesystem (a store that can only be read) an existing lock file
+        // still locks: flock needs no write access.
+        .or_else(|e| match e.raw_os_error() {
+            Some(libc::EROFS) => File::open(path),
+            _ => Err(e),
+        })
         .map_err(io(format!("opening {}", path.display())))?;
     // SAFETY: flock on an fd we own.
     if unsafe {
@@ -126,12 +132,37 @@ fn create_parent(path: &Path, mode: u32) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// Raises the soft file limit to the hard one (systemd starts services at 1024 soft): each
+/// API connection is a file, and the connection cap follows the limit.
+fn raise_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid rlimit pointers.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 /// Opens the store; on a full disk, read-only (the service starts, reconciles and answers
 /// reads, and refuses changes until restarted with room).
 fn open_store(path: &Path) -> Result<SqliteStore, ServeError> {
     match SqliteStore::open(path) {
-        Ok(store) => Ok(store),
-        Err(e) if SqliteStore::is_disk_full(&e) && path.exists() => {
+        Ok(store) => {
+            if let Some(why) = store.read_only() {
+                eprintln!(
+                    "pf serve: warning: the reservation store {} is read-only ({why}); changes are refused until pf serve restarts with it writable",
+                    path.display()
+                );
+            }
+            Ok(store)
+        }
+        Err(e) if SqliteStore::cannot_write(&e) && path.exists() => {
             let why = format!("opening it for writing failed: {e}");
             let store = SqliteStore::open_read_only(path, why.clone())?;
             eprintln!(
@@ -208,6 +239,7 @@ pub fn run(config: Config, options: StartOptions) -> Result<(), ServeError> {
     // is opened up to 0660 explicitly below, after bind, and no earlier.
     // SAFETY: umask has no preconditions.
     unsafe { libc::umask(0o077) };
+    raise_file_limit();
     let service = &config.service;
     create_parent(&service.socket, 0o755)?;
     create_parent(&service.database, 0o750)?;

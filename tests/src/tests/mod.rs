@@ -9,3 +9,4 @@ mod e2e;
 mod fast_path;
 mod fixtures;
 mod service;
+mod service_safety;
