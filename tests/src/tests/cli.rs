@@ -367,7 +367,7 @@ fn attach_is_exclusive_per_interface() {
     assert_refused(
         run_in(&second, &["attach", "pfa"]),
         &["attach", "pfa"],
-        "already has an XDP program that pf did not attach",
+        "already has an XDP program that this pin directory did not attach",
     );
     assert!(!second.dir.link("pfa", "xdp").exists());
     // Interface names with a dot (as VLAN devices have) work: bpffs forbids '.' in pin names.
