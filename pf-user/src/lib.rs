@@ -4,6 +4,7 @@
 //! - [`state`]: the pinned maps and the reservations kept in them.
 //! - [`dataplane`]: loading the eBPF programs, attaching and detaching them.
 //! - [`bpffs`]: the pin directory.
+//! - [`bpfinfo`]: what the kernel says of pinned links and the maps their programs use.
 //! - [`netdev`]: what the kernel says about devices (XDP redirect targets, Ethernet or not).
 //! - [`store`]: the durable reservation records (SQLite), the source of truth.
 //! - [`policy`]: `pf serve`'s configuration and the rules every reservation must pass.
