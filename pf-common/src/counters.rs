@@ -34,10 +34,14 @@ pub enum Outcome {
     BadIpHeader = 8,
     /// The rewrite itself failed (a kernel helper returned an error): passed as it was.
     RewriteFailed = 9,
+    /// Egress only: an IPv4 packet pf did not rewrite whose source is in `TUNNEL_NETWORKS`
+    /// (a reply on a connection whose reservation is gone, or any unmasqueraded tunnel
+    /// address): dropped, so no tunnel address leaves the public interface.
+    TunnelSourceDropped = 10,
 }
 
 /// Outcomes per direction.
-pub const OUTCOMES: u32 = 10;
+pub const OUTCOMES: u32 = 11;
 /// First counter of the XDP ingress program.
 pub const INGRESS_BASE: u32 = 0;
 /// First counter of the TC egress program.
@@ -124,6 +128,7 @@ impl Outcome {
         Outcome::Truncated,
         Outcome::BadIpHeader,
         Outcome::RewriteFailed,
+        Outcome::TunnelSourceDropped,
     ];
 
     /// The name `pf stats` prints.
@@ -139,6 +144,7 @@ impl Outcome {
             Outcome::Truncated => "truncated",
             Outcome::BadIpHeader => "bad_ip_header",
             Outcome::RewriteFailed => "rewrite_failed",
+            Outcome::TunnelSourceDropped => "tunnel_source_dropped",
         }
     }
 }

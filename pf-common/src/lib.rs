@@ -112,7 +112,50 @@ pub struct ReservationValue {
     pub target_first_port: [u8; 2],
 }
 
+/// One tunnel network: an address and its mask, network byte order, compared as
+/// `source & mask == addr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TunnelNetwork {
+    pub addr: [u8; 4],
+    pub mask: [u8; 4],
+}
+
+/// The one value of `TUNNEL_NETWORKS`: the networks whose addresses must never leave the public
+/// interface as the source of a packet pf did not rewrite (a reply on a connection whose
+/// reservation is gone would otherwise leak the client's tunnel address). A handful at most,
+/// scanned in order: cheaper than an LPM trie for what every unrewritten egress packet pays.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct TunnelNetworks {
+    /// How many of `networks` are in use; 0 turns the guard off.
+    pub count: u32,
+    pub networks: [TunnelNetwork; limits::MAX_TUNNEL_NETWORKS],
+}
+
+impl TunnelNetworks {
+    /// Whether `addr` (network byte order) is in one of the networks.
+    #[inline(always)]
+    pub fn contains(&self, addr: [u8; 4]) -> bool {
+        let addr = u32::from_ne_bytes(addr);
+        let mut i = 0;
+        while i < limits::MAX_TUNNEL_NETWORKS {
+            if i as u32 >= self.count {
+                return false;
+            }
+            let net = &self.networks[i];
+            if addr & u32::from_ne_bytes(net.mask) == u32::from_ne_bytes(net.addr) {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 8);
+const _: () =
+    assert!(core::mem::size_of::<TunnelNetworks>() == 4 + 8 * limits::MAX_TUNNEL_NETWORKS);
 const _: () = assert!(core::mem::size_of::<NatEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<ReservationKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ReservationValue>() == 8);
@@ -157,6 +200,7 @@ mod user {
     unsafe impl aya::Pod for super::ReservationValue {}
     unsafe impl aya::Pod for super::FragmentKey {}
     unsafe impl aya::Pod for super::FragmentValue {}
+    unsafe impl aya::Pod for super::TunnelNetworks {}
 }
 
 /// Names of the maps, as declared in pf-ebpf and pinned under pf's bpffs directory.
@@ -168,7 +212,8 @@ pub mod map_names {
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const REDIRECT_DEVICES: &str = "REDIRECT_DEVICES";
     pub const PUBLIC_DEVICES: &str = "PUBLIC_DEVICES";
-    pub const ALL: [&str; 7] = [
+    pub const TUNNEL_NETWORKS: &str = "TUNNEL_NETWORKS";
+    pub const ALL: [&str; 8] = [
         FORWARD_NAT,
         REVERSE_NAT,
         RESERVATIONS,
@@ -176,5 +221,6 @@ pub mod map_names {
         FRAGMENTS,
         REDIRECT_DEVICES,
         PUBLIC_DEVICES,
+        TUNNEL_NETWORKS,
     ];
 }

@@ -20,3 +20,7 @@ pub const MAX_TRACKED_DATAGRAMS: u32 = 16_384;
 /// Devices the fast paths may redirect to (`REDIRECT_DEVICES` and `PUBLIC_DEVICES`, keyed by
 /// ifindex).
 pub const MAX_REDIRECT_DEVICES: u32 = 256;
+
+/// Tunnel networks the egress program keeps from leaving the public interface as an
+/// unrewritten source (`TUNNEL_NETWORKS`).
+pub const MAX_TUNNEL_NETWORKS: usize = 16;

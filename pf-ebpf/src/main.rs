@@ -67,7 +67,8 @@ pub fn pf_reply_fast(ctx: XdpContext) -> u32 {
 }
 
 /// TC egress on the public NIC, after routing and netfilter. `TC_ACT_OK` lets the packet leave
-/// (rewritten or untouched); `TC_ACT_SHOT` only for a packet whose rewrite failed half way.
+/// (rewritten or untouched); `TC_ACT_SHOT` drops it: a packet whose rewrite failed half way,
+/// or one that would leave unrewritten with a tunnel address as its source.
 #[classifier]
 pub fn pf_egress(ctx: TcContext) -> i32 {
     let verdict = nat::egress(&ctx);

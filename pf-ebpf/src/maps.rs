@@ -4,10 +4,11 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{DevMapHash, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use pf_common::{
     EndpointKey, FragmentKey, FragmentValue, NatEntry, ReservationKey, ReservationValue,
+    TunnelNetworks,
     counters::COUNTER_SLOTS,
     limits::{MAX_FORWARDS, MAX_REDIRECT_DEVICES, MAX_RESERVATIONS, MAX_TRACKED_DATAGRAMS},
 };
@@ -44,6 +45,17 @@ pub static REDIRECT_DEVICES: DevMapHash = DevMapHash::pinned(MAX_REDIRECT_DEVICE
 /// `--fast-path` that can take XDP frames. A reply routed anywhere else is left to the kernel.
 #[map]
 pub static PUBLIC_DEVICES: DevMapHash = DevMapHash::pinned(MAX_REDIRECT_DEVICES, 0);
+
+/// The tunnel networks whose addresses egress never lets out unrewritten (one value; filled by
+/// `pf serve` from its policy, empty otherwise).
+#[map]
+pub static TUNNEL_NETWORKS: Array<TunnelNetworks> = Array::pinned(1, 0);
+
+/// Whether `addr` (network byte order) is in a tunnel network.
+#[inline(always)]
+pub fn is_tunnel_source(addr: [u8; 4]) -> bool {
+    TUNNEL_NETWORKS.get(0).is_some_and(|t| t.contains(addr))
+}
 
 /// Global outcome counters, indexed by `pf_common::counters`.
 #[map]

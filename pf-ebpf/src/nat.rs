@@ -12,7 +12,7 @@ use pf_common::{
 };
 
 use crate::{
-    maps::{FORWARD_NAT, FRAGMENTS, REVERSE_NAT},
+    maps::{self, FORWARD_NAT, FRAGMENTS, REVERSE_NAT},
     parse::{
         IP_MF, IP_OFFSET_MASK, IcmpError, Ipv4, MAX_HEADERS_LEN, MAX_ICMP_ERROR_LEN, Ports,
         is_icmp, is_tcp_udp, parse_icmp_error, parse_ipv4, parse_ports,
@@ -388,7 +388,10 @@ pub fn egress(ctx: &TcContext) -> EgressVerdict {
         Ok(ip) => ip,
         Err(outcome) => return outcome.into(),
     };
-    if is_tcp_udp(ip.proto) {
+    // Read before any helper call, which may move the packet.
+    // SAFETY: parse_ipv4 checked that the whole header is in the frame.
+    let source = unsafe { (*ip.ip).src_addr };
+    let verdict = if is_tcp_udp(ip.proto) {
         if is_later_fragment(&ip) {
             egress_later_fragment(ctx, &ip)
         } else {
@@ -396,19 +399,38 @@ pub fn egress(ctx: &TcContext) -> EgressVerdict {
         }
     } else if is_icmp(ip.proto) {
         if is_fragment(&ip) {
-            return Outcome::Fragment.into();
-        }
-        // An ICMP error is read deeper than other packets; parse again after the pull.
-        if !pull(ctx, frame_len, MAX_ICMP_ERROR_LEN) {
-            return Outcome::Truncated.into();
-        }
-        let (start, end) = (ctx.data(), ctx.data_end());
-        match parse_ipv4(start, end, frame_len) {
-            Ok(ip) => egress_icmp_error(ctx, start, end, &ip),
-            Err(outcome) => outcome.into(),
+            Outcome::Fragment.into()
+        } else if !pull(ctx, frame_len, MAX_ICMP_ERROR_LEN) {
+            // An ICMP error is read deeper than other packets; parse again after the pull.
+            Outcome::Truncated.into()
+        } else {
+            let (start, end) = (ctx.data(), ctx.data_end());
+            match parse_ipv4(start, end, frame_len) {
+                Ok(ip) => egress_icmp_error(ctx, start, end, &ip),
+                Err(outcome) => outcome.into(),
+            }
         }
     } else {
         Outcome::OtherProtocol.into()
+    };
+    guard_tunnel_source(verdict, source)
+}
+
+/// A packet leaving the public interface unrewritten with a tunnel address as its source is a
+/// leak (a reply on a connection whose reservation was released, disabled or expired; any
+/// tunnel traffic that escaped masquerading): dropped and counted, never sent.
+#[inline(always)]
+fn guard_tunnel_source(verdict: EgressVerdict, source: [u8; 4]) -> EgressVerdict {
+    let rewritten = matches!(
+        verdict.outcome,
+        Outcome::Rewritten | Outcome::IcmpErrorRewritten
+    );
+    if verdict.drop || rewritten || !maps::is_tunnel_source(source) {
+        return verdict;
+    }
+    EgressVerdict {
+        outcome: Outcome::TunnelSourceDropped,
+        drop: true,
     }
 }
 

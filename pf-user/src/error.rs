@@ -48,6 +48,9 @@ pub enum PfError {
     )]
     MapsReplaced(PathBuf),
 
+    #[error("{count} tunnel networks are more than the data plane holds ({max})")]
+    TooManyTunnelNetworks { count: usize, max: usize },
+
     #[error("{public} overlaps the existing reservation {existing}")]
     Conflict {
         public: String,

@@ -466,6 +466,7 @@ fn stats_json(stats: Option<&Stats>, attached: &[Attachment], devices: &FastPath
             reply_fast_path: Vec::new(),
         },
         reservations: Vec::new(),
+        tunnel_networks: Vec::new(),
     };
     let s = stats.unwrap_or(&empty);
     let reservations: Vec<Value> = s
@@ -503,6 +504,11 @@ fn stats_json(stats: Option<&Stats>, attached: &[Attachment], devices: &FastPath
         "egress": counters(&s.counters.egress),
         "fast_path": counters(&s.counters.fast_path),
         "reply_fast_path": counters(&s.counters.reply_fast_path),
+        "tunnel_networks": s
+            .tunnel_networks
+            .iter()
+            .map(|(addr, prefix)| format!("{addr}/{prefix}"))
+            .collect::<Vec<_>>(),
         "reservations": reservations,
     })
 }
@@ -536,6 +542,17 @@ fn print_stats(stats: Option<&Stats>, attached: &[Attachment], devices: &FastPat
     };
     out!("ingress (XDP): {}", line(&stats.counters.ingress));
     out!("egress  (TC):  {}", line(&stats.counters.egress));
+    if !stats.tunnel_networks.is_empty() {
+        let nets: Vec<String> = stats
+            .tunnel_networks
+            .iter()
+            .map(|(addr, prefix)| format!("{addr}/{prefix}"))
+            .collect();
+        out!(
+            "egress drops unrewritten packets from the tunnel networks {}",
+            nets.join(", ")
+        );
+    }
     if attached.iter().any(|a| a.role != Role::Public) {
         out!("fast path:     {}", line(&stats.counters.fast_path));
         out!("reply fast:    {}", line(&stats.counters.reply_fast_path));

@@ -215,6 +215,8 @@ struct RawPolicy {
     default_ttl: Option<String>,
     #[serde(default)]
     max_ttl: Option<String>,
+    #[serde(default)]
+    drop_tunnel_source_leaks: Option<bool>,
 }
 
 /// An interface `pf serve` attaches to on start (or adopts, when already attached).
@@ -271,6 +273,11 @@ pub struct Policy {
     pub max_range_ports: u32,
     pub default_ttl: Option<Duration>,
     pub max_ttl: Option<Duration>,
+    /// Egress drops any packet it did not rewrite whose source is in a target network: a
+    /// reply on a connection whose reservation is gone would otherwise leave with the
+    /// client's tunnel address. Off only where tunnel addresses are public and leave the
+    /// server unmasqueraded.
+    pub drop_tunnel_source_leaks: bool,
 }
 
 impl Config {
@@ -334,7 +341,17 @@ impl Config {
             max_range_ports,
             default_ttl: duration("policy.default_ttl", &p.default_ttl)?,
             max_ttl: duration("policy.max_ttl", &p.max_ttl)?,
+            drop_tunnel_source_leaks: p.drop_tunnel_source_leaks.unwrap_or(true),
         };
+        if policy.drop_tunnel_source_leaks
+            && policy.target_networks.len() > pf_common::limits::MAX_TUNNEL_NETWORKS
+        {
+            return Err(format!(
+                "policy.target_networks has {} networks; the data plane's leak guard holds {} (merge them, or set policy.drop_tunnel_source_leaks = false)",
+                policy.target_networks.len(),
+                pf_common::limits::MAX_TUNNEL_NETWORKS
+            ));
+        }
         if let (Some(d), Some(m)) = (policy.default_ttl, policy.max_ttl)
             && d > m
         {

@@ -9,16 +9,20 @@ use std::{fs::File, net::Ipv4Addr, os::fd::AsFd};
 
 use aya::maps::xdp::XdpMapError;
 use aya::maps::{
-    DevMapHash, HashMap, IterableMap, Map, MapData, MapError, MapType, PerCpuArray, PerCpuHashMap,
-    PerCpuValues,
+    Array, DevMapHash, HashMap, IterableMap, Map, MapData, MapError, MapType, PerCpuArray,
+    PerCpuHashMap, PerCpuValues,
 };
 use pf_common::{
     EndpointKey, FragmentKey, FragmentValue, NatEntry, ReservationKey, ReservationValue,
+    TunnelNetwork, TunnelNetworks,
     counters::{
         COUNTER_SLOTS, EGRESS_BASE, FAST_PATH_BASE, FastPath, INGRESS_BASE, Outcome,
         REPLY_FAST_PATH_BASE,
     },
-    limits::{MAX_FORWARDS, MAX_REDIRECT_DEVICES, MAX_RESERVATIONS, MAX_TRACKED_DATAGRAMS},
+    limits::{
+        MAX_FORWARDS, MAX_REDIRECT_DEVICES, MAX_RESERVATIONS, MAX_TRACKED_DATAGRAMS,
+        MAX_TUNNEL_NETWORKS,
+    },
     map_names,
 };
 use serde::Serialize;
@@ -157,10 +161,11 @@ pub struct State {
     counters: PerCpuArray<MapData, u64>,
     redirect_devices: DevMapHash<MapData>,
     public_devices: DevMapHash<MapData>,
+    tunnel_networks: Array<MapData, TunnelNetworks>,
     nr_cpus: usize,
     /// The kernel's ids of the maps opened, in `map_names::ALL` order: which maps these are,
     /// whatever is pinned by now.
-    ids: [u32; 7],
+    ids: [u32; 8],
     _lock: File,
 }
 
@@ -202,6 +207,8 @@ impl Counters {
 pub struct Stats {
     pub counters: Counters,
     pub reservations: Vec<(Reservation, Traffic)>,
+    /// `TUNNEL_NETWORKS`: sources egress never lets out unrewritten.
+    pub tunnel_networks: Vec<(Ipv4Addr, u8)>,
 }
 
 struct Layout {
@@ -215,7 +222,7 @@ struct Layout {
 /// struct bpf_devmap_val: ifindex, and a program fd/id.
 const DEVMAP_VALUE_SIZE: u32 = 8;
 
-const LAYOUTS: [Layout; 7] = [
+const LAYOUTS: [Layout; 8] = [
     Layout {
         name: map_names::FORWARD_NAT,
         map_type: MapType::PerCpuHash,
@@ -264,6 +271,13 @@ const LAYOUTS: [Layout; 7] = [
         key_size: 4,
         value_size: DEVMAP_VALUE_SIZE,
         max_entries: MAX_REDIRECT_DEVICES,
+    },
+    Layout {
+        name: map_names::TUNNEL_NETWORKS,
+        map_type: MapType::Array,
+        key_size: 4,
+        value_size: size_of::<TunnelNetworks>() as u32,
+        max_entries: 1,
     },
 ];
 
@@ -333,7 +347,7 @@ impl State {
     }
 
     /// The kernel's ids of the open maps, in `map_names::ALL` order.
-    pub fn map_ids(&self) -> [u32; 7] {
+    pub fn map_ids(&self) -> [u32; 8] {
         self.ids
     }
 
@@ -357,8 +371,9 @@ impl State {
             fragments,
             redirect_devices,
             public_devices,
+            tunnel_networks,
         ] = LAYOUTS.each_ref().map(|l| open_map(dir, l));
-        let mut ids = [0u32; 7];
+        let mut ids = [0u32; 8];
         let mut id_of = |index: usize, opened: Result<(Map, u32), PfError>| {
             opened.map(|(map, id)| {
                 ids[index] = id;
@@ -372,8 +387,11 @@ impl State {
             id_of(3, counters),
             id_of(4, fragments),
         );
-        let (redirect_devices, public_devices) =
-            (id_of(5, redirect_devices), id_of(6, public_devices));
+        let (redirect_devices, public_devices, tunnel_networks) = (
+            id_of(5, redirect_devices),
+            id_of(6, public_devices),
+            id_of(7, tunnel_networks),
+        );
         fragments?;
         let typed = |name: &'static str| move |source: MapError| PfError::Map { map: name, source };
         Ok(Self {
@@ -389,6 +407,9 @@ impl State {
             public_devices: public_devices?
                 .try_into()
                 .map_err(typed(map_names::PUBLIC_DEVICES))?,
+            tunnel_networks: tunnel_networks?
+                .try_into()
+                .map_err(typed(map_names::TUNNEL_NETWORKS))?,
             nr_cpus: aya::util::nr_cpus()
                 .map_err(|(what, e)| PfError::io(format!("reading {what}"), e))?,
             ids,
@@ -776,6 +797,60 @@ impl State {
         Ok(())
     }
 
+    /// The tunnel networks egress keeps from leaving unrewritten, as (address, prefix length).
+    pub fn tunnel_networks(&self) -> Result<Vec<(Ipv4Addr, u8)>, PfError> {
+        let value = self
+            .tunnel_networks
+            .get(&0, 0)
+            .map_err(|source| PfError::Map {
+                map: map_names::TUNNEL_NETWORKS,
+                source,
+            })?;
+        Ok(value
+            .networks
+            .iter()
+            .take(value.count as usize)
+            .map(|n| {
+                (
+                    Ipv4Addr::from(n.addr),
+                    u32::from_be_bytes(n.mask).count_ones() as u8,
+                )
+            })
+            .collect())
+    }
+
+    /// Makes egress drop unrewritten packets from `networks` (address, prefix length), or,
+    /// empty, nothing. One write: the programs see the old set or the new, never a mix.
+    pub fn set_tunnel_networks(&mut self, networks: &[(Ipv4Addr, u8)]) -> Result<(), PfError> {
+        if networks.len() > MAX_TUNNEL_NETWORKS {
+            return Err(PfError::TooManyTunnelNetworks {
+                count: networks.len(),
+                max: MAX_TUNNEL_NETWORKS,
+            });
+        }
+        let mut value = TunnelNetworks {
+            count: networks.len() as u32,
+            networks: [TunnelNetwork::default(); MAX_TUNNEL_NETWORKS],
+        };
+        for (slot, &(addr, prefix)) in value.networks.iter_mut().zip(networks) {
+            let mask = if prefix == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(prefix.min(32)))
+            };
+            *slot = TunnelNetwork {
+                addr: (u32::from(addr) & mask).to_be_bytes(),
+                mask: mask.to_be_bytes(),
+            };
+        }
+        self.tunnel_networks
+            .set(0, value, 0)
+            .map_err(|source| PfError::Map {
+                map: map_names::TUNNEL_NETWORKS,
+                source,
+            })
+    }
+
     /// The global counters and every reservation's traffic (a walk over all their entries).
     pub fn stats(&self) -> Result<Stats, PfError> {
         let counters = self.counters()?;
@@ -797,6 +872,7 @@ impl State {
         Ok(Stats {
             counters,
             reservations,
+            tunnel_networks: self.tunnel_networks()?,
         })
     }
 }

@@ -47,8 +47,13 @@
 //!    TCP/UDP checksum), the outer IPv4 checksum (address, if it changed). The outcome is
 //!    `IcmpErrorRewritten`.
 //!
-//! Every frame not rewritten leaves byte for byte as it came. The verdict is always XDP_PASS at
-//! ingress and TC_ACT_OK at egress (TC_ACT_SHOT only for a rewrite that fails half way, which no
+//! Egress only:
+//! 11. A frame whose IPv4 header parsed (step 2) and that was not rewritten, whose source is in
+//!    one of `TUNNEL_NETWORKS`, is dropped (`TC_ACT_SHOT`) and counted `TunnelSourceDropped`
+//!    instead of its outcome: a tunnel address never leaves unrewritten.
+//!
+//! Every frame not rewritten leaves byte for byte as it came. The verdict is XDP_PASS at
+//! ingress and TC_ACT_OK at egress, but for step 11 (and a rewrite that fails half way, which no
 //! frame can cause in BPF_PROG_TEST_RUN).
 
 use std::collections::HashMap;
@@ -57,6 +62,7 @@ use pf_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, checksum, counters::Outc
 
 pub const XDP_PASS: u32 = 2;
 pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
 
 /// One NAT map: (address, port, protocol) to (address, port), as the packet carries them.
 pub type NatTable = HashMap<([u8; 4], [u8; 2], u8), ([u8; 4], [u8; 2])>;
@@ -86,6 +92,8 @@ type DatagramKey = ([u8; 4], [u8; 4], [u8; 2], u8, Direction);
 pub struct Model {
     pub forward: NatTable,
     pub reverse: NatTable,
+    /// `TUNNEL_NETWORKS`: (network address, mask), network byte order.
+    pub tunnel_networks: Vec<([u8; 4], [u8; 4])>,
     /// Datagram to the NAT key its first fragment matched.
     fragments: HashMap<DatagramKey, ([u8; 4], [u8; 2], u8)>,
 }
@@ -225,8 +233,15 @@ impl Model {
         Self {
             forward,
             reverse,
+            tunnel_networks: Vec::new(),
             fragments: HashMap::new(),
         }
+    }
+
+    fn is_tunnel_source(&self, source: [u8; 4]) -> bool {
+        self.tunnel_networks
+            .iter()
+            .any(|(net, mask)| (0..4).all(|i| source[i] & mask[i] == net[i]))
     }
 
     /// Forgets every fragmented datagram, as clearing the kernel's fragment table does.
@@ -252,6 +267,18 @@ impl Model {
             Ok((outcome, out)) => (outcome, out),
             Err(outcome) => (outcome, frame.to_vec()),
         };
+        let rewritten = matches!(outcome, Outcome::Rewritten | Outcome::IcmpErrorRewritten);
+        let source = parse_ip(frame).ok().map(|ip| addr(frame, ip.at + 12));
+        if direction == Direction::Egress
+            && !rewritten
+            && source.is_some_and(|s| self.is_tunnel_source(s))
+        {
+            return Expected {
+                verdict: TC_ACT_SHOT,
+                frame: frame.to_vec(),
+                outcome: Outcome::TunnelSourceDropped,
+            };
+        }
         Expected {
             verdict,
             frame: out,

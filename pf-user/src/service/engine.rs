@@ -433,7 +433,7 @@ pub struct Engine {
     rng: StdRng,
     /// The kernel ids of the maps the start reconciled: the maps the attached programs use.
     /// A later change that finds other maps pinned refuses (the pins were replaced).
-    map_ids: Option<[u32; 7]>,
+    map_ids: Option<[u32; 8]>,
     /// A change reached the store but not the maps: reconcile at the next tick.
     repair: bool,
     /// When the expired history was last purged.
@@ -1171,6 +1171,30 @@ impl Engine {
         }
         let missing: Vec<Reservation> = absent.iter().chain(&rewrite).copied().collect();
         state.reserve_all(&missing)?;
+        let guarded: Vec<(Ipv4Addr, u8)> = if self.policy.drop_tunnel_source_leaks {
+            self.policy
+                .target_networks
+                .iter()
+                .map(|n| (n.addr, n.prefix))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if state.tunnel_networks()? != guarded {
+            state.set_tunnel_networks(&guarded)?;
+            eprintln!(
+                "pf serve: egress drops unrewritten packets from the tunnel networks: {}",
+                if guarded.is_empty() {
+                    "none (policy.drop_tunnel_source_leaks = false)".to_string()
+                } else {
+                    guarded
+                        .iter()
+                        .map(|(a, p)| format!("{a}/{p}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            );
+        }
         self.map_ids = Some(state.map_ids());
         // Empty maps are a fresh boot (or a first start), not drift: one line says so.
         let fresh = actual.is_empty() && drifts.is_empty();

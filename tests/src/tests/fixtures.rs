@@ -10,6 +10,7 @@ use crate::packet::{ETH_P_ARP, ETH_P_IPV6, Pkt};
 
 const XDP_PASS: u32 = 2;
 const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
 
 const PUBLIC: [u8; 4] = [198, 51, 100, 1];
 const OTHER_PUBLIC: [u8; 4] = [198, 51, 100, 9];
@@ -639,6 +640,99 @@ fn egress_fixtures() {
         ));
     }
     h.check(false, &f);
+}
+
+/// With the tunnel network 10.8.0.0/24 in `TUNNEL_NETWORKS`, egress drops what it did not
+/// rewrite from a tunnel address (a reply whose reservation is gone), and nothing else.
+#[test]
+fn egress_tunnel_source_fixtures() {
+    let mut h = Harness::new();
+    h.0.state
+        .set_tunnel_networks(&[("10.8.0.0".parse().unwrap(), 24)])
+        .unwrap();
+    let tcp = Pkt::tcp(CLIENT, 80, REMOTE, 40000);
+    let dropped = |description: &str, frame: Vec<u8>| {
+        untouched(
+            description,
+            TC_ACT_SHOT,
+            frame,
+            Outcome::TunnelSourceDropped,
+        )
+    };
+    let f = vec![
+        rewritten(
+            "a reply of a reservation is still rewritten",
+            TC_ACT_OK,
+            &tcp,
+            &tcp.with_src(PUBLIC, 8080),
+        ),
+        dropped(
+            "TCP from a tunnel address, no reservation (one released while the connection lived)",
+            Pkt::tcp(CLIENT, 81, REMOTE, 40000).frame(),
+        ),
+        dropped(
+            "UDP from another tunnel client",
+            Pkt::udp([10, 8, 0, 77], 5000, REMOTE, 40001).frame(),
+        ),
+        dropped(
+            "ICMP echo from a tunnel address, not masqueraded",
+            Pkt::icmp_echo(CLIENT, REMOTE).frame(),
+        ),
+        dropped(
+            "a later fragment from a tunnel address pf cannot place",
+            Pkt {
+                frag: 185,
+                ..Pkt::udp(CLIENT, 53, REMOTE, 40001)
+            }
+            .frame(),
+        ),
+        dropped(
+            "a TCP header cut short inside a whole IPv4 packet, from a tunnel address",
+            patched(tcp.frame()[..40].to_vec(), |f| {
+                f[16..18].copy_from_slice(&26u16.to_be_bytes())
+            }),
+        ),
+        untouched(
+            "masqueraded traffic (the public address) passes",
+            TC_ACT_OK,
+            Pkt::tcp(PUBLIC, 55000, REMOTE, 443).frame(),
+            Outcome::NoReservation,
+        ),
+        untouched(
+            "just outside the network passes",
+            TC_ACT_OK,
+            Pkt::tcp([10, 8, 1, 2], 80, REMOTE, 40000).frame(),
+            Outcome::NoReservation,
+        ),
+        untouched(
+            "a bad IPv4 header is not read for its source",
+            TC_ACT_OK,
+            patched(tcp.frame(), |f| f[14] = 0x44),
+            Outcome::BadIpHeader,
+        ),
+        untouched(
+            "ARP passes",
+            TC_ACT_OK,
+            Pkt {
+                ether_type: ETH_P_ARP,
+                ..tcp.clone()
+            }
+            .frame(),
+            Outcome::NotIpv4,
+        ),
+    ];
+    h.check(false, &f);
+    // Emptied, the guard drops nothing.
+    h.0.state.set_tunnel_networks(&[]).unwrap();
+    h.check(
+        false,
+        &[untouched(
+            "with no tunnel networks, an unreserved reply passes",
+            TC_ACT_OK,
+            Pkt::tcp(CLIENT, 81, REMOTE, 40000).frame(),
+            Outcome::NoReservation,
+        )],
+    );
 }
 
 /// A fragmented datagram through either program, in order: its first fragment is rewritten and

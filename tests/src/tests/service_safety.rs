@@ -981,3 +981,107 @@ fn the_socket_group_reaches_a_socket_in_new_directories() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{out:?}");
 }
+
+/// Packets on `ns`'s `iface` from `source`, captured with tcpdump while `during` runs.
+fn captured_from(
+    ns: &crate::netns::Netns,
+    iface: &str,
+    source: &str,
+    during: impl FnOnce(),
+) -> usize {
+    let mut tcpdump = ns
+        .cmd(&[
+            "tcpdump", "-i", iface, "-nn", "-l", "-U", "src", "host", source,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // tcpdump says "listening on" on stderr once it captures.
+    let mut stderr = tcpdump.stderr.take().unwrap();
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(&seen).contains("listening on") {
+        assert!(Instant::now() < deadline, "tcpdump did not start");
+        if stderr.read(&mut byte).unwrap() == 0 {
+            panic!("tcpdump exited: {}", String::from_utf8_lossy(&seen));
+        }
+        seen.push(byte[0]);
+    }
+    during();
+    thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(tcpdump.id() as i32, libc::SIGINT) };
+    let mut out = String::new();
+    tcpdump
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let _ = tcpdump.wait();
+    out.lines().filter(|l| !l.trim().is_empty()).count()
+}
+
+#[test]
+fn a_released_reservation_leaks_no_tunnel_address() {
+    require_root();
+    let dir = TempPinDir::new();
+    let topo = Topology::new(&format!("pf{}leak", std::process::id())).unwrap();
+    let run = |policy: &str, port: u16| -> usize {
+        let service = dir.serve_with(Some(&topo.server), &with_interface(policy));
+        let listener = topo
+            .client
+            .within(move || std::net::TcpListener::bind((CLIENT_IP, port)))
+            .unwrap()
+            .unwrap();
+        reserve(
+            &service,
+            "acct-1",
+            &format!("198.51.100.1:{port}/tcp"),
+            &format!("10.8.0.2:{port}"),
+        )
+        .unwrap();
+        // A connection through the reservation, both ways.
+        let mut inet_side = topo
+            .inet
+            .within(move || {
+                let s = std::net::TcpStream::connect(("198.51.100.1", port)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                s
+            })
+            .unwrap();
+        let (mut client_side, _) = listener.accept().unwrap();
+        std::io::Write::write_all(&mut inet_side, b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        client_side.read_exact(&mut buf).unwrap();
+        std::io::Write::write_all(&mut client_side, b"world").unwrap();
+        inet_side.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"world");
+        // Released while the connection lives; the client keeps answering on it.
+        let id = pf_list(&dir)[0]["id"].as_u64().unwrap();
+        pf_ok(&dir, &["release", &id.to_string()]);
+        let leaked = captured_from(&topo.inet, "inet0", CLIENT_IP, || {
+            for _ in 0..5 {
+                let _ = std::io::Write::write_all(&mut client_side, b"still here");
+                thread::sleep(Duration::from_millis(100));
+            }
+        });
+        drop(service);
+        leaked
+    };
+    // The guard on (the default): nothing from the tunnel address reaches the internet host,
+    // and the drops are counted.
+    assert_eq!(run(TEST_POLICY, 8080), 0, "a tunnel address leaked");
+    let out = pf_in_ns(&topo.server, &dir, &["stats", "--json"]);
+    let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        stats["egress"]["tunnel_source_dropped"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+    assert_eq!(stats["tunnel_networks"], json!(["10.8.0.0/16"]));
+    // The guard off: the same sequence leaks, so the capture above would have seen it.
+    let off = format!("{TEST_POLICY}drop_tunnel_source_leaks = false\n");
+    assert!(run(&off, 8081) > 0, "the capture cannot see a leak");
+}
