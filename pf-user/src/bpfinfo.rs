@@ -16,8 +16,6 @@ use std::{
     path::Path,
 };
 
-use aya::programs::loaded_programs;
-
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
@@ -110,18 +108,67 @@ pub fn link_state(pin: &Path) -> io::Result<LinkState> {
     })
 }
 
-/// The ids of the maps program `prog_id` uses; `None` if no such program is loaded.
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+/// `struct bpf_prog_info`: nr_map_ids at offset 52, the map_ids pointer at 56.
+const PROG_NR_MAP_IDS_OFFSET: usize = 52;
+const PROG_MAP_IDS_OFFSET: usize = 56;
+const PROG_INFO_LEN: usize = 256;
+
+/// The ids of the maps program `prog_id` uses; `None` if no such program is loaded. Asked of
+/// that one program by id, so programs others load and unload meanwhile change nothing.
 pub fn program_map_ids(prog_id: u32) -> io::Result<Option<Vec<u32>>> {
-    for program in loaded_programs() {
-        let program = program.map_err(io::Error::other)?;
-        if program.id() == prog_id {
-            return Ok(Some(
-                program
-                    .map_ids()
-                    .map_err(io::Error::other)?
-                    .unwrap_or_default(),
-            ));
-        }
+    // union bpf_attr's get-by-id member: the id, next_id, open_flags.
+    #[repr(C)]
+    struct IdAttr {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
     }
-    Ok(None)
+    let mut attr = IdAttr {
+        id: prog_id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    let fd = match bpf(
+        BPF_PROG_GET_FD_BY_ID,
+        (&mut attr as *mut IdAttr).cast(),
+        size_of::<IdAttr>(),
+    ) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let query = |info: &mut [u8; PROG_INFO_LEN]| {
+        let mut attr = InfoAttr {
+            bpf_fd: prog.as_raw_fd() as u32,
+            info_len: PROG_INFO_LEN as u32,
+            info: info.as_mut_ptr() as u64,
+        };
+        bpf(
+            BPF_OBJ_GET_INFO_BY_FD,
+            (&mut attr as *mut InfoAttr).cast(),
+            size_of::<InfoAttr>(),
+        )
+    };
+    // First how many, then the ids into a buffer of that size.
+    let mut info = [0u8; PROG_INFO_LEN];
+    query(&mut info)?;
+    let count = read_u32(&info, PROG_NR_MAP_IDS_OFFSET) as usize;
+    let mut ids = vec![0u32; count];
+    let mut info = [0u8; PROG_INFO_LEN];
+    info[PROG_NR_MAP_IDS_OFFSET..PROG_NR_MAP_IDS_OFFSET + 4]
+        .copy_from_slice(&(count as u32).to_ne_bytes());
+    info[PROG_MAP_IDS_OFFSET..PROG_MAP_IDS_OFFSET + 8]
+        .copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
+    query(&mut info)?;
+    ids.truncate((read_u32(&info, PROG_NR_MAP_IDS_OFFSET) as usize).min(count));
+    Ok(Some(ids))
 }

@@ -372,7 +372,9 @@ pub fn attach(
     let mut replaced = None;
     if link_pins(dir, iface).iter().any(|p| p.exists()) {
         match check_attachment(dir, iface, role_of(dir, iface)) {
-            Health::Live => return Err(PfError::AlreadyAttached(iface.to_string())),
+            Health::Live | Health::Unknown(_) => {
+                return Err(PfError::AlreadyAttached(iface.to_string()));
+            }
             Health::Dead(reason) => {
                 remove_links(dir, iface)?;
                 replaced = Some(reason);
@@ -612,11 +614,14 @@ pub enum Health {
     Live,
     /// Why it is not: pf forwards nothing through it. `pf attach` and `pf serve` replace it.
     Dead(String),
+    /// The kernel could not say (a query failed): taken as live, never replaced on a guess.
+    Unknown(String),
 }
 
 impl Health {
+    /// Live, or not known to be dead.
     pub fn is_live(&self) -> bool {
-        *self == Health::Live
+        !matches!(self, Health::Dead(_))
     }
 }
 
@@ -701,7 +706,7 @@ fn check_attachment(dir: &PinDir, iface: &str, role: Option<Role>) -> Health {
                 return Health::Dead(format!("its {hook} program is not loaded"));
             }
             Err(e) => {
-                return Health::Dead(format!("reading its {hook} program's maps: {e}"));
+                return Health::Unknown(format!("reading its {hook} program's maps: {e}"));
             }
         };
         for id in used {

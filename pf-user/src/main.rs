@@ -489,7 +489,7 @@ fn stats_json(stats: Option<&Stats>, attached: &[Attachment], devices: &FastPath
             .iter()
             .filter_map(|a| match &a.health {
                 Health::Dead(why) => Some((a.iface.clone(), json!(why))),
-                Health::Live => None,
+                Health::Live | Health::Unknown(_) => None,
             })
             .collect::<serde_json::Map<_, _>>(),
         "roles": attached
@@ -521,6 +521,9 @@ fn print_stats(stats: Option<&Stats>, attached: &[Attachment], devices: &FastPat
             .iter()
             .map(|a| match &a.health {
                 Health::Live => format!("{} ({})", a.iface, a.role.describe()),
+                Health::Unknown(why) => {
+                    format!("{} ({}, state unknown: {why})", a.iface, a.role.describe())
+                }
                 Health::Dead(why) => format!(
                     "{} ({}, DEAD: {why}; `pf attach` or a pf serve restart replaces it)",
                     a.iface,

@@ -579,6 +579,28 @@ impl State {
         result
     }
 
+    /// Removes `r` if the maps hold exactly it (its target too): a store that is not the one
+    /// the maps were written from must never remove another reservation on the same ports.
+    pub fn release_exact(&mut self, r: &Reservation) -> Result<Reservation, PfError> {
+        let (key, _) = reservation_to_record(r);
+        let held = self
+            .reservations
+            .get(&key, 0)
+            .ok()
+            .and_then(|v| record_to_reservation(&key, &v));
+        match held {
+            Some(held) if held == *r => self.release(&r.public),
+            Some(other) => Err(PfError::NoSuchReservation {
+                spec: r.to_string(),
+                hint: format!("; the maps hold {other} there"),
+            }),
+            None => Err(PfError::NoSuchReservation {
+                spec: r.to_string(),
+                hint: String::new(),
+            }),
+        }
+    }
+
     /// Removes the reservation made exactly as `spec` (same address, range and protocols) and
     /// returns it.
     pub fn release(&mut self, spec: &PublicSpec) -> Result<Reservation, PfError> {

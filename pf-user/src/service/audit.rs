@@ -32,9 +32,10 @@ impl Caller {
     };
 }
 
-/// Room kept allocated past the end of the log: many lines (a line is under 2 KiB; the body
-/// limit bounds what a request can put in one).
-const HEADROOM: i64 = 256 * 1024;
+/// Room kept allocated past the end of the log. A line is a few hundred bytes, and at most
+/// a few KiB: a request's texts are cut to 256 characters, a record's note is at most 1,024,
+/// and a release by owner writes one line per release. 1 MiB holds hundreds of the largest.
+const HEADROOM: i64 = 1024 * 1024;
 
 pub struct Audit {
     path: PathBuf,

@@ -34,6 +34,9 @@ const EXPIRY_RETRY_MS: u64 = 1000;
 /// Reconcile logs this many drifts one by one, then a count.
 const DRIFT_LOG_LIMIT: usize = 20;
 
+/// Longest text of a request an audit line records.
+const SUBJECT_TEXT_MAX: usize = 256;
+
 /// How long expired reservations stay restorable.
 pub const HISTORY_KEEP: Duration = Duration::from_secs(7 * 86_400);
 
@@ -48,6 +51,9 @@ pub struct ApiError {
     pub message: String,
     /// The policy rule that refused the request, if one did.
     pub rule: Option<&'static str>,
+    /// Part of the change was made before the failure (the message says which): audited as
+    /// `partial`, not `refused`.
+    pub partial: bool,
 }
 
 impl ApiError {
@@ -56,6 +62,7 @@ impl ApiError {
             status: 400,
             message: message.into(),
             rule: None,
+            partial: false,
         }
     }
     fn not_found(id: u64) -> Self {
@@ -63,6 +70,7 @@ impl ApiError {
             status: 404,
             message: format!("no reservation with id {id} (see `pf list`)"),
             rule: None,
+            partial: false,
         }
     }
     fn conflict(message: impl Into<String>) -> Self {
@@ -70,6 +78,7 @@ impl ApiError {
             status: 409,
             message: message.into(),
             rule: None,
+            partial: false,
         }
     }
     fn internal(message: impl Into<String>) -> Self {
@@ -77,6 +86,7 @@ impl ApiError {
             status: 500,
             message: message.into(),
             rule: None,
+            partial: false,
         }
     }
     pub fn unavailable(message: impl Into<String>) -> Self {
@@ -84,6 +94,7 @@ impl ApiError {
             status: 503,
             message: message.into(),
             rule: None,
+            partial: false,
         }
     }
     pub fn to_json(&self) -> Value {
@@ -112,6 +123,7 @@ impl From<crate::policy::Refusal> for ApiError {
             status: 403,
             message: r.to_string(),
             rule: Some(r.rule),
+            partial: false,
         }
     }
 }
@@ -220,17 +232,27 @@ impl Request {
         })
     }
 
-    /// What a refusal's audit line records of the request.
+    /// What a refusal's audit line records of the request (each text cut to a bounded
+    /// length: a line must fit the room the audit log keeps).
     fn subject(&self) -> Value {
-        match self {
-            Request::Reserve(r) => {
-                json!({ "owner": r.owner, "public": r.public, "to": r.to, "ttl": r.ttl })
+        fn cut(s: &str) -> String {
+            match s.char_indices().nth(SUBJECT_TEXT_MAX) {
+                Some((at, _)) => format!("{}...", &s[..at]),
+                None => s.to_string(),
             }
+        }
+        match self {
+            Request::Reserve(r) => json!({
+                "owner": cut(&r.owner),
+                "public": cut(&r.public),
+                "to": cut(&r.to),
+                "ttl": r.ttl.as_deref().map(cut),
+            }),
             Request::Release(id)
             | Request::Renew { id, .. }
             | Request::SetEnabled { id, .. }
             | Request::Restore { id, .. } => json!({ "id": id }),
-            Request::ReleaseOwner(owner) => json!({ "owner": owner }),
+            Request::ReleaseOwner(owner) => json!({ "owner": cut(owner) }),
             Request::Malformed { subject, .. } => subject.clone(),
             _ => Value::Null,
         }
@@ -438,6 +460,10 @@ pub struct Engine {
     repair: bool,
     /// When the expired history was last purged.
     purged: Option<Instant>,
+    /// Why expiry waits, once logged (logged again only when it changes).
+    expiry_blocked: Option<String>,
+    /// Why the last repair failed, once logged.
+    repair_failing: Option<String>,
 }
 
 fn kernel_seed() -> u64 {
@@ -475,6 +501,8 @@ impl Engine {
             map_ids: None,
             repair: false,
             purged: None,
+            expiry_blocked: None,
+            repair_failing: None,
         })
     }
 
@@ -552,7 +580,12 @@ impl Engine {
         }
         let result = self.change(request, caller);
         match &result {
+            // A release by owner wrote a line per release and its summary as it went.
+            Ok(_) if matches!(action, "release-owner") => {}
             Ok(done) => self.audit(caller, action, "ok", done, None),
+            Err(e) if e.partial => {
+                self.audit(caller, action, "partial", &subject, Some(&e.message))
+            }
             Err(e) => self.audit(caller, action, "refused", &subject, Some(&e.message)),
         }
         self.refresh_next_expiry();
@@ -594,7 +627,9 @@ impl Engine {
                             "role": a.role.describe(),
                             "live": a.health.is_live(),
                         });
-                        if let crate::dataplane::Health::Dead(why) = &a.health {
+                        if let crate::dataplane::Health::Dead(why)
+                        | crate::dataplane::Health::Unknown(why) = &a.health
+                        {
                             v["problem"] = json!(why);
                         }
                         v
@@ -673,6 +708,15 @@ impl Engine {
                 }
             }
         }
+        // The summary line names what went by id (each has its own line, with the record).
+        let ids: Vec<&Value> = released.iter().map(|r| &r["id"]).collect();
+        self.audit(
+            caller,
+            "release-owner",
+            "ok",
+            &json!({ "owner": owner, "released_ids": ids }),
+            None,
+        );
         Ok(json!({ "owner": owner, "released": released }))
     }
 
@@ -770,15 +814,22 @@ impl Engine {
         // The store first: once committed, the reservation exists, and a crash before the maps
         // are written is repaired by the next start's reconcile. If the maps refuse it, the
         // record goes again.
+        let mut state = self.open_state()?;
         let record = self.store.insert(&new)?;
-        if let Err(e) = self.open_state().and_then(|mut s| s.reserve(&reservation)) {
-            if let Err(undo) = self.store.delete(record.id) {
-                eprintln!(
-                    "pf serve: reservation {} is in the store but not the maps ({undo}); the next start reconciles it",
-                    record.id
-                );
-            }
-            return Err(e.into());
+        if let Err(e) = state.reserve(&reservation) {
+            let e = ApiError::from(e);
+            return Err(match self.store.delete(record.id) {
+                Ok(_) => e,
+                // The record stays, and a start would forward it: say so, not "refused".
+                Err(undo) => ApiError {
+                    message: format!(
+                        "{}; and removing reservation {} from the store again failed ({undo}): it stays there, disabled in nothing, and the next start forwards it unless it is released",
+                        e.message, record.id
+                    ),
+                    partial: true,
+                    ..e
+                },
+            });
         }
         Ok(record)
     }
@@ -846,37 +897,47 @@ impl Engine {
         )))
     }
 
-    /// Removes a reservation: the store first (the truth: a failure there changes nothing and
-    /// says so), then the maps. If the maps fail after the store has let go, the error says
-    /// so and the engine reconciles at its next tick until the maps agree.
+    /// Removes a reservation: the maps are opened (and checked to be the programs' maps)
+    /// first, then the store lets go (the truth: a failure there changes nothing and says so),
+    /// then the maps. If the maps fail after the store let go, the error says so and the
+    /// engine reconciles at its next tick until the maps agree.
     fn release(&mut self, id: u64) -> Result<Record, ApiError> {
         let record = self.get(id)?;
+        let mut state = self.open_state()?;
         self.store.delete(id)?;
-        self.unmap_after_store(&record, "released")?;
+        self.unmap_after_store(&mut state, &record, "released")?;
         Ok(record)
     }
 
     /// Takes `record` out of the maps after the store has; a failure schedules a repair.
-    fn unmap_after_store(&mut self, record: &Record, done: &str) -> Result<(), ApiError> {
+    fn unmap_after_store(
+        &mut self,
+        state: &mut State,
+        record: &Record,
+        done: &str,
+    ) -> Result<(), ApiError> {
         if !record.enabled {
             return Ok(());
         }
-        self.unmap(record).map_err(|e| {
+        Self::unmap(state, record).map_err(|e| {
             self.repair = true;
-            ApiError::internal(format!(
-                "reservation {} is {done} in the store, but removing it from the kernel maps failed ({}); pf serve retries every second until the maps agree",
-                record.id, e.message
-            ))
+            ApiError {
+                message: format!(
+                    "reservation {} is {done} in the store, but removing it from the kernel maps failed ({}); pf serve retries every second until the maps agree",
+                    record.id, e.message
+                ),
+                partial: true,
+                ..ApiError::internal("")
+            }
         })
     }
 
-    fn unmap(&mut self, record: &Record) -> Result<(), ApiError> {
-        let mut state = self.open_state()?;
-        match state.release(&record.reservation.public) {
+    fn unmap(state: &mut State, record: &Record) -> Result<(), ApiError> {
+        match state.release_exact(&record.reservation) {
             Ok(_) => Ok(()),
-            Err(PfError::NoSuchReservation { .. }) => {
+            Err(PfError::NoSuchReservation { hint, .. }) => {
                 eprintln!(
-                    "pf serve: drift: reservation {} ({}) was missing from the maps",
+                    "pf serve: drift: reservation {} ({}) was missing from the maps{hint}",
                     record.id, record.reservation
                 );
                 Ok(())
@@ -912,21 +973,29 @@ impl Engine {
         if record.enabled == enabled {
             return Ok(record);
         }
+        let mut state = self.open_state()?;
         if enabled {
             // The server's addresses may have changed since it was made.
             self.policy
                 .check_target(&record.reservation, &local_addresses()?)?;
             self.store.set_enabled(id, true)?;
-            if let Err(e) = self
-                .open_state()
-                .and_then(|mut s| s.reserve(&record.reservation))
-            {
-                self.store.set_enabled(id, false)?;
-                return Err(e.into());
+            if let Err(e) = state.reserve(&record.reservation) {
+                let e = ApiError::from(e);
+                return Err(match self.store.set_enabled(id, false) {
+                    Ok(_) => e,
+                    Err(undo) => ApiError {
+                        message: format!(
+                            "{}; and disabling reservation {id} in the store again failed ({undo}): the store says enabled, and the next start forwards it unless it is disabled",
+                            e.message
+                        ),
+                        partial: true,
+                        ..e
+                    },
+                });
             }
         } else {
             self.store.set_enabled(id, false)?;
-            self.unmap_after_store(&record, "disabled")?;
+            self.unmap_after_store(&mut state, &record, "disabled")?;
         }
         self.get(id)
     }
@@ -943,6 +1012,7 @@ impl Engine {
                 status: 404,
                 message: format!("no expired reservation with id {id} (see `pf list --expired`)"),
                 rule: None,
+                partial: false,
             });
         };
         let asked = ttl
@@ -953,6 +1023,7 @@ impl Engine {
             .or(record.ttl_ms.map(Duration::from_millis));
         let ttl = self.policy.lifetime(asked)?;
         self.admit(&record.owner, &record.reservation)?;
+        let mut state = self.open_state()?;
         let ttl_ms = ttl.map(duration_ms);
         let expires = ttl_ms.map(|t| self.now_ms().saturating_add(t));
         let restored = self
@@ -960,17 +1031,20 @@ impl Engine {
             .restore(id, ttl_ms, expires)?
             .ok_or_else(|| ApiError::internal(format!("expired reservation {id} vanished")))?;
         if restored.enabled
-            && let Err(e) = self
-                .open_state()
-                .and_then(|mut s| s.reserve(&restored.reservation))
+            && let Err(e) = state.reserve(&restored.reservation)
         {
-            if let Err(undo) = self.store.expire(id, self.now_ms()) {
-                eprintln!(
-                    "pf serve: restored reservation {id} is in the store but not the maps ({undo}); repairing"
-                );
-                self.repair = true;
-            }
-            return Err(e.into());
+            let e = ApiError::from(e);
+            return Err(match self.store.expire(id, self.now_ms()) {
+                Ok(_) => e,
+                Err(undo) => ApiError {
+                    message: format!(
+                        "{}; and moving reservation {id} back to the expired history failed ({undo}): the store holds it, and the next start forwards it unless it is released",
+                        e.message
+                    ),
+                    partial: true,
+                    ..e
+                },
+            });
         }
         Ok(restored)
     }
@@ -982,9 +1056,18 @@ impl Engine {
             match self.reconcile(ReconcileGuard::REPAIR) {
                 Ok(_) => {
                     self.repair = false;
+                    self.repair_failing = None;
                     eprintln!("pf serve: repaired the maps: they agree with the store again");
                 }
-                Err(e) => eprintln!("pf serve: repairing the maps: {}", e.message),
+                Err(e) => {
+                    if self.repair_failing.as_deref() != Some(e.message.as_str()) {
+                        eprintln!(
+                            "pf serve: repairing the maps fails, retrying every second: {}",
+                            e.message
+                        );
+                        self.repair_failing = Some(e.message);
+                    }
+                }
             }
         }
         self.expire_due();
@@ -1007,7 +1090,8 @@ impl Engine {
     }
 
     /// Moves every reservation whose expiry has passed into the restorable history, and out
-    /// of the maps; each is audited, so nothing expires unless the audit log takes it.
+    /// of the maps; each is audited, so nothing expires unless the audit log takes it, and
+    /// nothing is touched unless the maps are the programs' own.
     pub fn expire_due(&mut self) {
         let now = self.now_ms();
         if self.next_expiry.is_none_or(|t| t > now) {
@@ -1018,14 +1102,29 @@ impl Engine {
             let retry = now.saturating_add(EXPIRY_RETRY_MS);
             engine.next_expiry = Some(engine.next_expiry.map_or(retry, |t| t.max(retry)));
         };
-        if let Some(refusal) = self.refuse_changes() {
-            eprintln!(
-                "pf serve: expiry waits: {} (trying again in {EXPIRY_RETRY_MS} ms)",
-                refusal.message
-            );
-            retry(self);
-            return;
-        }
+        let blocked = match self.refuse_changes() {
+            Some(refusal) => Err(refusal),
+            None => self.open_state().map_err(ApiError::from),
+        };
+        let mut state = match blocked {
+            Ok(state) => {
+                if self.expiry_blocked.take().is_some() {
+                    eprintln!("pf serve: expiry goes on again");
+                }
+                state
+            }
+            Err(refusal) => {
+                if self.expiry_blocked.as_deref() != Some(refusal.message.as_str()) {
+                    eprintln!(
+                        "pf serve: expiry waits, retrying every {EXPIRY_RETRY_MS} ms: {}",
+                        refusal.message
+                    );
+                    self.expiry_blocked = Some(refusal.message);
+                }
+                retry(self);
+                return;
+            }
+        };
         let due = match self.store.expired(now) {
             Ok(due) => due,
             Err(e) => {
@@ -1036,32 +1135,38 @@ impl Engine {
         };
         let mut failed = false;
         for record in due {
-            let outcome = self
-                .store
-                .expire(record.id, now)
-                .map_err(ApiError::from)
-                .and_then(|_| self.unmap_after_store(&record, "expired"));
-            match outcome {
-                Ok(()) => {
-                    eprintln!(
-                        "pf serve: expired reservation {} ({}, owner {}); restorable for {} (`pf restore {}`)",
-                        record.id,
-                        record.reservation,
-                        record.owner,
-                        humantime::format_duration(HISTORY_KEEP),
-                        record.id
-                    );
-                    self.audit(Caller::SERVICE, "expire", "ok", &record_json(&record), None);
-                }
+            if let Err(e) = self.store.expire(record.id, now) {
+                failed = true;
+                eprintln!(
+                    "pf serve: could not expire reservation {}: {e} (trying again in {EXPIRY_RETRY_MS} ms)",
+                    record.id
+                );
+                continue;
+            }
+            let unmapped = self.unmap_after_store(&mut state, &record, "expired");
+            eprintln!(
+                "pf serve: expired reservation {} ({}, owner {}); restorable for {} (`pf restore {}`)",
+                record.id,
+                record.reservation,
+                record.owner,
+                humantime::format_duration(HISTORY_KEEP),
+                record.id
+            );
+            match unmapped {
+                Ok(()) => self.audit(Caller::SERVICE, "expire", "ok", &record_json(&record), None),
                 Err(e) => {
-                    failed = true;
-                    eprintln!(
-                        "pf serve: could not expire reservation {}: {} (trying again in {EXPIRY_RETRY_MS} ms)",
-                        record.id, e.message
+                    eprintln!("pf serve: {}", e.message);
+                    self.audit(
+                        Caller::SERVICE,
+                        "expire",
+                        "partial",
+                        &record_json(&record),
+                        Some(&e.message),
                     );
                 }
             }
         }
+        drop(state);
         self.refresh_next_expiry();
         if failed {
             retry(self);
@@ -1073,6 +1178,21 @@ impl Engine {
     /// out of the maps. Returns how many.
     pub fn disable_server_targets(&mut self) -> Result<usize, ApiError> {
         let local = local_addresses()?;
+        let offending = self
+            .store
+            .list(None)?
+            .into_iter()
+            .filter(|r| r.enabled && self.policy.check_target(&r.reservation, &local).is_err())
+            .count();
+        if offending > 0
+            && self.store.read_only().is_none()
+            && let Err(e) = self.audit.ready()
+        {
+            return Err(ApiError::unavailable(format!(
+                "{offending} reservations target the server itself and must be disabled, but the audit log {} cannot be written ({e})",
+                self.audit.path().display()
+            )));
+        }
         let mut disabled = 0;
         for record in self.store.list(None)?.into_iter().filter(|r| r.enabled) {
             let Err(refusal) = self.policy.check_target(&record.reservation, &local) else {
@@ -1104,6 +1224,52 @@ impl Engine {
         Ok(disabled)
     }
 
+    /// The start, in an order that changes nothing before it knows the store is the right
+    /// one: the reconcile guard is checked first, then what fell due while the service was
+    /// down expires, reservations that target the server are disabled, and the maps are
+    /// reconciled. Returns the reconcile's report and how many were disabled.
+    pub fn start(&mut self, guard: ReconcileGuard) -> Result<(ReconcileReport, usize), ApiError> {
+        {
+            let state = self.open_state()?;
+            self.check_guard(&state, guard)?;
+        }
+        self.expire_due();
+        let disabled = self.disable_server_targets()?;
+        let report = self.reconcile(ReconcileGuard::REPAIR)?;
+        Ok((report, disabled))
+    }
+
+    /// Refuses a reconcile that would remove what a new store or a large share implies was
+    /// lost, not meant (see [`ReconcileGuard`]).
+    fn check_guard(&self, state: &State, guard: ReconcileGuard) -> Result<(), ApiError> {
+        if guard.force {
+            return Ok(());
+        }
+        let actual = state.list()?;
+        let records = self.store.list(None)?;
+        let stored: std::collections::HashSet<&Reservation> =
+            records.iter().map(|r| &r.reservation).collect();
+        let unknown = actual.iter().filter(|r| !stored.contains(r)).count();
+        if unknown == 0 {
+            return Ok(());
+        }
+        if guard.store_was_new {
+            return Err(ApiError::unavailable(format!(
+                "the reservation store is new or empty, but the kernel maps hold {unknown} reservations it does not know: starting would stop forwarding them all. If the store's path is wrong, fix service.database; if the store really was lost and those reservations should go, start once with `pf serve --force-reconcile`"
+            )));
+        }
+        let share = unknown as f64 / actual.len() as f64;
+        if unknown > UNGUARDED_REMOVALS && share > guard.removal_limit {
+            return Err(ApiError::unavailable(format!(
+                "the kernel maps hold {unknown} of {} reservations that the store does not know ({:.0}%, more than service.reconcile_removal_limit = {:.0}%): starting would stop forwarding them. If the store is the wrong one, fix service.database; if they should go, start once with `pf serve --force-reconcile`",
+                actual.len(),
+                share * 100.0,
+                guard.removal_limit * 100.0
+            )));
+        }
+        Ok(())
+    }
+
     /// Makes the maps hold exactly the store's enabled reservations: removes what the store
     /// does not have, adds what is missing, and logs each difference. `guard` refuses (before
     /// any change) a reconcile that would remove what a new store or a large share implies
@@ -1119,25 +1285,7 @@ impl Engine {
         let actual = state.list()?;
         let want: std::collections::HashSet<&Reservation> = desired.iter().collect();
         let have: std::collections::HashSet<&Reservation> = actual.iter().collect();
-        let stored: std::collections::HashSet<&Reservation> =
-            records.iter().map(|r| &r.reservation).collect();
-        let unknown = actual.iter().filter(|r| !stored.contains(r)).count();
-        if !guard.force && unknown > 0 {
-            if guard.store_was_new {
-                return Err(ApiError::unavailable(format!(
-                    "the reservation store is new or empty, but the kernel maps hold {unknown} reservations it does not know: starting would stop forwarding them all. If the store's path is wrong, fix service.database; if the store really was lost and those reservations should go, start once with `pf serve --force-reconcile`"
-                )));
-            }
-            let share = unknown as f64 / actual.len() as f64;
-            if unknown > UNGUARDED_REMOVALS && share > guard.removal_limit {
-                return Err(ApiError::unavailable(format!(
-                    "the kernel maps hold {unknown} of {} reservations that the store does not know ({:.0}%, more than service.reconcile_removal_limit = {:.0}%): starting would stop forwarding them. If the store is the wrong one, fix service.database; if they should go, start once with `pf serve --force-reconcile`",
-                    actual.len(),
-                    share * 100.0,
-                    guard.removal_limit * 100.0
-                )));
-            }
-        }
+        self.check_guard(&state, guard)?;
         let mut drifts = Vec::new();
         // Records the store does not have go, with their entries.
         for r in actual.iter().filter(|r| !want.contains(r)) {

@@ -372,6 +372,7 @@ async fn ask(
         status: 503,
         message: "pf serve is stopping".into(),
         rule: None,
+        partial: false,
     };
     jobs.send(Job {
         request,
@@ -436,6 +437,7 @@ async fn read_body(req: hyper::Request<Incoming>) -> Result<Bytes, ApiError> {
         status: 408,
         message: format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
         rule: None,
+        partial: false,
     })?;
     Ok(collected
         .map_err(|e| {
@@ -444,6 +446,7 @@ async fn read_body(req: hyper::Request<Incoming>) -> Result<Bytes, ApiError> {
                     status: 413,
                     message: format!("request body is larger than {MAX_BODY} bytes"),
                     rule: None,
+                    partial: false,
                 }
             } else {
                 ApiError::bad_request(format!("reading the request body: {e}"))
@@ -470,6 +473,7 @@ async fn route(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
         status: 405,
         message: format!("{method} is not allowed on {path}"),
         rule: None,
+        partial: false,
     };
     match segments[..] {
         ["v1", "status"] if method == Method::GET => Ok(Request::Status),
@@ -510,6 +514,7 @@ async fn route(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
                     status: 404,
                     message: format!("unknown action '{other}' (renew, enable or disable)"),
                     rule: None,
+                    partial: false,
                 }),
             }
         }
@@ -535,6 +540,7 @@ async fn route(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
             status: 404,
             message: format!("no such API path {path} (see `pf serve --help`)"),
             rule: None,
+            partial: false,
         }),
     }
 }

@@ -220,13 +220,16 @@ fn attach_interfaces(dir: &PinDir, config: &Config) -> Result<(), ServeError> {
             }
         }
     }
+    // A dead attachment outside the config (a `pf attach` by hand) may still run programs
+    // that read maps no longer pinned, forwarding what the service releases: it goes.
     for a in &found {
         if let dataplane::Health::Dead(reason) = &a.health
             && !config.interfaces.iter().any(|i| i.name == a.iface)
         {
+            dataplane::detach(dir, &a.iface)?;
             eprintln!(
-                "pf serve: warning: {} is not in the config and its attachment is dead ({reason}): `pf attach {}` replaces it, `pf detach {}` removes it",
-                a.iface, a.iface, a.iface
+                "pf serve: detached {}, which is not in the config: its attachment was dead ({reason}); `pf attach {}` attaches it again",
+                a.iface, a.iface
             );
         }
     }
@@ -274,13 +277,9 @@ pub fn run(config: Config, options: StartOptions) -> Result<(), ServeError> {
         service.audit_log.display()
     )))?;
     let mut engine = Engine::new(Box::new(store), dir, config.policy.clone(), audit)?;
-    engine.expire_due();
     let started = std::time::Instant::now();
-    let disabled = engine
-        .disable_server_targets()
-        .map_err(|e| ServeError::Reconcile(e.message))?;
-    let report = engine
-        .reconcile(ReconcileGuard {
+    let (report, disabled) = engine
+        .start(ReconcileGuard {
             force: options.force_reconcile,
             store_was_new,
             removal_limit: service.reconcile_removal_limit,

@@ -49,6 +49,22 @@ struct Case<'a> {
     program: Which,
     packet: &'a [u8],
     must_count: Option<Outcome>,
+    /// `TUNNEL_NETWORKS` while the case runs (egress checks unrewritten sources against it).
+    tunnel_networks: &'a [(Ipv4Addr, u8)],
+}
+
+/// Four tunnel networks, more than a VPN server usually has: a source outside all of them is
+/// compared with each, the leak guard's most expensive pass.
+fn four_networks() -> Vec<(Ipv4Addr, u8)> {
+    [
+        ("10.8.0.0", 16),
+        ("10.9.0.0", 16),
+        ("100.64.0.0", 10),
+        ("172.16.0.0", 12),
+    ]
+    .iter()
+    .map(|(a, p)| (a.parse().unwrap(), *p))
+    .collect()
 }
 
 /// The i-th filler reservation: distinct public endpoints (198.18.0.0/15, the benchmarking
@@ -66,6 +82,7 @@ pub fn filler(i: u32) -> Reservation {
 }
 
 const XDP_PASS: u32 = 2;
+const TC_ACT_SHOT: u32 = 2;
 
 /// The lookup-only baseline, its map holding the key it will read from `packet` (the same 8
 /// bytes, at the same offset, that pf's key is built from).
@@ -112,6 +129,11 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
     }
     .frame();
     let egress_hit = Pkt::tcp(HIT_ADDR, 8080, REMOTE, 40000).frame();
+    // Egress misses: the server's own or masqueraded traffic (the public address, no
+    // reservation), and a tunnel client's reply whose reservation is gone.
+    let egress_miss = Pkt::tcp(HIT_ADDR, 55000, REMOTE, 443).frame();
+    let egress_leak = Pkt::tcp([10, 8, 0, 2], 80, REMOTE, 40000).frame();
+    let networks = four_networks();
     let lookup_object = load_lookup_only(&tcp_hit)?;
     let lookup_only: &Xdp = lookup_object
         .program("pf_bench_lookup")
@@ -125,48 +147,77 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
             program: Which::Noop,
             packet: &tcp_hit,
             must_count: None,
+            tunnel_networks: &[],
         },
         Case {
             name: "hash lookup only",
             program: Which::LookupOnly,
             packet: &tcp_hit,
             must_count: None,
+            tunnel_networks: &[],
         },
         Case {
             name: "ingress hit TCP",
             program: Which::Ingress,
             packet: &tcp_hit,
             must_count: Some(Outcome::Rewritten),
+            tunnel_networks: &[],
         },
         Case {
             name: "ingress hit UDP",
             program: Which::Ingress,
             packet: &udp_hit,
             must_count: Some(Outcome::Rewritten),
+            tunnel_networks: &[],
         },
         Case {
             name: "ingress miss",
             program: Which::Ingress,
             packet: &miss,
             must_count: Some(Outcome::NoReservation),
+            tunnel_networks: &[],
         },
         Case {
             name: "ingress non-IPv4",
             program: Which::Ingress,
             packet: &not_ipv4,
             must_count: Some(Outcome::NotIpv4),
+            tunnel_networks: &[],
         },
         Case {
             name: "no-op TC (baseline)",
             program: Which::NoopTc,
             packet: &egress_hit,
             must_count: None,
+            tunnel_networks: &[],
         },
         Case {
             name: "egress hit TCP",
             program: Which::Egress,
             packet: &egress_hit,
             must_count: Some(Outcome::Rewritten),
+            tunnel_networks: &networks,
+        },
+        Case {
+            name: "egress miss, no guard",
+            program: Which::Egress,
+            packet: &egress_miss,
+            must_count: Some(Outcome::NoReservation),
+            tunnel_networks: &[],
+        },
+        Case {
+            name: "egress miss, 4 networks",
+            program: Which::Egress,
+            packet: &egress_miss,
+            must_count: Some(Outcome::NoReservation),
+            tunnel_networks: &networks,
+        },
+        Case {
+            name: "egress leak dropped",
+            program: Which::Egress,
+            packet: &egress_leak,
+            must_count: Some(Outcome::TunnelSourceDropped),
+            tunnel_networks: &networks,
         },
     ];
 
@@ -194,8 +245,10 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
             program,
             packet,
             must_count,
+            tunnel_networks,
         } in &cases
         {
+            state.set_tunnel_networks(tunnel_networks).map_err(err)?;
             let mut runs = Vec::new();
             for _ in 0..profile.repetitions {
                 let before = state.counters().map_err(err)?;
@@ -212,6 +265,10 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
                     Which::Egress => programs.egress().test_run(opts),
                 }
                 .map_err(|e| format!("{name}: BPF_PROG_TEST_RUN: {e}"))?;
+                let dropped = *must_count == Some(Outcome::TunnelSourceDropped);
+                if *program == Which::Egress && (result.return_value == TC_ACT_SHOT) != dropped {
+                    return Err(format!("{name}: verdict {}", result.return_value));
+                }
                 if *program == Which::LookupOnly && result.return_value != XDP_PASS {
                     return Err(format!("{name}: the lookup missed"));
                 }

@@ -155,6 +155,16 @@ fn a_reservation_never_targets_the_server_itself() {
     assert_eq!(pf_list(&dir), json!([]));
     assert!(in_maps(&dir).is_empty());
     reserve(&service, "acct-1", "198.51.100.1:30001/tcp", "10.8.0.2:80").unwrap();
+    // An address the server takes while the service runs is refused at once: the addresses
+    // are read at each reservation, not once.
+    topo.server
+        .run(&["ip", "addr", "add", "10.8.0.50/24", "dev", "tun0"])
+        .unwrap();
+    let e = reserve(&service, "acct-1", "198.51.100.1:30003/tcp", "10.8.0.50").unwrap_err();
+    assert!(
+        e.contains("10.8.0.50 is an address of this server (tun0)"),
+        "{e}"
+    );
 
     // A reservation made before the rule (written into the store behind the service's back)
     // is disabled at the next start, reported and audited, and kept out of the maps.
@@ -176,6 +186,12 @@ fn a_reservation_never_targets_the_server_itself() {
         })
         .unwrap();
     drop(store);
+    // And forwarding in the maps, as it was before the rule.
+    State::open_for_write(&dir.dir)
+        .unwrap()
+        .reserve(&old.reservation)
+        .unwrap();
+    assert_eq!(in_maps(&dir).len(), 2);
     service.spawn().unwrap();
     let log = service.log();
     assert!(
@@ -394,8 +410,8 @@ fn attachment_state_comes_from_the_kernel_not_the_pins() {
     reserve(&service, "acct-1", "198.51.100.1:8080/tcp", "10.8.0.2:80").unwrap();
     assert_eq!(topo.inet.curl(url).unwrap(), "pinned\n");
 
-    // 4. The map pins removed while the service runs: it refuses changes instead of writing
-    // maps no program reads.
+    // 4. The map pins removed while the service runs, or replaced by new maps: it refuses
+    // changes (nothing stored, nothing released) instead of writing maps no program reads.
     for name in map_names::ALL {
         std::fs::remove_file(dir.dir.map(name)).unwrap();
     }
@@ -404,11 +420,30 @@ fn attachment_state_comes_from_the_kernel_not_the_pins() {
         e.contains("were removed or replaced after pf serve started"),
         "{e}"
     );
+    drop(State::open_for_write(&dir.dir).unwrap()); // new, empty maps pinned in their place
+    let e = reserve(&service, "acct-1", "198.51.100.1:8081/tcp", "10.8.0.2:81").unwrap_err();
+    assert!(e.contains("were removed or replaced"), "{e}");
+    let id = pf_list(&dir)[0]["id"].as_u64().unwrap();
+    let out = pf(&dir, &["release", &id.to_string()]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("were removed or replaced"),
+        "{out:?}"
+    );
     assert_eq!(
         pf_list(&dir).as_array().unwrap().len(),
         1,
-        "a refused reserve was stored"
+        "a refused change reached the store"
     );
+    assert_eq!(
+        topo.inet.curl(url).unwrap(),
+        "pinned\n",
+        "the port stopped forwarding"
+    );
+    // A restart attaches again onto the pinned maps and reloads them: forwarding as stored.
+    service.stop();
+    service.spawn().unwrap();
+    assert_eq!(topo.inet.curl(url).unwrap(), "pinned\n");
 }
 
 /// This process's file limit, raised so the test can hold many connections.
@@ -478,6 +513,26 @@ fn idle_connections_cannot_take_the_api_down() {
         "{lines} lines about connections: {log}"
     );
 
+    // Idle connections below the cap are closed after the header timeout (10 s).
+    let mut quiet: Vec<UnixStream> = (0..10)
+        .map(|_| UnixStream::connect(&socket).unwrap())
+        .collect();
+    for s in &quiet {
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    }
+    let started = Instant::now();
+    for s in &mut quiet {
+        let mut buf = [0u8; 1];
+        let n = s.read(&mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "an idle connection got data");
+    }
+    let waited = started.elapsed();
+    assert!(
+        (Duration::from_secs(9)..Duration::from_secs(13)).contains(&waited),
+        "idle connections closed after {waited:?}"
+    );
+    drop(quiet);
+
     // Out of files (the limit lowered under the running service): accept backs off, says so
     // once, and the API answers again once files are free.
     let status = Command::new("prlimit")
@@ -527,7 +582,7 @@ fn idle_connections_cannot_take_the_api_down() {
 fn a_change_that_cannot_be_audited_is_refused() {
     require_root();
     let dir = TempPinDir::new();
-    let disk = SmallDisk::new("audit", "1m");
+    let disk = SmallDisk::new("audit", "8m");
     let files = files_of(&dir);
     let audit_log = disk.path.join("audit.jsonl");
     let text = config(
@@ -579,6 +634,7 @@ fn a_change_that_cannot_be_audited_is_refused() {
     // Writable again: changes go through, and every line of the log is whole JSON.
     reserve(&service, "acct-1", "198.51.100.1:8083/tcp", "10.8.0.2:83").unwrap();
     let audit = std::fs::read_to_string(&audit_log).unwrap();
+    assert!(audit.ends_with('\n'), "the log ends in half a line");
     for line in audit.lines() {
         serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
     }
@@ -635,6 +691,26 @@ fn a_missing_or_empty_store_does_not_wipe_live_forwarding() {
             .collect();
         state.reserve_all(&strangers).unwrap();
     }
+    // The store also has a record that fell due, for a port one of the strangers holds with
+    // another target: a refused start must not expire it, nor remove the stranger.
+    let mut store = SqliteStore::open(&db).unwrap();
+    let due = store
+        .insert(&NewRecord {
+            owner: "acct-2".into(),
+            reservation: Reservation::new(
+                "198.51.100.1:9000/udp".parse().unwrap(),
+                "10.8.2.1".parse().unwrap(),
+            )
+            .unwrap(),
+            created_ms: 0,
+            ttl_ms: Some(1000),
+            expires_ms: Some(1000),
+            enabled: false,
+            note: String::new(),
+        })
+        .unwrap();
+    drop(store);
+    let audit_before = std::fs::read_to_string(service.audit_log()).unwrap();
     let (status, log) = service.run_to_exit().unwrap();
     assert!(!status.success());
     assert!(
@@ -642,10 +718,29 @@ fn a_missing_or_empty_store_does_not_wipe_live_forwarding() {
         "{log}"
     );
     assert_eq!(in_maps(&dir).len(), 15);
-    // The admin says so: the strangers go.
+    assert!(in_maps(&dir).contains(&"198.51.100.1:9000/udp -> 10.8.1.1:9000".to_string()));
+    let store = SqliteStore::open(&db).unwrap();
+    assert!(
+        store.get(due.id).unwrap().is_some(),
+        "a refused start expired a record"
+    );
+    assert!(store.history(None).unwrap().is_empty());
+    drop(store);
+    assert_eq!(
+        std::fs::read_to_string(service.audit_log()).unwrap(),
+        audit_before
+    );
+    // The admin says so: the strangers go, and the due record expires.
     service.args = vec!["--force-reconcile".into()];
     service.spawn().unwrap();
     assert_eq!(in_maps(&dir).len(), 3);
+    assert!(
+        service
+            .log()
+            .contains(&format!("expired reservation {}", due.id)),
+        "{}",
+        service.log()
+    );
 }
 
 #[test]
@@ -721,6 +816,27 @@ fn a_clock_step_expires_nothing_early_and_expiry_can_be_undone() {
     );
     let audit = std::fs::read_to_string(service.audit_log()).unwrap();
     assert!(audit.contains(r#""action":"expire""#) && audit.contains(r#""action":"restore""#));
+    // A step back (to a day before the start) keeps no lifetime longer than asked.
+    call(
+        "POST",
+        "/v1/reservations",
+        Some(json!({ "owner": "acct-1", "public": "198.51.100.1:8083/tcp", "to": "10.8.0.2:8083", "ttl": "2s" })),
+    )
+    .unwrap();
+    std::fs::write(&offset, "-1d\n").unwrap();
+    thread::sleep(Duration::from_millis(3500));
+    let log = service.log();
+    assert!(
+        log.contains("the system clock stepped back by 3days"),
+        "{log}"
+    );
+    let left: Vec<u64> = pf_list(&dir)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["first_port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(left, vec![8080, 8081, 8082], "{log}");
     let _ = std::fs::remove_file(&offset);
 }
 
