@@ -5,13 +5,18 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use pf::{
-    bpffs::{DEFAULT_PIN_DIR, PinDir},
-    client::{Client, ClientError, encode},
-    dataplane::{self, AttachMode, Attachment, FastPathDevices, Health, Role},
-    policy::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET, parse_ttl},
-    privilege, service,
-    spec::{PublicSpec, Reservation, SpecError, TargetSpec, parse_public_request},
-    state::{Counters, State, Stats, Traffic},
+    api::client::{Client, ClientError, encode},
+    domain::spec::{PublicSpec, Reservation, SpecError, TargetSpec, parse_public_request},
+    kernel::{
+        attach::{self as dataplane, AttachMode, Attachment, FastPathDevices, Health, Role},
+        bpffs::{DEFAULT_PIN_DIR, PinDir},
+        privilege,
+        state::{Counters, State, Stats, Traffic},
+    },
+    service::{
+        self,
+        policy::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET, parse_ttl},
+    },
 };
 use serde_json::{Value, json};
 

@@ -11,15 +11,15 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::{
-    bpffs::PinDir,
-    error::PfError,
+use super::{
     policy::{Listening, LocalAddresses, Policy, parse_ttl},
-    spec::{
+    store::{NewRecord, Record, Store, StoreError},
+};
+use crate::{
+    domain::spec::{
         PortRange, Protocols, PublicSpec, Reservation, SpecError, TargetSpec, parse_public_request,
     },
-    state::State,
-    store::{NewRecord, Record, Store, StoreError},
+    kernel::{PfError, bpffs::PinDir, state::State},
 };
 
 use super::audit::{Audit, Caller};
@@ -117,8 +117,8 @@ impl From<StoreError> for ApiError {
     }
 }
 
-impl From<crate::policy::Refusal> for ApiError {
-    fn from(r: crate::policy::Refusal) -> Self {
+impl From<crate::service::policy::Refusal> for ApiError {
+    fn from(r: crate::service::policy::Refusal) -> Self {
         Self {
             status: 403,
             message: r.to_string(),
@@ -619,7 +619,7 @@ impl Engine {
                 "next_expiry": self.next_expiry.map(rfc3339),
                 "store_read_only": self.store.read_only(),
                 "clock_offset_seconds": self.clock.offset_ms() / 1000,
-                "attached": crate::dataplane::inspect(&self.dir)
+                "attached": crate::kernel::attach::inspect(&self.dir)
                     .iter()
                     .map(|a| {
                         let mut v = json!({
@@ -627,8 +627,8 @@ impl Engine {
                             "role": a.role.describe(),
                             "live": a.health.is_live(),
                         });
-                        if let crate::dataplane::Health::Dead(why)
-                        | crate::dataplane::Health::Unknown(why) = &a.health
+                        if let crate::kernel::attach::Health::Dead(why)
+                        | crate::kernel::attach::Health::Unknown(why) = &a.health
                         {
                             v["problem"] = json!(why);
                         }
@@ -763,7 +763,7 @@ impl Engine {
         let held = self.store.owner_ports(owner)?;
         let asked = u64::from(public.ports.len());
         if held + asked > self.policy.ports_per_owner {
-            return Err(ApiError::from(crate::policy::Refusal {
+            return Err(ApiError::from(crate::service::policy::Refusal {
                 rule: "policy.ports_per_owner",
                 detail: format!(
                     "owner {owner} holds {held} ports; {asked} more would pass the limit of {}",
@@ -862,7 +862,7 @@ impl Engine {
             .filter(|&p| self.policy.allows_port(addr, p, protocols, &listening))
             .collect();
         if candidates.is_empty() {
-            return Err(crate::policy::Refusal {
+            return Err(crate::service::policy::Refusal {
                 rule: "policy.port_pool",
                 detail: format!("no free port left in the pool on {addr}/{protocols}"),
             }

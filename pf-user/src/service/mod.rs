@@ -9,6 +9,8 @@
 pub mod audit;
 pub mod engine;
 mod http;
+pub mod policy;
+pub mod store;
 
 use std::{
     fs::File,
@@ -18,13 +20,9 @@ use std::{
     time::Duration,
 };
 
-use crate::{
-    bpffs::PinDir,
-    dataplane,
-    error::PfError,
-    policy::{Config, ConfigError},
-    store::{SqliteStore, Store, StoreError},
-};
+use crate::kernel::{PfError, attach as dataplane, bpffs::PinDir};
+use policy::{Config, ConfigError};
+use store::{SqliteStore, Store, StoreError};
 
 use audit::{Audit, Caller};
 use engine::{ApiError, Engine, ReconcileGuard, Request};
@@ -261,7 +259,7 @@ pub fn run(config: Config, options: StartOptions) -> Result<(), ServeError> {
     let store_was_new = SqliteStore::is_new(&service.database);
     if store_was_new && !options.force_reconcile {
         // Refused here, before the store file is made, if the maps hold reservations.
-        if let Some(state) = crate::state::State::open_for_read(&dir)? {
+        if let Some(state) = crate::kernel::state::State::open_for_read(&dir)? {
             let held = state.list()?.len();
             if held > 0 {
                 return Err(ServeError::Reconcile(format!(

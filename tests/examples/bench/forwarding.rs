@@ -36,10 +36,10 @@ use aya::{
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
 };
 use pf::{
-    bpffs::PinDir,
-    dataplane::{self, AttachMode, Role},
-    spec::Protocols,
-    state::State,
+    kernel::bpffs::PinDir,
+    kernel::attach::{self as dataplane, AttachMode, Role},
+    domain::spec::Protocols,
+    kernel::state::State,
 };
 use pf_common::counters::FastPath;
 use pf_tests::{
@@ -189,8 +189,8 @@ impl Generator {
     fn send(self, inet: &Netns, seconds: f64) -> Result<(Self, u64, Duration), String> {
         inet.within(move || -> Result<(Self, u64, Duration), String> {
             pin_to_last_cpu()?;
-            let ifindex =
-                pf::netdev::ifindex("inet0").ok_or("no inet0 in the internet host's namespace")?;
+            let ifindex = pf::kernel::netdev::ifindex("inet0")
+                .ok_or("no inet0 in the internet host's namespace")?;
             // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
             // egress_ifindex. In live-frames mode XDP_TX leaves by ingress_ifindex.
             let ctx: Vec<u8> = [0, FRAME_LEN as u32, 0, ifindex, 0, 0]
@@ -323,7 +323,8 @@ pub fn setup(config: Config) -> Result<Setup, String> {
             .server
             .within(move || -> Result<Ebpf, String> {
                 let mut program = program;
-                let tun0 = pf::netdev::ifindex("tun0").ok_or("no tun0 in the server namespace")?;
+                let tun0 =
+                    pf::kernel::netdev::ifindex("tun0").ok_or("no tun0 in the server namespace")?;
                 let mut devices: DevMap<_> = program
                     .map_mut("BENCH_REDIRECT")
                     .ok_or("the bench object has no BENCH_REDIRECT")?

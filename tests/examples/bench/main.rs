@@ -28,7 +28,7 @@ use std::{
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use pf::spec::{PortRange, Protocols, PublicSpec, Reservation, TargetSpec};
+use pf::domain::spec::{PortRange, Protocols, PublicSpec, Reservation, TargetSpec};
 use serde_json::{Value, json};
 
 const SECTIONS: [&str; 5] = ["per-packet", "control", "service", "forwarding", "tcp"];
@@ -119,10 +119,10 @@ pub fn reservation(
 
 /// The bench's own eBPF object (pf-ebpf/src/bench.rs).
 pub fn bench_object() -> Result<&'static [u8], String> {
-    if pf::dataplane::BENCH_OBJECT.is_empty() {
+    if pf::kernel::object::BENCH_OBJECT.is_empty() {
         return Err("the bench eBPF object is empty (built with AYA_BUILD_SKIP?)".into());
     }
-    Ok(pf::dataplane::BENCH_OBJECT)
+    Ok(pf::kernel::object::BENCH_OBJECT)
 }
 
 /// Finds the XDP program `name` in a bench object and loads it into the kernel (verifies it).

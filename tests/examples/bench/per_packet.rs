@@ -14,10 +14,10 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use pf::{
-    bpffs::PinDir,
-    dataplane::Programs,
-    spec::{Protocols, Reservation},
-    state::State,
+    kernel::bpffs::PinDir,
+    kernel::object::Programs,
+    domain::spec::{Protocols, Reservation},
+    kernel::state::State,
 };
 use pf_common::counters::Outcome;
 use pf_tests::{

@@ -10,15 +10,15 @@
 use std::{path::Path, time::Instant};
 
 use pf::{
-    bpffs::PinDir,
-    client::Client,
-    policy::Config,
+    kernel::bpffs::PinDir,
+    api::client::Client,
+    service::policy::Config,
     service::{
         audit::Audit,
         engine::{Engine, ReconcileGuard},
     },
-    state::State,
-    store::{NewRecord, SqliteStore, Store},
+    kernel::state::State,
+    service::store::{NewRecord, SqliteStore, Store},
 };
 use pf_tests::{ScratchDir, service::Service};
 use serde_json::{Value, json};

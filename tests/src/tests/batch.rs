@@ -6,9 +6,9 @@ use std::net::Ipv4Addr;
 
 use pf::{
     PfError,
-    dataplane::Programs,
-    spec::{PortRange, Protocols, PublicSpec, Reservation, TargetSpec},
-    state::State,
+    kernel::object::Programs,
+    domain::spec::{PortRange, Protocols, PublicSpec, Reservation, TargetSpec},
+    kernel::state::State,
 };
 use pf_common::counters::Outcome;
 

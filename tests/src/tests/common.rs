@@ -11,10 +11,10 @@ use aya::{
     programs::{ProgramError, TestRun, TestRunOptions, TestRunResult},
 };
 use pf::{
-    bpffs::PinDir,
-    dataplane::Programs,
-    spec::Reservation,
-    state::{Counters, State},
+    kernel::bpffs::PinDir,
+    kernel::object::Programs,
+    domain::spec::Reservation,
+    kernel::state::{Counters, State},
 };
 
 use crate::{

@@ -6,7 +6,7 @@
 //! turned into a fixture.
 
 use aya::maps::MapData;
-use pf::spec::Reservation;
+use pf::domain::spec::Reservation;
 use pf_common::{
     FragmentKey, FragmentValue, IPPROTO_TCP, IPPROTO_UDP, checksum, counters::Outcome, map_names,
 };

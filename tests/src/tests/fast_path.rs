@@ -4,7 +4,7 @@
 //! Fixture table as elsewhere: {description, packet in, action, packet out, counters}.
 
 use aya::maps::{MapData, xdp::DevMapHash};
-use pf::spec::Reservation;
+use pf::domain::spec::Reservation;
 use pf_common::{counters::Outcome, map_names};
 
 use super::common::{LoadedPf, hex, moved, require_root, run_once};
@@ -165,7 +165,7 @@ fn fast_path_fib_outcomes() {
     let (tun0_mac, pub0_mac) = (server_mac("tun0"), server_mac(PUBLIC_IFACE));
     let ifindex = |name: &'static str| {
         topo.server
-            .within(move || pf::netdev::ifindex(name))
+            .within(move || pf::kernel::netdev::ifindex(name))
             .unwrap()
             .unwrap_or_else(|| panic!("no {name} in the server namespace"))
     };

@@ -2,7 +2,7 @@
 //! expected counter}, each run through the real loaded XDP and TC programs with
 //! BPF_PROG_TEST_RUN, with the maps filled by pf's own library.
 
-use pf::state::Stats;
+use pf::kernel::state::Stats;
 use pf_common::counters::Outcome;
 
 use super::common::{LoadedPf, counters_moved, hex, reservations, run_program};

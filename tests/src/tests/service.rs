@@ -18,7 +18,7 @@ use std::{
 };
 
 use aya::maps::{MapData, PerCpuHashMap};
-use pf::{client::Client, state::State};
+use pf::{api::client::Client, kernel::state::State};
 use pf_common::{EndpointKey, NatEntry, ReservationKey, ReservationValue, map_names};
 use serde_json::{Value, json};
 

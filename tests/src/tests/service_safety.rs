@@ -14,10 +14,10 @@ use std::{
 };
 
 use pf::{
-    client::Client,
-    spec::Reservation,
-    state::State,
-    store::{NewRecord, SqliteStore, Store},
+    api::client::Client,
+    domain::spec::Reservation,
+    kernel::state::State,
+    service::store::{NewRecord, SqliteStore, Store},
 };
 use pf_common::map_names;
 use serde_json::{Value, json};

@@ -15,9 +15,11 @@ use pf_common::limits::MAX_RANGE_PORTS;
 use serde::Deserialize;
 
 use crate::{
-    bpffs::DEFAULT_PIN_DIR,
-    dataplane::{AttachMode, Role},
-    spec::{PortRange, Protocols, Reservation},
+    domain::spec::{PortRange, Protocols, Reservation},
+    kernel::{
+        attach::{AttachMode, Role},
+        bpffs::DEFAULT_PIN_DIR,
+    },
 };
 
 pub const DEFAULT_CONFIG: &str = "/etc/pf/pf.toml";
@@ -783,7 +785,7 @@ target_networks = ["10.8.0.0/16"]
 
     #[test]
     fn the_example_config_parses() {
-        let c = Config::parse(include_str!("../../dist/pf.toml")).unwrap();
+        let c = Config::parse(include_str!("../../../dist/pf.toml")).unwrap();
         assert_eq!(c.interfaces.len(), 1);
         assert_eq!(c.policy.forbidden_ports.len(), 2);
         assert_eq!(c.policy.default_ttl, Some(Duration::from_secs(30 * 86400)));

@@ -1,6 +1,6 @@
 //! The privilege check every command makes before it touches the kernel.
 
-use crate::error::PfError;
+use crate::kernel::error::PfError;
 
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;

@@ -27,13 +27,8 @@ use pf_common::{
 };
 use serde::Serialize;
 
-use crate::{
-    batch,
-    bpffs::PinDir,
-    dataplane,
-    error::PfError,
-    spec::{PortRange, Protocols, PublicSpec, Reservation},
-};
+use super::{batch, bpffs::PinDir, error::PfError, object};
+use crate::domain::spec::{PortRange, Protocols, PublicSpec, Reservation};
 
 /// Batched writes take no BPF_NOEXIST (the kernel accepts only BPF_F_LOCK there): they may
 /// replace. `reserve_all` has checked, under pf's exclusive lock, that no key it writes exists,
@@ -329,7 +324,7 @@ impl State {
             .count();
         if pinned == 0 {
             // Loading the object creates and pins every map; the programs are not loaded.
-            drop(dataplane::load_object(dir)?);
+            drop(object::load_object(dir)?);
         } else if pinned < map_names::ALL.len() {
             return Err(PfError::PartialState(dir.root().to_path_buf()));
         }

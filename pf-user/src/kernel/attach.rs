@@ -1,4 +1,4 @@
-//! Loading pf's eBPF object and attaching its programs to an interface.
+//! Attaching pf's programs to an interface, and what the kernel says of an attachment.
 //!
 //! `pf attach IFACE` loads the programs (their maps are the pinned ones, shared by every
 //! interface), attaches XDP to the interface's ingress and a TCX program to its egress, and pins
@@ -12,184 +12,35 @@
 use std::{error::Error, fmt, io, str::FromStr};
 
 use aya::{
-    Ebpf, EbpfLoader,
     programs::{
-        LinkOrder, Program, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        LinkOrder, ProgramError, TcAttachType, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         tc::TcAttachOptions,
     },
     util::KernelVersion,
 };
 
-use crate::{bpffs::PinDir, bpfinfo, error::PfError, netdev, state::State};
+use super::{
+    bpffs::PinDir,
+    bpfinfo,
+    error::PfError,
+    netdev,
+    object::{FAST_INGRESS_PROGRAM, INGRESS_PROGRAM, Programs, REPLY_PROGRAM, chain},
+    state::State,
+};
 
-pub const INGRESS_PROGRAM: &str = "pf_ingress";
-pub const EGRESS_PROGRAM: &str = "pf_egress";
-/// The ingress program with the XDP_REDIRECT fast path (`pf attach --fast-path`).
-pub const FAST_INGRESS_PROGRAM: &str = "pf_ingress_fast";
-/// The reply fast path, for a tunnel-side interface (`pf attach --tunnel-side`).
-pub const REPLY_PROGRAM: &str = "pf_reply_fast";
-/// Programs that only pass (XDP_PASS, TC_ACT_OK): the benchmark's baselines, never attached.
-pub const NOOP_PROGRAM: &str = "pf_bench_noop";
-pub const NOOP_TC_PROGRAM: &str = "pf_bench_noop_tc";
+/// Loads what `role` attaches.
+fn load_for(dir: &PinDir, role: Role) -> Result<Programs, PfError> {
+    let mut programs = Programs::load(dir)?;
+    match role {
+        Role::Public => {}
+        Role::PublicFastPath => programs.load_fast_ingress()?,
+        Role::TunnelSide => programs.load_reply()?,
+    }
+    Ok(programs)
+}
+
 const TC_LINK: &str = "tc";
-
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pf-ebpf"));
-
-/// The forwarding benchmark's generator and sink programs (pf-ebpf/src/bench.rs), a separate
-/// object pf itself never loads; embedded only for `cargo xtask bench`.
-#[cfg(feature = "bench")]
-pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pf-bench"));
-
-/// An error and its sources on one line.
-pub(crate) fn chain(e: &dyn Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
-}
-
-/// Parses pf's eBPF object, creating and pinning its maps under `dir` (or opening them if they
-/// are pinned already). The programs are not loaded into the kernel yet.
-pub fn load_object(dir: &PinDir) -> Result<Ebpf, PfError> {
-    if OBJECT.is_empty() {
-        return Err(PfError::NoEmbeddedObject);
-    }
-    EbpfLoader::new()
-        .default_map_pin_directory(dir.root())
-        .load(OBJECT)
-        .map_err(|e| {
-            let detail = chain(&e);
-            match e {
-                aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
-                    if io_error.raw_os_error() == Some(libc::ENOSYS) =>
-                {
-                    PfError::NoBpfSupport(detail)
-                }
-                _ => PfError::Load(detail),
-            }
-        })
-}
-
-/// Both programs loaded into the kernel (verified), with the pinned maps; not attached.
-pub struct Programs {
-    ebpf: Ebpf,
-}
-
-impl Programs {
-    pub fn load(dir: &PinDir) -> Result<Self, PfError> {
-        let mut ebpf = load_object(dir)?;
-        typed_mut::<Xdp>(&mut ebpf, INGRESS_PROGRAM)?
-            .load()
-            .map_err(load_error)?;
-        typed_mut::<SchedClassifier>(&mut ebpf, EGRESS_PROGRAM)?
-            .load()
-            .map_err(load_error)?;
-        Ok(Self { ebpf })
-    }
-
-    pub fn ingress(&self) -> &Xdp {
-        typed(&self.ebpf, INGRESS_PROGRAM)
-    }
-
-    pub fn egress(&self) -> &SchedClassifier {
-        typed(&self.ebpf, EGRESS_PROGRAM)
-    }
-
-    /// Loads the fast-path ingress program; then [`Programs::fast_ingress`] gives it.
-    pub fn load_fast_ingress(&mut self) -> Result<(), PfError> {
-        typed_mut::<Xdp>(&mut self.ebpf, FAST_INGRESS_PROGRAM)?
-            .load()
-            .map_err(load_error)
-    }
-
-    /// The fast-path ingress program; usable once [`Programs::load_fast_ingress`] ran.
-    pub fn fast_ingress(&self) -> &Xdp {
-        typed(&self.ebpf, FAST_INGRESS_PROGRAM)
-    }
-
-    /// Loads the reply fast-path program; then [`Programs::reply`] gives it.
-    pub fn load_reply(&mut self) -> Result<(), PfError> {
-        typed_mut::<Xdp>(&mut self.ebpf, REPLY_PROGRAM)?
-            .load()
-            .map_err(load_error)
-    }
-
-    /// The reply fast-path program; usable once [`Programs::load_reply`] ran.
-    pub fn reply(&self) -> &Xdp {
-        typed(&self.ebpf, REPLY_PROGRAM)
-    }
-
-    /// Loads the no-op baseline programs (for benchmarks); then [`Programs::noop`] and
-    /// [`Programs::noop_tc`] give them.
-    pub fn load_noop_baselines(&mut self) -> Result<(), PfError> {
-        typed_mut::<Xdp>(&mut self.ebpf, NOOP_PROGRAM)?
-            .load()
-            .map_err(load_error)?;
-        typed_mut::<SchedClassifier>(&mut self.ebpf, NOOP_TC_PROGRAM)?
-            .load()
-            .map_err(load_error)
-    }
-
-    /// The no-op XDP baseline; usable once [`Programs::load_noop_baselines`] ran.
-    pub fn noop(&self) -> &Xdp {
-        typed(&self.ebpf, NOOP_PROGRAM)
-    }
-
-    /// The no-op TC baseline; usable once [`Programs::load_noop_baselines`] ran.
-    pub fn noop_tc(&self) -> &SchedClassifier {
-        typed(&self.ebpf, NOOP_TC_PROGRAM)
-    }
-
-    /// The XDP program of `role`, loaded by [`Programs::load_for`].
-    fn xdp_mut(&mut self, role: Role) -> &mut Xdp {
-        typed_mut(&mut self.ebpf, role.xdp_program()).expect("checked by Programs::load_for")
-    }
-
-    /// Loads what `role` attaches.
-    fn load_for(dir: &PinDir, role: Role) -> Result<Self, PfError> {
-        let mut programs = Self::load(dir)?;
-        match role {
-            Role::Public => {}
-            Role::PublicFastPath => programs.load_fast_ingress()?,
-            Role::TunnelSide => programs.load_reply()?,
-        }
-        Ok(programs)
-    }
-
-    fn egress_mut(&mut self) -> &mut SchedClassifier {
-        typed_mut(&mut self.ebpf, EGRESS_PROGRAM).expect("checked by Programs::load")
-    }
-}
-
-fn load_error(e: ProgramError) -> PfError {
-    PfError::Load(chain(&e))
-}
-
-/// Program `name` of pf's object as its type `T` (Xdp, SchedClassifier).
-fn typed_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, PfError>
-where
-    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
-{
-    let program = ebpf
-        .program_mut(name)
-        .ok_or_else(|| PfError::Load(format!("program {name} missing from the object")))?;
-    program.try_into().map_err(load_error)
-}
-
-/// Program `name` as its type; pf's own object always has it, so a miss is a bug.
-fn typed<'a, T>(ebpf: &'a Ebpf, name: &str) -> &'a T
-where
-    &'a T: TryFrom<&'a Program, Error = ProgramError>,
-{
-    ebpf.program(name)
-        .and_then(|p| p.try_into().ok())
-        .unwrap_or_else(|| panic!("pf's object has no program {name} of the expected type"))
-}
 
 /// How to attach the XDP program.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -382,7 +233,7 @@ pub fn attach(
         }
     }
     check_pins_consistent(dir)?;
-    let mut programs = Programs::load_for(dir, role)?;
+    let mut programs = load_for(dir, role)?;
     let iface_dir = dir.iface_links(iface);
     std::fs::create_dir_all(&iface_dir)
         .map_err(|e| PfError::io(format!("creating {}", iface_dir.display()), e))?;
@@ -432,7 +283,7 @@ fn attach_programs(
     let mut used = None;
     let mut last_error = String::new();
     for &(xdp_mode, name) in attempts {
-        match programs.xdp_mut(role).attach(iface, xdp_mode) {
+        match programs.xdp_mut(role.xdp_program()).attach(iface, xdp_mode) {
             Ok(id) => {
                 used = Some((id, name));
                 break;
@@ -460,7 +311,7 @@ fn attach_programs(
         }
     };
     let xdp_link: FdLink = programs
-        .xdp_mut(role)
+        .xdp_mut(role.xdp_program())
         .take_link(xdp_id)
         .map_err(|e| chain(&e))
         .and_then(|l| l.try_into().map_err(|e: LinkError| chain(&e)))

@@ -3,7 +3,7 @@
 
 use std::{io, path::PathBuf};
 
-use crate::spec::{Reservation, SpecError};
+use crate::domain::spec::{Reservation, SpecError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PfError {

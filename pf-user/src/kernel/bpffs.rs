@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::error::PfError;
+use crate::kernel::error::PfError;
 
 /// Default pin directory; `--bpffs` and `PF_BPFFS` override it.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/pf";

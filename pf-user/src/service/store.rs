@@ -10,7 +10,7 @@ use std::{net::Ipv4Addr, path::Path};
 use pf_common::limits::MAX_RANGE_PORTS;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use crate::spec::{PortRange, Protocols, PublicSpec, Reservation};
+use crate::domain::spec::{PortRange, Protocols, PublicSpec, Reservation};
 
 /// One reservation as the product knows it: who owns it, what it forwards, for how long.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -449,7 +449,7 @@ impl RawRow {
             ports,
             protocols,
         };
-        let target = crate::spec::TargetSpec {
+        let target = crate::domain::spec::TargetSpec {
             addr: addr(&self.target_ip)?,
             port: Some(port(self.target_first_port)?),
         };

@@ -1,0 +1,22 @@
+//! Kernel access: everything that talks to the kernel, below the service and above the
+//! domain. It may use the domain, never the service, the API or the binary.
+//!
+//! - [`object`]: pf's embedded eBPF object, its maps pinned, its programs loaded.
+//! - [`state`]: the pinned maps and the reservations kept in them.
+//! - [`attach`]: attaching and detaching, the fast paths' device maps, and what the kernel says
+//!   of an attachment.
+//! - [`bpffs`]: the pin directory. [`bpfinfo`]: pinned links and their programs' maps.
+//! - [`netdev`]: devices (XDP features, Ethernet or not). [`privilege`]: the capability check.
+//! - [`error`]: [`PfError`], the one error type of this layer.
+
+pub mod attach;
+mod batch;
+pub mod bpffs;
+pub mod bpfinfo;
+pub mod error;
+pub mod netdev;
+pub mod object;
+pub mod privilege;
+pub mod state;
+
+pub use error::PfError;

@@ -1,0 +1,168 @@
+//! pf's eBPF object: embedded at build time, parsed with its maps pinned under the pin
+//! directory, and its programs loaded (verified) on demand. Attaching them is
+//! [`super::attach`]'s business.
+
+use std::error::Error;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{Program, ProgramError, SchedClassifier, Xdp},
+};
+
+use super::{bpffs::PinDir, error::PfError};
+
+pub const INGRESS_PROGRAM: &str = "pf_ingress";
+pub const EGRESS_PROGRAM: &str = "pf_egress";
+/// The ingress program with the XDP_REDIRECT fast path (`pf attach --fast-path`).
+pub const FAST_INGRESS_PROGRAM: &str = "pf_ingress_fast";
+/// The reply fast path, for a tunnel-side interface (`pf attach --tunnel-side`).
+pub const REPLY_PROGRAM: &str = "pf_reply_fast";
+/// Programs that only pass (XDP_PASS, TC_ACT_OK): the benchmark's baselines, never attached.
+pub const NOOP_PROGRAM: &str = "pf_bench_noop";
+pub const NOOP_TC_PROGRAM: &str = "pf_bench_noop_tc";
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pf-ebpf"));
+
+/// The forwarding benchmark's generator and sink programs (pf-ebpf/src/bench.rs), a separate
+/// object pf itself never loads; embedded only for `cargo xtask bench`.
+#[cfg(feature = "bench")]
+pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pf-bench"));
+
+/// An error and its sources on one line.
+pub(crate) fn chain(e: &dyn Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+/// Parses pf's eBPF object, creating and pinning its maps under `dir` (or opening them if they
+/// are pinned already). The programs are not loaded into the kernel yet.
+pub fn load_object(dir: &PinDir) -> Result<Ebpf, PfError> {
+    if OBJECT.is_empty() {
+        return Err(PfError::NoEmbeddedObject);
+    }
+    EbpfLoader::new()
+        .default_map_pin_directory(dir.root())
+        .load(OBJECT)
+        .map_err(|e| {
+            let detail = chain(&e);
+            match e {
+                aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
+                    if io_error.raw_os_error() == Some(libc::ENOSYS) =>
+                {
+                    PfError::NoBpfSupport(detail)
+                }
+                _ => PfError::Load(detail),
+            }
+        })
+}
+
+/// Both programs loaded into the kernel (verified), with the pinned maps; not attached.
+pub struct Programs {
+    ebpf: Ebpf,
+}
+
+impl Programs {
+    pub fn load(dir: &PinDir) -> Result<Self, PfError> {
+        let mut ebpf = load_object(dir)?;
+        typed_mut::<Xdp>(&mut ebpf, INGRESS_PROGRAM)?
+            .load()
+            .map_err(load_error)?;
+        typed_mut::<SchedClassifier>(&mut ebpf, EGRESS_PROGRAM)?
+            .load()
+            .map_err(load_error)?;
+        Ok(Self { ebpf })
+    }
+
+    pub fn ingress(&self) -> &Xdp {
+        typed(&self.ebpf, INGRESS_PROGRAM)
+    }
+
+    pub fn egress(&self) -> &SchedClassifier {
+        typed(&self.ebpf, EGRESS_PROGRAM)
+    }
+
+    /// Loads the fast-path ingress program; then [`Programs::fast_ingress`] gives it.
+    pub fn load_fast_ingress(&mut self) -> Result<(), PfError> {
+        typed_mut::<Xdp>(&mut self.ebpf, FAST_INGRESS_PROGRAM)?
+            .load()
+            .map_err(load_error)
+    }
+
+    /// The fast-path ingress program; usable once [`Programs::load_fast_ingress`] ran.
+    pub fn fast_ingress(&self) -> &Xdp {
+        typed(&self.ebpf, FAST_INGRESS_PROGRAM)
+    }
+
+    /// Loads the reply fast-path program; then [`Programs::reply`] gives it.
+    pub fn load_reply(&mut self) -> Result<(), PfError> {
+        typed_mut::<Xdp>(&mut self.ebpf, REPLY_PROGRAM)?
+            .load()
+            .map_err(load_error)
+    }
+
+    /// The reply fast-path program; usable once [`Programs::load_reply`] ran.
+    pub fn reply(&self) -> &Xdp {
+        typed(&self.ebpf, REPLY_PROGRAM)
+    }
+
+    /// Loads the no-op baseline programs (for benchmarks); then [`Programs::noop`] and
+    /// [`Programs::noop_tc`] give them.
+    pub fn load_noop_baselines(&mut self) -> Result<(), PfError> {
+        typed_mut::<Xdp>(&mut self.ebpf, NOOP_PROGRAM)?
+            .load()
+            .map_err(load_error)?;
+        typed_mut::<SchedClassifier>(&mut self.ebpf, NOOP_TC_PROGRAM)?
+            .load()
+            .map_err(load_error)
+    }
+
+    /// The no-op XDP baseline; usable once [`Programs::load_noop_baselines`] ran.
+    pub fn noop(&self) -> &Xdp {
+        typed(&self.ebpf, NOOP_PROGRAM)
+    }
+
+    /// The no-op TC baseline; usable once [`Programs::load_noop_baselines`] ran.
+    pub fn noop_tc(&self) -> &SchedClassifier {
+        typed(&self.ebpf, NOOP_TC_PROGRAM)
+    }
+
+    /// XDP program `name`, loaded already (by [`Programs::load`] or one of the `load_*`).
+    pub(crate) fn xdp_mut(&mut self, name: &str) -> &mut Xdp {
+        typed_mut(&mut self.ebpf, name).expect("loaded by the caller")
+    }
+
+    pub(crate) fn egress_mut(&mut self) -> &mut SchedClassifier {
+        typed_mut(&mut self.ebpf, EGRESS_PROGRAM).expect("checked by Programs::load")
+    }
+}
+
+fn load_error(e: ProgramError) -> PfError {
+    PfError::Load(chain(&e))
+}
+
+/// Program `name` of pf's object as its type `T` (Xdp, SchedClassifier).
+fn typed_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, PfError>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| PfError::Load(format!("program {name} missing from the object")))?;
+    program.try_into().map_err(load_error)
+}
+
+/// Program `name` as its type; pf's own object always has it, so a miss is a bug.
+fn typed<'a, T>(ebpf: &'a Ebpf, name: &str) -> &'a T
+where
+    &'a T: TryFrom<&'a Program, Error = ProgramError>,
+{
+    ebpf.program(name)
+        .and_then(|p| p.try_into().ok())
+        .unwrap_or_else(|| panic!("pf's object has no program {name} of the expected type"))
+}
