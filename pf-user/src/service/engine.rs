@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
+    dataplane::{DataPlane, Maps},
     policy::{Listening, LocalAddresses, Policy, parse_ttl},
     store::{NewRecord, Record, Store, StoreError},
 };
@@ -19,7 +20,7 @@ use crate::{
     domain::spec::{
         PortRange, Protocols, PublicSpec, Reservation, SpecError, TargetSpec, parse_public_request,
     },
-    kernel::{PfError, bpffs::PinDir, state::State},
+    kernel::PfError,
 };
 
 use super::audit::{Audit, Caller};
@@ -297,6 +298,13 @@ impl Clock {
             .saturating_add(self.start.elapsed().as_millis() as u64)
     }
 
+    /// Moves the service's time forward, as if `ms` had passed (host tests of expiry).
+    #[cfg(test)]
+    pub fn advance(&mut self, ms: u64) {
+        self.start_ms += ms;
+        self.reported_offset_ms -= ms as i64;
+    }
+
     /// How far the system clock is ahead of the service's (negative: behind).
     pub fn offset_ms(&self) -> i64 {
         now_ms() as i64 - self.now_ms() as i64
@@ -444,7 +452,7 @@ const UNGUARDED_REMOVALS: usize = 10;
 
 pub struct Engine {
     store: Box<dyn Store>,
-    dir: PinDir,
+    dataplane: Box<dyn DataPlane>,
     policy: Policy,
     audit: Audit,
     clock: Clock,
@@ -453,9 +461,6 @@ pub struct Engine {
     /// Picks automatic ports: seeded from the kernel, so the ports handed out are not
     /// guessable from the order of requests.
     rng: StdRng,
-    /// The kernel ids of the maps the start reconciled: the maps the attached programs use.
-    /// A later change that finds other maps pinned refuses (the pins were replaced).
-    map_ids: Option<[u32; 8]>,
     /// A change reached the store but not the maps: reconcile at the next tick.
     repair: bool,
     /// When the expired history was last purged.
@@ -485,20 +490,19 @@ fn local_addresses() -> Result<LocalAddresses, ApiError> {
 impl Engine {
     pub fn new(
         store: Box<dyn Store>,
-        dir: PinDir,
+        dataplane: Box<dyn DataPlane>,
         policy: Policy,
         audit: Audit,
     ) -> Result<Self, StoreError> {
         let next_expiry = store.next_expiry()?;
         Ok(Self {
             store,
-            dir,
+            dataplane,
             policy,
             audit,
             clock: Clock::new(),
             next_expiry,
             rng: StdRng::seed_from_u64(kernel_seed()),
-            map_ids: None,
             repair: false,
             purged: None,
             expiry_blocked: None,
@@ -522,17 +526,9 @@ impl Engine {
         }
     }
 
-    /// pf's maps, for a change. Before the start's reconcile they are made if missing; after
-    /// it they must be the very maps it reconciled.
-    fn open_state(&self) -> Result<State, PfError> {
-        let Some(want) = self.map_ids else {
-            return State::open_for_write(&self.dir);
-        };
-        let state = State::open_existing_for_write(&self.dir)?;
-        if state.map_ids() != want {
-            return Err(PfError::MapsReplaced(self.dir.root().to_path_buf()));
-        }
-        Ok(state)
+    /// pf's maps, for a change (see [`DataPlane::open`]).
+    fn open_state(&mut self) -> Result<Box<dyn Maps>, PfError> {
+        self.dataplane.open()
     }
 
     /// Why changes are refused now, if they are.
@@ -619,7 +615,7 @@ impl Engine {
                 "next_expiry": self.next_expiry.map(rfc3339),
                 "store_read_only": self.store.read_only(),
                 "clock_offset_seconds": self.clock.offset_ms() / 1000,
-                "attached": crate::kernel::attach::inspect(&self.dir)
+                "attached": self.dataplane.attachments()
                     .iter()
                     .map(|a| {
                         let mut v = json!({
@@ -905,14 +901,14 @@ impl Engine {
         let record = self.get(id)?;
         let mut state = self.open_state()?;
         self.store.delete(id)?;
-        self.unmap_after_store(&mut state, &record, "released")?;
+        self.unmap_after_store(state.as_mut(), &record, "released")?;
         Ok(record)
     }
 
     /// Takes `record` out of the maps after the store has; a failure schedules a repair.
     fn unmap_after_store(
         &mut self,
-        state: &mut State,
+        state: &mut dyn Maps,
         record: &Record,
         done: &str,
     ) -> Result<(), ApiError> {
@@ -932,7 +928,7 @@ impl Engine {
         })
     }
 
-    fn unmap(state: &mut State, record: &Record) -> Result<(), ApiError> {
+    fn unmap(state: &mut dyn Maps, record: &Record) -> Result<(), ApiError> {
         match state.release_exact(&record.reservation) {
             Ok(_) => Ok(()),
             Err(PfError::NoSuchReservation { hint, .. }) => {
@@ -995,7 +991,7 @@ impl Engine {
             }
         } else {
             self.store.set_enabled(id, false)?;
-            self.unmap_after_store(&mut state, &record, "disabled")?;
+            self.unmap_after_store(state.as_mut(), &record, "disabled")?;
         }
         self.get(id)
     }
@@ -1143,7 +1139,7 @@ impl Engine {
                 );
                 continue;
             }
-            let unmapped = self.unmap_after_store(&mut state, &record, "expired");
+            let unmapped = self.unmap_after_store(state.as_mut(), &record, "expired");
             eprintln!(
                 "pf serve: expired reservation {} ({}, owner {}); restorable for {} (`pf restore {}`)",
                 record.id,
@@ -1231,7 +1227,7 @@ impl Engine {
     pub fn start(&mut self, guard: ReconcileGuard) -> Result<(ReconcileReport, usize), ApiError> {
         {
             let state = self.open_state()?;
-            self.check_guard(&state, guard)?;
+            self.check_guard(state.as_ref(), guard)?;
         }
         self.expire_due();
         let disabled = self.disable_server_targets()?;
@@ -1241,7 +1237,7 @@ impl Engine {
 
     /// Refuses a reconcile that would remove what a new store or a large share implies was
     /// lost, not meant (see [`ReconcileGuard`]).
-    fn check_guard(&self, state: &State, guard: ReconcileGuard) -> Result<(), ApiError> {
+    fn check_guard(&self, state: &dyn Maps, guard: ReconcileGuard) -> Result<(), ApiError> {
         if guard.force {
             return Ok(());
         }
@@ -1285,7 +1281,7 @@ impl Engine {
         let actual = state.list()?;
         let want: std::collections::HashSet<&Reservation> = desired.iter().collect();
         let have: std::collections::HashSet<&Reservation> = actual.iter().collect();
-        self.check_guard(&state, guard)?;
+        self.check_guard(state.as_ref(), guard)?;
         let mut drifts = Vec::new();
         // Records the store does not have go, with their entries.
         for r in actual.iter().filter(|r| !want.contains(r)) {
@@ -1343,7 +1339,6 @@ impl Engine {
                 }
             );
         }
-        self.map_ids = Some(state.map_ids());
         // Empty maps are a fresh boot (or a first start), not drift: one line says so.
         let fresh = actual.is_empty() && drifts.is_empty();
         if fresh {
@@ -1389,6 +1384,266 @@ pub struct ReconcileReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::service::{
+        audit::Audit, dataplane::fake::FakeDataPlane, policy::Config, store::SqliteStore,
+    };
+
+    const CALLER: Caller = Caller {
+        uid: Some(0),
+        pid: Some(1),
+    };
+
+    /// An engine on an in-memory store and a fake data plane (kept, to look inside), with a
+    /// small pool and quota; its audit log in a scratch directory.
+    fn engine() -> (Engine, FakeDataPlane, std::path::PathBuf) {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("pf-engine-test-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let config = Config::parse(
+            r#"
+[policy]
+public_ips = ["198.51.100.1"]
+target_networks = ["10.200.0.0/16"]
+port_pool = ["30000-30009"]
+forbid_listening_ports = false
+ports_per_owner = 3
+"#,
+        )
+        .unwrap();
+        let fake = FakeDataPlane::default();
+        let engine = Engine::new(
+            Box::new(SqliteStore::in_memory().unwrap()),
+            Box::new(fake.clone()),
+            config.policy,
+            Audit::open(&dir.join("audit.jsonl")).unwrap(),
+        )
+        .unwrap();
+        (engine, fake, dir)
+    }
+
+    fn reserve(
+        e: &mut Engine,
+        owner: &str,
+        public: &str,
+        to: &str,
+        ttl: Option<&str>,
+    ) -> Result<Value, ApiError> {
+        e.handle(
+            Request::Reserve(ReserveRequest {
+                owner: owner.into(),
+                public: public.into(),
+                to: to.into(),
+                ttl: ttl.map(Into::into),
+                note: None,
+            }),
+            CALLER,
+        )
+    }
+
+    fn ids(v: &Value) -> Vec<u64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_u64().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn reserve_checks_conflicts_quota_and_hands_out_distinct_free_ports() {
+        let (mut e, fake, _dir) = engine();
+        reserve(
+            &mut e,
+            "acct-1",
+            "198.51.100.1:30000/tcp",
+            "10.200.0.2",
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            fake.held(),
+            vec!["198.51.100.1:30000/tcp -> 10.200.0.2:30000"]
+        );
+        let conflict = reserve(
+            &mut e,
+            "acct-2",
+            "198.51.100.1:30000/both",
+            "10.200.0.3",
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(conflict.status, 409, "{}", conflict.message);
+        let a = reserve(&mut e, "acct-1", "198.51.100.1/tcp", "10.200.0.4", None).unwrap();
+        let b = reserve(&mut e, "acct-1", "198.51.100.1/tcp", "10.200.0.5", None).unwrap();
+        let ports = [
+            a["first_port"].as_u64().unwrap(),
+            b["first_port"].as_u64().unwrap(),
+        ];
+        assert!(
+            ports.iter().all(|p| (30001..=30009).contains(p)) && ports[0] != ports[1],
+            "{ports:?}"
+        );
+        let quota = reserve(&mut e, "acct-1", "198.51.100.1/tcp", "10.200.0.6", None).unwrap_err();
+        assert_eq!(quota.rule, Some("policy.ports_per_owner"));
+        let outside =
+            reserve(&mut e, "acct-2", "198.51.100.1:30001/udp", "10.9.0.2", None).unwrap_err();
+        assert_eq!(outside.rule, Some("policy.target_networks"));
+        // The refusals changed nothing.
+        assert_eq!(fake.held().len(), 3);
+        assert_eq!(
+            ids(&e.handle(Request::List { owner: None }, CALLER).unwrap()).len(),
+            3
+        );
+    }
+
+    #[test]
+    fn a_map_write_that_fails_leaves_nothing_stored() {
+        let (mut e, fake, dir) = engine();
+        fake.0.lock().unwrap().fail_next_write = Some("no memory".into());
+        let err = reserve(
+            &mut e,
+            "acct-1",
+            "198.51.100.1:30000/tcp",
+            "10.200.0.2",
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(err.status, 500);
+        assert!(err.message.contains("no memory") && !err.partial, "{err:?}");
+        assert_eq!(
+            e.handle(Request::List { owner: None }, CALLER).unwrap(),
+            json!([])
+        );
+        assert!(fake.held().is_empty());
+        let audit = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+        assert!(audit.contains(r#""result":"refused""#), "{audit}");
+    }
+
+    #[test]
+    fn disable_enable_and_release_keep_store_and_maps_together() {
+        let (mut e, fake, _dir) = engine();
+        let r = reserve(
+            &mut e,
+            "acct-1",
+            "198.51.100.1:30000-30001/both",
+            "10.200.0.2",
+            None,
+        )
+        .unwrap();
+        let id = r["id"].as_u64().unwrap();
+        let done = e
+            .handle(Request::SetEnabled { id, enabled: false }, CALLER)
+            .unwrap();
+        assert_eq!(done["enabled"], json!(false));
+        assert!(fake.held().is_empty());
+        e.handle(Request::SetEnabled { id, enabled: true }, CALLER)
+            .unwrap();
+        assert_eq!(fake.held().len(), 1);
+        e.handle(Request::Release(id), CALLER).unwrap();
+        assert!(fake.held().is_empty());
+        assert_eq!(
+            e.handle(Request::Release(id), CALLER).unwrap_err().status,
+            404
+        );
+    }
+
+    #[test]
+    fn a_release_the_maps_refuse_is_partial_and_repaired() {
+        let (mut e, fake, dir) = engine();
+        let id = reserve(
+            &mut e,
+            "acct-1",
+            "198.51.100.1:30000/tcp",
+            "10.200.0.2",
+            None,
+        )
+        .unwrap()["id"]
+            .as_u64()
+            .unwrap();
+        fake.0.lock().unwrap().fail_next_write = Some("busy".into());
+        let err = e.handle(Request::Release(id), CALLER).unwrap_err();
+        assert!(
+            err.partial && err.message.contains("released in the store"),
+            "{err:?}"
+        );
+        assert_eq!(fake.held().len(), 1, "the fake refused the removal");
+        let audit = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+        assert!(audit.contains(r#""result":"partial""#), "{audit}");
+        // The next tick reconciles: the maps follow the store.
+        e.tick();
+        assert!(fake.held().is_empty());
+    }
+
+    #[test]
+    fn expiry_moves_to_the_history_and_restore_brings_back() {
+        let (mut e, fake, _dir) = engine();
+        let id = reserve(
+            &mut e,
+            "acct-1",
+            "198.51.100.1:30000/tcp",
+            "10.200.0.2",
+            Some("10s"),
+        )
+        .unwrap()["id"]
+            .as_u64()
+            .unwrap();
+        e.clock.advance(9_000);
+        e.tick();
+        assert_eq!(fake.held().len(), 1, "expired early");
+        e.clock.advance(2_000);
+        e.tick();
+        assert!(fake.held().is_empty());
+        assert_eq!(
+            e.handle(Request::List { owner: None }, CALLER).unwrap(),
+            json!([])
+        );
+        let history = e.handle(Request::Expired { owner: None }, CALLER).unwrap();
+        assert_eq!(ids(&history), vec![id]);
+        let back = e
+            .handle(
+                Request::Restore {
+                    id,
+                    ttl: Some("1h".into()),
+                },
+                CALLER,
+            )
+            .unwrap();
+        assert_eq!(back["id"], json!(id));
+        assert_eq!(fake.held().len(), 1);
+    }
+
+    #[test]
+    fn a_start_refuses_to_empty_the_maps_from_a_new_store() {
+        let (mut e, fake, _dir) = engine();
+        let stranger = Reservation::new(
+            "198.51.100.1:30005/udp".parse().unwrap(),
+            "10.200.0.9".parse().unwrap(),
+        )
+        .unwrap();
+        e.dataplane.open().unwrap().reserve(&stranger).unwrap();
+        let guard = ReconcileGuard {
+            force: false,
+            store_was_new: true,
+            removal_limit: 0.25,
+        };
+        let err = e.start(guard).unwrap_err();
+        assert_eq!(err.status, 503);
+        assert!(err.message.contains("--force-reconcile"), "{}", err.message);
+        assert_eq!(fake.held().len(), 1, "a refused start changed the maps");
+        let (report, _) = e
+            .start(ReconcileGuard {
+                force: true,
+                ..guard
+            })
+            .unwrap();
+        assert_eq!(report.drifts, 1);
+        assert!(fake.held().is_empty());
+        // The leak guard is set from the policy's target networks.
+        assert_eq!(
+            fake.0.lock().unwrap().tunnel_networks,
+            vec![("10.200.0.0".parse().unwrap(), 16)]
+        );
+    }
 
     #[test]
     fn owners_are_visible_ascii_and_notes_hide_nothing() {

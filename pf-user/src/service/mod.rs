@@ -7,6 +7,7 @@
 //! runtime only parses requests and hands them over.
 
 pub mod audit;
+pub mod dataplane;
 pub mod engine;
 mod http;
 pub mod policy;
@@ -20,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use crate::kernel::{PfError, attach as dataplane, bpffs::PinDir};
+use crate::kernel::{PfError, attach, bpffs::PinDir};
 use policy::{Config, ConfigError};
 use store::{SqliteStore, Store, StoreError};
 
@@ -188,7 +189,7 @@ fn group_id(name: &str) -> Result<u32, ServeError> {
 /// role (a restart: the data plane stayed pinned and kept forwarding). Whether it is attached
 /// is the kernel's answer, not the pins': a dead attachment is attached again.
 fn attach_interfaces(dir: &PinDir, config: &Config) -> Result<(), ServeError> {
-    let found = dataplane::inspect(dir);
+    let found = attach::inspect(dir);
     for want in &config.interfaces {
         match found.iter().find(|a| a.iface == want.name) {
             Some(a) if a.health.is_live() && a.role == want.role => {
@@ -202,7 +203,7 @@ fn attach_interfaces(dir: &PinDir, config: &Config) -> Result<(), ServeError> {
                 });
             }
             _ => {
-                let done = dataplane::attach(dir, &want.name, want.mode, want.role)?;
+                let done = attach::attach(dir, &want.name, want.mode, want.role)?;
                 if let Some(reason) = &done.replaced {
                     eprintln!(
                         "pf serve: {}: the pinned attachment was dead ({reason}); attached again",
@@ -221,10 +222,10 @@ fn attach_interfaces(dir: &PinDir, config: &Config) -> Result<(), ServeError> {
     // A dead attachment outside the config (a `pf attach` by hand) may still run programs
     // that read maps no longer pinned, forwarding what the service releases: it goes.
     for a in &found {
-        if let dataplane::Health::Dead(reason) = &a.health
+        if let attach::Health::Dead(reason) = &a.health
             && !config.interfaces.iter().any(|i| i.name == a.iface)
         {
-            dataplane::detach(dir, &a.iface)?;
+            attach::detach(dir, &a.iface)?;
             eprintln!(
                 "pf serve: detached {}, which is not in the config: its attachment was dead ({reason}); `pf attach {}` attaches it again",
                 a.iface, a.iface
@@ -274,7 +275,12 @@ pub fn run(config: Config, options: StartOptions) -> Result<(), ServeError> {
         "opening the audit log {}",
         service.audit_log.display()
     )))?;
-    let mut engine = Engine::new(Box::new(store), dir, config.policy.clone(), audit)?;
+    let mut engine = Engine::new(
+        Box::new(store),
+        Box::new(dataplane::KernelDataPlane::new(dir)),
+        config.policy.clone(),
+        audit,
+    )?;
     let started = std::time::Instant::now();
     let (report, disabled) = engine
         .start(ReconcileGuard {

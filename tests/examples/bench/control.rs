@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use pf::{kernel::bpffs::PinDir, domain::spec::Reservation, kernel::state::State};
+use pf::{domain::spec::Reservation, kernel::bpffs::PinDir, kernel::state::State};
 use pf_tests::ScratchDir;
 use serde_json::{Value, json};
 

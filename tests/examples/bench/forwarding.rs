@@ -36,9 +36,9 @@ use aya::{
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
 };
 use pf::{
-    kernel::bpffs::PinDir,
-    kernel::attach::{self as dataplane, AttachMode, Role},
     domain::spec::Protocols,
+    kernel::attach::{self as dataplane, AttachMode, Role},
+    kernel::bpffs::PinDir,
     kernel::state::State,
 };
 use pf_common::counters::FastPath;

@@ -14,9 +14,9 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use pf::{
+    domain::spec::{Protocols, Reservation},
     kernel::bpffs::PinDir,
     kernel::object::Programs,
-    domain::spec::{Protocols, Reservation},
     kernel::state::State,
 };
 use pf_common::counters::Outcome;

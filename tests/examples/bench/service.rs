@@ -10,15 +10,16 @@
 use std::{path::Path, time::Instant};
 
 use pf::{
-    kernel::bpffs::PinDir,
     api::client::Client,
+    kernel::bpffs::PinDir,
+    kernel::state::State,
     service::policy::Config,
+    service::store::{NewRecord, SqliteStore, Store},
     service::{
         audit::Audit,
+        dataplane::KernelDataPlane,
         engine::{Engine, ReconcileGuard},
     },
-    kernel::state::State,
-    service::store::{NewRecord, SqliteStore, Store},
 };
 use pf_tests::{ScratchDir, service::Service};
 use serde_json::{Value, json};
@@ -81,8 +82,13 @@ fn apply(size: u32, files: &Path, pin_dir: &Path) -> Result<Applied, String> {
     // the reconcile is timed, as only the batched writes are in the baseline.
     drop(State::open_for_write(&dir).map_err(|e| e.to_string())?);
     let start = Instant::now();
-    let mut engine =
-        Engine::new(Box::new(store), dir, config.policy, audit).map_err(|e| e.to_string())?;
+    let mut engine = Engine::new(
+        Box::new(store),
+        Box::new(KernelDataPlane::new(dir)),
+        config.policy,
+        audit,
+    )
+    .map_err(|e| e.to_string())?;
     let report = engine
         .reconcile(ReconcileGuard {
             force: false,

@@ -6,8 +6,8 @@ use std::net::Ipv4Addr;
 
 use pf::{
     PfError,
-    kernel::object::Programs,
     domain::spec::{PortRange, Protocols, PublicSpec, Reservation, TargetSpec},
+    kernel::object::Programs,
     kernel::state::State,
 };
 use pf_common::counters::Outcome;

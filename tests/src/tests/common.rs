@@ -11,9 +11,9 @@ use aya::{
     programs::{ProgramError, TestRun, TestRunOptions, TestRunResult},
 };
 use pf::{
+    domain::spec::Reservation,
     kernel::bpffs::PinDir,
     kernel::object::Programs,
-    domain::spec::Reservation,
     kernel::state::{Counters, State},
 };
 

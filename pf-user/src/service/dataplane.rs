@@ -1,0 +1,274 @@
+//! The data plane as the engine sees it: maps to open for one change, and attachments to
+//! report. [`KernelDataPlane`] is the real one (pf's pinned maps, under pf's lock); the fake
+//! beside it ([`fake`]) lets the engine's operations run in fast host tests without BPF, as
+//! Katran's control plane runs with its `testing` flag.
+
+use std::net::Ipv4Addr;
+
+use crate::{
+    domain::spec::{PublicSpec, Reservation},
+    kernel::{
+        PfError,
+        attach::{self, Attachment},
+        bpffs::PinDir,
+        state::State,
+    },
+};
+
+/// pf's maps, opened for one change (the kernel's hold pf's lock until dropped).
+pub trait Maps {
+    /// Every reservation, sorted.
+    fn list(&self) -> Result<Vec<Reservation>, PfError>;
+    /// Adds reservations all or nothing.
+    fn reserve_all(&mut self, rs: &[Reservation]) -> Result<(), PfError>;
+    fn reserve(&mut self, r: &Reservation) -> Result<(), PfError> {
+        self.reserve_all(std::slice::from_ref(r))
+    }
+    /// Removes the reservation made exactly as `spec`.
+    fn release(&mut self, spec: &PublicSpec) -> Result<Reservation, PfError>;
+    /// Removes `r` if the maps hold exactly it, target included.
+    fn release_exact(&mut self, r: &Reservation) -> Result<Reservation, PfError>;
+    /// Whether every entry of `r` is there and right.
+    fn is_complete(&self, r: &Reservation) -> Result<bool, PfError>;
+    /// Removes entries none of `keep` accounts for; each as text.
+    fn prune(&mut self, keep: &[Reservation]) -> Result<Vec<String>, PfError>;
+    fn tunnel_networks(&self) -> Result<Vec<(Ipv4Addr, u8)>, PfError>;
+    fn set_tunnel_networks(&mut self, networks: &[(Ipv4Addr, u8)]) -> Result<(), PfError>;
+}
+
+impl Maps for State {
+    fn list(&self) -> Result<Vec<Reservation>, PfError> {
+        State::list(self)
+    }
+    fn reserve_all(&mut self, rs: &[Reservation]) -> Result<(), PfError> {
+        State::reserve_all(self, rs)
+    }
+    fn release(&mut self, spec: &PublicSpec) -> Result<Reservation, PfError> {
+        State::release(self, spec)
+    }
+    fn release_exact(&mut self, r: &Reservation) -> Result<Reservation, PfError> {
+        State::release_exact(self, r)
+    }
+    fn is_complete(&self, r: &Reservation) -> Result<bool, PfError> {
+        State::is_complete(self, r)
+    }
+    fn prune(&mut self, keep: &[Reservation]) -> Result<Vec<String>, PfError> {
+        State::prune(self, keep)
+    }
+    fn tunnel_networks(&self) -> Result<Vec<(Ipv4Addr, u8)>, PfError> {
+        State::tunnel_networks(self)
+    }
+    fn set_tunnel_networks(&mut self, networks: &[(Ipv4Addr, u8)]) -> Result<(), PfError> {
+        State::set_tunnel_networks(self, networks)
+    }
+}
+
+/// What the engine needs of the data plane.
+pub trait DataPlane: Send {
+    /// The maps, for one change.
+    fn open(&mut self) -> Result<Box<dyn Maps>, PfError>;
+    /// The attachments, as the kernel has them (for `/v1/status`).
+    fn attachments(&self) -> Vec<Attachment>;
+}
+
+/// pf's pinned maps. The first open (the start) makes them if they are missing and records
+/// their kernel ids: the maps the attached programs read. Every later open refuses
+/// ([`PfError::MapsReplaced`]) if the pinned maps are gone or others, rather than writing
+/// maps no program reads.
+pub struct KernelDataPlane {
+    dir: PinDir,
+    map_ids: Option<[u32; 8]>,
+}
+
+impl KernelDataPlane {
+    pub fn new(dir: PinDir) -> Self {
+        Self { dir, map_ids: None }
+    }
+}
+
+impl DataPlane for KernelDataPlane {
+    fn open(&mut self) -> Result<Box<dyn Maps>, PfError> {
+        let Some(want) = self.map_ids else {
+            let state = State::open_for_write(&self.dir)?;
+            self.map_ids = Some(state.map_ids());
+            return Ok(Box::new(state));
+        };
+        let state = State::open_existing_for_write(&self.dir)?;
+        if state.map_ids() != want {
+            return Err(PfError::MapsReplaced(self.dir.root().to_path_buf()));
+        }
+        Ok(Box::new(state))
+    }
+
+    fn attachments(&self) -> Vec<Attachment> {
+        attach::inspect(&self.dir)
+    }
+}
+
+/// A data plane in memory, for host tests of the engine: the same all-or-nothing and
+/// conflict rules as the kernel's maps, and a switch that makes the next map write fail.
+#[cfg(test)]
+pub mod fake {
+    use std::{
+        collections::BTreeMap,
+        net::Ipv4Addr,
+        sync::{Arc, Mutex},
+    };
+
+    use super::{DataPlane, Maps};
+    use crate::{
+        domain::spec::{PublicSpec, Reservation},
+        kernel::{PfError, attach::Attachment},
+    };
+
+    #[derive(Default)]
+    pub struct Contents {
+        /// Keyed by public address, first port and protocols, as `RESERVATIONS` is.
+        pub reservations: BTreeMap<(Ipv4Addr, u16, u8), Reservation>,
+        pub tunnel_networks: Vec<(Ipv4Addr, u8)>,
+        /// The next write fails with this message.
+        pub fail_next_write: Option<String>,
+    }
+
+    /// Cloned handles share one set of maps: the test keeps one to look inside.
+    #[derive(Clone, Default)]
+    pub struct FakeDataPlane(pub Arc<Mutex<Contents>>);
+
+    struct FakeMaps(Arc<Mutex<Contents>>);
+
+    fn key(r: &Reservation) -> (Ipv4Addr, u16, u8) {
+        (
+            r.public.addr,
+            r.public.ports.first,
+            r.public.protocols.mask(),
+        )
+    }
+
+    fn failure(message: String) -> PfError {
+        PfError::Io {
+            what: "the fake maps".into(),
+            source: std::io::Error::other(message),
+        }
+    }
+
+    impl FakeMaps {
+        fn write(&self) -> Result<std::sync::MutexGuard<'_, Contents>, PfError> {
+            let mut c = self.0.lock().unwrap();
+            match c.fail_next_write.take() {
+                Some(message) => Err(failure(message)),
+                None => Ok(c),
+            }
+        }
+    }
+
+    impl Maps for FakeMaps {
+        fn list(&self) -> Result<Vec<Reservation>, PfError> {
+            let mut all: Vec<Reservation> = self
+                .0
+                .lock()
+                .unwrap()
+                .reservations
+                .values()
+                .copied()
+                .collect();
+            all.sort();
+            Ok(all)
+        }
+
+        fn reserve_all(&mut self, rs: &[Reservation]) -> Result<(), PfError> {
+            let mut c = self.write()?;
+            let mut all: Vec<Reservation> = c.reservations.values().copied().collect();
+            for r in rs {
+                if let Some(existing) = all.iter().find(|e| e.public.overlaps(&r.public)) {
+                    return Err(PfError::Conflict {
+                        public: r.public.to_string(),
+                        existing: *existing,
+                    });
+                }
+                if let Some(existing) = all.iter().find(|e| {
+                    e.target_addr == r.target_addr
+                        && e.public.protocols.overlaps(r.public.protocols)
+                        && e.target_ports().overlaps(r.target_ports())
+                }) {
+                    return Err(PfError::AmbiguousTarget {
+                        target: r.target_addr.to_string(),
+                        existing: *existing,
+                    });
+                }
+                all.push(*r);
+            }
+            for r in rs {
+                c.reservations.insert(key(r), *r);
+            }
+            Ok(())
+        }
+
+        fn release(&mut self, spec: &PublicSpec) -> Result<Reservation, PfError> {
+            let mut c = self.write()?;
+            let k = (spec.addr, spec.ports.first, spec.protocols.mask());
+            match c.reservations.get(&k) {
+                Some(r) if r.public == *spec => Ok(c.reservations.remove(&k).unwrap()),
+                _ => Err(PfError::NoSuchReservation {
+                    spec: spec.to_string(),
+                    hint: String::new(),
+                }),
+            }
+        }
+
+        fn release_exact(&mut self, r: &Reservation) -> Result<Reservation, PfError> {
+            let held = self.0.lock().unwrap().reservations.get(&key(r)).copied();
+            match held {
+                Some(held) if held == *r => self.release(&r.public),
+                other => Err(PfError::NoSuchReservation {
+                    spec: r.to_string(),
+                    hint: other
+                        .map(|o| format!("; the maps hold {o} there"))
+                        .unwrap_or_default(),
+                }),
+            }
+        }
+
+        fn is_complete(&self, _r: &Reservation) -> Result<bool, PfError> {
+            Ok(true)
+        }
+
+        fn prune(&mut self, _keep: &[Reservation]) -> Result<Vec<String>, PfError> {
+            Ok(Vec::new())
+        }
+
+        fn tunnel_networks(&self) -> Result<Vec<(Ipv4Addr, u8)>, PfError> {
+            Ok(self.0.lock().unwrap().tunnel_networks.clone())
+        }
+
+        fn set_tunnel_networks(&mut self, networks: &[(Ipv4Addr, u8)]) -> Result<(), PfError> {
+            self.write()?.tunnel_networks = networks.to_vec();
+            Ok(())
+        }
+    }
+
+    impl DataPlane for FakeDataPlane {
+        fn open(&mut self) -> Result<Box<dyn Maps>, PfError> {
+            Ok(Box::new(FakeMaps(self.0.clone())))
+        }
+
+        fn attachments(&self) -> Vec<Attachment> {
+            Vec::new()
+        }
+    }
+
+    impl FakeDataPlane {
+        /// The reservations in the maps, as text, sorted.
+        pub fn held(&self) -> Vec<String> {
+            let mut all: Vec<String> = self
+                .0
+                .lock()
+                .unwrap()
+                .reservations
+                .values()
+                .map(ToString::to_string)
+                .collect();
+            all.sort();
+            all
+        }
+    }
+}
