@@ -8,7 +8,12 @@ use std::{
     time::Duration,
 };
 
+use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
+
+use super::types::{
+    ReleasedByOwner, RenewRequest, ReservationView, ReserveRequest, RestoreRequest,
+};
 
 /// How long the CLI waits for the service to answer.
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -106,5 +111,83 @@ impl Client {
                     .to_string(),
             })
         }
+    }
+
+    /// A call whose answer is one of the API's types.
+    fn typed<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClientError> {
+        let body = body
+            .map(serde_json::to_value)
+            .transpose()
+            .map_err(|e| ClientError::BadResponse(e.to_string()))?;
+        let value = self.call(method, path, body.as_ref())?;
+        serde_json::from_value(value)
+            .map_err(|e| ClientError::BadResponse(format!("{method} {path}: {e}")))
+    }
+
+    pub fn reserve(&self, request: &ReserveRequest) -> Result<ReservationView, ClientError> {
+        self.typed("POST", "/v1/reservations", Some(request))
+    }
+
+    pub fn get(&self, id: u64) -> Result<ReservationView, ClientError> {
+        self.typed("GET", &format!("/v1/reservations/{id}"), None::<&()>)
+    }
+
+    /// Every reservation, or one owner's.
+    pub fn list(&self, owner: Option<&str>) -> Result<Vec<ReservationView>, ClientError> {
+        self.typed("GET", &with_owner("/v1/reservations", owner), None::<&()>)
+    }
+
+    /// The expired history, or one owner's.
+    pub fn expired(&self, owner: Option<&str>) -> Result<Vec<ReservationView>, ClientError> {
+        self.typed("GET", &with_owner("/v1/expired", owner), None::<&()>)
+    }
+
+    pub fn release(&self, id: u64) -> Result<ReservationView, ClientError> {
+        self.typed("DELETE", &format!("/v1/reservations/{id}"), None::<&()>)
+    }
+
+    pub fn release_owner(&self, owner: &str) -> Result<ReleasedByOwner, ClientError> {
+        self.typed(
+            "DELETE",
+            &with_owner("/v1/reservations", Some(owner)),
+            None::<&()>,
+        )
+    }
+
+    pub fn renew(&self, id: u64, request: &RenewRequest) -> Result<ReservationView, ClientError> {
+        self.typed(
+            "POST",
+            &format!("/v1/reservations/{id}/renew"),
+            Some(request),
+        )
+    }
+
+    pub fn set_enabled(&self, id: u64, enabled: bool) -> Result<ReservationView, ClientError> {
+        let action = if enabled { "enable" } else { "disable" };
+        self.typed(
+            "POST",
+            &format!("/v1/reservations/{id}/{action}"),
+            None::<&()>,
+        )
+    }
+
+    pub fn restore(
+        &self,
+        id: u64,
+        request: &RestoreRequest,
+    ) -> Result<ReservationView, ClientError> {
+        self.typed("POST", &format!("/v1/expired/{id}/restore"), Some(request))
+    }
+}
+
+fn with_owner(path: &str, owner: Option<&str>) -> String {
+    match owner {
+        Some(owner) => format!("{path}?owner={}", encode(owner)),
+        None => path.to_string(),
     }
 }

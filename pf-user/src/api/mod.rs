@@ -1,3 +1,4 @@
-//! The API's client side: what the CLI (and any other program) uses to talk to `pf serve`.
+//! The API: its wire types, shared by `pf serve` and its clients, and the client the CLI uses.
 
 pub mod client;
+pub mod types;

@@ -331,22 +331,7 @@ impl Reservation {
     }
 }
 
-impl Reservation {
-    /// The reservation as `pf stats --json` and the API show it.
-    pub fn to_json(&self) -> serde_json::Value {
-        let target = self.target_ports();
-        serde_json::json!({
-            "public_ip": self.public.addr.to_string(),
-            "first_port": self.public.ports.first,
-            "last_port": self.public.ports.last,
-            "protocol": self.public.protocols,
-            "target_ip": self.target_addr.to_string(),
-            "target_first_port": target.first,
-            "target_last_port": target.last,
-            "spec": self.to_string(),
-        })
-    }
-}
+impl Reservation {}
 
 impl fmt::Display for Reservation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

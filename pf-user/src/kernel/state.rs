@@ -611,12 +611,10 @@ impl State {
             .ok()
             .and_then(|v| record_to_reservation(&key, &v));
         let Some(r) = found.filter(|r| r.public == *spec) else {
+            // What the maps hold there, if anything; the caller says what to do about it.
             let hint = match self.find_public(spec)? {
-                Some(other) => format!(
-                    "; it overlaps {other}: release that whole, as `pf release {}`",
-                    other.public
-                ),
-                None => " (see `pf list`)".to_string(),
+                Some(other) => format!("; it overlaps {other}, which is removed only whole"),
+                None => String::new(),
             };
             return Err(PfError::NoSuchReservation {
                 spec: spec.to_string(),

@@ -8,7 +8,6 @@ use std::{
 };
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
@@ -17,6 +16,7 @@ use super::{
     store::{NewRecord, Record, Store, StoreError},
 };
 use crate::{
+    api::types::{ErrorBody, ForwardView, ReleasedByOwner, ReservationView, ReserveRequest},
     domain::spec::{
         PortRange, Protocols, PublicSpec, Reservation, SpecError, TargetSpec, parse_public_request,
     },
@@ -99,10 +99,11 @@ impl ApiError {
         }
     }
     pub fn to_json(&self) -> Value {
-        match self.rule {
-            Some(rule) => json!({ "error": self.message, "rule": rule }),
-            None => json!({ "error": self.message }),
-        }
+        serde_json::to_value(ErrorBody {
+            error: self.message.clone(),
+            rule: self.rule.map(str::to_string),
+        })
+        .expect("plain struct")
     }
 }
 
@@ -139,40 +140,6 @@ impl From<PfError> for ApiError {
             other => Self::internal(other.to_string()),
         }
     }
-}
-
-/// `POST /v1/reservations`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReserveRequest {
-    /// The provider's account id.
-    pub owner: String,
-    /// `IP:PORT[-PORT]/PROTO`, or `IP/PROTO` for a free port from the pool.
-    pub public: String,
-    /// `TARGET_IP[:PORT]`.
-    pub to: String,
-    /// A lifetime such as `30d`; the policy's default_ttl when absent.
-    #[serde(default)]
-    pub ttl: Option<String>,
-    #[serde(default)]
-    pub note: Option<String>,
-}
-
-/// `POST /v1/reservations/{id}/renew`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RenewRequest {
-    #[serde(default)]
-    pub ttl: Option<String>,
-}
-
-/// `POST /v1/expired/{id}/restore`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RestoreRequest {
-    /// The new lifetime; without it, the one the reservation had.
-    #[serde(default)]
-    pub ttl: Option<String>,
 }
 
 /// What the API asks of the engine.
@@ -343,17 +310,24 @@ fn rfc3339(ms: u64) -> String {
 }
 
 /// A record as the API shows it.
+pub fn record_view(r: &Record) -> ReservationView {
+    ReservationView {
+        id: r.id,
+        owner: r.owner.clone(),
+        public: r.reservation.public.to_string(),
+        forward: ForwardView::from(&r.reservation),
+        created: rfc3339(r.created_ms),
+        ttl_seconds: r.ttl_ms.map(|t| t / 1000),
+        expires: r.expires_ms.map(rfc3339),
+        enabled: r.enabled,
+        note: r.note.clone(),
+        expired: None,
+    }
+}
+
+/// A record as the API's JSON.
 pub fn record_json(r: &Record) -> Value {
-    let mut v = r.reservation.to_json();
-    v["id"] = json!(r.id);
-    v["owner"] = json!(r.owner);
-    v["public"] = json!(r.reservation.public.to_string());
-    v["created"] = json!(rfc3339(r.created_ms));
-    v["ttl_seconds"] = json!(r.ttl_ms.map(|t| t / 1000));
-    v["expires"] = json!(r.expires_ms.map(rfc3339));
-    v["enabled"] = json!(r.enabled);
-    v["note"] = json!(r.note);
-    v
+    serde_json::to_value(record_view(r)).expect("plain struct")
 }
 
 /// Whether `c` changes how text reads without showing itself: Unicode's format characters
@@ -603,9 +577,11 @@ impl Engine {
                     .history(owner.as_deref())?
                     .iter()
                     .map(|(r, at)| {
-                        let mut v = record_json(r);
-                        v["expired"] = json!(rfc3339(*at));
-                        v
+                        serde_json::to_value(ReservationView {
+                            expired: Some(rfc3339(*at)),
+                            ..record_view(r)
+                        })
+                        .expect("plain struct")
                     })
                     .collect(),
             )),
@@ -675,7 +651,7 @@ impl Engine {
         for r in records {
             match self.release(r.id) {
                 Ok(r) => {
-                    let done = record_json(&r);
+                    let done = record_view(&r);
                     self.audit(
                         caller,
                         "release",
@@ -686,7 +662,10 @@ impl Engine {
                     released.push(done);
                 }
                 Err(e) => {
-                    let ids: Vec<String> = released.iter().map(|r| r["id"].to_string()).collect();
+                    let ids: Vec<String> = released
+                        .iter()
+                        .map(|r: &ReservationView| r.id.to_string())
+                        .collect();
                     return Err(ApiError {
                         message: format!(
                             "released {} of {total} reservations of {owner} ({}), then reservation {}: {}",
@@ -705,7 +684,7 @@ impl Engine {
             }
         }
         // The summary line names what went by id (each has its own line, with the record).
-        let ids: Vec<&Value> = released.iter().map(|r| &r["id"]).collect();
+        let ids: Vec<u64> = released.iter().map(|r| r.id).collect();
         self.audit(
             caller,
             "release-owner",
@@ -713,7 +692,11 @@ impl Engine {
             &json!({ "owner": owner, "released_ids": ids }),
             None,
         );
-        Ok(json!({ "owner": owner, "released": released }))
+        Ok(serde_json::to_value(ReleasedByOwner {
+            owner: owner.to_string(),
+            released,
+        })
+        .expect("plain struct"))
     }
 
     fn get(&self, id: u64) -> Result<Record, ApiError> {

@@ -47,10 +47,12 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::net::UnixListener;
 
+use crate::api::types::{RenewRequest, RestoreRequest};
+
 use super::{
     Job,
     audit::Caller,
-    engine::{ApiError, RenewRequest, Request, RestoreRequest},
+    engine::{ApiError, Request},
 };
 
 /// Largest request body: a reservation is a few hundred bytes.

@@ -1,0 +1,150 @@
+//! The API's wire types: one schema for `pf serve`, which reads the requests and writes the
+//! answers, and for its clients, which write the requests and read the answers (Katran keeps
+//! one schema for server and client the same way).
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::spec::Reservation;
+
+/// `POST /v1/reservations`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReserveRequest {
+    /// The provider's account id.
+    pub owner: String,
+    /// `IP:PORT[-PORT]/PROTO`, or `IP/PROTO` for a free port from the pool.
+    pub public: String,
+    /// `TARGET_IP[:PORT]`.
+    pub to: String,
+    /// A lifetime such as `30d`; the policy's default_ttl when absent.
+    #[serde(default)]
+    pub ttl: Option<String>,
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// `POST /v1/reservations/{id}/renew`: a new lifetime, or (none) the one it had.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    #[serde(default)]
+    pub ttl: Option<String>,
+}
+
+/// `POST /v1/expired/{id}/restore`: a new lifetime, or (none) the one it had.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    #[serde(default)]
+    pub ttl: Option<String>,
+}
+
+/// What a reservation forwards, as the API and `pf stats --json` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardView {
+    pub public_ip: String,
+    pub first_port: u16,
+    pub last_port: u16,
+    /// `tcp`, `udp` or `both`.
+    pub protocol: String,
+    pub target_ip: String,
+    pub target_first_port: u16,
+    pub target_last_port: u16,
+    /// The whole forward in one line: `198.51.100.1:8080/tcp -> 10.8.0.2:80`.
+    pub spec: String,
+}
+
+impl From<&Reservation> for ForwardView {
+    fn from(r: &Reservation) -> Self {
+        let target = r.target_ports();
+        Self {
+            public_ip: r.public.addr.to_string(),
+            first_port: r.public.ports.first,
+            last_port: r.public.ports.last,
+            protocol: r.public.protocols.to_string(),
+            target_ip: r.target_addr.to_string(),
+            target_first_port: target.first,
+            target_last_port: target.last,
+            spec: r.to_string(),
+        }
+    }
+}
+
+/// A reservation record as the API shows it (times in RFC 3339, UTC).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservationView {
+    pub id: u64,
+    pub owner: String,
+    /// `IP:PORT[-PORT]/PROTO`, as it was made (what `pf release` takes).
+    pub public: String,
+    #[serde(flatten)]
+    pub forward: ForwardView,
+    pub created: String,
+    pub ttl_seconds: Option<u64>,
+    pub expires: Option<String>,
+    pub enabled: bool,
+    pub note: String,
+    /// When it expired: in the expired history only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired: Option<String>,
+}
+
+/// `DELETE /v1/reservations?owner=X`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleasedByOwner {
+    pub owner: String,
+    pub released: Vec<ReservationView>,
+}
+
+/// Every error's body: what is wrong, and the policy rule that refused, if one did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_view_reads_back_as_written() {
+        let r = Reservation::new(
+            "198.51.100.1:8810-8815/both".parse().unwrap(),
+            "10.8.0.3:9810".parse().unwrap(),
+        )
+        .unwrap();
+        let view = ReservationView {
+            id: 7,
+            owner: "acct-7".into(),
+            public: r.public.to_string(),
+            forward: ForwardView::from(&r),
+            created: "2026-11-29T00:00:00.000Z".into(),
+            ttl_seconds: Some(60),
+            expires: None,
+            enabled: true,
+            note: String::new(),
+            expired: None,
+        };
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["target_last_port"], 9815);
+        assert_eq!(json["protocol"], "both");
+        assert_eq!(
+            json["spec"],
+            "198.51.100.1:8810-8815/both -> 10.8.0.3:9810-9815"
+        );
+        assert!(json.get("expired").is_none());
+        assert_eq!(
+            serde_json::from_value::<ReservationView>(json).unwrap(),
+            view
+        );
+        // A request with a field the server does not know is refused, not ignored.
+        assert!(
+            serde_json::from_str::<ReserveRequest>(
+                r#"{"owner":"a","public":"x","to":"y","port":1}"#
+            )
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,363 @@
+//! The `pf` command: its arguments (clap) and one dispatch. Library errors are typed
+//! (`pf::PfError`, the client's `ClientError`); here, at the edge, every failure becomes one
+//! `error: ...` line on stderr and a non-zero exit code. What it prints is `render`'s.
+
+mod render;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use pf::{
+    api::{
+        client::{Client, ClientError},
+        types::{RenewRequest, ReserveRequest, RestoreRequest},
+    },
+    domain::spec::{PublicSpec, Reservation, SpecError, TargetSpec, parse_public_request},
+    kernel::{
+        attach::{self, AttachMode, FastPathDevices, Role},
+        bpffs::{DEFAULT_PIN_DIR, PinDir},
+        privilege,
+        state::State,
+    },
+    service::{
+        self,
+        policy::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET, parse_ttl},
+    },
+};
+use render::{describe, out};
+
+/// Port forwarding in the kernel's fastest hook: XDP rewrites packets to a reserved public
+/// IP:port towards a tunnel client; TC egress rewrites the replies back.
+#[derive(Parser)]
+#[command(name = "pf", version)]
+struct Cli {
+    /// Directory on a BPF filesystem where pf pins its maps and links.
+    #[arg(long, global = true, env = "PF_BPFFS", default_value = DEFAULT_PIN_DIR, value_name = "DIR")]
+    bpffs: PathBuf,
+    /// The socket of `pf serve`, which reserve, release, list, renew, enable and disable use.
+    #[arg(long, global = true, env = "PF_SOCKET", default_value = DEFAULT_SOCKET, value_name = "PATH")]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach pf's XDP (ingress) and TC (egress) programs to a public interface.
+    Attach {
+        iface: String,
+        /// XDP mode: auto (native, falling back to skb), native, or skb.
+        #[arg(long, default_value = "auto", value_name = "auto|native|skb")]
+        mode: AttachMode,
+        /// Forwarded packets leave by XDP_REDIRECT where the route and the egress device allow
+        /// it. They then bypass the server's forwarding path: netfilter (FORWARD and
+        /// POSTROUTING rules, conntrack), qdiscs and tcpdump on the way out. Off by default.
+        #[arg(long, conflicts_with = "tunnel_side")]
+        fast_path: bool,
+        /// IFACE is an Ethernet-like tunnel-side interface (veth, tap, VXLAN): attach only the
+        /// reply fast path, which sends replies from forwarded ports straight out a public
+        /// interface attached with --fast-path, bypassing netfilter as that does.
+        #[arg(long)]
+        tunnel_side: bool,
+    },
+    /// Re-read which devices can take redirected frames (after adding or changing interfaces).
+    Refresh,
+    /// Remove pf's programs from an interface.
+    Detach { iface: String },
+    /// Run the reservation service: attach, reconcile the maps with the store, serve the API.
+    Serve {
+        #[arg(long, env = "PF_CONFIG", default_value = DEFAULT_CONFIG, value_name = "PATH")]
+        config: PathBuf,
+        /// Reconcile even if that removes reservations the store does not know from the maps
+        /// when the store is new or empty, or more than service.reconcile_removal_limit of
+        /// them: for a store that really was lost.
+        #[arg(long)]
+        force_reconcile: bool,
+    },
+    /// Forward PUBLIC_IP:PORT[-PORT]/tcp|udp|both to a tunnel address (PUBLIC_IP/tcp|udp|both:
+    /// a free port from the pool, printed).
+    Reserve {
+        #[arg(value_name = "PUBLIC_IP[:PORT[-PORT]]/tcp|udp|both")]
+        public: String,
+        /// Target address; with a port, the range is shifted to start there.
+        #[arg(long = "to", value_name = "TARGET_IP[:PORT]")]
+        to: TargetSpec,
+        /// The account the reservation belongs to.
+        #[arg(long, default_value = "admin")]
+        owner: String,
+        /// Lifetime, e.g. 30d, 12h, 90s; without it the policy's default_ttl (or none).
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Remove a reservation, by id or named exactly as it was made; or all of one owner's.
+    Release {
+        #[arg(
+            value_name = "ID|PUBLIC_IP:PORT[-PORT]/tcp|udp|both",
+            required_unless_present = "owner",
+            conflicts_with = "owner"
+        )]
+        reservation: Option<String>,
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    /// Extend a reservation's lifetime from now (by --ttl, or by the lifetime it had).
+    Renew {
+        id: u64,
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+    },
+    /// Forward a disabled reservation again.
+    Enable { id: u64 },
+    /// Stop forwarding a reservation but keep its ports.
+    Disable { id: u64 },
+    /// List reservations, one per line (--expired: those expired in the last 7 days).
+    List {
+        #[arg(long)]
+        owner: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// The expired history instead, newest first: what `pf restore` can bring back.
+        #[arg(long)]
+        expired: bool,
+    },
+    /// Bring back an expired reservation under its id (if its ports are still free).
+    Restore {
+        id: u64,
+        /// A new lifetime; without it, the lifetime it had.
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+    },
+    /// Show global counters and per-reservation traffic.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // clap's message spans lines: fold its first paragraph (the problem, and e.g. the
+            // missing argument's name) into the one line pf prints.
+            let rendered = e.render().to_string();
+            let problem: Vec<&str> = rendered
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let problem = problem.join(" ");
+            let problem = problem.strip_prefix("error: ").unwrap_or(&problem);
+            eprintln!("error: {problem} (see `pf --help`)");
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            // A bad argument exits 2 whether clap or pf's own validation caught it.
+            let bad_request = matches!(
+                e.downcast_ref::<ClientError>(),
+                Some(ClientError::Api { status: 400, .. })
+            );
+            if e.downcast_ref::<SpecError>().is_some() || bad_request {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// Fails early, without a round trip, on a lifetime the service would refuse.
+fn check_ttl(ttl: &Option<String>) -> Result<(), SpecError> {
+    match ttl {
+        Some(ttl) => parse_ttl(ttl).map(drop).map_err(SpecError::BadTtl),
+        None => Ok(()),
+    }
+}
+
+/// The id of the reservation made exactly as `spec`; an error naming the overlapping one if
+/// `spec` is only part of it.
+fn find_by_spec(client: &Client, spec: &PublicSpec) -> anyhow::Result<u64> {
+    let rows = client.list(None)?;
+    let wanted = spec.to_string();
+    if let Some(r) = rows.iter().find(|r| r.public == wanted) {
+        return Ok(r.id);
+    }
+    let overlapping = rows.iter().find(|r| {
+        r.public
+            .parse::<PublicSpec>()
+            .is_ok_and(|p| p.overlaps(spec))
+    });
+    let hint = match overlapping {
+        Some(r) => format!(
+            "; it overlaps {}: release that whole, as `pf release {}`",
+            describe(r),
+            r.id
+        ),
+        None => " (see `pf list`)".to_string(),
+    };
+    anyhow::bail!("no reservation {wanted}{hint}")
+}
+
+/// The one dispatch. Reservation commands talk to the service (the socket's permissions
+/// decide who may, and their arguments are checked here first, so a typo is refused without
+/// a round trip); the others need the privileges to touch the kernel.
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = Client::new(&cli.socket);
+    let dir = PinDir::new(&cli.bpffs);
+    match cli.command {
+        Command::Reserve {
+            public,
+            to,
+            owner,
+            ttl,
+            note,
+        } => {
+            let (addr, ports, protocols) = parse_public_request(&public)?;
+            if let Some(ports) = ports {
+                Reservation::new(
+                    PublicSpec {
+                        addr,
+                        ports,
+                        protocols,
+                    },
+                    to,
+                )?;
+            }
+            check_ttl(&ttl)?;
+            let r = client.reserve(&ReserveRequest {
+                owner,
+                public,
+                to: to.to_string(),
+                ttl,
+                note,
+            })?;
+            out!("reserved {}", describe(&r));
+        }
+        Command::Release { reservation, owner } => {
+            let released = match (reservation, owner) {
+                (_, Some(owner)) => client.release_owner(&owner)?.released,
+                (Some(which), None) => {
+                    let id = match which.parse::<u64>() {
+                        Ok(id) => id,
+                        Err(_) => find_by_spec(&client, &which.parse()?)?,
+                    };
+                    vec![client.release(id)?]
+                }
+                (None, None) => {
+                    anyhow::bail!("name a reservation or --owner (see `pf release --help`)")
+                }
+            };
+            if released.is_empty() {
+                out!("nothing to release");
+            }
+            for r in &released {
+                out!("released {}", describe(r));
+            }
+        }
+        Command::Renew { id, ttl } => {
+            check_ttl(&ttl)?;
+            let r = client.renew(id, &RenewRequest { ttl })?;
+            out!("renewed {}", describe(&r));
+        }
+        Command::Enable { id } => out!("enabled {}", describe(&client.set_enabled(id, true)?)),
+        Command::Disable { id } => out!("disabled {}", describe(&client.set_enabled(id, false)?)),
+        Command::Restore { id, ttl } => {
+            check_ttl(&ttl)?;
+            let r = client.restore(id, &RestoreRequest { ttl })?;
+            out!("restored {}", describe(&r));
+        }
+        Command::List {
+            owner,
+            json,
+            expired,
+        } => {
+            let rows = if expired {
+                client.expired(owner.as_deref())?
+            } else {
+                client.list(owner.as_deref())?
+            };
+            render::print_list(&rows, json)?;
+        }
+        Command::Serve {
+            config,
+            force_reconcile,
+        } => {
+            privilege::require_privileges()?;
+            let config = Config::load(&config)?;
+            service::run(config, service::StartOptions { force_reconcile })?;
+        }
+        Command::Attach {
+            iface,
+            mode,
+            fast_path,
+            tunnel_side,
+        } => {
+            privilege::require_privileges()?;
+            let role = match (fast_path, tunnel_side) {
+                (_, true) => Role::TunnelSide,
+                (true, false) => Role::PublicFastPath,
+                (false, false) => Role::Public,
+            };
+            let attached = attach::attach(&dir, &iface, mode, role)?;
+            if let Some(reason) = &attached.replaced {
+                out!("replaced a dead attachment on {iface} ({reason})");
+            }
+            let used = attached.xdp_mode;
+            match role {
+                Role::Public => {
+                    out!("attached pf to {iface} (XDP in {used} mode on ingress, TC on egress)")
+                }
+                Role::PublicFastPath => out!(
+                    "attached pf to {iface} with the fast path (XDP in {used} mode on ingress, TC on egress): forwarded packets that can be redirected bypass the kernel's forwarding path and netfilter"
+                ),
+                Role::TunnelSide => out!(
+                    "attached pf's reply fast path to {iface} (XDP in {used} mode): replies that can be redirected out a fast-path public interface bypass the kernel's forwarding path and netfilter"
+                ),
+            }
+            if role != Role::Public {
+                render::print_devices(&attached.devices);
+            }
+        }
+        Command::Refresh => {
+            privilege::require_privileges()?;
+            render::print_devices(&attach::refresh_devices(&dir)?);
+        }
+        Command::Detach { iface } => {
+            privilege::require_privileges()?;
+            attach::detach(&dir, &iface)?;
+            out!("detached pf from {iface}");
+        }
+        Command::Stats { json } => {
+            privilege::require_privileges()?;
+            let (stats, devices) = match State::open_for_read(&dir)? {
+                Some(state) => (Some(state.stats()?), FastPathDevices::read(&state)?),
+                None => (None, FastPathDevices::default()),
+            };
+            let attached = attach::inspect(&dir);
+            if json {
+                out!(
+                    "{}",
+                    serde_json::to_string_pretty(&render::stats_json(
+                        stats.as_ref(),
+                        &attached,
+                        &devices
+                    ))?
+                );
+            } else {
+                render::print_stats(stats.as_ref(), &attached, &devices);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! What the `pf` command prints: one line per reservation, the stats table, and their JSON.
+//! Output goes through [`out!`], so a closed pipe ends pf quietly.
+
+use pf::{
+    api::types::{ForwardView, ReservationView},
+    kernel::{
+        attach::{Attachment, FastPathDevices, Health, Role},
+        state::{Counters, Stats, Traffic},
+    },
+};
+use serde_json::{Value, json};
+
+/// Prints a line on stdout. A closed pipe (`pf list | head`) ends pf quietly with success, as
+/// it ends `cat`; any other failure to write is an error.
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::render::write_out(format_args!($($arg)*)) };
+}
+
+pub fn write_out(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_fmt(args)
+        .and_then(|()| stdout.write_all(b"\n"))
+        .and_then(|()| stdout.flush())
+    {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+pub(crate) use out;
+
+/// One line for a reservation as the API returns it.
+pub fn describe(r: &ReservationView) -> String {
+    let mut line = format!("{}: {} (owner {}", r.id, r.forward.spec, r.owner);
+    if let Some(expires) = &r.expires {
+        line += &format!(", expires {expires}");
+    }
+    if !r.enabled {
+        line += ", disabled";
+    }
+    if let Some(expired) = &r.expired {
+        line += &format!(", expired {expired}");
+    }
+    if !r.note.is_empty() {
+        line += &format!(", note {:?}", r.note);
+    }
+    line + ")"
+}
+
+/// The reservations, one line each, or as the API's JSON.
+pub fn print_list(rows: &[ReservationView], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        out!("{}", serde_json::to_string_pretty(rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        out!("no reservations");
+    }
+    for r in rows {
+        out!("{}", describe(r));
+    }
+    Ok(())
+}
+
+pub fn print_devices(devices: &FastPathDevices) {
+    let list = |names: &[String]| {
+        if names.is_empty() {
+            "(none)".to_string()
+        } else {
+            names.join(", ")
+        }
+    };
+    out!(
+        "fast path: forwarded packets may be redirected to {}; replies to {}",
+        list(&devices.redirect),
+        list(&devices.public)
+    );
+}
+
+pub fn stats_json(
+    stats: Option<&Stats>,
+    attached: &[Attachment],
+    devices: &FastPathDevices,
+) -> Value {
+    let counters = |c: &[(&str, u64)]| -> Value {
+        c.iter()
+            .map(|(name, v)| ((*name).to_string(), json!(v)))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    let empty = Stats {
+        counters: Counters {
+            ingress: Vec::new(),
+            egress: Vec::new(),
+            fast_path: Vec::new(),
+            reply_fast_path: Vec::new(),
+        },
+        reservations: Vec::new(),
+        tunnel_networks: Vec::new(),
+    };
+    let s = stats.unwrap_or(&empty);
+    let reservations: Vec<Value> = s
+        .reservations
+        .iter()
+        .map(|(r, t)| {
+            let mut v = serde_json::to_value(ForwardView::from(r)).expect("plain struct");
+            v["traffic"] = serde_json::to_value(t).expect("plain struct");
+            v
+        })
+        .collect();
+    json!({
+        // Only what the kernel confirms is attached; "dead" names the rest, with why.
+        "attached": attached
+            .iter()
+            .filter(|a| a.health.is_live())
+            .map(|a| &a.iface)
+            .collect::<Vec<_>>(),
+        "dead": attached
+            .iter()
+            .filter_map(|a| match &a.health {
+                Health::Dead(why) => Some((a.iface.clone(), json!(why))),
+                Health::Live | Health::Unknown(_) => None,
+            })
+            .collect::<serde_json::Map<_, _>>(),
+        "roles": attached
+            .iter()
+            .map(|a| (a.iface.clone(), json!(a.role.describe())))
+            .collect::<serde_json::Map<_, _>>(),
+        "fast_path_devices": {
+            "redirect": devices.redirect,
+            "public": devices.public,
+        },
+        "ingress": counters(&s.counters.ingress),
+        "egress": counters(&s.counters.egress),
+        "fast_path": counters(&s.counters.fast_path),
+        "reply_fast_path": counters(&s.counters.reply_fast_path),
+        "tunnel_networks": s
+            .tunnel_networks
+            .iter()
+            .map(|(addr, prefix)| format!("{addr}/{prefix}"))
+            .collect::<Vec<_>>(),
+        "reservations": reservations,
+    })
+}
+
+pub fn print_stats(stats: Option<&Stats>, attached: &[Attachment], devices: &FastPathDevices) {
+    if attached.is_empty() {
+        out!("attached: (none)");
+    } else {
+        let list: Vec<String> = attached
+            .iter()
+            .map(|a| match &a.health {
+                Health::Live => format!("{} ({})", a.iface, a.role.describe()),
+                Health::Unknown(why) => {
+                    format!("{} ({}, state unknown: {why})", a.iface, a.role.describe())
+                }
+                Health::Dead(why) => format!(
+                    "{} ({}, DEAD: {why}; `pf attach` or a pf serve restart replaces it)",
+                    a.iface,
+                    a.role.describe()
+                ),
+            })
+            .collect();
+        out!("attached: {}", list.join(", "));
+    }
+    let Some(stats) = stats else {
+        out!("no state yet (nothing reserved or attached)");
+        return;
+    };
+    let line = |c: &[(&str, u64)]| {
+        c.iter()
+            .map(|(n, v)| format!("{n} {v}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    out!("ingress (XDP): {}", line(&stats.counters.ingress));
+    out!("egress  (TC):  {}", line(&stats.counters.egress));
+    if !stats.tunnel_networks.is_empty() {
+        let nets: Vec<String> = stats
+            .tunnel_networks
+            .iter()
+            .map(|(addr, prefix)| format!("{addr}/{prefix}"))
+            .collect();
+        out!(
+            "egress drops unrewritten packets from the tunnel networks {}",
+            nets.join(", ")
+        );
+    }
+    if attached.iter().any(|a| a.role != Role::Public) {
+        out!("fast path:     {}", line(&stats.counters.fast_path));
+        out!("reply fast:    {}", line(&stats.counters.reply_fast_path));
+        print_devices(devices);
+    }
+    if stats.reservations.is_empty() {
+        out!("no reservations");
+        return;
+    }
+    out!(
+        "{:<52} {:>10} {:>12} {:>10} {:>12}",
+        "RESERVATION",
+        "IN PKTS",
+        "IN BYTES",
+        "OUT PKTS",
+        "OUT BYTES"
+    );
+    for (
+        r,
+        Traffic {
+            in_packets,
+            in_bytes,
+            out_packets,
+            out_bytes,
+        },
+    ) in &stats.reservations
+    {
+        out!(
+            "{:<52} {in_packets:>10} {in_bytes:>12} {out_packets:>10} {out_bytes:>12}",
+            r.to_string()
+        );
+    }
+}
