@@ -203,6 +203,99 @@ mod user {
     unsafe impl aya::Pod for super::TunnelNetworks {}
 }
 
+/// The kinds of BPF map pf declares (their `bpf_map_type` numbers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum MapKind {
+    Hash = 1,
+    Array = 2,
+    PerCpuHash = 5,
+    PerCpuArray = 6,
+    LruHash = 9,
+    DevMapHash = 25,
+}
+
+/// One map's shape: what the kernel is told when pf-ebpf declares it, and what userspace
+/// checks a pinned map against before it reads or writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapShape {
+    pub name: &'static str,
+    pub kind: MapKind,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+/// `struct bpf_devmap_val`: the ifindex and a program fd/id.
+pub const DEVMAP_VALUE_SIZE: u32 = 8;
+
+/// Every map of pf, once: pf-ebpf's declarations are checked against this table (a host test
+/// parses the built object), userspace's layout check reads it, and ARCHITECTURE.md's map
+/// table is checked against it. In `map_names::ALL` order.
+pub const MAP_SHAPES: [MapShape; 8] = {
+    use core::mem::size_of;
+    use counters::COUNTER_SLOTS;
+    use limits::*;
+    [
+        MapShape {
+            name: map_names::FORWARD_NAT,
+            kind: MapKind::PerCpuHash,
+            key_size: size_of::<EndpointKey>() as u32,
+            value_size: size_of::<NatEntry>() as u32,
+            max_entries: MAX_FORWARDS,
+        },
+        MapShape {
+            name: map_names::REVERSE_NAT,
+            kind: MapKind::PerCpuHash,
+            key_size: size_of::<EndpointKey>() as u32,
+            value_size: size_of::<NatEntry>() as u32,
+            max_entries: MAX_FORWARDS,
+        },
+        MapShape {
+            name: map_names::RESERVATIONS,
+            kind: MapKind::Hash,
+            key_size: size_of::<ReservationKey>() as u32,
+            value_size: size_of::<ReservationValue>() as u32,
+            max_entries: MAX_RESERVATIONS,
+        },
+        MapShape {
+            name: map_names::COUNTERS,
+            kind: MapKind::PerCpuArray,
+            key_size: 4,
+            value_size: 8,
+            max_entries: COUNTER_SLOTS,
+        },
+        MapShape {
+            name: map_names::FRAGMENTS,
+            kind: MapKind::LruHash,
+            key_size: size_of::<FragmentKey>() as u32,
+            value_size: size_of::<FragmentValue>() as u32,
+            max_entries: MAX_TRACKED_DATAGRAMS,
+        },
+        MapShape {
+            name: map_names::REDIRECT_DEVICES,
+            kind: MapKind::DevMapHash,
+            key_size: 4,
+            value_size: DEVMAP_VALUE_SIZE,
+            max_entries: MAX_REDIRECT_DEVICES,
+        },
+        MapShape {
+            name: map_names::PUBLIC_DEVICES,
+            kind: MapKind::DevMapHash,
+            key_size: 4,
+            value_size: DEVMAP_VALUE_SIZE,
+            max_entries: MAX_REDIRECT_DEVICES,
+        },
+        MapShape {
+            name: map_names::TUNNEL_NETWORKS,
+            kind: MapKind::Array,
+            key_size: 4,
+            value_size: size_of::<TunnelNetworks>() as u32,
+            max_entries: 1,
+        },
+    ]
+};
+
 /// Names of the maps, as declared in pf-ebpf and pinned under pf's bpffs directory.
 pub mod map_names {
     pub const FORWARD_NAT: &str = "FORWARD_NAT";

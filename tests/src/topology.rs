@@ -40,46 +40,13 @@ impl Topology {
             server: Netns::new(&format!("{prefix}-server"))?,
             client: Netns::new(&format!("{prefix}-client"))?,
         };
-        let (inet, server, client) = (t.inet.name(), t.server.name(), t.client.name());
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            "inet0",
-            "netns",
-            inet,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            PUBLIC_IFACE,
-            "netns",
-            server,
-        ])?;
+        let (server, client) = (t.server.name(), t.client.name());
+        t.link_public()?;
         sh(&[
             "ip", "link", "add", "tun0", "netns", server, "type", "veth", "peer", "name", "eth0",
             "netns", client,
         ])?;
 
-        t.inet.run(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{INTERNET_IP}/24"),
-            "dev",
-            "inet0",
-        ])?;
-        t.inet.run(&["ip", "link", "set", "inet0", "up"])?;
-        offload_off(&t.inet, "inet0")?;
-
-        t.server.run(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{PUBLIC_IP}/24"),
-            "dev",
-            PUBLIC_IFACE,
-        ])?;
         t.server.run(&[
             "ip",
             "addr",
@@ -88,10 +55,8 @@ impl Topology {
             "dev",
             "tun0",
         ])?;
-        for iface in [PUBLIC_IFACE, "tun0"] {
-            t.server.run(&["ip", "link", "set", iface, "up"])?;
-            offload_off(&t.server, iface)?;
-        }
+        t.server.run(&["ip", "link", "set", "tun0", "up"])?;
+        offload_off(&t.server, "tun0")?;
         t.server.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
 
         t.client.run(&[
@@ -107,5 +72,34 @@ impl Topology {
         t.client
             .run(&["ip", "route", "add", "default", "via", GATEWAY_TUNNEL_IP])?;
         Ok(t)
+    }
+
+    /// The internet host's link to the server's public interface, addressed and up: made by
+    /// `new`, and again by a test that deleted it (a public NIC re-created).
+    pub fn link_public(&self) -> io::Result<()> {
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            "inet0",
+            "netns",
+            self.inet.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            PUBLIC_IFACE,
+            "netns",
+            self.server.name(),
+        ])?;
+        for (ns, iface, addr) in [
+            (&self.inet, "inet0", INTERNET_IP),
+            (&self.server, PUBLIC_IFACE, PUBLIC_IP),
+        ] {
+            ns.run(&["ip", "addr", "add", &format!("{addr}/24"), "dev", iface])?;
+            ns.run(&["ip", "link", "set", iface, "up"])?;
+            offload_off(ns, iface)?;
+        }
+        Ok(())
     }
 }

@@ -166,3 +166,67 @@ where
         .and_then(|p| p.try_into().ok())
         .unwrap_or_else(|| panic!("pf's object has no program {name} of the expected type"))
 }
+
+#[cfg(test)]
+mod tests {
+    use pf_common::{MAP_SHAPES, map_names};
+
+    use super::OBJECT;
+
+    /// pf-ebpf declares every map as `MAP_SHAPES` says, and ARCHITECTURE.md's map table
+    /// names each with its maximum entries: one declaration, checked where it is repeated.
+    #[test]
+    fn the_object_and_the_docs_match_the_map_table() {
+        assert!(
+            !OBJECT.is_empty(),
+            "built with AYA_BUILD_SKIP: no object to check"
+        );
+        let object = aya_obj::Object::parse(OBJECT).expect("parsing pf's eBPF object");
+        let docs = include_str!("../../../ARCHITECTURE.md");
+        assert_eq!(
+            object.maps.len(),
+            MAP_SHAPES.len(),
+            "{:?}",
+            object.maps.keys()
+        );
+        for (shape, name) in MAP_SHAPES.iter().zip(map_names::ALL) {
+            assert_eq!(
+                shape.name, name,
+                "MAP_SHAPES is not in map_names::ALL order"
+            );
+            let map = object
+                .maps
+                .get(shape.name)
+                .unwrap_or_else(|| panic!("the object has no map {}", shape.name));
+            assert_eq!(
+                (
+                    map.map_type(),
+                    map.key_size(),
+                    map.value_size(),
+                    map.max_entries()
+                ),
+                (
+                    shape.kind as u32,
+                    shape.key_size,
+                    shape.value_size,
+                    shape.max_entries
+                ),
+                "{}: (type, key, value, max entries) in the object vs MAP_SHAPES",
+                shape.name
+            );
+            let digits = shape.max_entries.to_string();
+            let mut max = digits.clone();
+            for at in (1..digits.len())
+                .rev()
+                .filter(|i| (digits.len() - i) % 3 == 0)
+            {
+                max.insert(at, ',');
+            }
+            let row = docs
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{}` |", shape.name)))
+                .unwrap_or_else(|| panic!("ARCHITECTURE.md's map table lacks {}", shape.name));
+            assert!(row.trim_end().ends_with(&format!("| {max} |")), "{row}");
+        }
+    }
+}

@@ -13,16 +13,12 @@ use aya::maps::{
     PerCpuHashMap, PerCpuValues,
 };
 use pf_common::{
-    EndpointKey, FragmentKey, FragmentValue, NatEntry, ReservationKey, ReservationValue,
+    EndpointKey, MAP_SHAPES, MapKind, MapShape, NatEntry, ReservationKey, ReservationValue,
     TunnelNetwork, TunnelNetworks,
     counters::{
-        COUNTER_SLOTS, EGRESS_BASE, FAST_PATH_BASE, FastPath, INGRESS_BASE, Outcome,
-        REPLY_FAST_PATH_BASE,
+        EGRESS_BASE, FAST_PATH_BASE, FastPath, INGRESS_BASE, Outcome, REPLY_FAST_PATH_BASE,
     },
-    limits::{
-        MAX_FORWARDS, MAX_REDIRECT_DEVICES, MAX_RESERVATIONS, MAX_TRACKED_DATAGRAMS,
-        MAX_TUNNEL_NETWORKS,
-    },
+    limits::MAX_TUNNEL_NETWORKS,
     map_names,
 };
 use serde::Serialize;
@@ -206,79 +202,21 @@ pub struct Stats {
     pub tunnel_networks: Vec<(Ipv4Addr, u8)>,
 }
 
-struct Layout {
-    name: &'static str,
-    map_type: MapType,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
+/// The aya map type of a shape's kind.
+fn map_type(kind: MapKind) -> MapType {
+    match kind {
+        MapKind::Hash => MapType::Hash,
+        MapKind::Array => MapType::Array,
+        MapKind::PerCpuHash => MapType::PerCpuHash,
+        MapKind::PerCpuArray => MapType::PerCpuArray,
+        MapKind::LruHash => MapType::LruHash,
+        MapKind::DevMapHash => MapType::DevMapHash,
+    }
 }
-
-/// struct bpf_devmap_val: ifindex, and a program fd/id.
-const DEVMAP_VALUE_SIZE: u32 = 8;
-
-const LAYOUTS: [Layout; 8] = [
-    Layout {
-        name: map_names::FORWARD_NAT,
-        map_type: MapType::PerCpuHash,
-        key_size: size_of::<EndpointKey>() as u32,
-        value_size: size_of::<NatEntry>() as u32,
-        max_entries: MAX_FORWARDS,
-    },
-    Layout {
-        name: map_names::REVERSE_NAT,
-        map_type: MapType::PerCpuHash,
-        key_size: size_of::<EndpointKey>() as u32,
-        value_size: size_of::<NatEntry>() as u32,
-        max_entries: MAX_FORWARDS,
-    },
-    Layout {
-        name: map_names::RESERVATIONS,
-        map_type: MapType::Hash,
-        key_size: size_of::<ReservationKey>() as u32,
-        value_size: size_of::<ReservationValue>() as u32,
-        max_entries: MAX_RESERVATIONS,
-    },
-    Layout {
-        name: map_names::COUNTERS,
-        map_type: MapType::PerCpuArray,
-        key_size: 4,
-        value_size: 8,
-        max_entries: COUNTER_SLOTS,
-    },
-    Layout {
-        name: map_names::FRAGMENTS,
-        map_type: MapType::LruHash,
-        key_size: size_of::<FragmentKey>() as u32,
-        value_size: size_of::<FragmentValue>() as u32,
-        max_entries: MAX_TRACKED_DATAGRAMS,
-    },
-    Layout {
-        name: map_names::REDIRECT_DEVICES,
-        map_type: MapType::DevMapHash,
-        key_size: 4,
-        value_size: DEVMAP_VALUE_SIZE,
-        max_entries: MAX_REDIRECT_DEVICES,
-    },
-    Layout {
-        name: map_names::PUBLIC_DEVICES,
-        map_type: MapType::DevMapHash,
-        key_size: 4,
-        value_size: DEVMAP_VALUE_SIZE,
-        max_entries: MAX_REDIRECT_DEVICES,
-    },
-    Layout {
-        name: map_names::TUNNEL_NETWORKS,
-        map_type: MapType::Array,
-        key_size: 4,
-        value_size: size_of::<TunnelNetworks>() as u32,
-        max_entries: 1,
-    },
-];
 
 /// Opens a pinned map and checks it has the layout this build of pf was compiled for: a map
 /// left by another version must not be read or written with the wrong sizes.
-fn open_map(dir: &PinDir, layout: &Layout) -> Result<(Map, u32), PfError> {
+fn open_map(dir: &PinDir, layout: &MapShape) -> Result<(Map, u32), PfError> {
     let path = dir.map(layout.name);
     let map_err = |source| PfError::Map {
         map: layout.name,
@@ -294,7 +232,7 @@ fn open_map(dir: &PinDir, layout: &Layout) -> Result<(Map, u32), PfError> {
         info.max_entries(),
     );
     let want = (
-        layout.map_type,
+        map_type(layout.kind),
         layout.key_size,
         layout.value_size,
         layout.max_entries,
@@ -367,7 +305,7 @@ impl State {
             redirect_devices,
             public_devices,
             tunnel_networks,
-        ] = LAYOUTS.each_ref().map(|l| open_map(dir, l));
+        ] = MAP_SHAPES.each_ref().map(|l| open_map(dir, l));
         let mut ids = [0u32; 8];
         let mut id_of = |index: usize, opened: Result<(Map, u32), PfError>| {
             opened.map(|(map, id)| {

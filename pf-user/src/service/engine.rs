@@ -396,6 +396,15 @@ fn check_note(note: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Logs a condition's `message` unless it is the one `last` holds: a failure that persists
+/// is said once, and again only when it changes.
+fn say_once(last: &mut Option<String>, message: String, line: impl FnOnce(&str) -> String) {
+    if last.as_deref() != Some(message.as_str()) {
+        eprintln!("pf serve: {}", line(&message));
+        *last = Some(message);
+    }
+}
+
 fn duration_ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX / 2)) as u64
 }
@@ -1038,15 +1047,9 @@ impl Engine {
                     self.repair_failing = None;
                     eprintln!("pf serve: repaired the maps: they agree with the store again");
                 }
-                Err(e) => {
-                    if self.repair_failing.as_deref() != Some(e.message.as_str()) {
-                        eprintln!(
-                            "pf serve: repairing the maps fails, retrying every second: {}",
-                            e.message
-                        );
-                        self.repair_failing = Some(e.message);
-                    }
-                }
+                Err(e) => say_once(&mut self.repair_failing, e.message, |m| {
+                    format!("repairing the maps fails, retrying every second: {m}")
+                }),
             }
         }
         self.expire_due();
@@ -1093,13 +1096,9 @@ impl Engine {
                 state
             }
             Err(refusal) => {
-                if self.expiry_blocked.as_deref() != Some(refusal.message.as_str()) {
-                    eprintln!(
-                        "pf serve: expiry waits, retrying every {EXPIRY_RETRY_MS} ms: {}",
-                        refusal.message
-                    );
-                    self.expiry_blocked = Some(refusal.message);
-                }
+                say_once(&mut self.expiry_blocked, refusal.message, |m| {
+                    format!("expiry waits, retrying every {EXPIRY_RETRY_MS} ms: {m}")
+                });
                 retry(self);
                 return;
             }
@@ -1424,6 +1423,13 @@ ports_per_owner = 3
         )
     }
 
+    /// Reserves `public` for acct-1 towards 10.200.0.2; its id.
+    fn reserved(e: &mut Engine, public: &str, ttl: Option<&str>) -> u64 {
+        reserve(e, "acct-1", public, "10.200.0.2", ttl).unwrap()["id"]
+            .as_u64()
+            .unwrap()
+    }
+
     fn ids(v: &Value) -> Vec<u64> {
         v.as_array()
             .unwrap()
@@ -1505,15 +1511,7 @@ ports_per_owner = 3
     #[test]
     fn disable_enable_and_release_keep_store_and_maps_together() {
         let (mut e, fake, _dir) = engine();
-        let r = reserve(
-            &mut e,
-            "acct-1",
-            "198.51.100.1:30000-30001/both",
-            "10.200.0.2",
-            None,
-        )
-        .unwrap();
-        let id = r["id"].as_u64().unwrap();
+        let id = reserved(&mut e, "198.51.100.1:30000-30001/both", None);
         let done = e
             .handle(Request::SetEnabled { id, enabled: false }, CALLER)
             .unwrap();
@@ -1533,16 +1531,7 @@ ports_per_owner = 3
     #[test]
     fn a_release_the_maps_refuse_is_partial_and_repaired() {
         let (mut e, fake, dir) = engine();
-        let id = reserve(
-            &mut e,
-            "acct-1",
-            "198.51.100.1:30000/tcp",
-            "10.200.0.2",
-            None,
-        )
-        .unwrap()["id"]
-            .as_u64()
-            .unwrap();
+        let id = reserved(&mut e, "198.51.100.1:30000/tcp", None);
         fake.0.lock().unwrap().fail_next_write = Some("busy".into());
         let err = e.handle(Request::Release(id), CALLER).unwrap_err();
         assert!(
@@ -1560,16 +1549,7 @@ ports_per_owner = 3
     #[test]
     fn expiry_moves_to_the_history_and_restore_brings_back() {
         let (mut e, fake, _dir) = engine();
-        let id = reserve(
-            &mut e,
-            "acct-1",
-            "198.51.100.1:30000/tcp",
-            "10.200.0.2",
-            Some("10s"),
-        )
-        .unwrap()["id"]
-            .as_u64()
-            .unwrap();
+        let id = reserved(&mut e, "198.51.100.1:30000/tcp", Some("10s"));
         e.clock.advance(9_000);
         e.tick();
         assert_eq!(fake.held().len(), 1, "expired early");

@@ -61,6 +61,25 @@ fn in_maps(dir: &TempPinDir) -> Vec<String> {
         .collect()
 }
 
+/// A record as a store written before this service (or by hand) would hold it.
+fn record(
+    owner: &str,
+    public: &str,
+    to: &str,
+    expires_ms: Option<u64>,
+    enabled: bool,
+) -> NewRecord {
+    NewRecord {
+        owner: owner.into(),
+        reservation: Reservation::new(public.parse().unwrap(), to.parse().unwrap()).unwrap(),
+        created_ms: 0,
+        ttl_ms: expires_ms,
+        expires_ms,
+        enabled,
+        note: String::new(),
+    }
+}
+
 /// A small tmpfs mounted for one test (a disk that can be filled), unmounted on drop.
 struct SmallDisk {
     path: PathBuf,
@@ -171,19 +190,13 @@ fn a_reservation_never_targets_the_server_itself() {
     service.stop();
     let mut store = SqliteStore::open(&service.database()).unwrap();
     let old = store
-        .insert(&NewRecord {
-            owner: "acct-2".into(),
-            reservation: Reservation::new(
-                "198.51.100.1:30002/udp".parse().unwrap(),
-                "10.8.0.1:53".parse().unwrap(),
-            )
-            .unwrap(),
-            created_ms: 0,
-            ttl_ms: None,
-            expires_ms: None,
-            enabled: true,
-            note: String::new(),
-        })
+        .insert(&record(
+            "acct-2",
+            "198.51.100.1:30002/udp",
+            "10.8.0.1:53",
+            None,
+            true,
+        ))
         .unwrap();
     drop(store);
     // And forwarding in the maps, as it was before the rule.
@@ -337,34 +350,7 @@ fn attachment_state_comes_from_the_kernel_not_the_pins() {
     topo.server
         .run(&["ip", "link", "del", PUBLIC_IFACE])
         .unwrap();
-    let (inet, server) = (topo.inet.name(), topo.server.name());
-    crate::netns::sh(&[
-        "ip",
-        "link",
-        "add",
-        "inet0",
-        "netns",
-        inet,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        PUBLIC_IFACE,
-        "netns",
-        server,
-    ])
-    .unwrap();
-    topo.inet
-        .run(&["ip", "addr", "add", "198.51.100.2/24", "dev", "inet0"])
-        .unwrap();
-    topo.server
-        .run(&["ip", "addr", "add", "198.51.100.1/24", "dev", PUBLIC_IFACE])
-        .unwrap();
-    for (ns, iface) in [(&topo.inet, "inet0"), (&topo.server, PUBLIC_IFACE)] {
-        ns.run(&["ip", "link", "set", iface, "up"]).unwrap();
-        ns.run(&["ethtool", "-K", iface, "tx", "off", "rx", "off"])
-            .unwrap();
-    }
+    topo.link_public().unwrap();
     let s = stats(&topo);
     assert!(
         s["dead"]["pub0"]
@@ -695,19 +681,13 @@ fn a_missing_or_empty_store_does_not_wipe_live_forwarding() {
     // another target: a refused start must not expire it, nor remove the stranger.
     let mut store = SqliteStore::open(&db).unwrap();
     let due = store
-        .insert(&NewRecord {
-            owner: "acct-2".into(),
-            reservation: Reservation::new(
-                "198.51.100.1:9000/udp".parse().unwrap(),
-                "10.8.2.1".parse().unwrap(),
-            )
-            .unwrap(),
-            created_ms: 0,
-            ttl_ms: Some(1000),
-            expires_ms: Some(1000),
-            enabled: false,
-            note: String::new(),
-        })
+        .insert(&record(
+            "acct-2",
+            "198.51.100.1:9000/udp",
+            "10.8.2.1",
+            Some(1000),
+            false,
+        ))
         .unwrap();
     drop(store);
     let audit_before = std::fs::read_to_string(service.audit_log()).unwrap();
@@ -785,14 +765,16 @@ fn a_clock_step_expires_nothing_early_and_expiry_can_be_undone() {
         log.contains("the system clock stepped forward by 2days"),
         "{log}"
     );
-    let left: Vec<u64> = pf_list(&dir)
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["first_port"].as_u64().unwrap())
-        .collect();
+    let ports_left = || -> Vec<u64> {
+        pf_list(&dir)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["first_port"].as_u64().unwrap())
+            .collect()
+    };
     // The 1 h and 1 d reservations stay; the 2 s one expired on its own time.
-    assert_eq!(left, vec![8080, 8081], "{log}");
+    assert_eq!(ports_left(), vec![8080, 8081], "{log}");
     assert_eq!(in_maps(&dir).len(), 2);
     // Expired is not gone: the history has it, and it comes back under its id.
     let expired = pf_ok(&dir, &["list", "--expired"]);
@@ -830,13 +812,7 @@ fn a_clock_step_expires_nothing_early_and_expiry_can_be_undone() {
         log.contains("the system clock stepped back by 3days"),
         "{log}"
     );
-    let left: Vec<u64> = pf_list(&dir)
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["first_port"].as_u64().unwrap())
-        .collect();
-    assert_eq!(left, vec![8080, 8081, 8082], "{log}");
+    assert_eq!(ports_left(), vec![8080, 8081, 8082], "{log}");
     let _ = std::fs::remove_file(&offset);
 }
 
