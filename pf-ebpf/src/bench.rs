@@ -23,10 +23,10 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, xdp_action},
-    macros::{map, xdp},
+    bindings::{BPF_F_NO_PREALLOC, TC_ACT_OK, xdp_action},
+    macros::{classifier, map, xdp},
     maps::{DevMap, PerCpuArray, PerCpuHashMap},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 
 /// Ethernet + IPv4 (no options) + UDP: the part of the frame the generator writes.
@@ -155,9 +155,16 @@ pub fn pf_bench_lookup(ctx: XdpContext) -> u32 {
     }
 }
 
+/// Do nothing but pass: the per-packet baselines of each hook (and the forwarding bench's
+/// XDP_PASS stand-in).
 #[xdp]
 pub fn pf_bench_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+#[classifier]
+pub fn pf_bench_pass_tc(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
 }
 
 /// Slot 0: the device `pf_bench_redirect` sends every frame to (set by the bench).

@@ -76,18 +76,6 @@ pub fn pf_egress(ctx: TcContext) -> i32 {
     if verdict.drop { TC_ACT_SHOT } else { TC_ACT_OK }
 }
 
-/// Do nothing but pass: the baselines `cargo xtask bench` measures pf's programs against, in
-/// the same run. Never attached.
-#[xdp]
-pub fn pf_bench_noop(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
-}
-
-#[classifier]
-pub fn pf_bench_noop_tc(_ctx: TcContext) -> i32 {
-    TC_ACT_OK
-}
-
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

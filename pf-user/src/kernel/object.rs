@@ -17,9 +17,6 @@ pub const EGRESS_PROGRAM: &str = "pf_egress";
 pub const FAST_INGRESS_PROGRAM: &str = "pf_ingress_fast";
 /// The reply fast path, for a tunnel-side interface (`pf attach --tunnel-side`).
 pub const REPLY_PROGRAM: &str = "pf_reply_fast";
-/// Programs that only pass (XDP_PASS, TC_ACT_OK): the benchmark's baselines, never attached.
-pub const NOOP_PROGRAM: &str = "pf_bench_noop";
-pub const NOOP_TC_PROGRAM: &str = "pf_bench_noop_tc";
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pf-ebpf"));
 
@@ -109,27 +106,6 @@ impl Programs {
     /// The reply fast-path program; usable once [`Programs::load_reply`] ran.
     pub fn reply(&self) -> &Xdp {
         typed(&self.ebpf, REPLY_PROGRAM)
-    }
-
-    /// Loads the no-op baseline programs (for benchmarks); then [`Programs::noop`] and
-    /// [`Programs::noop_tc`] give them.
-    pub fn load_noop_baselines(&mut self) -> Result<(), PfError> {
-        typed_mut::<Xdp>(&mut self.ebpf, NOOP_PROGRAM)?
-            .load()
-            .map_err(load_error)?;
-        typed_mut::<SchedClassifier>(&mut self.ebpf, NOOP_TC_PROGRAM)?
-            .load()
-            .map_err(load_error)
-    }
-
-    /// The no-op XDP baseline; usable once [`Programs::load_noop_baselines`] ran.
-    pub fn noop(&self) -> &Xdp {
-        typed(&self.ebpf, NOOP_PROGRAM)
-    }
-
-    /// The no-op TC baseline; usable once [`Programs::load_noop_baselines`] ran.
-    pub fn noop_tc(&self) -> &SchedClassifier {
-        typed(&self.ebpf, NOOP_TC_PROGRAM)
     }
 
     /// XDP program `name`, loaded already (by [`Programs::load`] or one of the `load_*`).

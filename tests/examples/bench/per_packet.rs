@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{PerCpuHashMap, PerCpuValues},
-    programs::{TestRun, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use pf::{
     domain::spec::{Protocols, Reservation},
@@ -84,13 +84,23 @@ pub fn filler(i: u32) -> Reservation {
 const XDP_PASS: u32 = 2;
 const TC_ACT_SHOT: u32 = 2;
 
-/// The lookup-only baseline, its map holding the key it will read from `packet` (the same 8
-/// bytes, at the same offset, that pf's key is built from).
-fn load_lookup_only(packet: &[u8]) -> Result<Ebpf, String> {
+/// The baselines, from the bench object (pf's own object has no bench programs): a program
+/// of each hook that only passes, and the lookup-only program, its map holding the key it
+/// will read from `packet` (the same 8 bytes, at the same offset, that pf's key is built
+/// from).
+fn load_baselines(packet: &[u8]) -> Result<Ebpf, String> {
     let mut ebpf = EbpfLoader::new()
         .load(bench_object()?)
         .map_err(|e| format!("loading the bench object: {e}"))?;
     load_xdp(&mut ebpf, "pf_bench_lookup")?;
+    load_xdp(&mut ebpf, "pf_bench_pass")?;
+    let tc: &mut SchedClassifier = ebpf
+        .program_mut("pf_bench_pass_tc")
+        .ok_or("no program pf_bench_pass_tc")?
+        .try_into()
+        .map_err(|e| format!("pf_bench_pass_tc: {e}"))?;
+    tc.load()
+        .map_err(|e| format!("loading pf_bench_pass_tc: {e}"))?;
     let mut map: PerCpuHashMap<_, [u8; 8], [u8; 24]> = PerCpuHashMap::try_from(
         ebpf.map_mut("LOOKUP_ONLY")
             .ok_or("the bench object has no LOOKUP_ONLY")?,
@@ -117,8 +127,7 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
     state
         .reserve(&reservation(hit, 5353, Protocols::Udp, hit, 5353))
         .map_err(err)?;
-    let mut programs = Programs::load(&dir).map_err(err)?;
-    programs.load_noop_baselines().map_err(err)?;
+    let programs = Programs::load(&dir).map_err(err)?;
 
     let tcp_hit = Pkt::tcp(REMOTE, 40000, HIT_ADDR, 8080).frame();
     let udp_hit = Pkt::udp(REMOTE, 40000, HIT_ADDR, 5353).frame();
@@ -134,12 +143,21 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
     let egress_miss = Pkt::tcp(HIT_ADDR, 55000, REMOTE, 443).frame();
     let egress_leak = Pkt::tcp([10, 8, 0, 2], 80, REMOTE, 40000).frame();
     let networks = four_networks();
-    let lookup_object = load_lookup_only(&tcp_hit)?;
-    let lookup_only: &Xdp = lookup_object
-        .program("pf_bench_lookup")
-        .ok_or("no program pf_bench_lookup")?
+    let baselines = load_baselines(&tcp_hit)?;
+    let xdp_baseline = |name: &str| -> Result<&Xdp, String> {
+        baselines
+            .program(name)
+            .ok_or_else(|| format!("no program {name}"))?
+            .try_into()
+            .map_err(|e| format!("{name}: {e}"))
+    };
+    let lookup_only = xdp_baseline("pf_bench_lookup")?;
+    let noop = xdp_baseline("pf_bench_pass")?;
+    let noop_tc: &SchedClassifier = baselines
+        .program("pf_bench_pass_tc")
+        .ok_or("no program pf_bench_pass_tc")?
         .try_into()
-        .map_err(|e| format!("pf_bench_lookup: {e}"))?;
+        .map_err(|e| format!("pf_bench_pass_tc: {e}"))?;
 
     let cases = [
         Case {
@@ -258,9 +276,9 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
                     ..Default::default()
                 };
                 let result = match program {
-                    Which::Noop => programs.noop().test_run(opts),
+                    Which::Noop => noop.test_run(opts),
                     Which::LookupOnly => lookup_only.test_run(opts),
-                    Which::NoopTc => programs.noop_tc().test_run(opts),
+                    Which::NoopTc => noop_tc.test_run(opts),
                     Which::Ingress => programs.ingress().test_run(opts),
                     Which::Egress => programs.egress().test_run(opts),
                 }
