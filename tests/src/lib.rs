@@ -1,40 +1,14 @@
-//! Fixtures for pf's privileged tests and its demo: network namespaces, the three-host
-//! topology, commands run inside them, and cleanup that happens even when a test fails.
+//! pf's tests, by role (as aya keeps its integration tests apart from their helpers):
 //!
-//! The tests themselves are this crate's unit tests (one test binary, run by
-//! `cargo xtask test` with `--test-threads=1`, as aya runs its integration tests).
+//! - [`model`]: the reference model, the data plane's specification: what pf's programs must
+//!   do to any frame. The differential tests hold the loaded programs to it.
+//! - [`kit`]: namespaces, topology, packets, a `pf serve` runner, scratch directories; used by
+//!   the tests, the benchmark (`examples/bench`) and the demo (xtask).
+//! - `integration/`: the privileged tests, by behaviour, as this crate's unit tests (one test
+//!   binary, run by `cargo xtask test` with `--test-threads=1`).
 
+pub mod kit;
 pub mod model;
-pub mod netns;
-pub mod packet;
-pub mod service;
-pub mod topology;
-
-use std::path::{Path, PathBuf};
-
-/// A directory that belongs to one test, demo or benchmark run: anything left at its path by a
-/// crashed earlier run is removed on creation, and the directory with all it holds (pinned maps
-/// and links included, which detaches the links) is removed on drop, also on failure.
-pub struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    /// Claims `path`, clearing what an earlier run left there. Creates nothing: the owner does.
-    pub fn claim(path: impl Into<PathBuf>) -> Self {
-        let path = path.into();
-        let _ = std::fs::remove_dir_all(&path);
-        Self(path)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 #[cfg(test)]
-mod tests;
+mod integration;

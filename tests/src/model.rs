@@ -1,6 +1,6 @@
 //! The reference model: what pf's two programs must do to any frame, given the NAT maps'
 //! contents. It is the specification, written for clarity rather than speed, and the
-//! differential tests (`tests/src/tests/differential.rs`, `cargo xtask fuzz`) hold the loaded
+//! differential tests (`tests/src/integration/differential.rs`, `cargo xtask fuzz`) hold the loaded
 //! programs to it byte for byte.
 //!
 //! Both directions parse alike (the policy ARCHITECTURE.md states):

@@ -7,9 +7,9 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
 use pf_tests::{
-    ScratchDir,
-    service::Service,
-    topology::{CLIENT_IP, INTERNET_IP, PUBLIC_IFACE, PUBLIC_IP, Topology},
+    kit::ScratchDir,
+    kit::serve::Service,
+    kit::topology::{CLIENT_IP, INTERNET_IP, PUBLIC_IFACE, PUBLIC_IP, Topology},
 };
 
 /// The demo's own pin directory, so it never touches an instance an admin runs at the default.

@@ -197,7 +197,7 @@ fn test() -> Result<()> {
     Ok(())
 }
 
-/// Runs the differential tests (tests/src/tests/differential.rs) with a random or given seed.
+/// Runs the differential tests (tests/src/integration/differential.rs) with a random or given seed.
 fn fuzz(packets: u64, seed: Option<String>) -> Result<()> {
     let seed = match seed {
         Some(s) => s.trim_start_matches("0x").to_string(),

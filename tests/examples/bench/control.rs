@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use pf::{domain::spec::Reservation, kernel::bpffs::PinDir, kernel::state::State};
-use pf_tests::ScratchDir;
+use pf_tests::kit::ScratchDir;
 use serde_json::{Value, json};
 
 use crate::{Profile, median, per_packet::filler};

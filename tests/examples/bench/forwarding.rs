@@ -43,10 +43,10 @@ use pf::{
 };
 use pf_common::counters::FastPath;
 use pf_tests::{
-    ScratchDir,
-    netns::Netns,
-    packet::Pkt,
-    topology::{CLIENT_IP, INTERNET_IP, PUBLIC_IFACE, PUBLIC_IP, Topology},
+    kit::ScratchDir,
+    kit::netns::Netns,
+    kit::packet::Pkt,
+    kit::topology::{CLIENT_IP, INTERNET_IP, PUBLIC_IFACE, PUBLIC_IP, Topology},
 };
 use serde_json::{Value, json};
 

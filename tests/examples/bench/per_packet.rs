@@ -21,8 +21,8 @@ use pf::{
 };
 use pf_common::counters::Outcome;
 use pf_tests::{
-    ScratchDir,
-    packet::{ETH_P_ARP, Pkt},
+    kit::ScratchDir,
+    kit::packet::{ETH_P_ARP, Pkt},
 };
 use serde_json::{Value, json};
 

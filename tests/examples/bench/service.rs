@@ -21,7 +21,7 @@ use pf::{
         engine::{Engine, ReconcileGuard},
     },
 };
-use pf_tests::{ScratchDir, service::Service};
+use pf_tests::{kit::ScratchDir, kit::serve::Service};
 use serde_json::{Value, json};
 
 use crate::{Profile, median, per_packet::filler};

@@ -4,7 +4,7 @@
 
 use std::{thread, time::Duration};
 
-use pf_tests::topology::{CLIENT_IP, PUBLIC_IP};
+use pf_tests::kit::topology::{CLIENT_IP, PUBLIC_IP};
 use serde_json::{Value, json};
 
 use crate::{

@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use super::common::{LoadedPf, counters_moved, hex, reservations, run_program};
 use crate::{
     model::{Direction, Model, NatTable},
-    packet::{ETH_P_ARP, ETH_P_IPV6, Pkt},
+    kit::packet::{ETH_P_ARP, ETH_P_IPV6, Pkt},
 };
 
 const RESERVATIONS: [(&str, &str); 4] = [
@@ -91,7 +91,7 @@ fn transport(rng: &mut StdRng, direction: Direction, nat: &NatTable) -> Pkt {
     let proto = proto.unwrap_or(match rng.random_range(0..5) {
         0..=1 => IPPROTO_TCP,
         2..=3 => IPPROTO_UDP,
-        _ => crate::packet::IPPROTO_ICMP,
+        _ => crate::kit::packet::IPPROTO_ICMP,
     });
     let (other_addr, other_port) = (rng.random::<[u8; 4]>(), rng.random::<u16>());
     let mut p = match direction {
@@ -328,7 +328,7 @@ fn checksum_states(frame: &[u8]) -> Vec<(&'static str, bool)> {
         )
     };
     let l4 = &frame[l3 + ihl..l3 + total];
-    if proto == crate::packet::IPPROTO_ICMP {
+    if proto == crate::kit::packet::IPPROTO_ICMP {
         states.push(("ICMP", verifies(l4, 0)));
         let quoted = &l4[8..];
         let quoted_ihl = usize::from(quoted[0] & 0x0f) * 4;

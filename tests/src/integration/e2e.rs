@@ -16,9 +16,9 @@ use std::{
 };
 
 use crate::{
-    ScratchDir,
-    netns::Netns,
-    topology::{CLIENT_IP, INTERNET_IP, PUBLIC_IFACE, PUBLIC_IP, Topology},
+    kit::ScratchDir,
+    kit::netns::Netns,
+    kit::topology::{CLIENT_IP, INTERNET_IP, PUBLIC_IFACE, PUBLIC_IP, Topology},
 };
 use serde_json::Value;
 

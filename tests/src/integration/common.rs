@@ -18,9 +18,9 @@ use pf::{
 };
 
 use crate::{
-    ScratchDir,
-    netns::Netns,
-    service::{Service, TEST_POLICY},
+    kit::ScratchDir,
+    kit::netns::Netns,
+    kit::serve::{Service, TEST_POLICY},
 };
 
 /// Fails the test unless it runs as root: these tests load BPF programs and make namespaces.

@@ -6,7 +6,7 @@ use pf::kernel::state::Stats;
 use pf_common::counters::Outcome;
 
 use super::common::{LoadedPf, counters_moved, hex, reservations, run_program};
-use crate::packet::{ETH_P_ARP, ETH_P_IPV6, Pkt};
+use crate::kit::packet::{ETH_P_ARP, ETH_P_IPV6, Pkt};
 
 const XDP_PASS: u32 = 2;
 const TC_ACT_OK: u32 = 0;

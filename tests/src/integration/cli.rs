@@ -4,9 +4,9 @@
 use std::process::Command;
 
 use crate::{
-    ScratchDir,
-    netns::Netns,
-    service::{Service, TEST_POLICY},
+    kit::ScratchDir,
+    kit::netns::Netns,
+    kit::serve::{Service, TEST_POLICY},
 };
 
 use super::common::{TempPinDir, pf, pf_in_ns, pf_list, pf_ok, pf_words, require_root};

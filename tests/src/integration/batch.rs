@@ -13,7 +13,7 @@ use pf::{
 use pf_common::counters::Outcome;
 
 use super::common::{TempPinDir, counters_moved, require_root, run_program};
-use crate::packet::Pkt;
+use crate::kit::packet::Pkt;
 
 const REMOTE: [u8; 4] = [203, 0, 113, 7];
 

@@ -23,9 +23,9 @@ use pf_common::map_names;
 use serde_json::{Value, json};
 
 use crate::{
-    ScratchDir,
-    service::{Service, TEST_POLICY},
-    topology::{CLIENT_IP, PUBLIC_IFACE, Topology},
+    kit::ScratchDir,
+    kit::serve::{Service, TEST_POLICY},
+    kit::topology::{CLIENT_IP, PUBLIC_IFACE, Topology},
 };
 
 use super::common::{TempPinDir, pf, pf_bin, pf_in_ns, pf_list, pf_ok, require_root};
@@ -1076,7 +1076,7 @@ fn the_socket_group_reaches_a_socket_in_new_directories() {
 
 /// Packets on `ns`'s `iface` from `source`, captured with tcpdump while `during` runs.
 fn captured_from(
-    ns: &crate::netns::Netns,
+    ns: &crate::kit::netns::Netns,
     iface: &str,
     source: &str,
     during: impl FnOnce(),

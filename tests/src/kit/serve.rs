@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::ScratchDir;
+use crate::kit::ScratchDir;
 
 /// How long a starting service may take to open its socket (it reconciles first).
 const START_TIMEOUT: Duration = Duration::from_secs(20);

@@ -23,9 +23,9 @@ use pf_common::{EndpointKey, NatEntry, ReservationKey, ReservationValue, map_nam
 use serde_json::{Value, json};
 
 use crate::{
-    netns::Netns,
-    service::TEST_POLICY,
-    topology::{CLIENT_IP, PUBLIC_IFACE, PUBLIC_IP, Topology},
+    kit::netns::Netns,
+    kit::serve::TEST_POLICY,
+    kit::topology::{CLIENT_IP, PUBLIC_IFACE, PUBLIC_IP, Topology},
 };
 
 use super::common::{TempPinDir, pf_list, pf_ok, require_root};

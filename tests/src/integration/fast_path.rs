@@ -9,8 +9,8 @@ use pf_common::{counters::Outcome, map_names};
 
 use super::common::{LoadedPf, hex, moved, require_root, run_once};
 use crate::{
-    packet::Pkt,
-    topology::{PUBLIC_IFACE, Topology},
+    kit::packet::Pkt,
+    kit::topology::{PUBLIC_IFACE, Topology},
 };
 
 const XDP_PASS: u32 = 2;
@@ -124,7 +124,7 @@ fn fast_path_fib_outcomes() {
     require_root();
     let topo = Topology::new(&format!("pf{}fast", std::process::id())).expect("topology");
     let (server, client) = (topo.server.name(), topo.client.name());
-    crate::netns::sh(&[
+    crate::kit::netns::sh(&[
         "ip", "link", "add", "tun1", "netns", server, "type", "veth", "peer", "name", "eth1",
         "netns", client,
     ])

@@ -12,7 +12,7 @@
 
 use std::io;
 
-use crate::netns::{Netns, sh};
+use crate::kit::netns::{Netns, sh};
 
 pub const PUBLIC_IP: &str = "198.51.100.1";
 pub const INTERNET_IP: &str = "198.51.100.2";
