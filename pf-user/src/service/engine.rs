@@ -45,10 +45,35 @@ pub const HISTORY_KEEP: Duration = Duration::from_secs(7 * 86_400);
 /// reported.
 const CLOCK_STEP_TOLERANCE_MS: u64 = 2_000;
 
-/// An API failure: its HTTP status and a one-line message naming the problem.
+/// What kind of failure a request met. The engine says what went wrong; `http.rs` alone
+/// knows which status code says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The request cannot be right: malformed, an unknown field, a bad value.
+    BadRequest,
+    /// A policy rule refused it (the error names the rule).
+    Refused,
+    NotFound,
+    /// The method does not apply to the path.
+    NotAllowed,
+    /// The body did not arrive in time.
+    BodyTimeout,
+    /// Another reservation is in the way.
+    Conflict,
+    /// The body is larger than the API takes.
+    TooLarge,
+    /// The store or the maps failed.
+    Internal,
+    /// The service cannot take changes now (audit log, read-only store, replaced maps,
+    /// stopping).
+    Unavailable,
+}
+
+/// An API failure: its kind and a one-line message naming the problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
-    pub status: u16,
+    /// What kind of failure: the HTTP layer turns it into a status code.
+    pub kind: Failure,
     pub message: String,
     /// The policy rule that refused the request, if one did.
     pub rule: Option<&'static str>,
@@ -60,7 +85,7 @@ pub struct ApiError {
 impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self {
-            status: 400,
+            kind: Failure::BadRequest,
             message: message.into(),
             rule: None,
             partial: false,
@@ -68,7 +93,7 @@ impl ApiError {
     }
     fn not_found(id: u64) -> Self {
         Self {
-            status: 404,
+            kind: Failure::NotFound,
             message: format!("no reservation with id {id} (see `pf list`)"),
             rule: None,
             partial: false,
@@ -76,7 +101,7 @@ impl ApiError {
     }
     fn conflict(message: impl Into<String>) -> Self {
         Self {
-            status: 409,
+            kind: Failure::Conflict,
             message: message.into(),
             rule: None,
             partial: false,
@@ -84,7 +109,7 @@ impl ApiError {
     }
     fn internal(message: impl Into<String>) -> Self {
         Self {
-            status: 500,
+            kind: Failure::Internal,
             message: message.into(),
             rule: None,
             partial: false,
@@ -92,7 +117,7 @@ impl ApiError {
     }
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self {
-            status: 503,
+            kind: Failure::Unavailable,
             message: message.into(),
             rule: None,
             partial: false,
@@ -122,7 +147,7 @@ impl From<StoreError> for ApiError {
 impl From<crate::service::policy::Refusal> for ApiError {
     fn from(r: crate::service::policy::Refusal) -> Self {
         Self {
-            status: 403,
+            kind: Failure::Refused,
             message: r.to_string(),
             rule: Some(r.rule),
             partial: false,
@@ -997,7 +1022,7 @@ impl Engine {
             .find(|(r, _)| r.id == id)
         else {
             return Err(ApiError {
-                status: 404,
+                kind: Failure::NotFound,
                 message: format!("no expired reservation with id {id} (see `pf list --expired`)"),
                 rule: None,
                 partial: false,
@@ -1461,7 +1486,7 @@ ports_per_owner = 3
             None,
         )
         .unwrap_err();
-        assert_eq!(conflict.status, 409, "{}", conflict.message);
+        assert_eq!(conflict.kind, Failure::Conflict, "{}", conflict.message);
         let a = reserve(&mut e, "acct-1", "198.51.100.1/tcp", "10.200.0.4", None).unwrap();
         let b = reserve(&mut e, "acct-1", "198.51.100.1/tcp", "10.200.0.5", None).unwrap();
         let ports = [
@@ -1497,7 +1522,7 @@ ports_per_owner = 3
             None,
         )
         .unwrap_err();
-        assert_eq!(err.status, 500);
+        assert_eq!(err.kind, Failure::Internal);
         assert!(err.message.contains("no memory") && !err.partial, "{err:?}");
         assert_eq!(
             e.handle(Request::List { owner: None }, CALLER).unwrap(),
@@ -1523,8 +1548,8 @@ ports_per_owner = 3
         e.handle(Request::Release(id), CALLER).unwrap();
         assert!(fake.held().is_empty());
         assert_eq!(
-            e.handle(Request::Release(id), CALLER).unwrap_err().status,
-            404
+            e.handle(Request::Release(id), CALLER).unwrap_err().kind,
+            Failure::NotFound
         );
     }
 
@@ -1590,7 +1615,7 @@ ports_per_owner = 3
             removal_limit: 0.25,
         };
         let err = e.start(guard).unwrap_err();
-        assert_eq!(err.status, 503);
+        assert_eq!(err.kind, Failure::Unavailable);
         assert!(err.message.contains("--force-reconcile"), "{}", err.message);
         assert_eq!(fake.held().len(), 1, "a refused start changed the maps");
         let (report, _) = e
@@ -1622,7 +1647,7 @@ ports_per_owner = 3
             ("acct\t7", "U+0009"),
         ] {
             let e = check_owner(bad).unwrap_err();
-            assert_eq!(e.status, 400);
+            assert_eq!(e.kind, Failure::BadRequest);
             assert!(e.message.contains(needle), "{bad:?}: {}", e.message);
         }
         assert!(check_owner(&"x".repeat(MAX_OWNER_LEN + 1)).is_err());

@@ -52,7 +52,7 @@ use crate::api::types::{RenewRequest, RestoreRequest};
 use super::{
     Job,
     audit::Caller,
-    engine::{ApiError, Request},
+    engine::{ApiError, Failure, Request},
 };
 
 /// Largest request body: a reservation is a few hundred bytes.
@@ -303,11 +303,26 @@ pub async fn serve(listener: StdListener, jobs: mpsc::Sender<Job>) -> std::io::R
     }
 }
 
-fn json_response(status: u16, body: &Value) -> Response<Full<Bytes>> {
+/// The one place that knows which status code says which failure.
+fn status_of(kind: Failure) -> StatusCode {
+    match kind {
+        Failure::BadRequest => StatusCode::BAD_REQUEST,
+        Failure::Refused => StatusCode::FORBIDDEN,
+        Failure::NotFound => StatusCode::NOT_FOUND,
+        Failure::NotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        Failure::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+        Failure::Conflict => StatusCode::CONFLICT,
+        Failure::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        Failure::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        Failure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
     let mut text = serde_json::to_vec_pretty(body).expect("JSON values serialise");
     text.push(b'\n');
     Response::builder()
-        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .status(status)
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(text)))
         .expect("a valid response")
@@ -359,8 +374,15 @@ async fn respond(
         }
     };
     match result {
-        Ok(body) => json_response(if created { 201 } else { 200 }, &body),
-        Err(e) => json_response(e.status, &e.to_json()),
+        Ok(body) => json_response(
+            if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            },
+            &body,
+        ),
+        Err(e) => json_response(status_of(e.kind), &e.to_json()),
     }
 }
 
@@ -371,7 +393,7 @@ async fn ask(
 ) -> Result<Value, ApiError> {
     let (reply, answer) = tokio::sync::oneshot::channel();
     let stopped = || ApiError {
-        status: 503,
+        kind: Failure::Unavailable,
         message: "pf serve is stopping".into(),
         rule: None,
         partial: false,
@@ -436,7 +458,7 @@ async fn read_body(req: hyper::Request<Incoming>) -> Result<Bytes, ApiError> {
     )
     .await
     .map_err(|_| ApiError {
-        status: 408,
+        kind: Failure::BodyTimeout,
         message: format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
         rule: None,
         partial: false,
@@ -445,7 +467,7 @@ async fn read_body(req: hyper::Request<Incoming>) -> Result<Bytes, ApiError> {
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
                 ApiError {
-                    status: 413,
+                    kind: Failure::TooLarge,
                     message: format!("request body is larger than {MAX_BODY} bytes"),
                     rule: None,
                     partial: false,
@@ -472,7 +494,7 @@ async fn route(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
     let query = req.uri().query().map(str::to_string);
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     let not_allowed = || ApiError {
-        status: 405,
+        kind: Failure::NotAllowed,
         message: format!("{method} is not allowed on {path}"),
         rule: None,
         partial: false,
@@ -513,7 +535,7 @@ async fn route(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
                 "enable" => Ok(Request::SetEnabled { id, enabled: true }),
                 "disable" => Ok(Request::SetEnabled { id, enabled: false }),
                 other => Err(ApiError {
-                    status: 404,
+                    kind: Failure::NotFound,
                     message: format!("unknown action '{other}' (renew, enable or disable)"),
                     rule: None,
                     partial: false,
@@ -539,7 +561,7 @@ async fn route(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
             })
         }
         _ => Err(ApiError {
-            status: 404,
+            kind: Failure::NotFound,
             message: format!("no such API path {path} (see `pf serve --help`)"),
             rule: None,
             partial: false,

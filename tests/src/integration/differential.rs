@@ -14,8 +14,8 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::common::{LoadedPf, counters_moved, hex, reservations, run_program};
 use crate::{
-    model::{Direction, Model, NatTable},
     kit::packet::{ETH_P_ARP, ETH_P_IPV6, Pkt},
+    model::{Direction, Model, NatTable},
 };
 
 const RESERVATIONS: [(&str, &str); 4] = [

@@ -8,6 +8,7 @@ use pf::{
         state::{Counters, Stats, Traffic},
     },
 };
+use pf_common::counters::Outcome;
 use serde_json::{Value, json};
 
 /// Prints a line on stdout. A closed pipe (`pf list | head`) ends pf quietly with success, as
@@ -178,7 +179,15 @@ pub fn print_stats(stats: Option<&Stats>, attached: &[Attachment], devices: &Fas
             .collect::<Vec<_>>()
             .join("  ")
     };
-    out!("ingress (XDP): {}", line(&stats.counters.ingress));
+    // tunnel_source_dropped is egress's alone: not shown as an ingress count of 0.
+    let ingress: Vec<(&str, u64)> = stats
+        .counters
+        .ingress
+        .iter()
+        .copied()
+        .filter(|(name, _)| *name != Outcome::TunnelSourceDropped.name())
+        .collect();
+    out!("ingress (XDP): {}", line(&ingress));
     out!("egress  (TC):  {}", line(&stats.counters.egress));
     if !stats.tunnel_networks.is_empty() {
         let nets: Vec<String> = stats
