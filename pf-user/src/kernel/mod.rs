@@ -14,6 +14,7 @@ mod batch;
 pub mod bpffs;
 pub mod bpfinfo;
 pub mod error;
+pub mod host;
 pub mod netdev;
 pub mod object;
 pub mod privilege;

@@ -7,6 +7,8 @@
 //! runtime only parses requests and hands them over.
 
 pub mod audit;
+pub mod clock;
+pub mod config;
 pub mod dataplane;
 pub mod engine;
 mod http;
@@ -22,7 +24,7 @@ use std::{
 };
 
 use crate::kernel::{PfError, attach, bpffs::PinDir};
-use policy::{Config, ConfigError};
+use config::{Config, ConfigError};
 use store::{SqliteStore, Store, StoreError};
 
 use audit::{Audit, Caller};

@@ -1,42 +1,15 @@
-//! `pf serve`'s configuration (TOML, default `/etc/pf/pf.toml`): where the service keeps its
-//! files, which interfaces it attaches to, and the policy every reservation must pass. Each
-//! refusal names the rule (`policy.<key>`) that refused it.
+//! The policy every reservation must pass. Each refusal names the rule (`policy.<key>`) that
+//! refused it.
 
-use std::{
-    collections::HashSet,
-    fmt,
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-    str::FromStr,
-    time::Duration,
-};
-
-use pf_common::limits::MAX_RANGE_PORTS;
-use serde::Deserialize;
+use std::{fmt, net::Ipv4Addr, time::Duration};
 
 use crate::{
-    domain::spec::{PortRange, Protocols, Reservation},
-    kernel::{
-        attach::{AttachMode, Role},
-        bpffs::DEFAULT_PIN_DIR,
+    domain::{
+        net::Ipv4Net,
+        spec::{PortRange, Protocols, Reservation},
     },
+    kernel::host::{Listening, LocalAddresses},
 };
-
-pub const DEFAULT_CONFIG: &str = "/etc/pf/pf.toml";
-pub const DEFAULT_SOCKET: &str = "/run/pf/pf.sock";
-pub const DEFAULT_DATABASE: &str = "/var/lib/pf/pf.db";
-pub const DEFAULT_AUDIT_LOG: &str = "/var/log/pf/audit.jsonl";
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
-}
 
 /// A reservation the policy refuses, with the rule that refused it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -51,103 +24,6 @@ fn refuse(rule: &'static str, detail: impl Into<String>) -> Refusal {
         rule,
         detail: detail.into(),
     }
-}
-
-/// An IPv4 network, `10.8.0.0/16`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Ipv4Net {
-    pub addr: Ipv4Addr,
-    pub prefix: u8,
-}
-
-impl Ipv4Net {
-    /// The network address and the broadcast address, for networks that have them (a /31
-    /// or /32 has neither: every address is a host's).
-    pub fn reserved_addresses(self) -> Option<(Ipv4Addr, Ipv4Addr)> {
-        (self.prefix < 31).then(|| {
-            let net = u32::from(self.addr) & self.mask();
-            (Ipv4Addr::from(net), Ipv4Addr::from(net | !self.mask()))
-        })
-    }
-
-    fn mask(self) -> u32 {
-        if self.prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - self.prefix)
-        }
-    }
-
-    pub fn contains(self, addr: Ipv4Addr) -> bool {
-        u32::from(addr) & self.mask() == u32::from(self.addr) & self.mask()
-    }
-}
-
-impl FromStr for Ipv4Net {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("'{s}' is not an IPv4 network such as 10.8.0.0/16");
-        let (addr, prefix) = s.split_once('/').ok_or_else(bad)?;
-        let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
-        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
-        if prefix > 32 {
-            return Err(bad());
-        }
-        let net = Self { addr, prefix };
-        if u32::from(addr) & !net.mask() != 0 {
-            return Err(format!(
-                "'{s}' has host bits set (did you mean {}/{prefix}?)",
-                Ipv4Addr::from(u32::from(addr) & net.mask())
-            ));
-        }
-        Ok(net)
-    }
-}
-
-impl fmt::Display for Ipv4Net {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-/// A port or a range in the config: `22` or `"20000-59999"`.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(untagged)]
-enum PortItem {
-    Port(u32),
-    Range(String),
-}
-
-fn port_ranges(key: &str, items: &[PortItem]) -> Result<Vec<PortRange>, String> {
-    items
-        .iter()
-        .map(|item| {
-            let bad =
-                |what: &str| format!("{key}: {what} is not a port or a range such as 20000-59999");
-            match item {
-                PortItem::Port(p) => u16::try_from(*p)
-                    .ok()
-                    .filter(|p| *p != 0)
-                    .map(PortRange::single)
-                    .ok_or_else(|| bad(&p.to_string())),
-                PortItem::Range(s) => {
-                    let (first, last) = s.split_once('-').unwrap_or((s, s));
-                    let first: u16 = first.trim().parse().map_err(|_| bad(s))?;
-                    let last: u16 = last.trim().parse().map_err(|_| bad(s))?;
-                    if first == 0 || last < first {
-                        return Err(bad(s));
-                    }
-                    Ok(PortRange { first, last })
-                }
-            }
-        })
-        .collect()
-}
-
-fn duration(key: &str, s: &Option<String>) -> Result<Option<Duration>, String> {
-    s.as_deref()
-        .map(|s| parse_ttl(s).map_err(|e| format!("{key}: {e}")))
-        .transpose()
 }
 
 /// The longest lifetime pf takes: far beyond any product's, and far inside what its clock and
@@ -165,92 +41,6 @@ pub fn parse_ttl(s: &str) -> Result<Duration, String> {
         return Err(format!("'{s}' is longer than 100 years"));
     }
     Ok(d)
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default)]
-    service: RawService,
-    #[serde(default)]
-    interfaces: Vec<RawInterface>,
-    policy: RawPolicy,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawService {
-    socket: Option<PathBuf>,
-    socket_group: Option<String>,
-    database: Option<PathBuf>,
-    audit_log: Option<PathBuf>,
-    bpffs: Option<PathBuf>,
-    reconcile_removal_limit: Option<f64>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawInterface {
-    name: String,
-    #[serde(default)]
-    role: Option<String>,
-    #[serde(default)]
-    mode: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPolicy {
-    public_ips: Vec<Ipv4Addr>,
-    target_networks: Vec<String>,
-    #[serde(default)]
-    port_pool: Option<Vec<PortItem>>,
-    #[serde(default)]
-    forbidden_ports: Vec<PortItem>,
-    #[serde(default)]
-    forbid_listening_ports: Option<bool>,
-    #[serde(default)]
-    ports_per_owner: Option<u64>,
-    #[serde(default)]
-    max_range_ports: Option<u32>,
-    #[serde(default)]
-    default_ttl: Option<String>,
-    #[serde(default)]
-    max_ttl: Option<String>,
-    #[serde(default)]
-    drop_tunnel_source_leaks: Option<bool>,
-}
-
-/// An interface `pf serve` attaches to on start (or adopts, when already attached).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InterfaceConfig {
-    pub name: String,
-    pub role: Role,
-    pub mode: AttachMode,
-}
-
-/// The service's files.
-#[derive(Clone, Debug)]
-pub struct ServiceConfig {
-    pub socket: PathBuf,
-    /// The group given the socket (mode 0660): its members may use the API.
-    pub socket_group: Option<String>,
-    pub database: PathBuf,
-    pub audit_log: PathBuf,
-    pub bpffs: PathBuf,
-    /// The largest share of the maps' reservations (0 to 1) that a start's reconcile removes
-    /// without `--force-reconcile` (beyond a handful, which is ordinary drift).
-    pub reconcile_removal_limit: f64,
-}
-
-/// Default `service.reconcile_removal_limit`.
-pub const DEFAULT_RECONCILE_REMOVAL_LIMIT: f64 = 0.25;
-
-#[derive(Clone, Debug)]
-pub struct Config {
-    pub service: ServiceConfig,
-    pub interfaces: Vec<InterfaceConfig>,
-    pub policy: Policy,
 }
 
 /// Default ports per owner: AirVPN's allowance per customer.
@@ -280,136 +70,6 @@ pub struct Policy {
     /// client's tunnel address. Off only where tunnel addresses are public and leave the
     /// server unmasqueraded.
     pub drop_tunnel_source_leaks: bool,
-}
-
-impl Config {
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|message| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message,
-        })
-    }
-
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            // toml's message spans lines (a snippet of the file); one line is enough here.
-            e.message().to_string()
-                + &e.span()
-                    .map(|s| {
-                        let line = text[..s.start].lines().count().max(1);
-                        format!(" (line {line})")
-                    })
-                    .unwrap_or_default()
-        })?;
-        let p = raw.policy;
-        if p.public_ips.is_empty() {
-            return Err("policy.public_ips is empty: name the public IPs pf may forward".into());
-        }
-        if p.target_networks.is_empty() {
-            return Err(
-                "policy.target_networks is empty: name the tunnel networks targets must be in (e.g. 10.8.0.0/16)"
-                    .into(),
-            );
-        }
-        let target_networks = p
-            .target_networks
-            .iter()
-            .map(|s| {
-                s.parse()
-                    .map_err(|e| format!("policy.target_networks: {e}"))
-            })
-            .collect::<Result<Vec<Ipv4Net>, _>>()?;
-        let port_pool = match &p.port_pool {
-            Some(items) => port_ranges("policy.port_pool", items)?,
-            None => vec![DEFAULT_PORT_POOL],
-        };
-        let max_range_ports = p.max_range_ports.unwrap_or(DEFAULT_MAX_RANGE_PORTS);
-        if max_range_ports == 0 || max_range_ports > MAX_RANGE_PORTS {
-            return Err(format!(
-                "policy.max_range_ports must be from 1 to {MAX_RANGE_PORTS}"
-            ));
-        }
-        let policy = Policy {
-            public_ips: p.public_ips,
-            target_networks,
-            port_pool,
-            forbidden_ports: port_ranges("policy.forbidden_ports", &p.forbidden_ports)?,
-            forbid_listening_ports: p.forbid_listening_ports.unwrap_or(true),
-            ports_per_owner: p.ports_per_owner.unwrap_or(DEFAULT_PORTS_PER_OWNER),
-            max_range_ports,
-            default_ttl: duration("policy.default_ttl", &p.default_ttl)?,
-            max_ttl: duration("policy.max_ttl", &p.max_ttl)?,
-            drop_tunnel_source_leaks: p.drop_tunnel_source_leaks.unwrap_or(true),
-        };
-        if policy.drop_tunnel_source_leaks
-            && policy.target_networks.len() > pf_common::limits::MAX_TUNNEL_NETWORKS
-        {
-            return Err(format!(
-                "policy.target_networks has {} networks; the data plane's leak guard holds {} (merge them, or set policy.drop_tunnel_source_leaks = false)",
-                policy.target_networks.len(),
-                pf_common::limits::MAX_TUNNEL_NETWORKS
-            ));
-        }
-        if let (Some(d), Some(m)) = (policy.default_ttl, policy.max_ttl)
-            && d > m
-        {
-            return Err("policy.default_ttl is longer than policy.max_ttl".into());
-        }
-        let interfaces = raw
-            .interfaces
-            .into_iter()
-            .map(|i| {
-                let role = match i.role.as_deref().unwrap_or("public") {
-                    "public" => Role::Public,
-                    "fast-path" => Role::PublicFastPath,
-                    "tunnel-side" => Role::TunnelSide,
-                    other => {
-                        return Err(format!(
-                            "interfaces: role '{other}' of {} is not public, fast-path or tunnel-side",
-                            i.name
-                        ));
-                    }
-                };
-                let mode = i
-                    .mode
-                    .as_deref()
-                    .unwrap_or("auto")
-                    .parse()
-                    .map_err(|e| format!("interfaces: {}: {e}", i.name))?;
-                Ok(InterfaceConfig {
-                    name: i.name,
-                    role,
-                    mode,
-                })
-            })
-            .collect::<Result<Vec<_>, String>>()?;
-        let s = raw.service;
-        let reconcile_removal_limit = s
-            .reconcile_removal_limit
-            .unwrap_or(DEFAULT_RECONCILE_REMOVAL_LIMIT);
-        if !(0.0..=1.0).contains(&reconcile_removal_limit) {
-            return Err(
-                "service.reconcile_removal_limit must be a share from 0.0 to 1.0 (0.25 is a quarter)"
-                    .into(),
-            );
-        }
-        Ok(Config {
-            service: ServiceConfig {
-                socket: s.socket.unwrap_or_else(|| DEFAULT_SOCKET.into()),
-                socket_group: s.socket_group,
-                database: s.database.unwrap_or_else(|| DEFAULT_DATABASE.into()),
-                audit_log: s.audit_log.unwrap_or_else(|| DEFAULT_AUDIT_LOG.into()),
-                bpffs: s.bpffs.unwrap_or_else(|| DEFAULT_PIN_DIR.into()),
-                reconcile_removal_limit,
-            },
-            interfaces,
-            policy,
-        })
-    }
 }
 
 fn in_ranges(ranges: &[PortRange], port: u16) -> bool {
@@ -592,175 +252,10 @@ fn join<T: fmt::Display>(items: &[T]) -> String {
         .join(", ")
 }
 
-/// The server's own IPv4 addresses in this network namespace, each with its interface and
-/// prefix, read from the kernel (getifaddrs).
-#[derive(Debug, Default)]
-pub struct LocalAddresses {
-    /// (interface, address, prefix length).
-    addresses: Vec<(String, Ipv4Addr, u8)>,
-}
-
-impl LocalAddresses {
-    pub fn read() -> std::io::Result<Self> {
-        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-        // SAFETY: getifaddrs fills `head` with a list freed below.
-        if unsafe { libc::getifaddrs(&mut head) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let mut addresses = Vec::new();
-        let mut cursor = head;
-        while !cursor.is_null() {
-            // SAFETY: a node of the list getifaddrs returned, not freed yet.
-            let node = unsafe { &*cursor };
-            cursor = node.ifa_next;
-            if node.ifa_addr.is_null()
-                // SAFETY: non-null sockaddr.
-                || i32::from(unsafe { (*node.ifa_addr).sa_family }) != libc::AF_INET
-            {
-                continue;
-            }
-            // SAFETY: an AF_INET sockaddr is a sockaddr_in; the netmask of an AF_INET entry is
-            // one too (or null).
-            let (addr, mask) = unsafe {
-                let addr = (*node.ifa_addr.cast::<libc::sockaddr_in>()).sin_addr.s_addr;
-                let mask = if node.ifa_netmask.is_null() {
-                    u32::MAX.to_be()
-                } else {
-                    (*node.ifa_netmask.cast::<libc::sockaddr_in>())
-                        .sin_addr
-                        .s_addr
-                };
-                (addr, mask)
-            };
-            // SAFETY: ifa_name is a NUL-terminated string.
-            let name = unsafe { std::ffi::CStr::from_ptr(node.ifa_name) }
-                .to_string_lossy()
-                .into_owned();
-            addresses.push((
-                name,
-                Ipv4Addr::from(u32::from_be(addr)),
-                u32::from_be(mask).count_ones() as u8,
-            ));
-        }
-        // SAFETY: the list from getifaddrs, freed once.
-        unsafe { libc::freeifaddrs(head) };
-        Ok(Self { addresses })
-    }
-
-    /// The interface that holds `addr`, if the server does.
-    pub fn owner_of(&self, addr: Ipv4Addr) -> Option<&str> {
-        self.addresses
-            .iter()
-            .find(|(_, a, _)| *a == addr)
-            .map(|(iface, _, _)| iface.as_str())
-    }
-
-    /// The server's own subnets, each with its interface.
-    pub fn subnets(&self) -> impl Iterator<Item = (Ipv4Net, &str)> {
-        self.addresses.iter().map(|(iface, addr, prefix)| {
-            let net = Ipv4Net {
-                addr: *addr,
-                prefix: *prefix,
-            };
-            (
-                Ipv4Net {
-                    addr: Ipv4Addr::from(u32::from(*addr) & net.mask()),
-                    prefix: *prefix,
-                },
-                iface.as_str(),
-            )
-        })
-    }
-
-    #[cfg(test)]
-    fn with(addresses: &[(&str, &str, u8)]) -> Self {
-        Self {
-            addresses: addresses
-                .iter()
-                .map(|(i, a, p)| (i.to_string(), a.parse().unwrap(), *p))
-                .collect(),
-        }
-    }
-}
-
-/// The ports the server itself has open in this network namespace, from /proc/net: TCP sockets
-/// in LISTEN and unconnected UDP sockets, on the wildcard address or a specific one.
-#[derive(Debug, Default)]
-pub struct Listening {
-    /// (protocol, address, port); the wildcard is 0.0.0.0.
-    sockets: HashSet<(Protocols, Ipv4Addr, u16)>,
-}
-
-const TCP_LISTEN: &str = "0A";
-
-impl Listening {
-    pub fn read() -> Self {
-        let mut sockets = HashSet::new();
-        for (file, proto, v6) in [
-            ("/proc/net/tcp", Protocols::Tcp, false),
-            ("/proc/net/udp", Protocols::Udp, false),
-            ("/proc/net/tcp6", Protocols::Tcp, true),
-            ("/proc/net/udp6", Protocols::Udp, true),
-        ] {
-            let Ok(text) = std::fs::read_to_string(file) else {
-                continue;
-            };
-            for line in text.lines().skip(1) {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                let [_, local, remote, state, ..] = fields[..] else {
-                    continue;
-                };
-                let listening = match proto {
-                    Protocols::Tcp => state == TCP_LISTEN,
-                    _ => remote.ends_with(":0000"),
-                };
-                if let (true, Some((addr, port))) = (listening, parse_proc_addr(local, v6)) {
-                    sockets.insert((proto, addr, port));
-                }
-            }
-        }
-        Self { sockets }
-    }
-
-    /// The protocol of a socket the server has open on `addr:port` (or the wildcard).
-    pub fn find(&self, addr: Ipv4Addr, port: u16, protocols: Protocols) -> Option<Protocols> {
-        [Protocols::Tcp, Protocols::Udp]
-            .into_iter()
-            .filter(|p| protocols.overlaps(*p))
-            .find(|p| {
-                self.sockets.contains(&(*p, addr, port))
-                    || self.sockets.contains(&(*p, Ipv4Addr::UNSPECIFIED, port))
-            })
-    }
-}
-
-/// `0100007F:0016` (IPv4, the address as the kernel's native-endian word) or its 32-digit IPv6
-/// form; an IPv6 socket counts when bound to `::` (it takes IPv4 too) or a v4-mapped address.
-fn parse_proc_addr(s: &str, v6: bool) -> Option<(Ipv4Addr, u16)> {
-    let (addr, port) = s.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let word = |hex: &str| u32::from_str_radix(hex, 16).ok().map(|w| w.to_ne_bytes());
-    if !v6 {
-        return Some((Ipv4Addr::from(word(addr)?), port));
-    }
-    if addr.len() != 32 {
-        return None;
-    }
-    let words: Vec<[u8; 4]> = (0..4)
-        .map(|i| word(&addr[i * 8..i * 8 + 8]))
-        .collect::<Option<_>>()?;
-    if words.iter().all(|w| *w == [0; 4]) {
-        return Some((Ipv4Addr::UNSPECIFIED, port));
-    }
-    if words[0] == [0; 4] && words[1] == [0; 4] && words[2] == [0, 0, 0xff, 0xff] {
-        return Some((Ipv4Addr::from(words[3]), port));
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::service::config::Config;
 
     const MINIMAL: &str = r#"
 [policy]
@@ -773,71 +268,11 @@ target_networks = ["10.8.0.0/16"]
     }
 
     #[test]
-    fn defaults_are_safe() {
-        let c = Config::parse(MINIMAL).unwrap();
-        assert_eq!(c.service.socket, Path::new(DEFAULT_SOCKET));
-        assert_eq!(c.service.database, Path::new(DEFAULT_DATABASE));
-        assert_eq!(c.policy.port_pool, vec![DEFAULT_PORT_POOL]);
-        assert!(c.policy.forbid_listening_ports);
-        assert_eq!(c.policy.ports_per_owner, DEFAULT_PORTS_PER_OWNER);
-        assert!(c.interfaces.is_empty());
-    }
-
-    #[test]
-    fn the_example_config_parses() {
-        let c = Config::parse(include_str!("../../../dist/pf.toml")).unwrap();
-        assert_eq!(c.interfaces.len(), 1);
-        assert_eq!(c.policy.forbidden_ports.len(), 2);
-        assert_eq!(c.policy.default_ttl, Some(Duration::from_secs(30 * 86400)));
-    }
-
-    #[test]
-    fn config_errors_name_the_key() {
-        for (text, needle) in [
-            (
-                "[policy]\npublic_ips = []\ntarget_networks = [\"10.8.0.0/16\"]",
-                "policy.public_ips is empty",
-            ),
-            (
-                "[policy]\npublic_ips = [\"198.51.100.1\"]\ntarget_networks = []",
-                "policy.target_networks is empty",
-            ),
-            (
-                "[policy]\npublic_ips = [\"198.51.100.1\"]\ntarget_networks = [\"10.8.0.1/16\"]",
-                "host bits set (did you mean 10.8.0.0/16?)",
-            ),
-            (
-                "[policy]\npublic_ips = [\"198.51.100.1\"]\ntarget_networks = [\"10.8.0.0/16\"]\nport_pool = [\"9000-8000\"]",
-                "policy.port_pool: 9000-8000",
-            ),
-            (
-                "[policy]\npublic_ips = [\"198.51.100.1\"]\ntarget_networks = [\"10.8.0.0/16\"]\nsurprise = 1",
-                "unknown field `surprise`",
-            ),
-            (
-                "[policy]\npublic_ips = [\"198.51.100.1\"]\ntarget_networks = [\"10.8.0.0/16\"]\ndefault_ttl = \"soon\"",
-                "policy.default_ttl: 'soon'",
-            ),
-            (
-                "[policy]\npublic_ips = [\"198.51.100.1\"]\ntarget_networks = [\"10.8.0.0/16\"]\n[[interfaces]]\nname = \"eth0\"\nrole = \"inside\"",
-                "role 'inside' of eth0",
-            ),
-            ("[service]\nsocket = 3\n", "line 2"),
-        ] {
-            let err = Config::parse(text).unwrap_err();
-            assert!(err.contains(needle), "{text:?}: {err}");
-        }
-    }
-
-    #[test]
     fn every_refusal_names_its_rule() {
         let mut c = Config::parse(MINIMAL).unwrap();
         c.policy.forbidden_ports = vec![PortRange::single(2222)];
         c.policy.max_range_ports = 4;
-        let mut listening = Listening::default();
-        listening
-            .sockets
-            .insert((Protocols::Udp, Ipv4Addr::UNSPECIFIED, 51820));
+        let listening = Listening::with_socket(Protocols::Udp, Ipv4Addr::UNSPECIFIED, 51820);
         let p = &c.policy;
         for (public, to, rule) in [
             ("198.51.100.2:8080/tcp", "10.8.0.2", "policy.public_ips"),
@@ -948,29 +383,6 @@ target_networks = ["10.8.0.0/16"]
             parse_ttl("10000y")
                 .unwrap_err()
                 .contains("longer than 100 years")
-        );
-    }
-
-    #[test]
-    fn proc_net_addresses() {
-        // 127.0.0.1:22 as the kernel prints it on this (little- or big-endian) machine.
-        let word = u32::from_ne_bytes([127, 0, 0, 1]);
-        let local = format!("{word:08X}:0016");
-        assert_eq!(
-            parse_proc_addr(&local, false),
-            Some((Ipv4Addr::LOCALHOST, 22))
-        );
-        assert_eq!(
-            parse_proc_addr("00000000000000000000000000000000:1F90", true),
-            Some((Ipv4Addr::UNSPECIFIED, 8080))
-        );
-        let mapped = format!(
-            "0000000000000000{:08X}{word:08X}:0050",
-            u32::from_ne_bytes([0, 0, 0xff, 0xff])
-        );
-        assert_eq!(
-            parse_proc_addr(&mapped, true),
-            Some((Ipv4Addr::LOCALHOST, 80))
         );
     }
 }

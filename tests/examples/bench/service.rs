@@ -13,7 +13,7 @@ use pf::{
     api::client::Client,
     kernel::bpffs::PinDir,
     kernel::state::State,
-    service::policy::Config,
+    service::config::Config,
     service::store::{NewRecord, SqliteStore, Store},
     service::{
         audit::Audit,

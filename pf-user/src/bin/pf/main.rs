@@ -21,7 +21,8 @@ use pf::{
     },
     service::{
         self,
-        policy::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET, parse_ttl},
+        config::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET},
+        policy::parse_ttl,
     },
 };
 use render::{describe, out};

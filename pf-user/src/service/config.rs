@@ -1,0 +1,363 @@
+//! `pf serve`'s configuration (TOML, default `/etc/pf/pf.toml`): where the service keeps its
+//! files, which interfaces it attaches to, and the policy (see [`super::policy`]) every
+//! reservation must pass. Errors name the key.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use pf_common::limits::MAX_RANGE_PORTS;
+use serde::Deserialize;
+
+use super::policy::{
+    DEFAULT_MAX_RANGE_PORTS, DEFAULT_PORT_POOL, DEFAULT_PORTS_PER_OWNER, Policy, parse_ttl,
+};
+use crate::{
+    domain::{net::Ipv4Net, spec::PortRange},
+    kernel::{
+        attach::{AttachMode, Role},
+        bpffs::DEFAULT_PIN_DIR,
+    },
+};
+
+pub const DEFAULT_CONFIG: &str = "/etc/pf/pf.toml";
+pub const DEFAULT_SOCKET: &str = "/run/pf/pf.sock";
+pub const DEFAULT_DATABASE: &str = "/var/lib/pf/pf.db";
+pub const DEFAULT_AUDIT_LOG: &str = "/var/log/pf/audit.jsonl";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+/// A port or a range in the config: `22` or `"20000-59999"`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+enum PortItem {
+    Port(u32),
+    Range(String),
+}
+
+fn port_ranges(key: &str, items: &[PortItem]) -> Result<Vec<PortRange>, String> {
+    items
+        .iter()
+        .map(|item| {
+            let bad =
+                |what: &str| format!("{key}: {what} is not a port or a range such as 20000-59999");
+            match item {
+                PortItem::Port(p) => u16::try_from(*p)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .map(PortRange::single)
+                    .ok_or_else(|| bad(&p.to_string())),
+                PortItem::Range(s) => {
+                    let (first, last) = s.split_once('-').unwrap_or((s, s));
+                    let first: u16 = first.trim().parse().map_err(|_| bad(s))?;
+                    let last: u16 = last.trim().parse().map_err(|_| bad(s))?;
+                    if first == 0 || last < first {
+                        return Err(bad(s));
+                    }
+                    Ok(PortRange { first, last })
+                }
+            }
+        })
+        .collect()
+}
+
+fn duration(key: &str, s: &Option<String>) -> Result<Option<Duration>, String> {
+    s.as_deref()
+        .map(|s| parse_ttl(s).map_err(|e| format!("{key}: {e}")))
+        .transpose()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    service: RawService,
+    #[serde(default)]
+    interfaces: Vec<RawInterface>,
+    policy: RawPolicy,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    socket: Option<PathBuf>,
+    socket_group: Option<String>,
+    database: Option<PathBuf>,
+    audit_log: Option<PathBuf>,
+    bpffs: Option<PathBuf>,
+    reconcile_removal_limit: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInterface {
+    name: String,
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    mode: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    public_ips: Vec<Ipv4Addr>,
+    target_networks: Vec<String>,
+    #[serde(default)]
+    port_pool: Option<Vec<PortItem>>,
+    #[serde(default)]
+    forbidden_ports: Vec<PortItem>,
+    #[serde(default)]
+    forbid_listening_ports: Option<bool>,
+    #[serde(default)]
+    ports_per_owner: Option<u64>,
+    #[serde(default)]
+    max_range_ports: Option<u32>,
+    #[serde(default)]
+    default_ttl: Option<String>,
+    #[serde(default)]
+    max_ttl: Option<String>,
+    #[serde(default)]
+    drop_tunnel_source_leaks: Option<bool>,
+}
+
+/// An interface `pf serve` attaches to on start (or adopts, when already attached).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterfaceConfig {
+    pub name: String,
+    pub role: Role,
+    pub mode: AttachMode,
+}
+
+/// The service's files.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    pub socket: PathBuf,
+    /// The group given the socket (mode 0660): its members may use the API.
+    pub socket_group: Option<String>,
+    pub database: PathBuf,
+    pub audit_log: PathBuf,
+    pub bpffs: PathBuf,
+    /// The largest share of the maps' reservations (0 to 1) that a start's reconcile removes
+    /// without `--force-reconcile` (beyond a handful, which is ordinary drift).
+    pub reconcile_removal_limit: f64,
+}
+
+/// Default `service.reconcile_removal_limit`.
+pub const DEFAULT_RECONCILE_REMOVAL_LIMIT: f64 = 0.25;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub service: ServiceConfig,
+    pub interfaces: Vec<InterfaceConfig>,
+    pub policy: Policy,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            // toml's message spans lines (a snippet of the file); one line is enough here.
+            e.message().to_string()
+                + &e.span()
+                    .map(|s| {
+                        let line = text[..s.start].lines().count().max(1);
+                        format!(" (line {line})")
+                    })
+                    .unwrap_or_default()
+        })?;
+        let p = raw.policy;
+        if p.public_ips.is_empty() {
+            return Err("policy.public_ips is empty: name the public IPs pf may forward".into());
+        }
+        if p.target_networks.is_empty() {
+            return Err(
+                "policy.target_networks is empty: name the tunnel networks targets must be in (e.g. 10.8.0.0/16)"
+                    .into(),
+            );
+        }
+        let target_networks = p
+            .target_networks
+            .iter()
+            .map(|s| {
+                s.parse()
+                    .map_err(|e| format!("policy.target_networks: {e}"))
+            })
+            .collect::<Result<Vec<Ipv4Net>, _>>()?;
+        let port_pool = match &p.port_pool {
+            Some(items) => port_ranges("policy.port_pool", items)?,
+            None => vec![DEFAULT_PORT_POOL],
+        };
+        let max_range_ports = p.max_range_ports.unwrap_or(DEFAULT_MAX_RANGE_PORTS);
+        if max_range_ports == 0 || max_range_ports > MAX_RANGE_PORTS {
+            return Err(format!(
+                "policy.max_range_ports must be from 1 to {MAX_RANGE_PORTS}"
+            ));
+        }
+        let policy = Policy {
+            public_ips: p.public_ips,
+            target_networks,
+            port_pool,
+            forbidden_ports: port_ranges("policy.forbidden_ports", &p.forbidden_ports)?,
+            forbid_listening_ports: p.forbid_listening_ports.unwrap_or(true),
+            ports_per_owner: p.ports_per_owner.unwrap_or(DEFAULT_PORTS_PER_OWNER),
+            max_range_ports,
+            default_ttl: duration("policy.default_ttl", &p.default_ttl)?,
+            max_ttl: duration("policy.max_ttl", &p.max_ttl)?,
+            drop_tunnel_source_leaks: p.drop_tunnel_source_leaks.unwrap_or(true),
+        };
+        if policy.drop_tunnel_source_leaks
+            && policy.target_networks.len() > pf_common::limits::MAX_TUNNEL_NETWORKS
+        {
+            return Err(format!(
+                "policy.target_networks has {} networks; the data plane's leak guard holds {} (merge them, or set policy.drop_tunnel_source_leaks = false)",
+                policy.target_networks.len(),
+                pf_common::limits::MAX_TUNNEL_NETWORKS
+            ));
+        }
+        if let (Some(d), Some(m)) = (policy.default_ttl, policy.max_ttl)
+            && d > m
+        {
+            return Err("policy.default_ttl is longer than policy.max_ttl".into());
+        }
+        let interfaces = raw
+            .interfaces
+            .into_iter()
+            .map(|i| {
+                let role = match i.role.as_deref().unwrap_or("public") {
+                    "public" => Role::Public,
+                    "fast-path" => Role::PublicFastPath,
+                    "tunnel-side" => Role::TunnelSide,
+                    other => {
+                        return Err(format!(
+                            "interfaces: role '{other}' of {} is not public, fast-path or tunnel-side",
+                            i.name
+                        ));
+                    }
+                };
+                let mode = i
+                    .mode
+                    .as_deref()
+                    .unwrap_or("auto")
+                    .parse()
+                    .map_err(|e| format!("interfaces: {}: {e}", i.name))?;
+                Ok(InterfaceConfig {
+                    name: i.name,
+                    role,
+                    mode,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let s = raw.service;
+        let reconcile_removal_limit = s
+            .reconcile_removal_limit
+            .unwrap_or(DEFAULT_RECONCILE_REMOVAL_LIMIT);
+        if !(0.0..=1.0).contains(&reconcile_removal_limit) {
+            return Err(
+                "service.reconcile_removal_limit must be a share from 0.0 to 1.0 (0.25 is a quarter)"
+                    .into(),
+            );
+        }
+        Ok(Config {
+            service: ServiceConfig {
+                socket: s.socket.unwrap_or_else(|| DEFAULT_SOCKET.into()),
+                socket_group: s.socket_group,
+                database: s.database.unwrap_or_else(|| DEFAULT_DATABASE.into()),
+                audit_log: s.audit_log.unwrap_or_else(|| DEFAULT_AUDIT_LOG.into()),
+                bpffs: s.bpffs.unwrap_or_else(|| DEFAULT_PIN_DIR.into()),
+                reconcile_removal_limit,
+            },
+            interfaces,
+            policy,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[policy]
+public_ips = ["198.51.100.1"]
+target_networks = ["10.8.0.0/16"]
+"#;
+
+    #[test]
+    fn defaults_are_safe() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.service.socket, Path::new(DEFAULT_SOCKET));
+        assert_eq!(c.service.database, Path::new(DEFAULT_DATABASE));
+        assert_eq!(c.policy.port_pool, vec![DEFAULT_PORT_POOL]);
+        assert!(c.policy.forbid_listening_ports);
+        assert_eq!(c.policy.ports_per_owner, DEFAULT_PORTS_PER_OWNER);
+        assert!(c.interfaces.is_empty());
+    }
+
+    #[test]
+    fn the_example_config_parses() {
+        let c = Config::parse(include_str!("../../../dist/pf.toml")).unwrap();
+        assert_eq!(c.interfaces.len(), 1);
+        assert_eq!(c.policy.forbidden_ports.len(), 2);
+        assert_eq!(c.policy.default_ttl, Some(Duration::from_secs(30 * 86400)));
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        for (text, needle) in [
+            (
+                "[policy]\npublic_ips = []\ntarget_networks = [\"10.8.0.0/16\"]",
+                "policy.public_ips is empty",
+            ),
+            (
+                "[policy]\npublic_ips = [\"198.51.100.1\"]\ntarget_networks = []",
+                "policy.target_networks is empty",
+            ),
+            (
+                "[policy]\npublic_ips = [\"198.51.100.1\"]\ntarget_networks = [\"10.8.0.1/16\"]",
+                "host bits set (did you mean 10.8.0.0/16?)",
+            ),
+            (
+                "[policy]\npublic_ips = [\"198.51.100.1\"]\ntarget_networks = [\"10.8.0.0/16\"]\nport_pool = [\"9000-8000\"]",
+                "policy.port_pool: 9000-8000",
+            ),
+            (
+                "[policy]\npublic_ips = [\"198.51.100.1\"]\ntarget_networks = [\"10.8.0.0/16\"]\nsurprise = 1",
+                "unknown field `surprise`",
+            ),
+            (
+                "[policy]\npublic_ips = [\"198.51.100.1\"]\ntarget_networks = [\"10.8.0.0/16\"]\ndefault_ttl = \"soon\"",
+                "policy.default_ttl: 'soon'",
+            ),
+            (
+                "[policy]\npublic_ips = [\"198.51.100.1\"]\ntarget_networks = [\"10.8.0.0/16\"]\n[[interfaces]]\nname = \"eth0\"\nrole = \"inside\"",
+                "role 'inside' of eth0",
+            ),
+            ("[service]\nsocket = 3\n", "line 2"),
+        ] {
+            let err = Config::parse(text).unwrap_err();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! The engine's own work between requests: repairs, expiry into the restorable history, the
+//! history's purge, and noticing clock steps.
+
+use std::time::{Duration, Instant};
+
+use super::{
+    ApiError, EXPIRY_RETRY_MS, Engine, HISTORY_KEEP, ReconcileGuard, duration_ms, record_json,
+    say_once,
+};
+use crate::service::audit::Caller;
+
+impl Engine {
+    /// One tick of the engine's own work: repairs, expiry, history purge, clock steps.
+    pub fn tick(&mut self) {
+        self.clock.notice_steps();
+        if self.repair {
+            match self.reconcile(ReconcileGuard::REPAIR) {
+                Ok(_) => {
+                    self.repair = false;
+                    self.repair_failing = None;
+                    eprintln!("pf serve: repaired the maps: they agree with the store again");
+                }
+                Err(e) => say_once(&mut self.repair_failing, e.message, |m| {
+                    format!("repairing the maps fails, retrying every second: {m}")
+                }),
+            }
+        }
+        self.expire_due();
+        if self.store.read_only().is_none()
+            && self
+                .purged
+                .is_none_or(|t| t.elapsed() > Duration::from_secs(3600))
+        {
+            let before = self.now_ms().saturating_sub(duration_ms(HISTORY_KEEP));
+            match self.store.purge_history(before) {
+                Ok(0) => {}
+                Ok(n) => eprintln!(
+                    "pf serve: forgot {n} reservations that expired more than {} ago",
+                    humantime::format_duration(HISTORY_KEEP)
+                ),
+                Err(e) => eprintln!("pf serve: {e}"),
+            }
+            self.purged = Some(Instant::now());
+        }
+    }
+
+    /// Moves every reservation whose expiry has passed into the restorable history, and out
+    /// of the maps; each is audited, so nothing expires unless the audit log takes it, and
+    /// nothing is touched unless the maps are the programs' own.
+    pub fn expire_due(&mut self) {
+        let now = self.now_ms();
+        if self.next_expiry.is_none_or(|t| t > now) {
+            return;
+        }
+        let retry = |engine: &mut Engine| {
+            // Not at once: the due record is still there, and retrying in a loop would spin.
+            let retry = now.saturating_add(EXPIRY_RETRY_MS);
+            engine.next_expiry = Some(engine.next_expiry.map_or(retry, |t| t.max(retry)));
+        };
+        let blocked = match self.refuse_changes() {
+            Some(refusal) => Err(refusal),
+            None => self.open_state().map_err(ApiError::from),
+        };
+        let mut state = match blocked {
+            Ok(state) => {
+                if self.expiry_blocked.take().is_some() {
+                    eprintln!("pf serve: expiry goes on again");
+                }
+                state
+            }
+            Err(refusal) => {
+                say_once(&mut self.expiry_blocked, refusal.message, |m| {
+                    format!("expiry waits, retrying every {EXPIRY_RETRY_MS} ms: {m}")
+                });
+                retry(self);
+                return;
+            }
+        };
+        let due = match self.store.expired(now) {
+            Ok(due) => due,
+            Err(e) => {
+                eprintln!("pf serve: {e}");
+                retry(self);
+                return;
+            }
+        };
+        let mut failed = false;
+        for record in due {
+            if let Err(e) = self.store.expire(record.id, now) {
+                failed = true;
+                eprintln!(
+                    "pf serve: could not expire reservation {}: {e} (trying again in {EXPIRY_RETRY_MS} ms)",
+                    record.id
+                );
+                continue;
+            }
+            let unmapped = self.unmap_after_store(state.as_mut(), &record, "expired");
+            eprintln!(
+                "pf serve: expired reservation {} ({}, owner {}); restorable for {} (`pf restore {}`)",
+                record.id,
+                record.reservation,
+                record.owner,
+                humantime::format_duration(HISTORY_KEEP),
+                record.id
+            );
+            match unmapped {
+                Ok(()) => self.audit(Caller::SERVICE, "expire", "ok", &record_json(&record), None),
+                Err(e) => {
+                    eprintln!("pf serve: {}", e.message);
+                    self.audit(
+                        Caller::SERVICE,
+                        "expire",
+                        "partial",
+                        &record_json(&record),
+                        Some(&e.message),
+                    );
+                }
+            }
+        }
+        drop(state);
+        self.refresh_next_expiry();
+        if failed {
+            retry(self);
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! The start and the reconcile: making the maps hold exactly the store's enabled
+//! reservations, guarded against a store that is the wrong one; and disabling reservations
+//! that target the server itself.
+
+use std::net::Ipv4Addr;
+
+use serde_json::json;
+
+use super::{ApiError, DRIFT_LOG_LIMIT, Engine, local_addresses, record_json};
+use crate::{
+    domain::spec::Reservation,
+    service::{audit::Caller, dataplane::Maps},
+};
+
+/// What a start's reconcile may do without the admin's say-so.
+#[derive(Debug, Clone, Copy)]
+pub struct ReconcileGuard {
+    /// `pf serve --force-reconcile`: the admin accepts whatever the reconcile removes.
+    pub force: bool,
+    /// The store file was missing or empty before this start.
+    pub store_was_new: bool,
+    /// The largest share of the maps' reservations a reconcile removes unasked.
+    pub removal_limit: f64,
+}
+
+impl ReconcileGuard {
+    /// No limits: repairs of the service's own failed writes.
+    pub const REPAIR: ReconcileGuard = ReconcileGuard {
+        force: true,
+        store_was_new: false,
+        removal_limit: 1.0,
+    };
+}
+
+/// Removals a guarded reconcile makes without asking, whatever the share: a few strays are
+/// ordinary drift.
+const UNGUARDED_REMOVALS: usize = 10;
+
+impl Engine {
+    /// Disables each enabled reservation whose target is the server itself (made before the
+    /// rule existed, or before the server took that address): reported, audited, and kept
+    /// out of the maps. Returns how many.
+    pub fn disable_server_targets(&mut self) -> Result<usize, ApiError> {
+        let local = local_addresses()?;
+        let offending = self
+            .store
+            .list(None)?
+            .into_iter()
+            .filter(|r| r.enabled && self.policy.check_target(&r.reservation, &local).is_err())
+            .count();
+        if offending > 0
+            && self.store.read_only().is_none()
+            && let Err(e) = self.audit.ready()
+        {
+            return Err(ApiError::unavailable(format!(
+                "{offending} reservations target the server itself and must be disabled, but the audit log {} cannot be written ({e})",
+                self.audit.path().display()
+            )));
+        }
+        let mut disabled = 0;
+        for record in self.store.list(None)?.into_iter().filter(|r| r.enabled) {
+            let Err(refusal) = self.policy.check_target(&record.reservation, &local) else {
+                continue;
+            };
+            if self.store.read_only().is_some() {
+                eprintln!(
+                    "pf serve: warning: reservation {} ({}) breaks {}: {} (the store is read-only, so it stays)",
+                    record.id, record.reservation, refusal.rule, refusal.detail
+                );
+                continue;
+            }
+            self.store.set_enabled(record.id, false)?;
+            disabled += 1;
+            eprintln!(
+                "pf serve: disabled reservation {} ({}, owner {}): {refusal}",
+                record.id, record.reservation, record.owner
+            );
+            let mut done = record_json(&record);
+            done["enabled"] = json!(false);
+            self.audit(
+                Caller::SERVICE,
+                "disable",
+                "ok",
+                &done,
+                Some(&refusal.to_string()),
+            );
+        }
+        Ok(disabled)
+    }
+
+    /// The start, in an order that changes nothing before it knows the store is the right
+    /// one: the reconcile guard is checked first, then what fell due while the service was
+    /// down expires, reservations that target the server are disabled, and the maps are
+    /// reconciled. Returns the reconcile's report and how many were disabled.
+    pub fn start(&mut self, guard: ReconcileGuard) -> Result<(ReconcileReport, usize), ApiError> {
+        {
+            let state = self.open_state()?;
+            self.check_guard(state.as_ref(), guard)?;
+        }
+        self.expire_due();
+        let disabled = self.disable_server_targets()?;
+        let report = self.reconcile(ReconcileGuard::REPAIR)?;
+        Ok((report, disabled))
+    }
+
+    /// Refuses a reconcile that would remove what a new store or a large share implies was
+    /// lost, not meant (see [`ReconcileGuard`]).
+    fn check_guard(&self, state: &dyn Maps, guard: ReconcileGuard) -> Result<(), ApiError> {
+        if guard.force {
+            return Ok(());
+        }
+        let actual = state.list()?;
+        let records = self.store.list(None)?;
+        let stored: std::collections::HashSet<&Reservation> =
+            records.iter().map(|r| &r.reservation).collect();
+        let unknown = actual.iter().filter(|r| !stored.contains(r)).count();
+        if unknown == 0 {
+            return Ok(());
+        }
+        if guard.store_was_new {
+            return Err(ApiError::unavailable(format!(
+                "the reservation store is new or empty, but the kernel maps hold {unknown} reservations it does not know: starting would stop forwarding them all. If the store's path is wrong, fix service.database; if the store really was lost and those reservations should go, start once with `pf serve --force-reconcile`"
+            )));
+        }
+        let share = unknown as f64 / actual.len() as f64;
+        if unknown > UNGUARDED_REMOVALS && share > guard.removal_limit {
+            return Err(ApiError::unavailable(format!(
+                "the kernel maps hold {unknown} of {} reservations that the store does not know ({:.0}%, more than service.reconcile_removal_limit = {:.0}%): starting would stop forwarding them. If the store is the wrong one, fix service.database; if they should go, start once with `pf serve --force-reconcile`",
+                actual.len(),
+                share * 100.0,
+                guard.removal_limit * 100.0
+            )));
+        }
+        Ok(())
+    }
+
+    /// Makes the maps hold exactly the store's enabled reservations: removes what the store
+    /// does not have, adds what is missing, and logs each difference. `guard` refuses (before
+    /// any change) a reconcile that would remove what a new store or a large share implies
+    /// was lost, not meant.
+    pub fn reconcile(&mut self, guard: ReconcileGuard) -> Result<ReconcileReport, ApiError> {
+        let records = self.store.list(None)?;
+        let desired: Vec<Reservation> = records
+            .iter()
+            .filter(|r| r.enabled)
+            .map(|r| r.reservation)
+            .collect();
+        let mut state = self.open_state()?;
+        let actual = state.list()?;
+        let want: std::collections::HashSet<&Reservation> = desired.iter().collect();
+        let have: std::collections::HashSet<&Reservation> = actual.iter().collect();
+        self.check_guard(state.as_ref(), guard)?;
+        let mut drifts = Vec::new();
+        // Records the store does not have go, with their entries.
+        for r in actual.iter().filter(|r| !want.contains(r)) {
+            state.release(&r.public)?;
+            drifts.push(format!("removed {r}: in the maps, not in the store"));
+        }
+        // Records whose entries are not all there (a crash in the middle of a write or a
+        // removal) are written again, whole.
+        let mut intact = Vec::new();
+        let mut absent = Vec::new();
+        let mut rewrite = Vec::new();
+        for r in desired.iter() {
+            if !have.contains(r) {
+                absent.push(*r);
+            } else if state.is_complete(r)? {
+                intact.push(*r);
+            } else {
+                state.release(&r.public)?;
+                drifts.push(format!(
+                    "rewrote {r}: some of its entries were missing or wrong"
+                ));
+                rewrite.push(*r);
+            }
+        }
+        // Entries no intact reservation accounts for: orphans, and what a half-written
+        // reservation left, which is about to be written whole.
+        for entry in state.prune(&intact)? {
+            drifts.push(format!(
+                "removed {entry}: an entry no reservation accounts for"
+            ));
+        }
+        let missing: Vec<Reservation> = absent.iter().chain(&rewrite).copied().collect();
+        state.reserve_all(&missing)?;
+        let guarded: Vec<(Ipv4Addr, u8)> = if self.policy.drop_tunnel_source_leaks {
+            self.policy
+                .target_networks
+                .iter()
+                .map(|n| (n.addr, n.prefix))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if state.tunnel_networks()? != guarded {
+            state.set_tunnel_networks(&guarded)?;
+            eprintln!(
+                "pf serve: egress drops unrewritten packets from the tunnel networks: {}",
+                if guarded.is_empty() {
+                    "none (policy.drop_tunnel_source_leaks = false)".to_string()
+                } else {
+                    guarded
+                        .iter()
+                        .map(|(a, p)| format!("{a}/{p}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            );
+        }
+        // Empty maps are a fresh boot (or a first start), not drift: one line says so.
+        let fresh = actual.is_empty() && drifts.is_empty();
+        if fresh {
+            if !absent.is_empty() {
+                eprintln!(
+                    "pf serve: the maps were empty: loaded {} reservations from the store",
+                    absent.len()
+                );
+            }
+        } else {
+            for r in &absent {
+                drifts.push(format!("added {r}: in the store, not in the maps"));
+            }
+        }
+        for d in drifts.iter().take(DRIFT_LOG_LIMIT) {
+            eprintln!("pf serve: drift: {d}");
+        }
+        if drifts.len() > DRIFT_LOG_LIMIT {
+            eprintln!(
+                "pf serve: drift: ... and {} more",
+                drifts.len() - DRIFT_LOG_LIMIT
+            );
+        }
+        Ok(ReconcileReport {
+            reservations: desired.len(),
+            loaded: if fresh { absent.len() } else { 0 },
+            drifts: drifts.len(),
+        })
+    }
+}
+
+/// What a reconcile did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Enabled reservations in the store (and now in the maps).
+    pub reservations: usize,
+    /// Reservations written to maps that were empty (a boot): not drift.
+    pub loaded: usize,
+    /// Differences found and repaired.
+    pub drifts: usize,
+}

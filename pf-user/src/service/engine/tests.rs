@@ -1,0 +1,275 @@
+//! Host tests of the engine: the in-memory store and the fake data plane, no BPF.
+
+use super::*;
+use crate::service::{
+    audit::Audit, config::Config, dataplane::fake::FakeDataPlane, store::SqliteStore,
+};
+
+const CALLER: Caller = Caller {
+    uid: Some(0),
+    pid: Some(1),
+};
+
+/// An engine on an in-memory store and a fake data plane (kept, to look inside), with a
+/// small pool and quota; its audit log in a scratch directory.
+fn engine() -> (Engine, FakeDataPlane, std::path::PathBuf) {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("pf-engine-test-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let config = Config::parse(
+        r#"
+[policy]
+public_ips = ["198.51.100.1"]
+target_networks = ["10.200.0.0/16"]
+port_pool = ["30000-30009"]
+forbid_listening_ports = false
+ports_per_owner = 3
+"#,
+    )
+    .unwrap();
+    let fake = FakeDataPlane::default();
+    let engine = Engine::new(
+        Box::new(SqliteStore::in_memory().unwrap()),
+        Box::new(fake.clone()),
+        config.policy,
+        Audit::open(&dir.join("audit.jsonl")).unwrap(),
+    )
+    .unwrap();
+    (engine, fake, dir)
+}
+
+fn reserve(
+    e: &mut Engine,
+    owner: &str,
+    public: &str,
+    to: &str,
+    ttl: Option<&str>,
+) -> Result<Value, ApiError> {
+    e.handle(
+        Request::Reserve(ReserveRequest {
+            owner: owner.into(),
+            public: public.into(),
+            to: to.into(),
+            ttl: ttl.map(Into::into),
+            note: None,
+        }),
+        CALLER,
+    )
+}
+
+/// Reserves `public` for acct-1 towards 10.200.0.2; its id.
+fn reserved(e: &mut Engine, public: &str, ttl: Option<&str>) -> u64 {
+    reserve(e, "acct-1", public, "10.200.0.2", ttl).unwrap()["id"]
+        .as_u64()
+        .unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn reserve_checks_conflicts_quota_and_hands_out_distinct_free_ports() {
+    let (mut e, fake, _dir) = engine();
+    reserve(
+        &mut e,
+        "acct-1",
+        "198.51.100.1:30000/tcp",
+        "10.200.0.2",
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        fake.held(),
+        vec!["198.51.100.1:30000/tcp -> 10.200.0.2:30000"]
+    );
+    let conflict = reserve(
+        &mut e,
+        "acct-2",
+        "198.51.100.1:30000/both",
+        "10.200.0.3",
+        None,
+    )
+    .unwrap_err();
+    assert_eq!(conflict.kind, Failure::Conflict, "{}", conflict.message);
+    let a = reserve(&mut e, "acct-1", "198.51.100.1/tcp", "10.200.0.4", None).unwrap();
+    let b = reserve(&mut e, "acct-1", "198.51.100.1/tcp", "10.200.0.5", None).unwrap();
+    let ports = [
+        a["first_port"].as_u64().unwrap(),
+        b["first_port"].as_u64().unwrap(),
+    ];
+    assert!(
+        ports.iter().all(|p| (30001..=30009).contains(p)) && ports[0] != ports[1],
+        "{ports:?}"
+    );
+    let quota = reserve(&mut e, "acct-1", "198.51.100.1/tcp", "10.200.0.6", None).unwrap_err();
+    assert_eq!(quota.rule, Some("policy.ports_per_owner"));
+    let outside =
+        reserve(&mut e, "acct-2", "198.51.100.1:30001/udp", "10.9.0.2", None).unwrap_err();
+    assert_eq!(outside.rule, Some("policy.target_networks"));
+    // The refusals changed nothing.
+    assert_eq!(fake.held().len(), 3);
+    assert_eq!(
+        ids(&e.handle(Request::List { owner: None }, CALLER).unwrap()).len(),
+        3
+    );
+}
+
+#[test]
+fn a_map_write_that_fails_leaves_nothing_stored() {
+    let (mut e, fake, dir) = engine();
+    fake.0.lock().unwrap().fail_next_write = Some("no memory".into());
+    let err = reserve(
+        &mut e,
+        "acct-1",
+        "198.51.100.1:30000/tcp",
+        "10.200.0.2",
+        None,
+    )
+    .unwrap_err();
+    assert_eq!(err.kind, Failure::Internal);
+    assert!(err.message.contains("no memory") && !err.partial, "{err:?}");
+    assert_eq!(
+        e.handle(Request::List { owner: None }, CALLER).unwrap(),
+        json!([])
+    );
+    assert!(fake.held().is_empty());
+    let audit = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+    assert!(audit.contains(r#""result":"refused""#), "{audit}");
+}
+
+#[test]
+fn disable_enable_and_release_keep_store_and_maps_together() {
+    let (mut e, fake, _dir) = engine();
+    let id = reserved(&mut e, "198.51.100.1:30000-30001/both", None);
+    let done = e
+        .handle(Request::SetEnabled { id, enabled: false }, CALLER)
+        .unwrap();
+    assert_eq!(done["enabled"], json!(false));
+    assert!(fake.held().is_empty());
+    e.handle(Request::SetEnabled { id, enabled: true }, CALLER)
+        .unwrap();
+    assert_eq!(fake.held().len(), 1);
+    e.handle(Request::Release(id), CALLER).unwrap();
+    assert!(fake.held().is_empty());
+    assert_eq!(
+        e.handle(Request::Release(id), CALLER).unwrap_err().kind,
+        Failure::NotFound
+    );
+}
+
+#[test]
+fn a_release_the_maps_refuse_is_partial_and_repaired() {
+    let (mut e, fake, dir) = engine();
+    let id = reserved(&mut e, "198.51.100.1:30000/tcp", None);
+    fake.0.lock().unwrap().fail_next_write = Some("busy".into());
+    let err = e.handle(Request::Release(id), CALLER).unwrap_err();
+    assert!(
+        err.partial && err.message.contains("released in the store"),
+        "{err:?}"
+    );
+    assert_eq!(fake.held().len(), 1, "the fake refused the removal");
+    let audit = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+    assert!(audit.contains(r#""result":"partial""#), "{audit}");
+    // The next tick reconciles: the maps follow the store.
+    e.tick();
+    assert!(fake.held().is_empty());
+}
+
+#[test]
+fn expiry_moves_to_the_history_and_restore_brings_back() {
+    let (mut e, fake, _dir) = engine();
+    let id = reserved(&mut e, "198.51.100.1:30000/tcp", Some("10s"));
+    e.clock.advance(9_000);
+    e.tick();
+    assert_eq!(fake.held().len(), 1, "expired early");
+    e.clock.advance(2_000);
+    e.tick();
+    assert!(fake.held().is_empty());
+    assert_eq!(
+        e.handle(Request::List { owner: None }, CALLER).unwrap(),
+        json!([])
+    );
+    let history = e.handle(Request::Expired { owner: None }, CALLER).unwrap();
+    assert_eq!(ids(&history), vec![id]);
+    let back = e
+        .handle(
+            Request::Restore {
+                id,
+                ttl: Some("1h".into()),
+            },
+            CALLER,
+        )
+        .unwrap();
+    assert_eq!(back["id"], json!(id));
+    assert_eq!(fake.held().len(), 1);
+}
+
+#[test]
+fn a_start_refuses_to_empty_the_maps_from_a_new_store() {
+    let (mut e, fake, _dir) = engine();
+    let stranger = Reservation::new(
+        "198.51.100.1:30005/udp".parse().unwrap(),
+        "10.200.0.9".parse().unwrap(),
+    )
+    .unwrap();
+    e.dataplane.open().unwrap().reserve(&stranger).unwrap();
+    let guard = ReconcileGuard {
+        force: false,
+        store_was_new: true,
+        removal_limit: 0.25,
+    };
+    let err = e.start(guard).unwrap_err();
+    assert_eq!(err.kind, Failure::Unavailable);
+    assert!(err.message.contains("--force-reconcile"), "{}", err.message);
+    assert_eq!(fake.held().len(), 1, "a refused start changed the maps");
+    let (report, _) = e
+        .start(ReconcileGuard {
+            force: true,
+            ..guard
+        })
+        .unwrap();
+    assert_eq!(report.drifts, 1);
+    assert!(fake.held().is_empty());
+    // The leak guard is set from the policy's target networks.
+    assert_eq!(
+        fake.0.lock().unwrap().tunnel_networks,
+        vec![("10.200.0.0".parse().unwrap(), 16)]
+    );
+}
+
+#[test]
+fn owners_are_visible_ascii_and_notes_hide_nothing() {
+    for ok in ["acct-7", "user@example.com", "tunnel:10.8.0.2", "a/b+c=d"] {
+        check_owner(ok).unwrap_or_else(|e| panic!("{ok}: {}", e.message));
+    }
+    for (bad, needle) in [
+        ("", "owner is empty"),
+        ("acct 7", "' '"),
+        ("acct\u{202e}7", "U+202E"),
+        ("acct\u{200b}7", "U+200B"),
+        ("\u{0430}cct-7", "U+0430"), // Cyrillic a
+        ("acct\t7", "U+0009"),
+    ] {
+        let e = check_owner(bad).unwrap_err();
+        assert_eq!(e.kind, Failure::BadRequest);
+        assert!(e.message.contains(needle), "{bad:?}: {}", e.message);
+    }
+    assert!(check_owner(&"x".repeat(MAX_OWNER_LEN + 1)).is_err());
+    check_note("Plex auf dem NAS – 日本語 ok").unwrap();
+    for bad in [
+        "a\u{202e}b",
+        "a\u{2066}b",
+        "a\u{feff}b",
+        "a\nb",
+        "a\u{2028}b",
+    ] {
+        let e = check_note(bad).unwrap_err();
+        assert!(e.message.contains("U+"), "{bad:?}: {}", e.message);
+    }
+}
