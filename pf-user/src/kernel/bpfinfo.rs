@@ -79,11 +79,9 @@ fn open_pin(pin: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// The state of the link pinned at `pin`.
-pub fn link_state(pin: &Path) -> io::Result<LinkState> {
-    let link = open_pin(pin)?;
-    let fd = link.as_raw_fd();
-    let mut info = [0u8; LINK_INFO_LEN];
+/// BPF_OBJ_GET_INFO_BY_FD: the kernel's info struct for the object `fd`, into `info` (which
+/// may carry pointers and counts the kernel fills in, as a program's map ids).
+fn object_info(fd: i32, info: &mut [u8]) -> io::Result<()> {
     // union bpf_attr's info member: bpf_fd, info_len, info (a pointer as u64).
     #[repr(C)]
     struct InfoAttr {
@@ -93,14 +91,22 @@ pub fn link_state(pin: &Path) -> io::Result<LinkState> {
     }
     let mut attr = InfoAttr {
         bpf_fd: fd as u32,
-        info_len: LINK_INFO_LEN as u32,
+        info_len: info.len() as u32,
         info: info.as_mut_ptr() as u64,
     };
     bpf(
         BPF_OBJ_GET_INFO_BY_FD,
         (&mut attr as *mut InfoAttr).cast(),
         size_of::<InfoAttr>(),
-    )?;
+    )
+    .map(drop)
+}
+
+/// The state of the link pinned at `pin`.
+pub fn link_state(pin: &Path) -> io::Result<LinkState> {
+    let link = open_pin(pin)?;
+    let mut info = [0u8; LINK_INFO_LEN];
+    object_info(link.as_raw_fd(), &mut info)?;
     Ok(LinkState {
         link_type: read_u32(&info, LINK_TYPE_OFFSET),
         prog_id: read_u32(&info, LINK_PROG_ID_OFFSET),
@@ -140,24 +146,7 @@ pub fn program_map_ids(prog_id: u32) -> io::Result<Option<Vec<u32>>> {
     };
     // SAFETY: the kernel returned a new descriptor that nothing else owns.
     let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    let query = |info: &mut [u8; PROG_INFO_LEN]| {
-        let mut attr = InfoAttr {
-            bpf_fd: prog.as_raw_fd() as u32,
-            info_len: PROG_INFO_LEN as u32,
-            info: info.as_mut_ptr() as u64,
-        };
-        bpf(
-            BPF_OBJ_GET_INFO_BY_FD,
-            (&mut attr as *mut InfoAttr).cast(),
-            size_of::<InfoAttr>(),
-        )
-    };
+    let query = |info: &mut [u8; PROG_INFO_LEN]| object_info(prog.as_raw_fd(), info);
     // First how many, then the ids into a buffer of that size.
     let mut info = [0u8; PROG_INFO_LEN];
     query(&mut info)?;

@@ -294,15 +294,17 @@ impl Config {
     }
 }
 
+/// The smallest config there is: the two required keys (host tests).
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MINIMAL: &str = r#"
+pub const MINIMAL: &str = r#"
 [policy]
 public_ips = ["198.51.100.1"]
 target_networks = ["10.8.0.0/16"]
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[test]
     fn defaults_are_safe() {

@@ -255,13 +255,7 @@ fn join<T: fmt::Display>(items: &[T]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::config::Config;
-
-    const MINIMAL: &str = r#"
-[policy]
-public_ips = ["198.51.100.1"]
-target_networks = ["10.8.0.0/16"]
-"#;
+    use crate::service::config::{Config, MINIMAL};
 
     fn reservation(public: &str, to: &str) -> Reservation {
         Reservation::new(public.parse().unwrap(), to.parse().unwrap()).unwrap()

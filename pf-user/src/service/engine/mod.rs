@@ -357,6 +357,16 @@ fn say_once(last: &mut Option<String>, message: String, line: impl FnOnce(&str) 
     }
 }
 
+/// The lifetime a renew or restore asks for: the one given, or the one the record had.
+fn asked_lifetime(ttl: Option<String>, record: &Record) -> Result<Option<Duration>, ApiError> {
+    Ok(ttl
+        .as_deref()
+        .map(parse_ttl)
+        .transpose()
+        .map_err(ApiError::bad_request)?
+        .or(record.ttl_ms.map(Duration::from_millis)))
+}
+
 fn duration_ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX / 2)) as u64
 }
@@ -864,12 +874,7 @@ impl Engine {
 
     fn renew(&mut self, id: u64, ttl: Option<String>) -> Result<Record, ApiError> {
         let record = self.get(id)?;
-        let asked = ttl
-            .as_deref()
-            .map(parse_ttl)
-            .transpose()
-            .map_err(ApiError::bad_request)?
-            .or(record.ttl_ms.map(Duration::from_millis));
+        let asked = asked_lifetime(ttl, &record)?;
         // A permanent reservation stays so unless a lifetime is given: renew never starts an
         // expiry nobody asked for (not even the policy's default_ttl).
         let Some(asked) = asked else {
@@ -931,12 +936,7 @@ impl Engine {
                 partial: false,
             });
         };
-        let asked = ttl
-            .as_deref()
-            .map(parse_ttl)
-            .transpose()
-            .map_err(ApiError::bad_request)?
-            .or(record.ttl_ms.map(Duration::from_millis));
+        let asked = asked_lifetime(ttl, &record)?;
         let ttl = self.policy.lifetime(asked)?;
         self.admit(&record.owner, &record.reservation)?;
         let mut state = self.open_state()?;
