@@ -34,8 +34,7 @@ fn load_for(dir: &PinDir, role: Role) -> Result<Programs, PfError> {
     let mut programs = Programs::load(dir)?;
     match role {
         Role::Public => {}
-        Role::PublicFastPath => programs.load_fast_ingress()?,
-        Role::TunnelSide => programs.load_reply()?,
+        Role::PublicFastPath | Role::TunnelSide => programs.load_xdp(role.xdp_program())?,
     }
     Ok(programs)
 }

@@ -84,26 +84,20 @@ impl Programs {
         typed(&self.ebpf, EGRESS_PROGRAM)
     }
 
-    /// Loads the fast-path ingress program; then [`Programs::fast_ingress`] gives it.
-    pub fn load_fast_ingress(&mut self) -> Result<(), PfError> {
-        typed_mut::<Xdp>(&mut self.ebpf, FAST_INGRESS_PROGRAM)?
+    /// Loads one of the object's other XDP programs, [`FAST_INGRESS_PROGRAM`] or
+    /// [`REPLY_PROGRAM`]; then [`Programs::fast_ingress`] or [`Programs::reply`] gives it.
+    pub fn load_xdp(&mut self, name: &str) -> Result<(), PfError> {
+        typed_mut::<Xdp>(&mut self.ebpf, name)?
             .load()
             .map_err(load_error)
     }
 
-    /// The fast-path ingress program; usable once [`Programs::load_fast_ingress`] ran.
+    /// The fast-path ingress program; usable once it was loaded.
     pub fn fast_ingress(&self) -> &Xdp {
         typed(&self.ebpf, FAST_INGRESS_PROGRAM)
     }
 
-    /// Loads the reply fast-path program; then [`Programs::reply`] gives it.
-    pub fn load_reply(&mut self) -> Result<(), PfError> {
-        typed_mut::<Xdp>(&mut self.ebpf, REPLY_PROGRAM)?
-            .load()
-            .map_err(load_error)
-    }
-
-    /// The reply fast-path program; usable once [`Programs::load_reply`] ran.
+    /// The reply fast-path program; usable once it was loaded.
     pub fn reply(&self) -> &Xdp {
         typed(&self.ebpf, REPLY_PROGRAM)
     }

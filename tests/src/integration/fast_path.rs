@@ -4,7 +4,10 @@
 //! Fixture table as elsewhere: {description, packet in, action, packet out, counters}.
 
 use aya::maps::{MapData, xdp::DevMapHash};
-use pf::domain::spec::Reservation;
+use pf::{
+    domain::spec::Reservation,
+    kernel::object::{FAST_INGRESS_PROGRAM, REPLY_PROGRAM},
+};
 use pf_common::{counters::Outcome, map_names};
 
 use super::common::{LoadedPf, hex, moved, require_root, run_once};
@@ -195,12 +198,11 @@ fn fast_path_fib_outcomes() {
         mut programs,
         dir: _pins,
     } = pf;
-    programs
-        .load_fast_ingress()
-        .expect("loading the fast-path program (the verifier must accept it)");
-    programs
-        .load_reply()
-        .expect("loading the reply fast-path program (the verifier must accept it)");
+    for program in [FAST_INGRESS_PROGRAM, REPLY_PROGRAM] {
+        programs
+            .load_xdp(program)
+            .unwrap_or_else(|e| panic!("loading {program} (the verifier must accept it): {e}"));
+    }
 
     let tcp = |port| Pkt::tcp(REMOTE, 40000, PUBLIC, port);
     let pass_rewritten = |p: &Pkt, target| p.with_dst(target, 80).frame();
