@@ -12,10 +12,25 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::domain::spec::{PortRange, Protocols, PublicSpec, Reservation};
 
-/// One reservation as the product knows it: who owns it, what it forwards, for how long.
+/// One reservation as the product knows it: its id, and what [`NewRecord`] says (its fields
+/// read through, as `record.owner`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
     pub id: u64,
+    pub data: NewRecord,
+}
+
+impl std::ops::Deref for Record {
+    type Target = NewRecord;
+    fn deref(&self) -> &NewRecord {
+        &self.data
+    }
+}
+
+/// A reservation before the store has given it an id: who owns it, what it forwards, for how
+/// long.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewRecord {
     /// The provider's account id: an opaque string.
     pub owner: String,
     pub reservation: Reservation,
@@ -26,18 +41,6 @@ pub struct Record {
     /// Unix time in milliseconds after which the reservation is removed.
     pub expires_ms: Option<u64>,
     /// A disabled reservation keeps its ports but forwards nothing.
-    pub enabled: bool,
-    pub note: String,
-}
-
-/// A record before the store has given it an id.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NewRecord {
-    pub owner: String,
-    pub reservation: Reservation,
-    pub created_ms: u64,
-    pub ttl_ms: Option<u64>,
-    pub expires_ms: Option<u64>,
     pub enabled: bool,
     pub note: String,
 }
@@ -348,13 +351,7 @@ impl SqliteStore {
         .map_err(sql("inserting a reservation"))?;
         Ok(Record {
             id: conn.last_insert_rowid() as u64,
-            owner: new.owner.clone(),
-            reservation: new.reservation,
-            created_ms: new.created_ms,
-            ttl_ms: new.ttl_ms,
-            expires_ms: new.expires_ms,
-            enabled: new.enabled,
-            note: new.note.clone(),
+            data: new.clone(),
         })
     }
 
@@ -376,6 +373,32 @@ impl SqliteStore {
             .collect::<Result<Vec<_>, _>>()
             .map_err(sql(what))?;
         rows.into_iter().map(RawRow::into_record).collect()
+    }
+
+    /// The first record `where_clause` finds for `addr` (?1), a first port in the index
+    /// range a record overlapping `ports` can start in (?2 to ?3), the range's other end (?4)
+    /// and the protocols (?5).
+    fn first_overlap(
+        &self,
+        what: &'static str,
+        where_clause: &str,
+        addr: Ipv4Addr,
+        ports: PortRange,
+        protocols: Protocols,
+    ) -> Result<Option<Record>, StoreError> {
+        Ok(self
+            .query(
+                what,
+                where_clause,
+                params![
+                    addr.to_string(),
+                    lowest_overlapping_first(ports),
+                    ports.last,
+                    ports.first,
+                    protocols.mask()
+                ],
+            )?
+            .pop())
     }
 
     fn update(
@@ -456,13 +479,15 @@ impl RawRow {
         let reservation = Reservation::new(public, target).map_err(|e| bad(e.to_string()))?;
         Ok(Record {
             id: id as u64,
-            owner: self.owner,
-            reservation,
-            created_ms: self.created_ms as u64,
-            ttl_ms: self.ttl_ms.map(|t| t as u64),
-            expires_ms: self.expires_ms.map(|t| t as u64),
-            enabled: self.enabled,
-            note: self.note,
+            data: NewRecord {
+                owner: self.owner,
+                reservation,
+                created_ms: self.created_ms as u64,
+                ttl_ms: self.ttl_ms.map(|t| t as u64),
+                expires_ms: self.expires_ms.map(|t| t as u64),
+                enabled: self.enabled,
+                note: self.note,
+            },
         })
     }
 }
@@ -553,20 +578,14 @@ impl Store for SqliteStore {
         ports: PortRange,
         protocols: Protocols,
     ) -> Result<Option<Record>, StoreError> {
-        Ok(self
-            .query(
-                "checking public ports",
-                "WHERE public_ip = ?1 AND first_port BETWEEN ?2 AND ?3 AND last_port >= ?4 \
-                 AND (protocols & ?5) != 0 ORDER BY first_port LIMIT 1",
-                params![
-                    addr.to_string(),
-                    lowest_overlapping_first(ports),
-                    ports.last,
-                    ports.first,
-                    protocols.mask()
-                ],
-            )?
-            .pop())
+        self.first_overlap(
+            "checking public ports",
+            "WHERE public_ip = ?1 AND first_port BETWEEN ?2 AND ?3 AND last_port >= ?4 \
+             AND (protocols & ?5) != 0 ORDER BY first_port LIMIT 1",
+            addr,
+            ports,
+            protocols,
+        )
     }
 
     fn target_overlap(
@@ -575,21 +594,15 @@ impl Store for SqliteStore {
         ports: PortRange,
         protocols: Protocols,
     ) -> Result<Option<Record>, StoreError> {
-        Ok(self
-            .query(
-                "checking target ports",
-                "WHERE target_ip = ?1 AND target_first_port BETWEEN ?2 AND ?3 \
-                 AND target_first_port + (last_port - first_port) >= ?4 \
-                 AND (protocols & ?5) != 0 ORDER BY target_first_port LIMIT 1",
-                params![
-                    addr.to_string(),
-                    lowest_overlapping_first(ports),
-                    ports.last,
-                    ports.first,
-                    protocols.mask()
-                ],
-            )?
-            .pop())
+        self.first_overlap(
+            "checking target ports",
+            "WHERE target_ip = ?1 AND target_first_port BETWEEN ?2 AND ?3 \
+             AND target_first_port + (last_port - first_port) >= ?4 \
+             AND (protocols & ?5) != 0 ORDER BY target_first_port LIMIT 1",
+            addr,
+            ports,
+            protocols,
+        )
     }
 
     fn used_public_ports(
