@@ -37,7 +37,7 @@ use aya::{
 };
 use pf::{
     domain::spec::Protocols,
-    kernel::attach::{self as dataplane, AttachMode, Role},
+    kernel::attach::{self, AttachMode, Role},
     kernel::bpffs::PinDir,
     kernel::state::State,
 };
@@ -367,7 +367,7 @@ pub fn setup(config: Config) -> Result<Setup, String> {
         topology
             .server
             .within(move || {
-                dataplane::attach(
+                attach::attach(
                     &PinDir::new(dir_path),
                     PUBLIC_IFACE,
                     AttachMode::Native,

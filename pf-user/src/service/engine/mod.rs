@@ -650,17 +650,26 @@ impl Engine {
         self.store.get(id)?.ok_or_else(|| ApiError::not_found(id))
     }
 
-    /// The checks every new or restored reservation passes: the policy (with the server's
-    /// listening ports and addresses as the kernel has them now), conflicts on both sides,
-    /// and the owner's quota.
-    fn admit(&self, owner: &str, reservation: &Reservation) -> Result<(), ApiError> {
-        let listening = if self.policy.forbid_listening_ports {
+    /// The server's listening sockets as the kernel has them now, if the policy asks.
+    fn listening(&self) -> Listening {
+        if self.policy.forbid_listening_ports {
             Listening::read()
         } else {
             Listening::default()
-        };
+        }
+    }
+
+    /// The checks every new or restored reservation passes: the policy (with the server's
+    /// listening ports, read by the caller, and its addresses as the kernel has them now),
+    /// conflicts on both sides, and the owner's quota.
+    fn admit(
+        &self,
+        owner: &str,
+        reservation: &Reservation,
+        listening: &Listening,
+    ) -> Result<(), ApiError> {
         self.policy
-            .check(reservation, &listening, &local_addresses()?)?;
+            .check(reservation, listening, &local_addresses()?)?;
         let public = reservation.public;
         if let Some(existing) =
             self.store
@@ -714,6 +723,8 @@ impl Engine {
         let ttl = self.policy.lifetime(ttl)?;
         let (addr, ports, protocols) = parse_public_request(&req.public)?;
         let target: TargetSpec = req.to.parse()?;
+        // Read once: the automatic port and the policy check see the same sockets.
+        let listening = self.listening();
         let reservation = match ports {
             Some(ports) => Reservation::new(
                 PublicSpec {
@@ -723,9 +734,9 @@ impl Engine {
                 },
                 target,
             )?,
-            None => self.free_port(addr, protocols, target)?,
+            None => self.free_port(addr, protocols, target, &listening)?,
         };
-        self.admit(owner, &reservation)?;
+        self.admit(owner, &reservation, &listening)?;
         let now = self.now_ms();
         let ttl_ms = ttl.map(duration_ms);
         let new = NewRecord {
@@ -767,12 +778,8 @@ impl Engine {
         addr: Ipv4Addr,
         protocols: Protocols,
         target: TargetSpec,
+        listening: &Listening,
     ) -> Result<Reservation, ApiError> {
-        let listening = if self.policy.forbid_listening_ports {
-            Listening::read()
-        } else {
-            Listening::default()
-        };
         let mut taken = vec![false; 65536];
         for r in self.store.used_public_ports(addr, protocols)? {
             for p in r.ports() {
@@ -785,7 +792,7 @@ impl Engine {
             .iter()
             .flat_map(|r| r.ports())
             .filter(|&p| !taken[usize::from(p)])
-            .filter(|&p| self.policy.allows_port(addr, p, protocols, &listening))
+            .filter(|&p| self.policy.allows_port(addr, p, protocols, listening))
             .collect();
         if candidates.is_empty() {
             return Err(crate::service::policy::Refusal {
@@ -938,7 +945,7 @@ impl Engine {
         };
         let asked = asked_lifetime(ttl, &record)?;
         let ttl = self.policy.lifetime(asked)?;
-        self.admit(&record.owner, &record.reservation)?;
+        self.admit(&record.owner, &record.reservation, &self.listening())?;
         let mut state = self.open_state()?;
         let ttl_ms = ttl.map(duration_ms);
         let expires = ttl_ms.map(|t| self.now_ms().saturating_add(t));
