@@ -391,6 +391,7 @@ pub fn egress(ctx: &TcContext) -> EgressVerdict {
     // Read before any helper call, which may move the packet.
     // SAFETY: parse_ipv4 checked that the whole header is in the frame.
     let source = unsafe { (*ip.ip).src_addr };
+    let source_offset = ip.ip as usize - ctx.data() + IPV4_SRC_OFFSET;
     let verdict = if is_tcp_udp(ip.proto) {
         if is_later_fragment(&ip) {
             egress_later_fragment(ctx, &ip)
@@ -413,23 +414,46 @@ pub fn egress(ctx: &TcContext) -> EgressVerdict {
     } else {
         Outcome::OtherProtocol.into()
     };
-    guard_tunnel_source(verdict, source)
+    guard_tunnel_source(ctx, verdict, source, source_offset)
 }
 
-/// A packet leaving the public interface unrewritten with a tunnel address as its source is a
-/// leak (a reply on a connection whose reservation was released, disabled or expired; any
-/// tunnel traffic that escaped masquerading): dropped and counted, never sent.
+/// Where the source address sits in an IPv4 header.
+const IPV4_SRC_OFFSET: usize = 12;
+
+/// A packet leaving the public interface with a tunnel address as its source is a leak (a
+/// reply on a connection whose reservation was released, disabled or expired; any tunnel
+/// traffic that escaped masquerading; an ICMP error about a forwarded flow sent by another
+/// tunnel address, whose outer source pf leaves as it is): dropped and counted, never sent. A
+/// rewritten TCP/UDP packet leaves from the public endpoint, so it is not looked at; a rewrite
+/// that failed before its first write keeps its own outcome, and is dropped all the same.
 #[inline(always)]
-fn guard_tunnel_source(verdict: EgressVerdict, source: [u8; 4]) -> EgressVerdict {
-    let rewritten = matches!(
-        verdict.outcome,
-        Outcome::Rewritten | Outcome::IcmpErrorRewritten
-    );
-    if verdict.drop || rewritten || !maps::is_tunnel_source(source) {
+fn guard_tunnel_source(
+    ctx: &TcContext,
+    verdict: EgressVerdict,
+    source: [u8; 4],
+    source_offset: usize,
+) -> EgressVerdict {
+    if verdict.drop || verdict.outcome == Outcome::Rewritten {
+        return verdict;
+    }
+    let leaving = if verdict.outcome == Outcome::IcmpErrorRewritten {
+        // Its outer source was rewritten only if the tunnel endpoint sent it: read what leaves.
+        match ctx.load::<[u8; 4]>(source_offset) {
+            Ok(addr) => addr,
+            Err(_) => return verdict,
+        }
+    } else {
+        source
+    };
+    if !maps::is_tunnel_source(leaving) {
         return verdict;
     }
     EgressVerdict {
-        outcome: Outcome::TunnelSourceDropped,
+        outcome: if verdict.outcome == Outcome::RewriteFailed {
+            Outcome::RewriteFailed
+        } else {
+            Outcome::TunnelSourceDropped
+        },
         drop: true,
     }
 }

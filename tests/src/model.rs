@@ -48,9 +48,11 @@
 //!    `IcmpErrorRewritten`.
 //!
 //! Egress only:
-//! 11. A frame whose IPv4 header parsed (step 2) and that was not rewritten, whose source is in
-//!    one of `TUNNEL_NETWORKS`, is dropped (`TC_ACT_SHOT`) and counted `TunnelSourceDropped`
-//!    instead of its outcome: a tunnel address never leaves unrewritten.
+//! 11. A frame whose IPv4 header parsed (step 2), other than a rewritten TCP/UDP packet
+//!    (`Rewritten`), that would leave with a source in one of `TUNNEL_NETWORKS` (for an ICMP
+//!    error, the outer source after step 10) is dropped (`TC_ACT_SHOT`, the frame as it was
+//!    by then) and counted `TunnelSourceDropped` instead of its outcome. Frames whose IPv4
+//!    header does not parse are not looked at.
 //!
 //! Every frame not rewritten leaves byte for byte as it came. The verdict is XDP_PASS at
 //! ingress and TC_ACT_OK at egress, but for step 11 (and a rewrite that fails half way, which no
@@ -267,15 +269,18 @@ impl Model {
             Ok((outcome, out)) => (outcome, out),
             Err(outcome) => (outcome, frame.to_vec()),
         };
-        let rewritten = matches!(outcome, Outcome::Rewritten | Outcome::IcmpErrorRewritten);
-        let source = parse_ip(frame).ok().map(|ip| addr(frame, ip.at + 12));
+        // The source the frame would leave with: an ICMP error's after step 10.
+        let leaving = parse_ip(frame).ok().map(|ip| match outcome {
+            Outcome::IcmpErrorRewritten => addr(&out, ip.at + 12),
+            _ => addr(frame, ip.at + 12),
+        });
         if direction == Direction::Egress
-            && !rewritten
-            && source.is_some_and(|s| self.is_tunnel_source(s))
+            && outcome != Outcome::Rewritten
+            && leaving.is_some_and(|s| self.is_tunnel_source(s))
         {
             return Expected {
                 verdict: TC_ACT_SHOT,
-                frame: frame.to_vec(),
+                frame: out,
                 outcome: Outcome::TunnelSourceDropped,
             };
         }

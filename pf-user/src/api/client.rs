@@ -12,7 +12,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 use super::types::{
-    ReleasedByOwner, RenewRequest, ReservationView, ReserveRequest, RestoreRequest,
+    ErrorBody, ReleasedByOwner, RenewRequest, ReservationView, ReserveRequest, RestoreRequest,
 };
 
 /// How long the CLI waits for the service to answer.
@@ -42,7 +42,7 @@ pub struct Client {
 }
 
 /// Percent-encodes a query value.
-pub fn encode(s: &str) -> String {
+fn encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
@@ -103,13 +103,10 @@ impl Client {
         if (200..300).contains(&status) {
             Ok(value)
         } else {
-            Err(ClientError::Api {
-                status,
-                message: value["error"]
-                    .as_str()
-                    .unwrap_or("(no message)")
-                    .to_string(),
-            })
+            let message = serde_json::from_value::<ErrorBody>(value)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| "(no message)".to_string());
+            Err(ClientError::Api { status, message })
         }
     }
 
@@ -131,10 +128,6 @@ impl Client {
 
     pub fn reserve(&self, request: &ReserveRequest) -> Result<ReservationView, ClientError> {
         self.typed("POST", "/v1/reservations", Some(request))
-    }
-
-    pub fn get(&self, id: u64) -> Result<ReservationView, ClientError> {
-        self.typed("GET", &format!("/v1/reservations/{id}"), None::<&()>)
     }
 
     /// Every reservation, or one owner's.

@@ -6,7 +6,6 @@ use std::{fmt, net::Ipv4Addr, str::FromStr};
 use pf_common::{
     IPPROTO_TCP, IPPROTO_UDP, PROTO_MASK_TCP, PROTO_MASK_UDP, limits::MAX_RANGE_PORTS,
 };
-use serde::Serialize;
 
 /// A reservation argument that cannot be right. Each message names the offending text.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -41,8 +40,7 @@ pub enum SpecError {
 }
 
 /// Which protocols a reservation forwards.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocols {
     Tcp,
     Udp,
@@ -330,8 +328,6 @@ impl Reservation {
         self.public.ports.ports().zip(self.target_ports().ports())
     }
 }
-
-impl Reservation {}
 
 impl fmt::Display for Reservation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -20,8 +20,9 @@ pub const REPLY_PROGRAM: &str = "pf_reply_fast";
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pf-ebpf"));
 
-/// The forwarding benchmark's generator and sink programs (pf-ebpf/src/bench.rs), a separate
-/// object pf itself never loads; embedded only for `cargo xtask bench`.
+/// The benchmark's own programs (pf-ebpf/src/bench.rs: generator, sink, baselines), a separate
+/// object pf itself never loads; built and embedded only with the `bench` feature, for
+/// `cargo xtask bench`.
 #[cfg(feature = "bench")]
 pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pf-bench"));
 
@@ -102,7 +103,7 @@ impl Programs {
         typed(&self.ebpf, REPLY_PROGRAM)
     }
 
-    /// XDP program `name`, loaded already (by [`Programs::load`] or one of the `load_*`).
+    /// XDP program `name`, loaded already (by [`Programs::load`] or [`Programs::load_xdp`]).
     pub(crate) fn xdp_mut(&mut self, name: &str) -> &mut Xdp {
         typed_mut(&mut self.ebpf, name).expect("loaded by the caller")
     }

@@ -24,7 +24,10 @@ use pf_common::{
 use serde::Serialize;
 
 use super::{batch, bpffs::PinDir, error::PfError, object};
-use crate::domain::spec::{PortRange, Protocols, PublicSpec, Reservation};
+use crate::domain::{
+    net::Ipv4Net,
+    spec::{PortRange, Protocols, PublicSpec, Reservation},
+};
 
 /// Batched writes take no BPF_NOEXIST (the kernel accepts only BPF_F_LOCK there): they may
 /// replace. `reserve_all` has checked, under pf's exclusive lock, that no key it writes exists,
@@ -199,7 +202,7 @@ pub struct Stats {
     pub counters: Counters,
     pub reservations: Vec<(Reservation, Traffic)>,
     /// `TUNNEL_NETWORKS`: sources egress never lets out unrewritten.
-    pub tunnel_networks: Vec<(Ipv4Addr, u8)>,
+    pub tunnel_networks: Vec<Ipv4Net>,
 }
 
 /// The aya map type of a shape's kind.
@@ -750,8 +753,8 @@ impl State {
         Ok(())
     }
 
-    /// The tunnel networks egress keeps from leaving unrewritten, as (address, prefix length).
-    pub fn tunnel_networks(&self) -> Result<Vec<(Ipv4Addr, u8)>, PfError> {
+    /// The tunnel networks egress keeps from leaving unrewritten.
+    pub fn tunnel_networks(&self) -> Result<Vec<Ipv4Net>, PfError> {
         let value = self
             .tunnel_networks
             .get(&0, 0)
@@ -763,18 +766,16 @@ impl State {
             .networks
             .iter()
             .take(value.count as usize)
-            .map(|n| {
-                (
-                    Ipv4Addr::from(n.addr),
-                    u32::from_be_bytes(n.mask).count_ones() as u8,
-                )
+            .map(|n| Ipv4Net {
+                addr: Ipv4Addr::from(n.addr),
+                prefix: u32::from_be_bytes(n.mask).count_ones() as u8,
             })
             .collect())
     }
 
-    /// Makes egress drop unrewritten packets from `networks` (address, prefix length), or,
-    /// empty, nothing. One write: the programs see the old set or the new, never a mix.
-    pub fn set_tunnel_networks(&mut self, networks: &[(Ipv4Addr, u8)]) -> Result<(), PfError> {
+    /// Makes egress drop unrewritten packets from `networks`, or, empty, nothing. One write:
+    /// the programs see the old set or the new, never a mix.
+    pub fn set_tunnel_networks(&mut self, networks: &[Ipv4Net]) -> Result<(), PfError> {
         if networks.len() > MAX_TUNNEL_NETWORKS {
             return Err(PfError::TooManyTunnelNetworks {
                 count: networks.len(),
@@ -785,15 +786,10 @@ impl State {
             count: networks.len() as u32,
             networks: [TunnelNetwork::default(); MAX_TUNNEL_NETWORKS],
         };
-        for (slot, &(addr, prefix)) in value.networks.iter_mut().zip(networks) {
-            let mask = if prefix == 0 {
-                0
-            } else {
-                u32::MAX << (32 - u32::from(prefix.min(32)))
-            };
+        for (slot, net) in value.networks.iter_mut().zip(networks) {
             *slot = TunnelNetwork {
-                addr: (u32::from(addr) & mask).to_be_bytes(),
-                mask: mask.to_be_bytes(),
+                addr: (u32::from(net.addr) & net.mask()).to_be_bytes(),
+                mask: net.mask().to_be_bytes(),
             };
         }
         self.tunnel_networks

@@ -227,6 +227,25 @@ impl Config {
             max_ttl: duration("policy.max_ttl", &p.max_ttl)?,
             drop_tunnel_source_leaks: p.drop_tunnel_source_leaks.unwrap_or(true),
         };
+        // With the leak guard on, egress drops what leaves from a target network: one that
+        // holds a public IP (or everything, /0) would cut the server off.
+        if policy.drop_tunnel_source_leaks
+            && let Some((net, why)) = policy.target_networks.iter().find_map(|n| {
+                if n.prefix == 0 {
+                    Some((n, "every address".to_string()))
+                } else {
+                    policy
+                        .public_ips
+                        .iter()
+                        .find(|ip| n.contains(**ip))
+                        .map(|ip| (n, format!("the public IP {ip}")))
+                }
+            })
+        {
+            return Err(format!(
+                "policy.target_networks: {net} holds {why}, and egress would drop the server's own traffic from it (policy.drop_tunnel_source_leaks); name the tunnel networks only"
+            ));
+        }
         if policy.drop_tunnel_source_leaks
             && policy.target_networks.len() > pf_common::limits::MAX_TUNNEL_NETWORKS
         {
@@ -357,6 +376,14 @@ mod tests {
                 "role 'inside' of eth0",
             ),
             ("[service]\nsocket = 3\n", "line 2"),
+            (
+                "[policy]\npublic_ips = [\"10.8.0.1\"]\ntarget_networks = [\"10.8.0.0/16\"]",
+                "10.8.0.0/16 holds the public IP 10.8.0.1",
+            ),
+            (
+                "[policy]\npublic_ips = [\"198.51.100.1\"]\ntarget_networks = [\"0.0.0.0/0\"]",
+                "0.0.0.0/0 holds every address",
+            ),
         ] {
             let err = Config::parse(text).unwrap_err();
             assert!(err.contains(needle), "{text:?}: {err}");

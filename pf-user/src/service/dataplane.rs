@@ -3,10 +3,11 @@
 //! beside it ([`fake`]) lets the engine's operations run in fast host tests without BPF, as
 //! Katran's control plane runs with its `testing` flag.
 
-use std::net::Ipv4Addr;
-
 use crate::{
-    domain::spec::{PublicSpec, Reservation},
+    domain::{
+        net::Ipv4Net,
+        spec::{PublicSpec, Reservation},
+    },
     kernel::{
         PfError,
         attach::{self, Attachment},
@@ -32,8 +33,8 @@ pub trait Maps {
     fn is_complete(&self, r: &Reservation) -> Result<bool, PfError>;
     /// Removes entries none of `keep` accounts for; each as text.
     fn prune(&mut self, keep: &[Reservation]) -> Result<Vec<String>, PfError>;
-    fn tunnel_networks(&self) -> Result<Vec<(Ipv4Addr, u8)>, PfError>;
-    fn set_tunnel_networks(&mut self, networks: &[(Ipv4Addr, u8)]) -> Result<(), PfError>;
+    fn tunnel_networks(&self) -> Result<Vec<Ipv4Net>, PfError>;
+    fn set_tunnel_networks(&mut self, networks: &[Ipv4Net]) -> Result<(), PfError>;
 }
 
 impl Maps for State {
@@ -55,10 +56,10 @@ impl Maps for State {
     fn prune(&mut self, keep: &[Reservation]) -> Result<Vec<String>, PfError> {
         State::prune(self, keep)
     }
-    fn tunnel_networks(&self) -> Result<Vec<(Ipv4Addr, u8)>, PfError> {
+    fn tunnel_networks(&self) -> Result<Vec<Ipv4Net>, PfError> {
         State::tunnel_networks(self)
     }
-    fn set_tunnel_networks(&mut self, networks: &[(Ipv4Addr, u8)]) -> Result<(), PfError> {
+    fn set_tunnel_networks(&mut self, networks: &[Ipv4Net]) -> Result<(), PfError> {
         State::set_tunnel_networks(self, networks)
     }
 }
@@ -117,7 +118,10 @@ pub mod fake {
 
     use super::{DataPlane, Maps};
     use crate::{
-        domain::spec::{PublicSpec, Reservation},
+        domain::{
+            net::Ipv4Net,
+            spec::{PublicSpec, Reservation},
+        },
         kernel::{PfError, attach::Attachment},
     };
 
@@ -125,7 +129,7 @@ pub mod fake {
     pub struct Contents {
         /// Keyed by public address, first port and protocols, as `RESERVATIONS` is.
         pub reservations: BTreeMap<(Ipv4Addr, u16, u8), Reservation>,
-        pub tunnel_networks: Vec<(Ipv4Addr, u8)>,
+        pub tunnel_networks: Vec<Ipv4Net>,
         /// The next write fails with this message.
         pub fail_next_write: Option<String>,
     }
@@ -236,11 +240,11 @@ pub mod fake {
             Ok(Vec::new())
         }
 
-        fn tunnel_networks(&self) -> Result<Vec<(Ipv4Addr, u8)>, PfError> {
+        fn tunnel_networks(&self) -> Result<Vec<Ipv4Net>, PfError> {
             Ok(self.0.lock().unwrap().tunnel_networks.clone())
         }
 
-        fn set_tunnel_networks(&mut self, networks: &[(Ipv4Addr, u8)]) -> Result<(), PfError> {
+        fn set_tunnel_networks(&mut self, networks: &[Ipv4Net]) -> Result<(), PfError> {
             self.write()?.tunnel_networks = networks.to_vec();
             Ok(())
         }

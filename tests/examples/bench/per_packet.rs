@@ -14,7 +14,10 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use pf::{
-    domain::spec::{Protocols, Reservation},
+    domain::{
+        net::Ipv4Net,
+        spec::{Protocols, Reservation},
+    },
     kernel::bpffs::PinDir,
     kernel::object::Programs,
     kernel::state::State,
@@ -50,20 +53,20 @@ struct Case<'a> {
     packet: &'a [u8],
     must_count: Option<Outcome>,
     /// `TUNNEL_NETWORKS` while the case runs (egress checks unrewritten sources against it).
-    tunnel_networks: &'a [(Ipv4Addr, u8)],
+    tunnel_networks: &'a [Ipv4Net],
 }
 
 /// Four tunnel networks, more than a VPN server usually has: a source outside all of them is
 /// compared with each, the leak guard's most expensive pass.
-fn four_networks() -> Vec<(Ipv4Addr, u8)> {
+fn four_networks() -> Vec<Ipv4Net> {
     [
-        ("10.8.0.0", 16),
-        ("10.9.0.0", 16),
-        ("100.64.0.0", 10),
-        ("172.16.0.0", 12),
+        "10.8.0.0/16",
+        "10.9.0.0/16",
+        "100.64.0.0/10",
+        "172.16.0.0/12",
     ]
     .iter()
-    .map(|(a, p)| (a.parse().unwrap(), *p))
+    .map(|n| n.parse().unwrap())
     .collect()
 }
 

@@ -6,7 +6,7 @@
 //! turned into a fixture.
 
 use aya::maps::MapData;
-use pf::domain::spec::Reservation;
+use pf::domain::{net::Ipv4Net, spec::Reservation};
 use pf_common::{
     FragmentKey, FragmentValue, IPPROTO_TCP, IPPROTO_UDP, checksum, counters::Outcome, map_names,
 };
@@ -26,7 +26,7 @@ const RESERVATIONS: [(&str, &str); 4] = [
 ];
 /// `TUNNEL_NETWORKS` in the kernel and the model: covers two targets (10.8.0.2 and .3), not
 /// the third (10.8.0.9), so egress misses are both dropped and passed.
-const TUNNEL_NETWORK: (&str, u8) = ("10.8.0.0", 30);
+const TUNNEL_NETWORK: &str = "10.8.0.0/30";
 const DEFAULT_SEED: u64 = 0x5eed_0f0f;
 const DEFAULT_PACKETS: u64 = 20_000;
 /// Frames between clearings of the fragment table (kernel and model alike).
@@ -367,11 +367,10 @@ impl Rig {
         let mut pf = LoadedPf::new(&reservations);
         let (forward, reverse) = tables(&reservations);
         let fragments = pf.map(map_names::FRAGMENTS);
-        let (net, prefix) = (TUNNEL_NETWORK.0.parse().unwrap(), TUNNEL_NETWORK.1);
-        pf.state.set_tunnel_networks(&[(net, prefix)]).unwrap();
+        let net: Ipv4Net = TUNNEL_NETWORK.parse().unwrap();
+        pf.state.set_tunnel_networks(&[net]).unwrap();
         let mut model = Model::new(forward, reverse);
-        let mask = (u32::MAX << (32 - prefix)).to_be_bytes();
-        model.tunnel_networks = vec![(std::net::Ipv4Addr::octets(&net), mask)];
+        model.tunnel_networks = vec![(net.addr.octets(), net.mask().to_be_bytes())];
         Self {
             pf,
             model,

@@ -648,7 +648,7 @@ fn egress_fixtures() {
 fn egress_tunnel_source_fixtures() {
     let mut h = Harness::new();
     h.0.state
-        .set_tunnel_networks(&[("10.8.0.0".parse().unwrap(), 24)])
+        .set_tunnel_networks(&["10.8.0.0/24".parse().unwrap()])
         .unwrap();
     let tcp = Pkt::tcp(CLIENT, 80, REMOTE, 40000);
     let dropped = |description: &str, frame: Vec<u8>| {
@@ -677,6 +677,40 @@ fn egress_tunnel_source_fixtures() {
         dropped(
             "ICMP echo from a tunnel address, not masqueraded",
             Pkt::icmp_echo(CLIENT, REMOTE).frame(),
+        ),
+        {
+            // Another tunnel address reports an error about a forwarded flow: the quote is
+            // rewritten, the outer source is not the target's, so it would leak.
+            let quoted = Pkt::udp(REMOTE, 40001, CLIENT, 53);
+            let quoted_out = quoted.with_dst(PUBLIC, 5353);
+            Fixture {
+                description: "ICMP error about a forwarded flow from another tunnel address".into(),
+                packet_in: Pkt::icmp_error([10, 8, 0, 77], REMOTE, 3, 1, &quoted.ipv4()).frame(),
+                action: TC_ACT_SHOT,
+                packet_out: Pkt::icmp_error([10, 8, 0, 77], REMOTE, 3, 1, &quoted_out.ipv4())
+                    .frame(),
+                outcome: Outcome::TunnelSourceDropped,
+            }
+        },
+        icmp_rewritten(
+            "the same error from the target itself leaves from the public address",
+            TC_ACT_OK,
+            &Pkt::icmp_error(
+                CLIENT,
+                REMOTE,
+                3,
+                3,
+                &Pkt::udp(REMOTE, 40001, CLIENT, 53).ipv4(),
+            ),
+            &Pkt::icmp_error(
+                PUBLIC,
+                REMOTE,
+                3,
+                3,
+                &Pkt::udp(REMOTE, 40001, CLIENT, 53)
+                    .with_dst(PUBLIC, 5353)
+                    .ipv4(),
+            ),
         ),
         dropped(
             "a later fragment from a tunnel address pf cannot place",

@@ -143,7 +143,7 @@ pub fn stats_json(
         "tunnel_networks": s
             .tunnel_networks
             .iter()
-            .map(|(addr, prefix)| format!("{addr}/{prefix}"))
+            .map(ToString::to_string)
             .collect::<Vec<_>>(),
         "reservations": reservations,
     })
@@ -193,7 +193,7 @@ pub fn print_stats(stats: Option<&Stats>, attached: &[Attachment], devices: &Fas
         let nets: Vec<String> = stats
             .tunnel_networks
             .iter()
-            .map(|(addr, prefix)| format!("{addr}/{prefix}"))
+            .map(ToString::to_string)
             .collect();
         out!(
             "egress drops unrewritten packets from the tunnel networks {}",

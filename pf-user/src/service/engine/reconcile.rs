@@ -2,8 +2,6 @@
 //! reservations, guarded against a store that is the wrong one; and disabling reservations
 //! that target the server itself.
 
-use std::net::Ipv4Addr;
-
 use serde_json::json;
 
 use super::{ApiError, DRIFT_LOG_LIMIT, Engine, local_addresses, record_json};
@@ -183,12 +181,8 @@ impl Engine {
         }
         let missing: Vec<Reservation> = absent.iter().chain(&rewrite).copied().collect();
         state.reserve_all(&missing)?;
-        let guarded: Vec<(Ipv4Addr, u8)> = if self.policy.drop_tunnel_source_leaks {
-            self.policy
-                .target_networks
-                .iter()
-                .map(|n| (n.addr, n.prefix))
-                .collect()
+        let guarded = if self.policy.drop_tunnel_source_leaks {
+            self.policy.target_networks.clone()
         } else {
             Vec::new()
         };
@@ -201,7 +195,7 @@ impl Engine {
                 } else {
                     guarded
                         .iter()
-                        .map(|(a, p)| format!("{a}/{p}"))
+                        .map(ToString::to_string)
                         .collect::<Vec<_>>()
                         .join(", ")
                 }

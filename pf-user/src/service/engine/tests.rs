@@ -239,7 +239,7 @@ fn a_start_refuses_to_empty_the_maps_from_a_new_store() {
     // The leak guard is set from the policy's target networks.
     assert_eq!(
         fake.0.lock().unwrap().tunnel_networks,
-        vec![("10.200.0.0".parse().unwrap(), 16)]
+        vec!["10.200.0.0/16".parse().unwrap()]
     );
 }
 
