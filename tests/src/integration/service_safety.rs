@@ -256,19 +256,26 @@ fn a_second_service_cannot_take_the_first_ones_pins_or_interface() {
     let url = "http://198.51.100.1:8080/";
     assert_eq!(topo.inet.curl(url).unwrap(), "hello through pf\n");
 
+    // A second service, with its own socket and store, on `pins` in the server's namespace:
+    // it must refuse to start. What it printed.
+    let refused_start = |name: &str, pins: &std::path::Path| -> String {
+        let files = ScratchDir::claim(
+            std::env::temp_dir().join(format!("pf-{name}-{}", std::process::id())),
+        );
+        let mut other = Service::prepare(
+            &pf_bin(),
+            files,
+            pins,
+            Some(topo.server.path()),
+            &with_interface(TEST_POLICY),
+        )
+        .unwrap();
+        let (status, log) = other.run_to_exit().unwrap();
+        assert!(!status.success(), "{log}");
+        log
+    };
     // Another config that differs only in its socket and store: same pin directory.
-    let files =
-        ScratchDir::claim(std::env::temp_dir().join(format!("pf-second-{}", std::process::id())));
-    let mut second = Service::prepare(
-        &pf_bin(),
-        files,
-        dir.path(),
-        Some(topo.server.path()),
-        &with_interface(TEST_POLICY),
-    )
-    .unwrap();
-    let (status, log) = second.run_to_exit().unwrap();
-    assert!(!status.success());
+    let log = refused_start("second", dir.path());
     assert!(
         log.contains(&format!(
             "another pf serve is running with {}",
@@ -278,18 +285,7 @@ fn a_second_service_cannot_take_the_first_ones_pins_or_interface() {
     );
     // Another pin directory, the same interface: the kernel's one XDP program per device.
     let other_pins = TempPinDir::new();
-    let files =
-        ScratchDir::claim(std::env::temp_dir().join(format!("pf-third-{}", std::process::id())));
-    let mut third = Service::prepare(
-        &pf_bin(),
-        files,
-        other_pins.path(),
-        Some(topo.server.path()),
-        &with_interface(TEST_POLICY),
-    )
-    .unwrap();
-    let (status, log) = third.run_to_exit().unwrap();
-    assert!(!status.success());
+    let log = refused_start("third", other_pins.path());
     assert!(log.contains("pub0 already has an XDP program"), "{log}");
     // The first service's forwarding and records are untouched.
     assert_eq!(topo.inet.curl(url).unwrap(), "hello through pf\n");
