@@ -7,7 +7,7 @@
 use std::{
     io::Read,
     os::{fd::FromRawFd, unix::fs::PermissionsExt, unix::net::UnixStream},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use crate::{
     kit::ScratchDir,
-    kit::serve::{Service, TEST_POLICY},
+    kit::serve::{Service, TEST_POLICY, config_text},
     kit::topology::{CLIENT_IP, PUBLIC_IFACE, Topology},
 };
 
@@ -132,17 +132,6 @@ impl Drop for SmallDisk {
         let _ = Command::new("umount").arg(&self.path).status();
         let _ = std::fs::remove_dir(&self.path);
     }
-}
-
-/// A config for `files` with the database and audit log where the test says.
-fn config(files: &Path, bpffs: &Path, database: &Path, audit: &Path, policy: &str) -> String {
-    format!(
-        "[service]\nsocket = \"{}\"\ndatabase = \"{}\"\naudit_log = \"{}\"\nbpffs = \"{}\"\n{policy}",
-        files.join("pf.sock").display(),
-        database.display(),
-        audit.display(),
-        bpffs.display()
-    )
 }
 
 #[test]
@@ -438,6 +427,15 @@ fn raise_file_limit(to: u64) {
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
 }
 
+/// Sets a running process's file limit (`soft:hard`) with prlimit.
+fn set_file_limit(pid: u32, limit: &str) {
+    let status = Command::new("prlimit")
+        .args([format!("--pid={pid}"), format!("--nofile={limit}")])
+        .status()
+        .unwrap();
+    assert!(status.success(), "prlimit --nofile={limit}");
+}
+
 /// CPU seconds (user + system) a process has used, from /proc/PID/stat.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -517,11 +515,7 @@ fn idle_connections_cannot_take_the_api_down() {
 
     // Out of files (the limit lowered under the running service): accept backs off, says so
     // once, and the API answers again once files are free.
-    let status = Command::new("prlimit")
-        .args([&format!("--pid={pid}"), "--nofile=40:256"])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    set_file_limit(pid, "40:256");
     let mut held = Vec::new();
     for _ in 0..100 {
         if let Ok(s) = UnixStream::connect(&socket) {
@@ -534,11 +528,7 @@ fn idle_connections_cannot_take_the_api_down() {
     let cpu = cpu_seconds(pid) - cpu_before;
     assert!(cpu < 0.5, "pf serve spun {cpu:.2} s of CPU out of files");
     drop(held);
-    let status = Command::new("prlimit")
-        .args([&format!("--pid={pid}"), "--nofile=256:256"])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    set_file_limit(pid, "256:256");
     let deadline = Instant::now() + Duration::from_secs(15);
     while reserve(&service, "acct-1", "198.51.100.1:8081/tcp", "10.8.0.2:81").is_err() {
         assert!(
@@ -567,7 +557,7 @@ fn a_change_that_cannot_be_audited_is_refused() {
     let disk = SmallDisk::new("audit", "8m");
     let files = files_of(&dir);
     let audit_log = disk.path.join("audit.jsonl");
-    let text = config(
+    let text = config_text(
         files.path(),
         dir.path(),
         &files.path().join("pf.db"),
@@ -818,7 +808,7 @@ fn a_store_on_a_full_disk_changes_nothing_and_still_starts() {
     let dir = TempPinDir::new();
     let disk = SmallDisk::new("store", "4m");
     let files = files_of(&dir);
-    let text = config(
+    let text = config_text(
         files.path(),
         dir.path(),
         &disk.path.join("pf.db"),

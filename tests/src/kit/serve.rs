@@ -30,6 +30,24 @@ max_range_ports = 4096
 forbid_listening_ports = false
 "#;
 
+/// A config whose socket is `files/pf.sock`, with the store, audit log and pin directory
+/// where the caller says, and `policy` (TOML: `[policy]` and any `[[interfaces]]`) after.
+pub fn config_text(
+    files: &Path,
+    bpffs: &Path,
+    database: &Path,
+    audit_log: &Path,
+    policy: &str,
+) -> String {
+    format!(
+        "[service]\nsocket = \"{}\"\ndatabase = \"{}\"\naudit_log = \"{}\"\nbpffs = \"{}\"\n{policy}",
+        files.join("pf.sock").display(),
+        database.display(),
+        audit_log.display(),
+        bpffs.display(),
+    )
+}
+
 pub struct Service {
     pf_bin: PathBuf,
     /// The network namespace `pf serve` runs in (its /run/netns path), if not the host's.
@@ -75,27 +93,18 @@ impl Service {
         policy: &str,
     ) -> io::Result<Self> {
         let dir = files.path();
-        let config = format!(
-            "[service]\nsocket = \"{}\"\ndatabase = \"{}\"\naudit_log = \"{}\"\nbpffs = \"{}\"\n{policy}",
-            dir.join("pf.sock").display(),
-            dir.join("pf.db").display(),
-            dir.join("audit.jsonl").display(),
-            bpffs.display(),
+        let config = config_text(
+            dir,
+            bpffs,
+            &dir.join("pf.db"),
+            &dir.join("audit.jsonl"),
+            policy,
         );
-        Self::prepare_in(pf_bin, files, netns, &config)
+        Self::prepare_with_config(pf_bin, files, netns, &config)
     }
 
     /// Like [`Service::prepare`], with a whole config of the caller's (socket `files/pf.sock`).
     pub fn prepare_with_config(
-        pf_bin: &Path,
-        files: ScratchDir,
-        netns: Option<String>,
-        config: &str,
-    ) -> io::Result<Self> {
-        Self::prepare_in(pf_bin, files, netns, config)
-    }
-
-    fn prepare_in(
         pf_bin: &Path,
         files: ScratchDir,
         netns: Option<String>,
@@ -120,7 +129,7 @@ impl Service {
         netns: Option<String>,
         config: &str,
     ) -> io::Result<Self> {
-        let mut service = Self::prepare_in(pf_bin, files, netns, config)?;
+        let mut service = Self::prepare_with_config(pf_bin, files, netns, config)?;
         service.spawn()?;
         Ok(service)
     }
