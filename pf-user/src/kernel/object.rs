@@ -20,12 +20,6 @@ pub const REPLY_PROGRAM: &str = "pf_reply_fast";
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pf-ebpf"));
 
-/// The benchmark's own programs (pf-ebpf/src/bench.rs: generator, sink, baselines), a separate
-/// object pf itself never loads; built and embedded only with the `bench` feature, for
-/// `cargo xtask bench`.
-#[cfg(feature = "bench")]
-pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pf-bench"));
-
 /// An error and its sources on one line.
 pub(crate) fn chain(e: &dyn Error) -> String {
     let mut s = e.to_string();

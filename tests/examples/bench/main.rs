@@ -117,12 +117,15 @@ pub fn reservation(
     .expect("valid reservation")
 }
 
-/// The bench's own eBPF object (pf-ebpf/src/bench.rs).
+/// The bench's own eBPF object (tests/bench-ebpf), built by the tests crate's build.rs.
+static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pf-bench"));
+
+/// The bench's own eBPF object, refused if the build left it empty.
 pub fn bench_object() -> Result<&'static [u8], String> {
-    if pf::kernel::object::BENCH_OBJECT.is_empty() {
+    if BENCH_OBJECT.is_empty() {
         return Err("the bench eBPF object is empty (built with AYA_BUILD_SKIP?)".into());
     }
-    Ok(pf::kernel::object::BENCH_OBJECT)
+    Ok(BENCH_OBJECT)
 }
 
 /// Finds the XDP program `name` in a bench object and loads it into the kernel (verifies it).
