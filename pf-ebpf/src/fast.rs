@@ -91,6 +91,12 @@ pub fn route(ctx: &XdpContext, devices: &DevMapHash) -> Result<NextHop, FastPath
         let rc = bpf_fib_lookup(ctx.ctx as *mut _, fib, size_of::<FibParams>() as i32, 0);
         match rc as u32 {
             BPF_FIB_LKUP_RET_SUCCESS => {}
+            // The kernel fills the route's ifindex before it looks for the neighbour: a device
+            // that could never take the redirect is counted as that, not as a neighbour to wait
+            // for (a WireGuard or TUN tunnel's first packets).
+            BPF_FIB_LKUP_RET_NO_NEIGH if devices.get_ifindex(fib.ifindex).is_none() => {
+                return Err(FastPath::NoRedirectDevice);
+            }
             BPF_FIB_LKUP_RET_NO_NEIGH => return Err(FastPath::NoNeighbour),
             BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(FastPath::FragNeeded),
             _ => return Err(FastPath::NotForwarded),

@@ -27,6 +27,9 @@ const PACKAGES: &[&str] = &[
     "e2fsprogs",
     // systemd-analyze, which checks the shipped unit (dist/pf.service).
     "systemd",
+    // WireGuard in userspace (this kernel has no module) and `wg` to configure it.
+    "wireguard-go",
+    "wireguard-tools",
     // The benchmark plot's font.
     "fonts-dejavu-core",
     "llvm-22-dev",

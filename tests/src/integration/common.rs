@@ -17,6 +17,8 @@ use pf::{
     kernel::state::{Counters, State},
 };
 
+use serde_json::Value;
+
 use crate::{
     kit::ScratchDir,
     kit::netns::Netns,
@@ -251,4 +253,35 @@ pub fn reservations(specs: &[(&str, &str)]) -> Vec<Reservation> {
         .iter()
         .map(|(p, t)| Reservation::new(p.parse().unwrap(), t.parse().unwrap()).unwrap())
         .collect()
+}
+
+/// pf run inside the server's network namespace (for attach and detach, which name its
+/// interfaces), sharing the host's bpffs.
+pub fn pf_in(ns: &Netns, dir: &TempPinDir, args: &[&str]) -> String {
+    let out = pf_in_ns(ns, dir, args);
+    assert!(
+        out.status.success(),
+        "pf {args:?} in {}: {}",
+        ns.name(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One counter of `pf stats --json` (`direction`: ingress, egress, fast_path, reply_fast_path).
+pub fn counter(stats: &Value, direction: &str, name: &str) -> u64 {
+    stats[direction][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {direction}.{name} in {stats}"))
+}
+
+/// The traffic counters of the reservation whose spec starts with `spec_prefix`.
+pub fn traffic<'a>(stats: &'a Value, spec_prefix: &str) -> &'a Value {
+    stats["reservations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["spec"].as_str().unwrap().starts_with(spec_prefix))
+        .map(|r| &r["traffic"])
+        .unwrap_or_else(|| panic!("no reservation {spec_prefix} in {stats}"))
 }

@@ -10,3 +10,4 @@ mod fast_path;
 mod fixtures;
 mod service;
 mod service_safety;
+mod wireguard;

@@ -1,11 +1,14 @@
 //! The test kit: what tests, the benchmark and the demo build their worlds with: network
-//! namespaces and commands run in them, the three-host topology, a packet builder, a
+//! namespaces and commands run in them, the three-host topology (over veth, or with a real
+//! WireGuard tunnel), a packet builder, a
 //! `pf serve` of a test's own, and scratch directories that are removed even on failure.
 
 pub mod netns;
 pub mod packet;
 pub mod serve;
 pub mod topology;
+pub mod traffic;
+pub mod wireguard;
 
 use std::path::{Path, PathBuf};
 
