@@ -1,10 +1,14 @@
 //! Attaching pf's programs to an interface, and what the kernel says of an attachment.
 //!
 //! `pf attach IFACE` loads the programs (their maps are the pinned ones, shared by every
-//! interface), attaches XDP to the interface's ingress and a TCX program to its egress, and pins
-//! both links under `<pin dir>/links/IFACE/`: a pinned link stays attached after `pf` exits, and
+//! interface), attaches XDP to the interface's ingress and the TC program to its egress, and
+//! pins both under `<pin dir>/links/IFACE/`: a pinned link stays attached after `pf` exits, and
 //! `pf detach IFACE` unpins it, which detaches it. The XDP link's pin name says which program it
 //! runs ([`Role`]), so `pf stats` and `pf detach` know without asking the kernel.
+//!
+//! The egress hook is a TCX link where the kernel has TCX (6.6), pinned as `tc`; before that a
+//! `cls_bpf` filter on the clsact qdisc ([`super::tc`]), which is no BPF object: its program is
+//! pinned as `tc_netlink` instead, and the filter found again by that program's id.
 //!
 //! Every attach, detach and `pf refresh` also refills the fast paths' device maps from what the
 //! kernel says at that moment ([`refresh_devices`]).
@@ -13,9 +17,9 @@ use std::{error::Error, fmt, io, str::FromStr};
 
 use aya::{
     programs::{
-        LinkOrder, ProgramError, TcAttachType, XdpMode,
-        links::{FdLink, LinkError, PinnedLink},
-        tc::TcAttachOptions,
+        LinkOrder, TcAttachType, XdpMode,
+        links::{FdLink, Link, LinkError, PinnedLink},
+        tc::{self as aya_tc, NlOptions, SchedClassifierLink, TcAttachOptions},
     },
     util::KernelVersion,
 };
@@ -27,6 +31,7 @@ use super::{
     netdev,
     object::{FAST_INGRESS_PROGRAM, INGRESS_PROGRAM, Programs, REPLY_PROGRAM, chain},
     state::State,
+    tc,
 };
 
 /// Loads what `role` attaches.
@@ -39,7 +44,80 @@ fn load_for(dir: &PinDir, role: Role) -> Result<Programs, PfError> {
     Ok(programs)
 }
 
+/// The pin of the egress TCX link.
 const TC_LINK: &str = "tc";
+/// The pin of the egress program, where its hook is a netlink filter (no link to pin).
+const TC_NETLINK_PROGRAM: &str = "tc_netlink";
+
+/// The oldest kernel pf runs on, and why: the newest of the features it cannot do without.
+/// - 5.9: XDP attached by a BPF link (pinned, so it outlives pf; its ifindex readable).
+/// - 5.6: batched hash map updates (a range or a restart's reconcile in one call).
+/// - 5.4: device hash maps (the fast paths' redirect targets).
+/// - 5.10: the first long-term kernel with all of the above.
+///
+/// Optional, with a fallback below them: TCX (6.6; else a netlink `cls_bpf` filter) and the
+/// `netdev` generic-netlink family (6.3; else the fast path's devices are named by the admin).
+pub const MIN_KERNEL: (u8, u8) = (5, 10);
+/// TCX, for the egress program, came in 6.6.
+const TCX_KERNEL: (u8, u8) = (6, 6);
+
+/// How to attach the TC egress program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TcAttach {
+    /// TCX where the kernel has it (6.6 and newer), else netlink.
+    #[default]
+    Auto,
+    /// A TCX link (6.6 and newer).
+    Tcx,
+    /// A `cls_bpf` filter in direct-action mode on the clsact qdisc, over netlink: what tools
+    /// that list `tc filter show` see, and the only way before 6.6.
+    Netlink,
+}
+
+impl FromStr for TcAttach {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(TcAttach::Auto),
+            "tcx" => Ok(TcAttach::Tcx),
+            "netlink" => Ok(TcAttach::Netlink),
+            other => Err(format!(
+                "unknown TC attach method '{other}' (expected auto, tcx or netlink)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for TcAttach {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TcAttach::Auto => "auto",
+            TcAttach::Tcx => "tcx",
+            TcAttach::Netlink => "netlink",
+        })
+    }
+}
+
+/// The running kernel, refused below [`MIN_KERNEL`] with what it lacks.
+fn kernel_version() -> Result<KernelVersion, PfError> {
+    let kernel = KernelVersion::current()
+        .map_err(|e| PfError::Load(format!("reading the kernel version: {e}")))?;
+    if kernel < KernelVersion::new(MIN_KERNEL.0, MIN_KERNEL.1, 0) {
+        return Err(PfError::KernelTooOld(kernel.to_string()));
+    }
+    Ok(kernel)
+}
+
+/// `tc` made definite for `kernel`.
+fn resolve_tc(tc: TcAttach, kernel: KernelVersion) -> Result<TcAttach, PfError> {
+    let has_tcx = kernel >= KernelVersion::new(TCX_KERNEL.0, TCX_KERNEL.1, 0);
+    match tc {
+        TcAttach::Auto if has_tcx => Ok(TcAttach::Tcx),
+        TcAttach::Auto => Ok(TcAttach::Netlink),
+        TcAttach::Tcx if !has_tcx => Err(PfError::NoTcx(kernel.to_string())),
+        definite => Ok(definite),
+    }
+}
 
 /// How to attach the XDP program.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -129,8 +207,8 @@ fn interface_exists(iface: &str) -> bool {
     netdev::ifindex(iface).is_some()
 }
 
-fn os_error(e: &ProgramError) -> Option<i32> {
-    let mut source: Option<&dyn Error> = Some(e);
+fn os_error(e: &(dyn Error + 'static)) -> Option<i32> {
+    let mut source: Option<&(dyn Error + 'static)> = Some(e);
     while let Some(err) = source {
         if let Some(io) = err.downcast_ref::<io::Error>() {
             return io.raw_os_error();
@@ -157,10 +235,23 @@ fn check_pins_consistent(dir: &PinDir) -> Result<(), PfError> {
 pub struct Attached {
     /// The XDP mode used: "native" or "skb".
     pub xdp_mode: &'static str,
+    /// How the egress program was attached (`Tcx` or `Netlink`; `Auto` for a role without it).
+    pub tc: TcAttach,
     /// Why pins found on the interface were dead and replaced, if there were any.
     pub replaced: Option<String>,
     /// The fast paths' device maps afterwards.
     pub devices: FastPathDevices,
+}
+
+impl Attached {
+    /// How the egress program was attached, in words; None for a role without it.
+    pub fn egress_hook(&self) -> Option<&'static str> {
+        match self.tc {
+            TcAttach::Auto => None,
+            TcAttach::Tcx => Some("TCX"),
+            TcAttach::Netlink => Some("a netlink filter"),
+        }
+    }
 }
 
 /// The devices in the fast paths' device maps, by name (or `#ifindex` for one that is gone).
@@ -193,12 +284,13 @@ impl FastPathDevices {
     }
 }
 
-/// Attaches pf to `iface` in `role`.
+/// Attaches pf to `iface` in `role`, its egress program by `tc`.
 pub fn attach(
     dir: &PinDir,
     iface: &str,
     mode: AttachMode,
     role: Role,
+    tc: TcAttach,
 ) -> Result<Attached, PfError> {
     if !interface_exists(iface) {
         return Err(PfError::UnknownInterface(iface.to_string()));
@@ -206,11 +298,12 @@ pub fn attach(
     if role == Role::TunnelSide && !netdev::is_ethernet(iface)? {
         return Err(PfError::NotEthernet(iface.to_string()));
     }
-    let kernel = KernelVersion::current()
-        .map_err(|e| PfError::Load(format!("reading the kernel version: {e}")))?;
-    if kernel < KernelVersion::new(6, 6, 0) {
-        return Err(PfError::KernelTooOld(kernel.to_string()));
-    }
+    let tc = if role.has_egress() {
+        resolve_tc(tc, kernel_version()?)?
+    } else {
+        kernel_version()?;
+        TcAttach::Auto
+    };
     // The device maps are refilled after attaching (attaching XDP can make a NIC a redirect
     // target); asking once before catches a kernel that cannot answer while nothing changed.
     netdev::redirect_targets()?;
@@ -236,7 +329,7 @@ pub fn attach(
     let iface_dir = dir.iface_links(iface);
     std::fs::create_dir_all(&iface_dir)
         .map_err(|e| PfError::io(format!("creating {}", iface_dir.display()), e))?;
-    let xdp_mode = match attach_programs(&mut programs, dir, iface, mode, role) {
+    let xdp_mode = match attach_programs(&mut programs, dir, iface, mode, role, tc) {
         Ok(used) => used,
         Err(e) => {
             let _ = std::fs::remove_dir(&iface_dir);
@@ -248,6 +341,7 @@ pub fn attach(
     match refresh_locked(dir, &lock) {
         Ok(devices) => Ok(Attached {
             xdp_mode,
+            tc,
             replaced,
             devices,
         }),
@@ -272,8 +366,9 @@ fn attach_programs(
     iface: &str,
     mode: AttachMode,
     role: Role,
+    tc: TcAttach,
 ) -> Result<&'static str, PfError> {
-    let (xdp_pin, tc_pin) = (dir.link(iface, role.xdp_link()), dir.link(iface, TC_LINK));
+    let xdp_pin = dir.link(iface, role.xdp_link());
     let attempts: &[(XdpMode, &'static str)] = match mode {
         AttachMode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "skb")],
         AttachMode::Native => &[(XdpMode::Driver, "native")],
@@ -316,25 +411,9 @@ fn attach_programs(
         .and_then(|l| l.try_into().map_err(|e: LinkError| chain(&e)))
         .map_err(attach_err("the XDP program"))?;
 
-    // Until every link is pinned, dropping them (on any error below) detaches them again.
-    let tc_link: Option<FdLink> = if role.has_egress() {
-        let tc_id = programs
-            .egress_mut()
-            .attach_with_options(
-                iface,
-                TcAttachType::Egress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
-            .map_err(|e| chain(&e))
-            .map_err(attach_err("the TC egress program"))?;
-        Some(
-            programs
-                .egress_mut()
-                .take_link(tc_id)
-                .map_err(|e| chain(&e))
-                .and_then(|l| l.try_into().map_err(|e: LinkError| chain(&e)))
-                .map_err(attach_err("the TC egress program"))?,
-        )
+    // Until everything is pinned, dropping the links (on any error below) detaches them again.
+    let egress = if role.has_egress() {
+        Some(attach_egress(programs, iface, tc).map_err(attach_err("the TC egress program"))?)
     } else {
         None
     };
@@ -343,13 +422,84 @@ fn attach_programs(
         .pin(&xdp_pin)
         .map_err(|e| chain(&e))
         .map_err(attach_err("the XDP link (pinning)"))?;
-    if let Some(tc_link) = tc_link
-        && let Err(e) = tc_link.pin(&tc_pin)
-    {
+    let pinned = match egress {
+        None => Ok(()),
+        Some(Egress::Tcx(link)) => link
+            .pin(dir.link(iface, TC_LINK))
+            .map(drop)
+            .map_err(|e| chain(&e)),
+        Some(Egress::Netlink(link)) => {
+            match programs
+                .egress_mut()
+                .pin(dir.link(iface, TC_NETLINK_PROGRAM))
+            {
+                // The filter stays when the link is forgotten: nothing detaches it but
+                // `remove_links`, which finds it by the pinned program's id.
+                Ok(()) => {
+                    std::mem::forget(link);
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = link.detach();
+                    Err(chain(&e))
+                }
+            }
+        }
+    };
+    if let Err(e) = pinned {
         let _ = pinned_xdp.unpin();
-        return Err(attach_err("the TC link (pinning)")(chain(&e)));
+        return Err(attach_err("the TC egress program (pinning)")(e));
     }
     Ok(used_mode)
+}
+
+/// The egress hook, attached and not yet pinned.
+enum Egress {
+    Tcx(FdLink),
+    Netlink(SchedClassifierLink),
+}
+
+fn attach_egress(programs: &mut Programs, iface: &str, tc: TcAttach) -> Result<Egress, String> {
+    let egress = programs.egress_mut();
+    if tc == TcAttach::Netlink {
+        // clsact holds the ingress and egress filter hooks; another tool may have added it.
+        if let Err(e) = aya_tc::qdisc_add_clsact(iface)
+            && os_error(&e) != Some(libc::EEXIST)
+        {
+            return Err(format!("adding the clsact qdisc: {}", chain(&e)));
+        }
+        let ifindex = netdev::ifindex(iface).ok_or_else(|| format!("{iface} is gone"))?;
+        let filters = tc::egress_filters(ifindex)
+            .map_err(|e| format!("listing the filters on {iface}: {e}"))?;
+        let priority = tc::last_priority(&filters)
+            .ok_or_else(|| format!("{iface}'s egress hook has a filter at the last priority"))?;
+        let id = egress
+            .attach_with_options(
+                iface,
+                TcAttachType::Egress,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority,
+                    ..NlOptions::default()
+                }),
+            )
+            .map_err(|e| chain(&e))?;
+        return egress
+            .take_link(id)
+            .map(Egress::Netlink)
+            .map_err(|e| chain(&e));
+    }
+    let id = egress
+        .attach_with_options(
+            iface,
+            TcAttachType::Egress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(|e| chain(&e))?;
+    egress
+        .take_link(id)
+        .map_err(|e| chain(&e))
+        .and_then(|l| l.try_into().map_err(|e: LinkError| chain(&e)))
+        .map(Egress::Tcx)
 }
 
 /// The role pf is attached to `iface` in, read from its XDP link's pin name.
@@ -416,18 +566,82 @@ pub fn detach(dir: &PinDir, iface: &str) -> Result<(), PfError> {
     Ok(())
 }
 
-/// Every link pin `iface` may have.
+/// Every pin `iface` may have (links, and the egress program where its hook is a filter).
 fn link_pins(dir: &PinDir, iface: &str) -> Vec<std::path::PathBuf> {
     Role::ALL
         .iter()
         .map(|r| dir.link(iface, r.xdp_link()))
-        .chain([dir.link(iface, TC_LINK)])
+        .chain([
+            dir.link(iface, TC_LINK),
+            dir.link(iface, TC_NETLINK_PROGRAM),
+        ])
         .collect()
+}
+
+/// Where pf's egress filter on an interface is, as this network namespace sees it.
+enum EgressFilterLookup {
+    Found(tc::EgressFilter),
+    /// The interface is here, the filter is not.
+    Gone,
+    /// No such interface here: removed, or in another namespace (netlink, unlike a BPF link,
+    /// answers only for the caller's namespace).
+    NotHere,
+}
+
+/// Looks for `iface`'s egress filter running the program pinned at `pin`.
+fn own_egress_filter(pin: &std::path::Path, iface: &str) -> io::Result<EgressFilterLookup> {
+    let prog_id = bpfinfo::pinned_program_id(pin)?;
+    let Some(ifindex) = netdev::ifindex(iface) else {
+        return Ok(EgressFilterLookup::NotHere);
+    };
+    Ok(tc::egress_filters(ifindex)?
+        .into_iter()
+        .find(|f| f.prog_id == Some(prog_id))
+        .map_or(EgressFilterLookup::Gone, EgressFilterLookup::Found))
+}
+
+/// Deletes pf's own egress filter on `iface` (found by the program pinned at `pin`), then the
+/// pin. A filter already gone leaves just the pin to remove; one on an interface in another
+/// namespace is refused (removing the pin alone would leave the filter running there). Run
+/// before the XDP link is unpinned: that link says whether the interface still exists.
+fn remove_egress_filter(dir: &PinDir, pin: &std::path::Path, iface: &str) -> Result<(), PfError> {
+    let lookup = own_egress_filter(pin, iface)
+        .map_err(|e| PfError::io(format!("finding pf's TC filter on {iface}"), e))?;
+    match lookup {
+        EgressFilterLookup::Found(f) => SchedClassifierLink::attached(
+            iface,
+            TcAttachType::Egress,
+            f.priority,
+            f.handle.into(),
+            None,
+        )
+        .map_err(|e| PfError::io(format!("naming pf's TC filter on {iface}"), e))?
+        .detach()
+        .map_err(|e| PfError::Attach {
+            what: "the TC egress program (removing its filter)",
+            iface: iface.to_string(),
+            detail: chain(&e),
+        })?,
+        EgressFilterLookup::Gone => {}
+        EgressFilterLookup::NotHere => {
+            let lives_elsewhere = Role::ALL.iter().any(|r| {
+                bpfinfo::link_state(&dir.link(iface, r.xdp_link())).is_ok_and(|l| l.ifindex != 0)
+            });
+            if lives_elsewhere {
+                return Err(PfError::OtherNamespace(iface.to_string()));
+            }
+        }
+    }
+    std::fs::remove_file(pin).map_err(|e| PfError::io(format!("removing {}", pin.display()), e))
 }
 
 /// Unpins `iface`'s links, which detaches them, and removes its link directory. The caller
 /// holds the exclusive lock.
 fn remove_links(dir: &PinDir, iface: &str) -> Result<(), PfError> {
+    let filter_pin = dir.link(iface, TC_NETLINK_PROGRAM);
+    if filter_pin.exists() {
+        remove_egress_filter(dir, &filter_pin, iface)?;
+    }
     for pin in link_pins(dir, iface).iter().filter(|p| p.exists()) {
         match PinnedLink::from_pin(pin) {
             // Unpinning drops the last reference once this FdLink is dropped: the link detaches.
@@ -481,6 +695,9 @@ pub struct Attachment {
     pub iface: String,
     pub role: Role,
     pub health: Health,
+    /// How its egress program is attached, as its pins record: `Tcx`, `Netlink`, or `Auto` for
+    /// none (a tunnel-side interface, or a pin missing).
+    pub egress: TcAttach,
 }
 
 /// Every interface pf has pins for in `dir`, each checked with the kernel.
@@ -490,9 +707,17 @@ pub fn inspect(dir: &PinDir) -> Vec<Attachment> {
         .map(|iface| {
             let found = role_of(dir, &iface);
             let health = check_attachment(dir, &iface, found);
+            let egress = if dir.link(&iface, TC_NETLINK_PROGRAM).exists() {
+                TcAttach::Netlink
+            } else if dir.link(&iface, TC_LINK).exists() {
+                TcAttach::Tcx
+            } else {
+                TcAttach::Auto
+            };
             Attachment {
                 role: found.unwrap_or(Role::Public),
                 health,
+                egress,
                 iface,
             }
         })
@@ -521,36 +746,61 @@ fn check_attachment(dir: &PinDir, iface: &str, role: Option<Role>) -> Health {
         })
         .collect();
     let current = netdev::ifindex(iface);
-    let mut links = vec![(role.xdp_link(), "XDP", bpfinfo::LINK_TYPE_XDP)];
+    let mut hooks = vec![(role.xdp_link(), "XDP", bpfinfo::LINK_TYPE_XDP)];
     if role.has_egress() {
-        links.push((TC_LINK, "TC", bpfinfo::LINK_TYPE_TCX));
+        if dir.link(iface, TC_NETLINK_PROGRAM).exists() {
+            hooks.push((TC_NETLINK_PROGRAM, "TC", 0));
+        } else {
+            hooks.push((TC_LINK, "TC", bpfinfo::LINK_TYPE_TCX));
+        }
     }
-    for (pin_name, hook, link_type) in links {
+    for (pin_name, hook, link_type) in hooks {
         let pin = dir.link(iface, pin_name);
         if !pin.exists() {
             return Health::Dead(format!("its {hook} link is not pinned"));
         }
-        let link = match bpfinfo::link_state(&pin) {
-            Ok(link) => link,
-            Err(e) => return Health::Dead(format!("its {hook} link pin cannot be read: {e}")),
+        let prog_id = if pin_name == TC_NETLINK_PROGRAM {
+            match own_egress_filter(&pin, iface) {
+                Ok(EgressFilterLookup::Found(_)) => {}
+                Ok(EgressFilterLookup::Gone) => {
+                    return Health::Dead(format!(
+                        "its TC filter is gone from {iface} (the interface was re-created, or its clsact qdisc removed)"
+                    ));
+                }
+                // In another namespace: the XDP link, checked first, says it is there.
+                Ok(EgressFilterLookup::NotHere) => {}
+                Err(e) => return Health::Unknown(format!("listing {iface}'s TC filters: {e}")),
+            }
+            match bpfinfo::pinned_program_id(&pin) {
+                Ok(id) => id,
+                Err(e) => return Health::Dead(format!("its TC program pin cannot be read: {e}")),
+            }
+        } else {
+            let link = match bpfinfo::link_state(&pin) {
+                Ok(link) => link,
+                Err(e) => {
+                    return Health::Dead(format!("its {hook} link pin cannot be read: {e}"));
+                }
+            };
+            if link.link_type != link_type {
+                return Health::Dead(format!("{} is not a {hook} link", pin.display()));
+            }
+            if link.ifindex == 0 {
+                return Health::Dead(format!(
+                    "the kernel detached its {hook} program (the interface was removed)"
+                ));
+            }
+            if let Some(now) = current
+                && now != link.ifindex
+            {
+                return Health::Dead(format!(
+                    "its {hook} link is on ifindex {} but {iface} is ifindex {now} now (the interface was re-created)",
+                    link.ifindex
+                ));
+            }
+            link.prog_id
         };
-        if link.link_type != link_type {
-            return Health::Dead(format!("{} is not a {hook} link", pin.display()));
-        }
-        if link.ifindex == 0 {
-            return Health::Dead(format!(
-                "the kernel detached its {hook} program (the interface was removed)"
-            ));
-        }
-        if let Some(now) = current
-            && now != link.ifindex
-        {
-            return Health::Dead(format!(
-                "its {hook} link is on ifindex {} but {iface} is ifindex {now} now (the interface was re-created)",
-                link.ifindex
-            ));
-        }
-        let used = match bpfinfo::program_map_ids(link.prog_id) {
+        let used = match bpfinfo::program_map_ids(prog_id) {
             Ok(Some(ids)) => ids,
             Ok(None) => {
                 return Health::Dead(format!("its {hook} program is not loaded"));

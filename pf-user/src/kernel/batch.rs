@@ -1,5 +1,6 @@
 //! BPF_MAP_UPDATE_BATCH (Linux 5.6), which aya 0.14 does not wrap: many elements written with
-//! one syscall instead of one each. pf needs Linux 6.6 anyway (TCX), so there is no fallback.
+//! one syscall instead of one each. pf needs Linux 5.10 anyway (see `attach::MIN_KERNEL`), so there
+//! is no fallback.
 
 use std::{
     io,

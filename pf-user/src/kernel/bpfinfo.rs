@@ -161,3 +161,15 @@ pub fn program_map_ids(prog_id: u32) -> io::Result<Option<Vec<u32>>> {
     ids.truncate((read_u32(&info, PROG_NR_MAP_IDS_OFFSET) as usize).min(count));
     Ok(Some(ids))
 }
+
+/// `struct bpf_prog_info`'s id, after its type.
+const PROG_ID_OFFSET: usize = 4;
+
+/// The id of the program pinned at `pin` (pf pins its egress program where the egress hook is
+/// a netlink filter, which cannot be pinned itself).
+pub fn pinned_program_id(pin: &Path) -> io::Result<u32> {
+    let prog = open_pin(pin)?;
+    let mut info = [0u8; PROG_INFO_LEN];
+    object_info(prog.as_raw_fd(), &mut info)?;
+    Ok(read_u32(&info, PROG_ID_OFFSET))
+}

@@ -99,8 +99,20 @@ pub enum PfError {
         detail: String,
     },
 
-    #[error("pf needs Linux 6.6 or newer (TCX) for its egress program; this kernel is {0}")]
+    #[error(
+        "pf needs Linux 5.10 or newer (XDP attached by BPF link: 5.9; batched map updates: 5.6; device hash maps: 5.4); this kernel is {0}"
+    )]
     KernelTooOld(String),
+
+    #[error(
+        "TCX came in Linux 6.6 and this kernel is {0}: attach the egress program with --tc-attach netlink (or auto)"
+    )]
+    NoTcx(String),
+
+    #[error(
+        "{0} is not in this network namespace, but pf's TC filter on it is: run pf detach in {0}'s namespace"
+    )]
+    OtherNamespace(String),
 
     #[error("map {map}: {source}")]
     Map {

@@ -6,7 +6,8 @@
 //! - [`attach`]: attaching and detaching, the fast paths' device maps, and what the kernel says
 //!   of an attachment.
 //! - [`bpffs`]: the pin directory. [`bpfinfo`]: pinned links and their programs' maps.
-//! - [`netdev`]: devices (XDP features, Ethernet or not). [`privilege`]: the capability check.
+//! - [`netdev`]: devices (XDP features, Ethernet or not); `tc`: the egress hook's netlink
+//!   filters before TCX; `netlink`: the socket both use. [`privilege`]: the capability check.
 //! - [`error`]: [`PfError`], the one error type of this layer.
 
 pub mod attach;
@@ -16,8 +17,10 @@ pub mod bpfinfo;
 pub mod error;
 pub mod host;
 pub mod netdev;
+mod netlink;
 pub mod object;
 pub mod privilege;
 pub mod state;
+mod tc;
 
 pub use error::PfError;

@@ -17,7 +17,7 @@ use super::policy::{
 use crate::{
     domain::{net::Ipv4Net, spec::PortRange},
     kernel::{
-        attach::{AttachMode, Role},
+        attach::{AttachMode, Role, TcAttach},
         bpffs::DEFAULT_PIN_DIR,
     },
 };
@@ -107,6 +107,8 @@ struct RawInterface {
     role: Option<String>,
     #[serde(default)]
     mode: Option<String>,
+    #[serde(default)]
+    tc_attach: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -138,6 +140,8 @@ pub struct InterfaceConfig {
     pub name: String,
     pub role: Role,
     pub mode: AttachMode,
+    /// How the egress program is attached: TCX where the kernel has it, else netlink.
+    pub tc: TcAttach,
 }
 
 /// The service's files.
@@ -281,10 +285,17 @@ impl Config {
                     .unwrap_or("auto")
                     .parse()
                     .map_err(|e| format!("interfaces: {}: {e}", i.name))?;
+                let tc = i
+                    .tc_attach
+                    .as_deref()
+                    .unwrap_or("auto")
+                    .parse()
+                    .map_err(|e| format!("interfaces: {}: {e}", i.name))?;
                 Ok(InterfaceConfig {
                     name: i.name,
                     role,
                     mode,
+                    tc,
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;

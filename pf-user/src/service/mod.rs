@@ -205,7 +205,7 @@ fn attach_interfaces(dir: &PinDir, config: &Config) -> Result<(), ServeError> {
                 });
             }
             _ => {
-                let done = attach::attach(dir, &want.name, want.mode, want.role)?;
+                let done = attach::attach(dir, &want.name, want.mode, want.role, want.tc)?;
                 if let Some(reason) = &done.replaced {
                     eprintln!(
                         "pf serve: {}: the pinned attachment was dead ({reason}); attached again",
@@ -213,10 +213,13 @@ fn attach_interfaces(dir: &PinDir, config: &Config) -> Result<(), ServeError> {
                     );
                 }
                 eprintln!(
-                    "pf serve: attached {} ({}, XDP in {} mode)",
+                    "pf serve: attached {} ({}, XDP in {} mode{})",
                     want.name,
                     want.role.describe(),
-                    done.xdp_mode
+                    done.xdp_mode,
+                    done.egress_hook()
+                        .map(|hook| format!(", TC by {hook}"))
+                        .unwrap_or_default()
                 );
             }
         }

@@ -37,7 +37,7 @@ use aya::{
 };
 use pf::{
     domain::spec::Protocols,
-    kernel::attach::{self, AttachMode, Role},
+    kernel::attach::{self, AttachMode, Role, TcAttach},
     kernel::bpffs::PinDir,
     kernel::state::State,
 };
@@ -372,6 +372,7 @@ pub fn setup(config: Config) -> Result<Setup, String> {
                     PUBLIC_IFACE,
                     AttachMode::Native,
                     role,
+                    TcAttach::Auto,
                 )
             })
             .map_err(|e| e.to_string())?

@@ -10,4 +10,5 @@ mod fast_path;
 mod fixtures;
 mod service;
 mod service_safety;
+mod tc_netlink;
 mod wireguard;

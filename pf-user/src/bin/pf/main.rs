@@ -14,7 +14,7 @@ use pf::{
     },
     domain::spec::{PublicSpec, Reservation, SpecError, TargetSpec, parse_public_request},
     kernel::{
-        attach::{self, AttachMode, FastPathDevices, Role},
+        attach::{self, AttachMode, FastPathDevices, Role, TcAttach},
         bpffs::{DEFAULT_PIN_DIR, PinDir},
         privilege,
         state::State,
@@ -60,6 +60,10 @@ enum Command {
         /// interface attached with --fast-path, bypassing netfilter as that does.
         #[arg(long)]
         tunnel_side: bool,
+        /// How the TC egress program attaches: auto (TCX on Linux 6.6 and newer, else a
+        /// cls_bpf filter on the clsact qdisc), tcx, or netlink (that filter, on any kernel).
+        #[arg(long, default_value = "auto", value_name = "auto|tcx|netlink")]
+        tc_attach: TcAttach,
     },
     /// Re-read which devices can take redirected frames (after adding or changing interfaces).
     Refresh,
@@ -303,6 +307,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             mode,
             fast_path,
             tunnel_side,
+            tc_attach,
         } => {
             privilege::require_privileges()?;
             let role = match (fast_path, tunnel_side) {
@@ -310,17 +315,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (true, false) => Role::PublicFastPath,
                 (false, false) => Role::Public,
             };
-            let attached = attach::attach(&dir, &iface, mode, role)?;
+            let attached = attach::attach(&dir, &iface, mode, role, tc_attach)?;
             if let Some(reason) = &attached.replaced {
                 out!("replaced a dead attachment on {iface} ({reason})");
             }
             let used = attached.xdp_mode;
+            let tc = attached.egress_hook().unwrap_or("nothing");
             match role {
                 Role::Public => {
-                    out!("attached pf to {iface} (XDP in {used} mode on ingress, TC on egress)")
+                    out!(
+                        "attached pf to {iface} (XDP in {used} mode on ingress, TC on egress by {tc})"
+                    )
                 }
                 Role::PublicFastPath => out!(
-                    "attached pf to {iface} with the fast path (XDP in {used} mode on ingress, TC on egress): forwarded packets that can be redirected bypass the kernel's forwarding path and netfilter"
+                    "attached pf to {iface} with the fast path (XDP in {used} mode on ingress, TC on egress by {tc}): forwarded packets that can be redirected bypass the kernel's forwarding path and netfilter"
                 ),
                 Role::TunnelSide => out!(
                     "attached pf's reply fast path to {iface} (XDP in {used} mode): replies that can be redirected out a fast-path public interface bypass the kernel's forwarding path and netfilter"

@@ -4,7 +4,7 @@
 use pf::{
     api::types::{ForwardView, ReservationView},
     kernel::{
-        attach::{Attachment, FastPathDevices, Health, Role},
+        attach::{Attachment, FastPathDevices, Health, Role, TcAttach},
         state::{Counters, Stats, Traffic},
     },
 };
@@ -132,6 +132,12 @@ pub fn stats_json(
             .iter()
             .map(|a| (a.iface.clone(), json!(a.role.describe())))
             .collect::<serde_json::Map<_, _>>(),
+        // How each interface's egress program is attached: "tcx" or "netlink".
+        "egress_hooks": attached
+            .iter()
+            .filter(|a| a.egress != TcAttach::Auto)
+            .map(|a| (a.iface.clone(), json!(a.egress.to_string())))
+            .collect::<serde_json::Map<_, _>>(),
         "fast_path_devices": {
             "redirect": devices.redirect,
             "public": devices.public,
@@ -156,6 +162,9 @@ pub fn print_stats(stats: Option<&Stats>, attached: &[Attachment], devices: &Fas
         let list: Vec<String> = attached
             .iter()
             .map(|a| match &a.health {
+                Health::Live if a.egress != TcAttach::Auto => {
+                    format!("{} ({}, TC by {})", a.iface, a.role.describe(), a.egress)
+                }
                 Health::Live => format!("{} ({})", a.iface, a.role.describe()),
                 Health::Unknown(why) => {
                     format!("{} ({}, state unknown: {why})", a.iface, a.role.describe())
