@@ -156,9 +156,10 @@ impl fmt::Display for AttachMode {
 }
 
 /// What pf does on an interface it is attached to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Role {
     /// A public interface: XDP rewrites and passes to the kernel, TC egress rewrites replies.
+    #[default]
     Public,
     /// A public interface with the ingress fast path (`--fast-path`): rewritten packets leave by
     /// XDP_REDIRECT where they can, bypassing the kernel's forwarding path and netfilter; TC
@@ -261,6 +262,8 @@ pub struct FastPathDevices {
     pub redirect: Vec<String>,
     /// `PUBLIC_DEVICES`: where the reply fast path may send replies.
     pub public: Vec<String>,
+    /// The kernel cannot say which devices take XDP frames (before 6.3): the admin named them.
+    pub named: bool,
 }
 
 impl FastPathDevices {
@@ -280,18 +283,74 @@ impl FastPathDevices {
         Self {
             redirect: names(redirect),
             public: names(public),
+            named: false,
         }
     }
 }
 
-/// Attaches pf to `iface` in `role`, its egress program by `tc`.
-pub fn attach(
-    dir: &PinDir,
-    iface: &str,
-    mode: AttachMode,
-    role: Role,
-    tc: TcAttach,
-) -> Result<Attached, PfError> {
+/// Which devices the fast paths may redirect to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// What the kernel says (the `netdev` family, Linux 6.3 and newer). On a kernel without it,
+    /// the devices named before are kept (those that still exist).
+    #[default]
+    Kernel,
+    /// Named by the admin, for a kernel that cannot say (before 6.3); refused on one that can.
+    Named(Vec<String>),
+}
+
+/// How to attach.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AttachOptions {
+    pub mode: AttachMode,
+    pub role: Role,
+    pub tc: TcAttach,
+    pub devices: DeviceChoice,
+}
+
+/// The fast paths' redirect targets by ifindex, as `choice` and the kernel decide; `current`
+/// is what `REDIRECT_DEVICES` holds now. `Ok(None)` from `netdev::redirect_targets` means the
+/// kernel has no netdev family: then the admin's names rule, and pf never guesses.
+fn redirect_devices(
+    kernel: Option<Vec<u32>>,
+    choice: &DeviceChoice,
+    current: &[u32],
+) -> Result<(Vec<u32>, bool), PfError> {
+    match (kernel, choice) {
+        (Some(capable), DeviceChoice::Kernel) => Ok((capable, false)),
+        (Some(_), DeviceChoice::Named(_)) => Err(PfError::DevicesFromKernel),
+        (None, DeviceChoice::Named(names)) => names
+            .iter()
+            .map(|n| {
+                let ifindex =
+                    netdev::ifindex(n).ok_or_else(|| PfError::UnknownInterface(n.clone()))?;
+                // A layer-3 device (WireGuard, tun) can never take an XDP frame.
+                if !netdev::is_ethernet(n)? {
+                    return Err(PfError::CannotTakeRedirects(n.clone()));
+                }
+                Ok(ifindex)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|named| (named, true)),
+        (None, DeviceChoice::Kernel) => Ok((
+            current
+                .iter()
+                .copied()
+                .filter(|&i| netdev::ifname(i).is_some())
+                .collect(),
+            true,
+        )),
+    }
+}
+
+/// Attaches pf to `iface` as `options` say.
+pub fn attach(dir: &PinDir, iface: &str, options: &AttachOptions) -> Result<Attached, PfError> {
+    let AttachOptions {
+        mode,
+        role,
+        tc,
+        ref devices,
+    } = *options;
     if !interface_exists(iface) {
         return Err(PfError::UnknownInterface(iface.to_string()));
     }
@@ -305,8 +364,9 @@ pub fn attach(
         TcAttach::Auto
     };
     // The device maps are refilled after attaching (attaching XDP can make a NIC a redirect
-    // target); asking once before catches a kernel that cannot answer while nothing changed.
-    netdev::redirect_targets()?;
+    // target); asking once before catches a kernel that cannot answer, or names that are not
+    // wanted, while nothing changed.
+    redirect_devices(netdev::redirect_targets()?, devices, &[])?;
     dir.prepare()?;
     let lock = dir.lock(true)?;
     // Pins are what pf left, not proof that anything is attached: the kernel decides. A dead
@@ -338,7 +398,7 @@ pub fn attach(
     };
     // The programs are attached and pinned; the maps exist (loading the object pinned them).
     drop(programs);
-    match refresh_locked(dir, &lock) {
+    match refresh_locked(dir, &lock, devices) {
         Ok(devices) => Ok(Attached {
             xdp_mode,
             tc,
@@ -515,22 +575,33 @@ fn role_of(dir: &PinDir, iface: &str) -> Option<Role> {
 /// take frames (WireGuard, tun, a veth whose peer has neither XDP nor GRO) is left out, and
 /// packets routed to it take the kernel's path. Run by every attach and detach, and by
 /// `pf refresh` after interfaces change.
-pub fn refresh_devices(dir: &PinDir) -> Result<FastPathDevices, PfError> {
+///
+/// Before Linux 6.3 the kernel cannot say which devices take XDP frames: then `REDIRECT_DEVICES`
+/// holds the devices the admin names (`choice`), or keeps those named before.
+pub fn refresh_devices(dir: &PinDir, choice: &DeviceChoice) -> Result<FastPathDevices, PfError> {
     if !dir.exists() || !dir.map(pf_common::map_names::REDIRECT_DEVICES).exists() {
+        // Nothing to fill yet; names that will be refused later are refused now.
+        redirect_devices(netdev::redirect_targets()?, choice, &[])?;
         return Ok(FastPathDevices::default());
     }
     let lock = dir.lock(true)?;
-    refresh_locked(dir, &lock)
+    refresh_locked(dir, &lock, choice)
 }
 
 /// The refresh, under the exclusive lock the caller holds (`lock` is a handle on it; the lock
 /// stays held as long as the caller's own handle does).
-fn refresh_locked(dir: &PinDir, lock: &std::fs::File) -> Result<FastPathDevices, PfError> {
-    let redirect = netdev::redirect_targets()?;
+fn refresh_locked(
+    dir: &PinDir,
+    lock: &std::fs::File,
+    choice: &DeviceChoice,
+) -> Result<FastPathDevices, PfError> {
+    let kernel = netdev::redirect_targets()?;
     let lock = lock
         .try_clone()
         .map_err(|e| PfError::io("duplicating the pin directory's lock", e))?;
     let mut state = State::open_maps(dir, lock)?;
+    let (current, _) = state.fast_path_devices()?;
+    let (redirect, named) = redirect_devices(kernel, choice, &current)?;
     let public: Vec<u32> = inspect(dir)
         .into_iter()
         .filter(|a| a.role == Role::PublicFastPath && a.health.is_live())
@@ -538,7 +609,10 @@ fn refresh_locked(dir: &PinDir, lock: &std::fs::File) -> Result<FastPathDevices,
         .filter(|i| redirect.contains(i))
         .collect();
     state.set_fast_path_devices(&redirect, &public)?;
-    FastPathDevices::read(&state)
+    Ok(FastPathDevices {
+        named,
+        ..FastPathDevices::read(&state)?
+    })
 }
 
 /// Detaches pf from `iface` by unpinning its links. Works for an interface that has gone too
@@ -553,7 +627,7 @@ pub fn detach(dir: &PinDir, iface: &str) -> Result<(), PfError> {
     }
     let lock = dir.lock(true)?;
     // Asked before anything is removed, so a kernel that cannot answer changes nothing.
-    netdev::redirect_targets()?;
+    redirect_devices(netdev::redirect_targets()?, &DeviceChoice::Kernel, &[])?;
     remove_links(dir, iface)?;
     // A detached public interface leaves PUBLIC_DEVICES; with maps only half made (an attach
     // that failed early), there is nothing to refresh.
@@ -561,7 +635,7 @@ pub fn detach(dir: &PinDir, iface: &str) -> Result<(), PfError> {
         .iter()
         .all(|n| dir.map(n).exists())
     {
-        refresh_locked(dir, &lock)?;
+        refresh_locked(dir, &lock, &DeviceChoice::Kernel)?;
     }
     Ok(())
 }

@@ -114,6 +114,16 @@ pub enum PfError {
     )]
     OtherNamespace(String),
 
+    #[error(
+        "this kernel says which devices can take redirected frames (its netdev family); --redirect-devices is for kernels before Linux 6.3, which cannot"
+    )]
+    DevicesFromKernel,
+
+    #[error(
+        "{0} is not an Ethernet-like interface, so it cannot take redirected frames (WireGuard and tun never can)"
+    )]
+    CannotTakeRedirects(String),
+
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,

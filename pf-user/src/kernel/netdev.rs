@@ -53,57 +53,68 @@ fn genl_request(
         .collect())
 }
 
-/// Every device of the namespace with its XDP features (`NETDEV_XDP_ACT_*` bits), by ifindex.
-pub fn xdp_features() -> Result<Vec<(u32, u64)>, PfError> {
+/// Every device of the namespace with its XDP features (`NETDEV_XDP_ACT_*` bits), by ifindex;
+/// `None` on a kernel without the `netdev` family (before Linux 6.3), which cannot say.
+pub fn xdp_features() -> Result<Option<Vec<(u32, u64)>>, PfError> {
     let mut socket =
         Socket::open(libc::NETLINK_GENERIC).map_err(|e| netlink_error("(opening a socket)", e))?;
-    let family = genl_request(
+    let family = match genl_request(
         &mut socket,
         GENL_ID_CTRL,
         0,
         CTRL_CMD_GETFAMILY,
         &attribute(CTRL_ATTR_FAMILY_NAME, b"netdev\0"),
-    )
-    .map_err(|e| netlink_error("(resolving the family)", e))?
-    .iter()
-    .flat_map(|answer| attributes(answer))
-    .find(|(kind, value)| *kind == CTRL_ATTR_FAMILY_ID && value.len() == 2)
-    .map(|(_, value)| u16::from_ne_bytes([value[0], value[1]]))
-    .ok_or_else(|| {
-        netlink_error(
-            "(resolving the family)",
-            io::Error::new(io::ErrorKind::InvalidData, "no family id in the answer"),
-        )
-    })?;
+    ) {
+        Ok(answers) => answers,
+        // No such family: a kernel before 6.3, which cannot say.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        Err(e) => return Err(netlink_error("(resolving the family)", e)),
+    };
+    let family = family
+        .iter()
+        .flat_map(|answer| attributes(answer))
+        .find(|(kind, value)| *kind == CTRL_ATTR_FAMILY_ID && value.len() == 2)
+        .map(|(_, value)| u16::from_ne_bytes([value[0], value[1]]))
+        .ok_or_else(|| {
+            netlink_error(
+                "(resolving the family)",
+                io::Error::new(io::ErrorKind::InvalidData, "no family id in the answer"),
+            )
+        })?;
     let answers = genl_request(&mut socket, family, NLM_F_DUMP, NETDEV_CMD_DEV_GET, &[])
         .map_err(|e| netlink_error("for its devices", e))?;
-    Ok(answers
-        .iter()
-        .filter_map(|answer| {
-            let (mut ifindex, mut features) = (None, 0);
-            for (kind, value) in attributes(answer) {
-                match (kind, value.len()) {
-                    (NETDEV_A_DEV_IFINDEX, 4) => {
-                        ifindex = Some(u32::from_ne_bytes(value.try_into().unwrap()))
+    Ok(Some(
+        answers
+            .iter()
+            .filter_map(|answer| {
+                let (mut ifindex, mut features) = (None, 0);
+                for (kind, value) in attributes(answer) {
+                    match (kind, value.len()) {
+                        (NETDEV_A_DEV_IFINDEX, 4) => {
+                            ifindex = Some(u32::from_ne_bytes(value.try_into().unwrap()))
+                        }
+                        (NETDEV_A_DEV_XDP_FEATURES, 8) => {
+                            features = u64::from_ne_bytes(value.try_into().unwrap())
+                        }
+                        _ => {}
                     }
-                    (NETDEV_A_DEV_XDP_FEATURES, 8) => {
-                        features = u64::from_ne_bytes(value.try_into().unwrap())
-                    }
-                    _ => {}
                 }
-            }
-            Some((ifindex?, features))
-        })
-        .collect())
+                Some((ifindex?, features))
+            })
+            .collect(),
+    ))
 }
 
-/// The devices XDP_REDIRECT may send frames to now (`NETDEV_XDP_ACT_NDO_XMIT`), by ifindex.
-pub fn redirect_targets() -> Result<Vec<u32>, PfError> {
-    Ok(xdp_features()?
-        .into_iter()
-        .filter(|(_, features)| features & NETDEV_XDP_ACT_NDO_XMIT != 0)
-        .map(|(ifindex, _)| ifindex)
-        .collect())
+/// The devices XDP_REDIRECT may send frames to now (`NETDEV_XDP_ACT_NDO_XMIT`), by ifindex;
+/// `None` where the kernel cannot say (no `netdev` family: before Linux 6.3).
+pub fn redirect_targets() -> Result<Option<Vec<u32>>, PfError> {
+    Ok(xdp_features()?.map(|devices| {
+        devices
+            .into_iter()
+            .filter(|(_, features)| features & NETDEV_XDP_ACT_NDO_XMIT != 0)
+            .map(|(ifindex, _)| ifindex)
+            .collect()
+    }))
 }
 
 /// The ifindex of `iface` in this namespace, if it exists.

@@ -17,7 +17,7 @@ use super::policy::{
 use crate::{
     domain::{net::Ipv4Net, spec::PortRange},
     kernel::{
-        attach::{AttachMode, Role, TcAttach},
+        attach::{AttachMode, DeviceChoice, Role, TcAttach},
         bpffs::DEFAULT_PIN_DIR,
     },
 };
@@ -85,7 +85,15 @@ struct RawConfig {
     service: RawService,
     #[serde(default)]
     interfaces: Vec<RawInterface>,
+    #[serde(default)]
+    fast_path: RawFastPath,
     policy: RawPolicy,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFastPath {
+    redirect_devices: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -165,6 +173,9 @@ pub const DEFAULT_RECONCILE_REMOVAL_LIMIT: f64 = 0.25;
 pub struct Config {
     pub service: ServiceConfig,
     pub interfaces: Vec<InterfaceConfig>,
+    /// Which devices the fast paths may redirect to: the kernel's word, or (before Linux 6.3,
+    /// which cannot say) `fast_path.redirect_devices`.
+    pub fast_path_devices: DeviceChoice,
     pub policy: Policy,
 }
 
@@ -319,6 +330,10 @@ impl Config {
                 reconcile_removal_limit,
             },
             interfaces,
+            fast_path_devices: match raw.fast_path.redirect_devices {
+                Some(names) => DeviceChoice::Named(names),
+                None => DeviceChoice::Kernel,
+            },
             policy,
         })
     }

@@ -205,7 +205,13 @@ fn attach_interfaces(dir: &PinDir, config: &Config) -> Result<(), ServeError> {
                 });
             }
             _ => {
-                let done = attach::attach(dir, &want.name, want.mode, want.role, want.tc)?;
+                let options = attach::AttachOptions {
+                    mode: want.mode,
+                    role: want.role,
+                    tc: want.tc,
+                    devices: config.fast_path_devices.clone(),
+                };
+                let done = attach::attach(dir, &want.name, &options)?;
                 if let Some(reason) = &done.replaced {
                     eprintln!(
                         "pf serve: {}: the pinned attachment was dead ({reason}); attached again",

@@ -37,7 +37,7 @@ use aya::{
 };
 use pf::{
     domain::spec::Protocols,
-    kernel::attach::{self, AttachMode, Role, TcAttach},
+    kernel::attach::{self, AttachMode, AttachOptions, Role},
     kernel::bpffs::PinDir,
     kernel::state::State,
 };
@@ -370,9 +370,11 @@ pub fn setup(config: Config) -> Result<Setup, String> {
                 attach::attach(
                     &PinDir::new(dir_path),
                     PUBLIC_IFACE,
-                    AttachMode::Native,
-                    role,
-                    TcAttach::Auto,
+                    &AttachOptions {
+                        mode: AttachMode::Native,
+                        role,
+                        ..AttachOptions::default()
+                    },
                 )
             })
             .map_err(|e| e.to_string())?

@@ -9,7 +9,9 @@ use crate::{
     kit::serve::{Service, TEST_POLICY},
 };
 
-use super::common::{TempPinDir, pf, pf_in_ns, pf_list, pf_ok, pf_words, require_root};
+use super::common::{
+    TempPinDir, kernel_version, pf, pf_in_ns, pf_list, pf_ok, pf_words, require_root,
+};
 
 /// Asserts `pf ARGS` fails with exactly one stderr line that starts `error:` and contains
 /// `needle`, printing nothing on stdout.
@@ -413,4 +415,84 @@ fn the_shipped_systemd_unit_verifies() {
         out.status.success() && stderr.trim().is_empty(),
         "systemd-analyze verify: {stderr}"
     );
+}
+
+/// Options that depend on the kernel: each refused clearly where the kernel cannot do it,
+/// accepted where it can, and a refusal changes nothing.
+#[test]
+fn kernel_dependent_attach_options() {
+    require_root();
+    let ns = Netns::new(&format!("pf{}-kopt", std::process::id())).unwrap();
+    ns.run(&[
+        "ip", "link", "add", "name", "pfa", "type", "veth", "peer", "name", "pfb",
+    ])
+    .unwrap();
+    ns.run(&["ip", "link", "set", "pfa", "up"]).unwrap();
+    ns.run(&["ip", "link", "set", "pfb", "up"]).unwrap();
+    ns.run(&["ip", "tuntap", "add", "pftun", "mode", "tun"])
+        .unwrap();
+    let dir = TempPinDir::new();
+    let run_in = |args: &[&str]| pf_in_ns(&ns, &dir, args);
+    let kernel = kernel_version();
+
+    // Naming the fast path's devices: only where the kernel cannot say (before 6.3).
+    let named = [
+        "attach",
+        "pfa",
+        "--fast-path",
+        "--redirect-devices",
+        "pfa,pfb",
+    ];
+    if kernel >= (6, 3) {
+        assert_refused(
+            run_in(&named),
+            &named,
+            "--redirect-devices is for kernels before Linux 6.3",
+        );
+        assert!(!dir.dir.link("pfa", "xdp_fast").exists());
+    } else {
+        let tun = [
+            "attach",
+            "pfa",
+            "--fast-path",
+            "--redirect-devices",
+            "pfb,pftun",
+        ];
+        assert_refused(
+            run_in(&tun),
+            &tun,
+            "pftun is not an Ethernet-like interface",
+        );
+        assert!(!dir.dir.link("pfa", "xdp_fast").exists());
+        let out = run_in(&named);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("redirected to pfa, pfb") && stdout.contains("cannot say"),
+            "{stdout}"
+        );
+        // A refresh without names keeps the named devices.
+        let out = run_in(&["refresh"]);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("redirected to pfa, pfb"));
+        assert!(run_in(&["detach", "pfa"]).status.success());
+    }
+
+    // TCX only from 6.6; netlink everywhere.
+    let tcx = ["attach", "pfa", "--tc-attach", "tcx"];
+    if kernel >= (6, 6) {
+        assert!(run_in(&tcx).status.success());
+        assert!(dir.dir.link("pfa", "tc").exists());
+        assert!(run_in(&["detach", "pfa"]).status.success());
+    } else {
+        assert_refused(run_in(&tcx), &tcx, "TCX came in Linux 6.6");
+        assert!(!dir.dir.link("pfa", "xdp").exists());
+    }
+    let bad = ["attach", "pfa", "--tc-attach", "sometimes"];
+    let out = run_in(&bad);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected auto, tcx or netlink"));
 }

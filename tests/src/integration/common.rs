@@ -285,3 +285,13 @@ pub fn traffic<'a>(stats: &'a Value, spec_prefix: &str) -> &'a Value {
         .map(|r| &r["traffic"])
         .unwrap_or_else(|| panic!("no reservation {spec_prefix} in {stats}"))
 }
+
+/// The running kernel's (major, minor).
+pub fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap());
+    (parts.next().unwrap(), parts.next().unwrap())
+}

@@ -14,7 +14,7 @@ use pf::{
     },
     domain::spec::{PublicSpec, Reservation, SpecError, TargetSpec, parse_public_request},
     kernel::{
-        attach::{self, AttachMode, FastPathDevices, Role, TcAttach},
+        attach::{self, AttachMode, DeviceChoice, FastPathDevices, Role, TcAttach},
         bpffs::{DEFAULT_PIN_DIR, PinDir},
         privilege,
         state::State,
@@ -42,6 +42,11 @@ struct Cli {
     command: Command,
 }
 
+/// `--redirect-devices`, or the kernel's word without it.
+fn device_choice(names: Option<Vec<String>>) -> DeviceChoice {
+    names.map_or(DeviceChoice::Kernel, DeviceChoice::Named)
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Attach pf's XDP (ingress) and TC (egress) programs to a public interface.
@@ -64,9 +69,17 @@ enum Command {
         /// cls_bpf filter on the clsact qdisc), tcx, or netlink (that filter, on any kernel).
         #[arg(long, default_value = "auto", value_name = "auto|tcx|netlink")]
         tc_attach: TcAttach,
+        /// The devices the fast paths may redirect to, for a kernel that cannot say which
+        /// devices take XDP frames (before Linux 6.3); refused on one that can.
+        #[arg(long, value_delimiter = ',', value_name = "IFACE,...")]
+        redirect_devices: Option<Vec<String>>,
     },
     /// Re-read which devices can take redirected frames (after adding or changing interfaces).
-    Refresh,
+    Refresh {
+        /// Before Linux 6.3 (which cannot say): the devices the fast paths may redirect to.
+        #[arg(long, value_delimiter = ',', value_name = "IFACE,...")]
+        redirect_devices: Option<Vec<String>>,
+    },
     /// Remove pf's programs from an interface.
     Detach { iface: String },
     /// Run the reservation service: attach, reconcile the maps with the store, serve the API.
@@ -308,6 +321,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             fast_path,
             tunnel_side,
             tc_attach,
+            redirect_devices,
         } => {
             privilege::require_privileges()?;
             let role = match (fast_path, tunnel_side) {
@@ -315,7 +329,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (true, false) => Role::PublicFastPath,
                 (false, false) => Role::Public,
             };
-            let attached = attach::attach(&dir, &iface, mode, role, tc_attach)?;
+            let options = attach::AttachOptions {
+                mode,
+                role,
+                tc: tc_attach,
+                devices: device_choice(redirect_devices),
+            };
+            let attached = attach::attach(&dir, &iface, &options)?;
             if let Some(reason) = &attached.replaced {
                 out!("replaced a dead attachment on {iface} ({reason})");
             }
@@ -338,9 +358,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 render::print_devices(&attached.devices);
             }
         }
-        Command::Refresh => {
+        Command::Refresh { redirect_devices } => {
             privilege::require_privileges()?;
-            render::print_devices(&attach::refresh_devices(&dir)?);
+            render::print_devices(&attach::refresh_devices(
+                &dir,
+                &device_choice(redirect_devices),
+            )?);
         }
         Command::Detach { iface } => {
             privilege::require_privileges()?;

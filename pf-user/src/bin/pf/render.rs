@@ -81,6 +81,11 @@ pub fn print_devices(devices: &FastPathDevices) {
         list(&devices.redirect),
         list(&devices.public)
     );
+    if devices.named {
+        out!(
+            "fast path: this kernel cannot say which devices take redirected frames (the netdev family came in Linux 6.3), so these are the devices named with --redirect-devices (or fast_path.redirect_devices); a device that cannot take them drops what is sent to it"
+        );
+    }
 }
 
 pub fn stats_json(
