@@ -67,25 +67,26 @@ fn tracked_entry(key: &FragmentKey, direction: u8) -> Option<*mut NatEntry> {
     }
 }
 
-/// The four checksums an ICMP error translation updates, before or after it.
+/// The three checksums every ICMP error translation updates, before or after it. The embedded
+/// TCP/UDP checksum, which a short quote lacks, is updated apart ([`inner_l4_after`]), inside
+/// the one branch that finds it: kernels before 6.6 cannot follow a second branch on the same
+/// condition (its operands spilled to the stack lose their bounds in the 6.1 verifier), and
+/// reject the program.
 struct IcmpChecks {
     outer_ip: u16,
     icmp: u16,
     inner_ip: u16,
-    /// The embedded TCP/UDP checksum, if the quote holds it.
-    inner_l4: Option<u16>,
 }
 
 /// The checksums after the embedded address and port change from `old_*` to `new_*` (and the
 /// outer address too when `outer_changes`). RFC 1624 updates, in the order `tests/src/model.rs`
-/// states: the embedded IPv4 and TCP/UDP checksums for the embedded address and port, the ICMP
-/// checksum for every embedded word that changed (address, embedded IPv4 checksum, port,
-/// embedded TCP/UDP checksum), and the outer IPv4 checksum for the outer address.
+/// states: the embedded IPv4 checksum for the embedded address, the ICMP checksum for every
+/// embedded word that changed (address, embedded IPv4 checksum, port; the embedded TCP/UDP
+/// checksum last, by the caller, with [`inner_l4_after`]), and the outer IPv4 checksum for the
+/// outer address.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn icmp_checks(
     old: &IcmpChecks,
-    proto: u8,
     old_addr: [u8; 4],
     new_addr: [u8; 4],
     old_port: [u8; 2],
@@ -93,13 +94,6 @@ fn icmp_checks(
     outer_changes: bool,
 ) -> IcmpChecks {
     let inner_ip = checksum::update_addr(old.inner_ip, old_addr, new_addr);
-    let inner_l4 = old.inner_l4.map(|c| {
-        if proto == IPPROTO_UDP {
-            checksum::update_udp_addr_port(c, old_addr, new_addr, old_port, new_port)
-        } else {
-            checksum::update_addr_port(c, old_addr, new_addr, old_port, new_port)
-        }
-    });
     let mut icmp = checksum::update_addr(old.icmp, old_addr, new_addr);
     icmp = checksum::update_word(icmp, old.inner_ip, inner_ip);
     icmp = checksum::update_word(
@@ -107,9 +101,6 @@ fn icmp_checks(
         u16::from_be_bytes(old_port),
         u16::from_be_bytes(new_port),
     );
-    if let (Some(old_l4), Some(new_l4)) = (old.inner_l4, inner_l4) {
-        icmp = checksum::update_word(icmp, old_l4, new_l4);
-    }
     let outer_ip = if outer_changes {
         checksum::update_addr(old.outer_ip, old_addr, new_addr)
     } else {
@@ -119,7 +110,54 @@ fn icmp_checks(
         outer_ip,
         icmp,
         inner_ip,
-        inner_l4,
+    }
+}
+
+/// The ICMP checksum with the embedded TCP/UDP checksum's change added last (as the model
+/// does), and the value to write through `e.inner_l4_check`: the updated checksum, or, where the
+/// quote holds none, the two bytes there unchanged. Reads without branching on whether the
+/// checksum is there (see [`IcmpError::inner_l4_check`]).
+///
+/// SAFETY: `e.inner_l4_check` must have been bounds-checked by the parser and still be valid.
+#[inline(always)]
+unsafe fn with_inner_l4(
+    c: &IcmpChecks,
+    e: &IcmpError,
+    old_addr: [u8; 4],
+    new_addr: [u8; 4],
+    old_port: [u8; 2],
+    new_port: [u8; 2],
+) -> (u16, u16) {
+    let old_l4 = u16::from_be_bytes(unsafe { *e.inner_l4_check });
+    if e.has_inner_l4_check {
+        let new_l4 = inner_l4_after(
+            old_l4,
+            e.inner_proto,
+            old_addr,
+            new_addr,
+            old_port,
+            new_port,
+        );
+        (checksum::update_word(c.icmp, old_l4, new_l4), new_l4)
+    } else {
+        (c.icmp, old_l4)
+    }
+}
+
+/// The embedded TCP/UDP checksum `check` after the embedded address and port change.
+#[inline(always)]
+fn inner_l4_after(
+    check: u16,
+    proto: u8,
+    old_addr: [u8; 4],
+    new_addr: [u8; 4],
+    old_port: [u8; 2],
+    new_port: [u8; 2],
+) -> u16 {
+    if proto == IPPROTO_UDP {
+        checksum::update_udp_addr_port(check, old_addr, new_addr, old_port, new_port)
+    } else {
+        checksum::update_addr_port(check, old_addr, new_addr, old_port, new_port)
     }
 }
 
@@ -133,7 +171,6 @@ unsafe fn icmp_old_checks(ip: &Ipv4, e: &IcmpError) -> IcmpChecks {
             outer_ip: u16::from_be_bytes((*ip.ip).check),
             icmp: u16::from_be_bytes(*e.icmp_check),
             inner_ip: u16::from_be_bytes((*e.inner_ip).check),
-            inner_l4: e.inner_l4_check.map(|p| u16::from_be_bytes(*p)),
         }
     }
 }
@@ -323,22 +360,22 @@ fn ingress_icmp_error(start: usize, end: usize, ip: &Ipv4) -> Outcome {
         let (new_addr, new_port) = ((*entry).addr, (*entry).port);
         let c = icmp_checks(
             &icmp_old_checks(ip, &e),
-            e.inner_proto,
             old_addr,
             new_addr,
             old_port,
             new_port,
             true,
         );
+        let (icmp, new_l4) = with_inner_l4(&c, &e, old_addr, new_addr, old_port, new_port);
+        // Without a quoted checksum this writes the embedded source port back as it was,
+        // before its new value below.
+        *e.inner_l4_check = new_l4.to_be_bytes();
         (*ip.ip).dst_addr = new_addr;
         (*ip.ip).check = c.outer_ip.to_be_bytes();
-        *e.icmp_check = c.icmp.to_be_bytes();
+        *e.icmp_check = icmp.to_be_bytes();
         (*e.inner_ip).src_addr = new_addr;
         (*e.inner_ip).check = c.inner_ip.to_be_bytes();
         (*e.inner_ports)[0] = new_port;
-        if let (Some(p), Some(check)) = (e.inner_l4_check, c.inner_l4) {
-            *p = check.to_be_bytes();
-        }
     }
     Outcome::IcmpErrorRewritten
 }
@@ -589,26 +626,18 @@ fn egress_icmp_error(ctx: &TcContext, start: usize, end: usize, ip: &Ipv4) -> Eg
     // SAFETY: a per-CPU map value.
     let (new_addr, new_port) = unsafe { ((*entry).addr, (*entry).port) };
     let outer_changes = outer_src == old_addr;
-    let c = icmp_checks(
-        &old,
-        e.inner_proto,
-        old_addr,
-        new_addr,
-        old_port,
-        new_port,
-        outer_changes,
-    );
+    let c = icmp_checks(&old, old_addr, new_addr, old_port, new_port, outer_changes);
     let offset = |p: usize| p - start;
     let outer_ip = offset(ip.ip as usize);
     let inner_ip = offset(e.inner_ip as usize);
     let inner_ports = offset(e.inner_ports as usize);
     let icmp_check = offset(e.icmp_check as usize);
 
-    // Deepest first: if the first store fails, nothing has changed yet.
-    let first = match (e.inner_l4_check, c.inner_l4) {
-        (Some(p), Some(check)) => ctx.store(offset(p as usize), &check.to_be_bytes(), 0),
-        _ => ctx.store(inner_ports + 2, &new_port, 0),
-    };
+    // Deepest first: if the first store fails, nothing has changed yet. Without a quoted
+    // checksum, the first store writes the embedded source port back as it was.
+    // SAFETY: the parser bounds-checked the pointer; no helper has changed the packet yet.
+    let (icmp, new_l4) = unsafe { with_inner_l4(&c, &e, old_addr, new_addr, old_port, new_port) };
+    let first = ctx.store(offset(e.inner_l4_check as usize), &new_l4.to_be_bytes(), 0);
     if first.is_err() {
         return Outcome::RewriteFailed.into();
     }
@@ -617,7 +646,7 @@ fn egress_icmp_error(ctx: &TcContext, start: usize, end: usize, ip: &Ipv4) -> Eg
         && ctx
             .store(inner_ip + 10, &c.inner_ip.to_be_bytes(), 0)
             .is_ok()
-        && ctx.store(icmp_check, &c.icmp.to_be_bytes(), 0).is_ok()
+        && ctx.store(icmp_check, &icmp.to_be_bytes(), 0).is_ok()
         && (!outer_changes
             || (ctx.store(outer_ip + 12, &new_addr, 0).is_ok()
                 && ctx

@@ -81,9 +81,14 @@ pub struct IcmpError {
     pub inner_ip: *mut Ipv4Hdr,
     /// The embedded packet's source and destination ports.
     pub inner_ports: *mut [[u8; 2]; 2],
-    /// The embedded TCP/UDP checksum, when the error quotes it (UDP's always is, within the 8
-    /// bytes; TCP's is 16 bytes in, which RFC 792 does not promise).
-    pub inner_l4_check: Option<*mut [u8; 2]>,
+    /// The embedded TCP/UDP checksum when the error quotes it (`has_inner_l4_check`: UDP's
+    /// always is, within the 8 bytes; TCP's is 16 bytes in, which RFC 792 does not promise);
+    /// else the embedded source port, so that the pointer is always valid. Users read and write
+    /// through it unconditionally and choose the *values* by the flag: a branch on whether it
+    /// exists, taken twice, is what kernels before 6.6 cannot verify (LLVM re-derives the
+    /// condition from lengths the 6.1 verifier has lost track of), and they reject the program.
+    pub inner_l4_check: *mut [u8; 2],
+    pub has_inner_l4_check: bool,
     pub inner_proto: u8,
 }
 
@@ -224,16 +229,18 @@ pub fn parse_icmp_error(start: usize, end: usize, ip: &Ipv4) -> Result<IcmpError
     } else {
         UDP_CHECK_OFFSET
     };
-    let inner_l4_check = if check_off + 2 <= room {
-        Some(ptr_at(start, end, inner_l4_off + check_off)?)
+    let has_inner_l4_check = check_off + 2 <= room;
+    let inner_l4_check = if has_inner_l4_check {
+        ptr_at(start, end, inner_l4_off + check_off)?
     } else {
-        None
+        inner_ports.cast()
     };
     Ok(IcmpError {
         icmp_check,
         inner_ip,
         inner_ports,
         inner_l4_check,
+        has_inner_l4_check,
         inner_proto,
     })
 }

@@ -6,9 +6,12 @@
 //!   second command, and what CI runs).
 //! - `cargo xtask fuzz`: the differential tests with a random seed and many more frames.
 //! - `cargo xtask bench`: the benchmark.
+//! - `cargo xtask vm`: the privileged tests that matter most on Debian 12's own kernel (6.1),
+//!   in a QEMU VM.
 
 mod demo;
 mod setup;
+mod vm;
 
 use std::{
     io::{BufRead, BufReader},
@@ -54,6 +57,15 @@ enum Task {
         #[arg(long, conflicts_with = "quick")]
         smoke: bool,
     },
+    /// Run privileged tests in a QEMU VM on a distribution's kernel (software emulation).
+    Vm {
+        /// The kernel: debian-6.1 (Debian 12's).
+        #[arg(long, default_value = "debian-6.1")]
+        kernel: String,
+        /// Tests to run (exact names, e.g. integration::e2e::forwarding_native_xdp); the VM
+        /// subset when none are given.
+        tests: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -64,6 +76,7 @@ fn main() -> ExitCode {
         Task::Test => setup::ensure().and_then(|()| test()),
         Task::Fuzz { packets, seed } => setup::ensure().and_then(|()| fuzz(packets, seed)),
         Task::Bench { quick, smoke } => setup::ensure().and_then(|()| bench(quick, smoke)),
+        Task::Vm { kernel, tests } => setup::ensure().and_then(|()| vm::run_vm(&kernel, &tests)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -30,6 +30,11 @@ const PACKAGES: &[&str] = &[
     // WireGuard in userspace (this kernel has no module) and `wg` to configure it.
     "wireguard-go",
     "wireguard-tools",
+    // `cargo xtask vm`: QEMU, busybox for the initramfs, depmod and modprobe for the guest
+    // kernel's modules.
+    "qemu-system-x86",
+    "busybox-static",
+    "kmod",
     // The benchmark plot's font.
     "fonts-dejavu-core",
     "llvm-22-dev",

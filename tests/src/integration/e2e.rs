@@ -16,7 +16,20 @@ use crate::kit::{
 };
 use serde_json::Value;
 
-use super::common::{TempPinDir, counter, pf_in, pf_list, pf_ok, pf_stats, require_root, traffic};
+use super::common::{
+    TempPinDir, counter, kernel_version, pf_in, pf_list, pf_ok, pf_stats, require_root, traffic,
+};
+
+/// How many egress filters on pub0 in `ns` run the program `name`, as `tc` lists them.
+fn egress_filters_running(ns: &crate::kit::netns::Netns, name: &str) -> usize {
+    let out = ns
+        .run(&["tc", "filter", "show", "dev", PUBLIC_IFACE, "egress"])
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("name {name} ")))
+        .count()
+}
 
 /// IDs of the BPF links (XDP or TCX) whose program is one of pf's.
 fn pf_link_ids() -> BTreeSet<u64> {
@@ -146,13 +159,18 @@ fn forwarding_scenario(mode: &str, path: Path) {
         );
     }
     let our_links: BTreeSet<u64> = pf_link_ids().difference(&links_before).copied().collect();
-    let want_links = if path == Path::Kernel { 2 } else { 3 };
+    // The egress program is a TCX link from 6.6, a netlink filter (no link) before.
+    let tcx = kernel_version() >= (6, 6);
+    let want_links = usize::from(tcx) + if path == Path::Kernel { 1 } else { 2 };
     assert_eq!(
         our_links.len(),
         want_links,
-        "one XDP and one TCX link on pub0 (and one XDP link on tun0 with the fast path): \
-         {our_links:?}"
+        "one XDP link on pub0, its egress TCX link (from 6.6), and one XDP link on tun0 with the \
+         fast path: {our_links:?}"
     );
+    if !tcx {
+        assert_eq!(egress_filters_running(&topo.server, "pf_egress"), 1);
+    }
     pf_ok(
         &dir,
         &[
@@ -289,6 +307,7 @@ fn forwarding_scenario(mode: &str, path: Path) {
     }
     let left: Vec<u64> = pf_link_ids().intersection(&our_links).copied().collect();
     assert!(left.is_empty(), "links {left:?} survived detach");
+    assert_eq!(egress_filters_running(&topo.server, "pf_egress"), 0);
     assert_eq!(pf_stats(&dir)["attached"], serde_json::json!([]));
     assert_eq!(
         topo.inet

@@ -1,0 +1,395 @@
+//! `cargo xtask vm`: pf's privileged tests inside a QEMU VM running a distribution's own kernel
+//! (Debian 12's Linux 6.1), where VPN servers really run.
+//!
+//! - The kernel is Debian's package, fetched with `apt-get download` and unpacked (modules
+//!   included, `depmod` run on them) under `target/vm/KERNEL/`, once.
+//! - The VM boots it with a small initramfs (busybox and the modules 9p needs) whose init mounts
+//!   this machine's `/` read-only over virtio-9p and switches to it: the guest runs the tools,
+//!   the `pf` binary and the test binary built here, with tmpfs on /tmp and /run, bpffs, and the
+//!   guest kernel's modules loaded from the unpacked package (also for the kernel's own
+//!   requests, through `/proc/sys/kernel/modprobe`).
+//! - QEMU runs in software emulation (TCG): `/dev/kvm` on these machines is a nested PVM that
+//!   hangs stock kernels (see TOOLCHAIN.md). Timings in the VM mean nothing; correctness does.
+//! - The guest prints the tests' output on its serial console, then `pf-vm: exit N`; no line,
+//!   or N other than 0, fails the run.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::{build_pf, cargo, root, run};
+
+/// A kernel the VM can boot.
+pub struct Kernel {
+    /// Its name on the command line (`--kernel`).
+    pub name: &'static str,
+    /// The Debian package that depends on the versioned image package.
+    meta_package: &'static str,
+    /// The versioned image package's name starts with this.
+    image_prefix: &'static str,
+}
+
+pub const KERNELS: &[Kernel] = &[Kernel {
+    name: "debian-6.1",
+    meta_package: "linux-image-amd64",
+    image_prefix: "linux-image-6.1.",
+}];
+
+/// The privileged tests the VM runs: forwarding (TCP, UDP, a range, release, detach) with the
+/// service, ICMP errors and fragments, WireGuard with the kernel's own module, the egress hook
+/// as a netlink filter (the only one before 6.6) with the service's restart and adoption, and
+/// the options that depend on the kernel.
+pub const VM_TESTS: &[&str] = &[
+    "integration::cli::kernel_dependent_attach_options",
+    "integration::e2e::forwarding_native_xdp",
+    "integration::e2e::icmp_errors_and_fragments",
+    "integration::tc_netlink::egress_by_netlink_filter",
+    "integration::wireguard::wireguard_default_mode",
+];
+
+/// The longest a VM run may take before it is killed and fails.
+const VM_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The unpacked kernel: its `vmlinuz`, its modules' root (for `modprobe -d`) and version.
+struct Unpacked {
+    vmlinuz: PathBuf,
+    root: PathBuf,
+    version: String,
+}
+
+/// Fetches and unpacks `kernel` under `dir`, once.
+fn unpack(kernel: &Kernel, dir: &Path) -> Result<Unpacked> {
+    let root = dir.join("root");
+    if !root.join("boot").is_dir() {
+        let depends = output(Command::new("apt-cache").args(["depends", kernel.meta_package]))?;
+        let package = depends
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("Depends: "))
+            .find(|p| p.starts_with(kernel.image_prefix))
+            .with_context(|| {
+                format!(
+                    "{} depends on no {}* package: {depends}",
+                    kernel.meta_package, kernel.image_prefix
+                )
+            })?
+            .to_string();
+        fs::create_dir_all(dir)?;
+        // Not `run`, which runs from the workspace root: the .deb lands in the current directory.
+        output(
+            Command::new("apt-get")
+                .args(["download", &package])
+                .current_dir(dir),
+        )?;
+        let deb = fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&package))
+            })
+            .with_context(|| format!("apt-get download left no {package}*.deb in {dir:?}"))?;
+        let partial = dir.join("root.partial");
+        let _ = fs::remove_dir_all(&partial);
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&partial))?;
+        fs::remove_file(&deb)?;
+        fs::rename(&partial, &root)?;
+    }
+    let boot = root.join("boot");
+    let vmlinuz = fs::read_dir(&boot)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .with_context(|| format!("no vmlinuz in {boot:?}"))?;
+    let version = vmlinuz
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_start_matches("vmlinuz-")
+        .to_string();
+    let modules = root.join("lib/modules").join(&version);
+    if !modules.join("modules.dep").exists() {
+        run(Command::new("depmod").arg("-b").arg(&root).arg(&version))?;
+    }
+    Ok(Unpacked {
+        vmlinuz,
+        root,
+        version,
+    })
+}
+
+/// `names` and every module they depend on, each after its dependencies (from modules.dep).
+fn load_order(modules: &Path, names: &[&str]) -> Result<Vec<PathBuf>> {
+    let dep = fs::read_to_string(modules.join("modules.dep"))?;
+    let deps = |path: &str| -> Vec<String> {
+        dep.lines()
+            .find_map(|l| l.strip_prefix(&format!("{path}:")))
+            .map(|rest| rest.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default()
+    };
+    let path_of = |name: &str| -> Result<String> {
+        dep.lines()
+            .filter_map(|l| l.split(':').next())
+            .find(|p| p.ends_with(&format!("/{name}.ko")))
+            .map(str::to_string)
+            .with_context(|| format!("module {name} is not in {modules:?}"))
+    };
+    fn visit(
+        path: String,
+        deps: &dyn Fn(&str) -> Vec<String>,
+        seen: &mut BTreeSet<String>,
+        order: &mut Vec<String>,
+    ) {
+        if !seen.insert(path.clone()) {
+            return;
+        }
+        for d in deps(&path) {
+            visit(d, deps, seen, order);
+        }
+        order.push(path);
+    }
+    let (mut seen, mut order) = (BTreeSet::new(), Vec::new());
+    for name in names {
+        visit(path_of(name)?, &deps, &mut seen, &mut order);
+    }
+    Ok(order.into_iter().map(|p| modules.join(p)).collect())
+}
+
+/// The initramfs: busybox, the 9p modules in load order, and an init that mounts this machine's
+/// `/` and switches to the stage-2 script named on the kernel's command line.
+fn initramfs(kernel: &Unpacked, dir: &Path) -> Result<PathBuf> {
+    let tree = dir.join("initramfs");
+    let _ = fs::remove_dir_all(&tree);
+    for sub in ["bin", "modules", "proc", "dev", "newroot"] {
+        fs::create_dir_all(tree.join(sub))?;
+    }
+    fs::copy("/bin/busybox", tree.join("bin/busybox")).context("busybox (busybox-static)")?;
+    let modules = kernel.root.join("lib/modules").join(&kernel.version);
+    for (i, module) in load_order(&modules, &["virtio_pci", "9pnet_virtio", "9p"])?
+        .iter()
+        .enumerate()
+    {
+        let name = module.file_name().unwrap().to_string_lossy().into_owned();
+        fs::copy(module, tree.join("modules").join(format!("{i:02}-{name}")))?;
+    }
+    let init = r#"#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t devtmpfs dev /dev
+for m in /modules/*.ko; do /bin/busybox insmod "$m" || echo "pf-vm: insmod $m failed"; done
+stage2=$(/bin/busybox sed -n 's/.*pf\.stage2=\([^ ]*\).*/\1/p' /proc/cmdline)
+/bin/busybox mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose,ro hostroot /newroot || echo "pf-vm: exit 97"
+/bin/busybox umount /proc
+/bin/busybox umount /dev
+exec /bin/busybox switch_root /newroot /bin/sh "$stage2"
+"#;
+    fs::write(tree.join("init"), init)?;
+    run(Command::new("chmod").arg("0755").arg(tree.join("init")))?;
+    let image = dir.join("initramfs.gz");
+    output(
+        Command::new("sh")
+            .arg("-c")
+            .arg("find . | /bin/busybox cpio -o -H newc 2>/dev/null | gzip -1 > \"$0\"")
+            .arg(&image)
+            .current_dir(&tree),
+    )?;
+    Ok(image)
+}
+
+/// The pf-tests library's test binary, built here (the VM runs it from this machine's disk).
+fn test_binary() -> Result<PathBuf> {
+    let out = output(cargo().current_dir(root()).args([
+        "test",
+        "--package",
+        "pf-tests",
+        "--lib",
+        "--no-run",
+        "--message-format=json",
+    ]))?;
+    out.lines()
+        .filter(|l| l.contains("\"executable\":\"") && l.contains("\"test\":true"))
+        .find_map(|l| {
+            let start = l.find("\"executable\":\"")? + "\"executable\":\"".len();
+            let end = l[start..].find('"')?;
+            Some(PathBuf::from(&l[start..start + end]))
+        })
+        .context("cargo built no pf-tests test binary")
+}
+
+/// The script the guest runs once it has switched to this machine's `/`.
+fn stage2(kernel: &Unpacked, pf: &Path, tests: &Path, filters: &[&str]) -> String {
+    let modules_root = kernel.root.display();
+    let filters: Vec<String> = filters.iter().map(|f| format!("'{f}'")).collect();
+    format!(
+        r#"set -u
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+mount -t tmpfs run /run
+mount -t bpf bpf /sys/fs/bpf
+mkdir -p /run/netns /run/lock
+ip link set lo up
+# The kernel asks for modules through this; the guest's are in the unpacked package.
+printf '#!/bin/sh\nexec /usr/sbin/modprobe -d {modules_root} "$@"\n' > /run/modprobe
+chmod 0755 /run/modprobe
+echo /run/modprobe > /proc/sys/kernel/modprobe
+for m in veth tun wireguard sch_ingress cls_bpf; do
+    /run/modprobe "$m" || echo "pf-vm: modprobe $m failed"
+done
+echo "pf-vm: kernel $(uname -r), $(nproc) CPUs"
+cd {root}
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp CI=true
+export PF_BIN={pf} RUST_BACKTRACE=1
+{tests} --exact --test-threads=1 --color never {filters}
+echo "pf-vm: exit $?"
+echo o > /proc/sysrq-trigger
+sleep 30
+"#,
+        root = root().display(),
+        pf = pf.display(),
+        tests = tests.display(),
+        filters = filters.join(" "),
+    )
+}
+
+/// Boots `kernel` and runs `filters` (the VM subset when empty); fails unless every test
+/// passed.
+pub fn run_vm(kernel_name: &str, filters: &[String]) -> Result<()> {
+    let kernel = KERNELS
+        .iter()
+        .find(|k| k.name == kernel_name)
+        .with_context(|| {
+            let names: Vec<&str> = KERNELS.iter().map(|k| k.name).collect();
+            format!("no kernel {kernel_name:?} (have {names:?})")
+        })?;
+    let dir = root().join("target/vm").join(kernel.name);
+    let started = Instant::now();
+    let unpacked = unpack(kernel, &dir)?;
+    let initramfs = initramfs(&unpacked, &dir)?;
+    let pf = build_pf()?;
+    let tests = test_binary()?;
+    let filters: Vec<&str> = if filters.is_empty() {
+        VM_TESTS.to_vec()
+    } else {
+        filters.iter().map(String::as_str).collect()
+    };
+    let script = dir.join("stage2.sh");
+    fs::write(&script, stage2(&unpacked, &pf, &tests, &filters))?;
+    eprintln!(
+        "xtask: booting Debian's {} under QEMU (TCG) for {} tests",
+        unpacked.version,
+        filters.len()
+    );
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args([
+        "-accel",
+        "tcg,thread=multi",
+        "-cpu",
+        "max",
+        "-smp",
+        "2",
+        "-m",
+        "2048",
+    ])
+    .args(["-nographic", "-no-reboot", "-nic", "none"])
+    .arg("-kernel")
+    .arg(&unpacked.vmlinuz)
+    .arg("-initrd")
+    .arg(&initramfs)
+    .arg("-append")
+    .arg(format!(
+        "console=ttyS0 panic=-1 loglevel=3 pf.stage2={}",
+        script.display()
+    ))
+    .args([
+        "-virtfs",
+        "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    eprintln!("xtask: running {qemu:?}");
+    let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
+    let stdout = child.stdout.take().expect("piped");
+    let (lines_tx, lines_rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + VM_TIMEOUT;
+    let mut exit = None;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines_rx.recv_timeout(left) {
+            Ok(line) => {
+                println!("vm| {line}");
+                if let Some(code) = line.trim().strip_prefix("pf-vm: exit ") {
+                    exit = code.trim().parse::<i32>().ok();
+                }
+                if let Some(rest) = line.trim().strip_prefix("test result: ") {
+                    let count = |word: &str| {
+                        rest.split("; ")
+                            .find_map(|p| {
+                                p.trim_start_matches("ok. ")
+                                    .trim_start_matches("FAILED. ")
+                                    .strip_suffix(word)
+                            })
+                            .and_then(|n| n.trim().parse::<u64>().ok())
+                            .unwrap_or(0)
+                    };
+                    passed += count(" passed");
+                    failed += count(" failed");
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the VM ran longer than {VM_TIMEOUT:?} and was killed");
+            }
+        }
+    }
+    let status = child.wait()?;
+    let took = started.elapsed().as_secs();
+    match exit {
+        Some(0) if passed > 0 && failed == 0 => {
+            eprintln!(
+                "xtask: vm {}: {passed} passed on {} in {took} s (qemu {status})",
+                kernel.name, unpacked.version
+            );
+            Ok(())
+        }
+        Some(code) => bail!(
+            "vm {}: tests exited {code} ({passed} passed, {failed} failed) on {}",
+            kernel.name,
+            unpacked.version
+        ),
+        None => bail!(
+            "vm {}: the guest never reported its tests' exit (qemu {status}); see the console above",
+            kernel.name
+        ),
+    }
+}
