@@ -44,11 +44,18 @@ pub const KERNELS: &[Kernel] = &[Kernel {
     image_prefix: "linux-image-6.1.",
 }];
 
-/// The privileged tests the VM runs: forwarding (TCP, UDP, a range, release, detach) with the
-/// service, ICMP errors and fragments, WireGuard with the kernel's own module, the egress hook
-/// as a netlink filter (the only one before 6.6) with the service's restart and adoption, and
-/// the options that depend on the kernel.
+/// The privileged tests the VM runs: the fixture tables and the differential tests (the programs
+/// as this kernel's verifier and JIT made them, byte for byte against the model), forwarding
+/// (TCP, UDP, a range, release, detach) with the service, ICMP errors and fragments, WireGuard
+/// with the kernel's own module, the egress hook as a netlink filter (the only one before 6.6)
+/// with the service's restart and adoption, and the options that depend on the kernel.
 pub const VM_TESTS: &[&str] = &[
+    "integration::fixtures::ingress_fixtures",
+    "integration::fixtures::egress_fixtures",
+    "integration::fixtures::egress_tunnel_source_fixtures",
+    "integration::differential::corpus_agrees_with_the_model",
+    "integration::differential::ingress_agrees_with_the_model",
+    "integration::differential::egress_agrees_with_the_model",
     "integration::cli::kernel_dependent_attach_options",
     "integration::e2e::forwarding_native_xdp",
     "integration::e2e::icmp_errors_and_fragments",
@@ -272,8 +279,8 @@ sleep 30
 }
 
 /// Boots `kernel` and runs `filters` (the VM subset when empty); fails unless every test
-/// passed.
-pub fn run_vm(kernel_name: &str, filters: &[String]) -> Result<()> {
+/// passed. Returns how many passed.
+pub fn run_vm(kernel_name: &str, filters: &[String]) -> Result<u64> {
     let kernel = KERNELS
         .iter()
         .find(|k| k.name == kernel_name)
@@ -380,7 +387,7 @@ pub fn run_vm(kernel_name: &str, filters: &[String]) -> Result<()> {
                 "xtask: vm {}: {passed} passed on {} in {took} s (qemu {status})",
                 kernel.name, unpacked.version
             );
-            Ok(())
+            Ok(passed)
         }
         Some(code) => bail!(
             "vm {}: tests exited {code} ({passed} passed, {failed} failed) on {}",
