@@ -66,6 +66,10 @@ enum Task {
         /// Tests to run (exact names, e.g. integration::e2e::forwarding_native_xdp); the VM
         /// subset when none are given.
         tests: Vec<String>,
+        /// Then run the benchmark's forwarding section with the kernel's pktgen (emulated:
+        /// ratios only).
+        #[arg(long)]
+        bench: bool,
     },
 }
 
@@ -77,9 +81,11 @@ fn main() -> ExitCode {
         Task::Test => setup::ensure().and_then(|()| test()),
         Task::Fuzz { packets, seed } => setup::ensure().and_then(|()| fuzz(packets, seed)),
         Task::Bench { quick, smoke } => setup::ensure().and_then(|()| bench(quick, smoke)),
-        Task::Vm { kernel, tests } => {
-            setup::ensure().and_then(|()| vm::run_vm(&kernel, &tests).map(drop))
-        }
+        Task::Vm {
+            kernel,
+            tests,
+            bench,
+        } => setup::ensure().and_then(|()| vm::run_vm(&kernel, &tests, bench).map(drop)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -213,7 +219,7 @@ fn test() -> Result<()> {
         &mut tally,
     )?;
     // The same tests that matter most, on Debian 12's own kernel (6.1) in a VM.
-    tally.0 += vm::run_vm(vm::KERNELS[0].name, &[])?;
+    tally.0 += vm::run_vm(vm::KERNELS[0].name, &[], true)?;
     bench(false, true)?;
     ensure!(tally.0 > 0, "no test ran");
     println!("xtask: {} passed, {} failed", tally.0, tally.1);

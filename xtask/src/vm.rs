@@ -241,8 +241,39 @@ fn test_binary() -> Result<PathBuf> {
         .context("cargo built no pf-tests test binary")
 }
 
-/// The script the guest runs once it has switched to this machine's `/`.
-fn stage2(kernel: &Unpacked, pf: &Path, tests: &Path, filters: &[&str]) -> String {
+/// The bench example, built with optimisations (the forwarding section runs in the VM with the
+/// kernel's pktgen).
+fn bench_binary() -> Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "pf-tests",
+        "--features",
+        "bench",
+        "--example",
+        "bench",
+    ]))?;
+    Ok(root().join("target/release/examples/bench"))
+}
+
+/// The script the guest runs once it has switched to this machine's `/`: the tests, then (with
+/// `bench`) the benchmark's forwarding section with pktgen, labelled as emulated.
+fn stage2(
+    kernel: &Unpacked,
+    pf: &Path,
+    tests: &Path,
+    filters: &[&str],
+    bench: Option<&Path>,
+) -> String {
+    let bench = bench.map_or(String::new(), |b| {
+        format!(
+            "if [ $status = 0 ]; then
+    PF_BENCH_EMULATED=1 timeout 300 {} --smoke --only forwarding --generator pktgen --out /tmp/bench
+    echo \"pf-vm: bench exit $?\"\nfi\n",
+            b.display()
+        )
+    });
     let modules_root = kernel.root.display();
     let filters: Vec<String> = filters.iter().map(|f| format!("'{f}'")).collect();
     format!(
@@ -250,8 +281,15 @@ fn stage2(kernel: &Unpacked, pf: &Path, tests: &Path, filters: &[&str]) -> Strin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp
 mount -t tmpfs run /run
+# The workspace may be under /tmp (a fresh clone), which a tmpfs is about to cover: keep it
+# reachable at its own path.
+mkdir /run/workspace
+mount --bind {root} /run/workspace
+mount -t tmpfs tmp /tmp
+case {root} in
+    /tmp/*) mkdir -p {root} && mount --bind /run/workspace {root} ;;
+esac
 mount -t bpf bpf /sys/fs/bpf
 mkdir -p /run/netns /run/lock
 ip link set lo up
@@ -259,15 +297,16 @@ ip link set lo up
 printf '#!/bin/sh\nexec /usr/sbin/modprobe -d {modules_root} "$@"\n' > /run/modprobe
 chmod 0755 /run/modprobe
 echo /run/modprobe > /proc/sys/kernel/modprobe
-for m in veth tun wireguard sch_ingress cls_bpf; do
+for m in veth tun wireguard sch_ingress cls_bpf pktgen nf_tables nft_chain_nat nf_nat; do
     /run/modprobe "$m" || echo "pf-vm: modprobe $m failed"
 done
 echo "pf-vm: kernel $(uname -r), $(nproc) CPUs"
 cd {root}
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp CI=true
 export PF_BIN={pf} RUST_BACKTRACE=1
-{tests} --exact --test-threads=1 --color never {filters}
-echo "pf-vm: exit $?"
+timeout 1080 {tests} --exact --test-threads=1 --color never {filters}
+status=$?
+{bench}echo "pf-vm: exit $status"
 echo o > /proc/sysrq-trigger
 sleep 30
 "#,
@@ -278,9 +317,10 @@ sleep 30
     )
 }
 
-/// Boots `kernel` and runs `filters` (the VM subset when empty); fails unless every test
-/// passed. Returns how many passed.
-pub fn run_vm(kernel_name: &str, filters: &[String]) -> Result<u64> {
+/// Boots `kernel` and runs `filters` (the VM subset when empty), then with `bench` the
+/// benchmark's forwarding section with pktgen; fails unless every test passed (and the bench
+/// ran). Returns how many tests passed.
+pub fn run_vm(kernel_name: &str, filters: &[String], bench: bool) -> Result<u64> {
     let kernel = KERNELS
         .iter()
         .find(|k| k.name == kernel_name)
@@ -294,13 +334,17 @@ pub fn run_vm(kernel_name: &str, filters: &[String]) -> Result<u64> {
     let initramfs = initramfs(&unpacked, &dir)?;
     let pf = build_pf()?;
     let tests = test_binary()?;
+    let bench_bin = if bench { Some(bench_binary()?) } else { None };
     let filters: Vec<&str> = if filters.is_empty() {
         VM_TESTS.to_vec()
     } else {
         filters.iter().map(String::as_str).collect()
     };
     let script = dir.join("stage2.sh");
-    fs::write(&script, stage2(&unpacked, &pf, &tests, &filters))?;
+    fs::write(
+        &script,
+        stage2(&unpacked, &pf, &tests, &filters, bench_bin.as_deref()),
+    )?;
     eprintln!(
         "xtask: booting Debian's {} under QEMU (TCG) for {} tests",
         unpacked.version,
@@ -347,6 +391,7 @@ pub fn run_vm(kernel_name: &str, filters: &[String]) -> Result<u64> {
     });
     let deadline = Instant::now() + VM_TIMEOUT;
     let mut exit = None;
+    let mut bench_exit = None;
     let (mut passed, mut failed) = (0u64, 0u64);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -355,6 +400,9 @@ pub fn run_vm(kernel_name: &str, filters: &[String]) -> Result<u64> {
                 println!("vm| {line}");
                 if let Some(code) = line.trim().strip_prefix("pf-vm: exit ") {
                     exit = code.trim().parse::<i32>().ok();
+                }
+                if let Some(code) = line.trim().strip_prefix("pf-vm: bench exit ") {
+                    bench_exit = code.trim().parse::<i32>().ok();
                 }
                 if let Some(rest) = line.trim().strip_prefix("test result: ") {
                     let count = |word: &str| {
@@ -381,6 +429,12 @@ pub fn run_vm(kernel_name: &str, filters: &[String]) -> Result<u64> {
     }
     let status = child.wait()?;
     let took = started.elapsed().as_secs();
+    if bench && exit == Some(0) && bench_exit != Some(0) {
+        bail!(
+            "vm {}: the benchmark's forwarding section with pktgen failed ({bench_exit:?}); see the console above",
+            kernel.name
+        );
+    }
     match exit {
         Some(0) if passed > 0 && failed == 0 => {
             eprintln!(

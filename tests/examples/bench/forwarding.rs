@@ -2,11 +2,13 @@
 //! UDP frames from the internet host to a reserved public port, counted at the tunnel client only
 //! if they arrive with the rewritten destination.
 //!
-//! The generator is `pf_bench_gen` run with BPF_PROG_TEST_RUN in live-frames mode on inet0 (this
-//! kernel has no pktgen; see ../shared/TOOLCHAIN.md): each frame leaves by XDP_TX into the
-//! server's pub0. The generator thread is pinned to one CPU, and everything the frame causes
-//! (pub0's XDP and receive, routing, netfilter, tun0's transmit, the client's receive) runs in
-//! softirq on that same CPU, so a figure is what one core delivers, generator cost included.
+//! The generator is the kernel's pktgen where the kernel has it ([`crate::pktgen`]; Debian's
+//! kernels do), and otherwise `pf_bench_gen` run with BPF_PROG_TEST_RUN in live-frames mode on
+//! inet0 (this host's kernel has no pktgen; see ../shared/TOOLCHAIN.md): each frame leaves by
+//! XDP_TX into the server's pub0. Either runs on the last CPU (the live-frames thread pinned
+//! there, pktgen's thread bound to it), and everything the frame causes (pub0's XDP and
+//! receive, routing, netfilter, tun0's transmit, the client's receive) runs in softirq on that
+//! same CPU, so a figure is what one core delivers, generator cost included.
 //!
 //! Configurations, each on a topology of its own:
 //! - `ceiling`: pub0 drops the frames in XDP (`pf_bench_sink`): arrival rate, no forwarding.
@@ -37,7 +39,7 @@ use aya::{
 };
 use pf::{
     domain::spec::Protocols,
-    kernel::attach::{self, AttachMode, AttachOptions, Role},
+    kernel::attach::{self, AttachMode, AttachOptions, DeviceChoice, Role},
     kernel::bpffs::PinDir,
     kernel::state::State,
 };
@@ -157,13 +159,90 @@ fn mac(ns: &Netns, iface: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
-/// The generator, loaded with the frame's headers and flow count.
-struct Generator {
+/// Which generator sends the frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GeneratorKind {
+    /// The kernel's pktgen.
+    Pktgen,
+    /// `pf_bench_gen` in live-frames mode.
+    LiveFrames,
+}
+
+impl GeneratorKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            GeneratorKind::Pktgen => "pktgen",
+            GeneratorKind::LiveFrames => "live-frames",
+        }
+    }
+}
+
+/// A generator set up for one (configuration, flows) measurement.
+enum Generator {
+    LiveFrames(LiveFrames),
+    Pktgen(crate::pktgen::Pktgen),
+}
+
+impl Generator {
+    fn new(
+        kind: GeneratorKind,
+        topology: &Topology,
+        dest: (Ipv4Addr, u16),
+        flows: u32,
+    ) -> Result<Self, String> {
+        match kind {
+            GeneratorKind::LiveFrames => {
+                LiveFrames::new(topology, dest, flows).map(Generator::LiveFrames)
+            }
+            GeneratorKind::Pktgen => {
+                let src: Ipv4Addr = INTERNET_IP.parse().unwrap();
+                let dst_mac = mac(&topology.server, PUBLIC_IFACE)?;
+                topology
+                    .inet
+                    .within(move || {
+                        crate::pktgen::Pktgen::configure(
+                            "inet0",
+                            src,
+                            dest,
+                            dst_mac,
+                            FIRST_SRC_PORT,
+                            flows,
+                        )
+                    })
+                    .map_err(|e| e.to_string())?
+                    .map(Generator::Pktgen)
+            }
+        }
+    }
+
+    /// Sends for `seconds` from inet0; returns the frames sent and the time it took.
+    fn send(self, inet: &Netns, seconds: f64) -> Result<(Self, u64, Duration), String> {
+        match self {
+            Generator::LiveFrames(g) => {
+                let (g, sent, took) = g.send(inet, seconds)?;
+                Ok((Generator::LiveFrames(g), sent, took))
+            }
+            Generator::Pktgen(g) => {
+                let ns_path = inet.path();
+                let (g, sent, took) = inet
+                    .within(move || -> Result<_, String> {
+                        let (sent, took) = g.send(&ns_path, seconds)?;
+                        Ok((g, sent, took))
+                    })
+                    .map_err(|e| e.to_string())??;
+                Ok((Generator::Pktgen(g), sent, took))
+            }
+        }
+    }
+}
+
+/// `pf_bench_gen`, loaded with the frame's headers and flow count.
+struct LiveFrames {
     ebpf: Ebpf,
     frame: Vec<u8>,
 }
 
-impl Generator {
+impl LiveFrames {
     fn new(topology: &Topology, dest: (Ipv4Addr, u16), flows: u32) -> Result<Self, String> {
         let src: Ipv4Addr = INTERNET_IP.parse().unwrap();
         let mut pkt = Pkt::udp(src.octets(), FIRST_SRC_PORT, dest.0.octets(), dest.1);
@@ -367,12 +446,20 @@ pub fn setup(config: Config) -> Result<Setup, String> {
         topology
             .server
             .within(move || {
+                // A kernel before 6.3 cannot say which devices take redirected frames: the
+                // bench names the two that can here (tun0, whose peer has the sink's XDP, and
+                // pub0), as an admin would.
+                let devices = match pf::kernel::netdev::redirect_targets() {
+                    Ok(None) => DeviceChoice::Named(vec!["tun0".into(), PUBLIC_IFACE.into()]),
+                    _ => DeviceChoice::Kernel,
+                };
                 attach::attach(
                     &PinDir::new(dir_path),
                     PUBLIC_IFACE,
                     &AttachOptions {
                         mode: AttachMode::Native,
                         role,
+                        devices,
                         ..AttachOptions::default()
                     },
                 )
@@ -402,8 +489,14 @@ fn fast_path_redirected(setup: &Setup, config: Config) -> Result<Option<u64>, St
 }
 
 /// One (configuration, flows) measurement: every repetition.
-fn measure(setup: &Setup, config: Config, flows: u32, profile: &Profile) -> Result<Value, String> {
-    let mut generator = Generator::new(&setup.topology, config.destination(), flows)?;
+fn measure(
+    setup: &Setup,
+    config: Config,
+    flows: u32,
+    profile: &Profile,
+    kind: GeneratorKind,
+) -> Result<Value, String> {
+    let mut generator = Generator::new(kind, &setup.topology, config.destination(), flows)?;
     // Warm-up: resolves the client's neighbour entry and fills conntrack, not measured.
     let (g, _, _) = generator.send(&setup.topology.inet, profile.forward_seconds.min(0.2))?;
     generator = g;
@@ -460,16 +553,43 @@ fn measure(setup: &Setup, config: Config, flows: u32, profile: &Profile) -> Resu
     Ok(json!({
         "configuration": config.name(),
         "flows": flows,
+        "generator": kind.name(),
         "runs": runs,
         "median_delivered_pps": m,
     }))
 }
 
-pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
+/// Runs every configuration with the generator `wanted` (pktgen where the kernel has it, when
+/// not given).
+pub fn run(profile: &Profile, wanted: Option<GeneratorKind>) -> Result<Vec<Value>, String> {
+    let kind = match wanted {
+        Some(kind) => kind,
+        None => {
+            let probe = Netns::new(&format!("pfb{}-probe", std::process::id()))
+                .map_err(|e| format!("a namespace to look for pktgen in: {e}"))?;
+            if crate::pktgen::available(&probe) {
+                GeneratorKind::Pktgen
+            } else {
+                GeneratorKind::LiveFrames
+            }
+        }
+    };
+    if kind == GeneratorKind::Pktgen {
+        let probe = Netns::new(&format!("pfb{}-probe", std::process::id()))
+            .map_err(|e| format!("a namespace to look for pktgen in: {e}"))?;
+        if !crate::pktgen::available(&probe) {
+            return Err("--generator pktgen: this kernel has no pktgen (/proc/net/pktgen)".into());
+        }
+    }
     println!();
     println!(
-        "forwarding: 64-byte UDP, one core (generator included), {} s per repetition",
-        profile.forward_seconds
+        "forwarding: 64-byte UDP, one core (generator included), {} s per repetition, generator: {}",
+        profile.forward_seconds,
+        match kind {
+            GeneratorKind::Pktgen => "the kernel's pktgen",
+            GeneratorKind::LiveFrames =>
+                "pf_bench_gen in live-frames mode (this kernel has no pktgen)",
+        }
     );
     println!(
         "{:<28} {:>6} {:>12} {:>12}",
@@ -479,7 +599,7 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
     for config in Config::ALL {
         let setup = setup(config)?;
         for &flows in profile.flows {
-            results.push(measure(&setup, config, flows, profile)?);
+            results.push(measure(&setup, config, flows, profile, kind)?);
         }
     }
     Ok(results)
@@ -495,6 +615,11 @@ fn find(results: &[Value], config: Config, flows: u32) -> Option<f64> {
 /// The forwarding table with each figure's ratio to nftables DNAT and to the ceiling.
 pub fn summary(results: &[Value]) {
     println!("forwarding summary (delivered Mpps, median)");
+    if crate::emulated() {
+        println!(
+            "EMULATED (cargo xtask vm: QEMU software emulation): the rates mean nothing; this run proves the path works"
+        );
+    }
     println!(
         "{:<28} {:>6} {:>10} {:>14} {:>14}",
         "configuration", "flows", "Mpps", "vs nftables", "vs ceiling"

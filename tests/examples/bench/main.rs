@@ -17,6 +17,7 @@
 mod control;
 mod forwarding;
 mod per_packet;
+mod pktgen;
 mod plot;
 mod service;
 mod tcp;
@@ -152,6 +153,11 @@ fn output(words: &[&str]) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// Whether this run is inside `cargo xtask vm`'s emulated machine.
+pub fn emulated() -> bool {
+    std::env::var_os("PF_BENCH_EMULATED").is_some()
+}
+
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -185,13 +191,34 @@ fn main() {
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1))
         .cloned();
-    if let Err(e) = run(&profile, &out_dir, only.as_deref()) {
+    // `--generator pktgen|live-frames`: the forwarding section's generator (default: pktgen
+    // where the kernel has it).
+    let generator = match args
+        .iter()
+        .position(|a| a == "--generator")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+    {
+        None => None,
+        Some("pktgen") => Some(forwarding::GeneratorKind::Pktgen),
+        Some("live-frames") => Some(forwarding::GeneratorKind::LiveFrames),
+        Some(other) => {
+            eprintln!("bench: error: unknown generator '{other}' (pktgen or live-frames)");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(&profile, &out_dir, only.as_deref(), generator) {
         eprintln!("bench: error: {e}");
         std::process::exit(1);
     }
 }
 
-fn run(profile: &Profile, out_dir: &Path, only: Option<&str>) -> Result<(), String> {
+fn run(
+    profile: &Profile,
+    out_dir: &Path,
+    only: Option<&str>,
+    generator: Option<forwarding::GeneratorKind>,
+) -> Result<(), String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err("the benchmark loads BPF programs and makes namespaces: run it as root".into());
@@ -223,7 +250,7 @@ fn run(profile: &Profile, out_dir: &Path, only: Option<&str>) -> Result<(), Stri
         service = service::run(profile)?;
     }
     if wanted("forwarding") {
-        forwarding = forwarding::run(profile)?;
+        forwarding = forwarding::run(profile, generator)?;
     }
     if wanted("tcp") {
         tcp = tcp::run(profile)?;
@@ -245,6 +272,9 @@ fn run(profile: &Profile, out_dir: &Path, only: Option<&str>) -> Result<(), Stri
         "kernel": output(&["uname", "-r"]),
         "cpu_model": cpu_model(),
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        // Set by `cargo xtask vm`: the run was in QEMU's software emulation, where rates mean
+        // nothing and only ratios within the run are worth reading.
+        "emulated": emulated(),
         "repetitions": profile.repetitions,
         "per_packet": { "repeat": profile.repeat, "results": per_packet },
         "control_plane": control,
