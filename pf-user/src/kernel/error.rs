@@ -124,6 +124,9 @@ pub enum PfError {
     )]
     CannotTakeRedirects(String),
 
+    #[error("nftables set {set}: {detail}")]
+    Netfilter { set: String, detail: String },
+
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,

@@ -7,7 +7,8 @@
 //!   of an attachment.
 //! - [`bpffs`]: the pin directory. [`bpfinfo`]: pinned links and their programs' maps.
 //! - [`netdev`]: devices (XDP features, Ethernet or not); `tc`: the egress hook's netlink
-//!   filters before TCX; `netlink`: the socket both use. [`privilege`]: the capability check.
+//!   filters before TCX; `netlink`: the socket both use. [`nftset`]: the nftables set of
+//!   reserved targets that the server's ruleset matches. [`privilege`]: the capability check.
 //! - [`error`]: [`PfError`], the one error type of this layer.
 
 pub mod attach;
@@ -18,6 +19,7 @@ pub mod error;
 pub mod host;
 pub mod netdev;
 mod netlink;
+pub mod nftset;
 pub mod object;
 pub mod privilege;
 pub mod state;

@@ -19,6 +19,7 @@ use crate::{
     kernel::{
         attach::{AttachMode, DeviceChoice, Role, TcAttach},
         bpffs::DEFAULT_PIN_DIR,
+        nftset::NftSet,
     },
 };
 
@@ -87,7 +88,15 @@ struct RawConfig {
     interfaces: Vec<RawInterface>,
     #[serde(default)]
     fast_path: RawFastPath,
+    #[serde(default)]
+    netfilter: RawNetfilter,
     policy: RawPolicy,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetfilter {
+    set: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -176,6 +185,8 @@ pub struct Config {
     /// Which devices the fast paths may redirect to: the kernel's word, or (before Linux 6.3,
     /// which cannot say) `fast_path.redirect_devices`.
     pub fast_path_devices: DeviceChoice,
+    /// `netfilter.set`: the nftables set kept holding every reservation's target endpoints.
+    pub netfilter_set: Option<NftSet>,
     pub policy: Policy,
 }
 
@@ -330,6 +341,11 @@ impl Config {
                 reconcile_removal_limit,
             },
             interfaces,
+            netfilter_set: raw
+                .netfilter
+                .set
+                .map(|s| s.parse().map_err(|e| format!("netfilter.set: {e}")))
+                .transpose()?,
             fast_path_devices: match raw.fast_path.redirect_devices {
                 Some(names) => DeviceChoice::Named(names),
                 None => DeviceChoice::Kernel,
@@ -402,6 +418,14 @@ mod tests {
                 "role 'inside' of eth0",
             ),
             ("[service]\nsocket = 3\n", "line 2"),
+            (
+                "[netfilter]\nset = \"pf forwarded\"\n[policy]\npublic_ips = [\"198.51.100.1\"]\ntarget_networks = [\"10.8.0.0/16\"]",
+                "netfilter.set: 'pf forwarded' is not an nftables set",
+            ),
+            (
+                "[policy]\npublic_ips = [\"198.51.100.1\"]\ntarget_networks = [\"10.8.0.0/16\"]\n[[interfaces]]\nname = \"eth0\"\ntc_attach = \"maybe\"",
+                "eth0: unknown TC attach method 'maybe'",
+            ),
             (
                 "[policy]\npublic_ips = [\"10.8.0.1\"]\ntarget_networks = [\"10.8.0.0/16\"]",
                 "10.8.0.0/16 holds the public IP 10.8.0.1",

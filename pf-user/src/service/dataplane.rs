@@ -12,6 +12,7 @@ use crate::{
         PfError,
         attach::{self, Attachment},
         bpffs::PinDir,
+        nftset::NftSet,
         state::State,
     },
 };
@@ -79,11 +80,33 @@ pub trait DataPlane: Send {
 pub struct KernelDataPlane {
     dir: PinDir,
     map_ids: Option<[u32; 8]>,
+    /// The nftables set kept equal to the maps' reservations, if the config names one.
+    netfilter: Option<NftSet>,
 }
 
 impl KernelDataPlane {
     pub fn new(dir: PinDir) -> Self {
-        Self { dir, map_ids: None }
+        Self {
+            dir,
+            map_ids: None,
+            netfilter: None,
+        }
+    }
+
+    /// Keeps `set` holding the target endpoints of every reservation in the maps.
+    pub fn with_netfilter_set(mut self, set: Option<NftSet>) -> Self {
+        self.netfilter = set;
+        self
+    }
+
+    fn wrap(&self, state: State) -> Box<dyn Maps> {
+        match &self.netfilter {
+            Some(set) => Box::new(WithNetfilterSet {
+                maps: state,
+                set: set.clone(),
+            }),
+            None => Box::new(state),
+        }
     }
 }
 
@@ -92,17 +115,76 @@ impl DataPlane for KernelDataPlane {
         let Some(want) = self.map_ids else {
             let state = State::open_for_write(&self.dir)?;
             self.map_ids = Some(state.map_ids());
-            return Ok(Box::new(state));
+            return Ok(self.wrap(state));
         };
         let state = State::open_existing_for_write(&self.dir)?;
         if state.map_ids() != want {
             return Err(PfError::MapsReplaced(self.dir.root().to_path_buf()));
         }
-        Ok(Box::new(state))
+        Ok(self.wrap(state))
     }
 
     fn attachments(&self) -> Vec<Attachment> {
         attach::inspect(&self.dir)
+    }
+}
+
+/// The maps, with the nftables set of reserved targets following them: added after the maps
+/// (a set that fails undoes the maps' write, so the change is refused whole), removed after
+/// them (a set that fails then is logged and left to the next start's reconcile: the port has
+/// stopped forwarding, which matters first), and made exact by the reconcile's prune.
+struct WithNetfilterSet {
+    maps: State,
+    set: NftSet,
+}
+
+impl WithNetfilterSet {
+    fn forget(&self, r: &Reservation) {
+        if let Err(e) = self.set.delete(std::slice::from_ref(r)) {
+            eprintln!(
+                "pf serve: {r} no longer forwards, but its target stays in the set until the next start: {e}"
+            );
+        }
+    }
+}
+
+impl Maps for WithNetfilterSet {
+    fn list(&self) -> Result<Vec<Reservation>, PfError> {
+        self.maps.list()
+    }
+    fn reserve_all(&mut self, rs: &[Reservation]) -> Result<(), PfError> {
+        self.maps.reserve_all(rs)?;
+        if let Err(e) = self.set.add(rs) {
+            for r in rs {
+                let _ = self.maps.release_exact(r);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+    fn release(&mut self, spec: &PublicSpec) -> Result<Reservation, PfError> {
+        let r = self.maps.release(spec)?;
+        self.forget(&r);
+        Ok(r)
+    }
+    fn release_exact(&mut self, r: &Reservation) -> Result<Reservation, PfError> {
+        let r = self.maps.release_exact(r)?;
+        self.forget(&r);
+        Ok(r)
+    }
+    fn is_complete(&self, r: &Reservation) -> Result<bool, PfError> {
+        self.maps.is_complete(r)
+    }
+    fn prune(&mut self, keep: &[Reservation]) -> Result<Vec<String>, PfError> {
+        let removed = self.maps.prune(keep)?;
+        self.set.replace(keep)?;
+        Ok(removed)
+    }
+    fn tunnel_networks(&self) -> Result<Vec<Ipv4Net>, PfError> {
+        self.maps.tunnel_networks()
+    }
+    fn set_tunnel_networks(&mut self, networks: &[Ipv4Net]) -> Result<(), PfError> {
+        self.maps.set_tunnel_networks(networks)
     }
 }
 

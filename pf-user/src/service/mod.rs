@@ -286,9 +286,15 @@ pub fn run(config: Config, options: StartOptions) -> Result<(), ServeError> {
         "opening the audit log {}",
         service.audit_log.display()
     )))?;
+    // A set the ruleset does not declare refuses the start, before anything changes.
+    if let Some(set) = &config.netfilter_set {
+        set.check()?;
+    }
     let mut engine = Engine::new(
         Box::new(store),
-        Box::new(dataplane::KernelDataPlane::new(dir)),
+        Box::new(
+            dataplane::KernelDataPlane::new(dir).with_netfilter_set(config.netfilter_set.clone()),
+        ),
         config.policy.clone(),
         audit,
     )?;
