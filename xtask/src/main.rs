@@ -146,6 +146,22 @@ fn build_pf_profile(release: bool) -> Result<PathBuf> {
         .join("pf"))
 }
 
+/// (passed, failed) from a libtest "test result:" line.
+pub fn test_result_counts(line: &str) -> Option<(u64, u64)> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let count = |word: &str| {
+        rest.split("; ")
+            .find_map(|part| {
+                part.trim_start_matches("ok. ")
+                    .trim_start_matches("FAILED. ")
+                    .strip_suffix(word)
+            })
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Some((count(" passed"), count(" failed")))
+}
+
 /// Runs a `cargo test` command, echoing its output, and adds its "test result" lines to
 /// `tally` (passed, failed).
 fn run_tests(cmd: &mut Command, tally: &mut (u64, u64)) -> Result<()> {
@@ -158,19 +174,9 @@ fn run_tests(cmd: &mut Command, tally: &mut (u64, u64)) -> Result<()> {
     for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
         let line = line?;
         println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            let count = |word: &str| {
-                rest.split("; ")
-                    .find_map(|part| {
-                        part.trim_start_matches("ok. ")
-                            .trim_start_matches("FAILED. ")
-                            .strip_suffix(word)
-                    })
-                    .and_then(|n| n.trim().parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            tally.0 += count(" passed");
-            tally.1 += count(" failed");
+        if let Some((passed, failed)) = test_result_counts(&line) {
+            tally.0 += passed;
+            tally.1 += failed;
         }
     }
     let status = child.wait()?;
@@ -270,18 +276,20 @@ fn bench(quick: bool, smoke: bool) -> Result<()> {
     let out = out.to_str().context("UTF-8 path")?.to_string();
     // The service section runs the real `pf serve`, optimised as the other figures are.
     let pf = build_pf_release()?;
-    run(cargo().env("PF_BIN", &pf).args([
-        "run",
-        "--release",
-        "--package",
-        "pf-tests",
-        "--features",
-        "bench",
-        "--example",
-        "bench",
-        "--",
-        profile,
-        "--out",
-        &out,
-    ]))
+    run(cargo()
+        .env("PF_BIN", &pf)
+        .arg("run")
+        .args(BENCH_EXAMPLE)
+        .args(["--", profile, "--out", &out]))
 }
+
+/// Cargo's arguments that name the bench example, optimised, with its eBPF object.
+pub const BENCH_EXAMPLE: [&str; 7] = [
+    "--release",
+    "--package",
+    "pf-tests",
+    "--features",
+    "bench",
+    "--example",
+    "bench",
+];

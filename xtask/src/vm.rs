@@ -26,7 +26,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::{build_pf, cargo, root, run};
+use crate::{build_pf, cargo, root, run, test_result_counts};
 
 /// A kernel the VM can boot.
 pub struct Kernel {
@@ -48,8 +48,10 @@ pub const KERNELS: &[Kernel] = &[Kernel {
 /// as this kernel's verifier and JIT made them, byte for byte against the model), forwarding
 /// (TCP, UDP, a range, release, detach) with the service, ICMP errors and fragments, WireGuard
 /// with the kernel's own module, the egress hook as a netlink filter (the only one before 6.6)
-/// with the service's restart and adoption, and the options that depend on the kernel.
+/// with the service's restart and adoption, the shipped nftables ruleset over the kernel's
+/// WireGuard, and the options that depend on the kernel.
 pub const VM_TESTS: &[&str] = &[
+    "integration::netfilter::netfilter_ruleset_over_wireguard",
     "integration::fixtures::ingress_fixtures",
     "integration::fixtures::egress_fixtures",
     "integration::fixtures::egress_tunnel_source_fixtures",
@@ -244,16 +246,7 @@ fn test_binary() -> Result<PathBuf> {
 /// The bench example, built with optimisations (the forwarding section runs in the VM with the
 /// kernel's pktgen).
 fn bench_binary() -> Result<PathBuf> {
-    run(cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "pf-tests",
-        "--features",
-        "bench",
-        "--example",
-        "bench",
-    ]))?;
+    run(cargo().arg("build").args(crate::BENCH_EXAMPLE))?;
     Ok(root().join("target/release/examples/bench"))
 }
 
@@ -404,19 +397,9 @@ pub fn run_vm(kernel_name: &str, filters: &[String], bench: bool) -> Result<u64>
                 if let Some(code) = line.trim().strip_prefix("pf-vm: bench exit ") {
                     bench_exit = code.trim().parse::<i32>().ok();
                 }
-                if let Some(rest) = line.trim().strip_prefix("test result: ") {
-                    let count = |word: &str| {
-                        rest.split("; ")
-                            .find_map(|p| {
-                                p.trim_start_matches("ok. ")
-                                    .trim_start_matches("FAILED. ")
-                                    .strip_suffix(word)
-                            })
-                            .and_then(|n| n.trim().parse::<u64>().ok())
-                            .unwrap_or(0)
-                    };
-                    passed += count(" passed");
-                    failed += count(" failed");
+                if let Some((p, f)) = test_result_counts(&line) {
+                    passed += p;
+                    failed += f;
                 }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,

@@ -116,6 +116,18 @@ struct RawService {
     reconcile_removal_limit: Option<f64>,
 }
 
+/// An interface's `mode` or `tc_attach`: "auto" when unset; an error names the interface.
+fn interface_key<T: std::str::FromStr<Err = String>>(
+    iface: &str,
+    value: &Option<String>,
+) -> Result<T, String> {
+    value
+        .as_deref()
+        .unwrap_or("auto")
+        .parse()
+        .map_err(|e| format!("interfaces: {iface}: {e}"))
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawInterface {
@@ -301,18 +313,8 @@ impl Config {
                         ));
                     }
                 };
-                let mode = i
-                    .mode
-                    .as_deref()
-                    .unwrap_or("auto")
-                    .parse()
-                    .map_err(|e| format!("interfaces: {}: {e}", i.name))?;
-                let tc = i
-                    .tc_attach
-                    .as_deref()
-                    .unwrap_or("auto")
-                    .parse()
-                    .map_err(|e| format!("interfaces: {}: {e}", i.name))?;
+                let mode = interface_key(&i.name, &i.mode)?;
+                let tc = interface_key(&i.name, &i.tc_attach)?;
                 Ok(InterfaceConfig {
                     name: i.name,
                     role,

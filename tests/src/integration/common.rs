@@ -295,3 +295,55 @@ pub fn kernel_version() -> (u32, u32) {
         .map(|p| p.parse::<u32>().unwrap());
     (parts.next().unwrap(), parts.next().unwrap())
 }
+
+/// Reserves each `(PORT/PROTO on the public IP, target port on the client)` through the
+/// service.
+pub fn reserve_to_client(dir: &TempPinDir, reservations: &[(&str, u16)]) {
+    use crate::kit::topology::{CLIENT_IP, PUBLIC_IP};
+    for (public, target) in reservations {
+        pf_ok(
+            dir,
+            &[
+                "reserve",
+                &format!("{PUBLIC_IP}:{public}"),
+                "--to",
+                &format!("{CLIENT_IP}:{target}"),
+            ],
+        );
+    }
+}
+
+/// A datagram from the internet host to `PUBLIC_IP:public_port`, whose target has no listener:
+/// the client's port unreachable must come back through pf as the internet host would expect
+/// it, from the public address and about the public port (so its connected socket gets
+/// ECONNREFUSED).
+pub fn assert_port_unreachable_from_public(inet: &Netns, public_port: u16) {
+    use std::{io::ErrorKind, time::Duration};
+
+    use crate::kit::{
+        topology::{INTERNET_IP, PUBLIC_IP},
+        traffic::{IcmpCapture, error_fields, ip, udp_answer},
+    };
+    let capture = IcmpCapture::open(inet);
+    assert_eq!(
+        udp_answer(inet, ("0.0.0.0", 40700), (PUBLIC_IP, public_port)),
+        Err(ErrorKind::ConnectionRefused),
+        "the internet host's socket"
+    );
+    let error = capture
+        .error_where(Duration::from_secs(3), |p| error_fields(p).1 == 3)
+        .expect("a port unreachable at the internet host");
+    assert_eq!(
+        error_fields(&error),
+        (
+            ip(PUBLIC_IP),
+            3,
+            3,
+            ip(INTERNET_IP),
+            40700,
+            ip(PUBLIC_IP),
+            public_port
+        ),
+        "the error as the internet host received it: from the public address, about the public port"
+    );
+}

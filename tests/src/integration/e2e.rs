@@ -12,12 +12,13 @@ use std::{
 
 use crate::kit::{
     topology::{CLIENT_IP, INTERNET_IP, PUBLIC_IFACE, PUBLIC_IP, Topology},
-    traffic::{IcmpCapture, Servers, error_fields, ip, udp_answer, udp_round_trip, web_root},
+    traffic::{Servers, udp_answer, udp_round_trip, web_root},
 };
 use serde_json::Value;
 
 use super::common::{
-    TempPinDir, counter, kernel_version, pf_in, pf_list, pf_ok, pf_stats, require_root, traffic,
+    TempPinDir, assert_port_unreachable_from_public, counter, kernel_version, pf_in, pf_list,
+    pf_ok, pf_stats, require_root, reserve_to_client, traffic,
 };
 
 /// How many egress filters on pub0 in `ns` run the program `name`, as `tc` lists them.
@@ -365,21 +366,10 @@ fn icmp_errors_and_fragments() {
     servers.tcp_sink(&topo.client, 80);
     servers.udp_echo(&topo.client, 5300);
     pf_in(&topo.server, &dir, &["attach", PUBLIC_IFACE]);
-    for (public, target) in [
-        ("8080/tcp", "80"),
-        ("5353/udp", "5300"),
-        ("7000/udp", "7000"),
-    ] {
-        pf_ok(
-            &dir,
-            &[
-                "reserve",
-                &format!("{PUBLIC_IP}:{public}"),
-                "--to",
-                &format!("{CLIENT_IP}:{target}"),
-            ],
-        );
-    }
+    reserve_to_client(
+        &dir,
+        &[("8080/tcp", 80), ("5353/udp", 5300), ("7000/udp", 7000)],
+    );
     let icmp_counts = || {
         let stats = pf_stats(&dir);
         (
@@ -389,28 +379,7 @@ fn icmp_errors_and_fragments() {
     };
 
     // 1. Port unreachable from the tunnel client, seen on the internet host.
-    let capture = IcmpCapture::open(&topo.inet);
-    assert_eq!(
-        udp_answer(&topo.inet, ("0.0.0.0", 40700), (PUBLIC_IP, 7000)),
-        Err(ErrorKind::ConnectionRefused),
-        "the internet host's socket"
-    );
-    let error = capture
-        .error_where(Duration::from_secs(3), |p| error_fields(p).1 == 3)
-        .expect("a port unreachable at the internet host");
-    assert_eq!(
-        error_fields(&error),
-        (
-            ip(PUBLIC_IP),
-            3,
-            3,
-            ip(INTERNET_IP),
-            40700,
-            ip(PUBLIC_IP),
-            7000
-        ),
-        "the error as the internet host received it: from the public address, about the public port"
-    );
+    assert_port_unreachable_from_public(&topo.inet, 7000);
     let (_, egress_icmp) = icmp_counts();
     assert!(
         egress_icmp >= 1,

@@ -20,7 +20,7 @@ use crate::kit::{
     wireguard::{SERVER_WG, WireguardTopology},
 };
 
-use super::common::{TempPinDir, pf_bin, pf_ok, require_root};
+use super::common::{TempPinDir, pf_bin, pf_ok, require_root, reserve_to_client};
 
 /// dist/pf.nft for this topology's interfaces.
 fn ruleset(tunnel: &str) -> String {
@@ -128,17 +128,10 @@ fn scenario(inet: &Netns, server: &Netns, client: &Netns, tunnel: &str) {
     let mut servers = Servers::new();
     servers.http(client, 80);
     servers.http(client, 2222);
-    for (public, target) in [("8080/tcp", 80), ("9000/udp", 9000), ("9001/udp", 9001)] {
-        pf_ok(
-            &dir,
-            &[
-                "reserve",
-                &format!("{PUBLIC_IP}:{public}"),
-                "--to",
-                &format!("{CLIENT_IP}:{target}"),
-            ],
-        );
-    }
+    reserve_to_client(
+        &dir,
+        &[("8080/tcp", 80), ("9000/udp", 9000), ("9001/udp", 9001)],
+    );
     let elements = set_elements(server);
     for want in [
         "10.8.0.2 . tcp . 80",

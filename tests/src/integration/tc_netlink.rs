@@ -6,11 +6,13 @@
 
 use crate::kit::{
     netns::Netns,
-    topology::{CLIENT_IP, INTERNET_IP, PUBLIC_IFACE, PUBLIC_IP, Topology},
+    topology::{INTERNET_IP, PUBLIC_IFACE, PUBLIC_IP, Topology},
     traffic::{Servers, udp_round_trip},
 };
 
-use super::common::{TempPinDir, counter, pf, pf_in, pf_in_ns, pf_ok, pf_stats, require_root};
+use super::common::{
+    TempPinDir, counter, pf, pf_in, pf_in_ns, pf_stats, require_root, reserve_to_client,
+};
 use crate::kit::serve::TEST_POLICY;
 
 /// `tc filter show dev pub0 egress`, as text.
@@ -99,17 +101,7 @@ fn egress_by_netlink_filter() {
         "{stats}"
     );
     assert_eq!(stats["egress_hooks"][PUBLIC_IFACE], "netlink", "{stats}");
-    for (public, target) in [("8080/tcp", "80"), ("5353/udp", "5300")] {
-        pf_ok(
-            &dir,
-            &[
-                "reserve",
-                &format!("{PUBLIC_IP}:{public}"),
-                "--to",
-                &format!("{CLIENT_IP}:{target}"),
-            ],
-        );
-    }
+    reserve_to_client(&dir, &[("8080/tcp", 80), ("5353/udp", 5300)]);
     assert!(forwards(&topo), "forwarding with the egress filter");
     assert!(counter(&pf_stats(&dir), "egress", "rewritten") > 0);
 

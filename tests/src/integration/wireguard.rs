@@ -10,11 +10,14 @@ use std::{
 
 use crate::kit::{
     topology::{CLIENT_IP, GATEWAY_TUNNEL_IP, INTERNET_IP, PUBLIC_IFACE, PUBLIC_IP},
-    traffic::{IcmpCapture, Servers, error_fields, ip, udp_answer, udp_round_trip},
+    traffic::{Servers, udp_answer, udp_round_trip},
     wireguard::{CLIENT_WG, Implementation, SERVER_WG, WireguardTopology},
 };
 
-use super::common::{TempPinDir, counter, pf_in, pf_in_ns, pf_ok, pf_stats, require_root, traffic};
+use super::common::{
+    TempPinDir, assert_port_unreachable_from_public, counter, pf_in, pf_in_ns, pf_ok, pf_stats,
+    require_root, reserve_to_client, traffic,
+};
 
 fn topology(name: &str) -> WireguardTopology {
     let topo = WireguardTopology::new(&format!("pf{}{name}", std::process::id()))
@@ -29,19 +32,6 @@ fn tunnel_carries_ping(topo: &WireguardTopology) -> bool {
         .cmd(&["ping", "-c", "1", "-W", "2", GATEWAY_TUNNEL_IP])
         .output()
         .is_ok_and(|o| o.status.success())
-}
-
-/// Reserves `public` (`PORT/PROTO` on the public IP) for `CLIENT_IP:target`.
-fn reserve(dir: &TempPinDir, public: &str, target: u16) {
-    pf_ok(
-        dir,
-        &[
-            "reserve",
-            &format!("{PUBLIC_IP}:{public}"),
-            "--to",
-            &format!("{CLIENT_IP}:{target}"),
-        ],
-    );
 }
 
 /// A 4 MB upload from the internet host to `PUBLIC_IP:port`, whose target answers with the
@@ -88,10 +78,15 @@ fn wireguard_default_mode() {
 
     pf_in(&topo.server, &dir, &["attach", PUBLIC_IFACE]);
     assert!(tunnel_carries_ping(&topo), "the tunnel with pf attached");
-    reserve(&dir, "8080/tcp", 80);
-    reserve(&dir, "8090/tcp", 90);
-    reserve(&dir, "5353/udp", 5300);
-    reserve(&dir, "7000/udp", 7000);
+    reserve_to_client(
+        &dir,
+        &[
+            ("8080/tcp", 80),
+            ("8090/tcp", 90),
+            ("5353/udp", 5300),
+            ("7000/udp", 7000),
+        ],
+    );
     pf_ok(
         &dir,
         &[
@@ -124,28 +119,7 @@ fn wireguard_default_mode() {
     }
 
     // The client's port unreachable, through the tunnel and pf, at the internet host.
-    let capture = IcmpCapture::open(&topo.inet);
-    assert_eq!(
-        udp_answer(&topo.inet, ("0.0.0.0", 40700), (PUBLIC_IP, 7000)),
-        Err(ErrorKind::ConnectionRefused),
-        "the internet host's socket"
-    );
-    let error = capture
-        .error_where(Duration::from_secs(3), |p| error_fields(p).1 == 3)
-        .expect("a port unreachable at the internet host");
-    assert_eq!(
-        error_fields(&error),
-        (
-            ip(PUBLIC_IP),
-            3,
-            3,
-            ip(INTERNET_IP),
-            40700,
-            ip(PUBLIC_IP),
-            7000
-        ),
-        "from the public address, about the public port"
-    );
+    assert_port_unreachable_from_public(&topo.inet, 7000);
     // The internet host's port unreachable, at the client's socket on its forwarded port.
     assert_eq!(
         udp_answer(&topo.client, (CLIENT_IP, 7000), (INTERNET_IP, 40999)),
@@ -267,8 +241,7 @@ fn wireguard_fast_path_falls_back() {
             topo.implementation
         );
     }
-    reserve(&dir, "8080/tcp", 80);
-    reserve(&dir, "5353/udp", 5300);
+    reserve_to_client(&dir, &[("8080/tcp", 80), ("5353/udp", 5300)]);
 
     assert_eq!(
         topo.inet
