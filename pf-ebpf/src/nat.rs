@@ -367,8 +367,8 @@ fn ingress_icmp_error(start: usize, end: usize, ip: &Ipv4) -> Outcome {
             true,
         );
         let (icmp, new_l4) = with_inner_l4(&c, &e, old_addr, new_addr, old_port, new_port);
-        // Without a quoted checksum this writes the embedded source port back as it was,
-        // before its new value below.
+        // Without a quoted checksum this writes the embedded destination port back as it was
+        // (ingress changes only the source port).
         *e.inner_l4_check = new_l4.to_be_bytes();
         (*ip.ip).dst_addr = new_addr;
         (*ip.ip).check = c.outer_ip.to_be_bytes();
@@ -634,7 +634,8 @@ fn egress_icmp_error(ctx: &TcContext, start: usize, end: usize, ip: &Ipv4) -> Eg
     let icmp_check = offset(e.icmp_check as usize);
 
     // Deepest first: if the first store fails, nothing has changed yet. Without a quoted
-    // checksum, the first store writes the embedded source port back as it was.
+    // checksum, the first store writes the embedded destination port back as it was, and the
+    // next gives it its new value.
     // SAFETY: the parser bounds-checked the pointer; no helper has changed the packet yet.
     let (icmp, new_l4) = unsafe { with_inner_l4(&c, &e, old_addr, new_addr, old_port, new_port) };
     let first = ctx.store(offset(e.inner_l4_check as usize), &new_l4.to_be_bytes(), 0);

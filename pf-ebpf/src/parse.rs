@@ -83,7 +83,7 @@ pub struct IcmpError {
     pub inner_ports: *mut [[u8; 2]; 2],
     /// The embedded TCP/UDP checksum when the error quotes it (`has_inner_l4_check`: UDP's
     /// always is, within the 8 bytes; TCP's is 16 bytes in, which RFC 792 does not promise);
-    /// else the embedded source port, so that the pointer is always valid. Users read and write
+    /// else the embedded destination port, so that the pointer is always valid. Users read and write
     /// through it unconditionally and choose the *values* by the flag: a branch on whether it
     /// exists, taken twice, is what kernels before 6.6 cannot verify (LLVM re-derives the
     /// condition from lengths the 6.1 verifier has lost track of), and they reject the program.
@@ -230,10 +230,14 @@ pub fn parse_icmp_error(start: usize, end: usize, ip: &Ipv4) -> Result<IcmpError
         UDP_CHECK_OFFSET
     };
     let has_inner_l4_check = check_off + 2 <= room;
+    // The fallback is the embedded destination port: ingress never changes it, and egress
+    // writes it anyway, so writing it back unchanged first keeps egress's deepest-first order.
     let inner_l4_check = if has_inner_l4_check {
         ptr_at(start, end, inner_l4_off + check_off)?
     } else {
-        inner_ports.cast()
+        // SAFETY: within the ports just bounds-checked (taken from that pointer, so the
+        // verifier sees the same checked range).
+        unsafe { &raw mut (*inner_ports)[1] }
     };
     Ok(IcmpError {
         icmp_check,

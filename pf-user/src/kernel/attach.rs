@@ -8,7 +8,8 @@
 //!
 //! The egress hook is a TCX link where the kernel has TCX (6.6), pinned as `tc`; before that a
 //! `cls_bpf` filter on the clsact qdisc ([`super::tc`]), which is no BPF object: its program is
-//! pinned as `tc_netlink` instead, and the filter found again by that program's id.
+//! pinned as `tc_netlink_ns<INODE>` instead (the filter's network namespace), and the filter
+//! found again by that program's id.
 //!
 //! Every attach, detach and `pf refresh` also refills the fast paths' device maps from what the
 //! kernel says at that moment ([`refresh_devices`]).
@@ -46,8 +47,29 @@ fn load_for(dir: &PinDir, role: Role) -> Result<Programs, PfError> {
 
 /// The pin of the egress TCX link.
 const TC_LINK: &str = "tc";
-/// The pin of the egress program, where its hook is a netlink filter (no link to pin).
-const TC_NETLINK_PROGRAM: &str = "tc_netlink";
+/// The pin of the egress program, where its hook is a netlink filter (no link to pin), is
+/// this prefix and the inode of the network namespace the filter is in: netlink answers only
+/// for the caller's namespace, and an interface of the same name elsewhere is another one.
+const TC_NETLINK_PROGRAM: &str = "tc_netlink_ns";
+
+/// The calling thread's network namespace, by inode.
+fn netns_inode() -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata("/proc/thread-self/ns/net")?.ino())
+}
+
+/// `iface`'s egress program pin, where its hook is a netlink filter, and the namespace it
+/// records.
+fn netlink_pin(dir: &PinDir, iface: &str) -> Option<(std::path::PathBuf, u64)> {
+    std::fs::read_dir(dir.iface_links(iface))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .find_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let inode = name.strip_prefix(TC_NETLINK_PROGRAM)?.parse().ok()?;
+            Some((e.path(), inode))
+        })
+}
 
 /// The oldest kernel pf runs on, and why: the newest of the features it cannot do without.
 /// - 5.9: XDP attached by a BPF link (pinned, so it outlives pf; its ifindex readable).
@@ -489,10 +511,10 @@ fn attach_programs(
             .map(drop)
             .map_err(|e| chain(&e)),
         Some(Egress::Netlink(link)) => {
-            match programs
-                .egress_mut()
-                .pin(dir.link(iface, TC_NETLINK_PROGRAM))
-            {
+            let pin = netns_inode()
+                .map(|inode| dir.link(iface, &format!("{TC_NETLINK_PROGRAM}{inode}")))
+                .map_err(|e| format!("reading this network namespace: {e}"));
+            match pin.and_then(|pin| programs.egress_mut().pin(pin).map_err(|e| chain(&e))) {
                 // The filter stays when the link is forgotten: nothing detaches it but
                 // `remove_links`, which finds it by the pinned program's id.
                 Ok(()) => {
@@ -501,7 +523,7 @@ fn attach_programs(
                 }
                 Err(e) => {
                     let _ = link.detach();
-                    Err(chain(&e))
+                    Err(e)
                 }
             }
         }
@@ -645,10 +667,8 @@ fn link_pins(dir: &PinDir, iface: &str) -> Vec<std::path::PathBuf> {
     Role::ALL
         .iter()
         .map(|r| dir.link(iface, r.xdp_link()))
-        .chain([
-            dir.link(iface, TC_LINK),
-            dir.link(iface, TC_NETLINK_PROGRAM),
-        ])
+        .chain([dir.link(iface, TC_LINK)])
+        .chain(netlink_pin(dir, iface).map(|(pin, _)| pin))
         .collect()
 }
 
@@ -657,14 +677,22 @@ enum EgressFilterLookup {
     Found(tc::EgressFilter),
     /// The interface is here, the filter is not.
     Gone,
-    /// No such interface here: removed, or in another namespace (netlink, unlike a BPF link,
-    /// answers only for the caller's namespace).
+    /// The filter is in another network namespace than the caller's (netlink, unlike a BPF
+    /// link, answers only for the caller's), or its interface is gone.
     NotHere,
 }
 
-/// Looks for `iface`'s egress filter running the program pinned at `pin`.
-fn own_egress_filter(pin: &std::path::Path, iface: &str) -> io::Result<EgressFilterLookup> {
+/// Looks for `iface`'s egress filter running the program pinned at `pin`, in the namespace
+/// `netns` (an inode) the pin records.
+fn own_egress_filter(
+    pin: &std::path::Path,
+    netns: u64,
+    iface: &str,
+) -> io::Result<EgressFilterLookup> {
     let prog_id = bpfinfo::pinned_program_id(pin)?;
+    if netns_inode()? != netns {
+        return Ok(EgressFilterLookup::NotHere);
+    }
     let Some(ifindex) = netdev::ifindex(iface) else {
         return Ok(EgressFilterLookup::NotHere);
     };
@@ -678,8 +706,16 @@ fn own_egress_filter(pin: &std::path::Path, iface: &str) -> io::Result<EgressFil
 /// pin. A filter already gone leaves just the pin to remove; one on an interface in another
 /// namespace is refused (removing the pin alone would leave the filter running there). Run
 /// before the XDP link is unpinned: that link says whether the interface still exists.
-fn remove_egress_filter(dir: &PinDir, pin: &std::path::Path, iface: &str) -> Result<(), PfError> {
-    let lookup = own_egress_filter(pin, iface)
+///
+/// The filter is named by (priority, handle) after the dump that found it by program id;
+/// another tool could in principle replace it in between, which this cannot see.
+fn remove_egress_filter(
+    dir: &PinDir,
+    pin: &std::path::Path,
+    netns: u64,
+    iface: &str,
+) -> Result<(), PfError> {
+    let lookup = own_egress_filter(pin, netns, iface)
         .map_err(|e| PfError::io(format!("finding pf's TC filter on {iface}"), e))?;
     match lookup {
         EgressFilterLookup::Found(f) => SchedClassifierLink::attached(
@@ -712,9 +748,8 @@ fn remove_egress_filter(dir: &PinDir, pin: &std::path::Path, iface: &str) -> Res
 /// Unpins `iface`'s links, which detaches them, and removes its link directory. The caller
 /// holds the exclusive lock.
 fn remove_links(dir: &PinDir, iface: &str) -> Result<(), PfError> {
-    let filter_pin = dir.link(iface, TC_NETLINK_PROGRAM);
-    if filter_pin.exists() {
-        remove_egress_filter(dir, &filter_pin, iface)?;
+    if let Some((pin, netns)) = netlink_pin(dir, iface) {
+        remove_egress_filter(dir, &pin, netns, iface)?;
     }
     for pin in link_pins(dir, iface).iter().filter(|p| p.exists()) {
         match PinnedLink::from_pin(pin) {
@@ -781,7 +816,7 @@ pub fn inspect(dir: &PinDir) -> Vec<Attachment> {
         .map(|iface| {
             let found = role_of(dir, &iface);
             let health = check_attachment(dir, &iface, found);
-            let egress = if dir.link(&iface, TC_NETLINK_PROGRAM).exists() {
+            let egress = if netlink_pin(dir, &iface).is_some() {
                 TcAttach::Netlink
             } else if dir.link(&iface, TC_LINK).exists() {
                 TcAttach::Tcx
@@ -820,21 +855,25 @@ fn check_attachment(dir: &PinDir, iface: &str, role: Option<Role>) -> Health {
         })
         .collect();
     let current = netdev::ifindex(iface);
-    let mut hooks = vec![(role.xdp_link(), "XDP", bpfinfo::LINK_TYPE_XDP)];
+    // (pin, hook, link type; the namespace of a netlink filter's program pin)
+    let mut hooks = vec![(
+        dir.link(iface, role.xdp_link()),
+        "XDP",
+        bpfinfo::LINK_TYPE_XDP,
+        None,
+    )];
     if role.has_egress() {
-        if dir.link(iface, TC_NETLINK_PROGRAM).exists() {
-            hooks.push((TC_NETLINK_PROGRAM, "TC", 0));
-        } else {
-            hooks.push((TC_LINK, "TC", bpfinfo::LINK_TYPE_TCX));
+        match netlink_pin(dir, iface) {
+            Some((pin, netns)) => hooks.push((pin, "TC", 0, Some(netns))),
+            None => hooks.push((dir.link(iface, TC_LINK), "TC", bpfinfo::LINK_TYPE_TCX, None)),
         }
     }
-    for (pin_name, hook, link_type) in hooks {
-        let pin = dir.link(iface, pin_name);
+    for (pin, hook, link_type, netns) in hooks {
         if !pin.exists() {
             return Health::Dead(format!("its {hook} link is not pinned"));
         }
-        let prog_id = if pin_name == TC_NETLINK_PROGRAM {
-            match own_egress_filter(&pin, iface) {
+        let prog_id = if let Some(netns) = netns {
+            match own_egress_filter(&pin, netns, iface) {
                 Ok(EgressFilterLookup::Found(_)) => {}
                 Ok(EgressFilterLookup::Gone) => {
                     return Health::Dead(format!(

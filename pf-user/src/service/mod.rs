@@ -243,6 +243,16 @@ fn attach_interfaces(dir: &PinDir, config: &Config) -> Result<(), ServeError> {
             );
         }
     }
+    // Devices the config names apply to adopted interfaces too (and are refused, with the
+    // start, on a kernel that says which devices take redirected frames).
+    if let attach::DeviceChoice::Named(names) = &config.fast_path_devices {
+        let devices = attach::refresh_devices(dir, &config.fast_path_devices)?;
+        eprintln!(
+            "pf serve: the fast paths may redirect to the devices fast_path.redirect_devices names ({}): this kernel cannot say which can",
+            names.join(", ")
+        );
+        drop(devices);
+    }
     Ok(())
 }
 

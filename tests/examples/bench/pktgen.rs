@@ -130,10 +130,12 @@ impl Pktgen {
         let start = Instant::now();
         thread::sleep(Duration::from_secs_f64(seconds));
         write("/proc/thread-self/net/pktgen/pgctrl", "stop")?;
+        // Timed to the stop: `start` returns only when pktgen's own wait loop (100 ms steps)
+        // notices, which would add up to 100 ms to every run.
+        let elapsed = start.elapsed();
         runner
             .join()
             .map_err(|_| "the pktgen thread panicked".to_string())??;
-        let elapsed = start.elapsed();
         Ok((self.sent()?, elapsed))
     }
 }

@@ -492,7 +492,7 @@ fn kernel_dependent_attach_options() {
         assert!(run_in(&["detach", "pfa"]).status.success());
     }
 
-    // TCX only from 6.6; netlink everywhere.
+    // TCX only from 6.6.
     let tcx = ["attach", "pfa", "--tc-attach", "tcx"];
     if kernel >= (6, 6) {
         assert!(run_in(&tcx).status.success());
@@ -502,6 +502,26 @@ fn kernel_dependent_attach_options() {
         assert_refused(run_in(&tcx), &tcx, "TCX came in Linux 6.6");
         assert!(!dir.dir.link("pfa", "xdp").exists());
     }
+    // Netlink on every kernel: the filter's program is pinned with the namespace, and detach
+    // removes it.
+    assert!(
+        run_in(&["attach", "pfa", "--tc-attach", "netlink"])
+            .status
+            .success()
+    );
+    let pins: Vec<String> = std::fs::read_dir(dir.dir.iface_links("pfa"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        pins.iter().any(|p| p.starts_with("tc_netlink_ns")),
+        "{pins:?}"
+    );
+    assert!(run_in(&["detach", "pfa"]).status.success());
+    let filters = ns
+        .run(&["tc", "filter", "show", "dev", "pfa", "egress"])
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&filters.stdout).contains("pf_egress"));
     let bad = ["attach", "pfa", "--tc-attach", "sometimes"];
     let out = run_in(&bad);
     assert_eq!(out.status.code(), Some(2));

@@ -21,14 +21,15 @@ use super::common::{
     pf_ok, pf_stats, require_root, reserve_to_client, traffic,
 };
 
-/// How many egress filters on pub0 in `ns` run the program `name`, as `tc` lists them.
+/// How many egress filters on pub0 in `ns` run the program `name`, as `tc` lists them (a
+/// filter's line names its program).
 fn egress_filters_running(ns: &crate::kit::netns::Netns, name: &str) -> usize {
     let out = ns
         .run(&["tc", "filter", "show", "dev", PUBLIC_IFACE, "egress"])
         .unwrap();
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| l.contains(&format!("name {name} ")))
+        .filter(|l| l.contains(name))
         .count()
 }
 

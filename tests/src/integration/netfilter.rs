@@ -62,9 +62,35 @@ fn set_elements(ns: &Netns) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The shipped FORWARD chain's rules again (after a test changed them), from dist/pf.nft.
+fn forward_chain(tunnel: &str) -> String {
+    let rules = ruleset(tunnel);
+    let defines: String = rules
+        .lines()
+        .filter(|l| l.starts_with("define "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let start = rules.find("    chain forward {").expect("a forward chain");
+    let body = &rules[start..];
+    let end = body.find("\n    }\n").expect("the chain's end");
+    let rules: String = body[..end]
+        .lines()
+        .skip(1)
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with("type "))
+        .map(|l| format!("add rule ip pf forward {l}\n"))
+        .collect();
+    format!("{defines}{rules}")
+}
+
 /// A UDP peer on the internet host at `port` that answers each datagram with the address it
-/// came from, as it saw it; stops after `datagrams` of them, or 10 s without one.
-fn address_echo(inet: &Netns, port: u16, datagrams: usize) -> std::thread::JoinHandle<()> {
+/// came from, as it saw it; stops after `datagrams` of them, or 10 s without one. Returns the
+/// addresses it answered.
+fn address_echo(
+    inet: &Netns,
+    port: u16,
+    datagrams: usize,
+) -> std::thread::JoinHandle<Vec<std::net::SocketAddr>> {
     let socket = inet
         .within(move || UdpSocket::bind((INTERNET_IP, port)))
         .unwrap()
@@ -74,12 +100,15 @@ fn address_echo(inet: &Netns, port: u16, datagrams: usize) -> std::thread::JoinH
         .unwrap();
     std::thread::spawn(move || {
         let mut buf = [0u8; 512];
+        let mut answered = Vec::new();
         for _ in 0..datagrams {
             let Ok((_, peer)) = socket.recv_from(&mut buf) else {
-                return;
+                break;
             };
             let _ = socket.send_to(peer.to_string().as_bytes(), peer);
+            answered.push(peer);
         }
+        answered
     })
 }
 
@@ -105,8 +134,10 @@ fn speak_first(client: &Netns, local_port: u16, peer_port: u16) -> Result<String
 
 fn scenario(inet: &Netns, server: &Netns, client: &Netns, tunnel: &str) {
     let dir = TempPinDir::new();
+    // The leak guard off: otherwise pf's egress would drop the client's answer to a
+    // neighbour that got in, and the FORWARD chain's part could not be told apart.
     let policy = format!(
-        "[[interfaces]]\nname = \"{PUBLIC_IFACE}\"\n[netfilter]\nset = \"ip pf forwarded\"\n{TEST_POLICY}"
+        "[[interfaces]]\nname = \"{PUBLIC_IFACE}\"\n[netfilter]\nset = \"ip pf forwarded\"\n{TEST_POLICY}drop_tunnel_source_leaks = false\n"
     );
     // Before the ruleset is loaded, the set does not exist: the service refuses to start, and
     // says what to load.
@@ -154,6 +185,31 @@ fn scenario(inet: &Netns, server: &Netns, client: &Netns, tunnel: &str) {
         inet.curl(&format!("http://{CLIENT_IP}:2222/")).is_err(),
         "a neighbour reached an unreserved port of a client"
     );
+    // The obvious rule instead of the set's lets it in: the check above can see a hole.
+    server
+        .run(&[
+            "nft",
+            "insert",
+            "rule",
+            "ip",
+            "pf",
+            "forward",
+            "iifname",
+            PUBLIC_IFACE,
+            "oifname",
+            tunnel,
+            "accept",
+        ])
+        .unwrap();
+    assert_eq!(
+        inet.curl(&format!("http://{CLIENT_IP}:2222/")),
+        Ok(format!("port 2222 from {INTERNET_IP}")),
+        "with the obvious FORWARD rule, the neighbour gets in"
+    );
+    server
+        .run(&["nft", "flush", "chain", "ip", "pf", "forward"])
+        .unwrap();
+    load_rules(server, &forward_chain(tunnel));
 
     // The client speaks first from its forwarded port: the peer sees the public endpoint, and
     // its answer comes back to the client's socket.
@@ -165,7 +221,7 @@ fn scenario(inet: &Netns, server: &Netns, client: &Netns, tunnel: &str) {
     // Traffic from any other port is masqueraded as before.
     let seen = speak_first(client, 5555, 7777).expect("masqueraded traffic gets its answer");
     assert!(seen.starts_with(&format!("{PUBLIC_IP}:")), "{seen}");
-    peer.join().unwrap();
+    assert_eq!(peer.join().unwrap().len(), 2);
 
     // With the plain masquerade rule alone, the same first datagram from a forwarded port is
     // masqueraded, the peer's reply (rewritten by pf before conntrack sees it) clashes with
@@ -194,7 +250,12 @@ fn scenario(inet: &Netns, server: &Netns, client: &Netns, tunnel: &str) {
         speak_first(client, 9001, 7778).is_err(),
         "without the set's exemption the reply should not come back"
     );
-    peer.join().unwrap();
+    let answered = peer.join().unwrap();
+    assert_eq!(
+        answered.len(),
+        1,
+        "the peer got the datagram and answered it: {answered:?}"
+    );
 
     // A release takes the target out of the set.
     pf_ok(&dir, &["release", &format!("{PUBLIC_IP}:9000/udp")]);
