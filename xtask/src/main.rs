@@ -60,7 +60,7 @@ enum Task {
     },
     /// Run privileged tests in a QEMU VM on a distribution's kernel (software emulation).
     Vm {
-        /// The kernel: debian-6.1 (Debian 12's).
+        /// The kernel: debian-6.1 (Debian 12's), or debian-6.12 (bookworm's newer one).
         #[arg(long, default_value = "debian-6.1")]
         kernel: String,
         /// Tests to run (exact names, e.g. integration::e2e::forwarding_native_xdp); the VM

@@ -38,11 +38,20 @@ pub struct Kernel {
     image_prefix: &'static str,
 }
 
-pub const KERNELS: &[Kernel] = &[Kernel {
-    name: "debian-6.1",
-    meta_package: "linux-image-amd64",
-    image_prefix: "linux-image-6.1.",
-}];
+pub const KERNELS: &[Kernel] = &[
+    // Debian 12's own kernel: what `cargo xtask test` runs.
+    Kernel {
+        name: "debian-6.1",
+        meta_package: "linux-image-amd64",
+        image_prefix: "linux-image-6.1.",
+    },
+    // Debian 12's newer kernel (bookworm carries it too): `cargo xtask vm --kernel debian-6.12`.
+    Kernel {
+        name: "debian-6.12",
+        meta_package: "linux-image-6.12-amd64",
+        image_prefix: "linux-image-6.12.",
+    },
+];
 
 /// The privileged tests the VM runs: the fixture tables and the differential tests (the programs
 /// as this kernel's verifier and JIT made them, byte for byte against the model), forwarding
@@ -158,7 +167,7 @@ fn load_order(modules: &Path, names: &[&str]) -> Result<Vec<PathBuf>> {
     let path_of = |name: &str| -> Result<String> {
         dep.lines()
             .filter_map(|l| l.split(':').next())
-            .find(|p| p.ends_with(&format!("/{name}.ko")))
+            .find(|p| p.ends_with(&format!("/{name}.ko")) || p.ends_with(&format!("/{name}.ko.xz")))
             .map(str::to_string)
             .with_context(|| format!("module {name} is not in {modules:?}"))
     };
@@ -176,8 +185,11 @@ fn load_order(modules: &Path, names: &[&str]) -> Result<Vec<PathBuf>> {
         }
         order.push(path);
     }
+    // A module built into this kernel (modules.builtin) needs no loading.
+    let builtin = fs::read_to_string(modules.join("modules.builtin")).unwrap_or_default();
+    let is_builtin = |name: &str| builtin.lines().any(|l| l.ends_with(&format!("/{name}.ko")));
     let (mut seen, mut order) = (BTreeSet::new(), Vec::new());
-    for name in names {
+    for name in names.iter().filter(|n| !is_builtin(n)) {
         visit(path_of(name)?, &deps, &mut seen, &mut order);
     }
     Ok(order.into_iter().map(|p| modules.join(p)).collect())
@@ -198,7 +210,24 @@ fn initramfs(kernel: &Unpacked, dir: &Path) -> Result<PathBuf> {
         .enumerate()
     {
         let name = module.file_name().unwrap().to_string_lossy().into_owned();
-        fs::copy(module, tree.join("modules").join(format!("{i:02}-{name}")))?;
+        // busybox's insmod takes plain modules; newer kernels ship them xz-compressed.
+        match name.strip_suffix(".xz") {
+            Some(plain) => {
+                let bytes = Command::new("xz")
+                    .arg("-dc")
+                    .arg(module)
+                    .output()
+                    .context("xz (xz-utils)")?;
+                ensure!(bytes.status.success(), "xz -dc {module:?} failed");
+                fs::write(
+                    tree.join("modules").join(format!("{i:02}-{plain}")),
+                    bytes.stdout,
+                )?;
+            }
+            None => {
+                fs::copy(module, tree.join("modules").join(format!("{i:02}-{name}")))?;
+            }
+        }
     }
     let init = r#"#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
