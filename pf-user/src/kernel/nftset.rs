@@ -10,9 +10,10 @@
 //!   port (torrent DHT and uTP do) keeps one conntrack entry, and its peer's replies come back
 //!   unchanged.
 //!
-//! The set's type is `ipv4_addr . inet_proto . inet_service` with `flags interval` (a range is
-//! one element). pf only changes its elements, with the `nft` command; the admin's ruleset
-//! declares it.
+//! It is two sets, `NAME_tcp` and `NAME_udp`, of type `ipv4_addr . inet_service` with `flags
+//! interval` (a range is one element): Linux 6.12 refuses a lookup in an interval set of three
+//! concatenated fields (address . protocol . port), which 6.1 and 6.18 take. pf only changes
+//! their elements, with the `nft` command; the admin's ruleset declares them.
 
 use std::{
     io::Write,
@@ -23,7 +24,8 @@ use crate::domain::spec::{Protocols, Reservation};
 
 use super::error::PfError;
 
-/// A set named as nft names it: `FAMILY TABLE SET` (e.g. `ip pf forwarded`).
+/// The sets, named as nft names a set: `FAMILY TABLE NAME` (e.g. `ip pf forwarded`), for the
+/// two sets `NAME_tcp` and `NAME_udp`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NftSet {
     family: String,
@@ -60,8 +62,9 @@ impl std::fmt::Display for NftSet {
     }
 }
 
-/// The set's elements for `r`: one per protocol, `ADDR . PROTO . PORT[-PORT]` (the target's).
-pub fn elements(r: &Reservation) -> Vec<String> {
+/// The sets' elements for `r`: one per protocol, (protocol, `ADDR . PORT[-PORT]`), the
+/// target's.
+pub fn elements(r: &Reservation) -> Vec<(&'static str, String)> {
     let ports = r.target_ports();
     let (first, last) = (ports.first, ports.last);
     let ports = if first == last {
@@ -76,9 +79,12 @@ pub fn elements(r: &Reservation) -> Vec<String> {
     };
     protocols
         .iter()
-        .map(|p| format!("{} . {p} . {ports}", r.target_addr))
+        .map(|p| (*p, format!("{} . {ports}", r.target_addr)))
         .collect()
 }
+
+/// The protocols, one set each.
+const PROTOCOLS: [&str; 2] = ["tcp", "udp"];
 
 impl NftSet {
     /// Runs an nft script as one transaction: all of it applies, or none.
@@ -113,31 +119,52 @@ impl NftSet {
         Ok(())
     }
 
-    fn command(&self, verb: &str, rs: &[Reservation]) -> String {
-        let elements: Vec<String> = rs.iter().flat_map(elements).collect();
-        if elements.is_empty() {
-            return String::new();
-        }
-        format!("{verb} element {self} {{ {} }}\n", elements.join(", "))
+    /// The set of `proto`'s targets, as nft names it.
+    fn of(&self, proto: &str) -> String {
+        format!("{} {} {}_{proto}", self.family, self.table, self.set)
     }
 
-    /// Fails unless the set exists (the ruleset declares it).
+    fn command(&self, verb: &str, rs: &[Reservation]) -> String {
+        let all: Vec<(&str, String)> = rs.iter().flat_map(elements).collect();
+        let mut script = String::new();
+        for proto in PROTOCOLS {
+            let these: Vec<&str> = all
+                .iter()
+                .filter(|(p, _)| *p == proto)
+                .map(|(_, e)| e.as_str())
+                .collect();
+            if !these.is_empty() {
+                script.push_str(&format!(
+                    "{verb} element {} {{ {} }}\n",
+                    self.of(proto),
+                    these.join(", ")
+                ));
+            }
+        }
+        script
+    }
+
+    /// Fails unless both sets exist (the ruleset declares them).
     pub fn check(&self) -> Result<(), PfError> {
-        let out = Command::new("nft")
-            .args(["list", "set", &self.family, &self.table, &self.set])
-            .output()
-            .map_err(|e| PfError::Netfilter {
-                set: self.to_string(),
-                detail: format!("running nft: {e}"),
-            })?;
-        if !out.status.success() {
-            return Err(PfError::Netfilter {
-                set: self.to_string(),
-                detail: format!(
-                    "no such set ({}): load a ruleset that declares it, as dist/pf.nft does",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
-            });
+        for proto in PROTOCOLS {
+            let set = format!("{}_{proto}", self.set);
+            let out = Command::new("nft")
+                .args(["list", "set", &self.family, &self.table, &set])
+                .output()
+                .map_err(|e| PfError::Netfilter {
+                    set: self.to_string(),
+                    detail: format!("running nft: {e}"),
+                })?;
+            if !out.status.success() {
+                return Err(PfError::Netfilter {
+                    set: self.to_string(),
+                    detail: format!(
+                        "no set {} ({}): load a ruleset that declares it, as dist/pf.nft does",
+                        self.of(proto),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
+                });
+            }
         }
         Ok(())
     }
@@ -158,9 +185,13 @@ impl NftSet {
         self.apply(&script)
     }
 
-    /// Makes the set hold exactly `rs`, in one transaction.
+    /// Makes the sets hold exactly `rs`, in one transaction.
     pub fn replace(&self, rs: &[Reservation]) -> Result<(), PfError> {
-        self.apply(&format!("flush set {self}\n{}", self.command("add", rs)))
+        let flush: String = PROTOCOLS
+            .iter()
+            .map(|p| format!("flush set {}\n", self.of(p)))
+            .collect();
+        self.apply(&format!("{flush}{}", self.command("add", rs)))
     }
 }
 
@@ -173,13 +204,24 @@ mod tests {
         let r = |public: &str, target: &str| {
             Reservation::new(public.parse().unwrap(), target.parse().unwrap()).unwrap()
         };
+        let owned = |v: Vec<(&str, String)>| -> Vec<(String, String)> {
+            v.into_iter().map(|(p, e)| (p.to_string(), e)).collect()
+        };
         assert_eq!(
-            elements(&r("198.51.100.1:8080/tcp", "10.8.0.2:80")),
-            ["10.8.0.2 . tcp . 80"]
+            owned(elements(&r("198.51.100.1:8080/tcp", "10.8.0.2:80"))),
+            [("tcp".to_string(), "10.8.0.2 . 80".to_string())]
         );
         assert_eq!(
-            elements(&r("198.51.100.1:8810-8815/both", "10.8.0.3:9810")),
-            ["10.8.0.3 . tcp . 9810-9815", "10.8.0.3 . udp . 9810-9815"]
+            owned(elements(&r("198.51.100.1:8810-8815/both", "10.8.0.3:9810"))),
+            [
+                ("tcp".to_string(), "10.8.0.3 . 9810-9815".to_string()),
+                ("udp".to_string(), "10.8.0.3 . 9810-9815".to_string())
+            ]
+        );
+        let sets: NftSet = "ip pf forwarded".parse().unwrap();
+        assert_eq!(
+            sets.command("add", &[r("198.51.100.1:8810-8815/both", "10.8.0.3:9810")]),
+            "add element ip pf forwarded_tcp { 10.8.0.3 . 9810-9815 }\nadd element ip pf forwarded_udp { 10.8.0.3 . 9810-9815 }\n"
         );
     }
 

@@ -197,7 +197,8 @@ pub struct Config {
     /// Which devices the fast paths may redirect to: the kernel's word, or (before Linux 6.3,
     /// which cannot say) `fast_path.redirect_devices`.
     pub fast_path_devices: DeviceChoice,
-    /// `netfilter.set`: the nftables set kept holding every reservation's target endpoints.
+    /// `netfilter.set`: the nftables sets (NAME_tcp, NAME_udp) kept holding every reservation's
+    /// target endpoints.
     pub netfilter_set: Option<NftSet>,
     pub policy: Policy,
 }

@@ -55,9 +55,17 @@ fn load_rules(ns: &Netns, rules: &str) {
     );
 }
 
-fn set_elements(ns: &Netns) -> String {
+/// The elements of pf's set for `proto` (tcp or udp), as nft lists them.
+fn set_elements(ns: &Netns, proto: &str) -> String {
     let out = ns
-        .run(&["nft", "list", "set", "ip", "pf", "forwarded"])
+        .run(&[
+            "nft",
+            "list",
+            "set",
+            "ip",
+            "pf",
+            &format!("forwarded_{proto}"),
+        ])
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -149,7 +157,7 @@ fn scenario(inet: &Netns, server: &Netns, client: &Netns, tunnel: &str) {
     let (status, log) = refused.run_to_exit().unwrap();
     assert!(
         !status.success()
-            && log.contains("nftables set ip pf forwarded")
+            && log.contains("no set ip pf forwarded_tcp")
             && log.contains("dist/pf.nft"),
         "{log}"
     );
@@ -163,14 +171,15 @@ fn scenario(inet: &Netns, server: &Netns, client: &Netns, tunnel: &str) {
         &dir,
         &[("8080/tcp", 80), ("9000/udp", 9000), ("9001/udp", 9001)],
     );
-    let elements = set_elements(server);
-    for want in [
-        "10.8.0.2 . tcp . 80",
-        "10.8.0.2 . udp . 9000",
-        "10.8.0.2 . udp . 9001",
+    for (proto, want) in [
+        ("tcp", "10.8.0.2 . 80"),
+        ("udp", "10.8.0.2 . 9000"),
+        ("udp", "10.8.0.2 . 9001"),
     ] {
+        let elements = set_elements(server, proto);
         assert!(elements.contains(want), "{want} in {elements}");
     }
+    assert!(!set_elements(server, "tcp").contains("9000"));
 
     // Forwarded TCP is admitted by the FORWARD chain's set rule.
     assert_eq!(
@@ -259,7 +268,7 @@ fn scenario(inet: &Netns, server: &Netns, client: &Netns, tunnel: &str) {
 
     // A release takes the target out of the set.
     pf_ok(&dir, &["release", &format!("{PUBLIC_IP}:9000/udp")]);
-    assert!(!set_elements(server).contains("10.8.0.2 . udp . 9000"));
+    assert!(!set_elements(server, "udp").contains("10.8.0.2 . 9000"));
 }
 
 #[test]
