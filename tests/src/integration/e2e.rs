@@ -173,31 +173,12 @@ fn forwarding_scenario(mode: &str, path: Path) {
     if !tcx {
         assert_eq!(egress_filters_running(&topo.server, "pf_egress"), 1);
     }
-    pf_ok(
+    reserve_to_client(
         &dir,
         &[
-            "reserve",
-            &format!("{PUBLIC_IP}:8080/tcp"),
-            "--to",
-            &format!("{CLIENT_IP}:80"),
-        ],
-    );
-    pf_ok(
-        &dir,
-        &[
-            "reserve",
-            &format!("{PUBLIC_IP}:5353/udp"),
-            "--to",
-            &format!("{CLIENT_IP}:5300"),
-        ],
-    );
-    pf_ok(
-        &dir,
-        &[
-            "reserve",
-            &format!("{PUBLIC_IP}:8810-8812/tcp"),
-            "--to",
-            &format!("{CLIENT_IP}:9810"),
+            ("8080/tcp", 80),
+            ("5353/udp", 5300),
+            ("8810-8812/tcp", 9810),
         ],
     );
 

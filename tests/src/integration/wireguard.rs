@@ -98,15 +98,7 @@ fn wireguard_default_mode() {
             ("8090/tcp", 90),
             ("5353/udp", 5300),
             ("7000/udp", 7000),
-        ],
-    );
-    pf_ok(
-        &dir,
-        &[
-            "reserve",
-            &format!("{PUBLIC_IP}:8810-8812/tcp"),
-            "--to",
-            &format!("{CLIENT_IP}:9810"),
+            ("8810-8812/tcp", 9810),
         ],
     );
 
