@@ -347,3 +347,22 @@ pub fn assert_port_unreachable_from_public(inet: &Netns, public_port: u16) {
         "the error as the internet host received it: from the public address, about the public port"
     );
 }
+
+/// TCP to `PUBLIC_IP:8080` reaches the client's port 80 with the internet host's own address,
+/// and a UDP datagram to `PUBLIC_IP:5353` gets its echo: the two reservations most tests make.
+pub fn assert_forwards_tcp_and_udp(inet: &Netns, context: &str) {
+    use crate::kit::{
+        topology::{INTERNET_IP, PUBLIC_IP},
+        traffic::udp_round_trip,
+    };
+    assert_eq!(
+        inet.curl(&format!("http://{PUBLIC_IP}:8080/")),
+        Ok(format!("port 80 from {INTERNET_IP}")),
+        "TCP, {context}"
+    );
+    assert_eq!(
+        udp_round_trip(inet, PUBLIC_IP, 5353, "ping"),
+        "pong:ping",
+        "UDP, {context}"
+    );
+}

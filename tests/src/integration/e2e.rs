@@ -2,17 +2,11 @@
 //! server's public veth, with real tools on both ends (curl and nc on the internet host, a
 //! Python HTTP server and socket servers on the tunnel client).
 
-use std::{
-    collections::BTreeSet,
-    io::{ErrorKind, Read, Write},
-    net::UdpSocket,
-    process::Command,
-    time::Duration,
-};
+use std::{collections::BTreeSet, io::ErrorKind, net::UdpSocket, process::Command, time::Duration};
 
 use crate::kit::{
     topology::{CLIENT_IP, INTERNET_IP, PUBLIC_IFACE, PUBLIC_IP, Topology},
-    traffic::{Servers, udp_answer, udp_round_trip, web_root},
+    traffic::{Servers, udp_answer, udp_round_trip, upload_to_public, web_root},
 };
 use serde_json::Value;
 
@@ -397,25 +391,7 @@ fn icmp_errors_and_fragments() {
         .unwrap();
     let (_, egress_before) = icmp_counts();
     let upload: usize = 4 << 20;
-    let reply = topo
-        .inet
-        .within(move || -> std::io::Result<String> {
-            let mut conn = std::net::TcpStream::connect_timeout(
-                &format!("{PUBLIC_IP}:8080").parse().unwrap(),
-                Duration::from_secs(5),
-            )?;
-            conn.set_write_timeout(Some(Duration::from_secs(20)))?;
-            conn.set_read_timeout(Some(Duration::from_secs(20)))?;
-            let chunk = vec![0x5a; 65536];
-            for _ in 0..upload / chunk.len() {
-                conn.write_all(&chunk)?;
-            }
-            conn.shutdown(std::net::Shutdown::Write)?;
-            let mut reply = String::new();
-            conn.read_to_string(&mut reply)?;
-            Ok(reply)
-        })
-        .unwrap();
+    let reply = upload_to_public(&topo.inet, 8080, upload, Duration::from_secs(20));
     assert_eq!(
         reply.as_ref().map(String::as_str).ok(),
         Some(upload.to_string().as_str()),

@@ -6,12 +6,13 @@
 
 use crate::kit::{
     netns::Netns,
-    topology::{INTERNET_IP, PUBLIC_IFACE, PUBLIC_IP, Topology},
-    traffic::{Servers, udp_round_trip},
+    topology::{PUBLIC_IFACE, Topology},
+    traffic::Servers,
 };
 
 use super::common::{
-    TempPinDir, counter, pf, pf_in, pf_in_ns, pf_stats, require_root, reserve_to_client,
+    TempPinDir, assert_forwards_tcp_and_udp, counter, pf, pf_in, pf_in_ns, pf_stats, require_root,
+    reserve_to_client,
 };
 use crate::kit::serve::TEST_POLICY;
 
@@ -29,13 +30,6 @@ fn pf_filters(ns: &Netns) -> usize {
         .lines()
         .filter(|l| l.contains("pf_egress"))
         .count()
-}
-
-fn forwards(topo: &Topology) -> bool {
-    topo.inet
-        .curl(&format!("http://{PUBLIC_IP}:8080/"))
-        .is_ok_and(|body| body == format!("port 80 from {INTERNET_IP}"))
-        && udp_round_trip(&topo.inet, PUBLIC_IP, 5353, "ping") == "pong:ping"
 }
 
 #[test]
@@ -102,7 +96,7 @@ fn egress_by_netlink_filter() {
     );
     assert_eq!(stats["egress_hooks"][PUBLIC_IFACE], "netlink", "{stats}");
     reserve_to_client(&dir, &[("8080/tcp", 80), ("5353/udp", 5300)]);
-    assert!(forwards(&topo), "forwarding with the egress filter");
+    assert_forwards_tcp_and_udp(&topo.inet, "forwarding with the egress filter");
     assert!(counter(&pf_stats(&dir), "egress", "rewritten") > 0);
 
     // A restart adopts the filter: found by its pinned program, not attached twice.
@@ -119,7 +113,7 @@ fn egress_by_netlink_filter() {
         "{}",
         egress_filters(&topo.server)
     );
-    assert!(forwards(&topo), "forwarding after the restart");
+    assert_forwards_tcp_and_udp(&topo.inet, "forwarding after the restart");
 
     // A second attach is refused, by this pin directory and by another.
     let again = pf_in_ns(
@@ -196,7 +190,7 @@ fn egress_by_netlink_filter() {
         "{}",
         egress_filters(&topo.server)
     );
-    assert!(forwards(&topo), "forwarding after the re-attach");
+    assert_forwards_tcp_and_udp(&topo.inet, "forwarding after the re-attach");
 
     // Detach removes pf's filter and nothing else: the others and the qdisc stay. From the
     // host's namespace, where netlink cannot reach the filter, it is refused and changes

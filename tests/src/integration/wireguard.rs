@@ -2,21 +2,17 @@
 //! where it exists, `wireguard-go` on TUN otherwise. The encrypted UDP of the tunnel itself
 //! crosses pub0 both ways, where pf must leave it alone.
 
-use std::{
-    io::{ErrorKind, Read, Write},
-    net::UdpSocket,
-    time::Duration,
-};
+use std::{io::ErrorKind, net::UdpSocket, time::Duration};
 
 use crate::kit::{
     topology::{CLIENT_IP, GATEWAY_TUNNEL_IP, INTERNET_IP, PUBLIC_IFACE, PUBLIC_IP},
-    traffic::{Servers, udp_answer, udp_round_trip},
+    traffic::{Servers, udp_answer, upload_to_public},
     wireguard::{CLIENT_WG, Implementation, SERVER_WG, WireguardTopology},
 };
 
 use super::common::{
-    TempPinDir, assert_port_unreachable_from_public, counter, pf_in, pf_in_ns, pf_ok, pf_stats,
-    require_root, reserve_to_client, traffic,
+    TempPinDir, assert_forwards_tcp_and_udp, assert_port_unreachable_from_public, counter, pf_in,
+    pf_in_ns, pf_ok, pf_stats, require_root, reserve_to_client, traffic,
 };
 
 fn topology(name: &str) -> WireguardTopology {
@@ -32,30 +28,6 @@ fn tunnel_carries_ping(topo: &WireguardTopology) -> bool {
         .cmd(&["ping", "-c", "1", "-W", "2", GATEWAY_TUNNEL_IP])
         .output()
         .is_ok_and(|o| o.status.success())
-}
-
-/// A 4 MB upload from the internet host to `PUBLIC_IP:port`, whose target answers with the
-/// number of bytes it read.
-fn upload(topo: &WireguardTopology, port: u16) -> std::io::Result<String> {
-    let size: usize = 4 << 20;
-    topo.inet
-        .within(move || -> std::io::Result<String> {
-            let mut conn = std::net::TcpStream::connect_timeout(
-                &format!("{PUBLIC_IP}:{port}").parse().unwrap(),
-                Duration::from_secs(5),
-            )?;
-            conn.set_write_timeout(Some(Duration::from_secs(30)))?;
-            conn.set_read_timeout(Some(Duration::from_secs(30)))?;
-            let chunk = vec![0x5a; 65536];
-            for _ in 0..size / chunk.len() {
-                conn.write_all(&chunk)?;
-            }
-            conn.shutdown(std::net::Shutdown::Write)?;
-            let mut reply = String::new();
-            conn.read_to_string(&mut reply)?;
-            Ok(reply)
-        })
-        .unwrap()
 }
 
 /// pf's default mode on the public NIC of a WireGuard server: TCP, UDP, a range, ICMP errors
@@ -104,16 +76,7 @@ fn wireguard_default_mode() {
 
     // TCP, UDP and a range, each reaching the client through the tunnel with the internet
     // host's own address, and answered from the public endpoint.
-    assert_eq!(
-        topo.inet
-            .curl(&format!("http://{PUBLIC_IP}:8080/"))
-            .unwrap(),
-        format!("port 80 from {INTERNET_IP}")
-    );
-    assert_eq!(
-        udp_round_trip(&topo.inet, PUBLIC_IP, 5353, "ping"),
-        "pong:ping"
-    );
+    assert_forwards_tcp_and_udp(&topo.inet, "through the tunnel");
     for (public, target) in (8810..=8812).zip(9810..=9812) {
         assert_eq!(
             topo.inet
@@ -144,7 +107,7 @@ fn wireguard_default_mode() {
         .unwrap();
     let egress_icmp_before = counter(&pf_stats(&dir), "egress", "icmp_error_rewritten");
     assert_eq!(
-        upload(&topo, 8090).ok(),
+        upload_to_public(&topo.inet, 8090, 4 << 20, Duration::from_secs(30)).ok(),
         Some((4usize << 20).to_string()),
         "a 4 MB upload into a 1,420-byte WireGuard tunnel"
     );
@@ -243,16 +206,7 @@ fn wireguard_fast_path_falls_back() {
     }
     reserve_to_client(&dir, &[("8080/tcp", 80), ("5353/udp", 5300)]);
 
-    assert_eq!(
-        topo.inet
-            .curl(&format!("http://{PUBLIC_IP}:8080/"))
-            .unwrap(),
-        format!("port 80 from {INTERNET_IP}")
-    );
-    assert_eq!(
-        udp_round_trip(&topo.inet, PUBLIC_IP, 5353, "ping"),
-        "pong:ping"
-    );
+    assert_forwards_tcp_and_udp(&topo.inet, "through the tunnel");
     let stats = pf_stats(&dir);
     let fast = |name| counter(&stats, "fast_path", name);
     assert_eq!(fast("redirected"), 0, "{stats}");

@@ -257,3 +257,32 @@ pub fn udp_answer(
     })
     .unwrap()
 }
+
+/// A TCP upload of `bytes` from `inet` to `PUBLIC_IP:port`, whose target reads it all and
+/// answers with the count it read: that answer, or what went wrong. `timeout` bounds each
+/// write and the read.
+pub fn upload_to_public(
+    inet: &Netns,
+    port: u16,
+    bytes: usize,
+    timeout: Duration,
+) -> std::io::Result<String> {
+    use crate::kit::topology::PUBLIC_IP;
+    inet.within(move || -> std::io::Result<String> {
+        let mut conn = std::net::TcpStream::connect_timeout(
+            &format!("{PUBLIC_IP}:{port}").parse().unwrap(),
+            Duration::from_secs(5),
+        )?;
+        conn.set_write_timeout(Some(timeout))?;
+        conn.set_read_timeout(Some(timeout))?;
+        let chunk = vec![0x5a; 65536];
+        for _ in 0..bytes / chunk.len() {
+            conn.write_all(&chunk)?;
+        }
+        conn.shutdown(std::net::Shutdown::Write)?;
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply)?;
+        Ok(reply)
+    })
+    .unwrap()
+}
