@@ -51,9 +51,10 @@ impl EndpointKey {
 
 /// What an endpoint is rewritten to, plus this entry's traffic counters.
 ///
-/// Both NAT maps are per-CPU hashes, so each CPU owns its copy of `packets` and `bytes` and the
-/// programs add to them without atomics; userspace writes the same address and port to every CPU
-/// and sums the counters when it reads them.
+/// Both NAT maps are plain hashes: one value per entry whatever the CPU count, so memory and
+/// insert cost do not grow with the server. The programs add to `packets` and `bytes` with
+/// atomic adds (a flow stays on one CPU, so two CPUs meet on one entry only when one port
+/// carries many flows at once); the counters are exact.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct NatEntry {
@@ -62,9 +63,9 @@ pub struct NatEntry {
     /// Port written into the packet, network byte order.
     pub port: [u8; 2],
     pub _pad: [u8; 2],
-    /// Packets rewritten through this entry (this CPU's share).
+    /// Packets rewritten through this entry.
     pub packets: u64,
-    /// IPv4 bytes (the IP total length) of those packets (this CPU's share).
+    /// IPv4 bytes (the IP total length) of those packets.
     pub bytes: u64,
 }
 
@@ -203,13 +204,35 @@ mod user {
     unsafe impl aya::Pod for super::TunnelNetworks {}
 }
 
+/// Which block of `PORTS_IN_USE` a (direction, protocol) counts in: forward (public) ports
+/// first, then reverse (target) ports, TCP before UDP in each.
+pub const PORT_USE_FORWARD_TCP: u32 = 0;
+pub const PORT_USE_FORWARD_UDP: u32 = 1;
+pub const PORT_USE_REVERSE_TCP: u32 = 2;
+pub const PORT_USE_REVERSE_UDP: u32 = 3;
+/// Slots of `PORTS_IN_USE`: one per port in each of the four blocks.
+pub const PORT_USE_SLOTS: u32 = 4 * 65_536;
+
+/// The `PORTS_IN_USE` slot of a port (network byte order) of `proto` in one direction: the
+/// forward block counts public ports (`FORWARD_NAT` keys), the reverse block target ports
+/// (`REVERSE_NAT` keys).
+#[inline(always)]
+pub fn port_use_slot(reverse: bool, proto: u8, port: [u8; 2]) -> u32 {
+    let block = match (reverse, proto == IPPROTO_UDP) {
+        (false, false) => PORT_USE_FORWARD_TCP,
+        (false, true) => PORT_USE_FORWARD_UDP,
+        (true, false) => PORT_USE_REVERSE_TCP,
+        (true, true) => PORT_USE_REVERSE_UDP,
+    };
+    block * 65_536 + u16::from_be_bytes(port) as u32
+}
+
 /// The kinds of BPF map pf declares (their `bpf_map_type` numbers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
 pub enum MapKind {
     Hash = 1,
     Array = 2,
-    PerCpuHash = 5,
     PerCpuArray = 6,
     LruHash = 9,
     DevMapHash = 25,
@@ -232,21 +255,21 @@ pub const DEVMAP_VALUE_SIZE: u32 = 8;
 /// Every map of pf, once: pf-ebpf's declarations are checked against this table (a host test
 /// parses the built object), userspace's layout check reads it, and ARCHITECTURE.md's map
 /// table is checked against it. In `map_names::ALL` order.
-pub const MAP_SHAPES: [MapShape; 8] = {
+pub const MAP_SHAPES: [MapShape; map_names::COUNT] = {
     use core::mem::size_of;
     use counters::COUNTER_SLOTS;
     use limits::*;
     [
         MapShape {
             name: map_names::FORWARD_NAT,
-            kind: MapKind::PerCpuHash,
+            kind: MapKind::Hash,
             key_size: size_of::<EndpointKey>() as u32,
             value_size: size_of::<NatEntry>() as u32,
             max_entries: MAX_FORWARDS,
         },
         MapShape {
             name: map_names::REVERSE_NAT,
-            kind: MapKind::PerCpuHash,
+            kind: MapKind::Hash,
             key_size: size_of::<EndpointKey>() as u32,
             value_size: size_of::<NatEntry>() as u32,
             max_entries: MAX_FORWARDS,
@@ -293,6 +316,13 @@ pub const MAP_SHAPES: [MapShape; 8] = {
             value_size: size_of::<TunnelNetworks>() as u32,
             max_entries: 1,
         },
+        MapShape {
+            name: map_names::PORTS_IN_USE,
+            kind: MapKind::Array,
+            key_size: 4,
+            value_size: 4,
+            max_entries: PORT_USE_SLOTS,
+        },
     ]
 };
 
@@ -306,7 +336,10 @@ pub mod map_names {
     pub const REDIRECT_DEVICES: &str = "REDIRECT_DEVICES";
     pub const PUBLIC_DEVICES: &str = "PUBLIC_DEVICES";
     pub const TUNNEL_NETWORKS: &str = "TUNNEL_NETWORKS";
-    pub const ALL: [&str; 8] = [
+    pub const PORTS_IN_USE: &str = "PORTS_IN_USE";
+    /// How many maps pf has.
+    pub const COUNT: usize = 9;
+    pub const ALL: [&str; COUNT] = [
         FORWARD_NAT,
         REVERSE_NAT,
         RESERVATIONS,
@@ -315,5 +348,6 @@ pub mod map_names {
         REDIRECT_DEVICES,
         PUBLIC_DEVICES,
         TUNNEL_NETWORKS,
+        PORTS_IN_USE,
     ];
 }

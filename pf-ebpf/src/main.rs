@@ -1,6 +1,10 @@
 //! pf's eBPF programs. See ARCHITECTURE.md for the packet's path through them.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target has no atomic read-modify-write types in `core`, but LLVM lowers
+// the intrinsic to BPF's atomic add.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod fast;
 mod maps;

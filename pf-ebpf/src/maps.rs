@@ -4,24 +4,25 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use pf_common::{
-    EndpointKey, FragmentKey, FragmentValue, NatEntry, ReservationKey, ReservationValue,
-    TunnelNetworks,
+    EndpointKey, FragmentKey, FragmentValue, NatEntry, PORT_USE_SLOTS, ReservationKey,
+    ReservationValue, TunnelNetworks,
     counters::COUNTER_SLOTS,
     limits::{MAX_FORWARDS, MAX_REDIRECT_DEVICES, MAX_RESERVATIONS, MAX_TRACKED_DATAGRAMS},
 };
 
-/// Ingress: (public address, public port, protocol) -> tunnel address and port.
+/// Ingress: (public address, public port, protocol) -> tunnel address and port. A plain hash,
+/// not a per-CPU one: an entry costs the same on 2 CPUs as on 128 (see `NatEntry`).
 #[map]
-pub static FORWARD_NAT: PerCpuHashMap<EndpointKey, NatEntry> =
-    PerCpuHashMap::pinned(MAX_FORWARDS, BPF_F_NO_PREALLOC);
+pub static FORWARD_NAT: HashMap<EndpointKey, NatEntry> =
+    HashMap::pinned(MAX_FORWARDS, BPF_F_NO_PREALLOC);
 
 /// Egress: (tunnel address, tunnel port, protocol) -> public address and port.
 #[map]
-pub static REVERSE_NAT: PerCpuHashMap<EndpointKey, NatEntry> =
-    PerCpuHashMap::pinned(MAX_FORWARDS, BPF_F_NO_PREALLOC);
+pub static REVERSE_NAT: HashMap<EndpointKey, NatEntry> =
+    HashMap::pinned(MAX_FORWARDS, BPF_F_NO_PREALLOC);
 
 /// The reservation records behind the NAT entries. Read only by userspace; declared here so it is
 /// created and pinned with the others.
@@ -51,6 +52,22 @@ pub static PUBLIC_DEVICES: DevMapHash = DevMapHash::pinned(MAX_REDIRECT_DEVICES,
 #[map]
 pub static TUNNEL_NETWORKS: Array<TunnelNetworks> = Array::pinned(1, 0);
 
+/// How many NAT entries use each port, per direction and protocol (`pf_common::port_use_slot`).
+/// Checked before the hash lookup: a packet to or from a port no entry uses (WireGuard's own
+/// UDP, SSH, anything on a VPN server that is not forwarded) is a miss for the price of an array
+/// read, instead of a hash lookup. Written only by userspace, counts up before an entry is
+/// added and down after it is removed, so a count is never below its entries.
+#[map]
+pub static PORTS_IN_USE: Array<u32> = Array::pinned(PORT_USE_SLOTS, 0);
+
+/// Whether any NAT entry of this direction uses `port` (network byte order) with `proto`.
+#[inline(always)]
+pub fn port_in_use(reverse: bool, proto: u8, port: [u8; 2]) -> bool {
+    PORTS_IN_USE
+        .get(pf_common::port_use_slot(reverse, proto, port))
+        .is_some_and(|n| *n != 0)
+}
+
 /// Whether `addr` (network byte order) is in a tunnel network.
 #[inline(always)]
 pub fn is_tunnel_source(addr: [u8; 4]) -> bool {
@@ -60,6 +77,20 @@ pub fn is_tunnel_source(addr: [u8; 4]) -> bool {
 /// Global outcome counters, indexed by `pf_common::counters`.
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+
+/// Adds one packet of `ip_len` bytes to a NAT entry's counters. The entry is shared by every
+/// CPU, so the adds are atomic; their results are unused, which compiles to BPF's plain atomic
+/// add (`lock add` on x86), which every kernel pf supports has.
+///
+/// SAFETY: `entry` must be a value of `FORWARD_NAT` or `REVERSE_NAT` from a lookup in this run.
+#[inline(always)]
+pub unsafe fn count_nat(entry: *mut NatEntry, ip_len: u16) {
+    use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
+    unsafe {
+        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*entry).packets, 1);
+        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*entry).bytes, ip_len as u64);
+    }
+}
 
 #[inline(always)]
 pub fn count(index: u32) {

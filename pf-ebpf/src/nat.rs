@@ -15,7 +15,7 @@ use crate::{
     maps::{self, FORWARD_NAT, FRAGMENTS, REVERSE_NAT},
     parse::{
         IP_MF, IP_OFFSET_MASK, IcmpError, Ipv4, MAX_HEADERS_LEN, MAX_ICMP_ERROR_LEN, Ports,
-        is_icmp, is_tcp_udp, parse_icmp_error, parse_ipv4, parse_ports,
+        is_icmp, is_tcp_udp, parse_icmp_error, parse_ipv4, parse_ports, ptr_at, wire,
     },
 };
 
@@ -223,13 +223,15 @@ fn ingress_tcp_udp(start: usize, end: usize, ip: &Ipv4) -> Outcome {
     };
     // SAFETY: the parser bounds-checked every pointer in `ip` and `h` against `end`.
     unsafe {
-        let old_addr = (*ip.ip).dst_addr;
-        let old_port = (*h.ports)[1];
+        let old_addr = wire::get4(&raw const (*ip.ip).dst_addr);
+        let old_port = wire::get2(&raw const (*h.ports)[1]);
+        if !maps::port_in_use(false, ip.proto, old_port) {
+            return Outcome::NoReservation;
+        }
         let key = EndpointKey::new(old_addr, old_port, ip.proto);
         let Some(entry) = FORWARD_NAT.get_ptr_mut(&key) else {
             return Outcome::NoReservation;
         };
-        let entry = &mut *entry;
         if ip.frags & IP_MF != 0 {
             // A first fragment: the key is taken before the destination changes.
             track_datagram(&fragment_key(ip, FRAGMENT_INGRESS), key);
@@ -250,32 +252,35 @@ enum Endpoint {
 /// port, and counts the packet with the entry. Checksums are updated incrementally (RFC 1624):
 /// XDP sees frames as they came off the wire, with complete checksums.
 ///
-/// SAFETY: every pointer in `ip` and `h` must have been bounds-checked by the parser.
+/// SAFETY: every pointer in `ip` and `h` must have been bounds-checked by the parser, and
+/// `entry` must be a NAT map value from a lookup in this run.
 #[inline(always)]
-unsafe fn rewrite_xdp(ip: &Ipv4, h: &Ports, endpoint: Endpoint, entry: &mut NatEntry) {
+unsafe fn rewrite_xdp(ip: &Ipv4, h: &Ports, endpoint: Endpoint, entry: *mut NatEntry) {
     unsafe {
         let (addr, port) = match endpoint {
-            Endpoint::Source => (&mut (*ip.ip).src_addr, &mut (*h.ports)[0]),
-            Endpoint::Destination => (&mut (*ip.ip).dst_addr, &mut (*h.ports)[1]),
+            Endpoint::Source => (&raw mut (*ip.ip).src_addr, &raw mut (*h.ports)[0]),
+            Endpoint::Destination => (&raw mut (*ip.ip).dst_addr, &raw mut (*h.ports)[1]),
         };
-        let (old_addr, old_port) = (*addr, *port);
-        let (new_addr, new_port) = (entry.addr, entry.port);
+        let (old_addr, old_port) = (wire::get4(addr), wire::get2(port));
+        let (new_addr, new_port) = ((*entry).addr, (*entry).port);
+        // Counted before the packet is written: an atomic add waits for every earlier store
+        // to drain, so here it finds none of the rewrite's pending.
+        maps::count_nat(entry, ip.ip_len);
 
-        let ip_check = u16::from_be_bytes((*ip.ip).check);
-        (*ip.ip).check = checksum::update_addr(ip_check, old_addr, new_addr).to_be_bytes();
-        *addr = new_addr;
+        let ip_check_field = &raw mut (*ip.ip).check;
+        let ip_check = u16::from_be_bytes(wire::get2(ip_check_field));
+        let ip_check = checksum::update_addr(ip_check, old_addr, new_addr);
+        wire::set2(ip_check_field, ip_check.to_be_bytes());
+        wire::set4(addr, new_addr);
 
-        let l4_check = u16::from_be_bytes(*h.l4_check);
+        let l4_check = u16::from_be_bytes(wire::get2(h.l4_check));
         let l4_check = if ip.proto == IPPROTO_UDP {
             checksum::update_udp_addr_port(l4_check, old_addr, new_addr, old_port, new_port)
         } else {
             checksum::update_addr_port(l4_check, old_addr, new_addr, old_port, new_port)
         };
-        *h.l4_check = l4_check.to_be_bytes();
-        *port = new_port;
-
-        entry.packets += 1;
-        entry.bytes += ip.ip_len as u64;
+        wire::set2(h.l4_check, l4_check.to_be_bytes());
+        wire::set2(port, new_port);
     }
 }
 
@@ -301,7 +306,16 @@ pub fn reply(ctx: &XdpContext) -> Option<Reply> {
     }
     let ports = parse_ports(start, end, &ip).ok()?;
     // SAFETY: the parser bounds-checked both pointers.
-    let key = unsafe { EndpointKey::new((*ip.ip).src_addr, (*ports.ports)[0], ip.proto) };
+    let (addr, port) = unsafe {
+        (
+            wire::get4(&raw const (*ip.ip).src_addr),
+            wire::get2(&raw const (*ports.ports)[0]),
+        )
+    };
+    if !maps::port_in_use(true, ip.proto, port) {
+        return None;
+    }
+    let key = EndpointKey::new(addr, port, ip.proto);
     let entry = REVERSE_NAT.get_ptr_mut(&key)?;
     Some(Reply { ip, ports, entry })
 }
@@ -311,8 +325,8 @@ pub fn reply(ctx: &XdpContext) -> Option<Reply> {
 #[inline(always)]
 pub fn rewrite_reply(reply: &Reply) {
     // SAFETY: `reply` holds parser-checked packet pointers (no helper since has changed the
-    // packet) and a per-CPU map value.
-    unsafe { rewrite_xdp(&reply.ip, &reply.ports, Endpoint::Source, &mut *reply.entry) }
+    // packet) and a map value from this run's lookup.
+    unsafe { rewrite_xdp(&reply.ip, &reply.ports, Endpoint::Source, reply.entry) }
 }
 
 /// A later fragment carries no ports: it follows its datagram's first fragment, if that was
@@ -326,13 +340,12 @@ fn ingress_later_fragment(ip: &Ipv4) -> Outcome {
         else {
             return Outcome::Fragment;
         };
-        let entry = &mut *entry;
+        let new_addr = (*entry).addr;
         let old_addr = (*ip.ip).dst_addr;
         let ip_check = u16::from_be_bytes((*ip.ip).check);
-        (*ip.ip).check = checksum::update_addr(ip_check, old_addr, entry.addr).to_be_bytes();
-        (*ip.ip).dst_addr = entry.addr;
-        entry.packets += 1;
-        entry.bytes += ip.ip_len as u64;
+        (*ip.ip).check = checksum::update_addr(ip_check, old_addr, new_addr).to_be_bytes();
+        (*ip.ip).dst_addr = new_addr;
+        maps::count_nat(entry, ip.ip_len);
     }
     Outcome::Rewritten
 }
@@ -427,7 +440,7 @@ pub fn egress(ctx: &TcContext) -> EgressVerdict {
     };
     // Read before any helper call, which may move the packet.
     // SAFETY: parse_ipv4 checked that the whole header is in the frame.
-    let source = unsafe { (*ip.ip).src_addr };
+    let source = unsafe { wire::get4(&raw const (*ip.ip).src_addr) };
     let source_offset = ip.ip as usize - ctx.data() + IPV4_SRC_OFFSET;
     let verdict = if is_tcp_udp(ip.proto) {
         if is_later_fragment(&ip) {
@@ -504,66 +517,210 @@ fn egress_tcp_udp(ctx: &TcContext, ip: &Ipv4) -> EgressVerdict {
     };
     // SAFETY: the parser bounds-checked every pointer; they are only read, and only before the
     // first helper call below invalidates them.
-    let (old_addr, old_port, addr_off, port_off, check_off, fragment) = unsafe {
+    let (old_addr, old_port, fragment) = unsafe {
         (
-            (*ip.ip).src_addr,
-            (*h.ports)[0],
-            ip.ip as usize - start + 12,
-            h.ports as usize - start,
-            h.l4_check as usize - start,
+            wire::get4(&raw const (*ip.ip).src_addr),
+            wire::get2(&raw const (*h.ports)[0]),
             fragment_key(ip, FRAGMENT_EGRESS),
         )
     };
-    let ip_check_off = addr_off - 2;
+    let at = EgressOffsets {
+        ip: ip.ip as usize - start,
+        port: h.ports as usize - start,
+        l4_check: h.l4_check as usize - start,
+    };
+    if !maps::port_in_use(true, ip.proto, old_port) {
+        return Outcome::NoReservation.into();
+    }
     let key = EndpointKey::new(old_addr, old_port, ip.proto);
     let Some(entry) = REVERSE_NAT.get_ptr_mut(&key) else {
         return Outcome::NoReservation.into();
     };
-    // SAFETY: a per-CPU map value, valid for the rest of the program.
-    let entry = unsafe { &mut *entry };
-    let (new_addr, new_port) = (entry.addr, entry.port);
-    let l4_flags = if ip.proto == IPPROTO_UDP {
+    // SAFETY: a map value, valid for the rest of the program.
+    let (new_addr, new_port) = unsafe { ((*entry).addr, (*entry).port) };
+    let change = Change {
+        old_addr,
+        new_addr,
+        old_port,
+        new_port,
+    };
+    let written = if ip.ihl == IPV4_HDR_LEN && checksum_in_packet(ctx) {
+        if ip.proto == IPPROTO_UDP {
+            rewrite_in_one_store::<{ UDP_STORE_LEN / 2 }>(
+                ctx,
+                &at,
+                UDP_CHECK_IN_STORE,
+                true,
+                &change,
+            )
+        } else {
+            rewrite_in_one_store::<{ TCP_STORE_LEN / 2 }>(
+                ctx,
+                &at,
+                TCP_CHECK_IN_STORE,
+                false,
+                &change,
+            )
+        }
+    } else {
+        None
+    };
+    let written = match written {
+        Some(done) => done,
+        None => rewrite_with_helpers(ctx, &at, ip.proto, &change),
+    };
+    if let Err(verdict) = written {
+        return verdict;
+    }
+    if ip.frags & IP_MF != 0 {
+        track_datagram(&fragment, key);
+    }
+    // SAFETY: this run's lookup.
+    unsafe { maps::count_nat(entry, ip.ip_len) };
+    Outcome::Rewritten.into()
+}
+
+/// Where the fields an egress rewrite writes are, from the start of the packet.
+struct EgressOffsets {
+    ip: usize,
+    port: usize,
+    l4_check: usize,
+}
+
+/// A source rewrite: the address and port before and after.
+struct Change {
+    old_addr: [u8; 4],
+    new_addr: [u8; 4],
+    old_port: [u8; 2],
+    new_port: [u8; 2],
+}
+
+const IPV4_HDR_LEN: usize = 20;
+/// The region one store rewrites, from the IPv4 checksum (offset 10) to the end of the TCP or
+/// UDP checksum, for an IPv4 header without options: the checksum and addresses (10 bytes),
+/// then the TCP header up to its checksum's end (18) or the whole UDP header (8).
+const TCP_STORE_LEN: usize = 10 + 18;
+const UDP_STORE_LEN: usize = 10 + 8;
+/// Where the TCP/UDP checksum sits in that region.
+const TCP_CHECK_IN_STORE: usize = 10 + 16;
+const UDP_CHECK_IN_STORE: usize = 10 + 6;
+
+/// Whether the skb's TCP/UDP checksum is whole in the packet, so an incremental update of the
+/// field (RFC 1624, as XDP does) is right: `CHECKSUM_UNNECESSARY` (verified on receipt: a
+/// WireGuard tunnel's packets, a NIC's with receive offload) or `CHECKSUM_NONE` (computed in
+/// software, or never verified). Not for `CHECKSUM_PARTIAL` (the field holds only the
+/// pseudo-header sum, for the NIC to finish) or `CHECKSUM_COMPLETE` (`skb->csum` must follow
+/// the change): those take the helpers, which know the skb's state.
+///
+/// No program can read `ip_summed`; `bpf_csum_level` tells it apart. `QUERY` answers for
+/// `CHECKSUM_UNNECESSARY` only. Otherwise `INC` turns only `CHECKSUM_NONE` into
+/// `CHECKSUM_UNNECESSARY` (level 0), which a second `QUERY` sees, and `RESET` turns it back,
+/// leaving the skb as it came.
+#[inline(always)]
+fn checksum_in_packet(ctx: &TcContext) -> bool {
+    use aya_ebpf::{
+        bindings::{BPF_CSUM_LEVEL_INC, BPF_CSUM_LEVEL_QUERY, BPF_CSUM_LEVEL_RESET},
+        helpers::bpf_csum_level,
+    };
+    let skb = ctx.skb.skb;
+    // SAFETY: the program's own skb; bpf_csum_level changes no packet data.
+    unsafe {
+        if bpf_csum_level(skb, BPF_CSUM_LEVEL_QUERY as u64) >= 0 {
+            return true;
+        }
+        bpf_csum_level(skb, BPF_CSUM_LEVEL_INC as u64);
+        if bpf_csum_level(skb, BPF_CSUM_LEVEL_QUERY as u64) < 0 {
+            return false;
+        }
+        bpf_csum_level(skb, BPF_CSUM_LEVEL_RESET as u64);
+    }
+    true
+}
+
+/// The egress rewrite of a packet whose checksums are whole in it (see
+/// [`checksum_in_packet`]) and whose IPv4 header has no options: the bytes from the IPv4
+/// checksum to the end of the TCP/UDP checksum (`W` 16-bit words) are read, rewritten as XDP rewrites them, and
+/// written back with one `bpf_skb_store_bytes`, which makes them writable first (so a cloned
+/// skb is copied only when pf rewrites it, and a failure leaves the packet as it was). `None`
+/// when the region is not directly readable: the helpers do it then.
+#[inline(always)]
+fn rewrite_in_one_store<const W: usize>(
+    ctx: &TcContext,
+    at: &EgressOffsets,
+    check_at: usize,
+    udp: bool,
+    c: &Change,
+) -> Option<Result<(), EgressVerdict>> {
+    let region: *mut [[u8; 2]; W] = ptr_at(ctx.data(), ctx.data_end(), at.ip + 10).ok()?;
+    let mut buf = [[0u8; 2]; W];
+    let mut i = 0;
+    while i < W {
+        // SAFETY: bounds-checked just above.
+        buf[i] = unsafe { wire::get2(&raw const (*region)[i]) };
+        i += 1;
+    }
+    let get = |b: &[[u8; 2]; W], at: usize| u16::from_be_bytes(b[at / 2]);
+    let ip_check = checksum::update_addr(get(&buf, 0), c.old_addr, c.new_addr);
+    let l4_check = get(&buf, check_at);
+    let l4_check = if udp {
+        checksum::update_udp_addr_port(l4_check, c.old_addr, c.new_addr, c.old_port, c.new_port)
+    } else {
+        checksum::update_addr_port(l4_check, c.old_addr, c.new_addr, c.old_port, c.new_port)
+    };
+    buf[0] = ip_check.to_be_bytes();
+    buf[1] = [c.new_addr[0], c.new_addr[1]];
+    buf[2] = [c.new_addr[2], c.new_addr[3]];
+    buf[5] = c.new_port;
+    buf[check_at / 2] = l4_check.to_be_bytes();
+    Some(
+        ctx.store(at.ip + 10, &buf, 0)
+            .map_err(|_| Outcome::RewriteFailed.into()),
+    )
+}
+
+/// The egress rewrite with the skb helpers, for any checksum state: `bpf_l4_csum_replace`
+/// knows `CHECKSUM_PARTIAL` (it changes the pseudo-header sum, and not for the port) and
+/// `CHECKSUM_COMPLETE` (it keeps `skb->csum` right).
+#[inline(always)]
+fn rewrite_with_helpers(
+    ctx: &TcContext,
+    at: &EgressOffsets,
+    proto: u8,
+    c: &Change,
+) -> Result<(), EgressVerdict> {
+    let l4_flags = if proto == IPPROTO_UDP {
         BPF_F_MARK_MANGLED_0 as u64
     } else {
         0
     };
     let (old_a, new_a) = (
-        u32::from_ne_bytes(old_addr) as u64,
-        u32::from_ne_bytes(new_addr) as u64,
+        u32::from_ne_bytes(c.old_addr) as u64,
+        u32::from_ne_bytes(c.new_addr) as u64,
     );
     let (old_p, new_p) = (
-        u16::from_ne_bytes(old_port) as u64,
-        u16::from_ne_bytes(new_port) as u64,
+        u16::from_ne_bytes(c.old_port) as u64,
+        u16::from_ne_bytes(c.new_port) as u64,
     );
-
     // The first helper touches the deepest byte pf writes, so it makes the whole range writable;
     // if it fails, nothing has changed yet and the packet can pass as it was.
     if ctx
         .l4_csum_replace(
-            check_off,
+            at.l4_check,
             old_a,
             new_a,
             l4_flags | BPF_F_PSEUDO_HDR as u64 | 4,
         )
         .is_err()
     {
-        return Outcome::RewriteFailed.into();
+        return Err(Outcome::RewriteFailed.into());
     }
     let rest_ok = ctx
-        .l4_csum_replace(check_off, old_p, new_p, l4_flags | 2)
+        .l4_csum_replace(at.l4_check, old_p, new_p, l4_flags | 2)
         .is_ok()
-        && ctx.l3_csum_replace(ip_check_off, old_a, new_a, 4).is_ok()
-        && ctx.store(addr_off, &new_addr, 0).is_ok()
-        && ctx.store(port_off, &new_port, 0).is_ok();
-    if !rest_ok {
-        return HALF_REWRITTEN;
-    }
-    if ip.frags & IP_MF != 0 {
-        track_datagram(&fragment, key);
-    }
-    entry.packets += 1;
-    entry.bytes += ip.ip_len as u64;
-    Outcome::Rewritten.into()
+        && ctx.l3_csum_replace(at.ip + 10, old_a, new_a, 4).is_ok()
+        && ctx.store(at.ip + IPV4_SRC_OFFSET, &c.new_addr, 0).is_ok()
+        && ctx.store(at.port, &c.new_port, 0).is_ok();
+    if rest_ok { Ok(()) } else { Err(HALF_REWRITTEN) }
 }
 
 /// The egress side of `ingress_later_fragment`: the source address follows the first fragment's.
@@ -582,17 +739,17 @@ fn egress_later_fragment(ctx: &TcContext, ip: &Ipv4) -> EgressVerdict {
     let Some(entry) = tracked_entry(&key, FRAGMENT_EGRESS) else {
         return Outcome::Fragment.into();
     };
-    // SAFETY: a per-CPU map value, valid for the rest of the program.
-    let entry = unsafe { &mut *entry };
-    let check = checksum::update_addr(ip_check, old_addr, entry.addr).to_be_bytes();
+    // SAFETY: a map value, valid for the rest of the program.
+    let new_addr = unsafe { (*entry).addr };
+    let check = checksum::update_addr(ip_check, old_addr, new_addr).to_be_bytes();
     if ctx.store(addr_off - 2, &check, 0).is_err() {
         return Outcome::RewriteFailed.into();
     }
-    if ctx.store(addr_off, &entry.addr, 0).is_err() {
+    if ctx.store(addr_off, &new_addr, 0).is_err() {
         return HALF_REWRITTEN;
     }
-    entry.packets += 1;
-    entry.bytes += ip.ip_len as u64;
+    // SAFETY: this run's lookup.
+    unsafe { maps::count_nat(entry, ip.ip_len) };
     Outcome::Rewritten.into()
 }
 
@@ -623,7 +780,7 @@ fn egress_icmp_error(ctx: &TcContext, start: usize, end: usize, ip: &Ipv4) -> Eg
     let Some(entry) = REVERSE_NAT.get_ptr_mut(&key) else {
         return Outcome::NoReservation.into();
     };
-    // SAFETY: a per-CPU map value.
+    // SAFETY: a map value.
     let (new_addr, new_port) = unsafe { ((*entry).addr, (*entry).port) };
     let outer_changes = outer_src == old_addr;
     let c = icmp_checks(&old, old_addr, new_addr, old_port, new_port, outer_changes);

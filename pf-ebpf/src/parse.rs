@@ -92,9 +92,45 @@ pub struct IcmpError {
     pub inner_proto: u8,
 }
 
+/// 16-bit packet access. A field typed `[u8; N]` has alignment 1, and LLVM's BPF backend splits
+/// every access it cannot prove aligned into single bytes (an address costs four loads and six
+/// shifts and ors). Every field pf reads or writes sits at an even offset in the frame (Ethernet
+/// 14, a VLAN tag 4, IPv4 headers and options multiples of 4), so 16-bit accesses are exact
+/// there; and the verifier allows packet access at any alignment where the CPU does
+/// (`CONFIG_HAVE_EFFICIENT_UNALIGNED_ACCESS`: x86-64, arm64), so even an odd frame start would
+/// only be slower, never wrong.
+pub mod wire {
+    /// SAFETY (all four): `p` must have been bounds-checked by the parser.
+    #[inline(always)]
+    pub unsafe fn get2(p: *const [u8; 2]) -> [u8; 2] {
+        unsafe { (p as *const u16).read().to_ne_bytes() }
+    }
+
+    #[inline(always)]
+    pub unsafe fn set2(p: *mut [u8; 2], v: [u8; 2]) {
+        unsafe { (p as *mut u16).write(u16::from_ne_bytes(v)) }
+    }
+
+    #[inline(always)]
+    pub unsafe fn get4(p: *const [u8; 4]) -> [u8; 4] {
+        let p = p as *const [u8; 2];
+        let (hi, lo) = unsafe { (get2(p), get2(p.add(1))) };
+        [hi[0], hi[1], lo[0], lo[1]]
+    }
+
+    #[inline(always)]
+    pub unsafe fn set4(p: *mut [u8; 4], v: [u8; 4]) {
+        let p = p as *mut [u8; 2];
+        unsafe {
+            set2(p, [v[0], v[1]]);
+            set2(p.add(1), [v[2], v[3]]);
+        }
+    }
+}
+
 /// A pointer to a `T` at `offset` from `start`, if the whole `T` lies before `end`.
 #[inline(always)]
-fn ptr_at<T>(start: usize, end: usize, offset: usize) -> Result<*mut T, Outcome> {
+pub fn ptr_at<T>(start: usize, end: usize, offset: usize) -> Result<*mut T, Outcome> {
     if start + offset + size_of::<T>() > end {
         return Err(Outcome::Truncated);
     }
@@ -134,7 +170,7 @@ pub fn parse_ipv4(start: usize, end: usize, frame_len: usize) -> Result<Ipv4, Ou
 
     let ip: *mut Ipv4Hdr = ptr_at(start, end, l3_off)?;
     let ihl = header_len(unsafe { (*ip).vihl })?;
-    let ip_len = u16::from_be_bytes(unsafe { (*ip).tot_len });
+    let ip_len = u16::from_be_bytes(unsafe { wire::get2(&raw const (*ip).tot_len) });
     if (ip_len as usize) < ihl {
         return Err(Outcome::BadIpHeader);
     }
@@ -147,7 +183,7 @@ pub fn parse_ipv4(start: usize, end: usize, frame_len: usize) -> Result<Ipv4, Ou
         ihl,
         ip_len,
         proto: unsafe { (*ip).proto },
-        frags: u16::from_be_bytes(unsafe { (*ip).frags }),
+        frags: u16::from_be_bytes(unsafe { wire::get2(&raw const (*ip).frags) }),
     })
 }
 

@@ -11,14 +11,14 @@ use std::{
 
 use bytemuck::Pod;
 
-/// Elements per syscall: bounds what one call copies (a 4-CPU per-CPU value is 96 bytes).
+/// Elements per syscall: bounds what one call copies (a NAT entry's key and value are 32 bytes).
 const CHUNK: usize = 65_536;
 /// How often a write that makes no progress against ENOMEM is retried, 1 ms apart.
 ///
 /// Maps made with BPF_F_NO_PREALLOC take each new element from the kernel's bpf_mem_alloc
 /// caches, which are refilled asynchronously (irq_work). A long burst of inserts can drain them
-/// and get ENOMEM although memory is plentiful (seen here filling 1,000,000 per-CPU entries);
-/// a moment later the refill has run and the write succeeds.
+/// and get ENOMEM although memory is plentiful (seen here filling 1,000,000 entries when the NAT
+/// maps were per-CPU hashes); a moment later the refill has run and the write succeeds.
 const ENOMEM_RETRIES: u32 = 200;
 
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
@@ -39,24 +39,23 @@ struct BatchAttr {
 }
 
 /// Writes every (key, value) pair in chunks, retrying transient ENOMEM, and reports each written
-/// run of keys to `written` (so the caller can undo them). `values` holds `values_per_key`
-/// values for each key (a per-CPU map takes one per possible CPU). On failure returns the error
-/// and how many keys were written in all.
+/// run of keys to `written` (so the caller can undo them). `values` holds one value per key
+/// (pf writes no per-CPU map in batches). On failure returns the error and how many keys were
+/// written in all.
 pub(crate) fn update_all<K: Pod, V: Pod>(
     map: BorrowedFd<'_>,
     keys: &[K],
     values: &[V],
-    values_per_key: usize,
     elem_flags: u64,
     mut written: impl FnMut(&[K]),
 ) -> Result<(), (usize, io::Error)> {
-    debug_assert_eq!(values.len(), keys.len() * values_per_key);
+    debug_assert_eq!(values.len(), keys.len());
     let mut offset = 0;
     let mut stalls = 0;
     while offset < keys.len() {
         let end = (offset + CHUNK).min(keys.len());
         let chunk = &keys[offset..end];
-        let chunk_values = &values[offset * values_per_key..end * values_per_key];
+        let chunk_values = &values[offset..end];
         let result = update(
             map,
             bytemuck::cast_slice(chunk),
@@ -82,8 +81,7 @@ pub(crate) fn update_all<K: Pod, V: Pod>(
     Ok(())
 }
 
-/// Writes `count` elements whose keys and values lie back to back in `keys` and `values` (for a
-/// per-CPU map, each value is one slot per possible CPU, each rounded up to 8 bytes), with
+/// Writes `count` elements whose keys and values lie back to back in `keys` and `values`, with
 /// `elem_flags` applied to every element (the kernel takes only BPF_F_LOCK there: a batch
 /// write replaces existing elements). On failure, returns how many
 /// elements, from the first, were written before the one that failed.

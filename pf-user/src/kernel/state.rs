@@ -10,11 +10,10 @@ use std::{fs::File, net::Ipv4Addr, os::fd::AsFd};
 use aya::maps::xdp::XdpMapError;
 use aya::maps::{
     Array, DevMapHash, HashMap, IterableMap, Map, MapData, MapError, MapType, PerCpuArray,
-    PerCpuHashMap, PerCpuValues,
 };
 use pf_common::{
-    EndpointKey, MAP_SHAPES, MapKind, MapShape, NatEntry, ReservationKey, ReservationValue,
-    TunnelNetwork, TunnelNetworks,
+    EndpointKey, MAP_SHAPES, MapKind, MapShape, NatEntry, PORT_USE_SLOTS, ReservationKey,
+    ReservationValue, TunnelNetwork, TunnelNetworks,
     counters::{
         EGRESS_BASE, FAST_PATH_BASE, FastPath, INGRESS_BASE, Outcome, REPLY_FAST_PATH_BASE,
     },
@@ -66,30 +65,23 @@ impl Rollback {
     }
 }
 
-/// Writes `keys` and their `values` (`values_per_key` each) to one map in batches, reporting
-/// each written run of keys to `written`.
+/// Writes `keys` and their `values` to one map in batches, reporting each written run of keys
+/// to `written`.
 fn write_batch<K: bytemuck::Pod, V: bytemuck::Pod>(
     map: &MapData,
     name: &'static str,
     keys: &[K],
     values: &[V],
-    values_per_key: usize,
     written: impl FnMut(&[K]),
 ) -> Result<(), PfError> {
-    batch::update_all(
-        map.fd().as_fd(),
-        keys,
-        values,
-        values_per_key,
-        BATCH_ELEM_FLAGS,
-        written,
+    batch::update_all(map.fd().as_fd(), keys, values, BATCH_ELEM_FLAGS, written).map_err(
+        |(done, source)| PfError::MapBatch {
+            map: name,
+            done,
+            count: keys.len(),
+            source,
+        },
     )
-    .map_err(|(done, source)| PfError::MapBatch {
-        map: name,
-        done,
-        count: keys.len(),
-        source,
-    })
 }
 
 fn proto_name(proto: u8) -> &'static str {
@@ -115,6 +107,19 @@ struct NatPair {
     reverse: EndpointKey,
 }
 
+impl NatPair {
+    /// Its slots in `PORTS_IN_USE`: (forward, reverse).
+    fn port_use_slots(&self) -> (u32, u32) {
+        (
+            pf_common::port_use_slot(false, self.proto, self.forward.port),
+            pf_common::port_use_slot(true, self.proto, self.reverse.port),
+        )
+    }
+}
+
+/// Changes to `PORTS_IN_USE` counts, by slot.
+type PortUseDeltas = std::collections::BTreeMap<u32, i64>;
+
 /// Every (port, protocol) of `r`, protocol by protocol and port by port: the order in which
 /// pf writes, removes and reads them.
 fn nat_pairs(r: &Reservation) -> impl Iterator<Item = NatPair> + '_ {
@@ -134,12 +139,15 @@ fn nat_pairs(r: &Reservation) -> impl Iterator<Item = NatPair> + '_ {
         })
 }
 
-/// A NAT entry's per-CPU values; `None` if the key is not in the map.
+/// A NAT map, as userspace opens it.
+type NatMap = HashMap<MapData, EndpointKey, NatEntry>;
+
+/// A NAT entry; `None` if the key is not in the map.
 fn lookup(
-    map: &PerCpuHashMap<MapData, EndpointKey, NatEntry>,
+    map: &NatMap,
     name: &'static str,
     key: &EndpointKey,
-) -> Result<Option<PerCpuValues<NatEntry>>, PfError> {
+) -> Result<Option<NatEntry>, PfError> {
     match map.get(key, 0) {
         Ok(values) => Ok(Some(values)),
         Err(MapError::KeyNotFound) => Ok(None),
@@ -149,17 +157,17 @@ fn lookup(
 
 /// Open handles on pf's maps, with pf's lock on the pin directory held.
 pub struct State {
-    forward: PerCpuHashMap<MapData, EndpointKey, NatEntry>,
-    reverse: PerCpuHashMap<MapData, EndpointKey, NatEntry>,
+    forward: NatMap,
+    reverse: NatMap,
     reservations: HashMap<MapData, ReservationKey, ReservationValue>,
     counters: PerCpuArray<MapData, u64>,
     redirect_devices: DevMapHash<MapData>,
     public_devices: DevMapHash<MapData>,
     tunnel_networks: Array<MapData, TunnelNetworks>,
-    nr_cpus: usize,
     /// The kernel's ids of the maps opened, in `map_names::ALL` order: which maps these are,
     /// whatever is pinned by now.
-    ids: [u32; 8],
+    ids: [u32; map_names::COUNT],
+    ports_in_use: Array<MapData, u32>,
     _lock: File,
 }
 
@@ -210,7 +218,6 @@ fn map_type(kind: MapKind) -> MapType {
     match kind {
         MapKind::Hash => MapType::Hash,
         MapKind::Array => MapType::Array,
-        MapKind::PerCpuHash => MapType::PerCpuHash,
         MapKind::PerCpuArray => MapType::PerCpuArray,
         MapKind::LruHash => MapType::LruHash,
         MapKind::DevMapHash => MapType::DevMapHash,
@@ -283,7 +290,7 @@ impl State {
     }
 
     /// The kernel's ids of the open maps, in `map_names::ALL` order.
-    pub fn map_ids(&self) -> [u32; 8] {
+    pub fn map_ids(&self) -> [u32; map_names::COUNT] {
         self.ids
     }
 
@@ -308,8 +315,9 @@ impl State {
             redirect_devices,
             public_devices,
             tunnel_networks,
+            ports_in_use,
         ] = MAP_SHAPES.each_ref().map(|l| open_map(dir, l));
-        let mut ids = [0u32; 8];
+        let mut ids = [0u32; map_names::COUNT];
         let mut id_of = |index: usize, opened: Result<(Map, u32), PfError>| {
             opened.map(|(map, id)| {
                 ids[index] = id;
@@ -323,10 +331,11 @@ impl State {
             id_of(3, counters),
             id_of(4, fragments),
         );
-        let (redirect_devices, public_devices, tunnel_networks) = (
+        let (redirect_devices, public_devices, tunnel_networks, ports_in_use) = (
             id_of(5, redirect_devices),
             id_of(6, public_devices),
             id_of(7, tunnel_networks),
+            id_of(8, ports_in_use),
         );
         fragments?;
         let typed = |name: &'static str| move |source: MapError| PfError::Map { map: name, source };
@@ -346,8 +355,9 @@ impl State {
             tunnel_networks: tunnel_networks?
                 .try_into()
                 .map_err(typed(map_names::TUNNEL_NETWORKS))?,
-            nr_cpus: aya::util::nr_cpus()
-                .map_err(|(what, e)| PfError::io(format!("reading {what}"), e))?,
+            ports_in_use: ports_in_use?
+                .try_into()
+                .map_err(typed(map_names::PORTS_IN_USE))?,
             ids,
             _lock: lock,
         })
@@ -403,22 +413,24 @@ impl State {
     /// 65,536 entries instead of one per entry). Each is checked against the maps and against
     /// the ones before it in `rs`; the first conflict refuses the whole batch and changes nothing.
     pub fn reserve_all(&mut self, rs: &[Reservation]) -> Result<(), PfError> {
-        // Keys and values as the maps take them: a per-CPU map one value per possible CPU, each
-        // rounded up to 8 bytes (NatEntry is 24).
         let (mut forward_keys, mut forward_values) = (Vec::new(), Vec::new());
         let (mut reverse_keys, mut reverse_values) = (Vec::new(), Vec::new());
         // Entries claimed earlier in this batch, and by which reservation.
         let mut claimed_public = std::collections::HashMap::new();
         let mut claimed_target = std::collections::HashMap::new();
+        let mut port_use = PortUseDeltas::new();
         for (index, r) in rs.iter().enumerate() {
-            for NatPair {
-                proto,
-                public_port,
-                target_port,
-                forward: fkey,
-                reverse: rkey,
-            } in nat_pairs(r)
-            {
+            for pair in nat_pairs(r) {
+                let (forward_slot, reverse_slot) = pair.port_use_slots();
+                *port_use.entry(forward_slot).or_default() += 1;
+                *port_use.entry(reverse_slot).or_default() += 1;
+                let NatPair {
+                    proto,
+                    public_port,
+                    target_port,
+                    forward: fkey,
+                    reverse: rkey,
+                } = pair;
                 // Named only in an error: formatting them for every port would cost more
                 // than the map writes.
                 let public = || format!("{}:{public_port}/{}", r.public.addr, proto_name(proto));
@@ -469,24 +481,25 @@ impl State {
                 let to_target = NatEntry::new(r.target_addr.octets(), target_port.to_be_bytes());
                 let to_public = NatEntry::new(r.public.addr.octets(), public_port.to_be_bytes());
                 forward_keys.push(fkey);
-                forward_values.extend(std::iter::repeat_n(to_target, self.nr_cpus));
+                forward_values.push(to_target);
                 reverse_keys.push(rkey);
-                reverse_values.extend(std::iter::repeat_n(to_public, self.nr_cpus));
+                reverse_values.push(to_public);
             }
         }
         let (record_keys, record_values): (Vec<_>, Vec<_>) =
             rs.iter().map(reservation_to_record).unzip();
 
-        // Reverse entries first: a forward entry without its reverse would let replies leave
-        // with the tunnel address. The records last, so `pf list` never shows a reservation
-        // that does not forward yet.
+        // The port counts first: a count above its entries only costs a hash lookup, a count
+        // below them would hide an entry from the programs. Reverse entries next: a forward
+        // entry without its reverse would let replies leave with the tunnel address. The
+        // records last, so `pf list` never shows a reservation that does not forward yet.
+        let counts_before = self.add_port_use(&port_use)?;
         let mut rollback = Rollback::default();
         let result = write_batch(
             self.reverse.map(),
             map_names::REVERSE_NAT,
             &reverse_keys,
             &reverse_values,
-            self.nr_cpus,
             |keys| rollback.reverse.extend_from_slice(keys),
         )
         .and_then(|()| {
@@ -495,7 +508,6 @@ impl State {
                 map_names::FORWARD_NAT,
                 &forward_keys,
                 &forward_values,
-                self.nr_cpus,
                 |keys| rollback.forward.extend_from_slice(keys),
             )
         })
@@ -505,14 +517,53 @@ impl State {
                 map_names::RESERVATIONS,
                 &record_keys,
                 &record_values,
-                1,
                 |keys| rollback.records.extend_from_slice(keys),
             )
         });
         if result.is_err() {
             rollback.undo(self);
+            self.set_port_use(&counts_before);
         }
         result
+    }
+
+    /// Adds `deltas` to the `PORTS_IN_USE` counts (never below zero) and returns the slots'
+    /// previous counts, to put back if what follows fails.
+    fn add_port_use(&mut self, deltas: &PortUseDeltas) -> Result<Vec<(u32, u32)>, PfError> {
+        let map_err = |source| PfError::Map {
+            map: map_names::PORTS_IN_USE,
+            source,
+        };
+        let mut before = Vec::with_capacity(deltas.len());
+        let (mut slots, mut after) = (Vec::new(), Vec::new());
+        for (&slot, &delta) in deltas {
+            let old = self.ports_in_use.get(&slot, 0).map_err(map_err)?;
+            before.push((slot, old));
+            slots.push(slot);
+            after.push((i64::from(old) + delta).clamp(0, i64::from(u32::MAX)) as u32);
+        }
+        write_batch(
+            self.ports_in_use.map(),
+            map_names::PORTS_IN_USE,
+            &slots,
+            &after,
+            |_| {},
+        )?;
+        Ok(before)
+    }
+
+    /// Puts back counts `add_port_use` returned. Best effort: it runs only after another
+    /// failure, which is the error to report, and a count left too high only costs lookups
+    /// (`prune`, in `pf serve`'s next reconcile, counts again).
+    fn set_port_use(&mut self, counts: &[(u32, u32)]) {
+        let (slots, values): (Vec<u32>, Vec<u32>) = counts.iter().copied().unzip();
+        let _ = write_batch(
+            self.ports_in_use.map(),
+            map_names::PORTS_IN_USE,
+            &slots,
+            &values,
+            |_| {},
+        );
     }
 
     /// Removes `r` if the maps hold exactly it (its target too): a store that is not the one
@@ -571,31 +622,40 @@ impl State {
             remove_entry(&mut self.reverse, map_names::REVERSE_NAT, &pair.reverse)?;
         }
         match self.reservations.remove(&key) {
-            Err(e) if !not_found(&e) => Err(PfError::Map {
-                map: map_names::RESERVATIONS,
-                source: e,
-            }),
-            _ => Ok(r),
+            Err(e) if !not_found(&e) => {
+                return Err(PfError::Map {
+                    map: map_names::RESERVATIONS,
+                    source: e,
+                });
+            }
+            _ => {}
         }
+        // The counts last, once the record is gone, so a release that fails before and is
+        // tried again never counts a port down twice. A failure here leaves counts too high,
+        // which costs only lookups until the next recount; the release itself is done.
+        let mut port_use = PortUseDeltas::new();
+        for pair in nat_pairs(&r) {
+            let (forward_slot, reverse_slot) = pair.port_use_slots();
+            *port_use.entry(forward_slot).or_default() -= 1;
+            *port_use.entry(reverse_slot).or_default() -= 1;
+        }
+        let _ = self.add_port_use(&port_use);
+        Ok(r)
     }
 
     /// Whether every NAT entry of `r` is in the maps with the address and port it must have.
     /// A crash part-way through a write or a removal can leave a record whose entries are not
     /// all there.
     pub fn is_complete(&self, r: &Reservation) -> Result<bool, PfError> {
-        // Userspace writes the same address and port for every CPU.
         fn holds(
-            map: &PerCpuHashMap<MapData, EndpointKey, NatEntry>,
+            map: &NatMap,
             name: &'static str,
             key: &EndpointKey,
             addr: Ipv4Addr,
             port: u16,
         ) -> Result<bool, PfError> {
-            Ok(lookup(map, name, key)?.is_some_and(|values| {
-                values
-                    .iter()
-                    .all(|e| e.addr == addr.octets() && e.port == port.to_be_bytes())
-            }))
+            Ok(lookup(map, name, key)?
+                .is_some_and(|e| e.addr == addr.octets() && e.port == port.to_be_bytes()))
         }
         for pair in nat_pairs(r) {
             let forward = holds(
@@ -630,15 +690,33 @@ impl State {
             reverse_keep.insert(pair.reverse);
         }
         let mut removed = Vec::new();
-        for (map, name, keep) in [
-            (&mut self.forward, map_names::FORWARD_NAT, &forward_keep),
-            (&mut self.reverse, map_names::REVERSE_NAT, &reverse_keep),
+        // Every count is taken again from the entries that stay: whatever a crash or a hand
+        // left in `PORTS_IN_USE`, it agrees with the maps afterwards.
+        let mut counts = vec![0u32; PORT_USE_SLOTS as usize];
+        for (map, name, keep, reverse) in [
+            (
+                &mut self.forward,
+                map_names::FORWARD_NAT,
+                &forward_keep,
+                false,
+            ),
+            (
+                &mut self.reverse,
+                map_names::REVERSE_NAT,
+                &reverse_keep,
+                true,
+            ),
         ] {
-            let stale = map
+            let (kept, stale): (Vec<EndpointKey>, Vec<EndpointKey>) = map
                 .keys()
-                .filter(|k| k.as_ref().map_or(true, |k| !keep.contains(k)))
                 .collect::<Result<Vec<EndpointKey>, _>>()
-                .map_err(|source| PfError::Map { map: name, source })?;
+                .map_err(|source| PfError::Map { map: name, source })?
+                .into_iter()
+                .partition(|k| keep.contains(k));
+            for key in kept {
+                let slot = pf_common::port_use_slot(reverse, key.proto, key.port);
+                counts[slot as usize] = counts[slot as usize].saturating_add(1);
+            }
             for key in stale {
                 remove_entry(map, name, &key)?;
                 removed.push(format!(
@@ -649,19 +727,23 @@ impl State {
                 ));
             }
         }
+        let slots: Vec<u32> = (0..PORT_USE_SLOTS).collect();
+        write_batch(
+            self.ports_in_use.map(),
+            map_names::PORTS_IN_USE,
+            &slots,
+            &counts,
+            |_| {},
+        )?;
         Ok(removed)
     }
 
     fn sum_traffic(
-        map: &PerCpuHashMap<MapData, EndpointKey, NatEntry>,
+        map: &NatMap,
         name: &'static str,
         key: &EndpointKey,
     ) -> Result<(u64, u64), PfError> {
-        Ok(lookup(map, name, key)?.map_or((0, 0), |values| {
-            values
-                .iter()
-                .fold((0, 0), |(p, b), e| (p + e.packets, b + e.bytes))
-        }))
+        Ok(lookup(map, name, key)?.map_or((0, 0), |e| (e.packets, e.bytes)))
     }
 
     /// The global outcome counters, summed over CPUs: (ingress, egress), in `Outcome` order.
@@ -837,11 +919,7 @@ fn not_found(e: &MapError) -> bool {
 }
 
 /// Removes a NAT entry; one already gone is fine (a removal may finish what a crash began).
-fn remove_entry(
-    map: &mut PerCpuHashMap<MapData, EndpointKey, NatEntry>,
-    name: &'static str,
-    key: &EndpointKey,
-) -> Result<(), PfError> {
+fn remove_entry(map: &mut NatMap, name: &'static str, key: &EndpointKey) -> Result<(), PfError> {
     match map.remove(key) {
         Err(e) if !not_found(&e) => Err(PfError::Map {
             map: name,

@@ -79,7 +79,7 @@ pub trait DataPlane: Send {
 /// maps no program reads.
 pub struct KernelDataPlane {
     dir: PinDir,
-    map_ids: Option<[u32; 8]>,
+    map_ids: Option<[u32; pf_common::map_names::COUNT]>,
     /// The nftables set kept equal to the maps' reservations, if the config names one.
     netfilter: Option<NftSet>,
 }

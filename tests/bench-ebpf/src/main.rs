@@ -8,7 +8,7 @@
 //!   rewrites them in place), so the headers are written on every run, not once.
 //! - `pf_bench_sink`, on the receiving veth: counts and drops the frames addressed to the one
 //!   endpoint it is told to expect, and passes everything else (ARP above all) to the kernel.
-//! - `pf_bench_lookup`, one per-CPU hash lookup keyed by 8 bytes of the packet (XDP_PASS on a
+//! - `pf_bench_lookup`, one hash lookup keyed by 8 bytes of the packet (XDP_PASS on a
 //!   hit):
 //!   the floor under pf's ingress hit (which does that lookup plus parsing and the rewrite), for
 //!   the per-packet comparison.
@@ -25,7 +25,7 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_OK, xdp_action},
     macros::{classifier, map, xdp},
-    maps::{DevMap, PerCpuArray, PerCpuHashMap},
+    maps::{DevMap, HashMap, PerCpuArray},
     programs::{TcContext, XdpContext},
 };
 
@@ -130,8 +130,8 @@ pub fn pf_bench_sink(ctx: XdpContext) -> u32 {
 
 /// Same key and value sizes, type and flags as pf's FORWARD_NAT.
 #[map]
-static LOOKUP_ONLY: PerCpuHashMap<[u8; 8], [u8; 24]> =
-    PerCpuHashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
+static LOOKUP_ONLY: HashMap<[u8; 8], [u8; 24]> =
+    HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
 
 /// Where the key is read: the IPv4 destination address and the L4 destination port (with the
 /// two bytes after them), as pf's key holds address, port and protocol.

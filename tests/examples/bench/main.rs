@@ -4,18 +4,20 @@
 //!    1,000,000 reservations (`per_packet`).
 //! 2. Control plane: the time to apply 1,000 and 100,000 reservations, batched and one at a
 //!    time (`control`).
-//! 3. The reservation service: applying 1,000 and 100,000 reservations to store and maps, and
+//! 3. Kernel memory per reserved port, from the kernel's accounting (`memory`).
+//! 4. The reservation service: applying 1,000 and 100,000 reservations to store and maps, and
 //!    reserve-call latency through the API (`service`).
-//! 4. Forwarding: 64-byte UDP frames delivered per second through three namespaces for pf,
+//! 5. Forwarding: 64-byte UDP frames delivered per second through three namespaces for pf,
 //!    nftables DNAT, plain forwarding and the arrival ceiling, with 1 and 1,024 flows
 //!    (`forwarding`).
-//! 5. TCP throughput with iperf3 through pf, nftables DNAT and plain forwarding (`tcp`).
+//! 6. TCP throughput with iperf3 through pf, nftables DNAT and plain forwarding (`tcp`).
 //!
 //! Every repetition goes into one JSON file under the output directory, with the commit, kernel,
 //! CPU model and core count; a PNG plot beside it (`plot`); a table with ratios on stdout.
 
 mod control;
 mod forwarding;
+mod memory;
 mod per_packet;
 mod pktgen;
 mod plot;
@@ -32,7 +34,14 @@ use std::{
 use pf::domain::spec::{PortRange, Protocols, PublicSpec, Reservation, TargetSpec};
 use serde_json::{Value, json};
 
-const SECTIONS: [&str; 5] = ["per-packet", "control", "service", "forwarding", "tcp"];
+const SECTIONS: [&str; 6] = [
+    "per-packet",
+    "control",
+    "memory",
+    "service",
+    "forwarding",
+    "tcp",
+];
 
 pub struct Profile {
     name: &'static str,
@@ -237,6 +246,7 @@ fn run(
     let wanted = |section: &str| only.is_none_or(|o| o == section);
     let mut per_packet = Vec::new();
     let mut control = Vec::new();
+    let mut memory = Vec::new();
     let mut service = Value::Null;
     let mut forwarding = Vec::new();
     let mut tcp = Vec::new();
@@ -245,6 +255,9 @@ fn run(
     }
     if wanted("control") {
         control = control::run(profile)?;
+    }
+    if wanted("memory") {
+        memory = memory::run(profile)?;
     }
     if wanted("service") {
         service = service::run(profile)?;
@@ -278,6 +291,7 @@ fn run(
         "repetitions": profile.repetitions,
         "per_packet": { "repeat": profile.repeat, "results": per_packet },
         "control_plane": control,
+        "memory": memory,
         "service": service,
         "forwarding": forwarding,
         "tcp": tcp,

@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{PerCpuHashMap, PerCpuValues},
+    maps::HashMap,
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use pf::{
@@ -34,11 +34,15 @@ use crate::{Profile, bench_object, load_xdp, median, reservation};
 /// Where the identity reservations live (TEST-NET-2; the bench sends nothing anywhere).
 const HIT_ADDR: [u8; 4] = [198, 51, 100, 1];
 const REMOTE: [u8; 4] = [203, 0, 113, 7];
+/// A public address with no reservation, whose packets use reserved port numbers.
+const OTHER_ADDR: [u8; 4] = [198, 51, 100, 2];
+/// WireGuard's usual listen port; no reservation in the bench uses it.
+const WIREGUARD_PORT: u16 = 51820;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Which {
     Noop,
-    /// One per-CPU hash lookup and nothing else (the bench object's `pf_bench_lookup`).
+    /// One hash lookup and nothing else (the bench object's `pf_bench_lookup`).
     LookupOnly,
     Ingress,
     NoopTc,
@@ -104,15 +108,13 @@ fn load_baselines(packet: &[u8]) -> Result<Ebpf, String> {
         .map_err(|e| format!("pf_bench_pass_tc: {e}"))?;
     tc.load()
         .map_err(|e| format!("loading pf_bench_pass_tc: {e}"))?;
-    let mut map: PerCpuHashMap<_, [u8; 8], [u8; 24]> = PerCpuHashMap::try_from(
+    let mut map: HashMap<_, [u8; 8], [u8; 24]> = HashMap::try_from(
         ebpf.map_mut("LOOKUP_ONLY")
             .ok_or("the bench object has no LOOKUP_ONLY")?,
     )
     .map_err(|e| e.to_string())?;
     let key: [u8; 8] = packet[30..38].try_into().unwrap();
-    let cpus = aya::util::nr_cpus().map_err(|(what, e)| format!("{what}: {e}"))?;
-    let values = PerCpuValues::try_from(vec![[0u8; 24]; cpus]).map_err(|e| e.to_string())?;
-    map.insert(key, values, 0).map_err(|e| e.to_string())?;
+    map.insert(key, [0u8; 24], 0).map_err(|e| e.to_string())?;
     Ok(ebpf)
 }
 
@@ -134,7 +136,12 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
 
     let tcp_hit = Pkt::tcp(REMOTE, 40000, HIT_ADDR, 8080).frame();
     let udp_hit = Pkt::udp(REMOTE, 40000, HIT_ADDR, 5353).frame();
-    let miss = Pkt::tcp(REMOTE, 40000, HIT_ADDR, 8081).frame();
+    // Ingress misses: a port some reservation uses, on another address (the port count lets it
+    // through to the hash lookup), and WireGuard's own UDP to its listen port, which no
+    // reservation uses (the count stops it before the lookup): nearly every packet a VPN
+    // server's public NIC carries.
+    let miss = Pkt::tcp(REMOTE, 40000, OTHER_ADDR, 8080).frame();
+    let wireguard_in = Pkt::udp(REMOTE, 40000, HIT_ADDR, WIREGUARD_PORT).frame();
     let not_ipv4 = Pkt {
         ether_type: ETH_P_ARP,
         ..Pkt::tcp(REMOTE, 1, HIT_ADDR, 1)
@@ -144,6 +151,8 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
     // Egress misses: the server's own or masqueraded traffic (the public address, no
     // reservation), and a tunnel client's reply whose reservation is gone.
     let egress_miss = Pkt::tcp(HIT_ADDR, 55000, REMOTE, 443).frame();
+    let egress_miss_port_in_use = Pkt::tcp(OTHER_ADDR, 8080, REMOTE, 40000).frame();
+    let wireguard_out = Pkt::udp(HIT_ADDR, WIREGUARD_PORT, REMOTE, 40000).frame();
     let egress_leak = Pkt::tcp([10, 8, 0, 2], 80, REMOTE, 40000).frame();
     let networks = four_networks();
     let baselines = load_baselines(&tcp_hit)?;
@@ -192,9 +201,16 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
             tunnel_networks: &[],
         },
         Case {
-            name: "ingress miss",
+            name: "ingress miss, port in use",
             program: Which::Ingress,
             packet: &miss,
+            must_count: Some(Outcome::NoReservation),
+            tunnel_networks: &[],
+        },
+        Case {
+            name: "ingress miss, WireGuard",
+            program: Which::Ingress,
+            packet: &wireguard_in,
             must_count: Some(Outcome::NoReservation),
             tunnel_networks: &[],
         },
@@ -227,6 +243,20 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
             tunnel_networks: &[],
         },
         Case {
+            name: "egress miss, port in use",
+            program: Which::Egress,
+            packet: &egress_miss_port_in_use,
+            must_count: Some(Outcome::NoReservation),
+            tunnel_networks: &[],
+        },
+        Case {
+            name: "egress miss, WireGuard",
+            program: Which::Egress,
+            packet: &wireguard_out,
+            must_count: Some(Outcome::NoReservation),
+            tunnel_networks: &networks,
+        },
+        Case {
             name: "egress miss, 4 networks",
             program: Which::Egress,
             packet: &egress_miss,
@@ -249,7 +279,7 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
         profile.repeat, profile.repetitions, profile.name
     );
     println!(
-        "{:>13}  {:<22} {:>10} {:>22}",
+        "{:>13}  {:<26} {:>10} {:>22}",
         "reservations", "case", "ns/packet", "vs no-op of its hook"
     );
     for &size in profile.sizes {
@@ -316,10 +346,129 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
                 noop_median = m;
             }
             let ratio = m / noop_median;
-            println!("{size:>13}  {name:<22} {m:>10.1} {ratio:>21.2}x");
+            println!("{size:>13}  {name:<26} {m:>10.1} {ratio:>21.2}x");
             results.push(json!({ "reservations": size, "case": name, "runs_ns": runs, "median_ns": m, "ratio_to_noop_of_its_hook": ratio }));
         }
     }
 
+    results.extend(contention(profile, &mut state, &programs)?);
+    Ok(results)
+}
+
+/// Pins the calling thread to one CPU.
+fn pin_to_cpu(cpu: usize) -> Result<(), String> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls only read it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(format!(
+                "pinning to CPU {cpu}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The ingress hit on two CPUs at once, with the NAT entry's counters shared by both (one port,
+/// flows on two CPUs: the worst case of the atomic adds), beside each CPU on its own entry and
+/// one CPU alone. The shared entry's packet counter must move by exactly both CPUs' runs.
+fn contention(
+    profile: &Profile,
+    state: &mut State,
+    programs: &Programs,
+) -> Result<Vec<Value>, String> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        println!("contention: skipped, this machine has one CPU");
+        return Ok(Vec::new());
+    }
+    let err = |e: pf::PfError| e.to_string();
+    let hit = Ipv4Addr::from(HIT_ADDR);
+    let second = reservation(hit, 8443, Protocols::Tcp, hit, 8443);
+    state.reserve(&second).map_err(err)?;
+    let first_packet = Pkt::tcp(REMOTE, 40000, HIT_ADDR, 8080).frame();
+    let second_packet = Pkt::tcp(REMOTE, 40000, HIT_ADDR, 8443).frame();
+    let in_packets = |state: &State, port: u16| -> Result<u64, String> {
+        let stats = state.stats().map_err(err)?;
+        Ok(stats
+            .reservations
+            .iter()
+            .find(|(r, _)| r.public.addr == hit && r.public.ports.first == port)
+            .map_or(0, |(_, t)| t.in_packets))
+    };
+    // ns/packet on each CPU, run at the same moment.
+    let run_on = |packets: &[&[u8]]| -> Result<Vec<f64>, String> {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = packets
+                .iter()
+                .enumerate()
+                .map(|(cpu, packet)| {
+                    scope.spawn(move || -> Result<f64, String> {
+                        pin_to_cpu(cpu)?;
+                        let opts = TestRunOptions {
+                            data_in: Some(packet),
+                            repeat: profile.repeat,
+                            ..Default::default()
+                        };
+                        let result = programs
+                            .ingress()
+                            .test_run(opts)
+                            .map_err(|e| format!("BPF_PROG_TEST_RUN: {e}"))?;
+                        Ok(result.duration.as_nanos() as f64)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .map_err(|_| "a bench thread panicked".to_string())?
+                })
+                .collect()
+        })
+    };
+    println!();
+    println!(
+        "contention: ingress hit TCP on 2 CPUs at once (BPF_PROG_TEST_RUN repeat={}, median of {})",
+        profile.repeat, profile.repetitions
+    );
+    println!("{:<34} {:>14} {:>14}", "case", "ns/packet", "vs one CPU");
+    let mut results = Vec::new();
+    let mut alone = f64::NAN;
+    for (name, packets) in [
+        ("one CPU alone", vec![&first_packet[..]]),
+        (
+            "two CPUs, one shared entry",
+            vec![&first_packet[..], &first_packet[..]],
+        ),
+        (
+            "two CPUs, an entry each",
+            vec![&first_packet[..], &second_packet[..]],
+        ),
+    ] {
+        let mut runs = Vec::new();
+        for _ in 0..profile.repetitions {
+            let before = in_packets(state, 8080)?;
+            let per_cpu = run_on(&packets)?;
+            let moved = in_packets(state, 8080)? - before;
+            let want = u64::from(profile.repeat)
+                * packets.iter().filter(|p| **p == &first_packet[..]).count() as u64;
+            if moved != want {
+                return Err(format!(
+                    "contention, {name}: the entry counted {moved} packets, not {want}: counts were lost"
+                ));
+            }
+            runs.push(per_cpu.iter().sum::<f64>() / per_cpu.len() as f64);
+        }
+        let m = median(&runs);
+        if alone.is_nan() {
+            alone = m;
+        }
+        println!("{name:<34} {m:>14.1} {:>13.2}x", m / alone);
+        results.push(json!({ "contention": name, "runs_ns": runs, "median_ns": m, "ratio_to_one_cpu": m / alone }));
+    }
+    state.release(&second.public).map_err(err)?;
     Ok(results)
 }

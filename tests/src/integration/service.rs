@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use aya::maps::{MapData, PerCpuHashMap};
+use aya::maps::{HashMap, MapData};
 use pf::{api::client::Client, kernel::state::State};
 use pf_common::{EndpointKey, NatEntry, ReservationKey, ReservationValue, map_names};
 use serde_json::{Value, json};
@@ -32,7 +32,7 @@ use super::common::{TempPinDir, pf_list, pf_ok, require_root};
 
 /// Entries in one of the NAT maps.
 fn nat_entries(dir: &TempPinDir, name: &str) -> usize {
-    dir.map::<PerCpuHashMap<MapData, EndpointKey, NatEntry>>(name)
+    dir.map::<HashMap<MapData, EndpointKey, NatEntry>>(name)
         .keys()
         .count()
 }
@@ -499,8 +499,7 @@ fn a_restart_repairs_drift_between_store_and_maps() {
         .unwrap();
     records.remove(&record_of_6000).unwrap();
     drop(records);
-    let mut forward: PerCpuHashMap<MapData, EndpointKey, NatEntry> =
-        dir.map(map_names::FORWARD_NAT);
+    let mut forward: HashMap<MapData, EndpointKey, NatEntry> = dir.map(map_names::FORWARD_NAT);
     let udp_7001 = EndpointKey::new(
         [198, 51, 100, 1],
         7001u16.to_be_bytes(),
@@ -513,14 +512,7 @@ fn a_restart_repairs_drift_between_store_and_maps() {
         pf_common::IPPROTO_TCP,
     );
     let value = NatEntry::new([10, 8, 0, 5], 5555u16.to_be_bytes());
-    let cpus = aya::util::nr_cpus().unwrap();
-    forward
-        .insert(
-            orphan,
-            aya::maps::PerCpuValues::try_from(vec![value; cpus]).unwrap(),
-            0,
-        )
-        .unwrap();
+    forward.insert(orphan, value, 0).unwrap();
     drop(forward);
     service.spawn().unwrap();
     let log = service.log();
