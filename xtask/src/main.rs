@@ -67,9 +67,15 @@ enum Task {
         /// subset when none are given.
         tests: Vec<String>,
         /// Then run the benchmark's forwarding section with the kernel's pktgen (emulated:
-        /// ratios only).
+        /// ratios only) and its memory section.
         #[arg(long)]
         bench: bool,
+        /// Then run this benchmark section only (repeatable), e.g. `memory` with `--cpus 64`.
+        #[arg(long, conflicts_with = "bench")]
+        bench_only: Vec<String>,
+        /// Virtual CPUs (the memory section's per-CPU baseline grows with them).
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
     },
 }
 
@@ -85,7 +91,16 @@ fn main() -> ExitCode {
             kernel,
             tests,
             bench,
-        } => setup::ensure().and_then(|()| vm::run_vm(&kernel, &tests, bench).map(drop)),
+            bench_only,
+            cpus,
+        } => setup::ensure().and_then(|()| {
+            let sections = if bench {
+                vm::BENCH_SECTIONS.iter().map(|s| s.to_string()).collect()
+            } else {
+                bench_only
+            };
+            vm::run_vm(&kernel, &tests, &sections, cpus).map(drop)
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -225,7 +240,8 @@ fn test() -> Result<()> {
         &mut tally,
     )?;
     // The same tests that matter most, on Debian 12's own kernel (6.1) in a VM.
-    tally.0 += vm::run_vm(vm::KERNELS[0].name, &[], true)?;
+    let sections: Vec<String> = vm::BENCH_SECTIONS.iter().map(|s| s.to_string()).collect();
+    tally.0 += vm::run_vm(vm::KERNELS[0].name, &[], &sections, 2)?;
     bench(false, true)?;
     ensure!(tally.0 > 0, "no test ran");
     println!("xtask: {} passed, {} failed", tally.0, tally.1);

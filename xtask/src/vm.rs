@@ -279,21 +279,36 @@ fn bench_binary() -> Result<PathBuf> {
     Ok(root().join("target/release/examples/bench"))
 }
 
-/// The script the guest runs once it has switched to this machine's `/`: the tests, then (with
-/// `bench`) the benchmark's forwarding section with pktgen, labelled as emulated.
+/// The benchmark sections `cargo xtask vm --bench` (and so `cargo xtask test`) runs in the
+/// guest: forwarding with the kernel's pktgen, and the kernel's memory accounting.
+pub const BENCH_SECTIONS: [&str; 2] = ["forwarding", "memory"];
+
+/// The script the guest runs once it has switched to this machine's `/`: the tests, then the
+/// benchmark's `sections` (smoke profile, labelled as emulated; forwarding with pktgen).
 fn stage2(
     kernel: &Unpacked,
     pf: &Path,
     tests: &Path,
     filters: &[&str],
-    bench: Option<&Path>,
+    bench: Option<(&Path, &[String])>,
 ) -> String {
-    let bench = bench.map_or(String::new(), |b| {
+    let bench = bench.map_or(String::new(), |(b, sections)| {
+        let runs: String = sections
+            .iter()
+            .map(|section| {
+                let generator = if section == "forwarding" {
+                    " --generator pktgen"
+                } else {
+                    ""
+                };
+                format!(
+                    "    PF_BENCH_EMULATED=1 timeout 300 {} --smoke --only {section}{generator} --out /tmp/bench || bench_status=$?\n",
+                    b.display()
+                )
+            })
+            .collect();
         format!(
-            "if [ $status = 0 ]; then
-    PF_BENCH_EMULATED=1 timeout 300 {} --smoke --only forwarding --generator pktgen --out /tmp/bench
-    echo \"pf-vm: bench exit $?\"\nfi\n",
-            b.display()
+            "if [ $status = 0 ]; then\n    bench_status=0\n{runs}    echo \"pf-vm: bench exit $bench_status\"\nfi\n"
         )
     });
     let modules_root = kernel.root.display();
@@ -339,10 +354,16 @@ sleep 30
     )
 }
 
-/// Boots `kernel` and runs `filters` (the VM subset when empty), then with `bench` the
-/// benchmark's forwarding section with pktgen; fails unless every test passed (and the bench
-/// ran). Returns how many tests passed.
-pub fn run_vm(kernel_name: &str, filters: &[String], bench: bool) -> Result<u64> {
+/// Boots `kernel` with `cpus` virtual CPUs and runs `filters` (the VM subset when empty), then
+/// the benchmark's `bench_sections`; fails unless every test passed (and the bench ran).
+/// Returns how many tests passed.
+pub fn run_vm(
+    kernel_name: &str,
+    filters: &[String],
+    bench_sections: &[String],
+    cpus: u32,
+) -> Result<u64> {
+    let bench = !bench_sections.is_empty();
     let kernel = KERNELS
         .iter()
         .find(|k| k.name == kernel_name)
@@ -365,7 +386,13 @@ pub fn run_vm(kernel_name: &str, filters: &[String], bench: bool) -> Result<u64>
     let script = dir.join("stage2.sh");
     fs::write(
         &script,
-        stage2(&unpacked, &pf, &tests, &filters, bench_bin.as_deref()),
+        stage2(
+            &unpacked,
+            &pf,
+            &tests,
+            &filters,
+            bench_bin.as_deref().map(|b| (b, bench_sections)),
+        ),
     )?;
     eprintln!(
         "xtask: booting Debian's {} under QEMU (TCG) for {} tests",
@@ -379,7 +406,7 @@ pub fn run_vm(kernel_name: &str, filters: &[String], bench: bool) -> Result<u64>
         "-cpu",
         "max",
         "-smp",
-        "2",
+        &cpus.to_string(),
         "-m",
         "2048",
     ])
@@ -443,8 +470,9 @@ pub fn run_vm(kernel_name: &str, filters: &[String], bench: bool) -> Result<u64>
     let took = started.elapsed().as_secs();
     if bench && exit == Some(0) && bench_exit != Some(0) {
         bail!(
-            "vm {}: the benchmark's forwarding section with pktgen failed ({bench_exit:?}); see the console above",
-            kernel.name
+            "vm {}: the benchmark ({}) failed ({bench_exit:?}); see the console above",
+            kernel.name,
+            bench_sections.join(", "),
         );
     }
     match exit {

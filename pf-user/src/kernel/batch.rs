@@ -1,5 +1,5 @@
-//! BPF_MAP_UPDATE_BATCH (Linux 5.6), which aya 0.14 does not wrap: many elements written with
-//! one syscall instead of one each. pf needs Linux 5.10 anyway (see `attach::MIN_KERNEL`), so there
+//! BPF_MAP_UPDATE_BATCH and BPF_MAP_LOOKUP_BATCH (Linux 5.6), which aya 0.14 does not wrap: many
+//! elements written or read with one syscall instead of one or two each. pf needs Linux 5.10 anyway (see `attach::MIN_KERNEL`), so there
 //! is no fallback.
 
 use std::{
@@ -21,6 +21,7 @@ const CHUNK: usize = 65_536;
 /// maps were per-CPU hashes); a moment later the refill has run and the write succeeds.
 const ENOMEM_RETRIES: u32 = 200;
 
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 /// The `batch` member of the kernel's `union bpf_attr`. The kernel accepts a shorter attr than
@@ -117,4 +118,56 @@ fn update(
         return Err((attr.count, io::Error::last_os_error()));
     }
     Ok(())
+}
+
+/// Every (key, value) of a map that holds one value per key (not a per-CPU map), read in chunks
+/// of `CHUNK` elements. A hash map's elements are read bucket by bucket, so one that changes
+/// meanwhile may be read or not, never half; pf reads under its lock on the pin directory, so
+/// only the programs' counters change.
+pub(crate) fn lookup_all<K: Pod, V: Pod>(map: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    let mut keys = vec![K::zeroed(); CHUNK];
+    let mut values = vec![V::zeroed(); CHUNK];
+    // The position to go on from: a bucket number for a hash map, a key for an array; 16 bytes
+    // hold either for every map pf reads this way.
+    let mut token = [0u8; 16];
+    let mut next = [0u8; 16];
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { token.as_ptr() as u64 },
+            out_batch: next.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: `attr` is a valid bpf_attr prefix; `keys` and `values` hold `count` elements of
+        // the map's key and value sizes (the caller's types), the tokens 16 bytes each.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        let error = (rc < 0).then(io::Error::last_os_error);
+        let read = (attr.count as usize).min(CHUNK);
+        out.extend(
+            keys[..read]
+                .iter()
+                .copied()
+                .zip(values[..read].iter().copied()),
+        );
+        match error {
+            // The end of the map.
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Some(e) => return Err(e),
+            None => {}
+        }
+        token = next;
+        first = false;
+    }
 }

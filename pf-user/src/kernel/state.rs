@@ -365,16 +365,12 @@ impl State {
 
     /// Every reservation, sorted by public address, port and protocol.
     pub fn list(&self) -> Result<Vec<Reservation>, PfError> {
-        let mut out = Vec::new();
-        for item in self.reservations.iter() {
-            let (key, value) = item.map_err(|source| PfError::Map {
-                map: map_names::RESERVATIONS,
-                source,
-            })?;
-            if let Some(r) = record_to_reservation(&key, &value) {
-                out.push(r);
-            }
-        }
+        let records: Vec<(ReservationKey, ReservationValue)> =
+            dump(self.reservations.map(), map_names::RESERVATIONS)?;
+        let mut out: Vec<Reservation> = records
+            .iter()
+            .filter_map(|(key, value)| record_to_reservation(key, value))
+            .collect();
         out.sort();
         Ok(out)
     }
@@ -738,14 +734,6 @@ impl State {
         Ok(removed)
     }
 
-    fn sum_traffic(
-        map: &NatMap,
-        name: &'static str,
-        key: &EndpointKey,
-    ) -> Result<(u64, u64), PfError> {
-        Ok(lookup(map, name, key)?.map_or((0, 0), |e| (e.packets, e.bytes)))
-    }
-
     /// The global outcome counters, summed over CPUs: (ingress, egress), in `Outcome` order.
     /// Cheap: one lookup per counter.
     pub fn counters(&self) -> Result<Counters, PfError> {
@@ -882,21 +870,30 @@ impl State {
             })
     }
 
-    /// The global counters and every reservation's traffic (a walk over all their entries).
+    /// The global counters and every reservation's traffic: both NAT maps are read whole, in a
+    /// few batched syscalls, and summed per reservation.
     pub fn stats(&self) -> Result<Stats, PfError> {
         let counters = self.counters()?;
+        let forward: std::collections::HashMap<EndpointKey, NatEntry> =
+            dump(self.forward.map(), map_names::FORWARD_NAT)?
+                .into_iter()
+                .collect();
+        let reverse: std::collections::HashMap<EndpointKey, NatEntry> =
+            dump(self.reverse.map(), map_names::REVERSE_NAT)?
+                .into_iter()
+                .collect();
         let mut reservations = Vec::new();
         for r in self.list()? {
             let mut t = Traffic::default();
             for pair in nat_pairs(&r) {
-                let (p, b) =
-                    Self::sum_traffic(&self.forward, map_names::FORWARD_NAT, &pair.forward)?;
-                t.in_packets += p;
-                t.in_bytes += b;
-                let (p, b) =
-                    Self::sum_traffic(&self.reverse, map_names::REVERSE_NAT, &pair.reverse)?;
-                t.out_packets += p;
-                t.out_bytes += b;
+                if let Some(e) = forward.get(&pair.forward) {
+                    t.in_packets += e.packets;
+                    t.in_bytes += e.bytes;
+                }
+                if let Some(e) = reverse.get(&pair.reverse) {
+                    t.out_packets += e.packets;
+                    t.out_bytes += e.bytes;
+                }
             }
             reservations.push((r, t));
         }
@@ -906,6 +903,15 @@ impl State {
             tunnel_networks: self.tunnel_networks()?,
         })
     }
+}
+
+/// Every element of a map that holds one value per key, read with batched lookups.
+fn dump<K: bytemuck::Pod, V: bytemuck::Pod>(
+    map: &MapData,
+    name: &'static str,
+) -> Result<Vec<(K, V)>, PfError> {
+    batch::lookup_all(map.fd().as_fd())
+        .map_err(|source| PfError::io(format!("reading map {name} (BPF_MAP_LOOKUP_BATCH)"), source))
 }
 
 /// Whether a map operation failed only because the key was not there. aya reports a lookup's

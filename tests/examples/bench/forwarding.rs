@@ -109,7 +109,7 @@ impl Config {
 /// Loads the bench object with the sink's expected endpoint, and attaches `program` in native
 /// mode to `iface` inside `ns`. The program stays attached while the returned `Ebpf` lives (and
 /// at most as long as the namespace).
-fn attach_bench_program(
+pub fn attach_bench_program(
     ns: &Netns,
     iface: &str,
     program: &'static str,

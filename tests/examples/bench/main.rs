@@ -11,6 +11,8 @@
 //!    nftables DNAT, plain forwarding and the arrival ceiling, with 1 and 1,024 flows
 //!    (`forwarding`).
 //! 6. TCP throughput with iperf3 through pf, nftables DNAT and plain forwarding (`tcp`).
+//! 7. The tax on traffic pf does not forward: iperf3 through a WireGuard tunnel whose UDP
+//!    crosses pf's interface, with pf attached and not (`tax`).
 //!
 //! Every repetition goes into one JSON file under the output directory, with the commit, kernel,
 //! CPU model and core count; a PNG plot beside it (`plot`); a table with ratios on stdout.
@@ -22,6 +24,7 @@ mod per_packet;
 mod pktgen;
 mod plot;
 mod service;
+mod tax;
 mod tcp;
 
 use std::{
@@ -34,13 +37,14 @@ use std::{
 use pf::domain::spec::{PortRange, Protocols, PublicSpec, Reservation, TargetSpec};
 use serde_json::{Value, json};
 
-const SECTIONS: [&str; 6] = [
+const SECTIONS: [&str; 7] = [
     "per-packet",
     "control",
     "memory",
     "service",
     "forwarding",
     "tcp",
+    "tax",
 ];
 
 pub struct Profile {
@@ -245,13 +249,15 @@ fn run(
     }
     let wanted = |section: &str| only.is_none_or(|o| o == section);
     let mut per_packet = Vec::new();
+    let mut contention = Vec::new();
     let mut control = Vec::new();
     let mut memory = Vec::new();
     let mut service = Value::Null;
     let mut forwarding = Vec::new();
     let mut tcp = Vec::new();
+    let mut tax = Value::Null;
     if wanted("per-packet") {
-        per_packet = per_packet::run(profile)?;
+        (per_packet, contention) = per_packet::run(profile)?;
     }
     if wanted("control") {
         control = control::run(profile)?;
@@ -267,6 +273,9 @@ fn run(
     }
     if wanted("tcp") {
         tcp = tcp::run(profile)?;
+    }
+    if wanted("tax") {
+        tax = tax::run(profile)?;
     }
     println!();
     forwarding::summary(&forwarding);
@@ -289,12 +298,13 @@ fn run(
         // nothing and only ratios within the run are worth reading.
         "emulated": emulated(),
         "repetitions": profile.repetitions,
-        "per_packet": { "repeat": profile.repeat, "results": per_packet },
+        "per_packet": { "repeat": profile.repeat, "results": per_packet, "contention": contention },
         "control_plane": control,
         "memory": memory,
         "service": service,
         "forwarding": forwarding,
         "tcp": tcp,
+        "tax": tax,
     });
     std::fs::create_dir_all(out_dir).map_err(|e| format!("creating {}: {e}", out_dir.display()))?;
     let stem = out_dir.join(format!("bench-{}-{now}", profile.name));

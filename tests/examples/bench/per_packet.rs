@@ -118,8 +118,9 @@ fn load_baselines(packet: &[u8]) -> Result<Ebpf, String> {
     Ok(ebpf)
 }
 
-/// Runs every case at every size of the profile; returns one JSON object per (size, case).
-pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
+/// Runs every case at every size of the profile, then the two-CPU contention cases; returns one
+/// JSON object per (size, case), and one per contention case.
+pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
     let scratch = ScratchDir::claim(format!("/sys/fs/bpf/pf-bench-{}", std::process::id()));
     let dir = PinDir::new(scratch.path());
     let err = |e: pf::PfError| e.to_string();
@@ -351,8 +352,8 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
         }
     }
 
-    results.extend(contention(profile, &mut state, &programs)?);
-    Ok(results)
+    let contention = contention(profile, &mut state, &programs)?;
+    Ok((results, contention))
 }
 
 /// Pins the calling thread to one CPU.

@@ -3,7 +3,9 @@
 //! 1. Applying N reservations to store and maps: inserting them into a fresh SQLite store (one
 //!    transaction), then the reconcile `pf serve` runs on start, which writes them all to empty
 //!    maps. Baseline, in the same run: the batched map writes alone (`State::reserve_all`).
-//! 2. Reserve-call latency through the API, one connection per call as the CLI makes them,
+//! 2. A reboot: `pf serve` started on the largest store with empty maps, until its API answers,
+//!    then `pf stats --json` over every reservation.
+//! 3. Reserve-call latency through the API, one connection per call as the CLI makes them,
 //!    against the real `pf serve` process holding the largest store of step 1. Baseline: the
 //!    same round trip for `GET /v1/status`, which touches neither store nor maps.
 
@@ -116,6 +118,61 @@ fn apply(size: u32, files: &Path, pin_dir: &Path) -> Result<Applied, String> {
     })
 }
 
+/// `pf serve` started on the store `apply` left (the largest size) with a fresh pin directory,
+/// as after a reboot: seconds until its API answers, and seconds `pf stats --json` then takes
+/// over every reservation. One pair per repetition.
+fn reboot(profile: &Profile, pf_bin: &Path, files: &Path) -> Result<(Vec<f64>, Vec<f64>), String> {
+    let (mut starts, mut stats) = (Vec::new(), Vec::new());
+    for run in 0..profile.repetitions {
+        let pin_dir = pins(&format!("reboot{run}"));
+        let service_files = ScratchDir::claim(files.join(format!("reboot{run}")));
+        std::fs::create_dir_all(service_files.path()).map_err(|e| e.to_string())?;
+        let config = format!(
+            "[service]\nsocket = \"{0}/pf.sock\"\ndatabase = \"{1}/pf.db\"\naudit_log = \"{0}/audit.jsonl\"\nbpffs = \"{2}\"\n{POLICY}",
+            service_files.path().display(),
+            files.display(),
+            pin_dir.path().display()
+        );
+        let start = Instant::now();
+        let mut service = Service::start_with_config(pf_bin, service_files, &config)
+            .map_err(|e| format!("pf serve on the store: {e}"))?;
+        starts.push(start.elapsed().as_secs_f64());
+        let start = Instant::now();
+        let out = std::process::Command::new(pf_bin)
+            .arg("--bpffs")
+            .arg(pin_dir.path())
+            .args(["stats", "--json"])
+            .output()
+            .map_err(|e| format!("pf stats: {e}"))?;
+        stats.push(start.elapsed().as_secs_f64());
+        service.stop();
+        if !out.status.success() {
+            return Err(format!(
+                "pf stats failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let report: Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("pf stats --json output: {e}"))?;
+        // Every reservation the maps hold (pf serve disables one whose target is an address of
+        // this machine, which a filler target in 10.0.0.0/8 can be).
+        let listed = report["reservations"].as_array().map_or(0, Vec::len);
+        let held = State::open_for_read(&PinDir::new(pin_dir.path()))
+            .map_err(|e| e.to_string())?
+            .ok_or("pf serve left no maps")?
+            .list()
+            .map_err(|e| e.to_string())?
+            .len();
+        let stored = profile.control_sizes.last().copied().unwrap_or(0) as usize;
+        if listed != held || held + 10 < stored {
+            return Err(format!(
+                "after the start pf stats lists {listed} reservations, the maps hold {held}, the store {stored}"
+            ));
+        }
+    }
+    Ok((starts, stats))
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
@@ -182,9 +239,25 @@ pub fn run(profile: &Profile) -> Result<Value, String> {
         }));
     }
 
+    let (start_runs, stats_runs) = reboot(profile, Path::new(&pf_bin), &files)?;
+    let largest = profile.control_sizes.last().copied().unwrap_or(0);
+    let (start_m, stats_m) = (median(&start_runs), median(&stats_runs));
+    println!();
+    println!("pf serve after a reboot: {largest} reservations in the store, empty maps");
+    println!("{:<34} {:>10}", "step", "ms");
+    println!(
+        "{:<34} {:>10.1}",
+        "start, until the API answers",
+        start_m * 1e3
+    );
+    println!(
+        "{:<34} {:>10.1}",
+        "pf stats --json, all of them",
+        stats_m * 1e3
+    );
+
     // The latency run: pf serve on the largest store and its maps, already in agreement.
     let pin_dir = last_pins.ok_or("no control sizes in this profile")?;
-    let largest = profile.control_sizes.last().copied().unwrap_or(0);
     let service_files = ScratchDir::claim(files.join("service"));
     std::fs::create_dir_all(service_files.path()).map_err(|e| e.to_string())?;
     let config = format!(
@@ -251,6 +324,13 @@ pub fn run(profile: &Profile) -> Result<Value, String> {
     }
     drop(files_guard);
     Ok(json!({
+        "reboot": {
+            "reservations": largest,
+            "start_seconds": start_runs,
+            "median_start_seconds": start_m,
+            "stats_seconds": stats_runs,
+            "median_stats_seconds": stats_m,
+        },
         "apply": applied,
         "latency": { "reservations_held": largest, "results": latency },
     }))

@@ -9,6 +9,7 @@ use pf::{
     },
 };
 use pf_common::counters::Outcome;
+use serde::Serialize;
 use serde_json::{Value, json};
 
 /// Prints a line on stdout. A closed pipe (`pf list | head`) ends pf quietly with success, as
@@ -88,38 +89,45 @@ pub fn print_devices(devices: &FastPathDevices) {
     }
 }
 
-pub fn stats_json(
-    stats: Option<&Stats>,
+/// A reservation's line in `pf stats --json`: what it forwards, and its traffic.
+#[derive(Serialize)]
+struct StatsRow<'a> {
+    #[serde(flatten)]
+    forward: ForwardView,
+    traffic: &'a Traffic,
+}
+
+/// `pf stats --json`, serialized straight from pf's types (no JSON tree is built for the
+/// reservations, which can be a million).
+#[derive(Serialize)]
+pub struct StatsReport<'a> {
+    #[serde(flatten)]
+    header: serde_json::Map<String, Value>,
+    reservations: Vec<StatsRow<'a>>,
+}
+
+pub fn stats_json<'a>(
+    stats: Option<&'a Stats>,
     attached: &[Attachment],
     devices: &FastPathDevices,
-) -> Value {
+) -> StatsReport<'a> {
     let counters = |c: &[(&str, u64)]| -> Value {
         c.iter()
             .map(|(name, v)| ((*name).to_string(), json!(v)))
             .collect::<serde_json::Map<_, _>>()
             .into()
     };
-    let empty = Stats {
-        counters: Counters {
-            ingress: Vec::new(),
-            egress: Vec::new(),
-            fast_path: Vec::new(),
-            reply_fast_path: Vec::new(),
-        },
-        reservations: Vec::new(),
-        tunnel_networks: Vec::new(),
+    let no_counters = Counters {
+        ingress: Vec::new(),
+        egress: Vec::new(),
+        fast_path: Vec::new(),
+        reply_fast_path: Vec::new(),
     };
-    let s = stats.unwrap_or(&empty);
-    let reservations: Vec<Value> = s
-        .reservations
-        .iter()
-        .map(|(r, t)| {
-            let mut v = serde_json::to_value(ForwardView::from(r)).expect("plain struct");
-            v["traffic"] = serde_json::to_value(t).expect("plain struct");
-            v
-        })
-        .collect();
-    json!({
+    let (c, tunnel_networks) = match stats {
+        Some(s) => (&s.counters, s.tunnel_networks.as_slice()),
+        None => (&no_counters, &[][..]),
+    };
+    let header = json!({
         // Only what the kernel confirms is attached; "dead" names the rest, with why.
         "attached": attached
             .iter()
@@ -147,17 +155,30 @@ pub fn stats_json(
             "redirect": devices.redirect,
             "public": devices.public,
         },
-        "ingress": counters(&s.counters.ingress),
-        "egress": counters(&s.counters.egress),
-        "fast_path": counters(&s.counters.fast_path),
-        "reply_fast_path": counters(&s.counters.reply_fast_path),
-        "tunnel_networks": s
-            .tunnel_networks
+        "ingress": counters(&c.ingress),
+        "egress": counters(&c.egress),
+        "fast_path": counters(&c.fast_path),
+        "reply_fast_path": counters(&c.reply_fast_path),
+        "tunnel_networks": tunnel_networks
             .iter()
             .map(ToString::to_string)
             .collect::<Vec<_>>(),
-        "reservations": reservations,
-    })
+    });
+    let Value::Object(header) = header else {
+        unreachable!("json! of an object literal");
+    };
+    StatsReport {
+        header,
+        reservations: stats.map_or_else(Vec::new, |s| {
+            s.reservations
+                .iter()
+                .map(|(r, traffic)| StatsRow {
+                    forward: ForwardView::from(r),
+                    traffic,
+                })
+                .collect()
+        }),
+    }
 }
 
 pub fn print_stats(stats: Option<&Stats>, attached: &[Attachment], devices: &FastPathDevices) {
@@ -223,13 +244,11 @@ pub fn print_stats(stats: Option<&Stats>, attached: &[Attachment], devices: &Fas
         out!("no reservations");
         return;
     }
-    out!(
+    // One write for the whole table, not one per line: it can have a million.
+    use std::fmt::Write;
+    let mut table = format!(
         "{:<52} {:>10} {:>12} {:>10} {:>12}",
-        "RESERVATION",
-        "IN PKTS",
-        "IN BYTES",
-        "OUT PKTS",
-        "OUT BYTES"
+        "RESERVATION", "IN PKTS", "IN BYTES", "OUT PKTS", "OUT BYTES"
     );
     for (
         r,
@@ -241,9 +260,11 @@ pub fn print_stats(stats: Option<&Stats>, attached: &[Attachment], devices: &Fas
         },
     ) in &stats.reservations
     {
-        out!(
-            "{:<52} {in_packets:>10} {in_bytes:>12} {out_packets:>10} {out_bytes:>12}",
+        let _ = write!(
+            table,
+            "\n{:<52} {in_packets:>10} {in_bytes:>12} {out_packets:>10} {out_bytes:>12}",
             r.to_string()
         );
     }
+    out!("{table}");
 }
