@@ -86,8 +86,13 @@ pub const FAST_PATH_OUTCOMES: u32 = 8;
 pub const FAST_PATH_BASE: u32 = 2 * OUTCOMES;
 /// First counter of the reply fast path.
 pub const REPLY_FAST_PATH_BASE: u32 = FAST_PATH_BASE + FAST_PATH_OUTCOMES;
+/// Egress's whole TCP/UDP rewrites done with the skb helpers, counted besides `rewritten`:
+/// those whose checksum was not whole in the packet (`CHECKSUM_PARTIAL` from a sender with
+/// checksum offload or a GRO'd packet, or `CHECKSUM_COMPLETE`) or whose IPv4 header had
+/// options. Every other rewrite took one store.
+pub const EGRESS_BY_HELPERS: u32 = 2 * OUTCOMES + 2 * FAST_PATH_OUTCOMES;
 /// Entries in the `COUNTERS` per-CPU array.
-pub const COUNTER_SLOTS: u32 = 2 * OUTCOMES + 2 * FAST_PATH_OUTCOMES;
+pub const COUNTER_SLOTS: u32 = EGRESS_BY_HELPERS + 1;
 
 impl FastPath {
     pub const ALL: [FastPath; FAST_PATH_OUTCOMES as usize] = [

@@ -567,7 +567,8 @@ fn egress_tcp_udp(ctx: &TcContext, ip: &Ipv4) -> EgressVerdict {
     };
     let written = match written {
         Some(done) => done,
-        None => rewrite_with_helpers(ctx, &at, ip.proto, &change),
+        None => rewrite_with_helpers(ctx, &at, ip.proto, &change)
+            .inspect(|()| maps::count(pf_common::counters::EGRESS_BY_HELPERS)),
     };
     if let Err(verdict) = written {
         return verdict;

@@ -15,7 +15,8 @@ use pf_common::{
     EndpointKey, MAP_SHAPES, MapKind, MapShape, NatEntry, PORT_USE_SLOTS, ReservationKey,
     ReservationValue, TunnelNetwork, TunnelNetworks,
     counters::{
-        EGRESS_BASE, FAST_PATH_BASE, FastPath, INGRESS_BASE, Outcome, REPLY_FAST_PATH_BASE,
+        EGRESS_BASE, EGRESS_BY_HELPERS, FAST_PATH_BASE, FastPath, INGRESS_BASE, Outcome,
+        REPLY_FAST_PATH_BASE,
     },
     limits::MAX_TUNNEL_NETWORKS,
     map_names,
@@ -193,6 +194,9 @@ pub struct Counters {
     /// Reply fast-path outcomes, by name, in `FastPath` order (all zero unless an interface is
     /// attached with `--tunnel-side`).
     pub reply_fast_path: Vec<(&'static str, u64)>,
+    /// Egress rewrites done with the skb helpers (part of egress's `rewritten`): packets whose
+    /// checksum the NIC was to finish, or with IPv4 options.
+    pub egress_by_helpers: u64,
 }
 
 impl Counters {
@@ -761,6 +765,7 @@ impl State {
             egress,
             fast_path: fast_path_block(FAST_PATH_BASE)?,
             reply_fast_path: fast_path_block(REPLY_FAST_PATH_BASE)?,
+            egress_by_helpers: counter(EGRESS_BY_HELPERS)?,
         })
     }
 

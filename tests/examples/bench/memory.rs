@@ -2,11 +2,11 @@
 //! map's `/proc/<pid>/fdinfo` entry (`htab_map_mem_usage` for a hash: its buckets, its locks,
 //! and each element as allocated).
 //!
-//! pf's maps are measured empty and holding N single-port, single-protocol reservations (the
+//! pf's NAT maps and records are measured empty and holding N single-port, single-protocol reservations (the
 //! worst case per port: each brings its own record). Baseline, in the same run: a per-CPU hash
 //! of the same key and value sizes holding N entries, the layout pf's NAT maps had before
 //! (one value per possible CPU), made here with `BPF_MAP_CREATE` so this build of pf does not
-//! need it.
+//! need it. "all MB" is every map of pf, empty: what pf costs before its first reservation.
 
 use std::{
     io,
@@ -120,8 +120,9 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
     println!();
     println!("kernel memory per reserved port (memlock from fdinfo, {cpus} possible CPUs)");
     println!(
-        "{:>13} {:>12} {:>11} {:>15} {:>20} {:>16} {:>14}",
+        "{:>13} {:>9} {:>12} {:>11} {:>15} {:>20} {:>16} {:>14}",
         "reservations",
+        "all MB",
         "pf empty MB",
         "pf full MB",
         "pf B/port/dir",
@@ -141,6 +142,11 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
                 .collect()
         };
         let empty = measure()?;
+        // Every map of pf, empty: what pf costs before its first reservation.
+        let all_empty: u64 = map_names::ALL
+            .iter()
+            .map(|m| pinned_memlock(scratch.path(), m))
+            .sum::<Result<u64, String>>()?;
         let reservations: Vec<_> = (0..n).map(filler).collect();
         state
             .reserve_all(&reservations)
@@ -161,7 +167,8 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
         let per_cpu_per_direction = per_cpu_entry + record_share;
         let mb = |v: &[u64]| v.iter().sum::<u64>() as f64 / 1e6;
         println!(
-            "{n:>13} {:>12.1} {:>11.1} {:>15.1} {:>20.1} {:>16.1} {:>13.2}x",
+            "{n:>13} {:>9.1} {:>12.1} {:>11.1} {:>15.1} {:>20.1} {:>16.1} {:>13.2}x",
+            all_empty as f64 / 1e6,
             mb(&empty),
             mb(&full),
             per_port_per_direction,
@@ -174,6 +181,7 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
             "possible_cpus": cpus,
             "maps": MEASURED,
             "empty_memlock_bytes": empty,
+            "all_maps_empty_memlock_bytes": all_empty,
             "full_memlock_bytes": full,
             "bytes_per_port_per_direction": per_port_per_direction,
             "bytes_per_port_per_direction_at_capacity": at_capacity,

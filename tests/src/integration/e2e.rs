@@ -11,8 +11,8 @@ use crate::kit::{
 use serde_json::Value;
 
 use super::common::{
-    TempPinDir, assert_port_unreachable_from_public, counter, kernel_version, pf_in, pf_list,
-    pf_ok, pf_stats, require_root, reserve_to_client, traffic,
+    TempPinDir, assert_forwards_tcp_and_udp, assert_port_unreachable_from_public, counter,
+    kernel_version, pf_in, pf_list, pf_ok, pf_stats, require_root, reserve_to_client, traffic,
 };
 
 /// How many egress filters on pub0 in `ns` run the program `name`, as `tc` lists them (a
@@ -439,6 +439,45 @@ fn icmp_errors_and_fragments() {
             counter(&after, direction, "fragment"),
             counter(&before, direction, "fragment"),
             "{direction}: no fragment left behind"
+        );
+    }
+}
+
+/// Egress on replies whose checksum the NIC was to finish (`CHECKSUM_PARTIAL`) and on replies
+/// whose checksum is whole: the tunnel client sends with checksum offload off, then on. Off,
+/// every reply takes egress's one store; on, every reply leaves the client with only the
+/// pseudo-header sum in its checksum field, crosses the server so, and must take the skb
+/// helpers (counted). pub0 has no offload, so the kernel finishes those checksums in software
+/// before the internet host, which checks every checksum, sees them: a rewrite that handled
+/// the partial sum as a whole one would lose every reply.
+#[test]
+fn egress_rewrites_partial_and_whole_checksums() {
+    require_root();
+    let dir = TempPinDir::new();
+    let _service = dir.serve();
+    let topo =
+        Topology::new(&format!("pf{}csum", std::process::id())).expect("building the topology");
+    let mut servers = Servers::new();
+    servers.http(&topo.client, 80);
+    servers.udp_echo(&topo.client, 5300);
+    pf_in(&topo.server, &dir, &["attach", PUBLIC_IFACE]);
+    reserve_to_client(&dir, &[("8080/tcp", 80), ("5353/udp", 5300)]);
+    for (offload, partial) in [("off", false), ("on", true)] {
+        topo.client
+            .run(&["ethtool", "-K", "eth0", "tx", offload])
+            .unwrap();
+        let before = pf_stats(&dir);
+        assert_forwards_tcp_and_udp(&topo.inet, &format!("client checksum offload {offload}"));
+        let after = pf_stats(&dir);
+        let rewritten =
+            counter(&after, "egress", "rewritten") - counter(&before, "egress", "rewritten");
+        let helpers = |s: &Value| s["egress_rewritten_by_helpers"].as_u64().unwrap();
+        let by_helpers = helpers(&after) - helpers(&before);
+        assert!(rewritten > 0, "offload {offload}: {after}");
+        let want = if partial { rewritten } else { 0 };
+        assert_eq!(
+            by_helpers, want,
+            "offload {offload}: {rewritten} replies rewritten, {by_helpers} by the helpers"
         );
     }
 }

@@ -115,3 +115,59 @@ fn egress_tunnel_source_fixtures() {
     h.0.state.set_tunnel_networks(&[]).unwrap();
     h.check(false, &leak_guard::without_networks_table());
 }
+
+/// `PORTS_IN_USE` follows every reservation: two reservations share a public port (on two
+/// addresses) and a target port (on two clients), so releasing one must leave the other's
+/// counts up; a count set wrong by hand is put right by `prune` (pf serve's reconcile); and a
+/// count of zero hides an entry from both programs, which is why pf counts up before it writes.
+#[test]
+fn port_counts_follow_every_reservation() {
+    use aya::maps::{Array, MapData};
+    use pf_common::{map_names, port_use_slot};
+
+    let both = reservations(&[
+        ("198.51.100.1:8080/tcp", "10.8.0.2:8080"),
+        ("198.51.100.3:8080/tcp", "10.8.0.3:8080"),
+    ]);
+    let mut h = Harness(LoadedPf::new(&both));
+    let to_second =
+        crate::kit::packet::Pkt::tcp([203, 0, 113, 7], 40000, [198, 51, 100, 3], 8080).frame();
+    let from_second =
+        crate::kit::packet::Pkt::tcp([10, 8, 0, 3], 8080, [203, 0, 113, 7], 40000).frame();
+    let to_first =
+        crate::kit::packet::Pkt::tcp([203, 0, 113, 7], 40000, [198, 51, 100, 1], 8080).frame();
+    let outcome = |h: &Harness, ingress: bool, frame: &[u8]| {
+        let before = h.stats();
+        h.run(ingress, frame);
+        counters_moved(&before.counters, &h.stats().counters, ingress)
+    };
+    let rewritten = vec![(Outcome::Rewritten.name(), 1)];
+    let missed = vec![(Outcome::NoReservation.name(), 1)];
+    let counts = |h: &Harness| -> (u32, u32) {
+        let map: Array<MapData, u32> = h.0.map(map_names::PORTS_IN_USE);
+        let forward = port_use_slot(false, pf_common::IPPROTO_TCP, 8080u16.to_be_bytes());
+        let reverse = port_use_slot(true, pf_common::IPPROTO_TCP, 8080u16.to_be_bytes());
+        (map.get(&forward, 0).unwrap(), map.get(&reverse, 0).unwrap())
+    };
+    assert_eq!(counts(&h), (2, 2));
+
+    h.0.state.release(&both[0].public).unwrap();
+    assert_eq!(counts(&h), (1, 1));
+    assert_eq!(outcome(&h, true, &to_second), rewritten);
+    assert_eq!(outcome(&h, false, &from_second), rewritten);
+    assert_eq!(outcome(&h, true, &to_first), missed);
+
+    // A count of zero under a live entry: the programs no longer see it...
+    let mut map: Array<MapData, u32> = h.0.map(map_names::PORTS_IN_USE);
+    let forward = port_use_slot(false, pf_common::IPPROTO_TCP, 8080u16.to_be_bytes());
+    map.set(forward, 0, 0).unwrap();
+    assert_eq!(outcome(&h, true, &to_second), missed);
+    // ... until prune, as pf serve's reconcile runs it, counts again from the maps.
+    assert!(h.0.state.prune(&both[1..]).unwrap().is_empty());
+    assert_eq!(counts(&h), (1, 1));
+    assert_eq!(outcome(&h, true, &to_second), rewritten);
+
+    h.0.state.release(&both[1].public).unwrap();
+    assert_eq!(counts(&h), (0, 0));
+    assert_eq!(outcome(&h, true, &to_second), missed);
+}

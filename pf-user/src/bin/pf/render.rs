@@ -122,6 +122,7 @@ pub fn stats_json<'a>(
         egress: Vec::new(),
         fast_path: Vec::new(),
         reply_fast_path: Vec::new(),
+        egress_by_helpers: 0,
     };
     let (c, tunnel_networks) = match stats {
         Some(s) => (&s.counters, s.tunnel_networks.as_slice()),
@@ -159,6 +160,8 @@ pub fn stats_json<'a>(
         "egress": counters(&c.egress),
         "fast_path": counters(&c.fast_path),
         "reply_fast_path": counters(&c.reply_fast_path),
+        // Part of egress.rewritten: rewrites whose checksum the NIC was to finish.
+        "egress_rewritten_by_helpers": c.egress_by_helpers,
         "tunnel_networks": tunnel_networks
             .iter()
             .map(ToString::to_string)
@@ -223,7 +226,11 @@ pub fn print_stats(stats: Option<&Stats>, attached: &[Attachment], devices: &Fas
         .filter(|(name, _)| *name != Outcome::TunnelSourceDropped.name())
         .collect();
     out!("ingress (XDP): {}", line(&ingress));
-    out!("egress  (TC):  {}", line(&stats.counters.egress));
+    out!(
+        "egress  (TC):  {}  (rewritten by helpers, for a partial checksum: {})",
+        line(&stats.counters.egress),
+        stats.counters.egress_by_helpers
+    );
     if !stats.tunnel_networks.is_empty() {
         let nets: Vec<String> = stats
             .tunnel_networks
