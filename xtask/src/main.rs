@@ -64,7 +64,7 @@ enum Task {
         #[arg(long, default_value = "debian-6.1")]
         kernel: String,
         /// Tests to run (exact names, e.g. integration::e2e::forwarding_native_xdp); the VM
-        /// subset when none are given.
+        /// subset when none are given; `none` for none (only the benchmark).
         tests: Vec<String>,
         /// Then run the benchmark's forwarding section with the kernel's pktgen (emulated:
         /// ratios only) and its memory section.

@@ -104,20 +104,30 @@ fn update(
         elem_flags,
         ..Default::default()
     };
-    // SAFETY: `attr` is a valid bpf_attr prefix whose pointers cover `count` keys and values
-    // (the caller sized them); the kernel writes back only `attr.count`.
+    // SAFETY: the pointers cover `count` keys and values (the caller sized them).
+    unsafe { batch_call(BPF_MAP_UPDATE_BATCH, &mut attr) }.map_err(|e| (attr.count, e))
+}
+
+/// One batched map command. The kernel writes back `attr.count` (elements done) and, for a
+/// lookup, the position to go on from.
+///
+/// SAFETY: `attr`'s pointers must cover `attr.count` keys and values of the map's sizes, and
+/// its batch tokens (if set) 16 bytes each.
+unsafe fn batch_call(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: `attr` is a valid bpf_attr prefix (the kernel treats the missing tail as zero).
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
+            cmd,
+            attr as *mut BatchAttr,
             size_of::<BatchAttr>() as u32,
         )
     };
     if rc < 0 {
-        return Err((attr.count, io::Error::last_os_error()));
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
-    Ok(())
 }
 
 /// Every (key, value) of a map that holds one value per key (not a per-CPU map), read in chunks
@@ -143,17 +153,9 @@ pub(crate) fn lookup_all<K: Pod, V: Pod>(map: BorrowedFd<'_>) -> io::Result<Vec<
             map_fd: map.as_raw_fd() as u32,
             ..Default::default()
         };
-        // SAFETY: `attr` is a valid bpf_attr prefix; `keys` and `values` hold `count` elements of
-        // the map's key and value sizes (the caller's types), the tokens 16 bytes each.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>() as u32,
-            )
-        };
-        let error = (rc < 0).then(io::Error::last_os_error);
+        // SAFETY: `keys` and `values` hold `count` elements of the map's key and value sizes
+        // (the caller's types), the tokens 16 bytes each.
+        let error = unsafe { batch_call(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
         let read = (attr.count as usize).min(CHUNK);
         out.extend(
             keys[..read]

@@ -330,6 +330,14 @@ pub struct Setup {
     pf_dir: Option<ScratchDir>,
 }
 
+impl Setup {
+    /// Detaches the no-op XDP stand-in from pub0 (the configurations without pf), so the
+    /// kernel receives as it does with no XDP program at all.
+    pub fn detach_stand_in(&mut self) {
+        self._pass = None;
+    }
+}
+
 fn nft_dnat_rules() -> String {
     format!(
         "table ip pfbench {{

@@ -1,6 +1,7 @@
 //! Kernel memory per reserved port, from the kernel's own accounting: the `memlock` line of each
 //! map's `/proc/<pid>/fdinfo` entry (`htab_map_mem_usage` for a hash: its buckets, its locks,
-//! and each element as allocated).
+//! and each element as allocated). Linux 6.4 and later; before, that line is an estimate from
+//! the map's sizes alone, and the section says it cannot measure.
 //!
 //! pf's NAT maps and records are measured empty and holding N single-port, single-protocol reservations (the
 //! worst case per port: each brings its own record). Baseline, in the same run: a per-CPU hash
@@ -154,6 +155,19 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
         let full = measure()?;
         drop(state);
         let grown: u64 = full.iter().zip(&empty).map(|(f, e)| f - e).sum();
+        if grown == 0 {
+            // Before Linux 6.4 fdinfo's memlock is `bpf_map_memory_footprint`, a figure made
+            // from the map's sizes alone, whatever it holds: nothing to measure here.
+            println!(
+                "{n:>13}  this kernel's memlock does not follow what a map holds (before 6.4): not measured"
+            );
+            results.push(json!({
+                "reservations": n,
+                "possible_cpus": cpus,
+                "accounted": false,
+            }));
+            continue;
+        }
         // Each reservation is one port of one protocol, forwarded in two directions.
         let per_port_per_direction = grown as f64 / f64::from(n) / 2.0;
         // Everything included at the sized maximum: the empty maps' buckets and locks shared
@@ -179,6 +193,7 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
         results.push(json!({
             "reservations": n,
             "possible_cpus": cpus,
+            "accounted": true,
             "maps": MEASURED,
             "empty_memlock_bytes": empty,
             "all_maps_empty_memlock_bytes": all_empty,

@@ -118,6 +118,17 @@ fn apply(size: u32, files: &Path, pin_dir: &Path) -> Result<Applied, String> {
     })
 }
 
+/// A `pf serve` config: its socket and audit log in `own`, the store `files/pf.db`, the maps
+/// under `pins`.
+fn service_config(own: &Path, files: &Path, pins: &Path) -> String {
+    format!(
+        "[service]\nsocket = \"{0}/pf.sock\"\ndatabase = \"{1}/pf.db\"\naudit_log = \"{0}/audit.jsonl\"\nbpffs = \"{2}\"\n{POLICY}",
+        own.display(),
+        files.display(),
+        pins.display()
+    )
+}
+
 /// `pf serve` started on the store `apply` left (the largest size) with a fresh pin directory,
 /// as after a reboot: seconds until its API answers, and seconds `pf stats --json` then takes
 /// over every reservation. One pair per repetition.
@@ -127,12 +138,7 @@ fn reboot(profile: &Profile, pf_bin: &Path, files: &Path) -> Result<(Vec<f64>, V
         let pin_dir = pins(&format!("reboot{run}"));
         let service_files = ScratchDir::claim(files.join(format!("reboot{run}")));
         std::fs::create_dir_all(service_files.path()).map_err(|e| e.to_string())?;
-        let config = format!(
-            "[service]\nsocket = \"{0}/pf.sock\"\ndatabase = \"{1}/pf.db\"\naudit_log = \"{0}/audit.jsonl\"\nbpffs = \"{2}\"\n{POLICY}",
-            service_files.path().display(),
-            files.display(),
-            pin_dir.path().display()
-        );
+        let config = service_config(service_files.path(), files, pin_dir.path());
         let start = Instant::now();
         let mut service = Service::start_with_config(pf_bin, service_files, &config)
             .map_err(|e| format!("pf serve on the store: {e}"))?;
@@ -260,12 +266,7 @@ pub fn run(profile: &Profile) -> Result<Value, String> {
     let pin_dir = last_pins.ok_or("no control sizes in this profile")?;
     let service_files = ScratchDir::claim(files.join("service"));
     std::fs::create_dir_all(service_files.path()).map_err(|e| e.to_string())?;
-    let config = format!(
-        "[service]\nsocket = \"{0}/pf.sock\"\ndatabase = \"{1}/pf.db\"\naudit_log = \"{0}/audit.jsonl\"\nbpffs = \"{2}\"\n{POLICY}",
-        service_files.path().display(),
-        files.display(),
-        pin_dir.path().display()
-    );
+    let config = service_config(service_files.path(), &files, pin_dir.path());
     let mut service = Service::start_with_config(Path::new(&pf_bin), service_files, &config)
         .map_err(|e| e.to_string())?;
     let client = Client::new(&service.socket());

@@ -1,10 +1,19 @@
 //! TCP throughput: one iperf3 stream from the internet host to the tunnel client, through pf,
 //! through nftables DNAT, and by plain forwarding to the client's own address, on the same
-//! topology as the forwarding runs (checksum offload off on every veth, so no TSO/GSO).
+//! topology as the forwarding runs. Checksum offload is off on every veth, so the senders put
+//! whole checksums in MTU-sized segments (no TSO/GSO), as a sender behind a wire would.
+//!
+//! Twice: with GRO off on every veth (veth's default), and with GRO on (a real NIC's default),
+//! where the receiving veths merge the segments and the kernel forwards 64 KB at a time.
+//! nftables and plain forwarding run, like pf, with an XDP program on pub0 (a no-op), because
+//! native XDP on a veth is not free: the veth then runs XDP on every frame in its own NAPI poll
+//! and copies each skb that lacks XDP's 256 bytes of headroom, which a NIC driver, running XDP
+//! on its own buffers before any skb exists, never does. nftables is measured without it too:
+//! the gap between the two is veth's, not pf's.
 
 use std::{thread, time::Duration};
 
-use pf_tests::kit::topology::{CLIENT_IP, PUBLIC_IP};
+use pf_tests::kit::topology::{CLIENT_IP, PUBLIC_IFACE, PUBLIC_IP};
 use serde_json::{Value, json};
 
 use crate::{
@@ -13,8 +22,48 @@ use crate::{
     median,
 };
 
-fn measure(config: Config, profile: &Profile) -> Result<Value, String> {
-    let setup = forwarding::setup(config)?;
+/// Every veth of the topology, by namespace: GRO is set on all of them.
+fn set_gro(setup: &forwarding::Setup, on: bool) -> Result<(), String> {
+    let t = &setup.topology;
+    let state = if on { "on" } else { "off" };
+    for (ns, iface) in [
+        (&t.inet, "inet0"),
+        (&t.server, PUBLIC_IFACE),
+        (&t.server, "tun0"),
+        (&t.client, "eth0"),
+    ] {
+        ns.run(&["ethtool", "-K", iface, "gro", state])
+            .map_err(|e| format!("ethtool -K {iface} gro {state}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// One measured configuration: the topology's, with or without the no-op XDP program that the
+/// configurations without pf have on pub0.
+#[derive(Clone, Copy)]
+struct Run {
+    config: Config,
+    gro: bool,
+    /// nftables with no XDP program on pub0 at all.
+    bare: bool,
+}
+
+impl Run {
+    fn name(self) -> String {
+        if self.bare {
+            format!("{}, no XDP program", self.config.name())
+        } else {
+            self.config.name().to_string()
+        }
+    }
+}
+
+fn measure(run: Run, profile: &Profile) -> Result<Value, String> {
+    let mut setup = forwarding::setup(run.config)?;
+    if run.bare {
+        setup.detach_stand_in();
+    }
+    set_gro(&setup, run.gro)?;
     let t = &setup.topology;
     let port = TCP_TARGET_PORT.to_string();
     t.client
@@ -35,7 +84,7 @@ fn measure(config: Config, profile: &Profile) -> Result<Value, String> {
     if !listening {
         return Err("iperf3 --server did not start listening within 5 s".into());
     }
-    let (dest, dest_port) = match config {
+    let (dest, dest_port) = match run.config {
         Config::Plain => (CLIENT_IP, TCP_TARGET_PORT),
         _ => (PUBLIC_IP, PUBLIC_PORT),
     };
@@ -48,7 +97,7 @@ fn measure(config: Config, profile: &Profile) -> Result<Value, String> {
             .run(&[
                 "iperf3", "--client", dest, "--port", &dest_port, "--time", &seconds, "--json",
             ])
-            .map_err(|e| format!("iperf3 through {}: {e}", config.name()))?;
+            .map_err(|e| format!("iperf3 through {}: {e}", run.name()))?;
         let report: Value = serde_json::from_slice(&out.stdout)
             .map_err(|e| format!("iperf3 --json output: {e}"))?;
         let bps = report["end"]["sum_received"]["bits_per_second"]
@@ -57,9 +106,15 @@ fn measure(config: Config, profile: &Profile) -> Result<Value, String> {
         runs.push(bps);
     }
     let m = median(&runs);
-    println!("{:<28} {:>12.2}", config.name(), m / 1e9);
+    println!(
+        "{:<44} {:>4} {:>12.2}",
+        run.name(),
+        if run.gro { "on" } else { "off" },
+        m / 1e9
+    );
     Ok(json!({
-        "configuration": config.name(),
+        "configuration": run.name(),
+        "gro": run.gro,
         "runs_bits_per_second": runs,
         "median_bits_per_second": m,
     }))
@@ -71,33 +126,41 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
         "TCP: one iperf3 stream, {} s per repetition",
         profile.tcp_seconds
     );
-    println!("{:<28} {:>12}", "configuration", "Gbit/s");
-    [
-        Config::Plain,
-        Config::Nftables,
-        Config::Pf,
-        Config::PfFastPath,
-    ]
-    .into_iter()
-    .map(|config| measure(config, profile))
-    .collect()
+    println!("{:<44} {:>4} {:>12}", "configuration", "GRO", "Gbit/s");
+    let mut results = Vec::new();
+    for gro in [false, true] {
+        for (config, bare) in [
+            (Config::Plain, false),
+            (Config::Nftables, true),
+            (Config::Nftables, false),
+            (Config::Pf, false),
+            (Config::PfFastPath, false),
+        ] {
+            results.push(measure(Run { config, gro, bare }, profile)?);
+        }
+    }
+    Ok(results)
 }
 
-/// The TCP table with each figure's ratio to nftables DNAT.
+/// The TCP table with each figure's ratio to nftables DNAT (with the same XDP stand-in, at the
+/// same GRO setting).
 pub fn summary(results: &[Value]) {
     println!("TCP summary (Gbit/s, median)");
-    let nft = results
-        .iter()
-        .find(|r| r["configuration"] == Config::Nftables.name())
-        .and_then(|r| r["median_bits_per_second"].as_f64())
-        .unwrap_or(f64::NAN);
-    for r in results {
-        let bps = r["median_bits_per_second"].as_f64().unwrap_or(f64::NAN);
-        println!(
-            "{:<28} {:>10.2} {:>13.2}x vs nftables",
-            r["configuration"].as_str().unwrap_or("?"),
-            bps / 1e9,
-            bps / nft
-        );
+    for gro in [false, true] {
+        let nft = results
+            .iter()
+            .find(|r| r["configuration"] == Config::Nftables.name() && r["gro"] == gro)
+            .and_then(|r| r["median_bits_per_second"].as_f64())
+            .unwrap_or(f64::NAN);
+        for r in results.iter().filter(|r| r["gro"] == gro) {
+            let bps = r["median_bits_per_second"].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "{:<44} GRO {:<3} {:>10.2} {:>13.2}x vs nftables",
+                r["configuration"].as_str().unwrap_or("?"),
+                if gro { "on" } else { "off" },
+                bps / 1e9,
+                bps / nft
+            );
+        }
     }
 }
