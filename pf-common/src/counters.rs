@@ -88,8 +88,9 @@ pub const FAST_PATH_BASE: u32 = 2 * OUTCOMES;
 pub const REPLY_FAST_PATH_BASE: u32 = FAST_PATH_BASE + FAST_PATH_OUTCOMES;
 /// Egress's whole TCP/UDP rewrites done with the skb helpers, counted besides `rewritten`:
 /// those whose checksum was not whole in the packet (`CHECKSUM_PARTIAL` from a sender with
-/// checksum offload or a GRO'd packet, or `CHECKSUM_COMPLETE`) or whose IPv4 header had
-/// options. Every other rewrite took one store.
+/// checksum offload or a GRO'd packet, or `CHECKSUM_COMPLETE`), whose IPv4 header had options,
+/// or whose headers were not all in the skb's linear data. Every other rewrite took one
+/// store.
 pub const EGRESS_BY_HELPERS: u32 = 2 * OUTCOMES + 2 * FAST_PATH_OUTCOMES;
 /// Entries in the `COUNTERS` per-CPU array.
 pub const COUNTER_SLOTS: u32 = EGRESS_BY_HELPERS + 1;

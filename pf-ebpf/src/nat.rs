@@ -426,8 +426,10 @@ fn pull(ctx: &TcContext, frame_len: usize, want: usize) -> bool {
 }
 
 /// Egress: a reply from a tunnel endpoint that is the target of a reservation gets the public
-/// endpoint as its source. TCP/UDP checksums go through the skb helpers: unlike XDP, an skb here
-/// may carry CHECKSUM_PARTIAL (only the pseudo-header sum in the field), which they handle.
+/// endpoint as its source. Unlike XDP, an skb here may carry CHECKSUM_PARTIAL (only the
+/// pseudo-header sum in the field) or CHECKSUM_COMPLETE: a whole TCP/UDP packet whose checksum
+/// is whole in it is rewritten with one store, any other through the skb helpers, which handle
+/// every checksum state (`egress_tcp_udp`).
 #[inline(always)]
 pub fn egress(ctx: &TcContext) -> EgressVerdict {
     let frame_len = ctx.len() as usize;

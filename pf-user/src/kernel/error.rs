@@ -39,7 +39,7 @@ pub enum PfError {
     },
 
     #[error(
-        "pf's state at {0} is incomplete (some maps are pinned, others missing); detach every interface and remove the directory to start afresh"
+        "pf's state at {0} is incomplete (some maps are pinned, others missing: a crash while it was made, or maps of another pf version, which may have fewer); detach every interface and remove the directory to start afresh"
     )]
     PartialState(PathBuf),
 

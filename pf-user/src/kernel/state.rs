@@ -52,17 +52,21 @@ struct Rollback {
 
 impl Rollback {
     /// The records first (`pf list` stops showing them), then forward entries before reverse
-    /// ones, as `release` does.
-    fn undo(self, state: &mut State) {
+    /// ones, as `release` does. Returns whether every NAT entry written is gone: one left
+    /// behind must keep its port counted.
+    fn undo(self, state: &mut State) -> bool {
         for key in &self.records {
             let _ = state.reservations.remove(key);
         }
+        let gone = |result: Result<(), MapError>| result.map_or_else(|e| not_found(&e), |()| true);
+        let mut all_gone = true;
         for key in &self.forward {
-            let _ = state.forward.remove(key);
+            all_gone &= gone(state.forward.remove(key));
         }
         for key in &self.reverse {
-            let _ = state.reverse.remove(key);
+            all_gone &= gone(state.reverse.remove(key));
         }
+        all_gone
     }
 }
 
@@ -520,36 +524,62 @@ impl State {
                 |keys| rollback.records.extend_from_slice(keys),
             )
         });
-        if result.is_err() {
-            rollback.undo(self);
+        // The counts go back only if every entry did: a count above its entries costs a
+        // lookup, one below them would hide an entry.
+        if result.is_err() && rollback.undo(self) {
             self.set_port_use(&counts_before);
         }
         result
     }
 
     /// Adds `deltas` to the `PORTS_IN_USE` counts (never below zero) and returns the slots'
-    /// previous counts, to put back if what follows fails.
+    /// previous counts, to put back if what follows fails. On failure nothing has changed.
     fn add_port_use(&mut self, deltas: &PortUseDeltas) -> Result<Vec<(u32, u32)>, PfError> {
-        let map_err = |source| PfError::Map {
-            map: map_names::PORTS_IN_USE,
-            source,
+        // A few slots are read one by one; many (a batch at a start, a wide range) with the
+        // whole array in a few batched reads.
+        const READ_ALL_ABOVE: usize = 1024;
+        let current: Option<Vec<u32>> = if deltas.len() > READ_ALL_ABOVE {
+            let mut all = vec![0u32; PORT_USE_SLOTS as usize];
+            for (slot, count) in dump::<u32, u32>(self.ports_in_use.map(), map_names::PORTS_IN_USE)?
+            {
+                if let Some(c) = all.get_mut(slot as usize) {
+                    *c = count;
+                }
+            }
+            Some(all)
+        } else {
+            None
         };
         let mut before = Vec::with_capacity(deltas.len());
         let (mut slots, mut after) = (Vec::new(), Vec::new());
         for (&slot, &delta) in deltas {
-            let old = self.ports_in_use.get(&slot, 0).map_err(map_err)?;
+            let old = match &current {
+                Some(all) => all[slot as usize],
+                None => self
+                    .ports_in_use
+                    .get(&slot, 0)
+                    .map_err(|source| PfError::Map {
+                        map: map_names::PORTS_IN_USE,
+                        source,
+                    })?,
+            };
             before.push((slot, old));
             slots.push(slot);
             after.push((i64::from(old) + delta).clamp(0, i64::from(u32::MAX)) as u32);
         }
-        write_batch(
+        let mut written = 0;
+        let result = write_batch(
             self.ports_in_use.map(),
             map_names::PORTS_IN_USE,
             &slots,
             &after,
-            |_| {},
-        )?;
-        Ok(before)
+            |run| written += run.len(),
+        );
+        if result.is_err() {
+            // The chunks written before the failure go back.
+            self.set_port_use(&before[..written]);
+        }
+        result.map(|()| before)
     }
 
     /// Puts back counts `add_port_use` returned. Best effort: it runs only after another

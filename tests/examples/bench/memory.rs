@@ -154,7 +154,11 @@ pub fn run(profile: &Profile) -> Result<Vec<Value>, String> {
             .map_err(|e| format!("reserving {n}: {e}"))?;
         let full = measure()?;
         drop(state);
-        let grown: u64 = full.iter().zip(&empty).map(|(f, e)| f - e).sum();
+        let grown: u64 = full
+            .iter()
+            .zip(&empty)
+            .map(|(f, e)| f.saturating_sub(*e))
+            .sum();
         if grown == 0 {
             // Before Linux 6.4 fdinfo's memlock is `bpf_map_memory_footprint`, a figure made
             // from the map's sizes alone, whatever it holds: nothing to measure here.

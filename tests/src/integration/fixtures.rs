@@ -118,8 +118,8 @@ fn egress_tunnel_source_fixtures() {
 
 /// `PORTS_IN_USE` follows every reservation: two reservations share a public port (on two
 /// addresses) and a target port (on two clients), so releasing one must leave the other's
-/// counts up; a count set wrong by hand is put right by `prune` (pf serve's reconcile); and a
-/// count of zero hides an entry from both programs, which is why pf counts up before it writes.
+/// counts up; counts of zero hide the entries from the program of each direction (which is why
+/// pf counts up before it writes), and `prune` (pf serve's reconcile) puts them right.
 #[test]
 fn port_counts_follow_every_reservation() {
     use aya::maps::{Array, MapData};
@@ -157,15 +157,19 @@ fn port_counts_follow_every_reservation() {
     assert_eq!(outcome(&h, false, &from_second), rewritten);
     assert_eq!(outcome(&h, true, &to_first), missed);
 
-    // A count of zero under a live entry: the programs no longer see it...
+    // Counts of zero under live entries: neither program sees them any more...
     let mut map: Array<MapData, u32> = h.0.map(map_names::PORTS_IN_USE);
-    let forward = port_use_slot(false, pf_common::IPPROTO_TCP, 8080u16.to_be_bytes());
-    map.set(forward, 0, 0).unwrap();
+    for reverse in [false, true] {
+        let slot = port_use_slot(reverse, pf_common::IPPROTO_TCP, 8080u16.to_be_bytes());
+        map.set(slot, 0, 0).unwrap();
+    }
     assert_eq!(outcome(&h, true, &to_second), missed);
+    assert_eq!(outcome(&h, false, &from_second), missed);
     // ... until prune, as pf serve's reconcile runs it, counts again from the maps.
     assert!(h.0.state.prune(&both[1..]).unwrap().is_empty());
     assert_eq!(counts(&h), (1, 1));
     assert_eq!(outcome(&h, true, &to_second), rewritten);
+    assert_eq!(outcome(&h, false, &from_second), rewritten);
 
     h.0.state.release(&both[1].public).unwrap();
     assert_eq!(counts(&h), (0, 0));

@@ -160,7 +160,8 @@ pub fn stats_json<'a>(
         "egress": counters(&c.egress),
         "fast_path": counters(&c.fast_path),
         "reply_fast_path": counters(&c.reply_fast_path),
-        // Part of egress.rewritten: rewrites whose checksum the NIC was to finish.
+        // Part of egress.rewritten: rewrites by the skb helpers (a checksum not whole in the
+        // packet, IPv4 options, headers outside the linear data).
         "egress_rewritten_by_helpers": c.egress_by_helpers,
         "tunnel_networks": tunnel_networks
             .iter()
@@ -227,7 +228,7 @@ pub fn print_stats(stats: Option<&Stats>, attached: &[Attachment], devices: &Fas
         .collect();
     out!("ingress (XDP): {}", line(&ingress));
     out!(
-        "egress  (TC):  {}  (rewritten by helpers, for a partial checksum: {})",
+        "egress  (TC):  {}  (rewritten by the skb helpers: {})",
         line(&stats.counters.egress),
         stats.counters.egress_by_helpers
     );
