@@ -1,6 +1,6 @@
 //! BPF_MAP_UPDATE_BATCH and BPF_MAP_LOOKUP_BATCH (Linux 5.6), which aya 0.14 does not wrap: many
-//! elements written or read with one syscall instead of one or two each. pf needs Linux 5.10 anyway (see `attach::MIN_KERNEL`), so there
-//! is no fallback.
+//! elements written or read with one syscall instead of one or two each. pf needs Linux 5.10
+//! anyway (see `attach::MIN_KERNEL`), so there is no fallback.
 
 use std::{
     io,

@@ -125,6 +125,15 @@ impl NatPair {
 /// Changes to `PORTS_IN_USE` counts, by slot.
 type PortUseDeltas = std::collections::BTreeMap<u32, i64>;
 
+/// Adds `by` to the counts of every port of `r`, in both directions.
+fn count_ports(deltas: &mut PortUseDeltas, r: &Reservation, by: i64) {
+    for pair in nat_pairs(r) {
+        let (forward_slot, reverse_slot) = pair.port_use_slots();
+        *deltas.entry(forward_slot).or_default() += by;
+        *deltas.entry(reverse_slot).or_default() += by;
+    }
+}
+
 /// Every (port, protocol) of `r`, protocol by protocol and port by port: the order in which
 /// pf writes, removes and reads them.
 fn nat_pairs(r: &Reservation) -> impl Iterator<Item = NatPair> + '_ {
@@ -198,8 +207,8 @@ pub struct Counters {
     /// Reply fast-path outcomes, by name, in `FastPath` order (all zero unless an interface is
     /// attached with `--tunnel-side`).
     pub reply_fast_path: Vec<(&'static str, u64)>,
-    /// Egress rewrites done with the skb helpers (part of egress's `rewritten`): packets whose
-    /// checksum the NIC was to finish, or with IPv4 options.
+    /// Egress rewrites done with the skb helpers (part of egress's `rewritten`): a checksum not
+    /// whole in the packet, IPv4 options, or headers outside the skb's linear data.
     pub egress_by_helpers: u64,
 }
 
@@ -424,17 +433,15 @@ impl State {
         let mut claimed_target = std::collections::HashMap::new();
         let mut port_use = PortUseDeltas::new();
         for (index, r) in rs.iter().enumerate() {
-            for pair in nat_pairs(r) {
-                let (forward_slot, reverse_slot) = pair.port_use_slots();
-                *port_use.entry(forward_slot).or_default() += 1;
-                *port_use.entry(reverse_slot).or_default() += 1;
-                let NatPair {
-                    proto,
-                    public_port,
-                    target_port,
-                    forward: fkey,
-                    reverse: rkey,
-                } = pair;
+            count_ports(&mut port_use, r, 1);
+            for NatPair {
+                proto,
+                public_port,
+                target_port,
+                forward: fkey,
+                reverse: rkey,
+            } in nat_pairs(r)
+            {
                 // Named only in an error: formatting them for every port would cost more
                 // than the map writes.
                 let public = || format!("{}:{public_port}/{}", r.public.addr, proto_name(proto));
@@ -664,11 +671,7 @@ impl State {
         // tried again never counts a port down twice. A failure here leaves counts too high,
         // which costs only lookups until the next recount; the release itself is done.
         let mut port_use = PortUseDeltas::new();
-        for pair in nat_pairs(&r) {
-            let (forward_slot, reverse_slot) = pair.port_use_slots();
-            *port_use.entry(forward_slot).or_default() -= 1;
-            *port_use.entry(reverse_slot).or_default() -= 1;
-        }
+        count_ports(&mut port_use, &r, -1);
         let _ = self.add_port_use(&port_use);
         Ok(r)
     }

@@ -19,6 +19,7 @@
 
 mod control;
 mod forwarding;
+mod iperf;
 mod memory;
 mod per_packet;
 mod pktgen;

@@ -11,15 +11,13 @@
 //! on its own buffers before any skb exists, never does. nftables is measured without it too:
 //! the gap between the two is veth's, not pf's.
 
-use std::{thread, time::Duration};
-
 use pf_tests::kit::topology::{CLIENT_IP, PUBLIC_IFACE, PUBLIC_IP};
 use serde_json::{Value, json};
 
 use crate::{
     Profile,
     forwarding::{self, Config, PUBLIC_PORT, TCP_TARGET_PORT},
-    median,
+    iperf, median,
 };
 
 /// Every veth of the topology, by namespace: GRO is set on all of them.
@@ -65,46 +63,17 @@ fn measure(run: Run, profile: &Profile) -> Result<Value, String> {
     }
     set_gro(&setup, run.gro)?;
     let t = &setup.topology;
-    let port = TCP_TARGET_PORT.to_string();
-    t.client
-        .spawn(&["iperf3", "--server", "--bind", CLIENT_IP, "--port", &port])
-        .map_err(|e| format!("starting iperf3 --server: {e}"))?;
-    // Bounded wait for the server to listen.
-    let listening = (0..50).any(|_| {
-        let out = t
-            .client
-            .run(&["ss", "-Hltn", &format!("sport = :{TCP_TARGET_PORT}")])
-            .map(|o| !o.stdout.is_empty())
-            .unwrap_or(false);
-        if !out {
-            thread::sleep(Duration::from_millis(100));
-        }
-        out
-    });
-    if !listening {
-        return Err("iperf3 --server did not start listening within 5 s".into());
-    }
+    iperf::start_server(&t.client, CLIENT_IP, TCP_TARGET_PORT)?;
     let (dest, dest_port) = match run.config {
         Config::Plain => (CLIENT_IP, TCP_TARGET_PORT),
         _ => (PUBLIC_IP, PUBLIC_PORT),
     };
-    let dest_port = dest_port.to_string();
-    let seconds = profile.tcp_seconds.to_string();
-    let mut runs = Vec::new();
-    for _ in 0..profile.repetitions {
-        let out = t
-            .inet
-            .run(&[
-                "iperf3", "--client", dest, "--port", &dest_port, "--time", &seconds, "--json",
-            ])
-            .map_err(|e| format!("iperf3 through {}: {e}", run.name()))?;
-        let report: Value = serde_json::from_slice(&out.stdout)
-            .map_err(|e| format!("iperf3 --json output: {e}"))?;
-        let bps = report["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .ok_or("iperf3 reported no received throughput")?;
-        runs.push(bps);
-    }
+    let runs = (0..profile.repetitions)
+        .map(|_| {
+            iperf::stream(&t.inet, dest, dest_port, profile.tcp_seconds)
+                .map_err(|e| format!("{}: {e}", run.name()))
+        })
+        .collect::<Result<Vec<f64>, String>>()?;
     let m = median(&runs);
     println!(
         "{:<44} {:>4} {:>12.2}",
