@@ -60,8 +60,8 @@ impl Clock {
     pub(crate) fn notice_steps(&mut self) {
         let offset = self.offset_ms();
         if offset.abs_diff(self.reported_offset_ms) > CLOCK_STEP_TOLERANCE_MS {
-            eprintln!(
-                "pf serve: warning: the system clock stepped {} by {}; lifetimes keep running on elapsed time, so nothing expires early or late (the system clock is now {} from pf's; a restart adopts it)",
+            tracing::warn!(
+                "the system clock stepped {} by {}; lifetimes keep running on elapsed time, so nothing expires early or late (the system clock is now {} from pf's; a restart adopts it)",
                 if offset > self.reported_offset_ms {
                     "forward"
                 } else {

@@ -161,6 +161,8 @@ struct RawPolicy {
     max_ttl: Option<String>,
     #[serde(default)]
     drop_tunnel_source_leaks: Option<bool>,
+    #[serde(default)]
+    on_violation: Option<String>,
 }
 
 /// An interface `pf serve` attaches to on start (or adopts, when already attached).
@@ -174,7 +176,7 @@ pub struct InterfaceConfig {
 }
 
 /// The service's files.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ServiceConfig {
     pub socket: PathBuf,
     /// The group given the socket (mode 0660): its members may use the API.
@@ -204,6 +206,25 @@ pub struct Config {
 }
 
 impl Config {
+    /// The sections of `new` that differ from `self` and that a reload cannot apply (only
+    /// `[policy]` is reloaded): each takes effect at the next start.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if self.service != new.service {
+            changed.push("[service]");
+        }
+        if self.interfaces != new.interfaces {
+            changed.push("[[interfaces]]");
+        }
+        if self.fast_path_devices != new.fast_path_devices {
+            changed.push("[fast_path]");
+        }
+        if self.netfilter_set != new.netfilter_set {
+            changed.push("[netfilter]");
+        }
+        changed
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
@@ -265,6 +286,12 @@ impl Config {
             default_ttl: duration("policy.default_ttl", &p.default_ttl)?,
             max_ttl: duration("policy.max_ttl", &p.max_ttl)?,
             drop_tunnel_source_leaks: p.drop_tunnel_source_leaks.unwrap_or(true),
+            on_violation: p
+                .on_violation
+                .as_deref()
+                .map(str::parse)
+                .transpose()?
+                .unwrap_or_default(),
         };
         // With the leak guard on, egress drops what leaves from a target network: one that
         // holds a public IP (or everything, /0) would cut the server off.

@@ -141,8 +141,8 @@ struct WithNetfilterSet {
 impl WithNetfilterSet {
     fn forget(&self, r: &Reservation) {
         if let Err(e) = self.set.delete(std::slice::from_ref(r)) {
-            eprintln!(
-                "pf serve: {r} no longer forwards, but its target stays in the nftables set until the next start (so the ruleset still admits traffic to it, and a new reservation of an overlapping target range is refused): {e}"
+            tracing::warn!(
+                "{r} no longer forwards, but its target stays in the nftables set until the next start (so the ruleset still admits traffic to it, and a new reservation of an overlapping target range is refused): {e}"
             );
         }
     }

@@ -162,7 +162,7 @@ impl Condition {
             0 => String::new(),
             n => format!(" ({n} more times in the last minute)"),
         };
-        eprintln!("pf serve: {}{again}", what());
+        tracing::warn!("{}{again}", what());
         self.last_logged = Some(Instant::now());
         self.unlogged = 0;
     }
@@ -177,12 +177,16 @@ impl Condition {
                 .last_logged
                 .is_some_and(|t| t.elapsed() >= Duration::from_secs(1))
         {
-            eprintln!("pf serve: {ended}");
+            tracing::info!("{ended}");
         }
     }
 }
 
-pub async fn serve(listener: StdListener, jobs: mpsc::Sender<Job>) -> std::io::Result<()> {
+pub(super) async fn serve(
+    listener: StdListener,
+    jobs: mpsc::Sender<Job>,
+    mut reloader: super::Reloader,
+) -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let listener = UnixListener::from_std(listener)?;
     let mut terminate = signal(SignalKind::terminate())?;
@@ -218,11 +222,22 @@ pub async fn serve(listener: StdListener, jobs: mpsc::Sender<Job>) -> std::io::R
                 }
             },
             _ = hangup.recv() => {
-                let (reply, _) = tokio::sync::oneshot::channel();
+                // The engine takes it between requests; systemd hears "reloading" until then.
+                super::tell_systemd(&[
+                    sd_notify::NotifyState::Reloading,
+                    sd_notify::NotifyState::monotonic_usec_now()?,
+                ]);
+                let (reply, answer) = tokio::sync::oneshot::channel();
                 let _ = jobs.send(Job {
-                    request: Request::ReopenAudit,
+                    request: reloader.request(),
                     caller: Caller::SERVICE,
                     reply,
+                });
+                tokio::spawn(async move {
+                    if let Ok(Err(e)) = answer.await {
+                        tracing::error!("reload: {}", e.message);
+                    }
+                    super::tell_systemd(&[sd_notify::NotifyState::Ready]);
                 });
                 continue;
             }

@@ -156,8 +156,8 @@ fn open_store(path: &Path) -> Result<SqliteStore, ServeError> {
     match SqliteStore::open(path) {
         Ok(store) => {
             if let Some(why) = store.read_only() {
-                eprintln!(
-                    "pf serve: warning: the reservation store {} is read-only ({why}); changes are refused until pf serve restarts with it writable",
+                tracing::warn!(
+                    "the reservation store {} is read-only ({why}); changes are refused until pf serve restarts with it writable",
                     path.display()
                 );
             }
@@ -166,8 +166,8 @@ fn open_store(path: &Path) -> Result<SqliteStore, ServeError> {
         Err(e) if SqliteStore::cannot_write(&e) && path.exists() => {
             let why = format!("opening it for writing failed: {e}");
             let store = SqliteStore::open_read_only(path, why.clone())?;
-            eprintln!(
-                "pf serve: warning: the reservation store {} is read-only ({why}); changes are refused until pf serve restarts with room on its disk",
+            tracing::warn!(
+                "the reservation store {} is read-only ({why}); changes are refused until pf serve restarts with room on its disk",
                 path.display()
             );
             Ok(store)
@@ -195,7 +195,7 @@ fn attach_interfaces(dir: &PinDir, config: &Config) -> Result<(), ServeError> {
     for want in &config.interfaces {
         match found.iter().find(|a| a.iface == want.name) {
             Some(a) if a.health.is_live() && a.role == want.role => {
-                eprintln!("pf serve: adopted {} ({})", want.name, a.role.describe());
+                tracing::info!("adopted {} ({})", want.name, a.role.describe());
             }
             Some(a) if a.health.is_live() => {
                 return Err(ServeError::RoleMismatch {
@@ -213,13 +213,13 @@ fn attach_interfaces(dir: &PinDir, config: &Config) -> Result<(), ServeError> {
                 };
                 let done = attach::attach(dir, &want.name, &options)?;
                 if let Some(reason) = &done.replaced {
-                    eprintln!(
-                        "pf serve: {}: the pinned attachment was dead ({reason}); attached again",
+                    tracing::warn!(
+                        "{}: the pinned attachment was dead ({reason}); attached again",
                         want.name
                     );
                 }
-                eprintln!(
-                    "pf serve: attached {} ({}, XDP in {} mode{})",
+                tracing::info!(
+                    "attached {} ({}, XDP in {} mode{})",
                     want.name,
                     want.role.describe(),
                     done.xdp_mode,
@@ -237,9 +237,10 @@ fn attach_interfaces(dir: &PinDir, config: &Config) -> Result<(), ServeError> {
             && !config.interfaces.iter().any(|i| i.name == a.iface)
         {
             attach::detach(dir, &a.iface)?;
-            eprintln!(
-                "pf serve: detached {}, which is not in the config: its attachment was dead ({reason}); `pf attach {}` attaches it again",
-                a.iface, a.iface
+            tracing::warn!(
+                "detached {}, which is not in the config: its attachment was dead ({reason}); `pf attach {}` attaches it again",
+                a.iface,
+                a.iface
             );
         }
     }
@@ -247,8 +248,8 @@ fn attach_interfaces(dir: &PinDir, config: &Config) -> Result<(), ServeError> {
     // start, on a kernel that says which devices take redirected frames).
     if let attach::DeviceChoice::Named(names) = &config.fast_path_devices {
         let devices = attach::refresh_devices(dir, &config.fast_path_devices)?;
-        eprintln!(
-            "pf serve: the fast paths may redirect to the devices fast_path.redirect_devices names ({}): this kernel cannot say which can",
+        tracing::info!(
+            "the fast paths may redirect to the devices fast_path.redirect_devices names ({}): this kernel cannot say which can",
             names.join(", ")
         );
         drop(devices);
@@ -256,8 +257,61 @@ fn attach_interfaces(dir: &PinDir, config: &Config) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// Tells systemd (Type=notify) how the service stands, if systemd asked (`NOTIFY_SOCKET`).
+fn tell_systemd(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        tracing::warn!("telling systemd {state:?} failed: {e}");
+    }
+}
+
+/// What SIGHUP does besides reopening the audit log: re-reads the config file. A config that
+/// does not load is refused whole, and the running one stays; of one that loads, the policy
+/// takes effect (see [`engine::Engine::reload`]) and every other section changed is named as
+/// waiting for a restart.
+struct Reloader {
+    path: PathBuf,
+    running: Config,
+}
+
+impl Reloader {
+    fn request(&mut self) -> Request {
+        tracing::info!("reloading {}", self.path.display());
+        match Config::load(&self.path) {
+            Err(e) => {
+                tracing::error!("reload refused, the running config stays: {e}");
+                Request::Reload { policy: None }
+            }
+            Ok(new) => {
+                for section in self.running.restart_only_changes(&new) {
+                    tracing::warn!(
+                        "reload: {section} changed in {}; only [policy] is reloaded, so it takes effect at the next start",
+                        self.path.display()
+                    );
+                }
+                self.running.policy = new.policy.clone();
+                Request::Reload {
+                    policy: Some(Box::new(new.policy)),
+                }
+            }
+        }
+    }
+}
+
+/// Checks a config as `pf serve` would start on it, without starting: the file parses, every
+/// key is known and valid, the socket group exists, and a netfilter set it names is declared.
+pub fn check_config(config: &Config) -> Result<(), ServeError> {
+    if let Some(group) = &config.service.socket_group {
+        group_id(group)?;
+    }
+    if let Some(set) = &config.netfilter_set {
+        set.check()?;
+    }
+    Ok(())
+}
+
 /// Runs the service until SIGTERM or SIGINT. The data plane stays pinned when it stops.
-pub fn run(config: Config, options: StartOptions) -> Result<(), ServeError> {
+/// `config_path`: where `config` was read from, read again on SIGHUP.
+pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<(), ServeError> {
     // Everything the service creates is its own (the store holds owners and notes): the socket
     // is opened up to 0660 explicitly below, after bind, and no earlier.
     // SAFETY: umask has no preconditions.
@@ -278,6 +332,9 @@ pub fn run(config: Config, options: StartOptions) -> Result<(), ServeError> {
     };
     attach_interfaces(&dir, &config)?;
 
+    if let Some(group) = &service.socket_group {
+        group_id(group)?;
+    }
     let store_was_new = SqliteStore::is_new(&service.database);
     if store_was_new && !options.force_reconcile {
         // Refused here, before the store file is made, if the maps hold reservations.
@@ -300,6 +357,10 @@ pub fn run(config: Config, options: StartOptions) -> Result<(), ServeError> {
     if let Some(set) = &config.netfilter_set {
         set.check()?;
     }
+    let reloader = Reloader {
+        path: config_path.to_path_buf(),
+        running: config.clone(),
+    };
     let mut engine = Engine::new(
         Box::new(store),
         Box::new(
@@ -317,12 +378,12 @@ pub fn run(config: Config, options: StartOptions) -> Result<(), ServeError> {
         })
         .map_err(|e| ServeError::Reconcile(e.message))?;
     if disabled > 0 {
-        eprintln!(
-            "pf serve: {disabled} reservations target the server itself and were disabled (see above)"
+        tracing::warn!(
+            "{disabled} reservations were disabled: they target the server itself, or break the policy and policy.on_violation = \"disable\" (see above)"
         );
     }
-    eprintln!(
-        "pf serve: {} reservations in the maps ({} loaded into empty maps), {} drifts repaired ({} ms)",
+    tracing::info!(
+        "{} reservations in the maps ({} loaded into empty maps), {} drifts repaired ({} ms)",
         report.reservations,
         report.loaded,
         report.drifts,
@@ -354,7 +415,7 @@ pub fn run(config: Config, options: StartOptions) -> Result<(), ServeError> {
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_engine(engine, queue)))
                 .is_err()
             {
-                eprintln!("pf serve: the engine failed; exiting so that a restart reconciles");
+                tracing::error!("the engine failed; exiting so that a restart reconciles");
                 std::process::exit(70);
             }
         })
@@ -364,14 +425,16 @@ pub fn run(config: Config, options: StartOptions) -> Result<(), ServeError> {
         .enable_all()
         .build()
         .map_err(io("starting the tokio runtime"))?;
-    eprintln!("pf serve: listening on {}", service.socket.display());
-    let served = runtime.block_on(http::serve(listener, jobs));
+    tracing::info!("listening on {}", service.socket.display());
+    tell_systemd(&[sd_notify::NotifyState::Ready]);
+    let served = runtime.block_on(http::serve(listener, jobs, reloader));
+    tell_systemd(&[sd_notify::NotifyState::Stopping]);
     // Dropping the runtime drops every connection and with them the last job senders: the
     // engine finishes the job it is on and any queued, then stops.
     drop(runtime);
     let _ = engine_thread.join();
     let _ = std::fs::remove_file(&service.socket);
-    eprintln!("pf serve: stopped; the data plane stays attached and keeps forwarding");
+    tracing::info!("stopped; the data plane stays attached and keeps forwarding");
     served.map_err(io("serving the API"))
 }
 

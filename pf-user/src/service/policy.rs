@@ -70,6 +70,31 @@ pub struct Policy {
     /// client's tunnel address. Off only where tunnel addresses are public and leave the
     /// server unmasqueraded.
     pub drop_tunnel_source_leaks: bool,
+    /// What a start or a reload does with a reservation this policy would refuse.
+    pub on_violation: OnViolation,
+}
+
+/// `policy.on_violation`: what happens to reservations granted before the policy narrowed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnViolation {
+    /// Logged and shown in status; renewal and re-enabling are refused; it keeps forwarding.
+    #[default]
+    Report,
+    /// As `Report`, and disabled (audited): it stops forwarding but keeps its ports.
+    Disable,
+}
+
+impl std::str::FromStr for OnViolation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "report" => Ok(Self::Report),
+            "disable" => Ok(Self::Disable),
+            other => Err(format!(
+                "policy.on_violation: '{other}' is not report or disable"
+            )),
+        }
+    }
 }
 
 fn in_ranges(ranges: &[PortRange], port: u16) -> bool {
@@ -240,6 +265,37 @@ impl Policy {
                 ),
             )),
             _ => Ok(ttl),
+        }
+    }
+}
+
+impl Policy {
+    /// Refuses a reservation whose remaining lifetime passes `max_ttl` (or that is permanent
+    /// where a lifetime is required): granted under an older policy.
+    pub fn check_remaining(&self, expires_ms: Option<u64>, now_ms: u64) -> Result<(), Refusal> {
+        let Some(max) = self.max_ttl else {
+            return Ok(());
+        };
+        let max_ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+        match expires_ms {
+            None => Err(refuse(
+                "policy.max_ttl",
+                format!(
+                    "it is permanent, and lifetimes are at most {}",
+                    humantime::format_duration(max)
+                ),
+            )),
+            Some(at) if at.saturating_sub(now_ms) > max_ms => Err(refuse(
+                "policy.max_ttl",
+                format!(
+                    "it runs {} more, and lifetimes are at most {}",
+                    humantime::format_duration(std::time::Duration::from_secs(
+                        at.saturating_sub(now_ms) / 1000
+                    )),
+                    humantime::format_duration(max)
+                ),
+            )),
+            Some(_) => Ok(()),
         }
     }
 }

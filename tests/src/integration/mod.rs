@@ -8,6 +8,7 @@ mod differential;
 mod e2e;
 mod fast_path;
 mod fixtures;
+mod lifecycle;
 mod netfilter;
 mod service;
 mod service_safety;

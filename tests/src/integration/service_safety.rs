@@ -347,9 +347,7 @@ fn attachment_state_comes_from_the_kernel_not_the_pins() {
     service.spawn().unwrap();
     let log = service.log();
     assert!(
-        log.contains(
-            "pf serve: pub0: the pinned attachment was dead (the kernel detached its XDP program"
-        ),
+        log.contains("pub0: the pinned attachment was dead (the kernel detached its XDP program"),
         "{log}"
     );
     assert_eq!(topo.inet.curl(url).unwrap(), "pinned\n");

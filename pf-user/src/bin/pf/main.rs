@@ -2,6 +2,7 @@
 //! (`pf::PfError`, the client's `ClientError`); here, at the edge, every failure becomes one
 //! `error: ...` line on stderr and a non-zero exit code. What it prints is `render`'s.
 
+mod log;
 mod render;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -20,8 +21,8 @@ use pf::{
         state::State,
     },
     service::{
-        self,
-        config::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET},
+        self, ServeError,
+        config::{Config, ConfigError, DEFAULT_CONFIG, DEFAULT_SOCKET},
         policy::parse_ttl,
     },
 };
@@ -91,6 +92,13 @@ enum Command {
         /// them: for a store that really was lost.
         #[arg(long)]
         force_reconcile: bool,
+        /// Check the config as a start would, print whether it is valid, and exit: for
+        /// after an edit, before `systemctl reload pf`.
+        #[arg(long, conflicts_with = "force_reconcile")]
+        check_config: bool,
+        /// Log more: -v debug, -vv trace (RUST_LOG, if set, decides instead).
+        #[arg(short, long, action = clap::ArgAction::Count)]
+        verbose: u8,
     },
     /// Forward PUBLIC_IP:PORT[-PORT]/tcp|udp|both to a tunnel address (PUBLIC_IP/tcp|udp|both:
     /// a free port from the pool, printed).
@@ -180,7 +188,17 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            if log::active() {
+                // pf serve: the journal takes it as an error.
+                tracing::error!("{e}");
+            } else {
+                eprintln!("error: {e}");
+            }
+            // A config pf serve cannot run on: restarting cannot help until the admin acts,
+            // and the unit's RestartPreventExitStatus stops systemd looping on it.
+            if is_config_error(&e) {
+                return ExitCode::from(EX_CONFIG);
+            }
             // A bad argument exits 2 whether clap or pf's own validation caught it.
             let bad_request = matches!(
                 e.downcast_ref::<ClientError>(),
@@ -193,6 +211,21 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// sysexits(3)'s EX_CONFIG: the exit status of a `pf serve` refused by its config.
+const EX_CONFIG: u8 = 78;
+
+fn is_config_error(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<ConfigError>().is_some()
+        || matches!(
+            e.downcast_ref::<ServeError>(),
+            Some(
+                ServeError::Config(_)
+                    | ServeError::RoleMismatch { .. }
+                    | ServeError::UnknownGroup(_)
+            )
+        )
 }
 
 /// Fails early, without a round trip, on a lifetime the service would refuse.
@@ -310,10 +343,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve {
             config,
             force_reconcile,
+            check_config,
+            verbose,
         } => {
+            log::init(verbose).map_err(anyhow::Error::msg)?;
+            let loaded = Config::load(&config)?;
+            if check_config {
+                service::check_config(&loaded)?;
+                out!("{}: valid", config.display());
+                return Ok(());
+            }
             privilege::require_privileges()?;
-            let config = Config::load(&config)?;
-            service::run(config, service::StartOptions { force_reconcile })?;
+            service::run(loaded, &config, service::StartOptions { force_reconcile })?;
         }
         Command::Attach {
             iface,

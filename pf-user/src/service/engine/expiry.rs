@@ -18,7 +18,7 @@ impl Engine {
                 Ok(_) => {
                     self.repair = false;
                     self.repair_failing = None;
-                    eprintln!("pf serve: repaired the maps: they agree with the store again");
+                    tracing::info!("repaired the maps: they agree with the store again");
                 }
                 Err(e) => say_once(&mut self.repair_failing, e.message, |m| {
                     format!("repairing the maps fails, retrying every second: {m}")
@@ -34,11 +34,11 @@ impl Engine {
             let before = self.now_ms().saturating_sub(duration_ms(HISTORY_KEEP));
             match self.store.purge_history(before) {
                 Ok(0) => {}
-                Ok(n) => eprintln!(
-                    "pf serve: forgot {n} reservations that expired more than {} ago",
+                Ok(n) => tracing::info!(
+                    "forgot {n} reservations that expired more than {} ago",
                     humantime::format_duration(HISTORY_KEEP)
                 ),
-                Err(e) => eprintln!("pf serve: {e}"),
+                Err(e) => tracing::error!("{e}"),
             }
             self.purged = Some(Instant::now());
         }
@@ -64,7 +64,7 @@ impl Engine {
         let mut state = match blocked {
             Ok(state) => {
                 if self.expiry_blocked.take().is_some() {
-                    eprintln!("pf serve: expiry goes on again");
+                    tracing::info!("expiry goes on again");
                 }
                 state
             }
@@ -79,7 +79,7 @@ impl Engine {
         let due = match self.store.expired(now) {
             Ok(due) => due,
             Err(e) => {
-                eprintln!("pf serve: {e}");
+                tracing::error!("{e}");
                 retry(self);
                 return;
             }
@@ -88,15 +88,15 @@ impl Engine {
         for record in due {
             if let Err(e) = self.store.expire(record.id, now) {
                 failed = true;
-                eprintln!(
-                    "pf serve: could not expire reservation {}: {e} (trying again in {EXPIRY_RETRY_MS} ms)",
+                tracing::warn!(
+                    "could not expire reservation {}: {e} (trying again in {EXPIRY_RETRY_MS} ms)",
                     record.id
                 );
                 continue;
             }
             let unmapped = self.unmap_after_store(state.as_mut(), &record, "expired");
-            eprintln!(
-                "pf serve: expired reservation {} ({}, owner {}); restorable for {} (`pf restore {}`)",
+            tracing::info!(
+                "expired reservation {} ({}, owner {}); restorable for {} (`pf restore {}`)",
                 record.id,
                 record.reservation,
                 record.owner,
@@ -106,7 +106,7 @@ impl Engine {
             match unmapped {
                 Ok(()) => self.audit(Caller::SERVICE, "expire", "ok", &record_json(&record), None),
                 Err(e) => {
-                    eprintln!("pf serve: {}", e.message);
+                    tracing::error!("{}", e.message);
                     self.audit(
                         Caller::SERVICE,
                         "expire",

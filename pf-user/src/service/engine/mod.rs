@@ -201,8 +201,11 @@ pub enum Request {
         subject: Value,
         error: ApiError,
     },
-    /// SIGHUP: open the audit log's path again (logrotate moved the file).
-    ReopenAudit,
+    /// SIGHUP: open the audit log's path again (logrotate moved the file), and take the
+    /// re-read config's policy if it was valid (`None`: it was not, and the old one stays).
+    Reload {
+        policy: Option<Box<Policy>>,
+    },
 }
 
 impl Request {
@@ -221,7 +224,7 @@ impl Request {
             | Request::List { .. }
             | Request::Expired { .. }
             | Request::Status
-            | Request::ReopenAudit => return None,
+            | Request::Reload { .. } => return None,
         })
     }
 
@@ -348,11 +351,33 @@ fn check_note(note: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// One log line for an audited change: who, what, the outcome and the reservation, briefly
+/// (the audit line has it whole).
+fn log_change(caller: Caller, action: &str, result: &str, v: &Value, error: Option<&str>) {
+    let who = format!(
+        "uid {} (pid {})",
+        caller.uid.map_or("?".into(), |u| u.to_string()),
+        caller.pid.map_or("?".into(), |p| p.to_string())
+    );
+    let what = match (v.get("id"), v.get("spec"), v.get("owner")) {
+        (Some(id), Some(Value::String(spec)), Some(Value::String(owner))) => {
+            format!("reservation {id} ({spec}, owner {owner})")
+        }
+        _ if v.is_null() => String::new(),
+        _ => v.to_string(),
+    };
+    let why = error.map(|e| format!(": {e}")).unwrap_or_default();
+    match result {
+        "partial" => tracing::warn!("{action} {result} by {who}: {what}{why}"),
+        _ => tracing::info!("{action} {result} by {who}: {what}{why}"),
+    }
+}
+
 /// Logs a condition's `message` unless it is the one `last` holds: a failure that persists
 /// is said once, and again only when it changes.
 fn say_once(last: &mut Option<String>, message: String, line: impl FnOnce(&str) -> String) {
     if last.as_deref() != Some(message.as_str()) {
-        eprintln!("pf serve: {}", line(&message));
+        tracing::warn!("{}", line(&message));
         *last = Some(message);
     }
 }
@@ -390,6 +415,8 @@ pub struct Engine {
     expiry_blocked: Option<String>,
     /// Why the last repair failed, once logged.
     repair_failing: Option<String>,
+    /// Reservations the policy in force would refuse, as the last review found them.
+    violations: Vec<Violation>,
 }
 
 fn kernel_seed() -> u64 {
@@ -428,6 +455,7 @@ impl Engine {
             purged: None,
             expiry_blocked: None,
             repair_failing: None,
+            violations: Vec::new(),
         })
     }
 
@@ -443,7 +471,7 @@ impl Engine {
     fn refresh_next_expiry(&mut self) {
         match self.store.next_expiry() {
             Ok(next) => self.next_expiry = next,
-            Err(e) => eprintln!("pf serve: {e}"),
+            Err(e) => tracing::error!("{e}"),
         }
     }
 
@@ -468,10 +496,16 @@ impl Engine {
         None
     }
 
+    /// Writes a change's audit line, and logs an API caller's: every change and refusal
+    /// reaches the log (journald) as well as the audit file. The service's own changes
+    /// (expiry, disabling at start) log lines of their own, with what to do about them.
     fn audit(&mut self, caller: Caller, action: &str, result: &str, v: &Value, e: Option<&str>) {
+        if caller != Caller::SERVICE {
+            log_change(caller, action, result, v, e);
+        }
         if let Err(err) = self.audit.write(caller, action, result, v, e) {
-            eprintln!(
-                "pf serve: error: the audit log {} lost a line ({action} {result}): {err}",
+            tracing::error!(
+                "the audit log {} lost a line ({action} {result}): {err}",
                 self.audit.path().display()
             );
         }
@@ -490,6 +524,7 @@ impl Engine {
         if let Some(refusal) = self.refuse_changes() {
             // Recorded if the log takes it (a read-only store, say); the change is refused
             // whether it does or not.
+            log_change(caller, action, "refused", &subject, Some(&refusal.message));
             let _ = self
                 .audit
                 .write(caller, action, "refused", &subject, Some(&refusal.message));
@@ -538,6 +573,7 @@ impl Engine {
                 "next_expiry": self.next_expiry.map(rfc3339),
                 "store_read_only": self.store.read_only(),
                 "clock_offset_seconds": self.clock.offset_ms() / 1000,
+                "policy_violations": self.violations(),
                 "attached": self.dataplane.attachments()
                     .iter()
                     .map(|a| {
@@ -555,22 +591,30 @@ impl Engine {
                     })
                     .collect::<Vec<_>>(),
             })),
-            Request::ReopenAudit => match self.audit.reopen() {
-                Ok(()) => {
-                    eprintln!(
-                        "pf serve: reopened the audit log {}",
+            Request::Reload { policy } => {
+                match self.audit.reopen() {
+                    Ok(()) => {
+                        tracing::info!("reopened the audit log {}", self.audit.path().display())
+                    }
+                    Err(e) => tracing::error!(
+                        "reopening the audit log {}: {e} (still writing the old file)",
                         self.audit.path().display()
-                    );
-                    Ok(Value::Null)
+                    ),
                 }
-                Err(e) => {
-                    eprintln!(
-                        "pf serve: error: reopening the audit log {}: {e} (still writing the old file)",
-                        self.audit.path().display()
-                    );
-                    Err(ApiError::internal(e.to_string()))
-                }
-            },
+                let Some(policy) = policy else {
+                    return Ok(Value::Null);
+                };
+                let report = self.reload(*policy)?;
+                tracing::info!(
+                    "reloaded the policy: {} reservations break it{}",
+                    report.violations,
+                    match report.disabled {
+                        0 => String::new(),
+                        n => format!(", {n} disabled for it (policy.on_violation = \"disable\")"),
+                    }
+                );
+                Ok(json!({ "violations": report.violations, "disabled": report.disabled }))
+            }
             _ => unreachable!("changes go through Engine::change"),
         }
     }
@@ -869,9 +913,10 @@ impl Engine {
         match state.release_exact(&record.reservation) {
             Ok(_) => Ok(()),
             Err(PfError::NoSuchReservation { hint, .. }) => {
-                eprintln!(
-                    "pf serve: drift: reservation {} ({}) was missing from the maps{hint}",
-                    record.id, record.reservation
+                tracing::warn!(
+                    "drift: reservation {} ({}) was missing from the maps{hint}",
+                    record.id,
+                    record.reservation
                 );
                 Ok(())
             }
@@ -890,6 +935,9 @@ impl Engine {
             )));
         };
         let ttl = self.policy.lifetime(Some(asked))?.unwrap_or(asked);
+        // Granted under an older policy that this one refuses: not extended.
+        self.policy
+            .check(&record.reservation, &self.listening(), &local_addresses()?)?;
         let ttl_ms = duration_ms(ttl);
         let expires = self.now_ms().saturating_add(ttl_ms);
         self.store.set_lifetime(id, Some(ttl_ms), Some(expires))?;
@@ -903,9 +951,10 @@ impl Engine {
         }
         let mut state = self.open_state()?;
         if enabled {
-            // The server's addresses may have changed since it was made.
+            // The policy may have narrowed, and the server's addresses changed, since it was
+            // made.
             self.policy
-                .check_target(&record.reservation, &local_addresses()?)?;
+                .check(&record.reservation, &self.listening(), &local_addresses()?)?;
             self.store.set_enabled(id, true)?;
             if let Err(e) = state.reserve(&record.reservation) {
                 let e = ApiError::from(e);
@@ -975,7 +1024,9 @@ impl Engine {
 
 mod expiry;
 mod reconcile;
+mod review;
 #[cfg(test)]
 mod tests;
 
 pub use reconcile::{ReconcileGuard, ReconcileReport};
+pub use review::{ReloadReport, Violation};

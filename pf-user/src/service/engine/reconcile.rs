@@ -61,17 +61,22 @@ impl Engine {
                 continue;
             };
             if self.store.read_only().is_some() {
-                eprintln!(
-                    "pf serve: warning: reservation {} ({}) breaks {}: {} (the store is read-only, so it stays)",
-                    record.id, record.reservation, refusal.rule, refusal.detail
+                tracing::warn!(
+                    "reservation {} ({}) breaks {}: {} (the store is read-only, so it stays)",
+                    record.id,
+                    record.reservation,
+                    refusal.rule,
+                    refusal.detail
                 );
                 continue;
             }
             self.store.set_enabled(record.id, false)?;
             disabled += 1;
-            eprintln!(
-                "pf serve: disabled reservation {} ({}, owner {}): {refusal}",
-                record.id, record.reservation, record.owner
+            tracing::warn!(
+                "disabled reservation {} ({}, owner {}): {refusal}",
+                record.id,
+                record.reservation,
+                record.owner
             );
             let mut done = record_json(&record);
             done["enabled"] = json!(false);
@@ -88,15 +93,16 @@ impl Engine {
 
     /// The start, in an order that changes nothing before it knows the store is the right
     /// one: the reconcile guard is checked first, then what fell due while the service was
-    /// down expires, reservations that target the server are disabled, and the maps are
-    /// reconciled. Returns the reconcile's report and how many were disabled.
+    /// down expires, reservations that target the server are disabled, the rest are held
+    /// against the policy (see [`Engine::enforce`]), and the maps are reconciled. Returns
+    /// the reconcile's report and how many were disabled.
     pub fn start(&mut self, guard: ReconcileGuard) -> Result<(ReconcileReport, usize), ApiError> {
         {
             let state = self.open_state()?;
             self.check_guard(state.as_ref(), guard)?;
         }
         self.expire_due();
-        let disabled = self.disable_server_targets()?;
+        let disabled = self.disable_server_targets()? + self.enforce()?.disabled;
         let report = self.reconcile(ReconcileGuard::REPAIR)?;
         Ok((report, disabled))
     }
@@ -188,8 +194,8 @@ impl Engine {
         };
         if state.tunnel_networks()? != guarded {
             state.set_tunnel_networks(&guarded)?;
-            eprintln!(
-                "pf serve: egress drops unrewritten packets from the tunnel networks: {}",
+            tracing::info!(
+                "egress drops unrewritten packets from the tunnel networks: {}",
                 if guarded.is_empty() {
                     "none (policy.drop_tunnel_source_leaks = false)".to_string()
                 } else {
@@ -205,8 +211,8 @@ impl Engine {
         let fresh = actual.is_empty() && drifts.is_empty();
         if fresh {
             if !absent.is_empty() {
-                eprintln!(
-                    "pf serve: the maps were empty: loaded {} reservations from the store",
+                tracing::info!(
+                    "the maps were empty: loaded {} reservations from the store",
                     absent.len()
                 );
             }
@@ -216,13 +222,10 @@ impl Engine {
             }
         }
         for d in drifts.iter().take(DRIFT_LOG_LIMIT) {
-            eprintln!("pf serve: drift: {d}");
+            tracing::warn!("drift: {d}");
         }
         if drifts.len() > DRIFT_LOG_LIMIT {
-            eprintln!(
-                "pf serve: drift: ... and {} more",
-                drifts.len() - DRIFT_LOG_LIMIT
-            );
+            tracing::warn!("drift: ... and {} more", drifts.len() - DRIFT_LOG_LIMIT);
         }
         Ok(ReconcileReport {
             reservations: desired.len(),

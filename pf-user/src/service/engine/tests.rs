@@ -273,3 +273,129 @@ fn owners_are_visible_ascii_and_notes_hide_nothing() {
         assert!(e.message.contains("U+"), "{bad:?}: {}", e.message);
     }
 }
+
+/// The engine's policy with `policy` (TOML under `[policy]`) instead.
+fn policy(text: &str) -> Policy {
+    Config::parse(&format!("[policy]\n{text}")).unwrap().policy
+}
+
+const NARROWED: &str = r#"
+public_ips = ["198.51.100.1"]
+target_networks = ["10.200.0.0/16"]
+port_pool = ["30000-30004"]
+forbid_listening_ports = false
+ports_per_owner = 3
+"#;
+
+#[test]
+fn a_reload_reports_what_the_new_policy_refuses_and_refuses_renewing_it() {
+    let (mut e, fake, _dir) = engine();
+    let inside = reserved(&mut e, "198.51.100.1:30001/tcp", Some("1h"));
+    let outside = reserved(&mut e, "198.51.100.1:30008/tcp", Some("1h"));
+    let report = e.reload(policy(NARROWED)).unwrap();
+    assert_eq!(
+        report,
+        ReloadReport {
+            violations: 1,
+            disabled: 0
+        }
+    );
+    let status = e.handle(Request::Status, CALLER).unwrap();
+    let violations = status["policy_violations"].as_array().unwrap();
+    assert_eq!(violations.len(), 1, "{status}");
+    assert_eq!(violations[0]["id"], outside);
+    assert_eq!(violations[0]["rule"], "policy.port_pool");
+    // Reported only: it still forwards, but is not renewed or enabled again.
+    assert_eq!(fake.held().len(), 2);
+    let renew = e.handle(
+        Request::Renew {
+            id: outside,
+            ttl: None,
+        },
+        CALLER,
+    );
+    assert_eq!(renew.unwrap_err().rule, Some("policy.port_pool"));
+    e.handle(
+        Request::SetEnabled {
+            id: outside,
+            enabled: false,
+        },
+        CALLER,
+    )
+    .unwrap();
+    let enable = e.handle(
+        Request::SetEnabled {
+            id: outside,
+            enabled: true,
+        },
+        CALLER,
+    );
+    assert_eq!(enable.unwrap_err().rule, Some("policy.port_pool"));
+    e.handle(
+        Request::Renew {
+            id: inside,
+            ttl: None,
+        },
+        CALLER,
+    )
+    .unwrap();
+    // Released, it is no violation any more.
+    e.handle(Request::Release(outside), CALLER).unwrap();
+    let status = e.handle(Request::Status, CALLER).unwrap();
+    assert_eq!(status["policy_violations"], json!([]), "{status}");
+}
+
+#[test]
+fn a_reload_that_says_disable_disables_and_audits_each_violator() {
+    let (mut e, fake, dir) = engine();
+    let kept = reserved(&mut e, "198.51.100.1:30001/tcp", Some("1h"));
+    let pool = reserved(&mut e, "198.51.100.1:30008/tcp", Some("1h"));
+    let lifetime = reserved(&mut e, "198.51.100.1:30002/udp", None);
+    let report = e
+        .reload(policy(&format!(
+            "{NARROWED}\nmax_ttl = \"2h\"\non_violation = \"disable\""
+        )))
+        .unwrap();
+    assert_eq!(
+        report,
+        ReloadReport {
+            violations: 2,
+            disabled: 2
+        }
+    );
+    assert_eq!(
+        fake.held(),
+        vec!["198.51.100.1:30001/tcp -> 10.200.0.2:30001".to_string()],
+        "only {kept} still forwards"
+    );
+    let audit = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+    for (id, rule) in [(pool, "policy.port_pool"), (lifetime, "policy.max_ttl")] {
+        assert!(
+            audit.lines().any(|l| l.contains("\"disable\"")
+                && l.contains(&format!("\"id\":{id},"))
+                && l.contains(rule)),
+            "{audit}"
+        );
+    }
+}
+
+#[test]
+fn a_lower_quota_marks_the_newest_reservations_past_it() {
+    let (mut e, _fake, _dir) = engine();
+    let first = reserved(&mut e, "198.51.100.1:30001/tcp", None);
+    let second = reserved(&mut e, "198.51.100.1:30002/tcp", None);
+    let third = reserved(&mut e, "198.51.100.1:30003/tcp", None);
+    let report = e
+        .reload(policy(
+            &NARROWED.replace("ports_per_owner = 3", "ports_per_owner = 1"),
+        ))
+        .unwrap();
+    assert_eq!(report.violations, 2);
+    let ids: Vec<u64> = e.violations().iter().map(|v| v.id).collect();
+    assert_eq!(ids, vec![second, third], "{first} is within the quota");
+    assert!(
+        e.violations()
+            .iter()
+            .all(|v| v.rule == "policy.ports_per_owner")
+    );
+}

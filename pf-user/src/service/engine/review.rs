@@ -1,0 +1,178 @@
+//! Reservations held against the policy in force: at start, and when a reload (SIGHUP) brings
+//! a new policy. A policy that narrows (a smaller port pool, a new forbidden port, a lower
+//! quota) does not make what was granted before disappear by itself: each reservation it
+//! would refuse today is a violation, reported (log, `GET /v1/status`, `pf status`), refused
+//! renewal and re-enabling, and disabled only where `policy.on_violation = "disable"` says so.
+//! A target that is the server itself is disabled whatever that says (see
+//! [`Engine::disable_server_targets`]).
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+use serde_json::json;
+
+use super::{ApiError, Engine, local_addresses, record_json};
+use crate::service::{
+    audit::Caller,
+    policy::{OnViolation, Policy, Refusal},
+    store::Record,
+};
+
+/// A reservation the policy in force would refuse, with the first rule it breaks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Violation {
+    pub id: u64,
+    pub owner: String,
+    pub public: String,
+    pub enabled: bool,
+    pub rule: &'static str,
+    pub detail: String,
+}
+
+/// What a reload did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Reservations the new policy would refuse.
+    pub violations: usize,
+    /// Of those, how many this reload disabled (`policy.on_violation = "disable"`).
+    pub disabled: usize,
+}
+
+impl Engine {
+    /// Each reservation the policy in force would refuse, in id order: the policy's checks
+    /// (public IP, target, range, ports, the server's listening sockets), the lifetime left
+    /// against `max_ttl`, and the owner's quota (counted in id order, so the newest
+    /// reservations are the ones past it).
+    fn find_violations(&self) -> Result<Vec<(Record, Refusal)>, ApiError> {
+        let mut records = self.store.list(None)?;
+        records.sort_by_key(|r| r.id);
+        let listening = self.listening();
+        let local = local_addresses()?;
+        let now = self.now_ms();
+        let mut held: HashMap<String, u64> = HashMap::new();
+        let mut found = Vec::new();
+        for record in records {
+            let ports = held.entry(record.owner.clone()).or_default();
+            *ports += u64::from(record.reservation.public.ports.len());
+            let verdict = self
+                .policy
+                .check(&record.reservation, &listening, &local)
+                .and_then(|()| self.policy.check_remaining(record.expires_ms, now))
+                .and_then(|()| quota(&self.policy, &record.owner, *ports));
+            if let Err(refusal) = verdict {
+                found.push((record, refusal));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Re-checks every reservation against the policy in force and keeps the answer for
+    /// status; each violation is logged. Returns how many there are.
+    pub fn review(&mut self) -> Result<usize, ApiError> {
+        let found = self.find_violations()?;
+        for (record, refusal) in &found {
+            tracing::warn!(
+                "reservation {} ({}, owner {}) breaks the policy: {refusal}{}",
+                record.id,
+                record.reservation,
+                record.owner,
+                match (record.enabled, self.policy.on_violation) {
+                    (false, _) => " (disabled)",
+                    (true, OnViolation::Report) => {
+                        " (it keeps forwarding, but cannot be renewed or enabled again; policy.on_violation = \"disable\" would disable it)"
+                    }
+                    (true, OnViolation::Disable) => "",
+                }
+            );
+        }
+        self.violations = found
+            .into_iter()
+            .map(|(r, refusal)| Violation {
+                id: r.id,
+                owner: r.owner.clone(),
+                public: r.reservation.public.to_string(),
+                enabled: r.enabled,
+                rule: refusal.rule,
+                detail: refusal.detail,
+            })
+            .collect();
+        Ok(self.violations.len())
+    }
+
+    /// The violations found by the last review, less the reservations gone since.
+    pub fn violations(&mut self) -> &[Violation] {
+        let store = &self.store;
+        self.violations
+            .retain(|v| store.get(v.id).map(|r| r.is_some()).unwrap_or(true));
+        &self.violations
+    }
+
+    /// Reviews every reservation (see [`Engine::review`]) and, where `policy.on_violation =
+    /// "disable"`, disables the enabled violators in the store, each audited. The caller
+    /// brings the maps in line (a reconcile).
+    pub fn enforce(&mut self) -> Result<ReloadReport, ApiError> {
+        let violations = self.review()?;
+        let mut disabled = 0;
+        if self.policy.on_violation == OnViolation::Disable {
+            let ids: Vec<u64> = self
+                .violations
+                .iter()
+                .filter(|v| v.enabled)
+                .map(|v| v.id)
+                .collect();
+            if !ids.is_empty()
+                && let Some(refusal) = self.refuse_changes()
+            {
+                return Err(refusal);
+            }
+            for id in ids {
+                let Some(record) = self.store.get(id)? else {
+                    continue;
+                };
+                let Some(v) = self.violations.iter_mut().find(|v| v.id == id) else {
+                    continue;
+                };
+                let why = format!("refused by {}: {}", v.rule, v.detail);
+                self.store.set_enabled(id, false)?;
+                v.enabled = false;
+                disabled += 1;
+                tracing::warn!(
+                    "disabled reservation {} ({}, owner {}): {why}",
+                    record.id,
+                    record.reservation,
+                    record.owner
+                );
+                let mut done = record_json(&record);
+                done["enabled"] = json!(false);
+                self.audit(Caller::SERVICE, "disable", "ok", &done, Some(&why));
+            }
+        }
+        Ok(ReloadReport {
+            violations,
+            disabled,
+        })
+    }
+
+    /// A reload's new policy: takes it, enforces it on every reservation as it says, and
+    /// brings the maps in line (the egress leak guard's networks included).
+    pub fn reload(&mut self, policy: Policy) -> Result<ReloadReport, ApiError> {
+        self.policy = policy;
+        let report = self.enforce()?;
+        self.reconcile(super::ReconcileGuard::REPAIR)?;
+        self.refresh_next_expiry();
+        Ok(report)
+    }
+}
+
+fn quota(policy: &Policy, owner: &str, held: u64) -> Result<(), Refusal> {
+    if held > policy.ports_per_owner {
+        return Err(Refusal {
+            rule: "policy.ports_per_owner",
+            detail: format!(
+                "owner {owner} holds {held} ports with this reservation, more than the limit of {}",
+                policy.ports_per_owner
+            ),
+        });
+    }
+    Ok(())
+}

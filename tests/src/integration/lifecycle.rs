@@ -1,0 +1,320 @@
+//! `pf serve` as systemd runs it: readiness and reload told over a real `NOTIFY_SOCKET`,
+//! SIGHUP re-reading the config (a bad one refused, a narrowed policy enforced as it says),
+//! log lines with the journal's priorities, `--check-config`, and a config the service cannot
+//! run on ending with EX_CONFIG (which the unit does not restart) and what to do.
+
+use std::{
+    os::unix::{fs::MetadataExt, net::UnixDatagram},
+    path::Path,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use pf::{api::client::Client, kernel::state::State};
+use serde_json::{Value, json};
+
+use crate::{
+    kit::ScratchDir,
+    kit::serve::{Service, TEST_POLICY, config_text},
+    kit::topology::{PUBLIC_IFACE, Topology},
+};
+
+use super::common::{TempPinDir, pf_bin, pf_in_ns, require_root};
+
+/// What `pf serve` exits with when its config cannot run (sysexits' EX_CONFIG).
+const EX_CONFIG: i32 = 78;
+
+/// The next message on systemd's notify socket, as the test plays systemd.
+fn next_notice(socket: &UnixDatagram) -> String {
+    let mut buf = [0u8; 4096];
+    let n = socket
+        .recv(&mut buf)
+        .expect("pf serve told systemd nothing within the timeout");
+    // One state per line, each ending in a newline.
+    String::from_utf8_lossy(&buf[..n]).trim_end().to_string()
+}
+
+fn sighup(service: &Service) {
+    // SAFETY: kill(2) on the service's pid.
+    assert_eq!(
+        unsafe { libc::kill(service.pid().unwrap() as i32, libc::SIGHUP) },
+        0
+    );
+}
+
+/// Waits (bounded) until the service's log holds `text`.
+fn wait_for_log(service: &Service, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !service.log().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "no {text:?} in the log: {}",
+            service.log()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn call(
+    service: &Service,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<Value, String> {
+    Client::new(&service.socket())
+        .call(method, path, body)
+        .map_err(|e| e.to_string())
+}
+
+fn in_maps(dir: &TempPinDir) -> Vec<String> {
+    let state = State::open_for_read(&dir.dir).unwrap().expect("pf's maps");
+    let mut all: Vec<String> = state
+        .list()
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    all.sort();
+    all
+}
+
+/// The service's config with `policy` after its `[service]` section.
+fn rewrite_config(service: &Service, dir: &TempPinDir, policy: &str) {
+    let text = config_text(
+        service.socket().parent().unwrap(),
+        dir.path(),
+        &service.database(),
+        &service.audit_log(),
+        policy,
+    );
+    std::fs::write(service.config(), text).unwrap();
+}
+
+#[test]
+fn sighup_reloads_the_policy_refuses_a_bad_config_and_tells_systemd() {
+    require_root();
+    let dir = TempPinDir::new();
+    let systemd =
+        ScratchDir::claim(std::env::temp_dir().join(format!("pf-notify-{}", std::process::id())));
+    std::fs::create_dir_all(systemd.path()).unwrap();
+    let notify_path = systemd.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+
+    let files = ScratchDir::claim(dir.socket().parent().unwrap());
+    let mut service = Service::prepare(&pf_bin(), files, dir.path(), None, TEST_POLICY).unwrap();
+    // stderr is "the journal" when JOURNAL_STREAM names its device and inode, as systemd
+    // sets it: the log file the service writes to plays the journal's stream.
+    let log = service.socket().parent().unwrap().join("serve.log");
+    std::fs::write(&log, "").unwrap();
+    let meta = std::fs::metadata(&log).unwrap();
+    service
+        .env
+        .push(("NOTIFY_SOCKET".into(), notify_path.display().to_string()));
+    service.env.push((
+        "JOURNAL_STREAM".into(),
+        format!("{}:{}", meta.dev(), meta.ino()),
+    ));
+    service.spawn().unwrap();
+    assert_eq!(next_notice(&notify), "READY=1");
+    assert!(
+        service.log().contains("<6>listening on"),
+        "no journal priority on the log lines: {}",
+        service.log()
+    );
+
+    let reserve = |public: &str, to: &str| -> u64 {
+        call(
+            &service,
+            "POST",
+            "/v1/reservations",
+            Some(&json!({ "owner": "acct-1", "public": public, "to": to, "ttl": "1h" })),
+        )
+        .unwrap()["id"]
+            .as_u64()
+            .unwrap()
+    };
+    reserve("198.51.100.1:30001/tcp", "10.8.0.2:80");
+    let outside = reserve("198.51.100.1:40001/tcp", "10.8.0.2:81");
+    assert!(
+        service.log().contains("<6>reserve ok by uid 0"),
+        "a change is logged at info: {}",
+        service.log()
+    );
+
+    // A config that does not parse: refused, the running one stays, systemd hears of both.
+    std::fs::write(service.config(), "[policy]\nport_pool = [").unwrap();
+    sighup(&service);
+    assert!(next_notice(&notify).starts_with("RELOADING=1\nMONOTONIC_USEC="));
+    assert_eq!(next_notice(&notify), "READY=1");
+    wait_for_log(&service, "<3>reload refused, the running config stays");
+    assert_eq!(in_maps(&dir).len(), 2);
+
+    // A narrowed pool that reports only: both keep forwarding, the one outside is a
+    // violation, and it cannot be renewed.
+    let narrowed = TEST_POLICY.replace(
+        r#"port_pool = ["1-65535"]"#,
+        r#"port_pool = ["30000-30999"]"#,
+    );
+    assert_ne!(narrowed, TEST_POLICY);
+    rewrite_config(&service, &dir, &narrowed);
+    sighup(&service);
+    assert!(next_notice(&notify).starts_with("RELOADING=1"));
+    assert_eq!(next_notice(&notify), "READY=1");
+    wait_for_log(&service, "reloaded the policy: 1 reservations break it");
+    assert!(
+        service.log().contains(&format!(
+            "<4>reservation {outside} (198.51.100.1:40001/tcp -> 10.8.0.2:81, owner acct-1) breaks the policy: refused by policy.port_pool"
+        )),
+        "{}",
+        service.log()
+    );
+    assert_eq!(in_maps(&dir).len(), 2);
+    let status = call(&service, "GET", "/v1/status", None).unwrap();
+    assert_eq!(
+        status["policy_violations"],
+        json!([{
+            "id": outside,
+            "owner": "acct-1",
+            "public": "198.51.100.1:40001/tcp",
+            "enabled": true,
+            "rule": "policy.port_pool",
+            "detail": "port 40001 is outside the port pool (30000-30999)",
+        }]),
+        "{status}"
+    );
+    let renew = call(
+        &service,
+        "POST",
+        &format!("/v1/reservations/{outside}/renew"),
+        Some(&json!({})),
+    );
+    assert!(
+        renew
+            .as_ref()
+            .is_err_and(|e| e.contains("policy.port_pool")),
+        "{renew:?}"
+    );
+
+    // The same pool, enforced: the violator stops forwarding (its ports kept), audited.
+    rewrite_config(
+        &service,
+        &dir,
+        &format!("{narrowed}on_violation = \"disable\"\n"),
+    );
+    sighup(&service);
+    assert!(next_notice(&notify).starts_with("RELOADING=1"));
+    assert_eq!(next_notice(&notify), "READY=1");
+    wait_for_log(&service, "1 disabled for it");
+    assert_eq!(
+        in_maps(&dir),
+        vec!["198.51.100.1:30001/tcp -> 10.8.0.2:80".to_string()]
+    );
+    let listed = call(
+        &service,
+        "GET",
+        &format!("/v1/reservations/{outside}"),
+        None,
+    )
+    .unwrap();
+    assert_eq!(listed["enabled"], false, "{listed}");
+    let audit = std::fs::read_to_string(service.audit_log()).unwrap();
+    assert!(
+        audit.lines().any(|l| l.contains("\"action\":\"disable\"")
+            && l.contains(&format!("\"id\":{outside},"))
+            && l.contains("policy.port_pool")),
+        "{audit}"
+    );
+
+    service.stop();
+    assert_eq!(next_notice(&notify), "STOPPING=1");
+}
+
+/// `pf serve --config PATH --check-config`: (exit code, stdout, stderr).
+fn check_config(path: &Path) -> (Option<i32>, String, String) {
+    let out = Command::new(pf_bin())
+        .args(["serve", "--check-config", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_and_a_config_the_service_cannot_run_on() {
+    require_root();
+    let dir = TempPinDir::new();
+    let checked = ScratchDir::claim(
+        std::env::temp_dir().join(format!("pf-check-config-{}", std::process::id())),
+    );
+    std::fs::create_dir_all(checked.path()).unwrap();
+    let path = checked.path().join("pf.toml");
+    let good = config_text(
+        checked.path(),
+        dir.path(),
+        &checked.path().join("pf.db"),
+        &checked.path().join("audit.jsonl"),
+        TEST_POLICY,
+    );
+    std::fs::write(&path, &good).unwrap();
+    let (code, stdout, stderr) = check_config(&path);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, format!("{}: valid\n", path.display()));
+    // Nothing was started or made.
+    assert!(!checked.path().join("pf.db").exists());
+    assert!(!checked.path().join("pf.sock").exists());
+
+    std::fs::write(
+        &path,
+        good.replace("[policy]", "[policy]\nport_poll = [\"1-2\"]"),
+    )
+    .unwrap();
+    let (code, _, stderr) = check_config(&path);
+    assert_eq!(code, Some(EX_CONFIG), "{stderr}");
+    assert!(
+        stderr.contains("port_poll"),
+        "the error names the key: {stderr}"
+    );
+
+    std::fs::write(
+        &path,
+        good.replace(
+            "[service]\n",
+            "[service]\nsocket_group = \"no-such-group-pf\"\n",
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = check_config(&path);
+    assert_eq!(code, Some(EX_CONFIG), "{stderr}");
+    assert!(stderr.contains("no-such-group-pf"), "{stderr}");
+
+    // The interface attached by hand in one role, the config asking for another: the start
+    // is refused with what to do, and EX_CONFIG so that systemd does not loop on it.
+    let topo = Topology::new(&format!("pf{}cfg", std::process::id())).unwrap();
+    let out = pf_in_ns(&topo.server, &dir, &["attach", PUBLIC_IFACE]);
+    assert!(out.status.success(), "{out:?}");
+    let mut service = Service::prepare(
+        &pf_bin(),
+        ScratchDir::claim(dir.socket().parent().unwrap()),
+        dir.path(),
+        Some(topo.server.path()),
+        &format!("[[interfaces]]\nname = \"{PUBLIC_IFACE}\"\nrole = \"fast-path\"\n{TEST_POLICY}"),
+    )
+    .unwrap();
+    let (status, log) = service.run_to_exit().unwrap();
+    assert_eq!(status.code(), Some(EX_CONFIG), "{log}");
+    assert!(
+        log.contains("pub0 is attached as 'public' but the config says 'public, fast path'")
+            && log.contains("pf detach pub0"),
+        "{log}"
+    );
+    let out = pf_in_ns(&topo.server, &dir, &["detach", PUBLIC_IFACE]);
+    assert!(out.status.success(), "{out:?}");
+}
