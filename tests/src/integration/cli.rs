@@ -415,6 +415,96 @@ fn the_shipped_systemd_unit_verifies() {
         out.status.success() && stderr.trim().is_empty(),
         "systemd-analyze verify: {stderr}"
     );
+    // Hardened: systemd's own score of the unit's confinement (0 best, 10 worst; the unit
+    // before hardening scored 7.3).
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&path)
+        .output()
+        .expect("running systemd-analyze security");
+    let report = String::from_utf8_lossy(&out.stdout);
+    let score: f64 = report
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for pf.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in: {report}"));
+    assert!(
+        score <= 3.0,
+        "the unit's exposure level is {score}: {report}"
+    );
+}
+
+#[test]
+fn the_commands_find_the_service_through_its_config() {
+    require_root();
+    let dir = TempPinDir::new();
+    let service = dir.serve();
+    let config = service.config();
+    let config = config.to_str().unwrap();
+    let pf_bare = || {
+        let mut c = Command::new(super::common::pf_bin());
+        c.env_remove("PF_SOCKET")
+            .env_remove("PF_BPFFS")
+            .env_remove("PF_CONFIG");
+        c
+    };
+    // No --socket: the config's service.socket; no --bpffs: its service.bpffs.
+    let out = pf_bare()
+        .args([
+            "--config",
+            config,
+            "reserve",
+            "198.51.100.1:8080/tcp",
+            "--to",
+            "10.8.0.2:80",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = pf_bare()
+        .env("PF_CONFIG", config)
+        .args(["list", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    let out = pf_bare()
+        .args(["stats", "--json", "--config", config])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        stats["reservations"].as_array().unwrap().len(),
+        1,
+        "{stats}"
+    );
+    // A config that was named must load.
+    let args = ["--config", "/nonexistent/pf.toml", "list"];
+    assert_refused(
+        pf_bare().args(args).output().unwrap(),
+        &args,
+        "/nonexistent/pf.toml",
+    );
+    // pf serve is not offered --socket, and refuses PF_SOCKET rather than ignore it.
+    let args = ["serve", "--socket", "/tmp/x.sock"];
+    let out = pf_bare().args(args).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_refused(out, &args, "--socket");
+    let args = ["serve", "--config", config];
+    let out = pf_bare()
+        .env("PF_SOCKET", "/tmp/x.sock")
+        .args(args)
+        .output()
+        .unwrap();
+    assert_refused(
+        out,
+        &args,
+        "takes its socket and pin directory from its config",
+    );
+    assert_eq!(pf_list(&dir).as_array().unwrap().len(), 1);
 }
 
 /// The devices `pf attach` or `pf refresh` says forwarded packets may be redirected to, sorted.

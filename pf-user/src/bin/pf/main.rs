@@ -22,7 +22,7 @@ use pf::{
     },
     service::{
         self, ServeError,
-        config::{Config, ConfigError, DEFAULT_CONFIG, DEFAULT_SOCKET},
+        config::{Config, ConfigError, DEFAULT_CONFIG, DEFAULT_SOCKET, ServiceConfig},
         policy::parse_ttl,
     },
 };
@@ -33,12 +33,19 @@ use render::{describe, out};
 #[derive(Parser)]
 #[command(name = "pf", version)]
 struct Cli {
-    /// Directory on a BPF filesystem where pf pins its maps and links.
-    #[arg(long, global = true, env = "PF_BPFFS", default_value = DEFAULT_PIN_DIR, value_name = "DIR")]
-    bpffs: PathBuf,
-    /// The socket of `pf serve`, which reserve, release, list, renew, enable and disable use.
-    #[arg(long, global = true, env = "PF_SOCKET", default_value = DEFAULT_SOCKET, value_name = "PATH")]
-    socket: PathBuf,
+    /// pf serve's config (default /etc/pf/pf.toml). The other commands take the service's
+    /// socket and pin directory from it (service.socket, service.bpffs) when it exists,
+    /// unless --socket or --bpffs say otherwise.
+    #[arg(long, global = true, env = "PF_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Directory on a BPF filesystem where pf pins its maps and links, for attach, detach,
+    /// refresh and stats [default: the config's service.bpffs, else /sys/fs/bpf/pf].
+    #[arg(long, env = "PF_BPFFS", value_name = "DIR")]
+    bpffs: Option<PathBuf>,
+    /// The socket of `pf serve`, for the reservation commands [default: the config's
+    /// service.socket, else /run/pf/pf.sock].
+    #[arg(long, env = "PF_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -85,8 +92,6 @@ enum Command {
     Detach { iface: String },
     /// Run the reservation service: attach, reconcile the maps with the store, serve the API.
     Serve {
-        #[arg(long, env = "PF_CONFIG", default_value = DEFAULT_CONFIG, value_name = "PATH")]
-        config: PathBuf,
         /// Reconcile even if that removes reservations the store does not know from the maps
         /// when the store is new or empty, or more than service.reconcile_removal_limit of
         /// them: for a store that really was lost.
@@ -213,6 +218,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// One of the service's paths: the flag (or its variable) if given, else the config's (see
+/// `pick`), else `default`. A config named by `--config` or `PF_CONFIG` must load; the default
+/// one is read only if it exists, and only when the flag is not given.
+fn service_path(
+    cli: &Cli,
+    flag: &Option<PathBuf>,
+    pick: fn(ServiceConfig) -> PathBuf,
+    default: &str,
+) -> anyhow::Result<PathBuf> {
+    if let Some(path) = flag {
+        return Ok(path.clone());
+    }
+    let config = match &cli.config {
+        Some(path) => Some(Config::load(path)?),
+        None if std::path::Path::new(DEFAULT_CONFIG).exists() => {
+            Some(Config::load(std::path::Path::new(DEFAULT_CONFIG))?)
+        }
+        None => None,
+    };
+    Ok(config.map_or_else(|| PathBuf::from(default), |c| pick(c.service)))
+}
+
 /// sysexits(3)'s EX_CONFIG: the exit status of a `pf serve` refused by its config.
 const EX_CONFIG: u8 = 78;
 
@@ -264,8 +291,48 @@ fn find_by_spec(client: &Client, spec: &PublicSpec) -> anyhow::Result<u64> {
 /// decide who may, and their arguments are checked here first, so a typo is refused without
 /// a round trip); the others need the privileges to touch the kernel.
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let client = Client::new(&cli.socket);
-    let dir = PinDir::new(&cli.bpffs);
+    if let Command::Serve {
+        force_reconcile,
+        check_config,
+        verbose,
+    } = cli.command
+    {
+        if cli.socket.is_some() || cli.bpffs.is_some() {
+            anyhow::bail!(
+                "pf serve takes its socket and pin directory from its config (service.socket, service.bpffs), not from --socket, --bpffs, PF_SOCKET or PF_BPFFS"
+            );
+        }
+        let config = cli.config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+        log::init(verbose).map_err(anyhow::Error::msg)?;
+        let loaded = Config::load(&config)?;
+        if check_config {
+            service::check_config(&loaded)?;
+            out!("{}: valid", config.display());
+            return Ok(());
+        }
+        privilege::require_privileges()?;
+        service::run(loaded, &config, service::StartOptions { force_reconcile })?;
+        return Ok(());
+    }
+    // Each command resolves only the path it uses (`pf stats --bpffs DIR` reads no config);
+    // the other stays empty and unused.
+    let kernel_command = matches!(
+        cli.command,
+        Command::Attach { .. }
+            | Command::Refresh { .. }
+            | Command::Detach { .. }
+            | Command::Stats { .. }
+    );
+    let client = Client::new(&if kernel_command {
+        PathBuf::new()
+    } else {
+        service_path(&cli, &cli.socket, |s| s.socket, DEFAULT_SOCKET)?
+    });
+    let dir = PinDir::new(&if kernel_command {
+        service_path(&cli, &cli.bpffs, |s| s.bpffs, DEFAULT_PIN_DIR)?
+    } else {
+        PathBuf::new()
+    });
     match cli.command {
         Command::Reserve {
             public,
@@ -340,22 +407,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             render::print_list(&rows, json)?;
         }
-        Command::Serve {
-            config,
-            force_reconcile,
-            check_config,
-            verbose,
-        } => {
-            log::init(verbose).map_err(anyhow::Error::msg)?;
-            let loaded = Config::load(&config)?;
-            if check_config {
-                service::check_config(&loaded)?;
-                out!("{}: valid", config.display());
-                return Ok(());
-            }
-            privilege::require_privileges()?;
-            service::run(loaded, &config, service::StartOptions { force_reconcile })?;
-        }
+        Command::Serve { .. } => unreachable!("handled above"),
         Command::Attach {
             iface,
             mode,
