@@ -19,8 +19,24 @@ pub struct ReserveRequest {
     /// A lifetime such as `30d`; the policy's default_ttl when absent.
     #[serde(default)]
     pub ttl: Option<String>,
+    /// The lifetime in seconds, instead of `ttl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
     #[serde(default)]
     pub note: Option<String>,
+}
+
+/// A request's lifetime as text: `ttl` (`"30d"`) or `ttl_seconds` (an integer), not both.
+pub fn lifetime_text(
+    ttl: Option<String>,
+    ttl_seconds: Option<u64>,
+) -> Result<Option<String>, String> {
+    match (ttl, ttl_seconds) {
+        (Some(_), Some(_)) => Err("give ttl or ttl_seconds, not both".into()),
+        (_, Some(0)) => Err("ttl_seconds must be at least 1".into()),
+        (_, Some(secs)) => Ok(Some(format!("{secs}s"))),
+        (ttl, None) => Ok(ttl),
+    }
 }
 
 /// `POST /v1/reservations/{id}/renew`: a new lifetime, or (none) the one it had.
@@ -29,6 +45,8 @@ pub struct ReserveRequest {
 pub struct RenewRequest {
     #[serde(default)]
     pub ttl: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
 }
 
 /// `POST /v1/expired/{id}/restore`: a new lifetime, or (none) the one it had.
@@ -37,6 +55,8 @@ pub struct RenewRequest {
 pub struct RestoreRequest {
     #[serde(default)]
     pub ttl: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
 }
 
 /// What a reservation forwards, as the API and `pf stats --json` show it.
@@ -96,12 +116,18 @@ pub struct ReleasedByOwner {
     pub released: Vec<ReservationView>,
 }
 
-/// Every error's body: what is wrong, and the policy rule that refused, if one did.
+/// Every error's body: what is wrong (one line, for people), what kind of failure (`code`, for
+/// programs: `bad_request`, `refused`, `not_found`, `method_not_allowed`, `body_timeout`,
+/// `conflict`, `too_large`, `internal`, `unavailable`), the policy rule that refused, if one
+/// did, and the reservation in the way, if one is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
+    pub code: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflict_id: Option<u64>,
 }
 
 #[cfg(test)]

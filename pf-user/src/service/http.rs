@@ -47,7 +47,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::net::UnixListener;
 
-use crate::api::types::{RenewRequest, RestoreRequest};
+use crate::api::types::{RenewRequest, RestoreRequest, lifetime_text};
 
 use super::{
     Job,
@@ -412,6 +412,7 @@ async fn ask(
         message: "pf serve is stopping".into(),
         rule: None,
         partial: false,
+        conflict_id: None,
     };
     jobs.send(Job {
         request,
@@ -477,6 +478,7 @@ async fn read_body(req: hyper::Request<Incoming>) -> Result<Bytes, ApiError> {
         message: format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
         rule: None,
         partial: false,
+        conflict_id: None,
     })?;
     Ok(collected
         .map_err(|e| {
@@ -486,6 +488,7 @@ async fn read_body(req: hyper::Request<Incoming>) -> Result<Bytes, ApiError> {
                     message: format!("request body is larger than {MAX_BODY} bytes"),
                     rule: None,
                     partial: false,
+                    conflict_id: None,
                 }
             } else {
                 ApiError::bad_request(format!("reading the request body: {e}"))
@@ -513,6 +516,7 @@ async fn route(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
         message: format!("{method} is not allowed on {path}"),
         rule: None,
         partial: false,
+        conflict_id: None,
     };
     match segments[..] {
         ["v1", "status"] if method == Method::GET => Ok(Request::Status),
@@ -545,7 +549,11 @@ async fn route(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
                     } else {
                         parse_json(&bytes)?
                     };
-                    Ok(Request::Renew { id, ttl: renew.ttl })
+                    Ok(Request::Renew {
+                        id,
+                        ttl: lifetime_text(renew.ttl, renew.ttl_seconds)
+                            .map_err(ApiError::bad_request)?,
+                    })
                 }
                 "enable" => Ok(Request::SetEnabled { id, enabled: true }),
                 "disable" => Ok(Request::SetEnabled { id, enabled: false }),
@@ -554,6 +562,7 @@ async fn route(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
                     message: format!("unknown action '{other}' (renew, enable or disable)"),
                     rule: None,
                     partial: false,
+                    conflict_id: None,
                 }),
             }
         }
@@ -572,14 +581,16 @@ async fn route(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
             };
             Ok(Request::Restore {
                 id,
-                ttl: restore.ttl,
+                ttl: lifetime_text(restore.ttl, restore.ttl_seconds)
+                    .map_err(ApiError::bad_request)?,
             })
         }
         _ => Err(ApiError {
             kind: Failure::NotFound,
-            message: format!("no such API path {path} (see `pf serve --help`)"),
+            message: format!("no such API path {path} (the API: GET /v1/openapi.json)"),
             rule: None,
             partial: false,
+            conflict_id: None,
         }),
     }
 }

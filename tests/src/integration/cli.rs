@@ -195,14 +195,27 @@ fn bad_input_is_refused_and_changes_nothing() {
             "'3x' is not a lifetime",
             2,
         ),
-        (&["release", "99"], "no reservation with id 99", 1),
+        (
+            &["release", "99"],
+            "no reservation with id 99 (see `pf list`)",
+            1,
+        ),
         (
             &["renew", "99", "--ttl", "1h"],
             "no reservation with id 99",
             1,
         ),
         (&["renew", "1"], "reservation 1 has no lifetime to renew", 2),
-        (&["disable", "99"], "no reservation with id 99", 1),
+        (
+            &["disable", "99"],
+            "no reservation with id 99 (see `pf list`)",
+            1,
+        ),
+        (
+            &["restore", "99"],
+            "no expired reservation with id 99 (see `pf list --expired`)",
+            1,
+        ),
         (&["release"], "required arguments were not provided", 2),
         (
             &["release", "1", "--owner", "admin"],

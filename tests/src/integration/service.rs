@@ -702,6 +702,20 @@ max_range_ports = 4
             "'soon' is not a lifetime",
         ),
         (
+            "POST",
+            "/v1/reservations/1/renew".into(),
+            r#"{"ttl":"1h","ttl_seconds":60}"#.into(),
+            400,
+            "give ttl or ttl_seconds, not both",
+        ),
+        (
+            "POST",
+            "/v1/reservations/1/renew".into(),
+            r#"{"ttl_seconds":0}"#.into(),
+            400,
+            "ttl_seconds must be at least 1",
+        ),
+        (
             "DELETE",
             "/v1/reservations".into(),
             String::new(),
@@ -752,6 +766,22 @@ max_range_ports = 4
                 "{answer}"
             );
         }
+        // For programs: a code for each status, the reservation in the way of a conflict,
+        // and no command line to type in a message.
+        let code = match want_status {
+            400 => "bad_request",
+            403 => "refused",
+            404 => "not_found",
+            405 => "method_not_allowed",
+            409 => "conflict",
+            413 => "too_large",
+            other => panic!("no code for {other}"),
+        };
+        assert_eq!(answer["code"], code, "{answer}");
+        if *want_status == 409 {
+            assert_eq!(answer["conflict_id"], 1, "{answer}");
+        }
+        assert!(!message.contains("`pf "), "{message}");
     }
     // One success in the table (b's udp port), to show the refusals were not refusing all.
     assert_eq!(made_ids.len(), 1);
@@ -759,6 +789,25 @@ max_range_ports = 4
         &socket,
         "DELETE",
         &format!("/v1/reservations/{}", made_ids[0]),
+        None,
+    );
+    assert_eq!(status, 200);
+    // A lifetime in seconds, as programs like to give it.
+    let (status, answer) = curl(
+        &socket,
+        "POST",
+        "/v1/reservations",
+        Some(r#"{"owner":"b","public":"198.51.100.1:8083/udp","to":"10.8.0.5","ttl_seconds":90}"#),
+    );
+    assert_eq!(
+        (status, &answer["ttl_seconds"]),
+        (201, &json!(90)),
+        "{answer}"
+    );
+    let (status, _) = curl(
+        &socket,
+        "DELETE",
+        &format!("/v1/reservations/{}", answer["id"]),
         None,
     );
     assert_eq!(status, 200);

@@ -240,6 +240,17 @@ fn service_path(
     Ok(config.map_or_else(|| PathBuf::from(default), |c| pick(c.service)))
 }
 
+/// An id the service does not know, with where to look: the API's message names no command.
+fn hint<T>(result: Result<T, ClientError>, command: &str) -> anyhow::Result<T> {
+    result.map_err(|e| match e {
+        ClientError::Api {
+            status: 404,
+            message,
+        } => anyhow::anyhow!("{message} (see `{command}`)"),
+        e => e.into(),
+    })
+}
+
 /// sysexits(3)'s EX_CONFIG: the exit status of a `pf serve` refused by its config.
 const EX_CONFIG: u8 = 78;
 
@@ -358,6 +369,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 public,
                 to: to.to_string(),
                 ttl,
+                ttl_seconds: None,
                 note,
             })?;
             out!("reserved {}", describe(&r));
@@ -370,7 +382,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         Ok(id) => id,
                         Err(_) => find_by_spec(&client, &which.parse()?)?,
                     };
-                    vec![client.release(id)?]
+                    vec![hint(client.release(id), "pf list")?]
                 }
                 (None, None) => {
                     anyhow::bail!("name a reservation or --owner (see `pf release --help`)")
@@ -385,14 +397,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Renew { id, ttl } => {
             check_ttl(&ttl)?;
-            let r = client.renew(id, &RenewRequest { ttl })?;
+            let r = hint(
+                client.renew(
+                    id,
+                    &RenewRequest {
+                        ttl,
+                        ttl_seconds: None,
+                    },
+                ),
+                "pf list",
+            )?;
             out!("renewed {}", describe(&r));
         }
-        Command::Enable { id } => out!("enabled {}", describe(&client.set_enabled(id, true)?)),
-        Command::Disable { id } => out!("disabled {}", describe(&client.set_enabled(id, false)?)),
+        Command::Enable { id } => out!(
+            "enabled {}",
+            describe(&hint(client.set_enabled(id, true), "pf list")?)
+        ),
+        Command::Disable { id } => out!(
+            "disabled {}",
+            describe(&hint(client.set_enabled(id, false), "pf list")?)
+        ),
         Command::Restore { id, ttl } => {
             check_ttl(&ttl)?;
-            let r = client.restore(id, &RestoreRequest { ttl })?;
+            let r = hint(
+                client.restore(
+                    id,
+                    &RestoreRequest {
+                        ttl,
+                        ttl_seconds: None,
+                    },
+                ),
+                "pf list --expired",
+            )?;
             out!("restored {}", describe(&r));
         }
         Command::List {

@@ -17,7 +17,9 @@ use super::{
     store::{NewRecord, Record, Store, StoreError},
 };
 use crate::{
-    api::types::{ErrorBody, ForwardView, ReleasedByOwner, ReservationView, ReserveRequest},
+    api::types::{
+        ErrorBody, ForwardView, ReleasedByOwner, ReservationView, ReserveRequest, lifetime_text,
+    },
     domain::spec::{
         PortRange, Protocols, PublicSpec, Reservation, SpecError, TargetSpec, parse_public_request,
     },
@@ -80,6 +82,25 @@ pub struct ApiError {
     /// Part of the change was made before the failure (the message says which): audited as
     /// `partial`, not `refused`.
     pub partial: bool,
+    /// The reservation in the way of a conflict.
+    pub conflict_id: Option<u64>,
+}
+
+impl Failure {
+    /// The error body's `code`.
+    pub fn code(self) -> &'static str {
+        match self {
+            Failure::BadRequest => "bad_request",
+            Failure::Refused => "refused",
+            Failure::NotFound => "not_found",
+            Failure::NotAllowed => "method_not_allowed",
+            Failure::BodyTimeout => "body_timeout",
+            Failure::Conflict => "conflict",
+            Failure::TooLarge => "too_large",
+            Failure::Internal => "internal",
+            Failure::Unavailable => "unavailable",
+        }
+    }
 }
 
 impl ApiError {
@@ -89,14 +110,16 @@ impl ApiError {
             message: message.into(),
             rule: None,
             partial: false,
+            conflict_id: None,
         }
     }
     fn not_found(id: u64) -> Self {
         Self {
             kind: Failure::NotFound,
-            message: format!("no reservation with id {id} (see `pf list`)"),
+            message: format!("no reservation with id {id}"),
             rule: None,
             partial: false,
+            conflict_id: None,
         }
     }
     fn conflict(message: impl Into<String>) -> Self {
@@ -105,6 +128,14 @@ impl ApiError {
             message: message.into(),
             rule: None,
             partial: false,
+            conflict_id: None,
+        }
+    }
+    /// A conflict with the reservation `id`.
+    fn conflict_with(id: u64, message: impl Into<String>) -> Self {
+        Self {
+            conflict_id: Some(id),
+            ..Self::conflict(message)
         }
     }
     fn internal(message: impl Into<String>) -> Self {
@@ -113,6 +144,7 @@ impl ApiError {
             message: message.into(),
             rule: None,
             partial: false,
+            conflict_id: None,
         }
     }
     pub fn unavailable(message: impl Into<String>) -> Self {
@@ -121,12 +153,15 @@ impl ApiError {
             message: message.into(),
             rule: None,
             partial: false,
+            conflict_id: None,
         }
     }
     pub fn to_json(&self) -> Value {
         serde_json::to_value(ErrorBody {
             error: self.message.clone(),
+            code: self.kind.code().to_string(),
             rule: self.rule.map(str::to_string),
+            conflict_id: self.conflict_id,
         })
         .expect("plain struct")
     }
@@ -151,6 +186,7 @@ impl From<crate::service::policy::Refusal> for ApiError {
             message: r.to_string(),
             rule: Some(r.rule),
             partial: false,
+            conflict_id: None,
         }
     }
 }
@@ -243,6 +279,7 @@ impl Request {
                 "public": cut(&r.public),
                 "to": cut(&r.to),
                 "ttl": r.ttl.as_deref().map(cut),
+                "ttl_seconds": r.ttl_seconds,
             }),
             Request::Release(id)
             | Request::Renew { id, .. }
@@ -719,25 +756,31 @@ impl Engine {
             self.store
                 .public_overlap(public.addr, public.ports, public.protocols)?
         {
-            return Err(ApiError::conflict(format!(
-                "{public} overlaps reservation {} ({}, owner {})",
-                existing.id, existing.reservation, existing.owner
-            )));
+            return Err(ApiError::conflict_with(
+                existing.id,
+                format!(
+                    "{public} overlaps reservation {} ({}, owner {})",
+                    existing.id, existing.reservation, existing.owner
+                ),
+            ));
         }
         if let Some(existing) = self.store.target_overlap(
             reservation.target_addr,
             reservation.target_ports(),
             public.protocols,
         )? {
-            return Err(ApiError::conflict(format!(
-                "target {}:{}/{} is already the target of reservation {} ({}, owner {}); replies from it could not be mapped back to one public port",
-                reservation.target_addr,
-                reservation.target_ports(),
-                public.protocols,
+            return Err(ApiError::conflict_with(
                 existing.id,
-                existing.reservation,
-                existing.owner
-            )));
+                format!(
+                    "target {}:{}/{} is already the target of reservation {} ({}, owner {}); replies from it could not be mapped back to one public port",
+                    reservation.target_addr,
+                    reservation.target_ports(),
+                    public.protocols,
+                    existing.id,
+                    existing.reservation,
+                    existing.owner
+                ),
+            ));
         }
         let held = self.store.owner_ports(owner)?;
         let asked = u64::from(public.ports.len());
@@ -758,8 +801,8 @@ impl Engine {
         check_owner(owner)?;
         let note = req.note.unwrap_or_default();
         check_note(&note)?;
-        let ttl = req
-            .ttl
+        let ttl = lifetime_text(req.ttl, req.ttl_seconds)
+            .map_err(ApiError::bad_request)?
             .as_deref()
             .map(parse_ttl)
             .transpose()
@@ -987,9 +1030,10 @@ impl Engine {
         else {
             return Err(ApiError {
                 kind: Failure::NotFound,
-                message: format!("no expired reservation with id {id} (see `pf list --expired`)"),
+                message: format!("no expired reservation with id {id}"),
                 rule: None,
                 partial: false,
+                conflict_id: None,
             });
         };
         let asked = asked_lifetime(ttl, &record)?;
