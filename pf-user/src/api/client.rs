@@ -126,6 +126,11 @@ impl Client {
             .map_err(|e| ClientError::BadResponse(format!("{method} {path}: {e}")))
     }
 
+    /// `GET /v1/status`.
+    pub fn status(&self) -> Result<Value, ClientError> {
+        self.call("GET", "/v1/status", None)
+    }
+
     pub fn reserve(&self, request: &ReserveRequest) -> Result<ReservationView, ClientError> {
         self.typed("POST", "/v1/reservations", Some(request))
     }

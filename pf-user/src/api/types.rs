@@ -4,7 +4,35 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::spec::Reservation;
+use crate::{
+    domain::spec::Reservation,
+    kernel::attach::{Attachment, Health},
+};
+
+/// An interface pf is attached to, as `GET /v1/status` and `pf status --json` show it: live,
+/// or the problem the kernel shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentView {
+    pub interface: String,
+    pub role: String,
+    pub live: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+impl From<&Attachment> for AttachmentView {
+    fn from(a: &Attachment) -> Self {
+        Self {
+            interface: a.iface.clone(),
+            role: a.role.describe().to_string(),
+            live: a.health.is_live(),
+            problem: match &a.health {
+                Health::Dead(why) | Health::Unknown(why) => Some(why.clone()),
+                Health::Live => None,
+            },
+        }
+    }
+}
 
 /// `POST /v1/reservations`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,6 +3,8 @@
 
 use std::process::Command;
 
+use serde_json::json;
+
 use crate::{
     kit::ScratchDir,
     kit::netns::Netns,
@@ -629,4 +631,104 @@ fn kernel_dependent_attach_options() {
     let out = run_in(&bad);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected auto, tcx or netlink"));
+}
+
+/// `pf ARGS` in `dir`'s set-up, stdout parsed as JSON (it must succeed).
+fn pf_json(dir: &TempPinDir, args: &[&str]) -> serde_json::Value {
+    let out = pf_ok(dir, args);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("pf {args:?}: {e}: {out}"))
+}
+
+#[test]
+fn status_and_json_from_every_command_that_prints() {
+    require_root();
+    let dir = TempPinDir::new();
+    // No service: says so, exits 3 (as `systemctl status` does), and shows the kernel's view.
+    let out = pf(&dir, &["status"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("pf serve: not running (nothing listens on ")
+            && text.contains("attached: (none)"),
+        "{text}"
+    );
+    let out = pf(&dir, &["status", "--json"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&s["running"], &s["attached"]),
+        (&json!(false), &json!([])),
+        "{s}"
+    );
+
+    let _service = dir.serve();
+    let r = pf_json(
+        &dir,
+        &[
+            "reserve",
+            "198.51.100.1:8080/tcp",
+            "--to",
+            "10.8.0.2:80",
+            "--ttl",
+            "1h",
+            "--json",
+        ],
+    );
+    let id = r["id"].as_u64().unwrap().to_string();
+    assert_eq!(r["spec"], "198.51.100.1:8080/tcp -> 10.8.0.2:80", "{r}");
+    assert_eq!(
+        pf_json(&dir, &["renew", &id, "--json"])["ttl_seconds"],
+        3600
+    );
+    assert_eq!(pf_json(&dir, &["disable", &id, "--json"])["enabled"], false);
+    assert_eq!(pf_json(&dir, &["enable", &id, "--json"])["enabled"], true);
+
+    let text = pf_ok(&dir, &["status"]);
+    for line in [
+        "pf serve: running (version ",
+        "reservations: 1, next expiry ",
+        "store: writable",
+        "last reconcile: ",
+        "policy violations: none",
+    ] {
+        assert!(text.contains(line), "{line:?} not in {text}");
+    }
+    let s = pf_json(&dir, &["status", "--json"]);
+    assert_eq!(s["running"], true, "{s}");
+    assert_eq!(s["service"]["reservations"], 1, "{s}");
+    assert_eq!(s["service"]["last_reconcile"]["drifts"], 0, "{s}");
+
+    let released = pf_json(&dir, &["release", &id, "--json"]);
+    assert_eq!(released.as_array().map(Vec::len), Some(1), "{released}");
+    assert_eq!(
+        pf_json(&dir, &["release", "--owner", "nobody", "--json"]),
+        json!([])
+    );
+
+    // The kernel commands: attach, refresh and detach in JSON.
+    let ns = Netns::new(&format!("pf{}-json", std::process::id())).unwrap();
+    ns.run(&[
+        "ip", "link", "add", "name", "pfj", "type", "veth", "peer", "name", "pfk",
+    ])
+    .unwrap();
+    ns.run(&["ip", "link", "set", "pfj", "up"]).unwrap();
+    let json_in = |args: &[&str]| -> serde_json::Value {
+        let out = pf_in_ns(&ns, &dir, args);
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let a = json_in(&["attach", "pfj", "--json"]);
+    assert_eq!(
+        (&a["interface"], &a["role"]),
+        (&json!("pfj"), &json!("public")),
+        "{a}"
+    );
+    assert!(a["xdp_mode"] == "native" || a["xdp_mode"] == "skb", "{a}");
+    if kernel_version() >= (6, 3) {
+        assert!(json_in(&["refresh", "--json"])["redirect_devices"].is_array());
+    }
+    assert_eq!(
+        json_in(&["detach", "pfj", "--json"]),
+        json!({ "detached": "pfj" })
+    );
 }

@@ -81,15 +81,34 @@ enum Command {
         /// devices take XDP frames (before Linux 6.3); refused on one that can.
         #[arg(long, value_delimiter = ',', value_name = "IFACE,...")]
         redirect_devices: Option<Vec<String>>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Re-read which devices can take redirected frames (after adding or changing interfaces).
     Refresh {
         /// Before Linux 6.3 (which cannot say): the devices the fast paths may redirect to.
         #[arg(long, value_delimiter = ',', value_name = "IFACE,...")]
         redirect_devices: Option<Vec<String>>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove pf's programs from an interface.
-    Detach { iface: String },
+    Detach {
+        iface: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The service and the data plane at a glance: whether pf serve runs, its reservations,
+    /// the last reconcile's drift, policy violations, and the interfaces as the kernel has
+    /// them. Exits 3 when pf serve is not running.
+    Status {
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the reservation service: attach, reconcile the maps with the store, serve the API.
     Serve {
         /// Reconcile even if that removes reservations the store does not know from the maps
@@ -121,6 +140,9 @@ enum Command {
         ttl: Option<String>,
         #[arg(long)]
         note: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove a reservation, by id or named exactly as it was made; or all of one owner's.
     Release {
@@ -132,17 +154,33 @@ enum Command {
         reservation: Option<String>,
         #[arg(long)]
         owner: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Extend a reservation's lifetime from now (by --ttl, or by the lifetime it had).
     Renew {
         id: u64,
         #[arg(long, value_name = "DURATION")]
         ttl: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Forward a disabled reservation again.
-    Enable { id: u64 },
+    Enable {
+        id: u64,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop forwarding a reservation but keep its ports.
-    Disable { id: u64 },
+    Disable {
+        id: u64,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List reservations, one per line (--expired: those expired in the last 7 days).
     List {
         #[arg(long)]
@@ -159,6 +197,9 @@ enum Command {
         /// A new lifetime; without it, the lifetime it had.
         #[arg(long, value_name = "DURATION")]
         ttl: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Show global counters and per-reservation traffic.
     Stats {
@@ -238,6 +279,57 @@ fn service_path(
         None => None,
     };
     Ok(config.map_or_else(|| PathBuf::from(default), |c| pick(c.service)))
+}
+
+/// The exit status of `pf status` when pf serve is not running (LSB's "program is not
+/// running", as `systemctl status` uses it).
+const NOT_RUNNING: u8 = 3;
+
+/// `pf status`: the service's own view when it runs; otherwise that it does not, and (with
+/// the privileges to look) the interfaces pf is attached to as the kernel has them.
+fn status(client: &Client, dir: &PinDir, json: bool) -> anyhow::Result<()> {
+    match client.status() {
+        Ok(status) => {
+            if json {
+                out!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "running": true,
+                        "service": status,
+                    }))?
+                );
+            } else {
+                render::print_status(&status);
+            }
+            Ok(())
+        }
+        Err(ClientError::NotRunning(socket)) => {
+            let attached = privilege::require_privileges()
+                .ok()
+                .map(|()| attach::inspect(dir));
+            if json {
+                out!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "running": false,
+                        "socket": socket,
+                        "attached": attached.as_deref().map(render::attachments_json),
+                    }))?
+                );
+            } else {
+                out!(
+                    "pf serve: not running (nothing listens on {})",
+                    socket.display()
+                );
+                match &attached {
+                    Some(attached) => render::print_attachments(attached),
+                    None => out!("interfaces: (root can see them)"),
+                }
+            }
+            std::process::exit(NOT_RUNNING.into());
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// An id the service does not know, with where to look: the API's message names no command.
@@ -333,12 +425,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             | Command::Refresh { .. }
             | Command::Detach { .. }
             | Command::Stats { .. }
+            | Command::Status { .. }
     );
-    let client = Client::new(&if kernel_command {
-        PathBuf::new()
-    } else {
-        service_path(&cli, &cli.socket, |s| s.socket, DEFAULT_SOCKET)?
-    });
+    let client = Client::new(
+        &if kernel_command && !matches!(cli.command, Command::Status { .. }) {
+            PathBuf::new()
+        } else {
+            service_path(&cli, &cli.socket, |s| s.socket, DEFAULT_SOCKET)?
+        },
+    );
     let dir = PinDir::new(&if kernel_command {
         service_path(&cli, &cli.bpffs, |s| s.bpffs, DEFAULT_PIN_DIR)?
     } else {
@@ -351,6 +446,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             owner,
             ttl,
             note,
+            json,
         } => {
             let (addr, ports, protocols) = parse_public_request(&public)?;
             if let Some(ports) = ports {
@@ -372,9 +468,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ttl_seconds: None,
                 note,
             })?;
-            out!("reserved {}", describe(&r));
+            render::print_record("reserved", &r, json)?;
         }
-        Command::Release { reservation, owner } => {
+        Command::Release {
+            reservation,
+            owner,
+            json,
+        } => {
             let released = match (reservation, owner) {
                 (_, Some(owner)) => client.release_owner(&owner)?.released,
                 (Some(which), None) => {
@@ -388,14 +488,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     anyhow::bail!("name a reservation or --owner (see `pf release --help`)")
                 }
             };
-            if released.is_empty() {
+            if json {
+                out!("{}", serde_json::to_string_pretty(&released)?);
+            } else if released.is_empty() {
                 out!("nothing to release");
             }
-            for r in &released {
+            for r in released.iter().filter(|_| !json) {
                 out!("released {}", describe(r));
             }
         }
-        Command::Renew { id, ttl } => {
+        Command::Renew { id, ttl, json } => {
             check_ttl(&ttl)?;
             let r = hint(
                 client.renew(
@@ -407,17 +509,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 "pf list",
             )?;
-            out!("renewed {}", describe(&r));
+            render::print_record("renewed", &r, json)?;
         }
-        Command::Enable { id } => out!(
-            "enabled {}",
-            describe(&hint(client.set_enabled(id, true), "pf list")?)
-        ),
-        Command::Disable { id } => out!(
-            "disabled {}",
-            describe(&hint(client.set_enabled(id, false), "pf list")?)
-        ),
-        Command::Restore { id, ttl } => {
+        Command::Enable { id, json } => render::print_record(
+            "enabled",
+            &hint(client.set_enabled(id, true), "pf list")?,
+            json,
+        )?,
+        Command::Disable { id, json } => render::print_record(
+            "disabled",
+            &hint(client.set_enabled(id, false), "pf list")?,
+            json,
+        )?,
+        Command::Restore { id, ttl, json } => {
             check_ttl(&ttl)?;
             let r = hint(
                 client.restore(
@@ -429,7 +533,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 "pf list --expired",
             )?;
-            out!("restored {}", describe(&r));
+            render::print_record("restored", &r, json)?;
         }
         Command::List {
             owner,
@@ -451,6 +555,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tunnel_side,
             tc_attach,
             redirect_devices,
+            json,
         } => {
             privilege::require_privileges()?;
             let role = match (fast_path, tunnel_side) {
@@ -465,6 +570,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 devices: device_choice(redirect_devices),
             };
             let attached = attach::attach(&dir, &iface, &options)?;
+            if json {
+                out!(
+                    "{}",
+                    serde_json::to_string_pretty(&render::attached_json(&iface, role, &attached))?
+                );
+                return Ok(());
+            }
             if let Some(reason) = &attached.replaced {
                 out!("replaced a dead attachment on {iface} ({reason})");
             }
@@ -487,17 +599,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 render::print_devices(&attached.devices);
             }
         }
-        Command::Refresh { redirect_devices } => {
+        Command::Refresh {
+            redirect_devices,
+            json,
+        } => {
             privilege::require_privileges()?;
-            render::print_devices(&attach::refresh_devices(
-                &dir,
-                &device_choice(redirect_devices),
-            )?);
+            let devices = attach::refresh_devices(&dir, &device_choice(redirect_devices))?;
+            if json {
+                out!(
+                    "{}",
+                    serde_json::to_string_pretty(&render::devices_json(&devices))?
+                );
+            } else {
+                render::print_devices(&devices);
+            }
         }
-        Command::Detach { iface } => {
+        Command::Status { json } => return status(&client, &dir, json),
+        Command::Detach { iface, json } => {
             privilege::require_privileges()?;
             attach::detach(&dir, &iface)?;
-            out!("detached pf from {iface}");
+            if json {
+                out!("{}", serde_json::json!({ "detached": iface }));
+            } else {
+                out!("detached pf from {iface}");
+            }
         }
         Command::Stats { json } => {
             privilege::require_privileges()?;

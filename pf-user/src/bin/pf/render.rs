@@ -2,9 +2,9 @@
 //! Output goes through [`out!`], so a closed pipe ends pf quietly.
 
 use pf::{
-    api::types::{ForwardView, ReservationView},
+    api::types::{AttachmentView, ForwardView, ReservationView},
     kernel::{
-        attach::{Attachment, FastPathDevices, Health, Role, TcAttach},
+        attach::{Attached, Attachment, FastPathDevices, Health, Role, TcAttach},
         state::{Counters, Stats, Traffic},
     },
 };
@@ -185,7 +185,8 @@ pub fn stats_json<'a>(
     }
 }
 
-pub fn print_stats(stats: Option<&Stats>, attached: &[Attachment], devices: &FastPathDevices) {
+/// The interfaces pf is attached to, as the kernel has them, on one line.
+pub fn print_attachments(attached: &[Attachment]) {
     if attached.is_empty() {
         out!("attached: (none)");
     } else {
@@ -208,6 +209,129 @@ pub fn print_stats(stats: Option<&Stats>, attached: &[Attachment], devices: &Fas
             .collect();
         out!("attached: {}", list.join(", "));
     }
+}
+
+/// The interfaces as JSON, as `GET /v1/status` shows them.
+pub fn attachments_json(attached: &[Attachment]) -> Vec<AttachmentView> {
+    attached.iter().map(AttachmentView::from).collect()
+}
+
+/// A change's result: `VERB ID: ...` or the record as the API's JSON.
+pub fn print_record(verb: &str, r: &ReservationView, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        out!("{}", serde_json::to_string_pretty(r)?);
+    } else {
+        out!("{verb} {}", describe(r));
+    }
+    Ok(())
+}
+
+/// The fast paths' devices as JSON.
+pub fn devices_json(devices: &FastPathDevices) -> Value {
+    json!({
+        "redirect_devices": devices.redirect,
+        "public_devices": devices.public,
+        "named_by_admin": devices.named,
+    })
+}
+
+/// What `pf attach` did, as JSON.
+pub fn attached_json(iface: &str, role: Role, attached: &Attached) -> Value {
+    json!({
+        "interface": iface,
+        "role": role.describe(),
+        "xdp_mode": attached.xdp_mode,
+        "egress_hook": attached.egress_hook(),
+        "replaced": attached.replaced,
+        "fast_path_devices": (role != Role::Public).then(|| devices_json(&attached.devices)),
+    })
+}
+
+/// `pf status` from the service's `GET /v1/status`.
+pub fn print_status(s: &Value) {
+    let text = |v: &Value| {
+        v.as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v.to_string())
+    };
+    out!("pf serve: running (version {})", text(&s["version"]));
+    let next = match &s["next_expiry"] {
+        Value::Null => String::new(),
+        at => format!(", next expiry {}", text(at)),
+    };
+    out!("reservations: {}{next}", s["reservations"]);
+    match &s["store_read_only"] {
+        Value::Null => out!("store: writable"),
+        why => out!("store: READ-ONLY ({}): changes are refused", text(why)),
+    }
+    match s["clock_offset_seconds"].as_i64() {
+        Some(0) | None => {}
+        Some(offset) => out!(
+            "clock: the system clock is {offset} s from the service's (lifetimes run on the service's; a restart adopts the system clock)"
+        ),
+    }
+    match &s["last_reconcile"] {
+        Value::Null => {}
+        r => out!(
+            "last reconcile: {}, {} drifts repaired",
+            text(&r["at"]),
+            r["drifts"]
+        ),
+    }
+    let interfaces: Vec<String> = s["attached"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|i| match &i["problem"] {
+                    Value::Null => format!("{} ({})", text(&i["interface"]), text(&i["role"])),
+                    why => format!(
+                        "{} ({}, {}: {})",
+                        text(&i["interface"]),
+                        text(&i["role"]),
+                        if i["live"] == true {
+                            "state unknown"
+                        } else {
+                            "DEAD"
+                        },
+                        text(why)
+                    ),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if interfaces.is_empty() {
+        out!("attached: (none)");
+    } else {
+        out!("attached: {}", interfaces.join(", "));
+    }
+    let violations = s["policy_violations"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if violations.is_empty() {
+        out!("policy violations: none");
+    } else {
+        out!("policy violations: {}", violations.len());
+        for v in &violations {
+            out!(
+                "  {}: {} (owner {}{}): refused by {}: {}",
+                v["id"],
+                text(&v["public"]),
+                text(&v["owner"]),
+                if v["enabled"] == true {
+                    ""
+                } else {
+                    ", disabled"
+                },
+                text(&v["rule"]),
+                text(&v["detail"])
+            );
+        }
+    }
+}
+
+pub fn print_stats(stats: Option<&Stats>, attached: &[Attachment], devices: &FastPathDevices) {
+    print_attachments(attached);
     let Some(stats) = stats else {
         out!("no state yet (nothing reserved or attached)");
         return;

@@ -18,7 +18,8 @@ use super::{
 };
 use crate::{
     api::types::{
-        ErrorBody, ForwardView, ReleasedByOwner, ReservationView, ReserveRequest, lifetime_text,
+        AttachmentView, ErrorBody, ForwardView, ReleasedByOwner, ReservationView, ReserveRequest,
+        lifetime_text,
     },
     domain::spec::{
         PortRange, Protocols, PublicSpec, Reservation, SpecError, TargetSpec, parse_public_request,
@@ -454,6 +455,8 @@ pub struct Engine {
     repair_failing: Option<String>,
     /// Reservations the policy in force would refuse, as the last review found them.
     violations: Vec<Violation>,
+    /// When the last reconcile ran (Unix ms) and how many drifts it repaired.
+    last_reconcile: Option<(u64, usize)>,
 }
 
 fn kernel_seed() -> u64 {
@@ -493,6 +496,7 @@ impl Engine {
             expiry_blocked: None,
             repair_failing: None,
             violations: Vec::new(),
+            last_reconcile: None,
         })
     }
 
@@ -611,21 +615,13 @@ impl Engine {
                 "store_read_only": self.store.read_only(),
                 "clock_offset_seconds": self.clock.offset_ms() / 1000,
                 "policy_violations": self.violations(),
+                "last_reconcile": self.last_reconcile.map(|(at, drifts)| json!({
+                    "at": rfc3339(at),
+                    "drifts": drifts,
+                })),
                 "attached": self.dataplane.attachments()
                     .iter()
-                    .map(|a| {
-                        let mut v = json!({
-                            "interface": a.iface,
-                            "role": a.role.describe(),
-                            "live": a.health.is_live(),
-                        });
-                        if let crate::kernel::attach::Health::Dead(why)
-                        | crate::kernel::attach::Health::Unknown(why) = &a.health
-                        {
-                            v["problem"] = json!(why);
-                        }
-                        v
-                    })
+                    .map(AttachmentView::from)
                     .collect::<Vec<_>>(),
             })),
             Request::Reload { policy } => {

@@ -227,6 +227,7 @@ impl Engine {
         if drifts.len() > DRIFT_LOG_LIMIT {
             tracing::warn!("drift: ... and {} more", drifts.len() - DRIFT_LOG_LIMIT);
         }
+        self.last_reconcile = Some((self.now_ms(), drifts.len()));
         Ok(ReconcileReport {
             reservations: desired.len(),
             loaded: if fresh { absent.len() } else { 0 },

@@ -52,6 +52,7 @@ fn reserve(
             public: public.into(),
             to: to.into(),
             ttl: ttl.map(Into::into),
+            ttl_seconds: None,
             note: None,
         }),
         CALLER,
