@@ -416,6 +416,46 @@ mod tests {
         assert_eq!(c.policy.default_ttl, Some(Duration::from_secs(30 * 86400)));
     }
 
+    /// The README's "Using pf" examples are what a new admin types first: the example config
+    /// must admit every one of them.
+    #[test]
+    fn the_example_config_admits_the_readmes_examples() {
+        use crate::{
+            domain::spec::{PublicSpec, Reservation, TargetSpec, parse_public_request},
+            kernel::host::{Listening, LocalAddresses},
+        };
+        let c = Config::parse(include_str!("../../../dist/pf.toml")).unwrap();
+        let readme = include_str!("../../../README.md");
+        let mut checked = 0;
+        let mut held = std::collections::HashMap::<String, u64>::new();
+        for line in readme.lines().filter(|l| l.starts_with("pf reserve ")) {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let (addr, ports, protocols) = parse_public_request(words[2]).unwrap();
+            let to: TargetSpec = words[words.iter().position(|w| *w == "--to").unwrap() + 1]
+                .parse()
+                .unwrap();
+            let ports = ports.unwrap_or(PortRange::single(20000));
+            let r = Reservation::new(
+                PublicSpec {
+                    addr,
+                    ports,
+                    protocols,
+                },
+                to,
+            )
+            .unwrap();
+            c.policy
+                .check(&r, &Listening::default(), &LocalAddresses::default())
+                .unwrap_or_else(|e| panic!("{line}: {e}"));
+            let owner = words[words.iter().position(|w| *w == "--owner").unwrap() + 1];
+            let owner_ports = held.entry(owner.to_string()).or_default();
+            *owner_ports += u64::from(ports.len());
+            assert!(*owner_ports <= c.policy.ports_per_owner, "{line}: over the quota");
+            checked += 1;
+        }
+        assert_eq!(checked, 3, "the README's reserve examples moved");
+    }
+
     #[test]
     fn config_errors_name_the_key() {
         for (text, needle) in [
