@@ -6,6 +6,7 @@
 //! - [`attach`]: attaching and detaching, the fast paths' device maps, and what the kernel says
 //!   of an attachment.
 //! - [`bpffs`]: the pin directory. [`bpfinfo`]: pinned links and their programs' maps.
+//! - [`links`]: interfaces as they come and go (rtnetlink's link events).
 //! - [`netdev`]: devices (XDP features, Ethernet or not); `tc`: the egress hook's netlink
 //!   filters before TCX; `netlink`: the socket both use. [`nftset`]: the nftables set of
 //!   reserved targets that the server's ruleset matches. [`privilege`]: the capability check.
@@ -17,6 +18,7 @@ pub mod bpffs;
 pub mod bpfinfo;
 pub mod error;
 pub mod host;
+pub mod links;
 pub mod netdev;
 mod netlink;
 pub mod nftset;

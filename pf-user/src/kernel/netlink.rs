@@ -6,6 +6,7 @@ use std::{
     io,
     mem::size_of,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::Duration,
 };
 
 pub const NLMSG_HDRLEN: usize = 16;
@@ -101,20 +102,13 @@ impl Socket {
                 }
                 return Err(e);
             }
-            let mut rest = &buf[..n as usize];
-            while rest.len() >= NLMSG_HDRLEN {
-                let msg_len = u32::from_ne_bytes(rest[0..4].try_into().unwrap()) as usize;
-                let msg_type = u16::from_ne_bytes(rest[4..6].try_into().unwrap());
-                let msg_flags = u16::from_ne_bytes(rest[6..8].try_into().unwrap());
-                let msg_seq = u32::from_ne_bytes(rest[8..12].try_into().unwrap());
-                if msg_len < NLMSG_HDRLEN || msg_len > rest.len() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "a malformed netlink message",
-                    ));
-                }
-                let answer = &rest[NLMSG_HDRLEN..msg_len];
-                rest = &rest[align4(msg_len).min(rest.len())..];
+            for Message {
+                msg_type,
+                flags: msg_flags,
+                seq: msg_seq,
+                body: answer,
+            } in split(&buf[..n as usize])?
+            {
                 if msg_seq != self.seq {
                     continue;
                 }
@@ -151,6 +145,94 @@ impl Socket {
             "a netlink dump that does not end",
         ))
     }
+}
+
+impl Socket {
+    /// A socket that receives the kernel's multicast `groups` of `protocol` (e.g. rtnetlink's
+    /// `RTMGRP_LINK`), waiting at most `timeout` in [`Socket::receive`].
+    pub fn subscribe(protocol: libc::c_int, groups: u32, timeout: Duration) -> io::Result<Self> {
+        let socket = Self::open(protocol)?;
+        // SAFETY: bind(2) with a zeroed sockaddr_nl naming the groups (pid 0: the kernel
+        // assigns one).
+        let bound = unsafe {
+            let mut addr: libc::sockaddr_nl = std::mem::zeroed();
+            addr.nl_family = libc::AF_NETLINK as u16;
+            addr.nl_groups = groups;
+            libc::bind(
+                socket.fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_nl).cast(),
+                size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if bound != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let timeout = libc::timeval {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+        };
+        // SAFETY: a valid option value of the right size.
+        unsafe {
+            libc::setsockopt(
+                socket.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                size_of::<libc::timeval>() as u32,
+            )
+        };
+        Ok(socket)
+    }
+
+    /// The next datagram's messages, as (type, body); none when the timeout passed first.
+    /// `ENOBUFS` means the kernel dropped messages because the socket's buffer was full: the
+    /// caller has missed events and must look at the whole state again.
+    pub fn receive(&mut self) -> io::Result<Vec<(u16, Vec<u8>)>> {
+        let mut buf = vec![0u8; 65536];
+        // SAFETY: a valid buffer of `buf.len()` bytes.
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(Vec::new()),
+                _ => Err(e),
+            };
+        }
+        Ok(split(&buf[..n as usize])?
+            .into_iter()
+            .map(|m| (m.msg_type, m.body.to_vec()))
+            .collect())
+    }
+}
+
+/// One netlink message: its header's fields and its body.
+struct Message<'a> {
+    msg_type: u16,
+    flags: u16,
+    seq: u32,
+    body: &'a [u8],
+}
+
+/// The messages of one datagram; an error for one whose length runs past it.
+fn split(mut rest: &[u8]) -> io::Result<Vec<Message<'_>>> {
+    let mut messages = Vec::new();
+    while rest.len() >= NLMSG_HDRLEN {
+        let msg_len = u32::from_ne_bytes(rest[0..4].try_into().unwrap()) as usize;
+        if msg_len < NLMSG_HDRLEN || msg_len > rest.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a malformed netlink message",
+            ));
+        }
+        messages.push(Message {
+            msg_type: u16::from_ne_bytes(rest[4..6].try_into().unwrap()),
+            flags: u16::from_ne_bytes(rest[6..8].try_into().unwrap()),
+            seq: u32::from_ne_bytes(rest[8..12].try_into().unwrap()),
+            body: &rest[NLMSG_HDRLEN..msg_len],
+        });
+        rest = &rest[align4(msg_len).min(rest.len())..];
+    }
+    Ok(messages)
 }
 
 pub fn align4(n: usize) -> usize {

@@ -450,7 +450,10 @@ mod tests {
             let owner = words[words.iter().position(|w| *w == "--owner").unwrap() + 1];
             let owner_ports = held.entry(owner.to_string()).or_default();
             *owner_ports += u64::from(ports.len());
-            assert!(*owner_ports <= c.policy.ports_per_owner, "{line}: over the quota");
+            assert!(
+                *owner_ports <= c.policy.ports_per_owner,
+                "{line}: over the quota"
+            );
             checked += 1;
         }
         assert_eq!(checked, 3, "the README's reserve examples moved");

@@ -12,6 +12,7 @@ pub mod config;
 pub mod dataplane;
 pub mod engine;
 mod http;
+mod links;
 pub mod policy;
 pub mod store;
 
@@ -187,6 +188,37 @@ fn group_id(name: &str) -> Result<u32, ServeError> {
     Ok(unsafe { (*group).gr_gid })
 }
 
+/// Attaches to one configured interface (replacing dead pins), and logs it.
+fn attach_configured(
+    dir: &PinDir,
+    want: &config::InterfaceConfig,
+    config: &Config,
+) -> Result<(), PfError> {
+    let options = attach::AttachOptions {
+        mode: want.mode,
+        role: want.role,
+        tc: want.tc,
+        devices: config.fast_path_devices.clone(),
+    };
+    let done = attach::attach(dir, &want.name, &options)?;
+    if let Some(reason) = &done.replaced {
+        tracing::warn!(
+            "{}: the pinned attachment was dead ({reason}); attached again",
+            want.name
+        );
+    }
+    tracing::info!(
+        "attached {} ({}, XDP in {} mode{})",
+        want.name,
+        want.role.describe(),
+        done.xdp_mode,
+        done.egress_hook()
+            .map(|hook| format!(", TC by {hook}"))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
 /// Attaches to each configured interface, or adopts it when pf is attached already in the same
 /// role (a restart: the data plane stayed pinned and kept forwarding). Whether it is attached
 /// is the kernel's answer, not the pins': a dead attachment is attached again.
@@ -204,30 +236,7 @@ fn attach_interfaces(dir: &PinDir, config: &Config) -> Result<(), ServeError> {
                     want: want.role.describe(),
                 });
             }
-            _ => {
-                let options = attach::AttachOptions {
-                    mode: want.mode,
-                    role: want.role,
-                    tc: want.tc,
-                    devices: config.fast_path_devices.clone(),
-                };
-                let done = attach::attach(dir, &want.name, &options)?;
-                if let Some(reason) = &done.replaced {
-                    tracing::warn!(
-                        "{}: the pinned attachment was dead ({reason}); attached again",
-                        want.name
-                    );
-                }
-                tracing::info!(
-                    "attached {} ({}, XDP in {} mode{})",
-                    want.name,
-                    want.role.describe(),
-                    done.xdp_mode,
-                    done.egress_hook()
-                        .map(|hook| format!(", TC by {hook}"))
-                        .unwrap_or_default()
-                );
-            }
+            _ => attach_configured(dir, want, config)?,
         }
     }
     // A dead attachment outside the config (a `pf attach` by hand) may still run programs
@@ -357,6 +366,7 @@ pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<
     if let Some(set) = &config.netfilter_set {
         set.check()?;
     }
+    let follower_dir = PinDir::new(&service.bpffs);
     let reloader = Reloader {
         path: config_path.to_path_buf(),
         running: config.clone(),
@@ -425,6 +435,7 @@ pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<
         .enable_all()
         .build()
         .map_err(io("starting the tokio runtime"))?;
+    let follower = links::Follower::start(follower_dir, config.clone())?;
     tracing::info!("listening on {}", service.socket.display());
     tell_systemd(&[sd_notify::NotifyState::Ready]);
     let served = runtime.block_on(http::serve(listener, jobs, reloader));
@@ -433,6 +444,7 @@ pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<
     // engine finishes the job it is on and any queued, then stops.
     drop(runtime);
     let _ = engine_thread.join();
+    follower.stop();
     let _ = std::fs::remove_file(&service.socket);
     tracing::info!("stopped; the data plane stays attached and keeps forwarding");
     served.map_err(io("serving the API"))

@@ -17,10 +17,10 @@ use serde_json::{Value, json};
 use crate::{
     kit::ScratchDir,
     kit::serve::{Service, TEST_POLICY, config_text},
-    kit::topology::{PUBLIC_IFACE, Topology},
+    kit::topology::{CLIENT_IP, PUBLIC_IFACE, Topology},
 };
 
-use super::common::{TempPinDir, pf_bin, pf_in_ns, require_root};
+use super::common::{TempPinDir, kernel_version, pf_bin, pf_in_ns, require_root};
 
 /// What `pf serve` exits with when its config cannot run (sysexits' EX_CONFIG).
 const EX_CONFIG: i32 = 78;
@@ -317,4 +317,92 @@ fn check_config_and_a_config_the_service_cannot_run_on() {
     );
     let out = pf_in_ns(&topo.server, &dir, &["detach", PUBLIC_IFACE]);
     assert!(out.status.success(), "{out:?}");
+}
+
+/// `pf stats --json` in the server's namespace.
+fn stats_in(topo: &Topology, dir: &TempPinDir) -> Value {
+    let out = pf_in_ns(&topo.server, dir, &["stats", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Waits (bounded) until `check` holds of the stats.
+fn wait_for_stats(topo: &Topology, dir: &TempPinDir, what: &str, check: impl Fn(&Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = stats_in(topo, dir);
+        if check(&s) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {s}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_service_follows_its_interfaces_as_they_go_and_come_back() {
+    require_root();
+    let dir = TempPinDir::new();
+    let topo = Topology::new(&format!("pf{}lnk", std::process::id())).unwrap();
+    let www = ScratchDir::claim(
+        std::env::temp_dir().join(format!("pf-www-links-{}", std::process::id())),
+    );
+    std::fs::create_dir_all(www.path()).unwrap();
+    std::fs::write(www.path().join("index.html"), "followed\n").unwrap();
+    topo.client
+        .serve_directory(CLIENT_IP, 80, www.path().to_str().unwrap())
+        .unwrap();
+    let service = dir.serve_with(
+        Some(&topo.server),
+        &format!("[[interfaces]]\nname = \"{PUBLIC_IFACE}\"\nrole = \"fast-path\"\n{TEST_POLICY}"),
+    );
+    call(
+        &service,
+        "POST",
+        "/v1/reservations",
+        Some(&json!({ "owner": "acct-1", "public": "198.51.100.1:8080/tcp", "to": "10.8.0.2:80" })),
+    )
+    .unwrap();
+    let url = "http://198.51.100.1:8080/";
+    assert_eq!(topo.inet.curl(url).unwrap(), "followed\n");
+
+    // The public interface deleted: reported. Made again: attached again, with no restart,
+    // and forwarding resumes.
+    topo.server
+        .run(&["ip", "link", "del", PUBLIC_IFACE])
+        .unwrap();
+    wait_for_log(&service, "pub0 is gone (ifindex ");
+    topo.link_public().unwrap();
+    wait_for_log(&service, "pub0 is back: attached again");
+    wait_for_stats(&topo, &dir, "pub0 attached again", |s| {
+        s["attached"] == json!(["pub0"])
+    });
+    assert_eq!(topo.inet.curl(url).unwrap(), "followed\n");
+
+    // A device that starts taking redirected frames (a veth whose peer turns GRO on) joins
+    // the fast path's device map without `pf refresh`; deleted, it leaves it.
+    if kernel_version() >= (6, 3) {
+        let in_redirect = |s: &Value| {
+            s["fast_path_devices"]["redirect"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|n| n == "pfx"))
+        };
+        assert!(!in_redirect(&stats_in(&topo, &dir)));
+        topo.server
+            .run(&[
+                "ip", "link", "add", "pfx", "type", "veth", "peer", "name", "pfy",
+            ])
+            .unwrap();
+        for dev in ["pfx", "pfy"] {
+            topo.server.run(&["ip", "link", "set", dev, "up"]).unwrap();
+        }
+        topo.server
+            .run(&["ethtool", "-K", "pfy", "gro", "on"])
+            .unwrap();
+        wait_for_stats(&topo, &dir, "pfx in the redirect devices", in_redirect);
+        topo.server.run(&["ip", "link", "del", "pfx"]).unwrap();
+        wait_for_stats(&topo, &dir, "pfx out of the redirect devices", |s| {
+            !in_redirect(s)
+        });
+    }
 }
