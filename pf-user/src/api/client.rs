@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use super::types::{
     ErrorBody, ReleasedByOwner, RenewRequest, ReservationView, ReserveRequest, RestoreRequest,
+    StatsView,
 };
 
 /// How long the CLI waits for the service to answer.
@@ -124,6 +125,11 @@ impl Client {
         let value = self.call(method, path, body.as_ref())?;
         serde_json::from_value(value)
             .map_err(|e| ClientError::BadResponse(format!("{method} {path}: {e}")))
+    }
+
+    /// `GET /v1/stats`: each reservation with its traffic since it was made.
+    pub fn stats(&self) -> Result<StatsView, ClientError> {
+        self.typed("GET", "/v1/stats", None::<&()>)
     }
 
     /// `GET /v1/status`.

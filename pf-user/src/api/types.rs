@@ -6,7 +6,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     domain::spec::Reservation,
-    kernel::attach::{Attachment, Health},
+    kernel::{
+        attach::{Attachment, Health},
+        state::Traffic,
+    },
 };
 
 /// An interface pf is attached to, as `GET /v1/status` and `pf status --json` show it: live,
@@ -135,6 +138,28 @@ pub struct ReservationView {
     /// When it expired: in the expired history only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expired: Option<String>,
+    /// Its traffic from start to end: in the answer to a release only (and the audit lines of
+    /// a release or an expiry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<Traffic>,
+}
+
+/// `GET /v1/stats`: each reservation with its traffic since it was made (across disables and
+/// restarts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsView {
+    pub reservations: Vec<ReservationTraffic>,
+}
+
+/// One reservation's line in `GET /v1/stats`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservationTraffic {
+    pub id: u64,
+    pub owner: String,
+    pub enabled: bool,
+    #[serde(flatten)]
+    pub forward: ForwardView,
+    pub traffic: Traffic,
 }
 
 /// `DELETE /v1/reservations?owner=X`.
@@ -180,6 +205,7 @@ mod tests {
             enabled: true,
             note: String::new(),
             expired: None,
+            traffic: None,
         };
         let json = serde_json::to_value(&view).unwrap();
         assert_eq!(json["target_last_port"], 9815);

@@ -186,12 +186,29 @@ pub struct State {
 }
 
 /// Traffic through one reservation, summed over its ports, protocols and CPUs.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Traffic {
     pub in_packets: u64,
     pub in_bytes: u64,
     pub out_packets: u64,
     pub out_bytes: u64,
+}
+
+impl std::ops::AddAssign for Traffic {
+    fn add_assign(&mut self, other: Traffic) {
+        self.in_packets += other.in_packets;
+        self.in_bytes += other.in_bytes;
+        self.out_packets += other.out_packets;
+        self.out_bytes += other.out_bytes;
+    }
+}
+
+impl std::ops::Add for Traffic {
+    type Output = Traffic;
+    fn add(mut self, other: Traffic) -> Traffic {
+        self += other;
+        self
+    }
 }
 
 /// The global outcome counters of both programs.
@@ -911,7 +928,32 @@ impl State {
     /// The global counters and every reservation's traffic: both NAT maps are read whole, in a
     /// few batched syscalls, and summed per reservation.
     pub fn stats(&self) -> Result<Stats, PfError> {
-        let counters = self.counters()?;
+        Ok(Stats {
+            counters: self.counters()?,
+            reservations: self.traffic_all()?,
+            tunnel_networks: self.tunnel_networks()?,
+        })
+    }
+
+    /// The traffic of one reservation's entries now in the maps (looked up one by one: a
+    /// release or disable reads it just before the entries go).
+    pub fn traffic(&self, r: &Reservation) -> Result<Traffic, PfError> {
+        let mut t = Traffic::default();
+        for pair in nat_pairs(r) {
+            if let Some(e) = lookup(&self.forward, map_names::FORWARD_NAT, &pair.forward)? {
+                t.in_packets += e.packets;
+                t.in_bytes += e.bytes;
+            }
+            if let Some(e) = lookup(&self.reverse, map_names::REVERSE_NAT, &pair.reverse)? {
+                t.out_packets += e.packets;
+                t.out_bytes += e.bytes;
+            }
+        }
+        Ok(t)
+    }
+
+    /// Every reservation in the maps with its traffic (the maps read in batches).
+    pub fn traffic_all(&self) -> Result<Vec<(Reservation, Traffic)>, PfError> {
         let forward: std::collections::HashMap<EndpointKey, NatEntry> =
             dump(self.forward.map(), map_names::FORWARD_NAT)?
                 .into_iter()
@@ -935,11 +977,7 @@ impl State {
             }
             reservations.push((r, t));
         }
-        Ok(Stats {
-            counters,
-            reservations,
-            tunnel_networks: self.tunnel_networks()?,
-        })
+        Ok(reservations)
     }
 }
 

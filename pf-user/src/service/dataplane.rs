@@ -13,7 +13,7 @@ use crate::{
         attach::{self, Attachment},
         bpffs::PinDir,
         nftset::NftSet,
-        state::State,
+        state::{State, Traffic},
     },
 };
 
@@ -36,6 +36,10 @@ pub trait Maps {
     fn prune(&mut self, keep: &[Reservation]) -> Result<Vec<String>, PfError>;
     fn tunnel_networks(&self) -> Result<Vec<Ipv4Net>, PfError>;
     fn set_tunnel_networks(&mut self, networks: &[Ipv4Net]) -> Result<(), PfError>;
+    /// The traffic counted on `r`'s entries now in the maps.
+    fn traffic(&self, r: &Reservation) -> Result<Traffic, PfError>;
+    /// Every reservation in the maps with its traffic.
+    fn traffic_all(&self) -> Result<Vec<(Reservation, Traffic)>, PfError>;
 }
 
 impl Maps for State {
@@ -62,6 +66,12 @@ impl Maps for State {
     }
     fn set_tunnel_networks(&mut self, networks: &[Ipv4Net]) -> Result<(), PfError> {
         State::set_tunnel_networks(self, networks)
+    }
+    fn traffic(&self, r: &Reservation) -> Result<Traffic, PfError> {
+        State::traffic(self, r)
+    }
+    fn traffic_all(&self) -> Result<Vec<(Reservation, Traffic)>, PfError> {
+        State::traffic_all(self)
     }
 }
 
@@ -186,6 +196,12 @@ impl Maps for WithNetfilterSet {
     fn set_tunnel_networks(&mut self, networks: &[Ipv4Net]) -> Result<(), PfError> {
         self.maps.set_tunnel_networks(networks)
     }
+    fn traffic(&self, r: &Reservation) -> Result<Traffic, PfError> {
+        self.maps.traffic(r)
+    }
+    fn traffic_all(&self) -> Result<Vec<(Reservation, Traffic)>, PfError> {
+        self.maps.traffic_all()
+    }
 }
 
 /// A data plane in memory, for host tests of the engine: the same all-or-nothing and
@@ -204,7 +220,7 @@ pub mod fake {
             net::Ipv4Net,
             spec::{PublicSpec, Reservation},
         },
-        kernel::{PfError, attach::Attachment},
+        kernel::{PfError, attach::Attachment, state::Traffic},
     };
 
     #[derive(Default)]
@@ -212,6 +228,8 @@ pub mod fake {
         /// Keyed by public address, first port and protocols, as `RESERVATIONS` is.
         pub reservations: BTreeMap<(Ipv4Addr, u16, u8), Reservation>,
         pub tunnel_networks: Vec<Ipv4Net>,
+        /// What each reservation's entries counted, as the programs would.
+        pub traffic: BTreeMap<(Ipv4Addr, u16, u8), Traffic>,
         /// The next write fails with this message.
         pub fail_next_write: Option<String>,
     }
@@ -293,7 +311,10 @@ pub mod fake {
             let mut c = self.write()?;
             let k = (spec.addr, spec.ports.first, spec.protocols.mask());
             match c.reservations.get(&k) {
-                Some(r) if r.public == *spec => Ok(c.reservations.remove(&k).unwrap()),
+                Some(r) if r.public == *spec => {
+                    c.traffic.remove(&k);
+                    Ok(c.reservations.remove(&k).unwrap())
+                }
                 _ => Err(PfError::NoSuchReservation {
                     spec: spec.to_string(),
                     hint: String::new(),
@@ -330,6 +351,22 @@ pub mod fake {
             self.write()?.tunnel_networks = networks.to_vec();
             Ok(())
         }
+
+        fn traffic(&self, r: &Reservation) -> Result<Traffic, PfError> {
+            let c = self.0.lock().unwrap();
+            Ok(match c.reservations.get(&key(r)) {
+                Some(held) if held == r => c.traffic.get(&key(r)).copied().unwrap_or_default(),
+                _ => Traffic::default(),
+            })
+        }
+
+        fn traffic_all(&self) -> Result<Vec<(Reservation, Traffic)>, PfError> {
+            let c = self.0.lock().unwrap();
+            Ok(c.reservations
+                .iter()
+                .map(|(k, r)| (*r, c.traffic.get(k).copied().unwrap_or_default()))
+                .collect())
+        }
     }
 
     impl DataPlane for FakeDataPlane {
@@ -343,6 +380,14 @@ pub mod fake {
     }
 
     impl FakeDataPlane {
+        /// Counts traffic on `r`'s entries, as the programs would while it is in the maps.
+        pub fn count(&self, r: &Reservation, t: Traffic) {
+            let mut c = self.0.lock().unwrap();
+            if c.reservations.contains_key(&key(r)) {
+                *c.traffic.entry(key(r)).or_default() += t;
+            }
+        }
+
         /// The reservations in the maps, as text, sorted.
         pub fn held(&self) -> Vec<String> {
             let mut all: Vec<String> = self

@@ -3,6 +3,7 @@
 //! | method and path                        | does                                         |
 //! |----------------------------------------|----------------------------------------------|
 //! | `GET /v1/status`                       | version, count, next expiry, interfaces      |
+//! | `GET /v1/stats`                        | each reservation's traffic since it was made |
 //! | `GET /v1/reservations[?owner=X]`       | list (all, or one owner's)                   |
 //! | `POST /v1/reservations`                | reserve (`ReserveRequest`), 201              |
 //! | `GET /v1/reservations/{id}`            | one reservation                              |
@@ -521,6 +522,8 @@ async fn route(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
     match segments[..] {
         ["v1", "status"] if method == Method::GET => Ok(Request::Status),
         ["v1", "status"] => Err(not_allowed()),
+        ["v1", "stats"] if method == Method::GET => Ok(Request::Stats),
+        ["v1", "stats"] => Err(not_allowed()),
         ["v1", "reservations"] => match method {
             Method::GET => Ok(Request::List {
                 owner: query_param(query.as_deref(), "owner")?,

@@ -5,12 +5,15 @@
 //! of VPN servers) can take [`SqliteStore`]'s place. Every method is one transaction: a range is
 //! stored whole or not at all.
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{collections::HashMap, net::Ipv4Addr, path::Path};
 
 use pf_common::limits::MAX_RANGE_PORTS;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use crate::domain::spec::{PortRange, Protocols, PublicSpec, Reservation};
+use crate::{
+    domain::spec::{PortRange, Protocols, PublicSpec, Reservation},
+    kernel::state::Traffic,
+};
 
 /// One reservation as the product knows it: its id, and what [`NewRecord`] says (its fields
 /// read through, as `record.owner`).
@@ -133,13 +136,21 @@ pub trait Store: Send {
     ) -> Result<Option<Record>, StoreError>;
     /// Forgets history that expired before `before_ms`; how many records went.
     fn purge_history(&mut self, before_ms: u64) -> Result<u64, StoreError>;
+    /// Adds to the traffic a reservation counted in maps it has left (a disable, an expiry),
+    /// so that its totals go on from there.
+    fn add_traffic(&mut self, id: u64, traffic: Traffic) -> Result<(), StoreError>;
+    /// The traffic carried over from maps a reservation has left.
+    fn traffic(&self, id: u64) -> Result<Traffic, StoreError>;
+    /// Every reservation's carried-over traffic, by id (none for those with nothing).
+    fn all_traffic(&self) -> Result<HashMap<u64, Traffic>, StoreError>;
     /// Why the store takes no changes, if it does not (opened read-only).
     fn read_only(&self) -> Option<&str>;
 }
 
 /// The schema this pf writes; `PRAGMA user_version` records it in the file. Version 2 added
-/// the expired history.
-const SCHEMA_VERSION: i64 = 2;
+/// the expired history, version 3 the carried-over traffic (new tables only: an older file is
+/// brought up to date by creating what it lacks).
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS reservations (
@@ -182,6 +193,16 @@ CREATE TABLE IF NOT EXISTS expired (
 );
 CREATE INDEX IF NOT EXISTS expired_owner ON expired (owner);
 CREATE INDEX IF NOT EXISTS expired_at ON expired (expired_ms);
+-- Traffic a reservation counted in the kernel maps before its entries left them (a disable,
+-- an expiry): its totals go on from there when it forwards again. By id, for a reservation or
+-- its expired record; gone with them.
+CREATE TABLE IF NOT EXISTS traffic (
+    id          INTEGER PRIMARY KEY,
+    in_packets  INTEGER NOT NULL,
+    in_bytes    INTEGER NOT NULL,
+    out_packets INTEGER NOT NULL,
+    out_bytes   INTEGER NOT NULL
+);
 ";
 
 const COLUMNS: &str = "id, owner, public_ip, first_port, last_port, protocols, target_ip, \
@@ -401,6 +422,33 @@ impl SqliteStore {
             .pop())
     }
 
+    /// The traffic table's rows, all or one id's.
+    fn all_traffic_where(&self, id: Option<u64>) -> Result<HashMap<u64, Traffic>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "SELECT id, in_packets, in_bytes, out_packets, out_bytes FROM traffic \
+                 WHERE ?1 IS NULL OR id = ?1",
+            )
+            .map_err(sql("reading traffic"))?;
+        let rows = statement
+            .query_map([id.map(|i| i as i64)], |row| {
+                let n = |i: usize| row.get::<_, i64>(i).map(|v| v.max(0) as u64);
+                Ok((
+                    n(0)?,
+                    Traffic {
+                        in_packets: n(1)?,
+                        in_bytes: n(2)?,
+                        out_packets: n(3)?,
+                        out_bytes: n(4)?,
+                    },
+                ))
+            })
+            .map_err(sql("reading traffic"))?;
+        rows.collect::<Result<HashMap<_, _>, _>>()
+            .map_err(sql("reading traffic"))
+    }
+
     fn update(
         &mut self,
         what: &'static str,
@@ -540,11 +588,19 @@ impl Store for SqliteStore {
     }
 
     fn delete(&mut self, id: u64) -> Result<bool, StoreError> {
-        self.update(
-            "deleting a reservation",
-            "DELETE FROM reservations WHERE id = ?1",
-            [id as i64],
-        )
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql("starting a transaction"))?;
+        let deleted = tx
+            .execute("DELETE FROM reservations WHERE id = ?1", [id as i64])
+            .and_then(|n| {
+                tx.execute("DELETE FROM traffic WHERE id = ?1", [id as i64])
+                    .map(|_| n)
+            })
+            .map_err(sql("deleting a reservation"))?;
+        tx.commit().map_err(sql("committing a deletion"))?;
+        Ok(deleted > 0)
     }
 
     fn set_enabled(&mut self, id: u64, enabled: bool) -> Result<bool, StoreError> {
@@ -747,13 +803,59 @@ impl Store for SqliteStore {
     }
 
     fn purge_history(&mut self, before_ms: u64) -> Result<u64, StoreError> {
-        self.conn
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql("starting a transaction"))?;
+        let purged = tx
             .execute(
                 "DELETE FROM expired WHERE expired_ms < ?1",
                 [before_ms as i64],
             )
-            .map(|n| n as u64)
-            .map_err(sql("purging the expired history"))
+            .and_then(|n| {
+                tx.execute(
+                    "DELETE FROM traffic WHERE id NOT IN \
+                     (SELECT id FROM reservations UNION SELECT id FROM expired)",
+                    [],
+                )
+                .map(|_| n as u64)
+            })
+            .map_err(sql("purging the expired history"))?;
+        tx.commit().map_err(sql("committing the purge"))?;
+        Ok(purged)
+    }
+
+    fn add_traffic(&mut self, id: u64, t: Traffic) -> Result<(), StoreError> {
+        if t == Traffic::default() {
+            return Ok(());
+        }
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.update(
+            "recording a reservation's traffic",
+            "INSERT INTO traffic (id, in_packets, in_bytes, out_packets, out_bytes) \
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO UPDATE SET \
+             in_packets = in_packets + ?2, in_bytes = in_bytes + ?3, \
+             out_packets = out_packets + ?4, out_bytes = out_bytes + ?5",
+            params![
+                id as i64,
+                n(t.in_packets),
+                n(t.in_bytes),
+                n(t.out_packets),
+                n(t.out_bytes)
+            ],
+        )
+        .map(drop)
+    }
+
+    fn traffic(&self, id: u64) -> Result<Traffic, StoreError> {
+        Ok(self
+            .all_traffic_where(Some(id))?
+            .remove(&id)
+            .unwrap_or_default())
+    }
+
+    fn all_traffic(&self) -> Result<HashMap<u64, Traffic>, StoreError> {
+        self.all_traffic_where(None)
     }
 
     fn read_only(&self) -> Option<&str> {

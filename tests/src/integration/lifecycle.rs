@@ -406,3 +406,98 @@ fn the_service_follows_its_interfaces_as_they_go_and_come_back() {
         });
     }
 }
+
+#[test]
+fn stats_name_each_reservation_and_its_traffic_outlives_a_disable() {
+    require_root();
+    let dir = TempPinDir::new();
+    let topo = Topology::new(&format!("pf{}sta", std::process::id())).unwrap();
+    let www = ScratchDir::claim(
+        std::env::temp_dir().join(format!("pf-www-stats-{}", std::process::id())),
+    );
+    std::fs::create_dir_all(www.path()).unwrap();
+    std::fs::write(www.path().join("index.html"), "counted\n").unwrap();
+    topo.client
+        .serve_directory(CLIENT_IP, 80, www.path().to_str().unwrap())
+        .unwrap();
+    let service = dir.serve_with(
+        Some(&topo.server),
+        &format!("[[interfaces]]\nname = \"{PUBLIC_IFACE}\"\n{TEST_POLICY}"),
+    );
+    let made = call(
+        &service,
+        "POST",
+        "/v1/reservations",
+        Some(&json!({ "owner": "acct-7", "public": "198.51.100.1:8080/tcp", "to": "10.8.0.2:80" })),
+    )
+    .unwrap();
+    let id = made["id"].as_u64().unwrap();
+    let url = "http://198.51.100.1:8080/";
+    let row = |topo: &Topology| -> Value {
+        let s = stats_in(topo, &dir);
+        s["reservations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("reservation {id} not in {s}"))
+    };
+    for _ in 0..3 {
+        assert_eq!(topo.inet.curl(url).unwrap(), "counted\n");
+    }
+    let first = row(&topo);
+    assert_eq!(
+        (&first["owner"], &first["enabled"], &first["spec"]),
+        (
+            &json!("acct-7"),
+            &json!(true),
+            &json!("198.51.100.1:8080/tcp -> 10.8.0.2:80")
+        ),
+        "{first}"
+    );
+    let before = first["traffic"]["in_packets"].as_u64().unwrap();
+    assert!(
+        before >= 3 * 5,
+        "three TCP exchanges counted {before} packets in: {first}"
+    );
+    // Disabled: out of the maps, its counts kept; enabled again, they go on from there.
+    call(
+        &service,
+        "POST",
+        &format!("/v1/reservations/{id}/disable"),
+        None,
+    )
+    .unwrap();
+    let disabled = row(&topo);
+    assert_eq!(disabled["enabled"], false, "{disabled}");
+    assert_eq!(disabled["traffic"], first["traffic"], "{disabled}");
+    call(
+        &service,
+        "POST",
+        &format!("/v1/reservations/{id}/enable"),
+        None,
+    )
+    .unwrap();
+    assert_eq!(topo.inet.curl(url).unwrap(), "counted\n");
+    let after = row(&topo)["traffic"]["in_packets"].as_u64().unwrap();
+    assert!(after > before, "{after} packets in after {before}");
+    // The text table names id and owner.
+    let out = pf_in_ns(&topo.server, &dir, &["stats"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.trim_start().starts_with(&format!("{id} acct-7"))
+                && l.contains("198.51.100.1:8080/tcp -> 10.8.0.2:80")),
+        "{text}"
+    );
+    // A release answers with, and audits, the totals.
+    let released = call(&service, "DELETE", &format!("/v1/reservations/{id}"), None).unwrap();
+    assert_eq!(released["traffic"]["in_packets"], after, "{released}");
+    let audit = std::fs::read_to_string(service.audit_log()).unwrap();
+    assert!(
+        audit.lines().any(|l| l.contains("\"action\":\"release\"")
+            && l.contains(&format!("\"in_packets\":{after}"))),
+        "{audit}"
+    );
+}

@@ -427,13 +427,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             | Command::Stats { .. }
             | Command::Status { .. }
     );
-    let client = Client::new(
-        &if kernel_command && !matches!(cli.command, Command::Status { .. }) {
-            PathBuf::new()
-        } else {
-            service_path(&cli, &cli.socket, |s| s.socket, DEFAULT_SOCKET)?
-        },
-    );
+    // status and stats use both: the service's view, and the kernel's.
+    let needs_client =
+        !kernel_command || matches!(cli.command, Command::Status { .. } | Command::Stats { .. });
+    let client = Client::new(&if !needs_client {
+        PathBuf::new()
+    } else {
+        service_path(&cli, &cli.socket, |s| s.socket, DEFAULT_SOCKET)?
+    });
     let dir = PinDir::new(&if kernel_command {
         service_path(&cli, &cli.bpffs, |s| s.bpffs, DEFAULT_PIN_DIR)?
     } else {
@@ -631,17 +632,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => (None, FastPathDevices::default()),
             };
             let attached = attach::inspect(&dir);
+            // The service knows each reservation's id, owner, state and traffic since it was
+            // made; without it, the maps say what they hold.
+            let rows = render::stats_rows(stats.as_ref(), client.stats().ok());
             if json {
                 out!(
                     "{}",
                     serde_json::to_string_pretty(&render::stats_json(
                         stats.as_ref(),
                         &attached,
-                        &devices
+                        &devices,
+                        &rows
                     ))?
                 );
             } else {
-                render::print_stats(stats.as_ref(), &attached, &devices);
+                render::print_stats(stats.as_ref(), &attached, &devices, &rows);
             }
         }
     }

@@ -2,7 +2,7 @@
 //! Output goes through [`out!`], so a closed pipe ends pf quietly.
 
 use pf::{
-    api::types::{AttachmentView, ForwardView, ReservationView},
+    api::types::{AttachmentView, ForwardView, ReservationView, StatsView},
     kernel::{
         attach::{Attached, Attachment, FastPathDevices, Health, Role, TcAttach},
         state::{Counters, Stats, Traffic},
@@ -89,12 +89,49 @@ pub fn print_devices(devices: &FastPathDevices) {
     }
 }
 
-/// A reservation's line in `pf stats --json`: what it forwards, and its traffic.
+/// A reservation's line in `pf stats`: what it forwards and its traffic, with its id, owner
+/// and state when the service told them (its traffic then counts since it was made, across
+/// disables and restarts; from the maps alone, since it last entered them).
 #[derive(Serialize)]
-struct StatsRow<'a> {
+pub struct StatsRow {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    owner: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enabled: Option<bool>,
     #[serde(flatten)]
     forward: ForwardView,
-    traffic: &'a Traffic,
+    traffic: Traffic,
+}
+
+/// The rows of `pf stats`: the service's when it answered, else the maps'.
+pub fn stats_rows(stats: Option<&Stats>, service: Option<StatsView>) -> Vec<StatsRow> {
+    match service {
+        Some(view) => view
+            .reservations
+            .into_iter()
+            .map(|r| StatsRow {
+                id: Some(r.id),
+                owner: Some(r.owner),
+                enabled: Some(r.enabled),
+                forward: r.forward,
+                traffic: r.traffic,
+            })
+            .collect(),
+        None => stats.map_or_else(Vec::new, |s| {
+            s.reservations
+                .iter()
+                .map(|(r, traffic)| StatsRow {
+                    id: None,
+                    owner: None,
+                    enabled: None,
+                    forward: ForwardView::from(r),
+                    traffic: *traffic,
+                })
+                .collect()
+        }),
+    }
 }
 
 /// `pf stats --json`, serialized straight from pf's types (no JSON tree is built for the
@@ -103,13 +140,14 @@ struct StatsRow<'a> {
 pub struct StatsReport<'a> {
     #[serde(flatten)]
     header: serde_json::Map<String, Value>,
-    reservations: Vec<StatsRow<'a>>,
+    reservations: &'a [StatsRow],
 }
 
 pub fn stats_json<'a>(
-    stats: Option<&'a Stats>,
+    stats: Option<&Stats>,
     attached: &[Attachment],
     devices: &FastPathDevices,
+    rows: &'a [StatsRow],
 ) -> StatsReport<'a> {
     let counters = |c: &[(&str, u64)]| -> Value {
         c.iter()
@@ -173,15 +211,7 @@ pub fn stats_json<'a>(
     };
     StatsReport {
         header,
-        reservations: stats.map_or_else(Vec::new, |s| {
-            s.reservations
-                .iter()
-                .map(|(r, traffic)| StatsRow {
-                    forward: ForwardView::from(r),
-                    traffic,
-                })
-                .collect()
-        }),
+        reservations: rows,
     }
 }
 
@@ -330,7 +360,12 @@ pub fn print_status(s: &Value) {
     }
 }
 
-pub fn print_stats(stats: Option<&Stats>, attached: &[Attachment], devices: &FastPathDevices) {
+pub fn print_stats(
+    stats: Option<&Stats>,
+    attached: &[Attachment],
+    devices: &FastPathDevices,
+    rows: &[StatsRow],
+) {
     print_attachments(attached);
     let Some(stats) = stats else {
         out!("no state yet (nothing reserved or attached)");
@@ -372,30 +407,47 @@ pub fn print_stats(stats: Option<&Stats>, attached: &[Attachment], devices: &Fas
         out!("reply fast:    {}", line(&stats.counters.reply_fast_path));
         print_devices(devices);
     }
-    if stats.reservations.is_empty() {
+    if rows.is_empty() {
         out!("no reservations");
         return;
     }
     // One write for the whole table, not one per line: it can have a million.
     use std::fmt::Write;
-    let mut table = format!(
-        "{:<52} {:>10} {:>12} {:>10} {:>12}",
-        "RESERVATION", "IN PKTS", "IN BYTES", "OUT PKTS", "OUT BYTES"
-    );
-    for (
-        r,
-        Traffic {
+    let service = rows.first().is_some_and(|r| r.id.is_some());
+    let mut table = if service {
+        format!(
+            "{:>6} {:<16} {:<52} {:>10} {:>12} {:>10} {:>12}",
+            "ID", "OWNER", "RESERVATION", "IN PKTS", "IN BYTES", "OUT PKTS", "OUT BYTES"
+        )
+    } else {
+        out!(
+            "(pf serve is not answering: the maps' reservations, counted since they entered them)"
+        );
+        format!(
+            "{:<52} {:>10} {:>12} {:>10} {:>12}",
+            "RESERVATION", "IN PKTS", "IN BYTES", "OUT PKTS", "OUT BYTES"
+        )
+    };
+    for row in rows {
+        let Traffic {
             in_packets,
             in_bytes,
             out_packets,
             out_bytes,
-        },
-    ) in &stats.reservations
-    {
+        } = row.traffic;
+        let spec = if row.enabled == Some(false) {
+            format!("{} (disabled)", row.forward.spec)
+        } else {
+            row.forward.spec.clone()
+        };
+        if let (Some(id), Some(owner)) = (row.id, &row.owner) {
+            let _ = write!(table, "\n{id:>6} {owner:<16} ");
+        } else {
+            table.push('\n');
+        }
         let _ = write!(
             table,
-            "\n{:<52} {in_packets:>10} {in_bytes:>12} {out_packets:>10} {out_bytes:>12}",
-            r.to_string()
+            "{spec:<52} {in_packets:>10} {in_bytes:>12} {out_packets:>10} {out_bytes:>12}"
         );
     }
     out!("{table}");

@@ -4,10 +4,10 @@
 use std::time::{Duration, Instant};
 
 use super::{
-    ApiError, EXPIRY_RETRY_MS, Engine, HISTORY_KEEP, ReconcileGuard, duration_ms, record_json,
+    ApiError, EXPIRY_RETRY_MS, Engine, HISTORY_KEEP, ReconcileGuard, duration_ms, record_view,
     say_once,
 };
-use crate::service::audit::Caller;
+use crate::{api::types::ReservationView, service::audit::Caller};
 
 impl Engine {
     /// One tick of the engine's own work: repairs, expiry, history purge, clock steps.
@@ -86,6 +86,9 @@ impl Engine {
         };
         let mut failed = false;
         for record in due {
+            // Kept with its expired record: a restore goes on counting from there, and the
+            // audit line has its totals.
+            let live = super::live_traffic(state.as_ref(), &record);
             if let Err(e) = self.store.expire(record.id, now) {
                 failed = true;
                 tracing::warn!(
@@ -94,6 +97,17 @@ impl Engine {
                 );
                 continue;
             }
+            if let Err(e) = self.store.add_traffic(record.id, live) {
+                tracing::warn!(
+                    "reservation {}'s traffic so far is lost from its totals: {e}",
+                    record.id
+                );
+            }
+            let done = serde_json::to_value(ReservationView {
+                traffic: self.store.traffic(record.id).ok(),
+                ..record_view(&record)
+            })
+            .expect("plain struct");
             let unmapped = self.unmap_after_store(state.as_mut(), &record, "expired");
             tracing::info!(
                 "expired reservation {} ({}, owner {}); restorable for {} (`pf restore {}`)",
@@ -104,14 +118,14 @@ impl Engine {
                 record.id
             );
             match unmapped {
-                Ok(()) => self.audit(Caller::SERVICE, "expire", "ok", &record_json(&record), None),
+                Ok(()) => self.audit(Caller::SERVICE, "expire", "ok", &done, None),
                 Err(e) => {
                     tracing::error!("{}", e.message);
                     self.audit(
                         Caller::SERVICE,
                         "expire",
                         "partial",
-                        &record_json(&record),
+                        &done,
                         Some(&e.message),
                     );
                 }

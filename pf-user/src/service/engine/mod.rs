@@ -18,8 +18,8 @@ use super::{
 };
 use crate::{
     api::types::{
-        AttachmentView, ErrorBody, ForwardView, ReleasedByOwner, ReservationView, ReserveRequest,
-        lifetime_text,
+        AttachmentView, ErrorBody, ForwardView, ReleasedByOwner, ReservationTraffic,
+        ReservationView, ReserveRequest, StatsView, lifetime_text,
     },
     domain::spec::{
         PortRange, Protocols, PublicSpec, Reservation, SpecError, TargetSpec, parse_public_request,
@@ -27,6 +27,7 @@ use crate::{
     kernel::{
         PfError,
         host::{Listening, LocalAddresses},
+        state::Traffic,
     },
 };
 
@@ -231,6 +232,8 @@ pub enum Request {
         ttl: Option<String>,
     },
     Status,
+    /// Each reservation with its traffic since it was made.
+    Stats,
     /// A change request the API could not even read (bad JSON, an unknown field, too large):
     /// refused, and audited like any refusal.
     Malformed {
@@ -261,6 +264,7 @@ impl Request {
             | Request::List { .. }
             | Request::Expired { .. }
             | Request::Status
+            | Request::Stats
             | Request::Reload { .. } => return None,
         })
     }
@@ -315,6 +319,7 @@ pub fn record_view(r: &Record) -> ReservationView {
         enabled: r.enabled,
         note: r.note.clone(),
         expired: None,
+        traffic: None,
     }
 }
 
@@ -387,6 +392,21 @@ fn check_note(note: &str) -> Result<(), ApiError> {
         )));
     }
     Ok(())
+}
+
+/// What `record`'s entries now in the maps have counted (nothing if it is disabled); a read
+/// that fails is logged and counts nothing, since the change it precedes must not wait on it.
+fn live_traffic(state: &dyn Maps, record: &Record) -> Traffic {
+    if !record.enabled {
+        return Traffic::default();
+    }
+    state.traffic(&record.reservation).unwrap_or_else(|e| {
+        tracing::warn!(
+            "reading reservation {}'s traffic from the maps: {e}; its totals lack what they held",
+            record.id
+        );
+        Traffic::default()
+    })
 }
 
 /// One log line for an audited change: who, what, the outcome and the reservation, briefly
@@ -624,6 +644,29 @@ impl Engine {
                     .map(AttachmentView::from)
                     .collect::<Vec<_>>(),
             })),
+            Request::Stats => {
+                let carried = self.store.all_traffic()?;
+                let live: std::collections::HashMap<Reservation, Traffic> =
+                    self.open_state()?.traffic_all()?.into_iter().collect();
+                let reservations = self
+                    .store
+                    .list(None)?
+                    .iter()
+                    .map(|r| ReservationTraffic {
+                        id: r.id,
+                        owner: r.owner.clone(),
+                        enabled: r.enabled,
+                        forward: ForwardView::from(&r.reservation),
+                        traffic: carried.get(&r.id).copied().unwrap_or_default()
+                            + if r.enabled {
+                                live.get(&r.reservation).copied().unwrap_or_default()
+                            } else {
+                                Traffic::default()
+                            },
+                    })
+                    .collect();
+                Ok(serde_json::to_value(StatsView { reservations }).expect("plain struct"))
+            }
             Request::Reload { policy } => {
                 match self.audit.reopen() {
                     Ok(()) => {
@@ -655,7 +698,9 @@ impl Engine {
     fn change(&mut self, request: Request, caller: Caller) -> Result<Value, ApiError> {
         match request {
             Request::Reserve(r) => self.reserve(r).map(|r| record_json(&r)),
-            Request::Release(id) => self.release(id).map(|r| record_json(&r)),
+            Request::Release(id) => self
+                .release(id)
+                .map(|r| serde_json::to_value(r).expect("plain struct")),
             Request::ReleaseOwner(owner) => self.release_owner(&owner, caller),
             Request::Renew { id, ttl } => self.renew(id, ttl).map(|r| record_json(&r)),
             Request::SetEnabled { id, enabled } => {
@@ -674,8 +719,7 @@ impl Engine {
         let mut released = Vec::new();
         for r in records {
             match self.release(r.id) {
-                Ok(r) => {
-                    let done = record_view(&r);
+                Ok(done) => {
                     self.audit(
                         caller,
                         "release",
@@ -917,12 +961,16 @@ impl Engine {
     /// first, then the store lets go (the truth: a failure there changes nothing and says so),
     /// then the maps. If the maps fail after the store let go, the error says so and the
     /// engine reconciles at its next tick until the maps agree.
-    fn release(&mut self, id: u64) -> Result<Record, ApiError> {
+    fn release(&mut self, id: u64) -> Result<ReservationView, ApiError> {
         let record = self.get(id)?;
         let mut state = self.open_state()?;
+        let total = self.store.traffic(id)? + live_traffic(state.as_ref(), &record);
         self.store.delete(id)?;
         self.unmap_after_store(state.as_mut(), &record, "released")?;
-        Ok(record)
+        Ok(ReservationView {
+            traffic: Some(total),
+            ..record_view(&record)
+        })
     }
 
     /// Takes `record` out of the maps after the store has; a failure schedules a repair.
@@ -1010,7 +1058,12 @@ impl Engine {
                 });
             }
         } else {
+            // What its entries counted goes on from there when it is enabled again.
+            let live = live_traffic(state.as_ref(), &record);
             self.store.set_enabled(id, false)?;
+            if let Err(e) = self.store.add_traffic(id, live) {
+                tracing::warn!("reservation {id}'s traffic so far is lost from its totals: {e}");
+            }
             self.unmap_after_store(state.as_mut(), &record, "disabled")?;
         }
         self.get(id)

@@ -400,3 +400,78 @@ fn a_lower_quota_marks_the_newest_reservations_past_it() {
             .all(|v| v.rule == "policy.ports_per_owner")
     );
 }
+
+fn traffic(packets: u64) -> Traffic {
+    Traffic {
+        in_packets: packets,
+        in_bytes: packets * 100,
+        out_packets: packets / 2,
+        out_bytes: packets * 50,
+    }
+}
+
+/// Counts `t` on reservation `id`'s entries, as the programs would.
+fn count(e: &mut Engine, fake: &FakeDataPlane, id: u64, t: Traffic) {
+    let record = e.get(id).unwrap();
+    fake.count(&record.reservation, t);
+}
+
+fn stats_of(e: &mut Engine, id: u64) -> Value {
+    let stats = e.handle(Request::Stats, CALLER).unwrap();
+    stats["reservations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("{id} not in {stats}"))
+}
+
+#[test]
+fn traffic_survives_disable_enable_and_expiry_and_a_release_reports_its_totals() {
+    let (mut e, fake, dir) = engine();
+    let id = reserved(&mut e, "198.51.100.1:30000/tcp", Some("10s"));
+    count(&mut e, &fake, id, traffic(10));
+    assert_eq!(stats_of(&mut e, id)["traffic"], json!(traffic(10)));
+    // Disabled: its entries leave the maps, and their counts go on in the store.
+    e.handle(Request::SetEnabled { id, enabled: false }, CALLER)
+        .unwrap();
+    let disabled = stats_of(&mut e, id);
+    assert_eq!(disabled["enabled"], false);
+    assert_eq!(disabled["traffic"], json!(traffic(10)));
+    e.handle(Request::SetEnabled { id, enabled: true }, CALLER)
+        .unwrap();
+    count(&mut e, &fake, id, traffic(4));
+    assert_eq!(stats_of(&mut e, id)["traffic"], json!(traffic(14)));
+    // Expired: the audit line has its totals; restored, it counts on from them.
+    e.clock.advance(11_000);
+    e.tick();
+    let audit = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+    let expired = audit
+        .lines()
+        .find(|l| l.contains("\"action\":\"expire\""))
+        .unwrap_or_else(|| panic!("{audit}"));
+    let expired: Value = serde_json::from_str(expired).unwrap();
+    assert_eq!(
+        expired["reservation"]["traffic"],
+        json!(traffic(14)),
+        "{expired}"
+    );
+    e.handle(Request::Restore { id, ttl: None }, CALLER)
+        .unwrap();
+    count(&mut e, &fake, id, traffic(2));
+    let released = e.handle(Request::Release(id), CALLER).unwrap();
+    assert_eq!(released["traffic"], json!(traffic(16)), "{released}");
+    let audit = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+    let release: Value = serde_json::from_str(
+        audit
+            .lines()
+            .find(|l| l.contains("\"action\":\"release\""))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(release["reservation"]["traffic"], json!(traffic(16)));
+    // Gone with it: a later reservation under another id starts from nothing.
+    let next = reserved(&mut e, "198.51.100.1:30000/tcp", None);
+    assert_eq!(stats_of(&mut e, next)["traffic"], json!(Traffic::default()));
+}
