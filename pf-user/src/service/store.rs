@@ -914,6 +914,36 @@ mod tests {
     }
 
     #[test]
+    fn a_version_2_store_gains_the_traffic_table_and_keeps_its_records() {
+        let dir = std::env::temp_dir().join(format!("pf-store-v2-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pf.db");
+        let mut store = SqliteStore::open(&path).unwrap();
+        let a = store
+            .insert(&new("acct-1", "198.51.100.1:80/tcp", "10.8.0.3"))
+            .unwrap();
+        // What the previous pf wrote: no traffic table, version 2.
+        store.conn.execute_batch("DROP TABLE traffic").unwrap();
+        store.conn.pragma_update(None, "user_version", 2).unwrap();
+        drop(store);
+        let mut store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.list(None).unwrap(), vec![a.clone()]);
+        let t = Traffic {
+            in_packets: 3,
+            in_bytes: 300,
+            out_packets: 2,
+            out_bytes: 200,
+        };
+        store.add_traffic(a.id, t).unwrap();
+        store.add_traffic(a.id, t).unwrap();
+        assert_eq!(store.traffic(a.id).unwrap(), t + t);
+        assert!(store.delete(a.id).unwrap());
+        assert_eq!(store.traffic(a.id).unwrap(), Traffic::default());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn overlaps_ports_quota_and_expiry() {
         let mut store = SqliteStore::in_memory().unwrap();
         let mut a = new("acct-1", "198.51.100.1:8810-8815/tcp", "10.8.0.2:9810");
