@@ -90,7 +90,16 @@ struct RawConfig {
     fast_path: RawFastPath,
     #[serde(default)]
     netfilter: RawNetfilter,
+    #[serde(default)]
+    metrics: RawMetrics,
     policy: RawPolicy,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+    per_reservation_limit: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -202,8 +211,23 @@ pub struct Config {
     /// `netfilter.set`: the nftables sets (NAME_tcp, NAME_udp) kept holding every reservation's
     /// target endpoints.
     pub netfilter_set: Option<NftSet>,
+    /// `[metrics]`: the Prometheus listener, if any.
+    pub metrics: MetricsConfig,
     pub policy: Policy,
 }
+
+/// `[metrics]`: where Prometheus scrapes `pf serve` (off unless `listen` is set).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// `listen = "127.0.0.1:9477"`: the TCP address `/metrics` is served on.
+    pub listen: Option<std::net::SocketAddr>,
+    /// Above this many reservations, the per-reservation series are left out (the per-owner
+    /// and global ones stay): each reservation is four series, and a scrape must stay small.
+    pub per_reservation_limit: usize,
+}
+
+/// Default `metrics.per_reservation_limit`.
+pub const DEFAULT_PER_RESERVATION_LIMIT: usize = 10_000;
 
 impl Config {
     /// The sections of `new` that differ from `self` and that a reload cannot apply (only
@@ -221,6 +245,9 @@ impl Config {
         }
         if self.netfilter_set != new.netfilter_set {
             changed.push("[netfilter]");
+        }
+        if self.metrics != new.metrics {
+            changed.push("[metrics]");
         }
         changed
     }
@@ -379,6 +406,23 @@ impl Config {
             fast_path_devices: match raw.fast_path.redirect_devices {
                 Some(names) => DeviceChoice::Named(names),
                 None => DeviceChoice::Kernel,
+            },
+            metrics: MetricsConfig {
+                listen: raw
+                    .metrics
+                    .listen
+                    .map(|a| {
+                        a.parse().map_err(|_| {
+                            format!(
+                                "metrics.listen: '{a}' is not an address and port such as 127.0.0.1:9477"
+                            )
+                        })
+                    })
+                    .transpose()?,
+                per_reservation_limit: raw
+                    .metrics
+                    .per_reservation_limit
+                    .unwrap_or(DEFAULT_PER_RESERVATION_LIMIT),
             },
             policy,
         })

@@ -13,7 +13,7 @@ use crate::{
         attach::{self, Attachment},
         bpffs::PinDir,
         nftset::NftSet,
-        state::{State, Traffic},
+        state::{Counters, State, Traffic},
     },
 };
 
@@ -40,6 +40,8 @@ pub trait Maps {
     fn traffic(&self, r: &Reservation) -> Result<Traffic, PfError>;
     /// Every reservation in the maps with its traffic.
     fn traffic_all(&self) -> Result<Vec<(Reservation, Traffic)>, PfError>;
+    /// The programs' global outcome counters.
+    fn counters(&self) -> Result<Counters, PfError>;
 }
 
 impl Maps for State {
@@ -72,6 +74,9 @@ impl Maps for State {
     }
     fn traffic_all(&self) -> Result<Vec<(Reservation, Traffic)>, PfError> {
         State::traffic_all(self)
+    }
+    fn counters(&self) -> Result<Counters, PfError> {
+        State::counters(self)
     }
 }
 
@@ -202,6 +207,9 @@ impl Maps for WithNetfilterSet {
     fn traffic_all(&self) -> Result<Vec<(Reservation, Traffic)>, PfError> {
         self.maps.traffic_all()
     }
+    fn counters(&self) -> Result<Counters, PfError> {
+        self.maps.counters()
+    }
 }
 
 /// A data plane in memory, for host tests of the engine: the same all-or-nothing and
@@ -220,7 +228,11 @@ pub mod fake {
             net::Ipv4Net,
             spec::{PublicSpec, Reservation},
         },
-        kernel::{PfError, attach::Attachment, state::Traffic},
+        kernel::{
+            PfError,
+            attach::Attachment,
+            state::{Counters, Traffic},
+        },
     };
 
     #[derive(Default)]
@@ -366,6 +378,16 @@ pub mod fake {
                 .iter()
                 .map(|(k, r)| (*r, c.traffic.get(k).copied().unwrap_or_default()))
                 .collect())
+        }
+
+        fn counters(&self) -> Result<Counters, PfError> {
+            Ok(Counters {
+                ingress: vec![("rewritten", 0)],
+                egress: vec![("rewritten", 0)],
+                fast_path: Vec::new(),
+                reply_fast_path: Vec::new(),
+                egress_by_helpers: 0,
+            })
         }
     }
 

@@ -4,6 +4,7 @@
 //! |----------------------------------------|----------------------------------------------|
 //! | `GET /v1/status`                       | version, count, next expiry, interfaces      |
 //! | `GET /v1/stats`                        | each reservation's traffic since it was made |
+//! | `GET /healthz`                         | 200 ok, or 503 naming what keeps pf from work|
 //! | `GET /v1/reservations[?owner=X]`       | list (all, or one owner's)                   |
 //! | `POST /v1/reservations`                | reserve (`ReserveRequest`), 201              |
 //! | `GET /v1/reservations/{id}`            | one reservation                              |
@@ -183,13 +184,101 @@ impl Condition {
     }
 }
 
+/// At most this many `/metrics` connections at once (Prometheus keeps one per target).
+const METRICS_CONNECTIONS: usize = 16;
+
+/// The Prometheus listener (`[metrics] listen`): `GET /metrics` only.
+pub(super) struct MetricsListener {
+    pub listener: std::net::TcpListener,
+    pub per_reservation_limit: usize,
+}
+
+/// Serves `/metrics`: the engine composes the text (it holds the store, the maps and the
+/// counters), this side only carries it.
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    jobs: mpsc::Sender<Job>,
+    per_reservation_limit: usize,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue; // dropped: a scraper retries
+        };
+        let jobs = jobs.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let service = service_fn(move |req: hyper::Request<Incoming>| {
+                let jobs = jobs.clone();
+                async move {
+                    let response = if req.method() != Method::GET {
+                        json_response(
+                            StatusCode::METHOD_NOT_ALLOWED,
+                            &serde_json::json!({"error": "GET only", "code": "method_not_allowed"}),
+                        )
+                    } else if req.uri().path() != "/metrics" {
+                        json_response(
+                            StatusCode::NOT_FOUND,
+                            &serde_json::json!({"error": "the metrics are at /metrics", "code": "not_found"}),
+                        )
+                    } else {
+                        match ask(
+                            Request::Metrics {
+                                per_reservation_limit,
+                            },
+                            Caller::SERVICE,
+                            &jobs,
+                        )
+                        .await
+                        {
+                            Ok(Value::String(text)) => Response::builder()
+                                .status(StatusCode::OK)
+                                .header(
+                                    "content-type",
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                )
+                                .body(Full::new(Bytes::from(text)))
+                                .expect("valid response"),
+                            Ok(other) => json_response(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                &serde_json::json!({"error": format!("unexpected {other}"), "code": "internal"}),
+                            ),
+                            Err(e) => json_response(status_of(e.kind), &e.to_json()),
+                        }
+                    };
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
 pub(super) async fn serve(
     listener: StdListener,
     jobs: mpsc::Sender<Job>,
     mut reloader: super::Reloader,
+    metrics: Option<MetricsListener>,
 ) -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let listener = UnixListener::from_std(listener)?;
+    if let Some(m) = metrics {
+        m.listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(m.listener)?;
+        tokio::spawn(serve_metrics(
+            listener,
+            jobs.clone(),
+            m.per_reservation_limit,
+        ));
+    }
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut hangup = signal(SignalKind::hangup())?;
@@ -522,6 +611,8 @@ async fn route(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
     match segments[..] {
         ["v1", "status"] if method == Method::GET => Ok(Request::Status),
         ["v1", "status"] => Err(not_allowed()),
+        ["healthz"] if method == Method::GET => Ok(Request::Health),
+        ["healthz"] => Err(not_allowed()),
         ["v1", "stats"] if method == Method::GET => Ok(Request::Stats),
         ["v1", "stats"] => Err(not_allowed()),
         ["v1", "reservations"] => match method {

@@ -13,6 +13,7 @@ pub mod dataplane;
 pub mod engine;
 mod http;
 mod links;
+pub mod metrics;
 pub mod policy;
 pub mod store;
 
@@ -435,10 +436,22 @@ pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<
         .enable_all()
         .build()
         .map_err(io("starting the tokio runtime"))?;
+    let metrics = match config.metrics.listen {
+        Some(addr) => {
+            let listener = std::net::TcpListener::bind(addr)
+                .map_err(io(format!("binding metrics.listen {addr}")))?;
+            tracing::info!("serving Prometheus metrics on http://{addr}/metrics");
+            Some(http::MetricsListener {
+                listener,
+                per_reservation_limit: config.metrics.per_reservation_limit,
+            })
+        }
+        None => None,
+    };
     let follower = links::Follower::start(follower_dir, config.clone())?;
     tracing::info!("listening on {}", service.socket.display());
     tell_systemd(&[sd_notify::NotifyState::Ready]);
-    let served = runtime.block_on(http::serve(listener, jobs, reloader));
+    let served = runtime.block_on(http::serve(listener, jobs, reloader, metrics));
     tell_systemd(&[sd_notify::NotifyState::Stopping]);
     // Dropping the runtime drops every connection and with them the last job senders: the
     // engine finishes the job it is on and any queued, then stops.

@@ -501,3 +501,155 @@ fn stats_name_each_reservation_and_its_traffic_outlives_a_disable() {
         "{audit}"
     );
 }
+
+/// The value of the series `name{labels}` in a scrape, if it is there.
+fn series(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn prometheus_metrics_and_healthz() {
+    require_root();
+    let dir = TempPinDir::new();
+    let topo = Topology::new(&format!("pf{}met", std::process::id())).unwrap();
+    let www = ScratchDir::claim(
+        std::env::temp_dir().join(format!("pf-www-metrics-{}", std::process::id())),
+    );
+    std::fs::create_dir_all(www.path()).unwrap();
+    std::fs::write(www.path().join("index.html"), "scraped\n").unwrap();
+    topo.client
+        .serve_directory(CLIENT_IP, 80, www.path().to_str().unwrap())
+        .unwrap();
+    // Served inside the server's namespace, on its loopback: the scrape never leaves it.
+    let policy = TEST_POLICY.replace(r#"port_pool = ["1-65535"]"#, r#"port_pool = ["8000-8999"]"#);
+    let service = dir.serve_with(
+        Some(&topo.server),
+        &format!(
+            "[[interfaces]]\nname = \"{PUBLIC_IFACE}\"\n[metrics]\nlisten = \"127.0.0.1:9477\"\nper_reservation_limit = 2\n{policy}"
+        ),
+    );
+    let scrape = || -> String {
+        let out = topo
+            .server
+            .run(&[
+                "curl",
+                "--silent",
+                "--fail",
+                "--max-time",
+                "10",
+                "http://127.0.0.1:9477/metrics",
+            ])
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let reserve = |public: &str, to: &str| {
+        call(
+            &service,
+            "POST",
+            "/v1/reservations",
+            Some(&json!({ "owner": "acct-9", "public": public, "to": to })),
+        )
+    };
+    let id = reserve("198.51.100.1:8080/tcp", "10.8.0.2:80").unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    assert!(reserve("198.51.100.1:9090/tcp", "10.8.0.2:81").is_err());
+    for _ in 0..2 {
+        assert_eq!(
+            topo.inet.curl("http://198.51.100.1:8080/").unwrap(),
+            "scraped\n"
+        );
+    }
+    let text = scrape();
+    let reservation_in =
+        format!("pf_reservation_packets_total{{id=\"{id}\",owner=\"acct-9\",direction=\"in\"}}");
+    let packets_in = series(&text, &reservation_in).unwrap_or_else(|| panic!("{text}"));
+    assert!(packets_in >= 10.0, "{text}");
+    assert_eq!(
+        series(
+            &text,
+            "pf_owner_packets_total{owner=\"acct-9\",direction=\"in\"}"
+        ),
+        Some(packets_in),
+        "{text}"
+    );
+    assert!(
+        series(&text, "pf_ingress_packets_total{outcome=\"rewritten\"}").unwrap() >= packets_in
+    );
+    assert_eq!(
+        series(&text, "pf_reservations{state=\"enabled\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        series(&text, "pf_refusals_total{reason=\"policy.port_pool\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        series(
+            &text,
+            "pf_interfaces{interface=\"pub0\",role=\"public\",live=\"true\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        series(&text, "pf_change_duration_seconds_count").unwrap() >= 2.0,
+        "{text}"
+    );
+    assert!(text.trim_end().ends_with("# EOF"), "{text}");
+    // Past the limit, the per-reservation series go and the per-owner ones stay.
+    reserve("198.51.100.1:8081/tcp", "10.8.0.2:82").unwrap();
+    reserve("198.51.100.1:8082/tcp", "10.8.0.2:83").unwrap();
+    let text = scrape();
+    assert_eq!(series(&text, &reservation_in), None, "{text}");
+    assert_eq!(
+        series(&text, "pf_per_reservation_series_omitted"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        series(
+            &text,
+            "pf_owner_packets_total{owner=\"acct-9\",direction=\"in\"}"
+        )
+        .unwrap()
+            >= packets_in
+    );
+    // Only GET /metrics.
+    let out = topo
+        .server
+        .run(&[
+            "curl",
+            "--silent",
+            "--output",
+            "/dev/null",
+            "--write-out",
+            "%{http_code}",
+            "http://127.0.0.1:9477/",
+        ])
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
+
+    // /healthz on the API: ok, then 503 naming the interface once pub0 is gone.
+    assert_eq!(
+        call(&service, "GET", "/healthz", None).unwrap(),
+        json!({ "status": "ok" })
+    );
+    topo.server
+        .run(&["ip", "link", "del", PUBLIC_IFACE])
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match call(&service, "GET", "/healthz", None) {
+            Err(e) if e.contains("pub0 is not attached") => break,
+            other => assert!(Instant::now() < deadline, "{other:?}"),
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}

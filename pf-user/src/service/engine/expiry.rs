@@ -118,7 +118,10 @@ impl Engine {
                 record.id
             );
             match unmapped {
-                Ok(()) => self.audit(Caller::SERVICE, "expire", "ok", &done, None),
+                Ok(()) => {
+                    self.metrics.expired();
+                    self.audit(Caller::SERVICE, "expire", "ok", &done, None)
+                }
                 Err(e) => {
                     tracing::error!("{}", e.message);
                     self.audit(

@@ -31,7 +31,10 @@ use crate::{
     },
 };
 
-use super::audit::{Audit, Caller};
+use super::{
+    audit::{Audit, Caller},
+    metrics::{self, ServiceMetrics},
+};
 
 /// Longest owner id and note the service stores.
 pub const MAX_OWNER_LEN: usize = 128;
@@ -234,6 +237,12 @@ pub enum Request {
     Status,
     /// Each reservation with its traffic since it was made.
     Stats,
+    /// The Prometheus exposition text (see [`metrics`]).
+    Metrics {
+        per_reservation_limit: usize,
+    },
+    /// Whether the service can do its job: take changes, and forward on every interface.
+    Health,
     /// A change request the API could not even read (bad JSON, an unknown field, too large):
     /// refused, and audited like any refusal.
     Malformed {
@@ -265,6 +274,8 @@ impl Request {
             | Request::Expired { .. }
             | Request::Status
             | Request::Stats
+            | Request::Metrics { .. }
+            | Request::Health
             | Request::Reload { .. } => return None,
         })
     }
@@ -477,6 +488,8 @@ pub struct Engine {
     violations: Vec<Violation>,
     /// When the last reconcile ran (Unix ms) and how many drifts it repaired.
     last_reconcile: Option<(u64, usize)>,
+    /// What the engine counts for `/metrics` as it goes.
+    pub metrics: ServiceMetrics,
 }
 
 fn kernel_seed() -> u64 {
@@ -517,6 +530,7 @@ impl Engine {
             repair_failing: None,
             violations: Vec::new(),
             last_reconcile: None,
+            metrics: ServiceMetrics::default(),
         })
     }
 
@@ -579,19 +593,26 @@ impl Engine {
         };
         let subject = request.subject();
         if let Request::Malformed { error, .. } = request {
+            self.metrics.refused(error.kind.code());
             self.audit(caller, action, "refused", &subject, Some(&error.message));
             return Err(error);
         }
         if let Some(refusal) = self.refuse_changes() {
             // Recorded if the log takes it (a read-only store, say); the change is refused
             // whether it does or not.
+            self.metrics.refused(refusal.kind.code());
             log_change(caller, action, "refused", &subject, Some(&refusal.message));
             let _ = self
                 .audit
                 .write(caller, action, "refused", &subject, Some(&refusal.message));
             return Err(refusal);
         }
+        let started = Instant::now();
         let result = self.change(request, caller);
+        self.metrics.change_took(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            self.metrics.refused(e.rule.unwrap_or(e.kind.code()));
+        }
         match &result {
             // A release by owner wrote a line per release and its summary as it went.
             Ok(_) if matches!(action, "release-owner") => {}
@@ -645,27 +666,63 @@ impl Engine {
                     .collect::<Vec<_>>(),
             })),
             Request::Stats => {
-                let carried = self.store.all_traffic()?;
-                let live: std::collections::HashMap<Reservation, Traffic> =
-                    self.open_state()?.traffic_all()?.into_iter().collect();
-                let reservations = self
-                    .store
-                    .list(None)?
+                let state = self.open_state()?;
+                Ok(serde_json::to_value(StatsView {
+                    reservations: self.traffic_rows(state.as_ref())?,
+                })
+                .expect("plain struct"))
+            }
+            Request::Metrics {
+                per_reservation_limit,
+            } => {
+                let state = self.open_state();
+                let counters = state.as_ref().ok().and_then(|s| s.counters().ok());
+                let reservations = match &state {
+                    Ok(state) => self.traffic_rows(state.as_ref())?,
+                    Err(_) => Vec::new(),
+                };
+                let violations = self.violations().len();
+                let interfaces: Vec<AttachmentView> = self
+                    .dataplane
+                    .attachments()
                     .iter()
-                    .map(|r| ReservationTraffic {
-                        id: r.id,
-                        owner: r.owner.clone(),
-                        enabled: r.enabled,
-                        forward: ForwardView::from(&r.reservation),
-                        traffic: carried.get(&r.id).copied().unwrap_or_default()
-                            + if r.enabled {
-                                live.get(&r.reservation).copied().unwrap_or_default()
-                            } else {
-                                Traffic::default()
-                            },
+                    .map(AttachmentView::from)
+                    .collect();
+                Ok(Value::String(metrics::encode_text(
+                    &metrics::Snapshot {
+                        counters: counters.as_ref(),
+                        reservations: &reservations,
+                        violations,
+                        drifts: self.last_reconcile.map(|(_, d)| d),
+                        store_read_only: self.store.read_only().is_some(),
+                        interfaces: &interfaces,
+                        per_reservation_limit,
+                    },
+                    &self.metrics,
+                )))
+            }
+            Request::Health => {
+                let mut problems: Vec<String> = self
+                    .dataplane
+                    .attachments()
+                    .iter()
+                    .filter(|a| !a.health.is_live())
+                    .map(|a| {
+                        format!(
+                            "{} is not attached ({})",
+                            a.iface,
+                            AttachmentView::from(a).problem.unwrap_or_default()
+                        )
                     })
                     .collect();
-                Ok(serde_json::to_value(StatsView { reservations }).expect("plain struct"))
+                if let Some(refusal) = self.refuse_changes() {
+                    problems.insert(0, refusal.message);
+                }
+                if problems.is_empty() {
+                    Ok(json!({ "status": "ok" }))
+                } else {
+                    Err(ApiError::unavailable(problems.join("; ")))
+                }
             }
             Request::Reload { policy } => {
                 match self.audit.reopen() {
@@ -765,6 +822,31 @@ impl Engine {
             released,
         })
         .expect("plain struct"))
+    }
+
+    /// Each reservation in the store with its traffic since it was made: what the store
+    /// carried over from maps it left, plus what its entries in `state` count now.
+    fn traffic_rows(&self, state: &dyn Maps) -> Result<Vec<ReservationTraffic>, ApiError> {
+        let carried = self.store.all_traffic()?;
+        let live: std::collections::HashMap<Reservation, Traffic> =
+            state.traffic_all()?.into_iter().collect();
+        Ok(self
+            .store
+            .list(None)?
+            .iter()
+            .map(|r| ReservationTraffic {
+                id: r.id,
+                owner: r.owner.clone(),
+                enabled: r.enabled,
+                forward: ForwardView::from(&r.reservation),
+                traffic: carried.get(&r.id).copied().unwrap_or_default()
+                    + if r.enabled {
+                        live.get(&r.reservation).copied().unwrap_or_default()
+                    } else {
+                        Traffic::default()
+                    },
+            })
+            .collect())
     }
 
     fn get(&self, id: u64) -> Result<Record, ApiError> {

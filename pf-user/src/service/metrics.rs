@@ -1,0 +1,305 @@
+//! Prometheus metrics of `pf serve`, served on the TCP address `[metrics] listen` names (off
+//! unless set) at `/metrics`, in the exposition format of the Prometheus project's own Rust
+//! client. Names follow its conventions: the `pf_` prefix, base units (bytes, seconds), and
+//! `_total` on counters.
+//!
+//! | metric | labels | what |
+//! | --- | --- | --- |
+//! | `pf_ingress_packets_total`, `pf_egress_packets_total` | `outcome` | the programs' outcome counters (`rewritten`, `no_reservation`, each reason to pass) |
+//! | `pf_fast_path_packets_total`, `pf_reply_fast_path_packets_total` | `outcome` | the fast paths' outcomes |
+//! | `pf_reservation_packets_total`, `pf_reservation_bytes_total` | `id`, `owner`, `direction` | each reservation's traffic since it was made (left out above `per_reservation_limit`) |
+//! | `pf_owner_packets_total`, `pf_owner_bytes_total` | `owner`, `direction` | the same summed per owner |
+//! | `pf_reservations` | `state` (`enabled`, `disabled`) | reservations in the store |
+//! | `pf_policy_violations` | | reservations the policy in force would refuse |
+//! | `pf_reconcile_drifts` | | differences the last reconcile repaired |
+//! | `pf_interfaces` | `interface`, `role`, `live` | configured and attached interfaces (1 each) |
+//! | `pf_store_read_only` | | 1 when the store takes no changes |
+//! | `pf_expiries_total` | | reservations expired by this process |
+//! | `pf_refusals_total` | `reason` | refused changes, by policy rule or error code |
+//! | `pf_change_duration_seconds` | | how long each change took in the engine (store, maps, audit) |
+//! | `pf_per_reservation_series_omitted` | | 1 when there were more reservations than the limit |
+//!
+//! Cardinality: the global series are fixed; per owner, four series per owner; per
+//! reservation, four per reservation, up to `metrics.per_reservation_limit` (default 10,000)
+//! reservations, beyond which they are all left out (the per-owner ones stay).
+
+use std::collections::HashMap;
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::{
+    api::types::{AttachmentView, ReservationTraffic},
+    kernel::state::Counters,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReservationLabels {
+    id: String,
+    owner: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OwnerLabels {
+    owner: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InterfaceLabels {
+    interface: String,
+    role: String,
+    live: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    reason: String,
+}
+
+/// What the engine counts as it goes (the rest is read at each scrape).
+#[derive(Clone)]
+pub struct ServiceMetrics {
+    refusals: Family<ReasonLabels, Counter>,
+    expiries: Counter,
+    change_seconds: Histogram,
+}
+
+impl Default for ServiceMetrics {
+    fn default() -> Self {
+        Self {
+            refusals: Family::default(),
+            expiries: Counter::default(),
+            // 100 µs to ~3 s: a change is a store transaction (fsync), map writes and an
+            // audit line.
+            change_seconds: Histogram::new([
+                0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0,
+            ]),
+        }
+    }
+}
+
+impl ServiceMetrics {
+    /// A change refused, by the rule that refused it or the error's code.
+    pub fn refused(&self, reason: &str) {
+        self.refusals
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn expired(&self) {
+        self.expiries.inc();
+    }
+
+    pub fn change_took(&self, seconds: f64) {
+        self.change_seconds.observe(seconds);
+    }
+}
+
+/// Everything a scrape shows that is read at the time of the scrape.
+pub struct Snapshot<'a> {
+    /// `None` when the maps could not be read (the scrape still shows the rest).
+    pub counters: Option<&'a Counters>,
+    pub reservations: &'a [ReservationTraffic],
+    pub violations: usize,
+    pub drifts: Option<usize>,
+    pub store_read_only: bool,
+    pub interfaces: &'a [AttachmentView],
+    pub per_reservation_limit: usize,
+}
+
+fn outcomes(registry: &mut Registry, name: &str, help: &str, values: &[(&str, u64)]) {
+    let family = Family::<OutcomeLabels, Counter>::default();
+    for (outcome, v) in values {
+        family
+            .get_or_create(&OutcomeLabels {
+                outcome: (*outcome).to_string(),
+            })
+            .inc_by(*v);
+    }
+    registry.register(name, help, family);
+}
+
+fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
+    let g = Gauge::<i64>::default();
+    g.set(value);
+    registry.register(name, help, g);
+}
+
+/// The exposition text of one scrape.
+pub fn encode_text(s: &Snapshot, service: &ServiceMetrics) -> String {
+    let mut registry = Registry::with_prefix("pf");
+    if let Some(c) = s.counters {
+        outcomes(
+            &mut registry,
+            "ingress_packets",
+            "XDP ingress outcomes",
+            &c.ingress,
+        );
+        outcomes(
+            &mut registry,
+            "egress_packets",
+            "TC egress outcomes",
+            &c.egress,
+        );
+        outcomes(
+            &mut registry,
+            "fast_path_packets",
+            "Fast-path outcomes of rewritten packets",
+            &c.fast_path,
+        );
+        outcomes(
+            &mut registry,
+            "reply_fast_path_packets",
+            "Reply fast-path outcomes",
+            &c.reply_fast_path,
+        );
+    }
+    let omitted = s.reservations.len() > s.per_reservation_limit;
+    let (packets, bytes) = (
+        Family::<ReservationLabels, Counter>::default(),
+        Family::<ReservationLabels, Counter>::default(),
+    );
+    let mut owners: HashMap<(&str, &'static str), (u64, u64)> = HashMap::new();
+    let (mut enabled, mut disabled) = (0, 0);
+    for r in s.reservations {
+        if r.enabled {
+            enabled += 1;
+        } else {
+            disabled += 1;
+        }
+        let t = &r.traffic;
+        for (direction, p, b) in [
+            ("in", t.in_packets, t.in_bytes),
+            ("out", t.out_packets, t.out_bytes),
+        ] {
+            let owner = owners.entry((r.owner.as_str(), direction)).or_default();
+            owner.0 += p;
+            owner.1 += b;
+            if !omitted {
+                let labels = ReservationLabels {
+                    id: r.id.to_string(),
+                    owner: r.owner.clone(),
+                    direction,
+                };
+                packets.get_or_create(&labels).inc_by(p);
+                bytes.get_or_create(&labels).inc_by(b);
+            }
+        }
+    }
+    registry.register(
+        "reservation_packets",
+        "Packets through each reservation since it was made",
+        packets,
+    );
+    registry.register(
+        "reservation_bytes",
+        "Bytes through each reservation since it was made",
+        bytes,
+    );
+    let (owner_packets, owner_bytes) = (
+        Family::<OwnerLabels, Counter>::default(),
+        Family::<OwnerLabels, Counter>::default(),
+    );
+    for ((owner, direction), (p, b)) in owners {
+        let labels = OwnerLabels {
+            owner: owner.to_string(),
+            direction,
+        };
+        owner_packets.get_or_create(&labels).inc_by(p);
+        owner_bytes.get_or_create(&labels).inc_by(b);
+    }
+    registry.register(
+        "owner_packets",
+        "Packets through each owner's reservations",
+        owner_packets,
+    );
+    registry.register(
+        "owner_bytes",
+        "Bytes through each owner's reservations",
+        owner_bytes,
+    );
+    let states = Family::<StateLabels, Gauge>::default();
+    states
+        .get_or_create(&StateLabels { state: "enabled" })
+        .set(enabled);
+    states
+        .get_or_create(&StateLabels { state: "disabled" })
+        .set(disabled);
+    registry.register("reservations", "Reservations in the store", states);
+    gauge(
+        &mut registry,
+        "per_reservation_series_omitted",
+        "1 when per-reservation series were left out (metrics.per_reservation_limit)",
+        i64::from(omitted),
+    );
+    gauge(
+        &mut registry,
+        "policy_violations",
+        "Reservations the policy in force would refuse",
+        s.violations as i64,
+    );
+    if let Some(drifts) = s.drifts {
+        gauge(
+            &mut registry,
+            "reconcile_drifts",
+            "Differences between store and maps the last reconcile repaired",
+            drifts as i64,
+        );
+    }
+    gauge(
+        &mut registry,
+        "store_read_only",
+        "1 when the reservation store takes no changes",
+        i64::from(s.store_read_only),
+    );
+    let interfaces = Family::<InterfaceLabels, Gauge>::default();
+    for i in s.interfaces {
+        interfaces
+            .get_or_create(&InterfaceLabels {
+                interface: i.interface.clone(),
+                role: i.role.clone(),
+                live: if i.live { "true" } else { "false" },
+            })
+            .set(1);
+    }
+    registry.register(
+        "interfaces",
+        "Interfaces pf is attached to, as the kernel has them",
+        interfaces,
+    );
+    registry.register(
+        "expiries",
+        "Reservations expired by this pf serve",
+        service.expiries.clone(),
+    );
+    registry.register(
+        "refusals",
+        "Changes refused, by policy rule or error code",
+        service.refusals.clone(),
+    );
+    registry.register(
+        "change_duration_seconds",
+        "Time the engine took for each change",
+        service.change_seconds.clone(),
+    );
+    let mut text = String::new();
+    encode(&mut text, &registry).expect("writing to a String cannot fail");
+    text
+}
