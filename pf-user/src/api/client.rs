@@ -12,8 +12,8 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 use super::types::{
-    ErrorBody, ReleasedByOwner, RenewRequest, ReservationView, ReserveRequest, RestoreRequest,
-    StatsView,
+    ChangeRequest, ErrorBody, ReleasedByOwner, RenewRequest, ReservationView, ReserveRequest,
+    RestoreRequest, StatsView,
 };
 
 /// How long the CLI waits for the service to answer.
@@ -169,6 +169,10 @@ impl Client {
             &format!("/v1/reservations/{id}/renew"),
             Some(request),
         )
+    }
+
+    pub fn change(&self, id: u64, request: &ChangeRequest) -> Result<ReservationView, ClientError> {
+        self.typed("PATCH", &format!("/v1/reservations/{id}"), Some(request))
     }
 
     pub fn set_enabled(&self, id: u64, enabled: bool) -> Result<ReservationView, ClientError> {

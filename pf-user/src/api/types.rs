@@ -70,6 +70,22 @@ pub fn lifetime_text(
     }
 }
 
+/// `PATCH /v1/reservations/{id}`: what to change in place (each optional; the public side
+/// never changes, so the port cannot be lost to someone else in between).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeRequest {
+    /// A new target, `TARGET_IP[:PORT]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// A new owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// A new note (empty clears it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
 /// `POST /v1/reservations/{id}/renew`: a new lifetime, or (none) the one it had.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

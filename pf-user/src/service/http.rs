@@ -9,6 +9,7 @@
 //! | `POST /v1/reservations`                | reserve (`ReserveRequest`), 201              |
 //! | `GET /v1/reservations/{id}`            | one reservation                              |
 //! | `DELETE /v1/reservations/{id}`         | release                                      |
+//! | `PATCH /v1/reservations/{id}`          | change in place (`ChangeRequest`)            |
 //! | `DELETE /v1/reservations?owner=X`      | release all of one owner                     |
 //! | `POST /v1/reservations/{id}/renew`     | renew (`{"ttl": "30d"}`, or the same again)  |
 //! | `POST /v1/reservations/{id}/enable`    | forward again                                |
@@ -440,6 +441,7 @@ fn change_action(method: &Method, segments: &[&str]) -> Option<&'static str> {
         (&Method::POST, ["v1", "reservations"]) => "reserve",
         (&Method::DELETE, ["v1", "reservations"]) => "release-owner",
         (&Method::DELETE, ["v1", "reservations", _]) => "release",
+        (&Method::PATCH, ["v1", "reservations", _]) => "change",
         (&Method::POST, ["v1", "reservations", _, "renew"]) => "renew",
         (&Method::POST, ["v1", "reservations", _, "enable"]) => "enable",
         (&Method::POST, ["v1", "reservations", _, "disable"]) => "disable",
@@ -631,6 +633,13 @@ async fn route(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
         ["v1", "reservations", id] => match method {
             Method::GET => Ok(Request::Get(parse_id(id)?)),
             Method::DELETE => Ok(Request::Release(parse_id(id)?)),
+            Method::PATCH => {
+                let id = parse_id(id)?;
+                Ok(Request::Change {
+                    id,
+                    change: parse_json(&read_body(req).await?)?,
+                })
+            }
             _ => Err(not_allowed()),
         },
         ["v1", "reservations", id, action] if method == Method::POST => {

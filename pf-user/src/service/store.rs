@@ -87,6 +87,14 @@ pub trait Store: Send {
     /// Removes a record; false if there was none.
     fn delete(&mut self, id: u64) -> Result<bool, StoreError>;
     fn set_enabled(&mut self, id: u64, enabled: bool) -> Result<bool, StoreError>;
+    /// Changes a record in place: its owner, note and target (the public side stays).
+    fn change(
+        &mut self,
+        id: u64,
+        owner: &str,
+        reservation: &Reservation,
+        note: &str,
+    ) -> Result<bool, StoreError>;
     fn set_lifetime(
         &mut self,
         id: u64,
@@ -100,12 +108,14 @@ pub trait Store: Send {
         ports: PortRange,
         protocols: Protocols,
     ) -> Result<Option<Record>, StoreError>;
-    /// A record whose target side shares a port and protocol with `addr:ports/protocols`.
+    /// A record whose target side shares a port and protocol with `addr:ports/protocols`,
+    /// other than record `except` (one whose target is changing).
     fn target_overlap(
         &self,
         addr: Ipv4Addr,
         ports: PortRange,
         protocols: Protocols,
+        except: Option<u64>,
     ) -> Result<Option<Record>, StoreError>;
     /// The public ranges taken on `addr` for any of `protocols`.
     fn used_public_ports(
@@ -406,6 +416,7 @@ impl SqliteStore {
         addr: Ipv4Addr,
         ports: PortRange,
         protocols: Protocols,
+        except: Option<u64>,
     ) -> Result<Option<Record>, StoreError> {
         Ok(self
             .query(
@@ -416,7 +427,8 @@ impl SqliteStore {
                     lowest_overlapping_first(ports),
                     ports.last,
                     ports.first,
-                    protocols.mask()
+                    protocols.mask(),
+                    except.map(|id| id as i64)
                 ],
             )?
             .pop())
@@ -611,6 +623,27 @@ impl Store for SqliteStore {
         )
     }
 
+    fn change(
+        &mut self,
+        id: u64,
+        owner: &str,
+        reservation: &Reservation,
+        note: &str,
+    ) -> Result<bool, StoreError> {
+        self.update(
+            "changing a reservation",
+            "UPDATE reservations SET owner = ?2, target_ip = ?3, target_first_port = ?4, \
+             note = ?5 WHERE id = ?1",
+            params![
+                id as i64,
+                owner,
+                reservation.target_addr.to_string(),
+                reservation.target_first_port,
+                note
+            ],
+        )
+    }
+
     fn set_lifetime(
         &mut self,
         id: u64,
@@ -637,10 +670,11 @@ impl Store for SqliteStore {
         self.first_overlap(
             "checking public ports",
             "WHERE public_ip = ?1 AND first_port BETWEEN ?2 AND ?3 AND last_port >= ?4 \
-             AND (protocols & ?5) != 0 ORDER BY first_port LIMIT 1",
+             AND (protocols & ?5) != 0 AND ?6 IS NULL ORDER BY first_port LIMIT 1",
             addr,
             ports,
             protocols,
+            None,
         )
     }
 
@@ -649,15 +683,18 @@ impl Store for SqliteStore {
         addr: Ipv4Addr,
         ports: PortRange,
         protocols: Protocols,
+        except: Option<u64>,
     ) -> Result<Option<Record>, StoreError> {
         self.first_overlap(
             "checking target ports",
             "WHERE target_ip = ?1 AND target_first_port BETWEEN ?2 AND ?3 \
              AND target_first_port + (last_port - first_port) >= ?4 \
-             AND (protocols & ?5) != 0 ORDER BY target_first_port LIMIT 1",
+             AND (protocols & ?5) != 0 AND (?6 IS NULL OR id != ?6) \
+             ORDER BY target_first_port LIMIT 1",
             addr,
             ports,
             protocols,
+            except,
         )
     }
 
@@ -978,7 +1015,9 @@ mod tests {
             (range(9700, 9810), true),
             (range(9816, 9900), false),
         ] {
-            let found = store.target_overlap(target, ports, Protocols::Tcp).unwrap();
+            let found = store
+                .target_overlap(target, ports, Protocols::Tcp, None)
+                .unwrap();
             assert_eq!(found.map(|r| r.id), hit.then_some(a.id), "{ports}");
         }
         store

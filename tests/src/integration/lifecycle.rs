@@ -653,3 +653,67 @@ fn prometheus_metrics_and_healthz() {
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_change_in_place_moves_the_target_with_real_traffic() {
+    require_root();
+    let dir = TempPinDir::new();
+    let topo = Topology::new(&format!("pf{}chg", std::process::id())).unwrap();
+    let www = ScratchDir::claim(
+        std::env::temp_dir().join(format!("pf-www-change-{}", std::process::id())),
+    );
+    for (sub, port, text) in [("a", 80, "old target\n"), ("b", 81, "new target\n")] {
+        let d = www.path().join(sub);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("index.html"), text).unwrap();
+        topo.client
+            .serve_directory(CLIENT_IP, port, d.to_str().unwrap())
+            .unwrap();
+    }
+    let service = dir.serve_with(
+        Some(&topo.server),
+        &format!("[[interfaces]]\nname = \"{PUBLIC_IFACE}\"\n{TEST_POLICY}"),
+    );
+    let made = call(
+        &service,
+        "POST",
+        "/v1/reservations",
+        Some(&json!({ "owner": "acct-1", "public": "198.51.100.1:8080/tcp", "to": "10.8.0.2:80" })),
+    )
+    .unwrap();
+    let id = made["id"].as_u64().unwrap().to_string();
+    let url = "http://198.51.100.1:8080/";
+    assert_eq!(topo.inet.curl(url).unwrap(), "old target\n");
+    let out = pf_in_ns(
+        &topo.server,
+        &dir,
+        &[
+            "change",
+            &id,
+            "--to",
+            "10.8.0.2:81",
+            "--note",
+            "moved to 81",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&format!(
+            "changed {id}: 198.51.100.1:8080/tcp -> 10.8.0.2:81 (owner acct-1"
+        )),
+        "{out:?}"
+    );
+    assert_eq!(topo.inet.curl(url).unwrap(), "new target\n");
+    let maps = in_maps(&dir);
+    assert_eq!(
+        maps,
+        vec!["198.51.100.1:8080/tcp -> 10.8.0.2:81".to_string()]
+    );
+    let audit = std::fs::read_to_string(service.audit_log()).unwrap();
+    assert!(
+        audit.lines().any(|l| l.contains("\"action\":\"change\"")
+            && l.contains("\"result\":\"ok\"")
+            && l.contains("10.8.0.2:81")),
+        "{audit}"
+    );
+}

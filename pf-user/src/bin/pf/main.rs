@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use pf::{
     api::{
         client::{Client, ClientError},
-        types::{RenewRequest, ReserveRequest, RestoreRequest},
+        types::{ChangeRequest, RenewRequest, ReserveRequest, RestoreRequest},
     },
     domain::spec::{PublicSpec, Reservation, SpecError, TargetSpec, parse_public_request},
     kernel::{
@@ -163,6 +163,26 @@ enum Command {
         id: u64,
         #[arg(long, value_name = "DURATION")]
         ttl: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a reservation in place: its target, owner or note. Its public port stays
+    /// reserved throughout (a release then a reserve could lose it to someone else).
+    #[command(group(
+        clap::ArgGroup::new("what").required(true).multiple(true).args(["to", "owner", "note"])
+    ))]
+    Change {
+        id: u64,
+        /// A new target, TARGET_IP[:PORT].
+        #[arg(long = "to", value_name = "TARGET_IP[:PORT]")]
+        to: Option<TargetSpec>,
+        /// A new owner.
+        #[arg(long)]
+        owner: Option<String>,
+        /// A new note ("" clears it).
+        #[arg(long)]
+        note: Option<String>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -511,6 +531,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "pf list",
             )?;
             render::print_record("renewed", &r, json)?;
+        }
+        Command::Change {
+            id,
+            to,
+            owner,
+            note,
+            json,
+        } => {
+            let r = hint(
+                client.change(
+                    id,
+                    &ChangeRequest {
+                        to: to.map(|t| t.to_string()),
+                        owner,
+                        note,
+                    },
+                ),
+                "pf list",
+            )?;
+            render::print_record("changed", &r, json)?;
         }
         Command::Enable { id, json } => render::print_record(
             "enabled",

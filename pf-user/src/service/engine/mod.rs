@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     api::types::{
-        AttachmentView, ErrorBody, ForwardView, ReleasedByOwner, ReservationTraffic,
+        AttachmentView, ChangeRequest, ErrorBody, ForwardView, ReleasedByOwner, ReservationTraffic,
         ReservationView, ReserveRequest, StatsView, lifetime_text,
     },
     domain::spec::{
@@ -226,6 +226,11 @@ pub enum Request {
         id: u64,
         enabled: bool,
     },
+    /// Owner, note or target changed in place.
+    Change {
+        id: u64,
+        change: ChangeRequest,
+    },
     /// The expired history.
     Expired {
         owner: Option<String>,
@@ -268,6 +273,7 @@ impl Request {
             Request::SetEnabled { enabled: true, .. } => "enable",
             Request::SetEnabled { enabled: false, .. } => "disable",
             Request::Restore { .. } => "restore",
+            Request::Change { .. } => "change",
             Request::Malformed { action, .. } => action,
             Request::Get(_)
             | Request::List { .. }
@@ -302,6 +308,12 @@ impl Request {
             | Request::SetEnabled { id, .. }
             | Request::Restore { id, .. } => json!({ "id": id }),
             Request::ReleaseOwner(owner) => json!({ "owner": cut(owner) }),
+            Request::Change { id, change } => json!({
+                "id": id,
+                "to": change.to.as_deref().map(cut),
+                "owner": change.owner.as_deref().map(cut),
+                "note": change.note.as_deref().map(cut),
+            }),
             Request::Malformed { subject, .. } => subject.clone(),
             _ => Value::Null,
         }
@@ -764,6 +776,9 @@ impl Engine {
                 self.set_enabled(id, enabled).map(|r| record_json(&r))
             }
             Request::Restore { id, ttl } => self.restore(id, ttl).map(|r| record_json(&r)),
+            Request::Change { id, change } => {
+                self.change_in_place(id, change).map(|r| record_json(&r))
+            }
             _ => unreachable!("reads go through Engine::read"),
         }
     }
@@ -890,6 +905,7 @@ impl Engine {
             reservation.target_addr,
             reservation.target_ports(),
             public.protocols,
+            None,
         )? {
             return Err(ApiError::conflict_with(
                 existing.id,
@@ -1023,7 +1039,7 @@ impl Engine {
             )?;
             if self
                 .store
-                .target_overlap(r.target_addr, r.target_ports(), protocols)?
+                .target_overlap(r.target_addr, r.target_ports(), protocols, None)?
                 .is_none()
             {
                 return Ok(r);
@@ -1147,6 +1163,112 @@ impl Engine {
                 tracing::warn!("reservation {id}'s traffic so far is lost from its totals: {e}");
             }
             self.unmap_after_store(state.as_mut(), &record, "disabled")?;
+        }
+        self.get(id)
+    }
+
+    /// Changes a reservation in place: its owner, note or target. The public side stays, so
+    /// nobody can take the port in between (as they could between a release and a reserve).
+    /// A new target passes the policy and the target-conflict check against every other
+    /// reservation, a new owner the quota. An enabled reservation's entries are replaced in
+    /// the maps (its traffic so far carried over); if the new ones are refused, the store and
+    /// the old entries are put back.
+    fn change_in_place(&mut self, id: u64, change: ChangeRequest) -> Result<Record, ApiError> {
+        let record = self.get(id)?;
+        if change == ChangeRequest::default() {
+            return Err(ApiError::bad_request(
+                "nothing to change: give to, owner or note",
+            ));
+        }
+        let owner = change.owner.unwrap_or_else(|| record.owner.clone());
+        check_owner(&owner)?;
+        let note = change.note.unwrap_or_else(|| record.note.clone());
+        check_note(&note)?;
+        let reservation = match &change.to {
+            Some(to) => Reservation::new(record.reservation.public, to.parse::<TargetSpec>()?)?,
+            None => record.reservation,
+        };
+        let retarget = reservation != record.reservation;
+        if retarget {
+            self.policy
+                .check(&reservation, &self.listening(), &local_addresses()?)?;
+            if let Some(existing) = self.store.target_overlap(
+                reservation.target_addr,
+                reservation.target_ports(),
+                reservation.public.protocols,
+                Some(id),
+            )? {
+                return Err(ApiError::conflict_with(
+                    existing.id,
+                    format!(
+                        "target {}:{}/{} is already the target of reservation {} ({}, owner {})",
+                        reservation.target_addr,
+                        reservation.target_ports(),
+                        reservation.public.protocols,
+                        existing.id,
+                        existing.reservation,
+                        existing.owner
+                    ),
+                ));
+            }
+        }
+        if owner != record.owner {
+            let held = self.store.owner_ports(&owner)?;
+            let asked = u64::from(record.reservation.public.ports.len());
+            if held + asked > self.policy.ports_per_owner {
+                return Err(ApiError::from(crate::service::policy::Refusal {
+                    rule: "policy.ports_per_owner",
+                    detail: format!(
+                        "owner {owner} holds {held} ports; {asked} more would pass the limit of {}",
+                        self.policy.ports_per_owner
+                    ),
+                }));
+            }
+        }
+        let mut state = if retarget && record.enabled {
+            Some(self.open_state()?)
+        } else {
+            None
+        };
+        let live = state
+            .as_deref()
+            .map(|s| live_traffic(s, &record))
+            .unwrap_or_default();
+        self.store.change(id, &owner, &reservation, &note)?;
+        if let Some(state) = state.as_deref_mut() {
+            let replaced = Self::unmap(state, &record)
+                .and_then(|()| state.reserve(&reservation).map_err(ApiError::from));
+            if let Err(e) = replaced {
+                let undo = self
+                    .store
+                    .change(id, &record.owner, &record.reservation, &record.note);
+                let back = if state.is_complete(&record.reservation).unwrap_or(false) {
+                    Ok(())
+                } else {
+                    state.reserve(&record.reservation)
+                };
+                return Err(match (undo, back) {
+                    (Ok(_), Ok(())) => e,
+                    (undo, back) => {
+                        self.repair = true;
+                        ApiError {
+                            message: format!(
+                                "{}; and putting reservation {id} back failed (store: {}, maps: {}); pf serve reconciles the maps with the store every second",
+                                e.message,
+                                undo.map(|_| "ok".to_string())
+                                    .unwrap_or_else(|u| u.to_string()),
+                                back.map(|()| "ok".to_string())
+                                    .unwrap_or_else(|b| b.to_string()),
+                            ),
+                            partial: true,
+                            ..e
+                        }
+                    }
+                });
+            }
+            if let Err(e) = self.store.add_traffic(id, live) {
+                tracing::warn!("reservation {id}'s traffic so far is lost from its totals: {e}");
+            }
         }
         self.get(id)
     }

@@ -475,3 +475,113 @@ fn traffic_survives_disable_enable_and_expiry_and_a_release_reports_its_totals()
     let next = reserved(&mut e, "198.51.100.1:30000/tcp", None);
     assert_eq!(stats_of(&mut e, next)["traffic"], json!(Traffic::default()));
 }
+
+fn change(
+    e: &mut Engine,
+    id: u64,
+    to: Option<&str>,
+    owner: Option<&str>,
+    note: Option<&str>,
+) -> Result<Value, ApiError> {
+    e.handle(
+        Request::Change {
+            id,
+            change: ChangeRequest {
+                to: to.map(Into::into),
+                owner: owner.map(Into::into),
+                note: note.map(Into::into),
+            },
+        },
+        CALLER,
+    )
+}
+
+#[test]
+fn a_change_in_place_keeps_the_port_and_checks_what_a_reserve_would() {
+    let (mut e, fake, _dir) = engine();
+    let id = reserved(&mut e, "198.51.100.1:30000/tcp", None);
+    let other = reserve(
+        &mut e,
+        "acct-2",
+        "198.51.100.1:30001/tcp",
+        "10.200.0.9",
+        None,
+    )
+    .unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    count(&mut e, &fake, id, traffic(5));
+    // A new target: the maps hold the new one only, the traffic goes on.
+    let changed = change(&mut e, id, Some("10.200.0.3:8080"), None, Some("moved")).unwrap();
+    assert_eq!(changed["spec"], "198.51.100.1:30000/tcp -> 10.200.0.3:8080");
+    assert_eq!(changed["note"], "moved");
+    assert_eq!(
+        fake.held(),
+        vec![
+            "198.51.100.1:30000/tcp -> 10.200.0.3:8080".to_string(),
+            "198.51.100.1:30001/tcp -> 10.200.0.9:30001".to_string(),
+        ]
+    );
+    assert_eq!(stats_of(&mut e, id)["traffic"], json!(traffic(5)));
+    // Refused as a reserve would be, changing nothing.
+    let conflict = change(&mut e, id, Some("10.200.0.9:30001"), None, None).unwrap_err();
+    assert_eq!(
+        (conflict.kind, conflict.conflict_id),
+        (Failure::Conflict, Some(other))
+    );
+    let outside = change(&mut e, id, Some("192.168.1.5"), None, None).unwrap_err();
+    assert_eq!(outside.rule, Some("policy.target_networks"));
+    // The quota (3 ports) is the new owner's: acct-2 holds 1.
+    for port in [30002, 30003] {
+        reserve(
+            &mut e,
+            "acct-2",
+            &format!("198.51.100.1:{port}/udp"),
+            &format!("10.200.0.{}", port - 29990),
+            None,
+        )
+        .unwrap();
+    }
+    let quota = change(&mut e, id, None, Some("acct-2"), None).unwrap_err();
+    assert_eq!(quota.rule, Some("policy.ports_per_owner"));
+    assert_eq!(
+        change(&mut e, id, None, None, None).unwrap_err().kind,
+        Failure::BadRequest
+    );
+    assert_eq!(
+        change(&mut e, 999, None, None, Some("x")).unwrap_err().kind,
+        Failure::NotFound
+    );
+    let now = e.handle(Request::Get(id), CALLER).unwrap();
+    assert_eq!(
+        (&now["owner"], &now["spec"]),
+        (
+            &json!("acct-1"),
+            &json!("198.51.100.1:30000/tcp -> 10.200.0.3:8080")
+        )
+    );
+    // Its own old target range is no conflict with itself.
+    change(&mut e, id, Some("10.200.0.3:8081"), Some("acct-3"), None).unwrap();
+    assert_eq!(
+        e.handle(Request::Get(id), CALLER).unwrap()["owner"],
+        "acct-3"
+    );
+}
+
+#[test]
+fn a_change_the_maps_refuse_puts_everything_back() {
+    let (mut e, fake, _dir) = engine();
+    let id = reserved(&mut e, "198.51.100.1:30000/tcp", None);
+    fake.0.lock().unwrap().fail_next_write = Some("no room".into());
+    let refused = change(&mut e, id, Some("10.200.0.3"), None, None).unwrap_err();
+    assert!(refused.message.contains("no room"), "{}", refused.message);
+    assert!(!refused.partial);
+    assert_eq!(
+        e.handle(Request::Get(id), CALLER).unwrap()["spec"],
+        "198.51.100.1:30000/tcp -> 10.200.0.2:30000"
+    );
+    assert_eq!(
+        fake.held(),
+        vec!["198.51.100.1:30000/tcp -> 10.200.0.2:30000".to_string()]
+    );
+}
