@@ -451,6 +451,26 @@ fn change_action(method: &Method, segments: &[&str]) -> Option<&'static str> {
     })
 }
 
+/// Every route the API serves, as (method, path template): the OpenAPI description lists
+/// exactly these (a host test checks), and an integration test asks the real service for each.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/v1/openapi.json"),
+    ("GET", "/v1/status"),
+    ("GET", "/v1/stats"),
+    ("GET", "/v1/reservations"),
+    ("POST", "/v1/reservations"),
+    ("DELETE", "/v1/reservations"),
+    ("GET", "/v1/reservations/{id}"),
+    ("PATCH", "/v1/reservations/{id}"),
+    ("DELETE", "/v1/reservations/{id}"),
+    ("POST", "/v1/reservations/{id}/renew"),
+    ("POST", "/v1/reservations/{id}/enable"),
+    ("POST", "/v1/reservations/{id}/disable"),
+    ("GET", "/v1/expired"),
+    ("POST", "/v1/expired/{id}/restore"),
+];
+
 async fn respond(
     req: hyper::Request<Incoming>,
     caller: Caller,
@@ -458,6 +478,28 @@ async fn respond(
 ) -> Response<Full<Bytes>> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    if path == "/v1/openapi.json" {
+        return match method {
+            Method::GET => Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(
+                    crate::api::OPENAPI.as_bytes(),
+                )))
+                .expect("valid response"),
+            _ => json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &ApiError {
+                    kind: Failure::NotAllowed,
+                    message: format!("{method} is not allowed on {path}"),
+                    rule: None,
+                    partial: false,
+                    conflict_id: None,
+                }
+                .to_json(),
+            ),
+        };
+    }
     let mut created = false;
     let result = match route(req).await {
         Ok(request) => {
@@ -688,6 +730,7 @@ async fn route(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
                     .map_err(ApiError::bad_request)?,
             })
         }
+        ["v1", "expired", _, "restore"] => Err(not_allowed()),
         _ => Err(ApiError {
             kind: Failure::NotFound,
             message: format!("no such API path {path} (the API: GET /v1/openapi.json)"),
@@ -701,6 +744,42 @@ async fn route(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The OpenAPI description lists exactly the routes served, each method and path.
+    #[test]
+    fn the_openapi_description_lists_every_route_and_no_other() {
+        let doc: Value = serde_json::from_str(crate::api::OPENAPI).unwrap();
+        let mut described: Vec<(String, String)> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(path, item)| {
+                item.as_object()
+                    .unwrap()
+                    .keys()
+                    .filter(|k| *k != "parameters")
+                    .map(|m| (m.to_uppercase(), path.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let mut served: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        described.sort();
+        served.sort();
+        assert_eq!(described, served);
+        // Every $ref points at something the document has.
+        let text = crate::api::OPENAPI;
+        for reference in text.split("\"$ref\": \"#/").skip(1) {
+            let path = reference.split('"').next().unwrap();
+            let mut node = &doc;
+            for part in path.split('/') {
+                node = &node[part];
+            }
+            assert!(!node.is_null(), "dangling $ref #/{path}");
+        }
+    }
 
     #[test]
     fn query_parameters() {

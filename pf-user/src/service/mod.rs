@@ -12,6 +12,7 @@ pub mod config;
 pub mod dataplane;
 pub mod engine;
 mod http;
+pub use http::ROUTES;
 mod links;
 pub mod metrics;
 pub mod policy;

@@ -717,3 +717,48 @@ fn a_change_in_place_moves_the_target_with_real_traffic() {
         "{audit}"
     );
 }
+
+/// `curl -X METHOD` on the service's socket: (status, body).
+fn curl_status(service: &Service, method: &str, path: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["--silent", "--max-time", "10", "--unix-socket"])
+        .arg(service.socket())
+        .args(["-X", method, "--write-out", "\n%{http_code}"])
+        .arg(format!("http://pf{path}"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), body.to_string())
+}
+
+#[test]
+fn the_api_serves_what_its_openapi_description_lists() {
+    require_root();
+    let dir = TempPinDir::new();
+    let service = dir.serve();
+    let (status, doc) = curl_status(&service, "GET", "/v1/openapi.json");
+    assert_eq!(status, 200);
+    let doc: Value = serde_json::from_str(&doc).unwrap();
+    assert_eq!(doc["openapi"], "3.0.3");
+    for (method, template) in pf::service::ROUTES {
+        assert!(
+            doc["paths"][template][method.to_lowercase()].is_object(),
+            "{method} {template} is not described"
+        );
+        let path = template.replace("{id}", "1");
+        let (status, body) = curl_status(&service, method, &path);
+        // Served: whatever the answer (a missing body, no id 1), it is not "no such path" or
+        // "method not allowed".
+        assert!(
+            status != 405 && !body.contains("no such API path"),
+            "{method} {path}: {status} {body}"
+        );
+        // A method not described is refused with 405.
+        let (status, _) = curl_status(&service, "PUT", &path);
+        assert_eq!(status, 405, "PUT {path}");
+    }
+    let (status, body) = curl_status(&service, "GET", "/v1/nothing");
+    assert_eq!(status, 404);
+    assert!(body.contains("no such API path"), "{body}");
+}
