@@ -25,6 +25,8 @@ const PACKAGES: &[&str] = &[
     "faketime",
     // chattr: an immutable audit log.
     "e2fsprogs",
+    // sqlite3: a test holds the store's write lock to show reads do not wait for it.
+    "sqlite3",
     // systemd-analyze, which checks the shipped unit (dist/pf.service).
     "systemd",
     // WireGuard in userspace (this kernel has no module) and `wg` to configure it.

@@ -12,8 +12,8 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 use super::types::{
-    ChangeRequest, ErrorBody, ReleasedByOwner, RenewRequest, ReservationView, ReserveRequest,
-    RestoreRequest, StatsView,
+    ChangeRequest, ErrorBody, ListQuery, ReleasedByOwner, RenewRequest, ReservationView,
+    ReserveRequest, RestoreRequest, StatsView, percent_encode,
 };
 
 /// How long the CLI waits for the service to answer.
@@ -40,18 +40,6 @@ pub enum ClientError {
 
 pub struct Client {
     socket: PathBuf,
-}
-
-/// Percent-encodes a query value.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 impl Client {
@@ -146,6 +134,15 @@ impl Client {
         self.typed("GET", &with_owner("/v1/reservations", owner), None::<&()>)
     }
 
+    /// The reservations a query asks for.
+    pub fn list_query(&self, query: &ListQuery) -> Result<Vec<ReservationView>, ClientError> {
+        self.typed(
+            "GET",
+            &format!("/v1/reservations{}", query.query()),
+            None::<&()>,
+        )
+    }
+
     /// The expired history, or one owner's.
     pub fn expired(&self, owner: Option<&str>) -> Result<Vec<ReservationView>, ClientError> {
         self.typed("GET", &with_owner("/v1/expired", owner), None::<&()>)
@@ -195,7 +192,7 @@ impl Client {
 
 fn with_owner(path: &str, owner: Option<&str>) -> String {
     match owner {
-        Some(owner) => format!("{path}?owner={}", encode(owner)),
+        Some(owner) => format!("{path}?owner={}", percent_encode(owner)),
         None => path.to_string(),
     }
 }

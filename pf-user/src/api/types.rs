@@ -70,6 +70,56 @@ pub fn lifetime_text(
     }
 }
 
+/// Percent-encodes a query value.
+pub fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `GET /v1/reservations`'s filters and page, as a client asks (each optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListQuery {
+    pub owner: Option<String>,
+    /// Reservations whose public range holds this port.
+    pub public_port: Option<u16>,
+    /// Reservations towards this target address.
+    pub target: Option<std::net::Ipv4Addr>,
+    /// Reservations that expire before this time (RFC 3339).
+    pub expiring_before: Option<String>,
+    /// Those with an id above this (the last id of the previous page).
+    pub after: Option<u64>,
+    /// At most this many.
+    pub limit: Option<u64>,
+}
+
+impl ListQuery {
+    /// The query string, percent-encoded, with its `?` (empty if nothing is asked).
+    pub fn query(&self) -> String {
+        let pairs: Vec<String> = [
+            ("owner", self.owner.clone()),
+            ("public_port", self.public_port.map(|p| p.to_string())),
+            ("target", self.target.map(|t| t.to_string())),
+            ("expiring_before", self.expiring_before.clone()),
+            ("after", self.after.map(|a| a.to_string())),
+            ("limit", self.limit.map(|l| l.to_string())),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| format!("{k}={}", percent_encode(&v))))
+        .collect();
+        if pairs.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", pairs.join("&"))
+        }
+    }
+}
+
 /// `PATCH /v1/reservations/{id}`: what to change in place (each optional; the public side
 /// never changes, so the port cannot be lost to someone else in between).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

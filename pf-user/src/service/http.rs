@@ -56,6 +56,8 @@ use super::{
     Job,
     audit::Caller,
     engine::{ApiError, Failure, Request},
+    reads::Reads,
+    store::ListFilter,
 };
 
 /// Largest request body: a reservation is a few hundred bytes.
@@ -266,6 +268,7 @@ async fn serve_metrics(
 pub(super) async fn serve(
     listener: StdListener,
     jobs: mpsc::Sender<Job>,
+    reads: Arc<Reads>,
     mut reloader: super::Reloader,
     metrics: Option<MetricsListener>,
 ) -> std::io::Result<()> {
@@ -370,16 +373,20 @@ pub(super) async fn serve(
                 connections: connections.clone(),
                 id,
             };
-            let jobs = jobs.clone();
+            let (jobs, reads) = (jobs.clone(), reads.clone());
             let (conn_idle, conn_busy) = (idle_since.clone(), busy.clone());
             let task = tokio::spawn(async move {
                 let _guard = guard;
                 let service = service_fn(move |req| {
-                    let (jobs, idle_since, busy) =
-                        (jobs.clone(), conn_idle.clone(), conn_busy.clone());
+                    let (jobs, reads, idle_since, busy) = (
+                        jobs.clone(),
+                        reads.clone(),
+                        conn_idle.clone(),
+                        conn_busy.clone(),
+                    );
                     async move {
                         busy.store(true, Ordering::Relaxed);
-                        let response = respond(req, caller, jobs).await;
+                        let response = respond(req, caller, jobs, reads).await;
                         *idle_since.lock().expect("not poisoned") = Instant::now();
                         busy.store(false, Ordering::Relaxed);
                         Ok::<_, Infallible>(response)
@@ -475,6 +482,7 @@ async fn respond(
     req: hyper::Request<Incoming>,
     caller: Caller,
     jobs: mpsc::Sender<Job>,
+    reads: Arc<Reads>,
 ) -> Response<Full<Bytes>> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -502,6 +510,12 @@ async fn respond(
     }
     let mut created = false;
     let result = match route(req).await {
+        Ok(request) if Reads::answers(&request) => {
+            // Beside the engine, on a blocking thread: a long read holds up no change.
+            tokio::task::spawn_blocking(move || reads.answer(request))
+                .await
+                .unwrap_or_else(|e| Err(ApiError::unavailable(format!("the read failed: {e}"))))
+        }
         Ok(request) => {
             created = matches!(request, Request::Reserve(_));
             ask(request, caller, &jobs).await
@@ -555,6 +569,66 @@ async fn ask(
     })
     .map_err(|_| stopped())?;
     answer.await.map_err(|_| stopped())?
+}
+
+/// A list's filters and page from its query: `owner`, `public_port`, `target` (an IPv4
+/// address), `expiring_before` (RFC 3339), `after` (an id) and `limit`.
+fn list_filter(query: Option<&str>) -> Result<ListFilter, ApiError> {
+    const KEYS: [&str; 6] = [
+        "owner",
+        "public_port",
+        "target",
+        "expiring_before",
+        "after",
+        "limit",
+    ];
+    let mut filter = ListFilter::default();
+    let mut seen = Vec::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if !KEYS.contains(&k) {
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter '{k}' (known: {})",
+                KEYS.join(", ")
+            )));
+        }
+        if seen.contains(&k) {
+            return Err(ApiError::bad_request(format!("'{k}' is given twice")));
+        }
+        seen.push(k);
+        let v = percent_decode(v)?;
+        let bad = |what: &str| ApiError::bad_request(format!("{k}: '{v}' is not {what}"));
+        match k {
+            "owner" => filter.owner = Some(v.clone()),
+            "public_port" => {
+                filter.public_port = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or_else(|| bad("a port"))?,
+                )
+            }
+            "target" => filter.target = Some(v.parse().map_err(|_| bad("an IPv4 address"))?),
+            "expiring_before" => {
+                let at = humantime::parse_rfc3339_weak(&v)
+                    .map_err(|_| bad("a time such as 2026-12-01T00:00:00Z"))?;
+                filter.expiring_before_ms = Some(
+                    at.duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64),
+                );
+            }
+            "after" => filter.after = Some(v.parse().map_err(|_| bad("a reservation id"))?),
+            _ => {
+                filter.limit = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|l| *l > 0)
+                        .ok_or_else(|| bad("a count of at least 1"))?,
+                )
+            }
+        }
+    }
+    Ok(filter)
 }
 
 /// The value of `key` in a query string, percent-decoded.
@@ -660,9 +734,7 @@ async fn route(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
         ["v1", "stats"] if method == Method::GET => Ok(Request::Stats),
         ["v1", "stats"] => Err(not_allowed()),
         ["v1", "reservations"] => match method {
-            Method::GET => Ok(Request::List {
-                owner: query_param(query.as_deref(), "owner")?,
-            }),
+            Method::GET => Ok(Request::List(list_filter(query.as_deref())?)),
             Method::POST => Ok(Request::Reserve(parse_json(&read_body(req).await?)?)),
             Method::DELETE => match query_param(query.as_deref(), "owner")? {
                 Some(owner) => Ok(Request::ReleaseOwner(owner)),

@@ -16,13 +16,14 @@ pub use http::ROUTES;
 mod links;
 pub mod metrics;
 pub mod policy;
+mod reads;
 pub mod store;
 
 use std::{
     fs::File,
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{Arc, Mutex, mpsc},
     time::Duration,
 };
 
@@ -418,14 +419,22 @@ pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<
         .set_nonblocking(true)
         .map_err(io("making the socket non-blocking"))?;
 
+    let published = Arc::new(Mutex::new(engine.published_status()));
+    let reads = Arc::new(reads::Reads::new(
+        service.database.clone(),
+        PinDir::new(&service.bpffs),
+        published.clone(),
+    ));
     let (jobs, queue) = mpsc::channel::<Job>();
     let engine_thread = std::thread::Builder::new()
         .name("pf-engine".into())
         .spawn(move || {
             // The one writer must not die quietly, leaving an API that answers 503 for ever:
             // the process ends, and its supervisor restarts it (the start reconciles).
-            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_engine(engine, queue)))
-                .is_err()
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_engine(engine, queue, &published)
+            }))
+            .is_err()
             {
                 tracing::error!("the engine failed; exiting so that a restart reconciles");
                 std::process::exit(70);
@@ -452,7 +461,7 @@ pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<
     let follower = links::Follower::start(follower_dir, config.clone())?;
     tracing::info!("listening on {}", service.socket.display());
     tell_systemd(&[sd_notify::NotifyState::Ready]);
-    let served = runtime.block_on(http::serve(listener, jobs, reloader, metrics));
+    let served = runtime.block_on(http::serve(listener, jobs, reads, reloader, metrics));
     tell_systemd(&[sd_notify::NotifyState::Stopping]);
     // Dropping the runtime drops every connection and with them the last job senders: the
     // engine finishes the job it is on and any queued, then stops.
@@ -464,7 +473,7 @@ pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<
     served.map_err(io("serving the API"))
 }
 
-fn run_engine(mut engine: Engine, queue: mpsc::Receiver<Job>) {
+fn run_engine(mut engine: Engine, queue: mpsc::Receiver<Job>, published: &Mutex<Value>) {
     loop {
         let wait = engine
             .next_expiry()
@@ -480,5 +489,6 @@ fn run_engine(mut engine: Engine, queue: mpsc::Receiver<Job>) {
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
         engine.tick();
+        *published.lock().expect("not poisoned") = engine.published_status();
     }
 }

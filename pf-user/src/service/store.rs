@@ -84,6 +84,8 @@ pub trait Store: Send {
     fn get(&self, id: u64) -> Result<Option<Record>, StoreError>;
     /// Every record, or one owner's, by id.
     fn list(&self, owner: Option<&str>) -> Result<Vec<Record>, StoreError>;
+    /// The records `filter` asks for, by id.
+    fn list_filtered(&self, filter: &ListFilter) -> Result<Vec<Record>, StoreError>;
     /// Removes a record; false if there was none.
     fn delete(&mut self, id: u64) -> Result<bool, StoreError>;
     fn set_enabled(&mut self, id: u64, enabled: bool) -> Result<bool, StoreError>;
@@ -218,6 +220,21 @@ CREATE TABLE IF NOT EXISTS traffic (
 const COLUMNS: &str = "id, owner, public_ip, first_port, last_port, protocols, target_ip, \
                        target_first_port, created_ms, ttl_ms, expires_ms, enabled, note";
 
+/// Which reservations a list asks for, and which page of them (by id: those after `after`,
+/// at most `limit`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    pub owner: Option<String>,
+    /// Reservations whose public range holds this port.
+    pub public_port: Option<u16>,
+    /// Reservations towards this target address.
+    pub target: Option<Ipv4Addr>,
+    /// Reservations that expire at or before this time (Unix ms).
+    pub expiring_before_ms: Option<u64>,
+    pub after: Option<u64>,
+    pub limit: Option<u64>,
+}
+
 /// The embedded store: one SQLite file in WAL mode, synchronous=FULL, so a reservation the
 /// service reported as made survives a crash or a power cut.
 pub struct SqliteStore {
@@ -287,6 +304,22 @@ impl SqliteStore {
                     | rusqlite::ErrorCode::ReadOnly
             )
         )
+    }
+
+    /// A second connection on the service's store, for reads beside the engine's writes: WAL
+    /// lets readers see the last commit without waiting for a writer.
+    pub fn open_reader(path: &Path) -> Result<Self, StoreError> {
+        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+            | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | rusqlite::OpenFlags::SQLITE_OPEN_URI;
+        let conn = Connection::open_with_flags(path, flags)
+            .map_err(sql("opening the database for reading"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(sql("setting the busy timeout"))?;
+        Ok(Self {
+            conn,
+            read_only: Some("a reader".into()),
+        })
     }
 
     /// A store in memory, for tests of the store itself.
@@ -586,6 +619,27 @@ impl Store for SqliteStore {
             .optional()
             .map_err(sql("reading a reservation"))?;
         row.map(RawRow::into_record).transpose()
+    }
+
+    fn list_filtered(&self, filter: &ListFilter) -> Result<Vec<Record>, StoreError> {
+        self.query(
+            "listing reservations",
+            "WHERE (?1 IS NULL OR owner = ?1) \
+             AND (?2 IS NULL OR (first_port <= ?2 AND last_port >= ?2)) \
+             AND (?3 IS NULL OR target_ip = ?3) \
+             AND (?4 IS NULL OR (expires_ms IS NOT NULL AND expires_ms <= ?4)) \
+             AND id > ?5 ORDER BY id LIMIT ?6",
+            params![
+                filter.owner,
+                filter.public_port,
+                filter.target.map(|t| t.to_string()),
+                filter
+                    .expiring_before_ms
+                    .map(|t| t.min(i64::MAX as u64) as i64),
+                filter.after.unwrap_or(0).min(i64::MAX as u64) as i64,
+                filter.limit.map_or(-1, |l| l.min(i64::MAX as u64) as i64)
+            ],
+        )
     }
 
     fn list(&self, owner: Option<&str>) -> Result<Vec<Record>, StoreError> {

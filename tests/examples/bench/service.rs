@@ -297,6 +297,42 @@ pub fn run(profile: &Profile) -> Result<Value, String> {
             "to": format!("10.201.{}.{}", i / 250, i % 250 + 1),
         }))
     })?;
+    // The same calls while two clients poll the whole list: reads are answered beside the
+    // engine, so neither the status nor a change should wait behind them.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let socket = service.socket();
+    let pollers: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, socket) = (stop.clone(), socket.clone());
+            std::thread::spawn(move || {
+                let client = Client::new(&socket);
+                let mut polls = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if client.call("GET", "/v1/reservations", None).is_err() {
+                        break;
+                    }
+                    polls += 1;
+                }
+                polls
+            })
+        })
+        .collect();
+    let polled_status = latencies(calls, |_| {
+        client
+            .call("GET", "/v1/status", None)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    });
+    let polled_reserve = latencies(calls, |i| {
+        post(json!({
+            "owner": "latency",
+            "public": format!("{LATENCY_IP}:{}/tcp", 1024 + calls + i),
+            "to": format!("10.202.{}.{}:80", i / 250, i % 250 + 1),
+        }))
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let polls: u64 = pollers.into_iter().map(|p| p.join().unwrap_or(0)).sum();
+    let (polled_status, polled_reserve) = (polled_status?, polled_reserve?);
     service.stop();
     println!();
     println!(
@@ -312,6 +348,8 @@ pub fn run(profile: &Profile) -> Result<Value, String> {
         ("GET /v1/status (baseline)", &status),
         ("reserve, given port", &reserve),
         ("reserve, automatic port", &auto),
+        ("status, 2 clients polling", &polled_status),
+        ("reserve, 2 clients polling", &polled_reserve),
     ] {
         let (p50, p99) = (percentile(v, 0.5), percentile(v, 0.99));
         println!("{name:<28} {p50:>9.2} {p99:>9.2} {:>13.1}x", p50 / base);
@@ -323,6 +361,7 @@ pub fn run(profile: &Profile) -> Result<Value, String> {
             "p50_over_status": p50 / base,
         }));
     }
+    println!("(the two polling clients read the whole list {polls} times meanwhile)");
     drop(files_guard);
     Ok(json!({
         "reboot": {
@@ -333,6 +372,10 @@ pub fn run(profile: &Profile) -> Result<Value, String> {
             "median_stats_seconds": stats_m,
         },
         "apply": applied,
-        "latency": { "reservations_held": largest, "results": latency },
+        "latency": {
+            "reservations_held": largest,
+            "results": latency,
+            "full_lists_polled_meanwhile": polls,
+        },
     }))
 }

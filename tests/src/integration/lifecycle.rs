@@ -762,3 +762,115 @@ fn the_api_serves_what_its_openapi_description_lists() {
     assert_eq!(status, 404);
     assert!(body.contains("no such API path"), "{body}");
 }
+
+#[test]
+fn lists_filter_and_page_and_are_read_beside_the_engine() {
+    require_root();
+    let dir = TempPinDir::new();
+    let service = dir.serve();
+    let mut ids = Vec::new();
+    for (i, (owner, to, ttl)) in [
+        ("acct-1", "10.8.0.2", Some("1h")),
+        ("acct-1", "10.8.0.3", None),
+        ("acct-2", "10.8.0.2", Some("30d")),
+        ("acct-2", "10.8.0.4", Some("2h")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let port = 9000 + i as u16 * 10;
+        let mut body = json!({ "owner": owner, "public": format!("198.51.100.1:{port}-{}/tcp", port + 2), "to": to });
+        if let Some(ttl) = ttl {
+            body["ttl"] = json!(ttl);
+        }
+        ids.push(
+            call(&service, "POST", "/v1/reservations", Some(&body)).unwrap()["id"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    let listed = |query: &str| -> Vec<u64> {
+        call(&service, "GET", &format!("/v1/reservations{query}"), None)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(listed(""), ids);
+    assert_eq!(listed("?owner=acct-2"), ids[2..]);
+    assert_eq!(listed("?public_port=9011"), [ids[1]]);
+    assert_eq!(listed("?target=10.8.0.2"), [ids[0], ids[2]]);
+    let soon = humantime::format_rfc3339_seconds(
+        std::time::SystemTime::now() + Duration::from_secs(3 * 3600),
+    );
+    assert_eq!(
+        listed(&format!("?expiring_before={soon}")),
+        [ids[0], ids[3]]
+    );
+    assert_eq!(listed("?owner=acct-1&target=10.8.0.3"), [ids[1]]);
+    // Pages by id: each after the last of the one before.
+    assert_eq!(listed("?limit=3"), ids[..3]);
+    assert_eq!(listed(&format!("?limit=3&after={}", ids[2])), ids[3..]);
+    // The CLI asks the same.
+    let out = pf_in_ns_host(&dir, &["list", "--target", "10.8.0.2", "--json"]);
+    let rows: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 2, "{rows}");
+    for (query, needle) in [
+        ("?public_port=0", "public_port: '0' is not a port"),
+        ("?target=x", "target: 'x' is not an IPv4 address"),
+        ("?limit=0", "limit: '0' is not a count"),
+        (
+            "?expiring_before=soon",
+            "expiring_before: 'soon' is not a time",
+        ),
+        ("?colour=red", "unknown query parameter 'colour'"),
+    ] {
+        let e = call(&service, "GET", &format!("/v1/reservations{query}"), None).unwrap_err();
+        assert!(e.contains(needle), "{query}: {e}");
+    }
+
+    // Reads do not wait for the engine: stopped (SIGSTOP on its whole process would stop
+    // the reads too), so hold it with a change that waits on the store's write lock instead.
+    let db = service.database();
+    let mut holder = Command::new("sqlite3")
+        .arg(&db)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("sqlite3 (Debian package sqlite3)");
+    use std::io::Write;
+    let stdin = holder.stdin.as_mut().unwrap();
+    stdin.write_all(b"BEGIN IMMEDIATE; SELECT 1;\n").unwrap();
+    stdin.flush().unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let socket = service.socket();
+    let blocked = thread::spawn(move || {
+        Client::new(&socket).call(
+            "POST",
+            "/v1/reservations",
+            Some(
+                &json!({ "owner": "acct-3", "public": "198.51.100.1:9900/tcp", "to": "10.8.0.9" }),
+            ),
+        )
+    });
+    thread::sleep(Duration::from_millis(300));
+    // The change waits on the lock (up to the store's 5 s busy timeout); the reads are
+    // answered while it still waits.
+    assert_eq!(listed("").len(), 4);
+    let status = call(&service, "GET", "/v1/status", None).unwrap();
+    assert_eq!(status["reservations"], 4, "{status}");
+    assert!(
+        !blocked.is_finished(),
+        "the change did not wait on the lock, or the reads waited for it"
+    );
+    let _ = holder.stdin.take().map(|mut s| s.write_all(b"ROLLBACK;\n"));
+    let _ = holder.wait();
+    blocked.join().unwrap().unwrap();
+}
+
+/// `pf ARGS` with `dir`'s socket, on the host: stdout (it must succeed).
+fn pf_in_ns_host(dir: &TempPinDir, args: &[&str]) -> String {
+    super::common::pf_ok(dir, args)
+}

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use pf::{
     api::{
         client::{Client, ClientError},
-        types::{ChangeRequest, RenewRequest, ReserveRequest, RestoreRequest},
+        types::{ChangeRequest, ListQuery, RenewRequest, ReserveRequest, RestoreRequest},
     },
     domain::spec::{PublicSpec, Reservation, SpecError, TargetSpec, parse_public_request},
     kernel::{
@@ -203,8 +203,24 @@ enum Command {
     },
     /// List reservations, one per line (--expired: those expired in the last 7 days).
     List {
+        /// Only this owner's.
         #[arg(long)]
         owner: Option<String>,
+        /// Only those whose public range holds this port.
+        #[arg(long, value_name = "PORT", conflicts_with = "expired")]
+        port: Option<u16>,
+        /// Only those towards this target address.
+        #[arg(long, value_name = "TARGET_IP", conflicts_with = "expired")]
+        target: Option<std::net::Ipv4Addr>,
+        /// Only those that expire before this time (RFC 3339, e.g. 2026-12-31T00:00:00Z).
+        #[arg(long, value_name = "TIME", conflicts_with = "expired")]
+        expiring_before: Option<String>,
+        /// A page: those with an id above this (the last id of the previous page).
+        #[arg(long, value_name = "ID", conflicts_with = "expired")]
+        after: Option<u64>,
+        /// A page: at most this many.
+        #[arg(long, value_name = "N", conflicts_with = "expired")]
+        limit: Option<u64>,
         #[arg(long)]
         json: bool,
         /// The expired history instead, newest first: what `pf restore` can bring back.
@@ -578,13 +594,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::List {
             owner,
+            port,
+            target,
+            expiring_before,
+            after,
+            limit,
             json,
             expired,
         } => {
             let rows = if expired {
                 client.expired(owner.as_deref())?
             } else {
-                client.list(owner.as_deref())?
+                client.list_query(&ListQuery {
+                    owner,
+                    public_port: port,
+                    target,
+                    expiring_before,
+                    after,
+                    limit,
+                })?
             };
             render::print_list(&rows, json)?;
         }

@@ -14,7 +14,7 @@ use super::{
     clock::Clock,
     dataplane::{DataPlane, Maps},
     policy::{Policy, parse_ttl},
-    store::{NewRecord, Record, Store, StoreError},
+    store::{ListFilter, NewRecord, Record, Store, StoreError},
 };
 use crate::{
     api::types::{
@@ -118,7 +118,7 @@ impl ApiError {
             conflict_id: None,
         }
     }
-    fn not_found(id: u64) -> Self {
+    pub fn not_found(id: u64) -> Self {
         Self {
             kind: Failure::NotFound,
             message: format!("no reservation with id {id}"),
@@ -213,9 +213,7 @@ impl From<PfError> for ApiError {
 pub enum Request {
     Reserve(ReserveRequest),
     Get(u64),
-    List {
-        owner: Option<String>,
-    },
+    List(ListFilter),
     Release(u64),
     ReleaseOwner(String),
     Renew {
@@ -276,7 +274,7 @@ impl Request {
             Request::Change { .. } => "change",
             Request::Malformed { action, .. } => action,
             Request::Get(_)
-            | Request::List { .. }
+            | Request::List(_)
             | Request::Expired { .. }
             | Request::Status
             | Request::Stats
@@ -349,6 +347,23 @@ pub fn record_view(r: &Record) -> ReservationView {
 /// A record as the API's JSON.
 pub fn record_json(r: &Record) -> Value {
     serde_json::to_value(record_view(r)).expect("plain struct")
+}
+
+/// The expired history (or one owner's) as the API's JSON, each with when it expired.
+pub fn expired_json(store: &dyn Store, owner: Option<&str>) -> Result<Value, ApiError> {
+    Ok(Value::Array(
+        store
+            .history(owner)?
+            .iter()
+            .map(|(r, at)| {
+                serde_json::to_value(ReservationView {
+                    expired: Some(rfc3339(*at)),
+                    ..record_view(r)
+                })
+                .expect("plain struct")
+            })
+            .collect(),
+    ))
 }
 
 /// Whether `c` changes how text reads without showing itself: Unicode's format characters
@@ -641,42 +656,20 @@ impl Engine {
     fn read(&mut self, request: Request) -> Result<Value, ApiError> {
         match request {
             Request::Get(id) => Ok(record_json(&self.get(id)?)),
-            Request::List { owner } => Ok(Value::Array(
-                self.store
-                    .list(owner.as_deref())?
-                    .iter()
-                    .map(record_json)
-                    .collect(),
-            )),
-            Request::Expired { owner } => Ok(Value::Array(
-                self.store
-                    .history(owner.as_deref())?
-                    .iter()
-                    .map(|(r, at)| {
-                        serde_json::to_value(ReservationView {
-                            expired: Some(rfc3339(*at)),
-                            ..record_view(r)
-                        })
-                        .expect("plain struct")
-                    })
-                    .collect(),
-            )),
-            Request::Status => Ok(json!({
-                "version": env!("CARGO_PKG_VERSION"),
-                "reservations": self.store.count()?,
-                "next_expiry": self.next_expiry.map(rfc3339),
-                "store_read_only": self.store.read_only(),
-                "clock_offset_seconds": self.clock.offset_ms() / 1000,
-                "policy_violations": self.violations(),
-                "last_reconcile": self.last_reconcile.map(|(at, drifts)| json!({
-                    "at": rfc3339(at),
-                    "drifts": drifts,
-                })),
-                "attached": self.dataplane.attachments()
-                    .iter()
-                    .map(AttachmentView::from)
-                    .collect::<Vec<_>>(),
-            })),
+            Request::List(filter) => super::reads::list_json(self.store.as_ref(), &filter),
+            Request::Expired { owner } => expired_json(self.store.as_ref(), owner.as_deref()),
+            Request::Status => {
+                let mut status = self.published_status();
+                status["reservations"] = json!(self.store.count()?);
+                status["attached"] = json!(
+                    self.dataplane
+                        .attachments()
+                        .iter()
+                        .map(AttachmentView::from)
+                        .collect::<Vec<_>>()
+                );
+                Ok(status)
+            }
             Request::Stats => {
                 let state = self.open_state()?;
                 Ok(serde_json::to_value(StatsView {
@@ -837,6 +830,23 @@ impl Engine {
             released,
         })
         .expect("plain struct"))
+    }
+
+    /// The engine's part of `GET /v1/status` (the reservation count and the interfaces are
+    /// read where the status is answered): published after every job and tick, so that the
+    /// status never waits behind a change.
+    pub fn published_status(&mut self) -> Value {
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "next_expiry": self.next_expiry.map(rfc3339),
+            "store_read_only": self.store.read_only(),
+            "clock_offset_seconds": self.clock.offset_ms() / 1000,
+            "policy_violations": self.violations(),
+            "last_reconcile": self.last_reconcile.map(|(at, drifts)| json!({
+                "at": rfc3339(at),
+                "drifts": drifts,
+            })),
+        })
     }
 
     /// Each reservation in the store with its traffic since it was made: what the store

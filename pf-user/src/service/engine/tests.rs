@@ -116,7 +116,10 @@ fn reserve_checks_conflicts_quota_and_hands_out_distinct_free_ports() {
     // The refusals changed nothing.
     assert_eq!(fake.held().len(), 3);
     assert_eq!(
-        ids(&e.handle(Request::List { owner: None }, CALLER).unwrap()).len(),
+        ids(&e
+            .handle(Request::List(ListFilter::default()), CALLER)
+            .unwrap())
+        .len(),
         3
     );
 }
@@ -136,7 +139,8 @@ fn a_map_write_that_fails_leaves_nothing_stored() {
     assert_eq!(err.kind, Failure::Internal);
     assert!(err.message.contains("no memory") && !err.partial, "{err:?}");
     assert_eq!(
-        e.handle(Request::List { owner: None }, CALLER).unwrap(),
+        e.handle(Request::List(ListFilter::default()), CALLER)
+            .unwrap(),
         json!([])
     );
     assert!(fake.held().is_empty());
@@ -193,7 +197,8 @@ fn expiry_moves_to_the_history_and_restore_brings_back() {
     e.tick();
     assert!(fake.held().is_empty());
     assert_eq!(
-        e.handle(Request::List { owner: None }, CALLER).unwrap(),
+        e.handle(Request::List(ListFilter::default()), CALLER)
+            .unwrap(),
         json!([])
     );
     let history = e.handle(Request::Expired { owner: None }, CALLER).unwrap();
