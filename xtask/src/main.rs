@@ -8,7 +8,9 @@
 //! - `cargo xtask bench`: the benchmark.
 //! - `cargo xtask vm`: the privileged tests that matter most on Debian 12's own kernel (6.1),
 //!   in a QEMU VM.
+//! - `cargo xtask deb`: pf as a Debian package.
 
+mod deb;
 mod demo;
 mod setup;
 mod vm;
@@ -58,6 +60,9 @@ enum Task {
         #[arg(long, conflicts_with = "quick")]
         smoke: bool,
     },
+    /// Build pf's Debian package (target/deb/pf_VERSION_ARCH.deb): the binary, the unit, the
+    /// example config, the nftables ruleset, logrotate, man pages and completions.
+    Deb,
     /// Run privileged tests in a QEMU VM on a distribution's kernel (software emulation).
     Vm {
         /// The kernel: debian-6.1 (Debian 12's), or debian-6.12 (bookworm's newer one).
@@ -87,6 +92,12 @@ fn main() -> ExitCode {
         Task::Test => setup::ensure().and_then(|()| test()),
         Task::Fuzz { packets, seed } => setup::ensure().and_then(|()| fuzz(packets, seed)),
         Task::Bench { quick, smoke } => setup::ensure().and_then(|()| bench(quick, smoke)),
+        Task::Deb => setup::ensure().and_then(|()| {
+            let pf = build_pf_release()?;
+            let deb = deb::build(&pf, &target_dir().join("deb"))?;
+            println!("xtask: built {}", deb.display());
+            Ok(())
+        }),
         Task::Vm {
             kernel,
             tests,
@@ -153,12 +164,16 @@ fn build_pf_profile(release: bool) -> Result<PathBuf> {
         cmd.arg("--release");
     }
     run(&mut cmd)?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
-    Ok(target
+    Ok(target_dir()
         .join(if release { "release" } else { "debug" })
         .join("pf"))
+}
+
+/// Cargo's target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
 }
 
 /// (passed, failed) from a libtest "test result:" line.
@@ -224,8 +239,10 @@ fn test() -> Result<()> {
         cargo().args(["test", "--package", "pf-common", "--package", "pf-user"]),
         &mut tally,
     )?;
-    // Privileged tests: one binary, one test at a time (they share the kernel), as root.
+    // Privileged tests: one binary, one test at a time (they share the kernel), as root. The
+    // package test installs the package built here from the same binary.
     let pf = build_pf()?;
+    let deb = deb::build(&pf, &target_dir().join("deb-test"))?;
     run_tests(
         cargo()
             .args([
@@ -236,7 +253,8 @@ fn test() -> Result<()> {
                 "--",
                 "--test-threads=1",
             ])
-            .env("PF_BIN", &pf),
+            .env("PF_BIN", &pf)
+            .env("PF_DEB", &deb),
         &mut tally,
     )?;
     // The same tests that matter most, on Debian 12's own kernel (6.1) in a VM.
@@ -285,7 +303,7 @@ fn fuzz(packets: u64, seed: Option<String>) -> Result<()> {
 /// Runs the benchmark (tests/examples/bench/), built with optimisations, as root.
 fn bench(quick: bool, smoke: bool) -> Result<()> {
     let (profile, out) = match (quick, smoke) {
-        (_, true) => ("--smoke", root().join("target").join("bench-smoke")),
+        (_, true) => ("--smoke", target_dir().join("bench-smoke")),
         (true, _) => ("--quick", root().join("bench").join("results")),
         _ => ("--full", root().join("bench").join("results")),
     };

@@ -298,45 +298,70 @@ pub fn run(profile: &Profile) -> Result<Value, String> {
         }))
     })?;
     // The same calls while two clients poll the whole list: reads are answered beside the
-    // engine, so neither the status nor a change should wait behind them.
+    // engine, so neither the status nor a change should wait behind them. The calls alternate,
+    // 5 ms apart, until the pollers have read the list POLLS times (or a minute passed), so
+    // that they overlap the polls whatever a poll costs.
+    const POLLS: u64 = 6;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let polled = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let socket = service.socket();
     let pollers: Vec<_> = (0..2)
         .map(|_| {
-            let (stop, socket) = (stop.clone(), socket.clone());
+            let (stop, polled, socket) = (stop.clone(), polled.clone(), socket.clone());
             std::thread::spawn(move || {
                 let client = Client::new(&socket);
-                let mut polls = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     if client.call("GET", "/v1/reservations", None).is_err() {
                         break;
                     }
-                    polls += 1;
+                    polled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                polls
             })
         })
         .collect();
-    let polled_status = latencies(calls, |_| {
-        client
-            .call("GET", "/v1/status", None)
-            .map(drop)
-            .map_err(|e| e.to_string())
-    });
-    let polled_reserve = latencies(calls, |i| {
-        post(json!({
+    let (mut polled_status, mut polled_reserve) = (Vec::new(), Vec::new());
+    let window = Instant::now();
+    let mut measured: Result<(), String> = Ok(());
+    for i in 0..2000u32 {
+        if polled.load(std::sync::atomic::Ordering::Relaxed) >= POLLS
+            || window.elapsed() > std::time::Duration::from_secs(60)
+        {
+            break;
+        }
+        let start = Instant::now();
+        if let Err(e) = client.call("GET", "/v1/status", None) {
+            measured = Err(e.to_string());
+            break;
+        }
+        polled_status.push(start.elapsed().as_secs_f64() * 1e3);
+        let start = Instant::now();
+        if let Err(e) = post(json!({
             "owner": "latency",
             "public": format!("{LATENCY_IP}:{}/tcp", 1024 + calls + i),
             "to": format!("10.202.{}.{}:80", i / 250, i % 250 + 1),
-        }))
-    });
+        })) {
+            measured = Err(e);
+            break;
+        }
+        polled_reserve.push(start.elapsed().as_secs_f64() * 1e3);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let polls: u64 = pollers.into_iter().map(|p| p.join().unwrap_or(0)).sum();
-    let (polled_status, polled_reserve) = (polled_status?, polled_reserve?);
+    for p in pollers {
+        let _ = p.join();
+    }
+    measured?;
+    let polls = polled.load(std::sync::atomic::Ordering::Relaxed);
+    polled_status.sort_by(|a, b| a.total_cmp(b));
+    polled_reserve.sort_by(|a, b| a.total_cmp(b));
+    let polled_calls = polled_status.len();
+    if polled_calls == 0 {
+        return Err("no call was measured while the list was polled".into());
+    }
     service.stop();
     println!();
     println!(
-        "reserve-call latency through the API ({calls} sequential calls, {largest} reservations held)"
+        "reserve-call latency through the API ({calls} sequential calls, {polled_calls} while polled; {largest} reservations held)"
     );
     println!(
         "{:<28} {:>9} {:>9} {:>14}",
@@ -355,7 +380,7 @@ pub fn run(profile: &Profile) -> Result<Value, String> {
         println!("{name:<28} {p50:>9.2} {p99:>9.2} {:>13.1}x", p50 / base);
         latency.push(json!({
             "call": name,
-            "calls": calls,
+            "calls": v.len(),
             "p50_ms": p50,
             "p99_ms": p99,
             "p50_over_status": p50 / base,

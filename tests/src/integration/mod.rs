@@ -10,6 +10,7 @@ mod fast_path;
 mod fixtures;
 mod lifecycle;
 mod netfilter;
+mod package;
 mod service;
 mod service_safety;
 mod tc_netlink;

@@ -50,6 +50,14 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Subcommand)]
+enum Generate {
+    /// Man pages (pf.1 and one per command, pf-serve.1 ...) into DIR.
+    Man { dir: PathBuf },
+    /// The completion script of SHELL on stdout.
+    Completions { shell: clap_complete::Shell },
+}
+
 /// `--redirect-devices`, or the kernel's word without it.
 fn device_choice(names: Option<Vec<String>>) -> DeviceChoice {
     names.map_or(DeviceChoice::Kernel, DeviceChoice::Named)
@@ -237,6 +245,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write pf's man pages or a shell's completions (for packagers: `cargo xtask deb`).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: Generate,
+    },
     /// Show global counters and per-reservation traffic.
     Stats {
         #[arg(long)]
@@ -315,6 +329,22 @@ fn service_path(
         None => None,
     };
     Ok(config.map_or_else(|| PathBuf::from(default), |c| pick(c.service)))
+}
+
+/// Man pages and completions from the command's own definition, so they cannot drift from it.
+fn generate(what: &Generate) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    match what {
+        Generate::Man { dir } => {
+            std::fs::create_dir_all(dir)?;
+            clap_mangen::generate_to(cmd, dir)?;
+        }
+        Generate::Completions { shell } => {
+            clap_complete::generate(*shell, &mut cmd, "pf", &mut std::io::stdout());
+        }
+    }
+    Ok(())
 }
 
 /// The exit status of `pf status` when pf serve is not running (LSB's "program is not
@@ -430,6 +460,9 @@ fn find_by_spec(client: &Client, spec: &PublicSpec) -> anyhow::Result<u64> {
 /// decide who may, and their arguments are checked here first, so a typo is refused without
 /// a round trip); the others need the privileges to touch the kernel.
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Generate { what } = &cli.command {
+        return generate(what);
+    }
     if let Command::Serve {
         force_reconcile,
         check_config,
@@ -616,7 +649,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             render::print_list(&rows, json)?;
         }
-        Command::Serve { .. } => unreachable!("handled above"),
+        Command::Serve { .. } | Command::Generate { .. } => unreachable!("handled above"),
         Command::Attach {
             iface,
             mode,
