@@ -66,7 +66,11 @@ fn device_choice(names: Option<Vec<String>>) -> DeviceChoice {
 #[derive(Subcommand)]
 enum Command {
     /// Attach pf's XDP (ingress) and TC (egress) programs to a public interface.
+    #[command(
+        after_help = "Examples:\n  pf attach eth0\n  pf attach eth0 --fast-path\n  pf attach tap0 --tunnel-side\n  pf attach eth0 --mode skb --tc-attach netlink"
+    )]
     Attach {
+        /// The interface: the public NIC, or (--tunnel-side) an Ethernet-like tunnel device.
         iface: String,
         /// XDP mode: auto (native, falling back to skb), native, or skb.
         #[arg(long, default_value = "auto", value_name = "auto|native|skb")]
@@ -94,6 +98,9 @@ enum Command {
         json: bool,
     },
     /// Re-read which devices can take redirected frames (after adding or changing interfaces).
+    #[command(
+        after_help = "Examples:\n  pf refresh\n  pf refresh --redirect-devices eth0,tap0   (before Linux 6.3)"
+    )]
     Refresh {
         /// Before Linux 6.3 (which cannot say): the devices the fast paths may redirect to.
         #[arg(long, value_delimiter = ',', value_name = "IFACE,...")]
@@ -103,7 +110,9 @@ enum Command {
         json: bool,
     },
     /// Remove pf's programs from an interface.
+    #[command(after_help = "Example:\n  pf detach eth0")]
     Detach {
+        /// The interface pf is attached to (or was, if it is gone: its pins are cleared).
         iface: String,
         /// Print the result as JSON.
         #[arg(long)]
@@ -112,12 +121,16 @@ enum Command {
     /// The service and the data plane at a glance: whether pf serve runs, its reservations,
     /// the last reconcile's drift, policy violations, and the interfaces as the kernel has
     /// them. Exits 3 when pf serve is not running.
+    #[command(after_help = "Examples:\n  pf status\n  pf status --json")]
     Status {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Run the reservation service: attach, reconcile the maps with the store, serve the API.
+    #[command(
+        after_help = "Examples:\n  pf serve --config /etc/pf/pf.toml\n  pf serve --check-config --config /etc/pf/pf.toml\n  RUST_LOG=debug pf serve"
+    )]
     Serve {
         /// Reconcile even if that removes reservations the store does not know from the maps
         /// when the store is new or empty, or more than service.reconcile_removal_limit of
@@ -134,7 +147,12 @@ enum Command {
     },
     /// Forward PUBLIC_IP:PORT[-PORT]/tcp|udp|both to a tunnel address (PUBLIC_IP/tcp|udp|both:
     /// a free port from the pool, printed).
+    #[command(
+        after_help = "Examples:\n  pf reserve 203.0.113.10:8080/tcp --to 10.8.0.2:80 --owner acct-7\n  pf reserve 203.0.113.10:8810-8815/both --to 10.8.0.3 --owner acct-7\n  pf reserve 203.0.113.10/tcp --to 10.8.0.4 --owner acct-9 --ttl 30d"
+    )]
     Reserve {
+        /// The public side: an address of policy.public_ips, a port or range (none: a free
+        /// port from the pool), and the protocols.
         #[arg(value_name = "PUBLIC_IP[:PORT[-PORT]]/tcp|udp|both")]
         public: String,
         /// Target address; with a port, the range is shifted to start there.
@@ -146,6 +164,7 @@ enum Command {
         /// Lifetime, e.g. 30d, 12h, 90s; without it the policy's default_ttl (or none).
         #[arg(long, value_name = "DURATION")]
         ttl: Option<String>,
+        /// Free text kept with the reservation (no control or invisible characters).
         #[arg(long)]
         note: Option<String>,
         /// Print the result as JSON.
@@ -153,13 +172,18 @@ enum Command {
         json: bool,
     },
     /// Remove a reservation, by id or named exactly as it was made; or all of one owner's.
+    #[command(
+        after_help = "Examples:\n  pf release 3\n  pf release 203.0.113.10:8080/tcp\n  pf release --owner acct-7"
+    )]
     Release {
+        /// The reservation: its id, or its public side exactly as it was made.
         #[arg(
             value_name = "ID|PUBLIC_IP:PORT[-PORT]/tcp|udp|both",
             required_unless_present = "owner",
             conflicts_with = "owner"
         )]
         reservation: Option<String>,
+        /// Release every reservation of this owner (an account closed).
         #[arg(long)]
         owner: Option<String>,
         /// Print the result as JSON.
@@ -167,8 +191,11 @@ enum Command {
         json: bool,
     },
     /// Extend a reservation's lifetime from now (by --ttl, or by the lifetime it had).
+    #[command(after_help = "Examples:\n  pf renew 3\n  pf renew 3 --ttl 30d")]
     Renew {
+        /// The reservation's id (`pf list` shows it).
         id: u64,
+        /// The new lifetime from now, e.g. 30d; without it, the lifetime it had.
         #[arg(long, value_name = "DURATION")]
         ttl: Option<String>,
         /// Print the result as JSON.
@@ -180,7 +207,11 @@ enum Command {
     #[command(group(
         clap::ArgGroup::new("what").required(true).multiple(true).args(["to", "owner", "note"])
     ))]
+    #[command(
+        after_help = "Examples:\n  pf change 3 --to 10.8.0.3:81\n  pf change 3 --owner acct-8 --note \"moved to the new account\""
+    )]
     Change {
+        /// The reservation's id (`pf list` shows it).
         id: u64,
         /// A new target, TARGET_IP[:PORT].
         #[arg(long = "to", value_name = "TARGET_IP[:PORT]")]
@@ -197,6 +228,7 @@ enum Command {
     },
     /// Forward a disabled reservation again.
     Enable {
+        /// The reservation's id (`pf list` shows it).
         id: u64,
         /// Print the result as JSON.
         #[arg(long)]
@@ -204,12 +236,16 @@ enum Command {
     },
     /// Stop forwarding a reservation but keep its ports.
     Disable {
+        /// The reservation's id (`pf list` shows it).
         id: u64,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
     /// List reservations, one per line (--expired: those expired in the last 7 days).
+    #[command(
+        after_help = "Examples:\n  pf list --owner acct-7\n  pf list --port 8080 --json\n  pf list --expiring-before 2026-12-31T00:00:00Z\n  pf list --limit 100 --after 400\n  pf list --expired"
+    )]
     List {
         /// Only this owner's.
         #[arg(long)]
@@ -229,6 +265,7 @@ enum Command {
         /// A page: at most this many.
         #[arg(long, value_name = "N", conflicts_with = "expired")]
         limit: Option<u64>,
+        /// Print the reservations as the API's JSON.
         #[arg(long)]
         json: bool,
         /// The expired history instead, newest first: what `pf restore` can bring back.
@@ -236,7 +273,11 @@ enum Command {
         expired: bool,
     },
     /// Bring back an expired reservation under its id (if its ports are still free).
+    #[command(
+        after_help = "Examples:\n  pf list --expired\n  pf restore 3\n  pf restore 3 --ttl 30d"
+    )]
     Restore {
+        /// The expired reservation's id (`pf list --expired` shows it).
         id: u64,
         /// A new lifetime; without it, the lifetime it had.
         #[arg(long, value_name = "DURATION")]
@@ -252,7 +293,9 @@ enum Command {
         what: Generate,
     },
     /// Show global counters and per-reservation traffic.
+    #[command(after_help = "Examples:\n  pf stats\n  pf stats --json")]
     Stats {
+        /// Print everything as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -752,4 +795,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every argument and option of every command says what it is, and every command that
+    /// changes or prints something shows an example.
+    #[test]
+    fn every_argument_has_help_and_commands_have_examples() {
+        let cli = Cli::command();
+        for cmd in cli.get_subcommands().filter(|c| !c.is_hide_set()) {
+            for arg in cmd.get_arguments() {
+                assert!(
+                    arg.get_help().is_some() || arg.get_id() == "help",
+                    "pf {} {}: no help text",
+                    cmd.get_name(),
+                    arg.get_id()
+                );
+            }
+            if !matches!(
+                cmd.get_name(),
+                "refresh" | "status" | "stats" | "enable" | "disable"
+            ) {
+                let examples = cmd
+                    .get_after_help()
+                    .map(|h| h.to_string())
+                    .unwrap_or_default();
+                assert!(
+                    examples.contains(&format!("pf {}", cmd.get_name())),
+                    "pf {}: no example",
+                    cmd.get_name()
+                );
+            }
+        }
+        cli.debug_assert();
+    }
 }
