@@ -1,14 +1,8 @@
 //! The start and the reconcile: making the maps hold exactly the store's enabled
-//! reservations, guarded against a store that is the wrong one; and disabling reservations
-//! that target the server itself.
+//! reservations, guarded against a store that is the wrong one.
 
-use serde_json::json;
-
-use super::{ApiError, DRIFT_LOG_LIMIT, Engine, local_addresses, record_json};
-use crate::{
-    domain::spec::Reservation,
-    service::{audit::Caller, dataplane::Maps},
-};
+use super::{ApiError, DRIFT_LOG_LIMIT, Engine};
+use crate::{domain::spec::Reservation, service::dataplane::Maps};
 
 /// What a start's reconcile may do without the admin's say-so.
 #[derive(Debug, Clone, Copy)]
@@ -35,74 +29,18 @@ impl ReconcileGuard {
 const UNGUARDED_REMOVALS: usize = 10;
 
 impl Engine {
-    /// Disables each enabled reservation whose target is the server itself (made before the
-    /// rule existed, or before the server took that address): reported, audited, and kept
-    /// out of the maps. Returns how many.
-    pub fn disable_server_targets(&mut self) -> Result<usize, ApiError> {
-        let local = local_addresses()?;
-        let offending = self
-            .store
-            .list(None)?
-            .into_iter()
-            .filter(|r| r.enabled && self.policy.check_target(&r.reservation, &local).is_err())
-            .count();
-        if offending > 0
-            && self.store.read_only().is_none()
-            && let Err(e) = self.audit.ready()
-        {
-            return Err(ApiError::unavailable(format!(
-                "{offending} reservations target the server itself and must be disabled, but the audit log {} cannot be written ({e})",
-                self.audit.path().display()
-            )));
-        }
-        let mut disabled = 0;
-        for record in self.store.list(None)?.into_iter().filter(|r| r.enabled) {
-            let Err(refusal) = self.policy.check_target(&record.reservation, &local) else {
-                continue;
-            };
-            if self.store.read_only().is_some() {
-                tracing::warn!(
-                    "reservation {} ({}) breaks {}: {} (the store is read-only, so it stays)",
-                    record.id,
-                    record.reservation,
-                    refusal.rule,
-                    refusal.detail
-                );
-                continue;
-            }
-            self.store.set_enabled(record.id, false)?;
-            disabled += 1;
-            tracing::warn!(
-                "disabled reservation {} ({}, owner {}): {refusal}",
-                record.id,
-                record.reservation,
-                record.owner
-            );
-            let mut done = record_json(&record);
-            done["enabled"] = json!(false);
-            self.audit(
-                Caller::SERVICE,
-                "disable",
-                "ok",
-                &done,
-                Some(&refusal.to_string()),
-            );
-        }
-        Ok(disabled)
-    }
-
     /// The start, in an order that changes nothing before it knows the store is the right
     /// one: the reconcile guard is checked first, then what fell due while the service was
-    /// down expires, reservations that target the server are disabled, the rest are held
-    /// against the policy (see [`Engine::enforce`]), and the maps are reconciled. Returns
-    /// the reconcile's report and how many were disabled.
+    /// down expires, every reservation is held against the policy (those that target the
+    /// server itself are disabled, see [`Engine::enforce`]), and the maps are reconciled.
+    /// Returns the reconcile's report and how many were disabled.
     pub fn start(&mut self, guard: ReconcileGuard) -> Result<(ReconcileReport, usize), ApiError> {
         {
             let state = self.open_state()?;
             self.check_guard(state.as_ref(), guard)?;
         }
         self.expire_due();
-        let disabled = self.disable_server_targets()? + self.enforce()?.disabled;
+        let disabled = self.enforce()?.disabled;
         let report = self.reconcile(ReconcileGuard::REPAIR)?;
         Ok((report, disabled))
     }

@@ -3,8 +3,8 @@
 //! quota) does not make what was granted before disappear by itself: each reservation it
 //! would refuse today is a violation, reported (log, `GET /v1/status`, `pf status`), refused
 //! renewal and re-enabling, and disabled only where `policy.on_violation = "disable"` says so.
-//! A target that is the server itself is disabled whatever that says (see
-//! [`Engine::disable_server_targets`]).
+//! A target that is the server itself (made before the rule existed, or before the server
+//! took that address) is disabled whatever that says: it would expose the server.
 
 use std::collections::HashMap;
 
@@ -14,7 +14,7 @@ use serde_json::json;
 use super::{ApiError, Engine, local_addresses, record_json};
 use crate::service::{
     audit::Caller,
-    policy::{OnViolation, Policy, Refusal},
+    policy::{OnViolation, Policy, Refusal, TARGET_NOT_SERVER},
     store::Record,
 };
 
@@ -44,8 +44,8 @@ impl Engine {
     /// against `max_ttl`, and the owner's quota (counted in id order, so the newest
     /// reservations are the ones past it).
     fn find_violations(&self) -> Result<Vec<(Record, Refusal)>, ApiError> {
-        let mut records = self.store.list(None)?;
-        records.sort_by_key(|r| r.id);
+        // By id (the store lists so): the quota falls on the newest.
+        let records = self.store.list(None)?;
         let listening = self.listening();
         let local = local_addresses()?;
         let now = self.now_ms();
@@ -54,9 +54,11 @@ impl Engine {
         for record in records {
             let ports = held.entry(record.owner.clone()).or_default();
             *ports += u64::from(record.reservation.public.ports.len());
+            // The server itself first: that one is disabled whatever else it breaks.
             let verdict = self
                 .policy
-                .check(&record.reservation, &listening, &local)
+                .check_target(&record.reservation, &local)
+                .and_then(|()| self.policy.check(&record.reservation, &listening, &local))
                 .and_then(|()| self.policy.check_remaining(record.expires_ms, now))
                 .and_then(|()| quota(&self.policy, &record.owner, *ports));
             if let Err(refusal) = verdict {
@@ -78,6 +80,7 @@ impl Engine {
                 record.owner,
                 match (record.enabled, self.policy.on_violation) {
                     (false, _) => " (disabled)",
+                    _ if refusal.rule == TARGET_NOT_SERVER => "",
                     (true, OnViolation::Report) => {
                         " (it keeps forwarding, but cannot be renewed or enabled again; policy.on_violation = \"disable\" would disable it)"
                     }
@@ -107,45 +110,68 @@ impl Engine {
         &self.violations
     }
 
-    /// Reviews every reservation (see [`Engine::review`]) and, where `policy.on_violation =
-    /// "disable"`, disables the enabled violators in the store, each audited. The caller
-    /// brings the maps in line (a reconcile).
+    /// Reviews every reservation (see [`Engine::review`]) and disables in the store, each
+    /// audited, the enabled ones that target the server itself and, where
+    /// `policy.on_violation = "disable"`, every other violator. With a read-only store they
+    /// stay, with a warning; with an audit log that cannot be written, nothing is disabled and
+    /// the error says why. The caller brings the maps in line (a reconcile).
     pub fn enforce(&mut self) -> Result<ReloadReport, ApiError> {
         let violations = self.review()?;
+        let disable_all = self.policy.on_violation == OnViolation::Disable;
+        let due: Vec<Violation> = self
+            .violations
+            .iter()
+            .filter(|v| v.enabled && (disable_all || v.rule == TARGET_NOT_SERVER))
+            .cloned()
+            .collect();
         let mut disabled = 0;
-        if self.policy.on_violation == OnViolation::Disable {
-            let ids: Vec<u64> = self
-                .violations
-                .iter()
-                .filter(|v| v.enabled)
-                .map(|v| v.id)
-                .collect();
-            if !ids.is_empty()
-                && let Some(refusal) = self.refuse_changes()
-            {
-                return Err(refusal);
-            }
-            for id in ids {
-                let Some(record) = self.store.get(id)? else {
-                    continue;
-                };
-                let Some(v) = self.violations.iter_mut().find(|v| v.id == id) else {
-                    continue;
-                };
-                let why = format!("refused by {}: {}", v.rule, v.detail);
-                self.store.set_enabled(id, false)?;
-                v.enabled = false;
-                disabled += 1;
+        if due.is_empty() {
+            return Ok(ReloadReport {
+                violations,
+                disabled,
+            });
+        }
+        if self.store.read_only().is_some() {
+            for v in &due {
                 tracing::warn!(
-                    "disabled reservation {} ({}, owner {}): {why}",
-                    record.id,
-                    record.reservation,
-                    record.owner
+                    "reservation {} ({}) breaks {}: {} (the store is read-only, so it stays)",
+                    v.id,
+                    v.public,
+                    v.rule,
+                    v.detail
                 );
-                let mut done = record_json(&record);
-                done["enabled"] = json!(false);
-                self.audit(Caller::SERVICE, "disable", "ok", &done, Some(&why));
             }
+            return Ok(ReloadReport {
+                violations,
+                disabled,
+            });
+        }
+        if let Err(e) = self.audit.ready() {
+            return Err(ApiError::unavailable(format!(
+                "{} reservations must be disabled (they target the server itself, or break the policy and policy.on_violation = \"disable\"), but the audit log {} cannot be written ({e})",
+                due.len(),
+                self.audit.path().display()
+            )));
+        }
+        for v in due {
+            let Some(record) = self.store.get(v.id)? else {
+                continue;
+            };
+            let why = format!("refused by {}: {}", v.rule, v.detail);
+            self.store.set_enabled(v.id, false)?;
+            if let Some(kept) = self.violations.iter_mut().find(|k| k.id == v.id) {
+                kept.enabled = false;
+            }
+            disabled += 1;
+            tracing::warn!(
+                "disabled reservation {} ({}, owner {}): {why}",
+                record.id,
+                record.reservation,
+                record.owner
+            );
+            let mut done = record_json(&record);
+            done["enabled"] = json!(false);
+            self.audit(Caller::SERVICE, "disable", "ok", &done, Some(&why));
         }
         Ok(ReloadReport {
             violations,
