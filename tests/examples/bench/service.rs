@@ -31,15 +31,15 @@ use crate::{Profile, median, per_packet::filler};
 /// The public address the latency calls reserve on (the filler uses 198.18.0.0/15).
 const LATENCY_IP: &str = "203.0.113.1";
 
-const POLICY: &str = r#"
-[policy]
-public_ips = ["203.0.113.1"]
-target_networks = ["10.0.0.0/8"]
-port_pool = ["1-65535"]
-ports_per_owner = 1000000
-max_range_ports = 4096
-forbid_listening_ports = false
-"#;
+/// The policy the service runs on: every filler's public IP (198.18.0.0 to 198.18.0.16 for up
+/// to a million) and the latency calls', so that the store it starts on breaks no rule.
+fn policy() -> String {
+    let fillers: Vec<String> = (0..=16).map(|i| format!("\"198.18.0.{i}\"")).collect();
+    format!(
+        "[policy]\npublic_ips = [\"{LATENCY_IP}\", {}]\ntarget_networks = [\"10.0.0.0/8\"]\nport_pool = [\"1-65535\"]\nports_per_owner = 1000000\nmax_range_ports = 4096\nforbid_listening_ports = false\n",
+        fillers.join(", ")
+    )
+}
 
 struct Applied {
     store_seconds: f64,
@@ -77,7 +77,7 @@ fn apply(size: u32, files: &Path, pin_dir: &Path) -> Result<Applied, String> {
     store.insert_all(&records).map_err(|e| e.to_string())?;
     let store_seconds = start.elapsed().as_secs_f64();
 
-    let config = Config::parse(POLICY)?;
+    let config = Config::parse(&policy())?;
     let audit = Audit::open(&files.join("audit.jsonl")).map_err(|e| e.to_string())?;
     let dir = PinDir::new(pin_dir);
     // The maps exist before pf serve starts (its first start, or `pf attach`, made them): only
@@ -122,10 +122,11 @@ fn apply(size: u32, files: &Path, pin_dir: &Path) -> Result<Applied, String> {
 /// under `pins`.
 fn service_config(own: &Path, files: &Path, pins: &Path) -> String {
     format!(
-        "[service]\nsocket = \"{0}/pf.sock\"\ndatabase = \"{1}/pf.db\"\naudit_log = \"{0}/audit.jsonl\"\nbpffs = \"{2}\"\n{POLICY}",
+        "[service]\nsocket = \"{0}/pf.sock\"\ndatabase = \"{1}/pf.db\"\naudit_log = \"{0}/audit.jsonl\"\nbpffs = \"{2}\"\n{3}",
         own.display(),
         files.display(),
-        pins.display()
+        pins.display(),
+        policy()
     )
 }
 

@@ -338,10 +338,18 @@ pub fn print_status(s: &Value) {
         .as_array()
         .cloned()
         .unwrap_or_default();
-    if violations.is_empty() {
+    let count = s["policy_violation_count"]
+        .as_u64()
+        .unwrap_or(violations.len() as u64);
+    if count == 0 {
         out!("policy violations: none");
     } else {
-        out!("policy violations: {}", violations.len());
+        let listed = if count > violations.len() as u64 {
+            format!(" (the first {} by id)", violations.len())
+        } else {
+            String::new()
+        };
+        out!("policy violations: {count}{listed}");
         for v in &violations {
             out!(
                 "  {}: {} (owner {}{}): refused by {}: {}",

@@ -97,6 +97,7 @@ impl Engine {
                 );
                 continue;
             }
+            self.forget_violation(record.id);
             if let Err(e) = self.store.add_traffic(record.id, live) {
                 tracing::warn!(
                     "reservation {}'s traffic so far is lost from its totals: {e}",

@@ -49,6 +49,9 @@ const DRIFT_LOG_LIMIT: usize = 20;
 /// Longest text of a request an audit line records.
 const SUBJECT_TEXT_MAX: usize = 256;
 
+/// The status lists this many policy violations (by id), and counts them all.
+const STATUS_VIOLATIONS: usize = 100;
+
 /// How long expired reservations stay restorable.
 pub const HISTORY_KEEP: Duration = Duration::from_secs(7 * 86_400);
 
@@ -512,7 +515,7 @@ pub struct Engine {
     /// Why the last repair failed, once logged.
     repair_failing: Option<String>,
     /// Reservations the policy in force would refuse, as the last review found them.
-    violations: Vec<Violation>,
+    violations: std::collections::BTreeMap<u64, Violation>,
     /// When the last reconcile ran (Unix ms) and how many drifts it repaired.
     last_reconcile: Option<(u64, usize)>,
     /// What the engine counts for `/metrics` as it goes.
@@ -555,7 +558,7 @@ impl Engine {
             purged: None,
             expiry_blocked: None,
             repair_failing: None,
-            violations: Vec::new(),
+            violations: std::collections::BTreeMap::new(),
             last_reconcile: None,
             metrics: ServiceMetrics::default(),
         })
@@ -686,7 +689,7 @@ impl Engine {
                     Ok(state) => self.traffic_rows(state.as_ref())?,
                     Err(_) => Vec::new(),
                 };
-                let violations = self.violations().len();
+                let violations = self.violations.len();
                 let interfaces: Vec<AttachmentView> = self
                     .dataplane
                     .attachments()
@@ -841,7 +844,9 @@ impl Engine {
             "next_expiry": self.next_expiry.map(rfc3339),
             "store_read_only": self.store.read_only(),
             "clock_offset_seconds": self.clock.offset_ms() / 1000,
-            "policy_violations": self.violations(),
+            // The first ones, by id: a policy that narrowed may leave thousands.
+            "policy_violations": self.violations().take(STATUS_VIOLATIONS).collect::<Vec<_>>(),
+            "policy_violation_count": self.violations.len(),
             "last_reconcile": self.last_reconcile.map(|(at, drifts)| json!({
                 "at": rfc3339(at),
                 "drifts": drifts,
@@ -1074,6 +1079,7 @@ impl Engine {
         let mut state = self.open_state()?;
         let total = self.store.traffic(id)? + live_traffic(state.as_ref(), &record);
         self.store.delete(id)?;
+        self.forget_violation(id);
         self.unmap_after_store(state.as_mut(), &record, "released")?;
         Ok(ReservationView {
             traffic: Some(total),
@@ -1136,6 +1142,14 @@ impl Engine {
         let ttl_ms = duration_ms(ttl);
         let expires = self.now_ms().saturating_add(ttl_ms);
         self.store.set_lifetime(id, Some(ttl_ms), Some(expires))?;
+        // Within max_ttl now: a lifetime granted under an older policy is cured.
+        if self
+            .violations
+            .get(&id)
+            .is_some_and(|v| v.rule == "policy.max_ttl")
+        {
+            self.forget_violation(id);
+        }
         self.get(id)
     }
 
@@ -1279,6 +1293,16 @@ impl Engine {
             if let Err(e) = self.store.add_traffic(id, live) {
                 tracing::warn!("reservation {id}'s traffic so far is lost from its totals: {e}");
             }
+        }
+        // A violation the change cured: a new target passed the policy's checks, a new owner
+        // the quota. The lifetime is a renewal's to cure.
+        let cured = self.violations.get(&id).is_some_and(|v| match v.rule {
+            "policy.max_ttl" => false,
+            "policy.ports_per_owner" => owner != record.owner,
+            _ => retarget,
+        });
+        if cured {
+            self.forget_violation(id);
         }
         self.get(id)
     }

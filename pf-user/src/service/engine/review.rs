@@ -8,6 +8,9 @@
 
 use std::collections::HashMap;
 
+/// A review logs this many violations one by one, then a count.
+const LOGGED_VIOLATIONS: usize = 20;
+
 use serde::Serialize;
 use serde_json::json;
 
@@ -69,10 +72,11 @@ impl Engine {
     }
 
     /// Re-checks every reservation against the policy in force and keeps the answer for
-    /// status; each violation is logged. Returns how many there are.
+    /// status. The first violations are logged one by one, then a count (a policy that
+    /// narrowed may leave thousands). Returns how many there are.
     pub fn review(&mut self) -> Result<usize, ApiError> {
         let found = self.find_violations()?;
-        for (record, refusal) in &found {
+        for (record, refusal) in found.iter().take(LOGGED_VIOLATIONS) {
             tracing::warn!(
                 "reservation {} ({}, owner {}) breaks the policy: {refusal}{}",
                 record.id,
@@ -88,26 +92,40 @@ impl Engine {
                 }
             );
         }
+        if found.len() > LOGGED_VIOLATIONS {
+            tracing::warn!(
+                "... and {} more reservations break the policy (GET /v1/status counts them; pf status lists the first)",
+                found.len() - LOGGED_VIOLATIONS
+            );
+        }
         self.violations = found
             .into_iter()
-            .map(|(r, refusal)| Violation {
-                id: r.id,
-                owner: r.owner.clone(),
-                public: r.reservation.public.to_string(),
-                enabled: r.enabled,
-                rule: refusal.rule,
-                detail: refusal.detail,
+            .map(|(r, refusal)| {
+                (
+                    r.id,
+                    Violation {
+                        id: r.id,
+                        owner: r.owner.clone(),
+                        public: r.reservation.public.to_string(),
+                        enabled: r.enabled,
+                        rule: refusal.rule,
+                        detail: refusal.detail,
+                    },
+                )
             })
             .collect();
         Ok(self.violations.len())
     }
 
-    /// The violations found by the last review, less the reservations gone since.
-    pub fn violations(&mut self) -> &[Violation] {
-        let store = &self.store;
-        self.violations
-            .retain(|v| store.get(v.id).map(|r| r.is_some()).unwrap_or(true));
-        &self.violations
+    /// The violations found by the last review, by id, less the reservations gone since.
+    pub fn violations(&self) -> impl Iterator<Item = &Violation> {
+        self.violations.values()
+    }
+
+    /// A reservation is gone (released, expired) or changed so that it passes: it is no
+    /// violation any more.
+    pub fn forget_violation(&mut self, id: u64) {
+        self.violations.remove(&id);
     }
 
     /// Reviews every reservation (see [`Engine::review`]) and disables in the store, each
@@ -120,7 +138,7 @@ impl Engine {
         let disable_all = self.policy.on_violation == OnViolation::Disable;
         let due: Vec<Violation> = self
             .violations
-            .iter()
+            .values()
             .filter(|v| v.enabled && (disable_all || v.rule == TARGET_NOT_SERVER))
             .cloned()
             .collect();
@@ -159,7 +177,7 @@ impl Engine {
             };
             let why = format!("refused by {}: {}", v.rule, v.detail);
             self.store.set_enabled(v.id, false)?;
-            if let Some(kept) = self.violations.iter_mut().find(|k| k.id == v.id) {
+            if let Some(kept) = self.violations.get_mut(&v.id) {
                 kept.enabled = false;
             }
             disabled += 1;

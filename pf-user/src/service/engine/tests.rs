@@ -397,13 +397,9 @@ fn a_lower_quota_marks_the_newest_reservations_past_it() {
         ))
         .unwrap();
     assert_eq!(report.violations, 2);
-    let ids: Vec<u64> = e.violations().iter().map(|v| v.id).collect();
+    let ids: Vec<u64> = e.violations().map(|v| v.id).collect();
     assert_eq!(ids, vec![second, third], "{first} is within the quota");
-    assert!(
-        e.violations()
-            .iter()
-            .all(|v| v.rule == "policy.ports_per_owner")
-    );
+    assert!(e.violations().all(|v| v.rule == "policy.ports_per_owner"));
 }
 
 fn traffic(packets: u64) -> Traffic {
@@ -589,4 +585,35 @@ fn a_change_the_maps_refuse_puts_everything_back() {
         fake.held(),
         vec!["198.51.100.1:30000/tcp -> 10.200.0.2:30000".to_string()]
     );
+}
+
+#[test]
+fn violations_are_cured_by_what_answers_them_and_counted_past_the_status_list() {
+    let (mut e, _fake, _dir) = engine();
+    let outside = reserved(&mut e, "198.51.100.1:30008/tcp", Some("1h"));
+    let long = reserved(&mut e, "198.51.100.1:30001/tcp", Some("90d"));
+    e.reload(policy(&format!("{NARROWED}\nmax_ttl = \"30d\"")))
+        .unwrap();
+    let rules: Vec<(u64, &str)> = e.violations().map(|v| (v.id, v.rule)).collect();
+    assert_eq!(
+        rules,
+        vec![(outside, "policy.port_pool"), (long, "policy.max_ttl")]
+    );
+    // A note changes nothing of the port; a renewal within max_ttl cures the lifetime.
+    change(&mut e, outside, None, None, Some("still outside")).unwrap();
+    e.handle(
+        Request::Renew {
+            id: long,
+            ttl: Some("1d".into()),
+        },
+        CALLER,
+    )
+    .unwrap();
+    let status = e.handle(Request::Status, CALLER).unwrap();
+    assert_eq!(status["policy_violation_count"], 1, "{status}");
+    assert_eq!(status["policy_violations"][0]["id"], outside, "{status}");
+    // Its public side cannot change in place; a release ends it.
+    e.handle(Request::Release(outside), CALLER).unwrap();
+    let status = e.handle(Request::Status, CALLER).unwrap();
+    assert_eq!(status["policy_violation_count"], 0, "{status}");
 }
