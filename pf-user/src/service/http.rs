@@ -187,6 +187,24 @@ impl Condition {
     }
 }
 
+/// One HTTP/1.1 connection until it ends: headers must arrive within HEADER_TIMEOUT.
+async fn serve_connection<S, I>(stream: I, service: S)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            hyper::Request<Incoming>,
+            Response = Response<Full<Bytes>>,
+            Error = Infallible,
+        >,
+    S::Future: Send + 'static,
+{
+    let _ = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
 /// At most this many `/metrics` connections at once (Prometheus keeps one per target).
 const METRICS_CONNECTIONS: usize = 16;
 
@@ -256,11 +274,7 @@ async fn serve_metrics(
                     Ok::<_, Infallible>(response)
                 }
             });
-            let _ = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            serve_connection(stream, service).await;
         });
     }
 }
@@ -392,11 +406,7 @@ pub(super) async fn serve(
                         Ok::<_, Infallible>(response)
                     }
                 });
-                let _ = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                serve_connection(stream, service).await;
             });
             registry.open.insert(
                 id,

@@ -974,12 +974,18 @@ mod tests {
         PortRange { first, last }
     }
 
-    #[test]
-    fn records_round_trip_and_ids_are_never_reused() {
-        let dir = std::env::temp_dir().join(format!("pf-store-test-{}", std::process::id()));
+    /// A fresh directory for a store file: (the directory, the file's path).
+    fn scratch(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("pf-store-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("pf.db");
+        (dir, path)
+    }
+
+    #[test]
+    fn records_round_trip_and_ids_are_never_reused() {
+        let (dir, path) = scratch("test");
         let mut store = SqliteStore::open(&path).unwrap();
         let mut a = new("acct-1", "198.51.100.1:8810-8815/both", "10.8.0.2:9810");
         a.ttl_ms = Some(60_000);
@@ -1006,10 +1012,7 @@ mod tests {
 
     #[test]
     fn a_version_2_store_gains_the_traffic_table_and_keeps_its_records() {
-        let dir = std::env::temp_dir().join(format!("pf-store-v2-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("pf.db");
+        let (dir, path) = scratch("v2");
         let mut store = SqliteStore::open(&path).unwrap();
         let a = store
             .insert(&new("acct-1", "198.51.100.1:80/tcp", "10.8.0.3"))

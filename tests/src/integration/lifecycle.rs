@@ -339,31 +339,52 @@ fn wait_for_stats(topo: &Topology, dir: &TempPinDir, what: &str, check: impl Fn(
     }
 }
 
+/// The topology (named after `tag`) with the client serving each `(port, page)` over HTTP on
+/// its tunnel address; the pages' directory goes with the returned guard.
+fn serving(tag: &str, pages: &[(u16, &str)]) -> (Topology, ScratchDir) {
+    let topo = Topology::new(&format!("pf{}{tag}", std::process::id())).unwrap();
+    let www = ScratchDir::claim(
+        std::env::temp_dir().join(format!("pf-www-{tag}-{}", std::process::id())),
+    );
+    for (port, page) in pages {
+        let dir = www.path().join(port.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("index.html"), page).unwrap();
+        topo.client
+            .serve_directory(CLIENT_IP, *port, dir.to_str().unwrap())
+            .unwrap();
+    }
+    (topo, www)
+}
+
+/// The public URL of the reservation [`forwarding`] makes.
+const URL: &str = "http://198.51.100.1:8080/";
+
+/// `pf serve` in the topology's server namespace on pub0 in `role`, with 198.51.100.1:8080/tcp
+/// reserved for `owner` towards the client's port 80: the service and the reservation's id.
+fn forwarding(dir: &TempPinDir, topo: &Topology, role: &str, owner: &str) -> (Service, u64) {
+    let service = dir.serve_with(
+        Some(&topo.server),
+        &format!("[[interfaces]]\nname = \"{PUBLIC_IFACE}\"\nrole = \"{role}\"\n{TEST_POLICY}"),
+    );
+    let made = call(
+        &service,
+        "POST",
+        "/v1/reservations",
+        Some(&json!({ "owner": owner, "public": "198.51.100.1:8080/tcp", "to": "10.8.0.2:80" })),
+    )
+    .unwrap();
+    let id = made["id"].as_u64().unwrap();
+    (service, id)
+}
+
 #[test]
 fn the_service_follows_its_interfaces_as_they_go_and_come_back() {
     require_root();
     let dir = TempPinDir::new();
-    let topo = Topology::new(&format!("pf{}lnk", std::process::id())).unwrap();
-    let www = ScratchDir::claim(
-        std::env::temp_dir().join(format!("pf-www-links-{}", std::process::id())),
-    );
-    std::fs::create_dir_all(www.path()).unwrap();
-    std::fs::write(www.path().join("index.html"), "followed\n").unwrap();
-    topo.client
-        .serve_directory(CLIENT_IP, 80, www.path().to_str().unwrap())
-        .unwrap();
-    let service = dir.serve_with(
-        Some(&topo.server),
-        &format!("[[interfaces]]\nname = \"{PUBLIC_IFACE}\"\nrole = \"fast-path\"\n{TEST_POLICY}"),
-    );
-    call(
-        &service,
-        "POST",
-        "/v1/reservations",
-        Some(&json!({ "owner": "acct-1", "public": "198.51.100.1:8080/tcp", "to": "10.8.0.2:80" })),
-    )
-    .unwrap();
-    let url = "http://198.51.100.1:8080/";
+    let (topo, _www) = serving("lnk", &[(80, "followed\n")]);
+    let (service, _) = forwarding(&dir, &topo, "fast-path", "acct-1");
+    let url = URL;
     assert_eq!(topo.inet.curl(url).unwrap(), "followed\n");
 
     // The public interface deleted: reported. Made again: attached again, with no restart,
@@ -411,28 +432,9 @@ fn the_service_follows_its_interfaces_as_they_go_and_come_back() {
 fn stats_name_each_reservation_and_its_traffic_outlives_a_disable() {
     require_root();
     let dir = TempPinDir::new();
-    let topo = Topology::new(&format!("pf{}sta", std::process::id())).unwrap();
-    let www = ScratchDir::claim(
-        std::env::temp_dir().join(format!("pf-www-stats-{}", std::process::id())),
-    );
-    std::fs::create_dir_all(www.path()).unwrap();
-    std::fs::write(www.path().join("index.html"), "counted\n").unwrap();
-    topo.client
-        .serve_directory(CLIENT_IP, 80, www.path().to_str().unwrap())
-        .unwrap();
-    let service = dir.serve_with(
-        Some(&topo.server),
-        &format!("[[interfaces]]\nname = \"{PUBLIC_IFACE}\"\n{TEST_POLICY}"),
-    );
-    let made = call(
-        &service,
-        "POST",
-        "/v1/reservations",
-        Some(&json!({ "owner": "acct-7", "public": "198.51.100.1:8080/tcp", "to": "10.8.0.2:80" })),
-    )
-    .unwrap();
-    let id = made["id"].as_u64().unwrap();
-    let url = "http://198.51.100.1:8080/";
+    let (topo, _www) = serving("sta", &[(80, "counted\n")]);
+    let (service, id) = forwarding(&dir, &topo, "public", "acct-7");
+    let url = URL;
     let row = |topo: &Topology| -> Value {
         let s = stats_in(topo, &dir);
         s["reservations"]
@@ -514,15 +516,7 @@ fn series(scrape: &str, series: &str) -> Option<f64> {
 fn prometheus_metrics_and_healthz() {
     require_root();
     let dir = TempPinDir::new();
-    let topo = Topology::new(&format!("pf{}met", std::process::id())).unwrap();
-    let www = ScratchDir::claim(
-        std::env::temp_dir().join(format!("pf-www-metrics-{}", std::process::id())),
-    );
-    std::fs::create_dir_all(www.path()).unwrap();
-    std::fs::write(www.path().join("index.html"), "scraped\n").unwrap();
-    topo.client
-        .serve_directory(CLIENT_IP, 80, www.path().to_str().unwrap())
-        .unwrap();
+    let (topo, _www) = serving("met", &[(80, "scraped\n")]);
     // Served inside the server's namespace, on its loopback: the scrape never leaves it.
     let policy = TEST_POLICY.replace(r#"port_pool = ["1-65535"]"#, r#"port_pool = ["8000-8999"]"#);
     let service = dir.serve_with(
@@ -658,31 +652,10 @@ fn prometheus_metrics_and_healthz() {
 fn a_change_in_place_moves_the_target_with_real_traffic() {
     require_root();
     let dir = TempPinDir::new();
-    let topo = Topology::new(&format!("pf{}chg", std::process::id())).unwrap();
-    let www = ScratchDir::claim(
-        std::env::temp_dir().join(format!("pf-www-change-{}", std::process::id())),
-    );
-    for (sub, port, text) in [("a", 80, "old target\n"), ("b", 81, "new target\n")] {
-        let d = www.path().join(sub);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("index.html"), text).unwrap();
-        topo.client
-            .serve_directory(CLIENT_IP, port, d.to_str().unwrap())
-            .unwrap();
-    }
-    let service = dir.serve_with(
-        Some(&topo.server),
-        &format!("[[interfaces]]\nname = \"{PUBLIC_IFACE}\"\n{TEST_POLICY}"),
-    );
-    let made = call(
-        &service,
-        "POST",
-        "/v1/reservations",
-        Some(&json!({ "owner": "acct-1", "public": "198.51.100.1:8080/tcp", "to": "10.8.0.2:80" })),
-    )
-    .unwrap();
-    let id = made["id"].as_u64().unwrap().to_string();
-    let url = "http://198.51.100.1:8080/";
+    let (topo, _www) = serving("chg", &[(80, "old target\n"), (81, "new target\n")]);
+    let (service, id) = forwarding(&dir, &topo, "public", "acct-1");
+    let id = id.to_string();
+    let url = URL;
     assert_eq!(topo.inet.curl(url).unwrap(), "old target\n");
     let out = pf_in_ns(
         &topo.server,

@@ -935,8 +935,12 @@ impl Engine {
                 ),
             ));
         }
+        self.check_quota(owner, u64::from(public.ports.len()))
+    }
+
+    /// Refuses `asked` more public ports for `owner` past `policy.ports_per_owner`.
+    fn check_quota(&self, owner: &str, asked: u64) -> Result<(), ApiError> {
         let held = self.store.owner_ports(owner)?;
-        let asked = u64::from(public.ports.len());
         if held + asked > self.policy.ports_per_owner {
             return Err(ApiError::from(crate::service::policy::Refusal {
                 rule: "policy.ports_per_owner",
@@ -1237,17 +1241,7 @@ impl Engine {
             }
         }
         if owner != record.owner {
-            let held = self.store.owner_ports(&owner)?;
-            let asked = u64::from(record.reservation.public.ports.len());
-            if held + asked > self.policy.ports_per_owner {
-                return Err(ApiError::from(crate::service::policy::Refusal {
-                    rule: "policy.ports_per_owner",
-                    detail: format!(
-                        "owner {owner} holds {held} ports; {asked} more would pass the limit of {}",
-                        self.policy.ports_per_owner
-                    ),
-                }));
-            }
+            self.check_quota(&owner, u64::from(record.reservation.public.ports.len()))?;
         }
         let mut state = if retarget && record.enabled {
             Some(self.open_state()?)
