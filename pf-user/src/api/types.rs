@@ -210,8 +210,9 @@ pub struct ReservationView {
     pub traffic: Option<Traffic>,
 }
 
-/// `GET /v1/stats`: each reservation with its traffic since it was made (across disables and
-/// restarts).
+/// `GET /v1/stats`: each reservation with its traffic since it was made: across disables,
+/// expiries, changes and restarts of `pf serve`, but not a reboot, which empties the maps (what
+/// they counted since the last of those is lost with them).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatsView {
     pub reservations: Vec<ReservationTraffic>,

@@ -2,6 +2,7 @@
 //!
 //! | method and path                        | does                                         |
 //! |----------------------------------------|----------------------------------------------|
+//! | `GET /v1/openapi.json`                 | this table, as OpenAPI 3.0 (`api/openapi.json`)|
 //! | `GET /v1/status`                       | version, count, next expiry, interfaces      |
 //! | `GET /v1/stats`                        | each reservation's traffic since it was made |
 //! | `GET /healthz`                         | 200 ok, or 503 naming what keeps pf from work|
@@ -17,8 +18,8 @@
 //! | `GET /v1/expired[?owner=X]`            | the expired history (restorable for 7 days)  |
 //! | `POST /v1/expired/{id}/restore`        | restore (`{"ttl": "30d"}`, or the same again)|
 //!
-//! Every error is a 4xx/5xx with `{"error": "...", "rule": "policy...."}` (rule only for a
-//! policy refusal).
+//! Every error is a 4xx/5xx with `{"error": "...", "code": "...", "rule"?: "policy....",
+//! "conflict_id"?: N}` (`ErrorBody`): `rule` for a policy refusal, `conflict_id` for a conflict.
 //!
 //! Connections are bounded: each must send a request's headers within [`HEADER_TIMEOUT`] of
 //! opening or of its last answer, and its body within [`BODY_TIMEOUT`]; at most
@@ -214,11 +215,10 @@ pub(super) struct MetricsListener {
     pub per_reservation_limit: usize,
 }
 
-/// Serves `/metrics`: the engine composes the text (it holds the store, the maps and the
-/// counters), this side only carries it.
+/// Serves `/metrics`, composed beside the engine ([`Reads::metrics`]) on a blocking thread.
 async fn serve_metrics(
     listener: tokio::net::TcpListener,
-    jobs: mpsc::Sender<Job>,
+    reads: Arc<Reads>,
     per_reservation_limit: usize,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
@@ -230,11 +230,11 @@ async fn serve_metrics(
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue; // dropped: a scraper retries
         };
-        let jobs = jobs.clone();
+        let reads = reads.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let service = service_fn(move |req: hyper::Request<Incoming>| {
-                let jobs = jobs.clone();
+                let reads = reads.clone();
                 async move {
                     let response = if req.method() != Method::GET {
                         json_response(
@@ -247,16 +247,15 @@ async fn serve_metrics(
                             &serde_json::json!({"error": "the metrics are at /metrics", "code": "not_found"}),
                         )
                     } else {
-                        match ask(
-                            Request::Metrics {
-                                per_reservation_limit,
-                            },
-                            Caller::SERVICE,
-                            &jobs,
-                        )
+                        let scraped = tokio::task::spawn_blocking(move || {
+                            reads.metrics(per_reservation_limit)
+                        })
                         .await
-                        {
-                            Ok(Value::String(text)) => Response::builder()
+                        .unwrap_or_else(|e| {
+                            Err(ApiError::unavailable(format!("the scrape failed: {e}")))
+                        });
+                        match scraped {
+                            Ok(text) => Response::builder()
                                 .status(StatusCode::OK)
                                 .header(
                                     "content-type",
@@ -264,10 +263,6 @@ async fn serve_metrics(
                                 )
                                 .body(Full::new(Bytes::from(text)))
                                 .expect("valid response"),
-                            Ok(other) => json_response(
-                                StatusCode::INTERNAL_SERVER_ERROR,
-                                &serde_json::json!({"error": format!("unexpected {other}"), "code": "internal"}),
-                            ),
                             Err(e) => json_response(status_of(e.kind), &e.to_json()),
                         }
                     };
@@ -293,13 +288,16 @@ pub(super) async fn serve(
         let listener = tokio::net::TcpListener::from_std(m.listener)?;
         tokio::spawn(serve_metrics(
             listener,
-            jobs.clone(),
+            reads.clone(),
             m.per_reservation_limit,
         ));
     }
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut hangup = signal(SignalKind::hangup())?;
+    // Ready only now: a reload systemd sends once it hears this must find SIGHUP handled
+    // (its default action would end the service).
+    super::tell_systemd(&[sd_notify::NotifyState::Ready]);
     let cap = max_connections();
     let connections = Arc::new(Mutex::new(Connections::default()));
     let (mut accept_trouble, mut full) = (Condition::default(), Condition::default());

@@ -8,7 +8,7 @@
 //! | `pf_ingress_packets_total`, `pf_egress_packets_total` | `outcome` | the programs' outcome counters (`rewritten`, `no_reservation`, each reason to pass) |
 //! | `pf_fast_path_packets_total`, `pf_reply_fast_path_packets_total` | `outcome` | the fast paths' outcomes |
 //! | `pf_reservation_packets_total`, `pf_reservation_bytes_total` | `id`, `owner`, `direction` | each reservation's traffic since it was made (left out above `per_reservation_limit`) |
-//! | `pf_owner_packets_total`, `pf_owner_bytes_total` | `owner`, `direction` | the same summed per owner |
+//! | `pf_owner_packets`, `pf_owner_bytes` | `owner`, `direction` | the same summed over the owner's reservations held now (gauges: a release lowers them) |
 //! | `pf_reservations` | `state` (`enabled`, `disabled`) | reservations in the store |
 //! | `pf_policy_violations` | | reservations the policy in force would refuse |
 //! | `pf_reconcile_drifts` | | differences the last reconcile repaired |
@@ -112,6 +112,22 @@ impl ServiceMetrics {
     }
 }
 
+/// A label value as the exposition format needs it. prometheus-client writes label values as
+/// they are, and an owner (any visible ASCII) or an interface name may hold `"` or `\`, which
+/// would break every scrape, or forge labels.
+fn label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Everything a scrape shows that is read at the time of the scrape.
 pub struct Snapshot<'a> {
     /// `None` when the maps could not be read (the scrape still shows the rest).
@@ -195,7 +211,7 @@ pub fn encode_text(s: &Snapshot, service: &ServiceMetrics) -> String {
             if !omitted {
                 let labels = ReservationLabels {
                     id: r.id.to_string(),
-                    owner: r.owner.clone(),
+                    owner: label(&r.owner),
                     direction,
                 };
                 packets.get_or_create(&labels).inc_by(p);
@@ -213,26 +229,28 @@ pub fn encode_text(s: &Snapshot, service: &ServiceMetrics) -> String {
         "Bytes through each reservation since it was made",
         bytes,
     );
+    // Gauges, not counters: a sum over the reservations held now drops when one goes.
     let (owner_packets, owner_bytes) = (
-        Family::<OwnerLabels, Counter>::default(),
-        Family::<OwnerLabels, Counter>::default(),
+        Family::<OwnerLabels, Gauge>::default(),
+        Family::<OwnerLabels, Gauge>::default(),
     );
+    let gauge_value = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     for ((owner, direction), (p, b)) in owners {
         let labels = OwnerLabels {
-            owner: owner.to_string(),
+            owner: label(owner),
             direction,
         };
-        owner_packets.get_or_create(&labels).inc_by(p);
-        owner_bytes.get_or_create(&labels).inc_by(b);
+        owner_packets.get_or_create(&labels).set(gauge_value(p));
+        owner_bytes.get_or_create(&labels).set(gauge_value(b));
     }
     registry.register(
         "owner_packets",
-        "Packets through each owner's reservations",
+        "Packets through each owner's reservations held now, since each was made",
         owner_packets,
     );
     registry.register(
         "owner_bytes",
-        "Bytes through each owner's reservations",
+        "Bytes through each owner's reservations held now, since each was made",
         owner_bytes,
     );
     let states = Family::<StateLabels, Gauge>::default();
@@ -273,7 +291,7 @@ pub fn encode_text(s: &Snapshot, service: &ServiceMetrics) -> String {
     for i in s.interfaces {
         interfaces
             .get_or_create(&InterfaceLabels {
-                interface: i.interface.clone(),
+                interface: label(&i.interface),
                 role: i.role.clone(),
                 live: if i.live { "true" } else { "false" },
             })
@@ -302,4 +320,52 @@ pub fn encode_text(s: &Snapshot, service: &ServiceMetrics) -> String {
     let mut text = String::new();
     encode(&mut text, &registry).expect("writing to a String cannot fail");
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An owner with quotes and backslashes stays one label value in the exposition text.
+    #[test]
+    fn label_values_are_escaped() {
+        let traffic = crate::kernel::state::Traffic {
+            in_packets: 1,
+            ..Default::default()
+        };
+        let r = crate::domain::spec::Reservation::new(
+            "198.51.100.1:8080/tcp".parse().unwrap(),
+            "10.8.0.2".parse().unwrap(),
+        )
+        .unwrap();
+        let rows = [ReservationTraffic {
+            id: 1,
+            owner: r#"x",direction="out\"#.into(),
+            enabled: true,
+            forward: crate::api::types::ForwardView::from(&r),
+            traffic,
+        }];
+        let text = encode_text(
+            &Snapshot {
+                counters: None,
+                reservations: &rows,
+                violations: 0,
+                drifts: None,
+                store_read_only: false,
+                interfaces: &[],
+                per_reservation_limit: 10,
+            },
+            &ServiceMetrics::default(),
+        );
+        assert!(
+            text.contains(
+                r#"pf_reservation_packets_total{id="1",owner="x\",direction=\"out\\",direction="in"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"pf_owner_packets{owner="x\",direction=\"out\\",direction="in"} 1"#),
+            "{text}"
+        );
+    }
 }

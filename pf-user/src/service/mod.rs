@@ -424,6 +424,7 @@ pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<
         service.database.clone(),
         PinDir::new(&service.bpffs),
         published.clone(),
+        engine.metrics.clone(),
     ));
     let (jobs, queue) = mpsc::channel::<Job>();
     let engine_thread = std::thread::Builder::new()
@@ -460,7 +461,6 @@ pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<
     };
     let follower = links::Follower::start(follower_dir, config.clone())?;
     tracing::info!("listening on {}", service.socket.display());
-    tell_systemd(&[sd_notify::NotifyState::Ready]);
     let served = runtime.block_on(http::serve(listener, jobs, reads, reloader, metrics));
     tell_systemd(&[sd_notify::NotifyState::Stopping]);
     // Dropping the runtime drops every connection and with them the last job senders: the

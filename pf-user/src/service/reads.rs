@@ -13,12 +13,13 @@ use std::{
 use serde_json::{Value, json};
 
 use super::{
-    engine::{ApiError, Request, expired_json, record_json},
+    engine::{ApiError, Request, expired_json, record_json, traffic_rows},
+    metrics::{self, ServiceMetrics},
     store::{ListFilter, SqliteStore, Store},
 };
 use crate::{
     api::types::AttachmentView,
-    kernel::{attach, bpffs::PinDir},
+    kernel::{attach, bpffs::PinDir, state::State},
 };
 
 /// Reader connections kept open between requests.
@@ -41,16 +42,57 @@ pub struct Reads {
     pool: Mutex<Vec<SqliteStore>>,
     /// The engine's part of the status, as it last published it.
     pub published: Arc<Mutex<Value>>,
+    /// The engine's own counters (refusals, expiries, change durations), shared.
+    service_metrics: ServiceMetrics,
 }
 
 impl Reads {
-    pub fn new(database: PathBuf, dir: PinDir, published: Arc<Mutex<Value>>) -> Self {
+    pub fn new(
+        database: PathBuf,
+        dir: PinDir,
+        published: Arc<Mutex<Value>>,
+        service_metrics: ServiceMetrics,
+    ) -> Self {
         Self {
             database,
             dir,
             pool: Mutex::new(Vec::new()),
             published,
+            service_metrics,
         }
+    }
+
+    /// One scrape's exposition text (see [`metrics`]), composed here, off the engine: from a
+    /// reader on the store, the maps opened for reading, and what the engine published. A
+    /// scrape holds up no change, however many reservations it lists.
+    pub fn metrics(&self, per_reservation_limit: usize) -> Result<String, ApiError> {
+        let state = State::open_for_read(&self.dir).ok().flatten();
+        let counters = state.as_ref().and_then(|s| s.counters().ok());
+        let live = state
+            .as_ref()
+            .and_then(|s| s.traffic_all().ok())
+            .unwrap_or_default();
+        drop(state);
+        let reservations = self.with_reader(|store| traffic_rows(store, live))?;
+        let published = self.published.lock().expect("not poisoned").clone();
+        let interfaces: Vec<AttachmentView> = attach::inspect(&self.dir)
+            .iter()
+            .map(AttachmentView::from)
+            .collect();
+        Ok(metrics::encode_text(
+            &metrics::Snapshot {
+                counters: counters.as_ref(),
+                reservations: &reservations,
+                violations: published["policy_violation_count"].as_u64().unwrap_or(0) as usize,
+                drifts: published["last_reconcile"]["drifts"]
+                    .as_u64()
+                    .map(|d| d as usize),
+                store_read_only: !published["store_read_only"].is_null(),
+                interfaces: &interfaces,
+                per_reservation_limit,
+            },
+            &self.service_metrics,
+        ))
     }
 
     fn with_reader<T>(

@@ -564,10 +564,7 @@ fn prometheus_metrics_and_healthz() {
     let packets_in = series(&text, &reservation_in).unwrap_or_else(|| panic!("{text}"));
     assert!(packets_in >= 10.0, "{text}");
     assert_eq!(
-        series(
-            &text,
-            "pf_owner_packets_total{owner=\"acct-9\",direction=\"in\"}"
-        ),
+        series(&text, "pf_owner_packets{owner=\"acct-9\",direction=\"in\"}"),
         Some(packets_in),
         "{text}"
     );
@@ -608,12 +605,7 @@ fn prometheus_metrics_and_healthz() {
         "{text}"
     );
     assert!(
-        series(
-            &text,
-            "pf_owner_packets_total{owner=\"acct-9\",direction=\"in\"}"
-        )
-        .unwrap()
-            >= packets_in
+        series(&text, "pf_owner_packets{owner=\"acct-9\",direction=\"in\"}").unwrap() >= packets_in
     );
     // Only GET /metrics.
     let out = topo

@@ -33,7 +33,7 @@ use crate::{
 
 use super::{
     audit::{Audit, Caller},
-    metrics::{self, ServiceMetrics},
+    metrics::ServiceMetrics,
 };
 
 /// Longest owner id and note the service stores.
@@ -243,10 +243,6 @@ pub enum Request {
     Status,
     /// Each reservation with its traffic since it was made.
     Stats,
-    /// The Prometheus exposition text (see [`metrics`]).
-    Metrics {
-        per_reservation_limit: usize,
-    },
     /// Whether the service can do its job: take changes, and forward on every interface.
     Health,
     /// A change request the API could not even read (bad JSON, an unknown field, too large):
@@ -281,7 +277,6 @@ impl Request {
             | Request::Expired { .. }
             | Request::Status
             | Request::Stats
-            | Request::Metrics { .. }
             | Request::Health
             | Request::Reload { .. } => return None,
         })
@@ -350,6 +345,32 @@ pub fn record_view(r: &Record) -> ReservationView {
 /// A record as the API's JSON.
 pub fn record_json(r: &Record) -> Value {
     serde_json::to_value(record_view(r)).expect("plain struct")
+}
+
+/// Each reservation in `store` with its traffic since it was made: what the store carried over
+/// from maps it left, plus what its entries count now (`live`, from the maps).
+pub fn traffic_rows(
+    store: &dyn Store,
+    live: Vec<(Reservation, Traffic)>,
+) -> Result<Vec<ReservationTraffic>, ApiError> {
+    let carried = store.all_traffic()?;
+    let live: std::collections::HashMap<Reservation, Traffic> = live.into_iter().collect();
+    Ok(store
+        .list(None)?
+        .iter()
+        .map(|r| ReservationTraffic {
+            id: r.id,
+            owner: r.owner.clone(),
+            enabled: r.enabled,
+            forward: ForwardView::from(&r.reservation),
+            traffic: carried.get(&r.id).copied().unwrap_or_default()
+                + if r.enabled {
+                    live.get(&r.reservation).copied().unwrap_or_default()
+                } else {
+                    Traffic::default()
+                },
+        })
+        .collect())
 }
 
 /// The expired history (or one owner's) as the API's JSON, each with when it expired.
@@ -518,7 +539,7 @@ pub struct Engine {
     violations: std::collections::BTreeMap<u64, Violation>,
     /// When the last reconcile ran (Unix ms) and how many drifts it repaired.
     last_reconcile: Option<(u64, usize)>,
-    /// What the engine counts for `/metrics` as it goes.
+    /// What the engine counts for `/metrics` as it goes (shared with the scrapes).
     pub metrics: ServiceMetrics,
 }
 
@@ -674,40 +695,11 @@ impl Engine {
                 Ok(status)
             }
             Request::Stats => {
-                let state = self.open_state()?;
+                let live = self.open_state()?.traffic_all()?;
                 Ok(serde_json::to_value(StatsView {
-                    reservations: self.traffic_rows(state.as_ref())?,
+                    reservations: traffic_rows(self.store.as_ref(), live)?,
                 })
                 .expect("plain struct"))
-            }
-            Request::Metrics {
-                per_reservation_limit,
-            } => {
-                let state = self.open_state();
-                let counters = state.as_ref().ok().and_then(|s| s.counters().ok());
-                let reservations = match &state {
-                    Ok(state) => self.traffic_rows(state.as_ref())?,
-                    Err(_) => Vec::new(),
-                };
-                let violations = self.violations.len();
-                let interfaces: Vec<AttachmentView> = self
-                    .dataplane
-                    .attachments()
-                    .iter()
-                    .map(AttachmentView::from)
-                    .collect();
-                Ok(Value::String(metrics::encode_text(
-                    &metrics::Snapshot {
-                        counters: counters.as_ref(),
-                        reservations: &reservations,
-                        violations,
-                        drifts: self.last_reconcile.map(|(_, d)| d),
-                        store_read_only: self.store.read_only().is_some(),
-                        interfaces: &interfaces,
-                        per_reservation_limit,
-                    },
-                    &self.metrics,
-                )))
             }
             Request::Health => {
                 let mut problems: Vec<String> = self
@@ -854,31 +846,6 @@ impl Engine {
         })
     }
 
-    /// Each reservation in the store with its traffic since it was made: what the store
-    /// carried over from maps it left, plus what its entries in `state` count now.
-    fn traffic_rows(&self, state: &dyn Maps) -> Result<Vec<ReservationTraffic>, ApiError> {
-        let carried = self.store.all_traffic()?;
-        let live: std::collections::HashMap<Reservation, Traffic> =
-            state.traffic_all()?.into_iter().collect();
-        Ok(self
-            .store
-            .list(None)?
-            .iter()
-            .map(|r| ReservationTraffic {
-                id: r.id,
-                owner: r.owner.clone(),
-                enabled: r.enabled,
-                forward: ForwardView::from(&r.reservation),
-                traffic: carried.get(&r.id).copied().unwrap_or_default()
-                    + if r.enabled {
-                        live.get(&r.reservation).copied().unwrap_or_default()
-                    } else {
-                        Traffic::default()
-                    },
-            })
-            .collect())
-    }
-
     fn get(&self, id: u64) -> Result<Record, ApiError> {
         self.store.get(id)?.ok_or_else(|| ApiError::not_found(id))
     }
@@ -936,6 +903,20 @@ impl Engine {
             ));
         }
         self.check_quota(owner, u64::from(public.ports.len()))
+    }
+
+    /// Refuses a change to reservation `id` while the last review holds a violation of it,
+    /// other than those of the rules in `cured_by_this` (which the change answers).
+    fn refuse_violation(&self, id: u64, cured_by_this: &[&str]) -> Result<(), ApiError> {
+        match self.violations.get(&id) {
+            Some(v) if !cured_by_this.contains(&v.rule) => {
+                Err(ApiError::from(crate::service::policy::Refusal {
+                    rule: v.rule,
+                    detail: v.detail.clone(),
+                }))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Refuses `asked` more public ports for `owner` past `policy.ports_per_owner`.
@@ -1140,6 +1121,9 @@ impl Engine {
             )));
         };
         let ttl = self.policy.lifetime(Some(asked))?.unwrap_or(asked);
+        // A lifetime past max_ttl is what a renewal within it cures; any other violation the
+        // review found (the quota) is not extended.
+        self.refuse_violation(id, &["policy.max_ttl"])?;
         // Granted under an older policy that this one refuses: not extended.
         self.policy
             .check(&record.reservation, &self.listening(), &local_addresses()?)?;
@@ -1165,9 +1149,10 @@ impl Engine {
         let mut state = self.open_state()?;
         if enabled {
             // The policy may have narrowed, and the server's addresses changed, since it was
-            // made.
+            // made; and a violation the review found (its quota, its lifetime) stands.
             self.policy
                 .check(&record.reservation, &self.listening(), &local_addresses()?)?;
+            self.refuse_violation(id, &[])?;
             self.store.set_enabled(id, true)?;
             if let Err(e) = state.reserve(&record.reservation) {
                 let e = ApiError::from(e);
@@ -1257,6 +1242,12 @@ impl Engine {
             let replaced = Self::unmap(state, &record)
                 .and_then(|()| state.reserve(&reservation).map_err(ApiError::from));
             if let Err(e) = replaced {
+                // The old entries come back with fresh counters: what they held stays counted.
+                if let Err(e) = self.store.add_traffic(id, live) {
+                    tracing::warn!(
+                        "reservation {id}'s traffic so far is lost from its totals: {e}"
+                    );
+                }
                 let undo = self
                     .store
                     .change(id, &record.owner, &record.reservation, &record.note);

@@ -172,11 +172,27 @@ impl Engine {
             )));
         }
         for v in due {
-            let Some(record) = self.store.get(v.id)? else {
+            let Ok(record) = self.get(v.id) else {
                 continue;
             };
             let why = format!("refused by {}: {}", v.rule, v.detail);
+            // As an API disable does it: the counters read and carried, the store first,
+            // then the maps, where they hold it (at a boot they are empty; a map failure sets
+            // a repair, which the next tick's reconcile makes).
+            let mut state = self.open_state()?;
+            let live = super::live_traffic(state.as_ref(), &record);
             self.store.set_enabled(v.id, false)?;
+            if let Err(e) = self.store.add_traffic(v.id, live) {
+                tracing::warn!(
+                    "reservation {}'s traffic so far is lost from its totals: {e}",
+                    v.id
+                );
+            }
+            if state.is_complete(&record.reservation).unwrap_or(true)
+                && let Err(e) = self.unmap_after_store(state.as_mut(), &record, "disabled")
+            {
+                tracing::error!("{}", e.message);
+            }
             if let Some(kept) = self.violations.get_mut(&v.id) {
                 kept.enabled = false;
             }

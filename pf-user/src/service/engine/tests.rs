@@ -617,3 +617,47 @@ fn violations_are_cured_by_what_answers_them_and_counted_past_the_status_list() 
     let status = e.handle(Request::Status, CALLER).unwrap();
     assert_eq!(status["policy_violation_count"], 0, "{status}");
 }
+
+#[test]
+fn a_reload_disable_keeps_the_traffic_and_its_violators_stay_disabled() {
+    let (mut e, fake, _dir) = engine();
+    let _first = reserved(&mut e, "198.51.100.1:30001/tcp", None);
+    let second = reserved(&mut e, "198.51.100.1:30002/tcp", Some("1h"));
+    count(&mut e, &fake, second, traffic(7));
+    let report = e
+        .reload(policy(&format!(
+            "{}\non_violation = \"disable\"",
+            NARROWED.replace("ports_per_owner = 3", "ports_per_owner = 1")
+        )))
+        .unwrap();
+    assert_eq!(report.disabled, 1);
+    // Its counts were carried, not lost with its entries, and no drift was repaired.
+    let row = stats_of(&mut e, second);
+    assert_eq!(
+        (&row["enabled"], &row["traffic"]),
+        (&json!(false), &json!(traffic(7)))
+    );
+    let status = e.handle(Request::Status, CALLER).unwrap();
+    assert_eq!(status["last_reconcile"]["drifts"], 0, "{status}");
+    // Neither enabled nor renewed while over the quota.
+    let enable = e
+        .handle(
+            Request::SetEnabled {
+                id: second,
+                enabled: true,
+            },
+            CALLER,
+        )
+        .unwrap_err();
+    assert_eq!(enable.rule, Some("policy.ports_per_owner"));
+    let renew = e
+        .handle(
+            Request::Renew {
+                id: second,
+                ttl: None,
+            },
+            CALLER,
+        )
+        .unwrap_err();
+    assert_eq!(renew.rule, Some("policy.ports_per_owner"));
+}
