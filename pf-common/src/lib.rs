@@ -160,6 +160,8 @@ const _: () =
 const _: () = assert!(core::mem::size_of::<NatEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<ReservationKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ReservationValue>() == 8);
+const _: () = assert!(core::mem::size_of::<TraceConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<TraceEvent>() == 28);
 const _: () = assert!(core::mem::size_of::<FragmentKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FragmentValue>() == 8);
 
@@ -202,6 +204,7 @@ mod user {
     unsafe impl aya::Pod for super::FragmentKey {}
     unsafe impl aya::Pod for super::FragmentValue {}
     unsafe impl aya::Pod for super::TunnelNetworks {}
+    unsafe impl aya::Pod for super::TraceConfig {}
 }
 
 /// Which block of `PORTS_IN_USE` a (direction, protocol) counts in: forward (public) ports
@@ -227,6 +230,55 @@ pub fn port_use_slot(reverse: bool, proto: u8, port: [u8; 2]) -> u32 {
     block * 65_536 + u16::from_be_bytes(port) as u32
 }
 
+/// `TRACE_CONFIG`: whether the programs report their decisions to `pf trace`, and for which
+/// port. Checked once per packet, after the decision is made.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TraceConfig {
+    /// Nonzero: report.
+    pub enabled: u32,
+    /// Report only packets with this port as source or destination (network byte order);
+    /// zero: every packet.
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+/// Which program reported a `TraceEvent`.
+pub mod trace_hook {
+    pub const INGRESS: u8 = 0;
+    pub const EGRESS: u8 = 1;
+    pub const REPLY_FAST_PATH: u8 = 2;
+}
+
+/// `fast` of a `TraceEvent` that did not try a fast path.
+pub const TRACE_NO_FAST_PATH: u8 = 0xff;
+
+/// A packet's IPv4 addresses and TCP/UDP ports, as a `TraceEvent` carries them (zero where the
+/// packet has none: not IPv4, a later fragment, not TCP or UDP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TraceEndpoints {
+    pub src_addr: [u8; 4],
+    pub dst_addr: [u8; 4],
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+}
+
+/// One decision, as `pf trace` shows it: the program, its outcome (`counters::Outcome`, or for
+/// the reply fast path `counters::FastPath`), the fast path's outcome if it tried one, and the
+/// packet's protocol and endpoints before and after the program (they differ where it
+/// rewrote them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TraceEvent {
+    pub hook: u8,
+    pub outcome: u8,
+    pub fast: u8,
+    pub proto: u8,
+    pub before: TraceEndpoints,
+    pub after: TraceEndpoints,
+}
+
 /// The kinds of BPF map pf declares (their `bpf_map_type` numbers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
@@ -236,6 +288,7 @@ pub enum MapKind {
     PerCpuArray = 6,
     LruHash = 9,
     DevMapHash = 25,
+    RingBuf = 27,
 }
 
 /// One map's shape: what the kernel is told when pf-ebpf declares it, and what userspace
@@ -323,6 +376,20 @@ pub const MAP_SHAPES: [MapShape; map_names::COUNT] = {
             value_size: 4,
             max_entries: PORT_USE_SLOTS,
         },
+        MapShape {
+            name: map_names::TRACE_CONFIG,
+            kind: MapKind::Array,
+            key_size: 4,
+            value_size: size_of::<TraceConfig>() as u32,
+            max_entries: 1,
+        },
+        MapShape {
+            name: map_names::TRACE_EVENTS,
+            kind: MapKind::RingBuf,
+            key_size: 0,
+            value_size: 0,
+            max_entries: TRACE_RING_BYTES,
+        },
     ]
 };
 
@@ -337,8 +404,10 @@ pub mod map_names {
     pub const PUBLIC_DEVICES: &str = "PUBLIC_DEVICES";
     pub const TUNNEL_NETWORKS: &str = "TUNNEL_NETWORKS";
     pub const PORTS_IN_USE: &str = "PORTS_IN_USE";
+    pub const TRACE_CONFIG: &str = "TRACE_CONFIG";
+    pub const TRACE_EVENTS: &str = "TRACE_EVENTS";
     /// How many maps pf has.
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 11;
     pub const ALL: [&str; COUNT] = [
         FORWARD_NAT,
         REVERSE_NAT,
@@ -349,5 +418,7 @@ pub mod map_names {
         PUBLIC_DEVICES,
         TUNNEL_NETWORKS,
         PORTS_IN_USE,
+        TRACE_CONFIG,
+        TRACE_EVENTS,
     ];
 }

@@ -24,3 +24,8 @@ pub const MAX_REDIRECT_DEVICES: u32 = 256;
 /// Tunnel networks the egress program keeps from leaving the public interface as an
 /// unrewritten source (`TUNNEL_NETWORKS`).
 pub const MAX_TUNNEL_NETWORKS: usize = 16;
+
+/// Bytes of `TRACE_EVENTS`, the ring buffer `pf trace` reads (a power of two, a multiple of the
+/// page size): about 14,500 events of 28 bytes (with the ring's 8-byte headers). Events that find it
+/// full are dropped; a trace is for a person watching a few flows, not for a flood.
+pub const TRACE_RING_BYTES: u32 = 1 << 19;

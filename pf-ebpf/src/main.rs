@@ -10,23 +10,68 @@ mod fast;
 mod maps;
 mod nat;
 mod parse;
+mod trace;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use pf_common::counters::{
-    EGRESS_BASE, FAST_PATH_BASE, FastPath, INGRESS_BASE, Outcome, REPLY_FAST_PATH_BASE,
+use pf_common::{
+    TRACE_NO_FAST_PATH, TraceEndpoints,
+    counters::{
+        EGRESS_BASE, FAST_PATH_BASE, FastPath, INGRESS_BASE, Outcome, REPLY_FAST_PATH_BASE,
+    },
+    trace_hook,
 };
+
+/// An XDP packet's protocol and endpoints, for `pf trace`.
+#[inline(always)]
+fn xdp_endpoints(ctx: &XdpContext) -> (u8, TraceEndpoints) {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    // Hidden from LLVM as `nat`'s XDP parse hides it: an `end - start` it could see through
+    // would let it drop bounds checks the verifier needs.
+    let frame_len = end - start;
+    // SAFETY: reads a local.
+    let frame_len = unsafe { core::ptr::read_volatile(&frame_len) };
+    trace::endpoints(start, end, frame_len)
+}
+
+/// What `pf trace` needs before a program decides: whether it is on, and then the packet as
+/// it came (one array read when off).
+#[inline(always)]
+fn trace_before(ctx: &XdpContext) -> trace::Before {
+    let mut before = trace::switch();
+    if before.on {
+        (before.proto, before.endpoints) = xdp_endpoints(ctx);
+    }
+    before
+}
+
+/// Reports an XDP program's decision to `pf trace`, if `trace_before` found it on.
+#[inline(always)]
+fn trace_xdp(ctx: &XdpContext, traced: &trace::Before, hook: u8, outcome: u8, fast: u8) {
+    if traced.on {
+        let (_, after) = xdp_endpoints(ctx);
+        trace::report(traced, hook, outcome, fast, after);
+    }
+}
 
 /// XDP on the public NIC. Always `XDP_PASS`: a rewritten packet goes on into the kernel, which
 /// routes it to the tunnel (and decrements its TTL); everything else goes on untouched. Either way
 /// one counter says what happened.
 #[xdp]
 pub fn pf_ingress(ctx: XdpContext) -> u32 {
+    let tracing = trace_before(&ctx);
     let outcome = nat::ingress(&ctx);
     maps::count(INGRESS_BASE + outcome as u32);
+    trace_xdp(
+        &ctx,
+        &tracing,
+        trace_hook::INGRESS,
+        outcome as u8,
+        TRACE_NO_FAST_PATH,
+    );
     xdp_action::XDP_PASS
 }
 
@@ -35,9 +80,17 @@ pub fn pf_ingress(ctx: XdpContext) -> u32 {
 /// (bypassing the kernel's forwarding path, netfilter included), else XDP_PASS as above.
 #[xdp]
 pub fn pf_ingress_fast(ctx: XdpContext) -> u32 {
+    let tracing = trace_before(&ctx);
     let outcome = nat::ingress(&ctx);
     maps::count(INGRESS_BASE + outcome as u32);
     if outcome != Outcome::Rewritten && outcome != Outcome::IcmpErrorRewritten {
+        trace_xdp(
+            &ctx,
+            &tracing,
+            trace_hook::INGRESS,
+            outcome as u8,
+            TRACE_NO_FAST_PATH,
+        );
         return xdp_action::XDP_PASS;
     }
     let (fast, action) = match fast::route(&ctx, &maps::REDIRECT_DEVICES) {
@@ -45,6 +98,13 @@ pub fn pf_ingress_fast(ctx: XdpContext) -> u32 {
         Err(fast) => (fast, xdp_action::XDP_PASS),
     };
     maps::count(FAST_PATH_BASE + fast as u32);
+    trace_xdp(
+        &ctx,
+        &tracing,
+        trace_hook::INGRESS,
+        outcome as u8,
+        fast as u8,
+    );
     action
 }
 
@@ -56,6 +116,7 @@ pub fn pf_ingress_fast(ctx: XdpContext) -> u32 {
 /// redirected frame never passes TC egress, so no reply is rewritten twice.
 #[xdp]
 pub fn pf_reply_fast(ctx: XdpContext) -> u32 {
+    let tracing = trace_before(&ctx);
     let (fast, action) = match nat::reply(&ctx) {
         None => (FastPath::NotAReply, xdp_action::XDP_PASS),
         Some(reply) => match fast::route(&ctx, &maps::PUBLIC_DEVICES) {
@@ -67,6 +128,13 @@ pub fn pf_reply_fast(ctx: XdpContext) -> u32 {
         },
     };
     maps::count(REPLY_FAST_PATH_BASE + fast as u32);
+    trace_xdp(
+        &ctx,
+        &tracing,
+        trace_hook::REPLY_FAST_PATH,
+        fast as u8,
+        fast as u8,
+    );
     action
 }
 
@@ -75,8 +143,24 @@ pub fn pf_reply_fast(ctx: XdpContext) -> u32 {
 /// or one that would leave unrewritten with a tunnel address as its source.
 #[classifier]
 pub fn pf_egress(ctx: TcContext) -> i32 {
+    let mut tracing = trace::switch();
+    if tracing.on {
+        (tracing.proto, tracing.endpoints) =
+            trace::endpoints(ctx.data(), ctx.data_end(), ctx.len() as usize);
+    }
     let verdict = nat::egress(&ctx);
     maps::count(EGRESS_BASE + verdict.outcome as u32);
+    if tracing.on {
+        // The data pointers are read again: the rewrite may have pulled the headers.
+        let (_, after) = trace::endpoints(ctx.data(), ctx.data_end(), ctx.len() as usize);
+        trace::report(
+            &tracing,
+            trace_hook::EGRESS,
+            verdict.outcome as u8,
+            TRACE_NO_FAST_PATH,
+            after,
+        );
+    }
     if verdict.drop { TC_ACT_SHOT } else { TC_ACT_OK }
 }
 

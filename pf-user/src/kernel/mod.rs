@@ -10,6 +10,7 @@
 //! - [`netdev`]: devices (XDP features, Ethernet or not); `tc`: the egress hook's netlink
 //!   filters before TCX; `netlink`: the socket both use. [`nftset`]: the nftables set of
 //!   reserved targets that the server's ruleset matches. [`privilege`]: the capability check.
+//! - [`trace`]: `pf trace`'s switch and the ring of the programs' reports.
 //! - [`error`]: [`PfError`], the one error type of this layer.
 
 pub mod attach;
@@ -26,5 +27,6 @@ pub mod object;
 pub mod privilege;
 pub mod state;
 mod tc;
+pub mod trace;
 
 pub use error::PfError;

@@ -255,12 +255,13 @@ fn map_type(kind: MapKind) -> MapType {
         MapKind::PerCpuArray => MapType::PerCpuArray,
         MapKind::LruHash => MapType::LruHash,
         MapKind::DevMapHash => MapType::DevMapHash,
+        MapKind::RingBuf => MapType::RingBuf,
     }
 }
 
 /// Opens a pinned map and checks it has the layout this build of pf was compiled for: a map
 /// left by another version must not be read or written with the wrong sizes.
-fn open_map(dir: &PinDir, layout: &MapShape) -> Result<(Map, u32), PfError> {
+pub(crate) fn open_map(dir: &PinDir, layout: &MapShape) -> Result<(Map, u32), PfError> {
     let path = dir.map(layout.name);
     let map_err = |source| PfError::Map {
         map: layout.name,
@@ -339,7 +340,8 @@ impl State {
 
     /// Opens pf's maps (all of them pinned already) under a lock the caller took.
     pub(crate) fn open_maps(dir: &PinDir, lock: File) -> Result<Self, PfError> {
-        // The fragment table is opened only to check its layout.
+        // The fragment table and the trace maps are opened only to check their layouts (`pf
+        // trace` opens the trace maps itself, see `kernel::trace`).
         let [
             forward,
             reverse,
@@ -350,6 +352,8 @@ impl State {
             public_devices,
             tunnel_networks,
             ports_in_use,
+            trace_config,
+            trace_events,
         ] = MAP_SHAPES.each_ref().map(|l| open_map(dir, l));
         let mut ids = [0u32; map_names::COUNT];
         let mut id_of = |index: usize, opened: Result<(Map, u32), PfError>| {
@@ -371,7 +375,10 @@ impl State {
             id_of(7, tunnel_networks),
             id_of(8, ports_in_use),
         );
+        let (trace_config, trace_events) = (id_of(9, trace_config), id_of(10, trace_events));
         fragments?;
+        trace_config?;
+        trace_events?;
         let typed = |name: &'static str| move |source: MapError| PfError::Map { map: name, source };
         Ok(Self {
             forward: forward?.try_into().map_err(typed(map_names::FORWARD_NAT))?,

@@ -58,6 +58,9 @@ struct Case<'a> {
     must_count: Option<Outcome>,
     /// `TUNNEL_NETWORKS` while the case runs (egress checks unrewritten sources against it).
     tunnel_networks: &'a [Ipv4Net],
+    /// `pf trace` on for this port while the case runs (a port the packet does not use: the
+    /// cost of tracing without the ring writes); off for `None`.
+    trace_port: Option<u16>,
 }
 
 /// Four tunnel networks, more than a VPN server usually has: a source outside all of them is
@@ -134,6 +137,9 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
         .reserve(&reservation(hit, 5353, Protocols::Udp, hit, 5353))
         .map_err(err)?;
     let programs = Programs::load(&dir).map_err(err)?;
+    let mut trace = pf::kernel::trace::Trace::open(&dir)
+        .map_err(err)?
+        .ok_or("pf's trace maps are missing")?;
 
     let tcp_hit = Pkt::tcp(REMOTE, 40000, HIT_ADDR, 8080).frame();
     let udp_hit = Pkt::udp(REMOTE, 40000, HIT_ADDR, 5353).frame();
@@ -181,6 +187,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             packet: &tcp_hit,
             must_count: None,
             tunnel_networks: &[],
+            trace_port: None,
         },
         Case {
             name: "hash lookup only",
@@ -188,6 +195,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             packet: &tcp_hit,
             must_count: None,
             tunnel_networks: &[],
+            trace_port: None,
         },
         Case {
             name: "ingress hit TCP",
@@ -195,6 +203,15 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             packet: &tcp_hit,
             must_count: Some(Outcome::Rewritten),
             tunnel_networks: &[],
+            trace_port: None,
+        },
+        Case {
+            name: "ingress hit TCP, tracing another port",
+            program: Which::Ingress,
+            packet: &tcp_hit,
+            must_count: Some(Outcome::Rewritten),
+            tunnel_networks: &[],
+            trace_port: Some(9),
         },
         Case {
             name: "ingress hit UDP",
@@ -202,6 +219,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             packet: &udp_hit,
             must_count: Some(Outcome::Rewritten),
             tunnel_networks: &[],
+            trace_port: None,
         },
         Case {
             name: "ingress miss, port in use",
@@ -209,6 +227,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             packet: &miss,
             must_count: Some(Outcome::NoReservation),
             tunnel_networks: &[],
+            trace_port: None,
         },
         Case {
             name: "ingress miss, WireGuard",
@@ -216,6 +235,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             packet: &wireguard_in,
             must_count: Some(Outcome::NoReservation),
             tunnel_networks: &[],
+            trace_port: None,
         },
         Case {
             name: "ingress non-IPv4",
@@ -223,6 +243,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             packet: &not_ipv4,
             must_count: Some(Outcome::NotIpv4),
             tunnel_networks: &[],
+            trace_port: None,
         },
         Case {
             name: "no-op TC (baseline)",
@@ -230,6 +251,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             packet: &egress_hit,
             must_count: None,
             tunnel_networks: &[],
+            trace_port: None,
         },
         Case {
             name: "egress hit TCP",
@@ -237,6 +259,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             packet: &egress_hit,
             must_count: Some(Outcome::Rewritten),
             tunnel_networks: &networks,
+            trace_port: None,
         },
         Case {
             name: "egress miss, no guard",
@@ -244,6 +267,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             packet: &egress_miss,
             must_count: Some(Outcome::NoReservation),
             tunnel_networks: &[],
+            trace_port: None,
         },
         Case {
             name: "egress miss, port in use",
@@ -251,6 +275,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             packet: &egress_miss_port_in_use,
             must_count: Some(Outcome::NoReservation),
             tunnel_networks: &[],
+            trace_port: None,
         },
         Case {
             name: "egress miss, WireGuard",
@@ -258,6 +283,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             packet: &wireguard_out,
             must_count: Some(Outcome::NoReservation),
             tunnel_networks: &networks,
+            trace_port: None,
         },
         Case {
             name: "egress miss, 4 networks",
@@ -265,6 +291,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             packet: &egress_miss,
             must_count: Some(Outcome::NoReservation),
             tunnel_networks: &networks,
+            trace_port: None,
         },
         Case {
             name: "egress leak dropped",
@@ -272,6 +299,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             packet: &egress_leak,
             must_count: Some(Outcome::TunnelSourceDropped),
             tunnel_networks: &networks,
+            trace_port: None,
         },
     ];
 
@@ -303,9 +331,14 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             packet,
             must_count,
             tunnel_networks,
+            trace_port,
         } in &cases
         {
             state.set_tunnel_networks(tunnel_networks).map_err(err)?;
+            match trace_port {
+                Some(port) => trace.on(Some(*port)).map_err(err)?,
+                None => trace.off().map_err(err)?,
+            }
             let mut runs = Vec::new();
             for _ in 0..profile.repetitions {
                 let before = state.counters().map_err(err)?;

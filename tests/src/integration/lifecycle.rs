@@ -839,3 +839,114 @@ fn lists_filter_and_page_and_are_read_beside_the_engine() {
 fn pf_in_ns_host(dir: &TempPinDir, args: &[&str]) -> String {
     super::common::pf_ok(dir, args)
 }
+
+/// `pf trace ARGS --json` in the server's namespace, running while `during` runs: its lines.
+fn traced(topo: &Topology, dir: &TempPinDir, args: &[&str], during: impl FnOnce()) -> Vec<Value> {
+    let mut words = super::common::pf_words(dir, &["trace", "--json"]);
+    words.extend(args.iter().map(|a| a.to_string()));
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let child = topo
+        .server
+        .nsenter(&words)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The switch goes on within a few milliseconds of the start.
+    thread::sleep(Duration::from_millis(500));
+    during();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[test]
+fn pf_trace_shows_each_decision_live_and_switches_off_after() {
+    require_root();
+    let dir = TempPinDir::new();
+    let (topo, _www) = serving("trc", &[(80, "traced\n")]);
+    let (_service, _) = forwarding(&dir, &topo, "public", "acct-1");
+    // Filtered on the public port: the request's packets in, rewritten towards the client, and
+    // the replies out, rewritten back; nothing of other ports.
+    let lines = traced(&topo, &dir, &["198.51.100.1:8080", "--for", "2s"], || {
+        assert_eq!(topo.inet.curl(URL).unwrap(), "traced\n");
+        let _ = topo.inet.curl("http://198.51.100.1:9999/");
+    });
+    let has = |hook: &str, outcome: &str, field: &str, endpoint: &str| {
+        lines.iter().any(|l| {
+            l["hook"] == hook
+                && l["outcome"] == outcome
+                && l[field].as_str().is_some_and(|e| e.starts_with(endpoint))
+        })
+    };
+    assert!(
+        has("ingress", "rewritten", "destination", "198.51.100.1:8080"),
+        "{lines:?}"
+    );
+    assert!(
+        has(
+            "ingress",
+            "rewritten",
+            "rewritten_destination",
+            "10.8.0.2:80"
+        ),
+        "{lines:?}"
+    );
+    assert!(
+        has("egress", "rewritten", "source", "10.8.0.2:80"),
+        "{lines:?}"
+    );
+    assert!(
+        has(
+            "egress",
+            "rewritten",
+            "rewritten_source",
+            "198.51.100.1:8080"
+        ),
+        "{lines:?}"
+    );
+    assert!(lines.iter().all(|l| l["protocol"] == "tcp"), "{lines:?}");
+    assert!(!has(
+        "ingress",
+        "no_reservation",
+        "destination",
+        "198.51.100.1:9999"
+    ));
+    // Unfiltered, a miss shows as what it is. The first trace switched tracing off as it ended,
+    // or this one would be refused.
+    let lines = traced(&topo, &dir, &["--for", "2s"], || {
+        let _ = topo.inet.curl("http://198.51.100.1:9999/");
+    });
+    assert!(
+        lines.iter().any(|l| l["hook"] == "ingress"
+            && l["outcome"] == "no_reservation"
+            && l["destination"] == "198.51.100.1:9999"),
+        "{lines:?}"
+    );
+    // A trace that was killed leaves it on: the next is refused until `pf trace --off`.
+    let words = super::common::pf_words(&dir, &["trace", "--for", "30s"]);
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let mut child = topo
+        .server
+        .nsenter(&words)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = pf_in_ns(&topo.server, &dir, &["trace", "--for", "1s"]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pf trace --off"),
+        "{out:?}"
+    );
+    let out = pf_in_ns(&topo.server, &dir, &["trace", "--off"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = pf_in_ns(&topo.server, &dir, &["trace", "--for", "1s"]);
+    assert!(out.status.success(), "{out:?}");
+}

@@ -286,6 +286,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Watch the data plane's decisions live: each packet the programs see, what they did with
+    /// it (rewritten, or passed and why) and the fast path's outcome, with its addresses and
+    /// ports as they are after the program. Off, it costs a packet one array read.
+    #[command(
+        after_help = "Examples:\n  pf trace\n  pf trace 203.0.113.10:8080 --for 30s\n  pf trace 8080 --json\n  pf trace --off"
+    )]
+    Trace {
+        /// Only packets to or from this port, or this address and port (a reservation's
+        /// public or target side).
+        #[arg(value_name = "[IP:]PORT", conflicts_with = "off")]
+        filter: Option<String>,
+        /// How long to watch (Ctrl-C stops it sooner).
+        #[arg(long = "for", value_name = "DURATION", default_value = "10s")]
+        duration: String,
+        /// Switch tracing off and exit: for after a trace that was killed left it on.
+        #[arg(long)]
+        off: bool,
+        /// One JSON object per decision.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write pf's man pages or a shell's completions (for packagers: `cargo xtask deb`).
     #[command(hide = true)]
     Generate {
@@ -386,6 +407,136 @@ fn generate(what: &Generate) -> anyhow::Result<()> {
         Generate::Completions { shell } => {
             clap_complete::generate(*shell, &mut cmd, "pf", &mut std::io::stdout());
         }
+    }
+    Ok(())
+}
+
+/// Set by SIGINT or SIGTERM during `pf trace`, which then switches tracing off and ends.
+static TRACE_STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn stop_trace(_: libc::c_int) {
+    TRACE_STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `pf trace`: switches the programs' reports on, prints them as they come for `duration`
+/// (bounded; Ctrl-C ends it sooner), and switches them off again whatever happens.
+fn trace(
+    dir: &PinDir,
+    filter: Option<&str>,
+    duration: &str,
+    off: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let Some(mut trace) = pf::kernel::trace::Trace::open(dir)? else {
+        anyhow::bail!(
+            "pf has no maps in {} yet: attach it first (`pf attach`, or pf serve)",
+            dir.root().display()
+        );
+    };
+    if off {
+        trace.off()?;
+        out!("tracing is off");
+        return Ok(());
+    }
+    let duration = parse_ttl(duration).map_err(SpecError::BadTtl)?;
+    let (address, port) = match filter {
+        None => (None, None),
+        Some(text) => {
+            let (addr, port) = match text.rsplit_once(':') {
+                Some((addr, port)) => (
+                    Some(addr.parse::<std::net::Ipv4Addr>().map_err(|_| {
+                        anyhow::anyhow!("'{addr}' is not an IPv4 address (pf trace [IP:]PORT)")
+                    })?),
+                    port,
+                ),
+                None => (None, text),
+            };
+            let port: u16 =
+                port.parse().ok().filter(|p| *p != 0).ok_or_else(|| {
+                    anyhow::anyhow!("'{port}' is not a port (pf trace [IP:]PORT)")
+                })?;
+            (addr, Some(port))
+        }
+    };
+    if trace.is_on()? {
+        anyhow::bail!(
+            "a trace is running already (or one was killed and left tracing on: `pf trace --off`)"
+        );
+    }
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, stop_trace as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, stop_trace as *const () as libc::sighandler_t);
+    }
+    trace.on(port)?;
+    let started = std::time::Instant::now();
+    let mut shown = 0u64;
+    let mut show = |lines: Vec<pf::kernel::trace::TraceLine>| -> anyhow::Result<()> {
+        for line in lines {
+            if let Some(addr) = address {
+                let addr = addr.to_string();
+                let on_addr = |endpoint: &Option<String>| {
+                    endpoint
+                        .as_deref()
+                        .is_some_and(|e| e.split(':').next() == Some(addr.as_str()))
+                };
+                let endpoints = [
+                    Some(line.source.clone()),
+                    Some(line.destination.clone()),
+                    line.rewritten_source.clone(),
+                    line.rewritten_destination.clone(),
+                ];
+                if !endpoints.iter().any(on_addr) {
+                    continue;
+                }
+            }
+            shown += 1;
+            if json {
+                out!("{}", serde_json::to_string(&line)?);
+            } else {
+                let rewritten = match (&line.rewritten_source, &line.rewritten_destination) {
+                    (None, None) => String::new(),
+                    (source, destination) => format!(
+                        ", now {} -> {}",
+                        source.as_ref().unwrap_or(&line.source),
+                        destination.as_ref().unwrap_or(&line.destination)
+                    ),
+                };
+                out!(
+                    "{:>8.3}s {:<15} {} -> {} {} {}{rewritten}{}",
+                    started.elapsed().as_secs_f64(),
+                    line.hook,
+                    line.source,
+                    line.destination,
+                    line.protocol,
+                    line.outcome,
+                    line.fast_path
+                        .map(|f| format!(" (fast path: {f})"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        Ok(())
+    };
+    let watched = (|| -> anyhow::Result<()> {
+        while started.elapsed() < duration && !TRACE_STOP.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            show(trace.drain())?;
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Ok(())
+    })();
+    // Off whatever happened, then what came before the switch went off.
+    let switched_off = trace.off();
+    let last = trace.drain();
+    watched?;
+    show(last)?;
+    switched_off?;
+    if !json {
+        out!(
+            "{shown} decisions in {:.1} s; tracing is off",
+            started.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }
@@ -538,6 +689,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             | Command::Detach { .. }
             | Command::Stats { .. }
             | Command::Status { .. }
+            | Command::Trace { .. }
     );
     // status and stats use both: the service's view, and the kernel's.
     let needs_client =
@@ -760,6 +912,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Status { json } => return status(&client, &dir, json),
+        Command::Trace {
+            filter,
+            duration,
+            off,
+            json,
+        } => {
+            privilege::require_privileges()?;
+            return trace(&dir, filter.as_deref(), &duration, off, json);
+        }
         Command::Detach { iface, json } => {
             privilege::require_privileges()?;
             attach::detach(&dir, &iface)?;
