@@ -130,10 +130,6 @@ impl Client {
     }
 
     /// Every reservation, or one owner's.
-    pub fn list(&self, owner: Option<&str>) -> Result<Vec<ReservationView>, ClientError> {
-        self.typed("GET", &with_owner("/v1/reservations", owner), None::<&()>)
-    }
-
     /// The reservations a query asks for.
     pub fn list_query(&self, query: &ListQuery) -> Result<Vec<ReservationView>, ClientError> {
         self.typed(

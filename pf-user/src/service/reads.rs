@@ -19,11 +19,28 @@ use super::{
 };
 use crate::{
     api::types::AttachmentView,
-    kernel::{attach, bpffs::PinDir, state::State},
+    kernel::{
+        attach::{self, Attachment},
+        bpffs::PinDir,
+        state::State,
+    },
 };
 
 /// Reader connections kept open between requests.
 const POOL: usize = 4;
+
+/// `GET /v1/status`: the engine's published part, the store's count and the interfaces as the
+/// kernel has them.
+pub fn status_json(mut published: Value, reservations: u64, attached: &[Attachment]) -> Value {
+    published["reservations"] = json!(reservations);
+    published["attached"] = json!(
+        attached
+            .iter()
+            .map(AttachmentView::from)
+            .collect::<Vec<_>>()
+    );
+    published
+}
 
 /// A list of the records `filter` asks for.
 pub fn list_json(store: &dyn Store, filter: &ListFilter) -> Result<Value, ApiError> {
@@ -134,15 +151,9 @@ impl Reads {
                 self.with_reader(|store| expired_json(store, owner.as_deref()))
             }
             Request::Status => {
-                let mut status = self.published.lock().expect("not poisoned").clone();
-                status["reservations"] = json!(self.with_reader(|store| Ok(store.count()?))?);
-                status["attached"] = json!(
-                    attach::inspect(&self.dir)
-                        .iter()
-                        .map(AttachmentView::from)
-                        .collect::<Vec<_>>()
-                );
-                Ok(status)
+                let published = self.published.lock().expect("not poisoned").clone();
+                let count = self.with_reader(|store| Ok(store.count()?))?;
+                Ok(status_json(published, count, &attach::inspect(&self.dir)))
             }
             other => unreachable!("{other:?} is the engine's"),
         }

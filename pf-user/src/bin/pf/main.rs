@@ -629,7 +629,7 @@ fn check_ttl(ttl: &Option<String>) -> Result<(), SpecError> {
 /// The id of the reservation made exactly as `spec`; an error naming the overlapping one if
 /// `spec` is only part of it.
 fn find_by_spec(client: &Client, spec: &PublicSpec) -> anyhow::Result<u64> {
-    let rows = client.list(None)?;
+    let rows = client.list_query(&ListQuery::default())?;
     let wanted = spec.to_string();
     if let Some(r) = rows.iter().find(|r| r.public == wanted) {
         return Ok(r.id);

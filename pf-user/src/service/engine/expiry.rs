@@ -98,12 +98,7 @@ impl Engine {
                 continue;
             }
             self.forget_violation(record.id);
-            if let Err(e) = self.store.add_traffic(record.id, live) {
-                tracing::warn!(
-                    "reservation {}'s traffic so far is lost from its totals: {e}",
-                    record.id
-                );
-            }
+            self.carry_traffic(record.id, live);
             let done = serde_json::to_value(ReservationView {
                 traffic: self.store.traffic(record.id).ok(),
                 ..record_view(&record)

@@ -682,18 +682,11 @@ impl Engine {
             Request::Get(id) => Ok(record_json(&self.get(id)?)),
             Request::List(filter) => super::reads::list_json(self.store.as_ref(), &filter),
             Request::Expired { owner } => expired_json(self.store.as_ref(), owner.as_deref()),
-            Request::Status => {
-                let mut status = self.published_status();
-                status["reservations"] = json!(self.store.count()?);
-                status["attached"] = json!(
-                    self.dataplane
-                        .attachments()
-                        .iter()
-                        .map(AttachmentView::from)
-                        .collect::<Vec<_>>()
-                );
-                Ok(status)
-            }
+            Request::Status => Ok(super::reads::status_json(
+                self.published_status(),
+                self.store.count()?,
+                &self.dataplane.attachments(),
+            )),
             Request::Stats => {
                 let live = self.open_state()?.traffic_all()?;
                 Ok(serde_json::to_value(StatsView {
@@ -903,6 +896,24 @@ impl Engine {
             ));
         }
         self.check_quota(owner, u64::from(public.ports.len()))
+    }
+
+    /// Adds what `id`'s map entries counted (`live`, read just before they went) to the
+    /// store's carried traffic; a failure is logged, as the change it follows is made.
+    fn carry_traffic(&mut self, id: u64, live: Traffic) {
+        if let Err(e) = self.store.add_traffic(id, live) {
+            tracing::warn!("reservation {id}'s traffic so far is lost from its totals: {e}");
+        }
+    }
+
+    /// The store's part of disabling `record`: what its entries counted is read from `state`
+    /// and carried, so its totals go on from there when it is enabled again. The caller takes
+    /// the entries out of the maps.
+    fn disable_in_store(&mut self, state: &dyn Maps, record: &Record) -> Result<(), ApiError> {
+        let live = live_traffic(state, record);
+        self.store.set_enabled(record.id, false)?;
+        self.carry_traffic(record.id, live);
+        Ok(())
     }
 
     /// Refuses a change to reservation `id` while the last review holds a violation of it,
@@ -1169,12 +1180,7 @@ impl Engine {
                 });
             }
         } else {
-            // What its entries counted goes on from there when it is enabled again.
-            let live = live_traffic(state.as_ref(), &record);
-            self.store.set_enabled(id, false)?;
-            if let Err(e) = self.store.add_traffic(id, live) {
-                tracing::warn!("reservation {id}'s traffic so far is lost from its totals: {e}");
-            }
+            self.disable_in_store(state.as_ref(), &record)?;
             self.unmap_after_store(state.as_mut(), &record, "disabled")?;
         }
         self.get(id)
@@ -1243,11 +1249,7 @@ impl Engine {
                 .and_then(|()| state.reserve(&reservation).map_err(ApiError::from));
             if let Err(e) = replaced {
                 // The old entries come back with fresh counters: what they held stays counted.
-                if let Err(e) = self.store.add_traffic(id, live) {
-                    tracing::warn!(
-                        "reservation {id}'s traffic so far is lost from its totals: {e}"
-                    );
-                }
+                self.carry_traffic(id, live);
                 let undo = self
                     .store
                     .change(id, &record.owner, &record.reservation, &record.note);
@@ -1275,9 +1277,7 @@ impl Engine {
                     }
                 });
             }
-            if let Err(e) = self.store.add_traffic(id, live) {
-                tracing::warn!("reservation {id}'s traffic so far is lost from its totals: {e}");
-            }
+            self.carry_traffic(id, live);
         }
         // A violation the change cured: a new target passed the policy's checks, a new owner
         // the quota. The lifetime is a renewal's to cure.

@@ -180,14 +180,7 @@ impl Engine {
             // then the maps, where they hold it (at a boot they are empty; a map failure sets
             // a repair, which the next tick's reconcile makes).
             let mut state = self.open_state()?;
-            let live = super::live_traffic(state.as_ref(), &record);
-            self.store.set_enabled(v.id, false)?;
-            if let Err(e) = self.store.add_traffic(v.id, live) {
-                tracing::warn!(
-                    "reservation {}'s traffic so far is lost from its totals: {e}",
-                    v.id
-                );
-            }
+            self.disable_in_store(state.as_ref(), &record)?;
             if state.is_complete(&record.reservation).unwrap_or(true)
                 && let Err(e) = self.unmap_after_store(state.as_mut(), &record, "disabled")
             {
