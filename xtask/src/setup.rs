@@ -29,6 +29,10 @@ const PACKAGES: &[&str] = &[
     "sqlite3",
     // systemd-analyze, which checks the shipped unit (dist/pf.service).
     "systemd",
+    // The port-mapping clients customers' devices run: NAT-PMP (`natpmpc`) and UPnP IGD
+    // (`upnpc`).
+    "natpmpc",
+    "miniupnpc",
     // WireGuard in userspace (this kernel has no module) and `wg` to configure it.
     "wireguard-go",
     "wireguard-tools",

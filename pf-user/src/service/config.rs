@@ -92,7 +92,27 @@ struct RawConfig {
     netfilter: RawNetfilter,
     #[serde(default)]
     metrics: RawMetrics,
+    port_mapping: Option<RawPortMapping>,
     policy: RawPolicy,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPortMapping {
+    listen: Vec<Ipv4Addr>,
+    public_ip: Option<Ipv4Addr>,
+    min_lifetime: Option<String>,
+    max_lifetime: Option<String>,
+    requests_per_second: Option<u32>,
+    #[serde(default)]
+    owners: Vec<RawTunnelOwner>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTunnelOwner {
+    network: String,
+    owner: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -213,6 +233,8 @@ pub struct Config {
     pub netfilter_set: Option<NftSet>,
     /// `[metrics]`: the Prometheus listener, if any.
     pub metrics: MetricsConfig,
+    /// `[port_mapping]`: NAT-PMP and PCP for tunnel clients, if configured.
+    pub port_mapping: Option<PortMappingConfig>,
     pub policy: Policy,
 }
 
@@ -224,6 +246,115 @@ pub struct MetricsConfig {
     /// Above this many reservations, the per-reservation series are left out (the per-owner
     /// and global ones stay): each reservation is four series, and a scrape must stay small.
     pub per_reservation_limit: usize,
+}
+
+/// `[port_mapping]`: NAT-PMP and PCP served to tunnel clients (off unless the section is
+/// there).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortMappingConfig {
+    /// The server's tunnel-side addresses that answer on UDP 5351 (never a public IP).
+    pub listen: Vec<Ipv4Addr>,
+    /// The public IP mappings are made on, and NAT-PMP's external address.
+    pub public_ip: Ipv4Addr,
+    /// Lifetimes asked for are clamped to this range (and to `policy.max_ttl`).
+    pub min_lifetime: Duration,
+    pub max_lifetime: Duration,
+    /// What one client may ask per second (a bucket of twice this many, refilled at this
+    /// rate); past it the client is answered "out of resources".
+    pub requests_per_second: u32,
+    /// Tunnel networks and the owner their clients' mappings count against; the most
+    /// specific network wins, and an address in none is owner `tunnel:<ip>`.
+    pub owners: Vec<(Ipv4Net, String)>,
+}
+
+impl PortMappingConfig {
+    /// The owner of `client`'s mappings by the config.
+    pub fn owner_of(&self, client: Ipv4Addr) -> String {
+        self.owners
+            .iter()
+            .filter(|(net, _)| net.contains(client))
+            .max_by_key(|(net, _)| net.prefix)
+            .map_or_else(|| format!("tunnel:{client}"), |(_, owner)| owner.clone())
+    }
+}
+
+/// PCP's clamp of requested lifetimes, as miniupnpd has it: 2 minutes to 24 hours.
+pub const DEFAULT_MIN_MAPPING_LIFETIME: Duration = Duration::from_secs(120);
+pub const DEFAULT_MAX_MAPPING_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Default `port_mapping.requests_per_second`: a client renewing two mappings every minute
+/// asks a few times a minute; retries come at 250 ms and slower.
+pub const DEFAULT_MAPPING_REQUESTS_PER_SECOND: u32 = 10;
+
+fn port_mapping(raw: RawPortMapping, policy: &Policy) -> Result<PortMappingConfig, String> {
+    if raw.listen.is_empty() {
+        return Err(
+            "port_mapping.listen is empty: name the server's tunnel-side addresses (e.g. 10.8.0.1)"
+                .into(),
+        );
+    }
+    for addr in &raw.listen {
+        if policy.public_ips.contains(addr) {
+            return Err(format!(
+                "port_mapping.listen: {addr} is a public IP (policy.public_ips); NAT-PMP and PCP are answered on tunnel-side addresses only"
+            ));
+        }
+        if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() {
+            return Err(format!(
+                "port_mapping.listen: {addr} is not one address of the server; name its tunnel-side addresses"
+            ));
+        }
+    }
+    let public_ip = raw.public_ip.unwrap_or(policy.public_ips[0]);
+    if !policy.public_ips.contains(&public_ip) {
+        return Err(format!(
+            "port_mapping.public_ip: {public_ip} is not one of policy.public_ips"
+        ));
+    }
+    let min_lifetime = duration("port_mapping.min_lifetime", &raw.min_lifetime)?
+        .unwrap_or(DEFAULT_MIN_MAPPING_LIFETIME);
+    let max_lifetime = duration("port_mapping.max_lifetime", &raw.max_lifetime)?
+        .unwrap_or(DEFAULT_MAX_MAPPING_LIFETIME);
+    if min_lifetime < Duration::from_secs(1) || min_lifetime > max_lifetime {
+        return Err(
+            "port_mapping.min_lifetime must be at least 1s and at most port_mapping.max_lifetime"
+                .into(),
+        );
+    }
+    let requests_per_second = raw
+        .requests_per_second
+        .unwrap_or(DEFAULT_MAPPING_REQUESTS_PER_SECOND);
+    if requests_per_second == 0 {
+        return Err("port_mapping.requests_per_second must be at least 1".into());
+    }
+    let owners = raw
+        .owners
+        .into_iter()
+        .map(|o| {
+            let net: Ipv4Net = o
+                .network
+                .parse()
+                .map_err(|e| format!("port_mapping.owners: {e}"))?;
+            if o.owner.is_empty()
+                || o.owner.len() > crate::service::engine::MAX_OWNER_LEN
+                || !o.owner.chars().all(|c| c.is_ascii_graphic())
+            {
+                return Err(format!(
+                    "port_mapping.owners: owner '{}' of {net} is not an account id (visible ASCII, at most {} characters)",
+                    o.owner,
+                    crate::service::engine::MAX_OWNER_LEN
+                ));
+            }
+            Ok((net, o.owner))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(PortMappingConfig {
+        listen: raw.listen,
+        public_ip,
+        min_lifetime,
+        max_lifetime,
+        requests_per_second,
+        owners,
+    })
 }
 
 /// Default `metrics.per_reservation_limit`.
@@ -248,6 +379,9 @@ impl Config {
         }
         if self.metrics != new.metrics {
             changed.push("[metrics]");
+        }
+        if self.port_mapping != new.port_mapping {
+            changed.push("[port_mapping]");
         }
         changed
     }
@@ -388,7 +522,12 @@ impl Config {
                     .into(),
             );
         }
+        let port_mapping = raw
+            .port_mapping
+            .map(|m| port_mapping(m, &policy))
+            .transpose()?;
         Ok(Config {
+            port_mapping,
             service: ServiceConfig {
                 socket: s.socket.unwrap_or_else(|| DEFAULT_SOCKET.into()),
                 socket_group: s.socket_group,

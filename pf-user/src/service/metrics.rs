@@ -18,12 +18,17 @@
 //! | `pf_refusals_total` | `reason` | refused changes, by policy rule or error code |
 //! | `pf_change_duration_seconds` | | how long each change took in the engine (store, maps, audit) |
 //! | `pf_per_reservation_series_omitted` | | 1 when there were more reservations than the limit |
+//! | `pf_port_mapping_answers_total` | `protocol`, `result` | NAT-PMP and PCP requests answered, by result |
+//! | `pf_port_mapping_dropped_total` | `reason` | datagrams to the port-mapping server left unanswered, by reason |
 //!
 //! Cardinality: the global series are fixed; per owner, four series per owner; per
 //! reservation, four per reservation, up to `metrics.per_reservation_limit` (default 10,000)
 //! reservations, beyond which they are all left out (the per-owner ones stay).
 
-use std::collections::HashMap;
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -77,6 +82,81 @@ pub struct ServiceMetrics {
     refusals: Family<ReasonLabels, Counter>,
     expiries: Counter,
     change_seconds: Histogram,
+    /// The port-mapping server's answers and drops.
+    pub port_mapping: MappingCounts,
+}
+
+/// What the port-mapping server answered (by protocol and result) and left unanswered (by
+/// reason): kept as plain counts, so that the status can show them as well as `/metrics`.
+#[derive(Clone, Default)]
+pub struct MappingCounts(Arc<Mutex<BTreeMap<(&'static str, &'static str), u64>>>);
+
+/// The protocol name [`MappingCounts`] files drops under.
+const DROPPED: &str = "dropped";
+
+impl MappingCounts {
+    pub fn answered(&self, protocol: &'static str, result: &'static str) {
+        *self
+            .0
+            .lock()
+            .expect("not poisoned")
+            .entry((protocol, result))
+            .or_default() += 1;
+    }
+
+    pub fn dropped(&self, reason: &'static str) {
+        self.answered(DROPPED, reason);
+    }
+
+    /// `{"answered": {PROTOCOL: {RESULT: n}}, "dropped": {REASON: n}}`.
+    pub fn json(&self) -> serde_json::Value {
+        let mut answered = serde_json::Map::new();
+        let mut dropped = serde_json::Map::new();
+        for (&(protocol, result), &n) in self.0.lock().expect("not poisoned").iter() {
+            if protocol == DROPPED {
+                dropped.insert(result.into(), n.into());
+            } else {
+                answered
+                    .entry(protocol)
+                    .or_insert_with(|| serde_json::json!({}))[result] = n.into();
+            }
+        }
+        serde_json::json!({ "answered": answered, "dropped": dropped })
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        let answers = Family::<MappingLabels, Counter>::default();
+        let dropped = Family::<ReasonLabels, Counter>::default();
+        for (&(protocol, result), &n) in self.0.lock().expect("not poisoned").iter() {
+            if protocol == DROPPED {
+                dropped
+                    .get_or_create(&ReasonLabels {
+                        reason: result.to_string(),
+                    })
+                    .inc_by(n);
+            } else {
+                answers
+                    .get_or_create(&MappingLabels { protocol, result })
+                    .inc_by(n);
+            }
+        }
+        registry.register(
+            "port_mapping_answers",
+            "NAT-PMP and PCP requests answered, by result",
+            answers,
+        );
+        registry.register(
+            "port_mapping_dropped",
+            "Datagrams to the port-mapping server left unanswered, by reason",
+            dropped,
+        );
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MappingLabels {
+    protocol: &'static str,
+    result: &'static str,
 }
 
 impl Default for ServiceMetrics {
@@ -89,6 +169,7 @@ impl Default for ServiceMetrics {
             change_seconds: Histogram::new([
                 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0,
             ]),
+            port_mapping: MappingCounts::default(),
         }
     }
 }
@@ -317,6 +398,7 @@ pub fn encode_text(s: &Snapshot, service: &ServiceMetrics) -> String {
         "Time the engine took for each change",
         service.change_seconds.clone(),
     );
+    service.port_mapping.register(&mut registry);
     let mut text = String::new();
     encode(&mut text, &registry).expect("writing to a String cannot fail");
     text

@@ -16,6 +16,7 @@ pub use http::ROUTES;
 mod links;
 pub mod metrics;
 pub mod policy;
+mod port_mapping;
 mod reads;
 pub mod store;
 
@@ -62,6 +63,8 @@ pub enum ServeError {
     },
     #[error("reconciling the maps with the store: {0}")]
     Reconcile(String),
+    #[error(transparent)]
+    PortMapping(#[from] port_mapping::BindError),
 }
 
 /// How `pf serve` was asked to start, beyond its config.
@@ -382,6 +385,7 @@ pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<
         config.policy.clone(),
         audit,
     )?;
+    engine.set_port_mapping(config.port_mapping.clone());
     let started = std::time::Instant::now();
     let (report, disabled) = engine
         .start(ReconcileGuard {
@@ -426,6 +430,12 @@ pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<
         published.clone(),
         engine.metrics.clone(),
     ));
+    // NAT-PMP's and PCP's epoch: from the store, so it runs on across restarts.
+    let mapping_epoch_ms = match &config.port_mapping {
+        Some(_) => Some(engine.mapping_epoch_ms()?),
+        None => None,
+    };
+    let mapping_counts = engine.metrics.port_mapping.clone();
     let (jobs, queue) = mpsc::channel::<Job>();
     let engine_thread = std::thread::Builder::new()
         .name("pf-engine".into())
@@ -459,6 +469,19 @@ pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<
         }
         None => None,
     };
+    if let (Some(mapping), Some(epoch_ms)) = (&config.port_mapping, mapping_epoch_ms) {
+        let server = port_mapping::Server::bind(
+            mapping,
+            &config.policy.target_networks,
+            epoch_ms,
+            jobs.clone(),
+            mapping_counts,
+        )?;
+        let _in_runtime = runtime.enter();
+        server
+            .spawn()
+            .map_err(io("starting the port-mapping server"))?;
+    }
     let follower = links::Follower::start(follower_dir, config.clone())?;
     tracing::info!("listening on {}", service.socket.display());
     let served = runtime.block_on(http::serve(listener, jobs, reads, reloader, metrics));

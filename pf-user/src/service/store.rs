@@ -48,6 +48,43 @@ pub struct NewRecord {
     pub note: String,
 }
 
+/// The protocol a customer's device asked for a reservation with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MappingProtocol {
+    NatPmp,
+    Pcp,
+    Upnp,
+}
+
+impl MappingProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MappingProtocol::NatPmp => "natpmp",
+            MappingProtocol::Pcp => "pcp",
+            MappingProtocol::Upnp => "upnp",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [Self::NatPmp, Self::Pcp, Self::Upnp]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+    }
+}
+
+/// What a port-mapping protocol needs beyond the reservation to find it again: who asked,
+/// through which protocol, for which internal port (0: NAT-PMP's "the external port"), and
+/// PCP's nonce, which the mapping belongs to. Stored beside the reservation, by its id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub via: MappingProtocol,
+    pub client: Ipv4Addr,
+    /// One protocol, TCP or UDP.
+    pub protocol: Protocols,
+    pub internal_port: u16,
+    pub nonce: Option<[u8; 12]>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("reservation store: {what}: {source}")]
@@ -157,12 +194,30 @@ pub trait Store: Send {
     fn all_traffic(&self) -> Result<HashMap<u64, Traffic>, StoreError>;
     /// Why the store takes no changes, if it does not (opened read-only).
     fn read_only(&self) -> Option<&str>;
+
+    /// Stores a reservation a device asked for and its mapping, in one transaction.
+    fn insert_mapped(&mut self, new: &NewRecord, mapping: &Mapping) -> Result<Record, StoreError>;
+    /// The mapping `client` holds for (`protocol`, `internal_port`), with its reservation's id.
+    fn mapping(
+        &self,
+        client: Ipv4Addr,
+        protocol: Protocols,
+        internal_port: u16,
+    ) -> Result<Option<(u64, Mapping)>, StoreError>;
+    /// Every mapping `client` holds, with its reservation's id.
+    fn client_mappings(&self, client: Ipv4Addr) -> Result<Vec<(u64, Mapping)>, StoreError>;
+    /// Gives mapping `id` to `nonce` (PCP taking over a mapping NAT-PMP made).
+    fn set_mapping_nonce(&mut self, id: u64, nonce: [u8; 12]) -> Result<bool, StoreError>;
+    /// When the mapping state began (Unix ms): set once, when the store is made, so NAT-PMP's
+    /// and PCP's epoch runs on across restarts and starts again only with a new store.
+    fn mapping_epoch_ms(&mut self, now_ms: u64) -> Result<u64, StoreError>;
 }
 
 /// The schema this pf writes; `PRAGMA user_version` records it in the file. Version 2 added
-/// the expired history, version 3 the carried-over traffic (new tables only: an older file is
-/// brought up to date by creating what it lacks).
-const SCHEMA_VERSION: i64 = 3;
+/// the expired history, version 3 the carried-over traffic, version 4 the port mappings and
+/// the settings (new tables only: an older file is brought up to date by creating what it
+/// lacks).
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS reservations (
@@ -214,6 +269,23 @@ CREATE TABLE IF NOT EXISTS traffic (
     in_bytes    INTEGER NOT NULL,
     out_packets INTEGER NOT NULL,
     out_bytes   INTEGER NOT NULL
+);
+-- Reservations a customer's device asked for (NAT-PMP, PCP, UPnP IGD): what the protocol
+-- needs to find one again. By the reservation's id; gone with it.
+CREATE TABLE IF NOT EXISTS port_mappings (
+    id            INTEGER PRIMARY KEY,
+    via           TEXT    NOT NULL CHECK (via IN ('natpmp', 'pcp', 'upnp')),
+    client_ip     TEXT    NOT NULL,
+    protocols     INTEGER NOT NULL CHECK (protocols IN (1, 2)),
+    internal_port INTEGER NOT NULL CHECK (internal_port BETWEEN 0 AND 65535),
+    nonce         BLOB    CHECK (nonce IS NULL OR length(nonce) = 12)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS port_mappings_client
+    ON port_mappings (client_ip, protocols, internal_port);
+-- The service's own values (the port mappings' epoch).
+CREATE TABLE IF NOT EXISTS settings (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
 );
 ";
 
@@ -661,8 +733,9 @@ impl Store for SqliteStore {
         let deleted = tx
             .execute("DELETE FROM reservations WHERE id = ?1", [id as i64])
             .and_then(|n| {
-                tx.execute("DELETE FROM traffic WHERE id = ?1", [id as i64])
-                    .map(|_| n)
+                tx.execute("DELETE FROM traffic WHERE id = ?1", [id as i64])?;
+                tx.execute("DELETE FROM port_mappings WHERE id = ?1", [id as i64])?;
+                Ok(n)
             })
             .map_err(sql("deleting a reservation"))?;
         tx.commit().map_err(sql("committing a deletion"))?;
@@ -827,6 +900,7 @@ impl Store for SqliteStore {
             )
             .map_err(sql("keeping an expired reservation"))?;
         tx.execute("DELETE FROM reservations WHERE id = ?1", [id as i64])
+            .and_then(|_| tx.execute("DELETE FROM port_mappings WHERE id = ?1", [id as i64]))
             .map_err(sql("deleting an expired reservation"))?;
         tx.commit().map_err(sql("committing"))?;
         Ok(moved > 0)
@@ -951,6 +1025,138 @@ impl Store for SqliteStore {
 
     fn read_only(&self) -> Option<&str> {
         self.read_only.as_deref()
+    }
+
+    fn insert_mapped(&mut self, new: &NewRecord, mapping: &Mapping) -> Result<Record, StoreError> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql("starting a transaction"))?;
+        let record = Self::insert_one(&tx, new)?;
+        tx.execute(
+            "INSERT INTO port_mappings (id, via, client_ip, protocols, internal_port, nonce) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                record.id as i64,
+                mapping.via.as_str(),
+                mapping.client.to_string(),
+                mapping.protocol.mask(),
+                mapping.internal_port,
+                mapping.nonce.map(|n| n.to_vec()),
+            ],
+        )
+        .map_err(sql("inserting a port mapping"))?;
+        tx.commit().map_err(sql("committing"))?;
+        Ok(record)
+    }
+
+    fn mapping(
+        &self,
+        client: Ipv4Addr,
+        protocol: Protocols,
+        internal_port: u16,
+    ) -> Result<Option<(u64, Mapping)>, StoreError> {
+        Ok(self
+            .mappings_where(
+                "WHERE client_ip = ?1 AND protocols = ?2 AND internal_port = ?3",
+                params![client.to_string(), protocol.mask(), internal_port],
+            )?
+            .pop())
+    }
+
+    fn client_mappings(&self, client: Ipv4Addr) -> Result<Vec<(u64, Mapping)>, StoreError> {
+        self.mappings_where(
+            "WHERE client_ip = ?1 ORDER BY id",
+            params![client.to_string()],
+        )
+    }
+
+    fn set_mapping_nonce(&mut self, id: u64, nonce: [u8; 12]) -> Result<bool, StoreError> {
+        self.update(
+            "giving a port mapping its nonce",
+            "UPDATE port_mappings SET nonce = ?2 WHERE id = ?1",
+            params![id as i64, nonce.to_vec()],
+        )
+    }
+
+    fn mapping_epoch_ms(&mut self, now_ms: u64) -> Result<u64, StoreError> {
+        let read = |conn: &Connection| {
+            conn.query_row(
+                "SELECT value FROM settings WHERE key = 'mapping_epoch_ms'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+        };
+        if let Some(at) = read(&self.conn).map_err(sql("reading the mapping epoch"))? {
+            return Ok(at as u64);
+        }
+        if self.read_only.is_some() {
+            return Ok(now_ms);
+        }
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO settings (key, value) VALUES ('mapping_epoch_ms', ?1)",
+                [now_ms as i64],
+            )
+            .map_err(sql("recording the mapping epoch"))?;
+        Ok(read(&self.conn)
+            .map_err(sql("reading the mapping epoch"))?
+            .map_or(now_ms, |at| at as u64))
+    }
+}
+
+impl SqliteStore {
+    fn mappings_where(
+        &self,
+        where_clause: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<(u64, Mapping)>, StoreError> {
+        let what = "reading port mappings";
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT id, via, client_ip, protocols, internal_port, nonce FROM port_mappings \
+                 {where_clause}"
+            ))
+            .map_err(sql(what))?;
+        let rows = stmt
+            .query_map(params, |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, u8>(3)?,
+                    r.get::<_, u16>(4)?,
+                    r.get::<_, Option<Vec<u8>>>(5)?,
+                ))
+            })
+            .map_err(sql(what))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql(what))?;
+        rows.into_iter()
+            .map(|(id, via, client, mask, internal_port, nonce)| {
+                let bad = |detail: String| StoreError::BadRow { id, detail };
+                Ok((
+                    id as u64,
+                    Mapping {
+                        via: MappingProtocol::parse(&via)
+                            .ok_or_else(|| bad(format!("port mapping via '{via}'")))?,
+                        client: client
+                            .parse()
+                            .map_err(|_| bad(format!("port mapping client '{client}'")))?,
+                        protocol: Protocols::from_mask(mask)
+                            .filter(|p| *p != Protocols::Both)
+                            .ok_or_else(|| bad(format!("port mapping protocols {mask}")))?,
+                        internal_port,
+                        nonce: nonce
+                            .map(|n| <[u8; 12]>::try_from(n.as_slice()))
+                            .transpose()
+                            .map_err(|_| bad("port mapping nonce".into()))?,
+                    },
+                ))
+            })
+            .collect()
     }
 }
 

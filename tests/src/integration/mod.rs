@@ -11,6 +11,7 @@ mod fixtures;
 mod lifecycle;
 mod netfilter;
 mod package;
+mod port_mapping;
 mod service;
 mod service_safety;
 mod tc_netlink;

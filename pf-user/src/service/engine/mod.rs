@@ -33,8 +33,10 @@ use crate::{
 
 use super::{
     audit::{Audit, Caller},
+    config::PortMappingConfig,
     metrics::ServiceMetrics,
 };
+pub use mapping::{MapAnswer, MapRequest};
 
 /// Longest owner id and note the service stores.
 pub const MAX_OWNER_LEN: usize = 128;
@@ -211,10 +213,12 @@ impl From<PfError> for ApiError {
     }
 }
 
-/// What the API asks of the engine.
+/// What the API (or a device's port-mapping request) asks of the engine.
 #[derive(Debug)]
 pub enum Request {
     Reserve(ReserveRequest),
+    /// A mapping a tunnel client asked for with NAT-PMP, PCP or UPnP IGD.
+    Map(MapRequest),
     Get(u64),
     List(ListFilter),
     Release(u64),
@@ -264,6 +268,8 @@ impl Request {
     fn action(&self) -> Option<&'static str> {
         Some(match self {
             Request::Reserve(_) => "reserve",
+            Request::Map(m) if m.lifetime_s == 0 => "unmap",
+            Request::Map(_) => "map",
             Request::Release(_) => "release",
             Request::ReleaseOwner(_) => "release-owner",
             Request::Renew { .. } => "renew",
@@ -298,6 +304,14 @@ impl Request {
                 "to": cut(&r.to),
                 "ttl": r.ttl.as_deref().map(cut),
                 "ttl_seconds": r.ttl_seconds,
+            }),
+            Request::Map(m) => json!({
+                "via": m.via.as_str(),
+                "client": m.client.to_string(),
+                "protocol": m.protocol.to_string(),
+                "internal_port": m.internal_port,
+                "suggested_port": m.suggested_port,
+                "lifetime": m.lifetime_s,
             }),
             Request::Release(id)
             | Request::Renew { id, .. }
@@ -541,6 +555,8 @@ pub struct Engine {
     last_reconcile: Option<(u64, usize)>,
     /// What the engine counts for `/metrics` as it goes (shared with the scrapes).
     pub metrics: ServiceMetrics,
+    /// `[port_mapping]`, if devices may ask for mappings.
+    port_mapping: Option<PortMappingConfig>,
 }
 
 fn kernel_seed() -> u64 {
@@ -582,7 +598,19 @@ impl Engine {
             violations: std::collections::BTreeMap::new(),
             last_reconcile: None,
             metrics: ServiceMetrics::default(),
+            port_mapping: None,
         })
+    }
+
+    /// Lets tunnel clients ask for mappings (NAT-PMP, PCP, UPnP IGD) under `config`.
+    pub fn set_port_mapping(&mut self, config: Option<PortMappingConfig>) {
+        self.port_mapping = config;
+    }
+
+    /// When the mapping state began (Unix ms; see [`Store::mapping_epoch_ms`]).
+    pub fn mapping_epoch_ms(&mut self) -> Result<u64, StoreError> {
+        let now = self.now_ms();
+        self.store.mapping_epoch_ms(now)
     }
 
     /// Now, on the service's clock (see [`Clock`]).
@@ -667,6 +695,13 @@ impl Engine {
         match &result {
             // A release by owner wrote a line per release and its summary as it went.
             Ok(_) if matches!(action, "release-owner") => {}
+            // A device renews its mappings every minute or so: a renewal moves an expiry and
+            // nothing else, and is logged at debug level rather than audited.
+            Ok(done) if action == "map" && done["renewed"] == true => {
+                tracing::debug!("renewed mapping {}: {subject}", done["id"]);
+            }
+            // A deletion of nothing changed nothing.
+            Ok(done) if action == "unmap" && done["deleted"] == json!([]) => {}
             Ok(done) => self.audit(caller, action, "ok", done, None),
             Err(e) if e.partial => {
                 self.audit(caller, action, "partial", &subject, Some(&e.message))
@@ -748,6 +783,9 @@ impl Engine {
     fn change(&mut self, request: Request, caller: Caller) -> Result<Value, ApiError> {
         match request {
             Request::Reserve(r) => self.reserve(r).map(|r| record_json(&r)),
+            Request::Map(m) => self
+                .map(m)
+                .map(|a| serde_json::to_value(a).expect("plain struct")),
             Request::Release(id) => self
                 .release(id)
                 .map(|r| serde_json::to_value(r).expect("plain struct")),
@@ -836,6 +874,7 @@ impl Engine {
                 "at": rfc3339(at),
                 "drifts": drifts,
             })),
+            "port_mapping": self.port_mapping.as_ref().map(|_| self.metrics.port_mapping.json()),
         })
     }
 
@@ -984,11 +1023,24 @@ impl Engine {
             enabled: true,
             note,
         };
-        // The store first: once committed, the reservation exists, and a crash before the maps
-        // are written is repaired by the next start's reconcile. If the maps refuse it, the
-        // record goes again.
+        self.commit_new(&new, None)
+    }
+
+    /// Stores a new reservation (with its port mapping, if a device asked for it) and writes
+    /// it into the maps. The store first: once committed, the reservation exists, and a crash
+    /// before the maps are written is repaired by the next start's reconcile. If the maps
+    /// refuse it, the record goes again.
+    fn commit_new(
+        &mut self,
+        new: &NewRecord,
+        mapping: Option<&super::store::Mapping>,
+    ) -> Result<Record, ApiError> {
+        let reservation = new.reservation;
         let mut state = self.open_state()?;
-        let record = self.store.insert(&new)?;
+        let record = match mapping {
+            Some(m) => self.store.insert_mapped(new, m)?,
+            None => self.store.insert(new)?,
+        };
         if let Err(e) = state.reserve(&reservation) {
             let e = ApiError::from(e);
             return Err(match self.store.delete(record.id) {
@@ -1339,6 +1391,7 @@ impl Engine {
 }
 
 mod expiry;
+pub mod mapping;
 mod reconcile;
 mod review;
 #[cfg(test)]

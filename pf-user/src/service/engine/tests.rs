@@ -661,3 +661,165 @@ fn a_reload_disable_keeps_the_traffic_and_its_violators_stay_disabled() {
         .unwrap_err();
     assert_eq!(renew.rule, Some("policy.ports_per_owner"));
 }
+
+/// Mappings devices ask for (NAT-PMP, PCP), on the same fakes.
+mod mapping {
+    use super::*;
+    use crate::service::{
+        engine::mapping::{NOT_A_CLIENT, NOT_YOURS},
+        store::MappingProtocol,
+    };
+
+    fn engine() -> (Engine, FakeDataPlane, std::path::PathBuf) {
+        let (mut e, fake, dir) = super::engine();
+        let config = Config::parse(
+            r#"
+[port_mapping]
+listen = ["10.200.0.1"]
+[policy]
+public_ips = ["198.51.100.1"]
+target_networks = ["10.200.0.0/16"]
+"#,
+        )
+        .unwrap();
+        e.set_port_mapping(config.port_mapping);
+        (e, fake, dir)
+    }
+
+    fn ask(
+        via: MappingProtocol,
+        client: [u8; 4],
+        protocol: Protocols,
+        internal: u16,
+    ) -> MapRequest {
+        MapRequest {
+            via,
+            client: Ipv4Addr::from(client),
+            protocol,
+            internal_port: internal,
+            suggested_port: 0,
+            suggested_addr: None,
+            lifetime_s: 60,
+            nonce: None,
+            prefer_failure: false,
+            description: None,
+        }
+    }
+
+    fn map(e: &mut Engine, req: MapRequest) -> Result<MapAnswer, ApiError> {
+        e.handle(Request::Map(req), Caller::SERVICE)
+            .map(|v| serde_json::from_value(v).unwrap())
+    }
+
+    const A: [u8; 4] = [10, 200, 0, 2];
+    const B: [u8; 4] = [10, 200, 0, 3];
+
+    #[test]
+    fn protonvpn_s_loop_keeps_one_port_for_both_protocols_and_renewals_touch_no_map() {
+        let (mut e, fake, _dir) = engine();
+        let udp = map(&mut e, ask(MappingProtocol::NatPmp, A, Protocols::Udp, 0)).unwrap();
+        assert!((30000..=30009).contains(&udp.external_port));
+        assert_eq!(udp.lifetime_s, 120, "60 s is clamped to min_lifetime");
+        let tcp = map(&mut e, ask(MappingProtocol::NatPmp, A, Protocols::Tcp, 0)).unwrap();
+        assert_eq!(tcp.external_port, udp.external_port);
+        let port = udp.external_port;
+        assert_eq!(
+            fake.held(),
+            [
+                format!("198.51.100.1:{port}/tcp -> 10.200.0.2:{port}"),
+                format!("198.51.100.1:{port}/udp -> 10.200.0.2:{port}"),
+            ]
+        );
+        // A renewal that wrote the maps would fail here.
+        fake.0.lock().unwrap().fail_next_write = Some("a renewal must not write".into());
+        let again = map(&mut e, ask(MappingProtocol::NatPmp, A, Protocols::Udp, 0)).unwrap();
+        assert_eq!((again.external_port, again.renewed), (port, true));
+        fake.0.lock().unwrap().fail_next_write = None;
+    }
+
+    #[test]
+    fn the_internal_port_or_the_suggestion_is_kept_when_free_and_others_get_another() {
+        let (mut e, _fake, _dir) = engine();
+        let same = map(
+            &mut e,
+            ask(MappingProtocol::NatPmp, A, Protocols::Tcp, 30005),
+        )
+        .unwrap();
+        assert_eq!(same.external_port, 30005);
+        let mut suggested = ask(MappingProtocol::NatPmp, A, Protocols::Tcp, 8080);
+        suggested.suggested_port = 30007;
+        assert_eq!(map(&mut e, suggested).unwrap().external_port, 30007);
+        // B asks for A's port: B gets another, and A's stays A's.
+        let mut take = ask(MappingProtocol::NatPmp, B, Protocols::Tcp, 30005);
+        take.suggested_port = 30005;
+        let b = map(&mut e, take).unwrap();
+        assert_ne!(b.external_port, 30005);
+        // B deleting its 30005 (its own mapping), then all its TCP mappings, leaves A's
+        // alone.
+        let mut delete = ask(MappingProtocol::NatPmp, B, Protocols::Tcp, 30005);
+        delete.lifetime_s = 0;
+        assert_eq!(
+            map(&mut e, delete.clone()).unwrap().deleted,
+            vec![b.id.unwrap()]
+        );
+        delete.internal_port = 0;
+        assert_eq!(map(&mut e, delete).unwrap().deleted, Vec::<u64>::new());
+        let a_again = map(
+            &mut e,
+            ask(MappingProtocol::NatPmp, A, Protocols::Tcp, 30005),
+        )
+        .unwrap();
+        assert_eq!((a_again.external_port, a_again.renewed), (30005, true));
+    }
+
+    #[test]
+    fn quota_nonces_and_strangers_are_refused_with_their_rule() {
+        let (mut e, fake, _dir) = engine();
+        // ports_per_owner = 3, and each client is its own owner (tunnel:IP).
+        for port in [40001, 40002, 40003] {
+            map(
+                &mut e,
+                ask(MappingProtocol::NatPmp, A, Protocols::Udp, port),
+            )
+            .unwrap();
+        }
+        let over = map(
+            &mut e,
+            ask(MappingProtocol::NatPmp, A, Protocols::Udp, 40004),
+        )
+        .unwrap_err();
+        assert_eq!(over.rule, Some("policy.ports_per_owner"));
+        assert!(
+            map(
+                &mut e,
+                ask(MappingProtocol::NatPmp, B, Protocols::Udp, 40004)
+            )
+            .is_ok()
+        );
+
+        let mut pcp = ask(MappingProtocol::Pcp, B, Protocols::Tcp, 5000);
+        pcp.nonce = Some([1; 12]);
+        let made = map(&mut e, pcp.clone()).unwrap();
+        let mut other_nonce = pcp.clone();
+        other_nonce.nonce = Some([2; 12]);
+        assert_eq!(
+            map(&mut e, other_nonce.clone()).unwrap_err().rule,
+            Some(NOT_YOURS)
+        );
+        other_nonce.lifetime_s = 0;
+        assert_eq!(map(&mut e, other_nonce).unwrap_err().rule, Some(NOT_YOURS));
+        let natpmp = ask(MappingProtocol::NatPmp, B, Protocols::Tcp, 5000);
+        assert_eq!(map(&mut e, natpmp).unwrap_err().rule, Some(NOT_YOURS));
+        pcp.lifetime_s = 0;
+        assert_eq!(map(&mut e, pcp).unwrap().deleted, vec![made.id.unwrap()]);
+        assert!(!fake.held().iter().any(|r| r.contains(":5000")));
+
+        let stranger = ask(
+            MappingProtocol::NatPmp,
+            [192, 0, 2, 7],
+            Protocols::Tcp,
+            5000,
+        );
+        assert_eq!(map(&mut e, stranger).unwrap_err().rule, Some(NOT_A_CLIENT));
+    }
+}

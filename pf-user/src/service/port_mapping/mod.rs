@@ -1,0 +1,449 @@
+//! The port-mapping server: NAT-PMP (RFC 6886) and PCP (RFC 6887) on UDP 5351 of the
+//! tunnel-side addresses `[port_mapping] listen` names, and nowhere else. A tunnel client's
+//! source address says who asks (on WireGuard a peer's inner address is bound to its key);
+//! datagrams from outside `policy.target_networks` are dropped and counted. Each mapping is a
+//! reservation, made by the engine like any other ([`super::engine::mapping`]).
+//!
+//! Runs as tasks on the API's runtime. Parsing, the rate limit and the answers to what needs
+//! no change (the external address, errors) are done here; a mapping is a job for the engine,
+//! awaited in a task of its own, so a slow change holds up no other client's datagram.
+
+mod answer;
+mod rate;
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::fd::{FromRawFd, OwnedFd},
+    sync::{Arc, mpsc},
+    time::Instant,
+};
+
+use tokio::net::UdpSocket;
+
+pub use answer::Refused;
+
+use super::{
+    Job,
+    audit::Caller,
+    config::PortMappingConfig,
+    engine::{MapAnswer, MapRequest, Request},
+    metrics::MappingCounts,
+    store::MappingProtocol,
+};
+use crate::{
+    api::port_mapping::{self as wire, Datagram, SERVER_PORT, natpmp, pcp},
+    domain::{net::Ipv4Net, spec::Protocols},
+};
+
+/// Mapping jobs awaiting the engine at once, over all clients; past it a datagram is dropped
+/// (and counted), as a full socket buffer would drop it.
+const MAX_IN_FLIGHT: usize = 1024;
+
+/// Opens a UDP socket on `addr`:5351 with `IP_FREEBIND`, so the service can start before the
+/// tunnel device (and its address) is up; it answers once the address exists.
+fn bind(addr: Ipv4Addr, port: u16) -> std::io::Result<std::net::UdpSocket> {
+    // SAFETY: socket(2) with constant arguments; the fd is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a c_int option value of the right size.
+    if unsafe {
+        libc::setsockopt(
+            raw,
+            libc::IPPROTO_IP,
+            libc::IP_FREEBIND,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(addr).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: bind with a sockaddr_in of its own size.
+    if unsafe {
+        libc::bind(
+            raw,
+            (&sin as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(std::net::UdpSocket::from(fd))
+}
+
+/// What the server shares between its sockets and tasks.
+struct Shared {
+    config: PortMappingConfig,
+    target_networks: Vec<Ipv4Net>,
+    /// When the mapping state began (Unix ms): NAT-PMP's and PCP's epoch counts from it.
+    epoch_ms: u64,
+    jobs: mpsc::Sender<Job>,
+    counts: MappingCounts,
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+impl Shared {
+    fn epoch(&self) -> u32 {
+        let now = super::clock::now_ms();
+        u32::try_from(now.saturating_sub(self.epoch_ms) / 1000).unwrap_or(u32::MAX)
+    }
+}
+
+/// The server's sockets, bound before the service reports itself ready.
+pub struct Server {
+    sockets: Vec<(Ipv4Addr, std::net::UdpSocket)>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("binding the port-mapping server to {addr}:{port} (port_mapping.listen): {source}")]
+pub struct BindError {
+    addr: Ipv4Addr,
+    port: u16,
+    source: std::io::Error,
+}
+
+impl Server {
+    pub fn bind(
+        config: &PortMappingConfig,
+        target_networks: &[Ipv4Net],
+        epoch_ms: u64,
+        jobs: mpsc::Sender<Job>,
+        counts: MappingCounts,
+    ) -> Result<Self, BindError> {
+        let sockets = config
+            .listen
+            .iter()
+            .map(|&addr| {
+                bind(addr, SERVER_PORT)
+                    .map(|s| (addr, s))
+                    .map_err(|source| BindError {
+                        addr,
+                        port: SERVER_PORT,
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            sockets,
+            shared: Arc::new(Shared {
+                config: config.clone(),
+                target_networks: target_networks.to_vec(),
+                epoch_ms,
+                jobs,
+                counts,
+                in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+            }),
+        })
+    }
+
+    /// Serves every socket until the runtime stops. Call within the runtime.
+    pub fn spawn(self) -> std::io::Result<()> {
+        for (addr, socket) in self.sockets {
+            let socket = Arc::new(UdpSocket::from_std(socket)?);
+            tracing::info!("answering NAT-PMP and PCP on {addr}:{SERVER_PORT}");
+            tokio::spawn(serve_socket(socket, self.shared.clone()));
+        }
+        Ok(())
+    }
+}
+
+async fn serve_socket(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
+    let mut buckets = rate::Buckets::new(shared.config.requests_per_second);
+    // One byte more than PCP's largest message, so a longer one is seen as too long.
+    let mut buf = vec![0u8; pcp::MAX_LEN + 1];
+    loop {
+        let (len, from) = match socket.recv_from(&mut buf).await {
+            Ok(got) => got,
+            Err(e) => {
+                tracing::warn!("port-mapping server: receiving: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let SocketAddr::V4(from) = from else {
+            continue;
+        };
+        let client = *from.ip();
+        if !shared.target_networks.iter().any(|n| n.contains(client)) {
+            shared.counts.dropped("outside_target_networks");
+            continue;
+        }
+        let limited = !buckets.allow(client, Instant::now());
+        if let Some(reply) = handle(&buf[..len], from, limited, &socket, &shared) {
+            send(&socket, from, &reply).await;
+        }
+    }
+}
+
+async fn send(socket: &UdpSocket, to: SocketAddrV4, reply: &[u8]) {
+    if let Err(e) = socket.send_to(reply, SocketAddr::V4(to)).await {
+        tracing::debug!("port-mapping server: answering {to}: {e}");
+    }
+}
+
+/// What a datagram gets: an answer now, or none (dropped, or answered later by a task that
+/// awaits the engine).
+fn handle(
+    d: &[u8],
+    from: SocketAddrV4,
+    limited: bool,
+    socket: &Arc<UdpSocket>,
+    shared: &Arc<Shared>,
+) -> Option<Vec<u8>> {
+    let client = *from.ip();
+    let epoch = shared.epoch();
+    let counts = &shared.counts;
+    match wire::parse(d) {
+        Datagram::NatPmp(natpmp::Parsed::Ignored(why))
+        | Datagram::Pcp(pcp::Parsed::Ignored(why)) => {
+            tracing::debug!("port-mapping server: ignored a datagram from {from}: {why}");
+            counts.dropped("malformed");
+            None
+        }
+        Datagram::NatPmp(natpmp::Parsed::UnsupportedOpcode(op)) => {
+            counts.answered("natpmp", "unsupported_opcode");
+            Some(natpmp::unsupported_opcode_answer(op, epoch))
+        }
+        Datagram::NatPmp(natpmp::Parsed::Request(request)) => {
+            let refused_now = limited.then_some(natpmp::ResultCode::OutOfResources);
+            match request {
+                natpmp::Request::ExternalAddress => {
+                    let result = refused_now.unwrap_or(natpmp::ResultCode::Success);
+                    counts.answered("natpmp", answer::natpmp_name(result));
+                    Some(natpmp::external_address_answer(
+                        result,
+                        epoch,
+                        shared.config.public_ip,
+                    ))
+                }
+                natpmp::Request::Map {
+                    transport,
+                    internal_port,
+                    suggested_external_port,
+                    lifetime,
+                } => {
+                    let refuse = |result| {
+                        counts.answered("natpmp", answer::natpmp_name(result));
+                        Some(natpmp::map_answer(
+                            transport,
+                            result,
+                            epoch,
+                            internal_port,
+                            0,
+                            0,
+                        ))
+                    };
+                    if let Some(result) = refused_now {
+                        return refuse(result);
+                    }
+                    let map = MapRequest {
+                        via: MappingProtocol::NatPmp,
+                        client,
+                        protocol: match transport {
+                            natpmp::Transport::Tcp => Protocols::Tcp,
+                            natpmp::Transport::Udp => Protocols::Udp,
+                        },
+                        internal_port,
+                        suggested_port: suggested_external_port,
+                        suggested_addr: None,
+                        lifetime_s: lifetime,
+                        nonce: None,
+                        prefer_failure: false,
+                        description: None,
+                    };
+                    let shared2 = shared.clone();
+                    let taken = ask_engine(map, from, socket, shared, move |answered| {
+                        let result = match &answered {
+                            Ok(_) => natpmp::ResultCode::Success,
+                            Err(refused) => refused.natpmp(),
+                        };
+                        shared2
+                            .counts
+                            .answered("natpmp", answer::natpmp_name(result));
+                        let (port, life) = answered
+                            .map(|a| (a.external_port, a.lifetime_s))
+                            .unwrap_or((0, 0));
+                        natpmp::map_answer(
+                            transport,
+                            result,
+                            shared2.epoch(),
+                            internal_port,
+                            port,
+                            life,
+                        )
+                    });
+                    if taken {
+                        None
+                    } else {
+                        refuse(natpmp::ResultCode::OutOfResources)
+                    }
+                }
+            }
+        }
+        Datagram::Pcp(pcp::Parsed::Error(e)) => {
+            counts.answered("pcp", e.result.name());
+            Some(pcp::error_answer(&e, epoch))
+        }
+        Datagram::Pcp(pcp::Parsed::Request(request)) => {
+            pcp_request(request, d, from, limited, socket, shared)
+        }
+    }
+}
+
+fn pcp_request(
+    request: pcp::Request,
+    d: &[u8],
+    from: SocketAddrV4,
+    limited: bool,
+    socket: &Arc<UdpSocket>,
+    shared: &Arc<Shared>,
+) -> Option<Vec<u8>> {
+    let client = *from.ip();
+    let epoch = shared.epoch();
+    let counts = &shared.counts;
+    let error = |result: pcp::ResultCode, opcode: u8| {
+        counts.answered("pcp", result.name());
+        let echo = d[24.min(d.len())..].to_vec();
+        Some(pcp::error_answer(
+            &pcp::ErrorAnswer {
+                result,
+                opcode,
+                echo,
+            },
+            epoch,
+        ))
+    };
+    let m = match request.operation {
+        pcp::Operation::Announce if request.client_v4() != Some(client) => {
+            return error(pcp::ResultCode::AddressMismatch, pcp::OP_ANNOUNCE);
+        }
+        pcp::Operation::Announce if limited => {
+            return error(pcp::ResultCode::NoResources, pcp::OP_ANNOUNCE);
+        }
+        pcp::Operation::Announce => {
+            counts.answered("pcp", pcp::ResultCode::Success.name());
+            return Some(pcp::announce_answer(epoch));
+        }
+        pcp::Operation::Map(m) => m,
+    };
+    let public = shared.config.public_ip.to_ipv6_mapped();
+    let refuse = |result: pcp::ResultCode| {
+        counts.answered("pcp", result.name());
+        Some(pcp::map_answer(&m, result, 0, epoch, 0, public))
+    };
+    if request.client_v4() != Some(client) {
+        return refuse(pcp::ResultCode::AddressMismatch);
+    }
+    if limited {
+        return refuse(pcp::ResultCode::NoResources);
+    }
+    let protocol = match m.protocol {
+        6 => Protocols::Tcp,
+        17 => Protocols::Udp,
+        _ => return refuse(pcp::ResultCode::UnsuppProtocol),
+    };
+    if m.internal_port == 0 && request.lifetime != 0 {
+        // "All ports" of the client: pf forwards ports one by one, within the policy.
+        return refuse(pcp::ResultCode::NotAuthorized);
+    }
+    let suggested_addr = m
+        .suggested_external_addr
+        .to_ipv4_mapped()
+        .filter(|a| !a.is_unspecified());
+    let map = MapRequest {
+        via: MappingProtocol::Pcp,
+        client,
+        protocol,
+        internal_port: m.internal_port,
+        suggested_port: m.suggested_external_port,
+        suggested_addr,
+        lifetime_s: request.lifetime,
+        nonce: Some(m.nonce),
+        prefer_failure: m.prefer_failure,
+        description: None,
+    };
+    let shared2 = shared.clone();
+    let taken = ask_engine(map, from, socket, shared, move |answered| {
+        let (result, lifetime, port, addr) = match answered {
+            Ok(a) => (
+                pcp::ResultCode::Success,
+                a.lifetime_s,
+                a.external_port,
+                a.public_ip,
+            ),
+            Err(refused) => (refused.pcp(), 0, 0, shared2.config.public_ip),
+        };
+        shared2.counts.answered("pcp", result.name());
+        pcp::map_answer(
+            &m,
+            result,
+            lifetime,
+            shared2.epoch(),
+            port,
+            addr.to_ipv6_mapped(),
+        )
+    });
+    if taken {
+        None
+    } else {
+        refuse(pcp::ResultCode::NoResources)
+    }
+}
+
+/// Hands `map` to the engine and answers from a task of its own once it is done, with what
+/// `answer` writes. False when too many jobs are in flight: the caller answers "out of
+/// resources" at once.
+fn ask_engine(
+    map: MapRequest,
+    to: SocketAddrV4,
+    socket: &Arc<UdpSocket>,
+    shared: &Arc<Shared>,
+    answer: impl FnOnce(Result<MapAnswer, Refused>) -> Vec<u8> + Send + 'static,
+) -> bool {
+    let Ok(permit) = shared.in_flight.clone().try_acquire_owned() else {
+        return false;
+    };
+    let (reply, answered) = tokio::sync::oneshot::channel();
+    // If the engine has stopped, the job (and its reply sender) is dropped, and the task
+    // answers "network failure".
+    let _ = shared.jobs.send(Job {
+        request: Request::Map(map),
+        caller: Caller::SERVICE,
+        reply,
+    });
+    let socket = socket.clone();
+    tokio::spawn(async move {
+        let result = match answered.await {
+            Ok(Ok(value)) => {
+                serde_json::from_value::<MapAnswer>(value).map_err(|_| Refused::Unavailable)
+            }
+            Ok(Err(e)) => Err(Refused::of(&e)),
+            Err(_) => Err(Refused::Unavailable),
+        };
+        send(&socket, to, &answer(result)).await;
+        drop(permit);
+    });
+    true
+}
