@@ -104,6 +104,7 @@ struct RawPortMapping {
     min_lifetime: Option<String>,
     max_lifetime: Option<String>,
     requests_per_second: Option<u32>,
+    upnp_port: Option<u16>,
     #[serde(default)]
     owners: Vec<RawTunnelOwner>,
 }
@@ -262,6 +263,8 @@ pub struct PortMappingConfig {
     /// What one client may ask per second (a bucket of twice this many, refilled at this
     /// rate); past it the client is answered "out of resources".
     pub requests_per_second: u32,
+    /// UPnP IGD's HTTP port on the listen addresses (off unless set).
+    pub upnp_port: Option<u16>,
     /// Tunnel networks and the owner their clients' mappings count against; the most
     /// specific network wins, and an address in none is owner `tunnel:<ip>`.
     pub owners: Vec<(Ipv4Net, String)>,
@@ -353,6 +356,10 @@ fn port_mapping(raw: RawPortMapping, policy: &Policy) -> Result<PortMappingConfi
         min_lifetime,
         max_lifetime,
         requests_per_second,
+        upnp_port: match raw.upnp_port {
+            Some(0) => return Err("port_mapping.upnp_port must be a port from 1 to 65535".into()),
+            port => port,
+        },
         owners,
     })
 }

@@ -189,7 +189,7 @@ impl Condition {
 }
 
 /// One HTTP/1.1 connection until it ends: headers must arrive within HEADER_TIMEOUT.
-async fn serve_connection<S, I>(stream: I, service: S)
+pub(super) async fn serve_connection<S, I>(stream: I, service: S)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<

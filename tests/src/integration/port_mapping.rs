@@ -69,6 +69,7 @@ name = "{PUBLIC_IFACE}"
 listen = ["{GATEWAY_TUNNEL_IP}", "{SECOND_GATEWAY_IP}"]
 min_lifetime = "60s"
 requests_per_second = {rate}
+upnp_port = 5000
 
 [policy]
 public_ips = ["{PUBLIC_IP}"]
@@ -619,5 +620,125 @@ fn pcp_maps_by_nonce_answers_the_rfc_s_errors_and_survives_fuzzing() {
         SECOND_CLIENT_IP.parse().unwrap(),
     ));
     assert_eq!(fine.result(), SUCCESS);
+    drop(servers);
+}
+
+/// `upnpc -u URL ARGS...` in `ns`: (success, output).
+fn upnpc(ns: &Netns, gateway: &str, args: &[&str]) -> (bool, String) {
+    let url = format!("http://{gateway}:5000/rootDesc.xml");
+    let mut words = vec!["timeout", "20", "upnpc", "-u", &url];
+    words.extend_from_slice(args);
+    let out = ns.cmd(&words).output().expect("running upnpc");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn upnpc_adds_lists_and_deletes_mappings_that_forward() {
+    require_root();
+    let prefix = format!("pf{}up", std::process::id());
+    let dir = TempPinDir::new();
+    let topo = Topology::new(&prefix).unwrap();
+    let client2 = second_client(&topo, &prefix);
+    let _service = dir.serve_with(Some(&topo.server), &config(20));
+
+    // The external address, from the root description the URL names (no SSDP).
+    let (ok, out) = upnpc(&topo.client, GATEWAY_TUNNEL_IP, &["-s"]);
+    assert!(
+        ok && out.contains(&format!("ExternalIPAddress = {PUBLIC_IP}")),
+        "{out}"
+    );
+
+    // Add: the exact external port, towards the client's own address; then traffic.
+    let (ok, out) = upnpc(
+        &topo.client,
+        GATEWAY_TUNNEL_IP,
+        &[
+            "-e",
+            "my web server",
+            "-a",
+            CLIENT_IP,
+            "8080",
+            "40080",
+            "TCP",
+            "3600",
+        ],
+    );
+    assert!(
+        ok && out.contains(&format!(
+            "external {PUBLIC_IP}:40080 TCP is redirected to internal {CLIENT_IP}:8080"
+        )),
+        "{out}"
+    );
+    let mut servers = Servers::new();
+    servers.http(&topo.client, 8080);
+    let page = fetch(&topo.inet, 40080).expect("TCP through the UPnP mapping");
+    assert!(page.contains("port 8080"), "{page}");
+
+    // List: the entry, with its description.
+    let (ok, list) = upnpc(&topo.client, GATEWAY_TUNNEL_IP, &["-l"]);
+    assert!(
+        ok && list.contains("40080->10.8.0.2:8080") && list.contains("my web server"),
+        "{list}"
+    );
+
+    // Another client can neither take that port, nor map to someone else's address, nor
+    // see or delete the first client's entry.
+    let (_, taken) = upnpc(
+        &client2,
+        SECOND_GATEWAY_IP,
+        &["-a", SECOND_CLIENT_IP, "8080", "40080", "TCP"],
+    );
+    assert!(taken.contains("718"), "{taken}");
+    let (_, other) = upnpc(
+        &client2,
+        SECOND_GATEWAY_IP,
+        &["-a", CLIENT_IP, "9090", "40090", "TCP"],
+    );
+    assert!(other.contains("606"), "{other}");
+    let (_, list2) = upnpc(&client2, SECOND_GATEWAY_IP, &["-l"]);
+    assert!(!list2.contains("40080"), "{list2}");
+    let (_, deleted) = upnpc(&client2, SECOND_GATEWAY_IP, &["-d", "40080", "TCP"]);
+    assert!(deleted.contains("714"), "{deleted}");
+    assert!(fetch(&topo.inet, 40080).is_ok());
+
+    // AddAnyPortMapping (IGD 2's, `upnpc -n`): the suggestion is taken, so another port.
+    let (ok, any) = upnpc(
+        &topo.client,
+        GATEWAY_TUNNEL_IP,
+        &["-n", CLIENT_IP, "9000", "40080", "TCP", "600"],
+    );
+    assert!(
+        ok && any.contains(&format!("TCP is redirected to internal {CLIENT_IP}:9000")),
+        "{any}"
+    );
+    let reserved: u16 = any
+        .split(&format!("external {PUBLIC_IP}:"))
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{any}"));
+    assert!(
+        (40000..=40999).contains(&reserved) && reserved != 40080,
+        "{any}"
+    );
+
+    // Delete: forwarding stops, and the store has nothing left.
+    let (ok, out) = upnpc(&topo.client, GATEWAY_TUNNEL_IP, &["-d", "40080", "TCP"]);
+    assert!(ok && out.contains("returned : 0"), "{out}");
+    let (ok, out) = upnpc(
+        &topo.client,
+        GATEWAY_TUNNEL_IP,
+        &["-d", &reserved.to_string(), "TCP"],
+    );
+    assert!(ok && out.contains("returned : 0"), "{out}");
+    assert!(fetch(&topo.inet, 40080).is_err());
+    assert_eq!(pf_list(&dir).as_array().unwrap().len(), 0);
+    let counts = status(&dir)["service"]["port_mapping"].clone();
+    assert!(
+        counts["answered"]["upnp"]["success"].as_u64().unwrap() >= 5,
+        "{counts}"
+    );
     drop(servers);
 }

@@ -23,6 +23,7 @@ use crate::{
 pub const NOT_YOURS: &str = "port_mapping.not_yours";
 pub const SUGGESTION_TAKEN: &str = "port_mapping.prefer_failure";
 pub const NOT_A_CLIENT: &str = "port_mapping.client";
+pub const NO_SUCH_MAPPING: &str = "port_mapping.no_such_mapping";
 
 /// A mapping request, whichever protocol carried it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,6 +47,9 @@ pub struct MapRequest {
     pub prefer_failure: bool,
     /// What the device called it (UPnP's NewPortMappingDescription); shown as the note.
     pub description: Option<String>,
+    /// With lifetime 0: delete the client's mapping on this external port (UPnP's
+    /// DeletePortMapping names the external side) instead of by internal port.
+    pub delete_external: Option<u16>,
 }
 
 /// What a mapping request did.
@@ -185,6 +189,16 @@ impl Engine {
     ) -> Result<MapAnswer, ApiError> {
         Self::check_mapping_owner(id, mapping, req)?;
         let record = self.get(id)?;
+        let port = record.reservation.public.ports.first;
+        if req.prefer_failure && req.suggested_port != 0 && req.suggested_port != port {
+            return Err(refuse(
+                SUGGESTION_TAKEN,
+                format!(
+                    "{}:{}/{} is already mapped from port {port}",
+                    req.client, req.internal_port, req.protocol
+                ),
+            ));
+        }
         if !record.enabled {
             return Err(refuse(
                 NOT_YOURS,
@@ -223,7 +237,30 @@ impl Engine {
         config: &PortMappingConfig,
         req: &MapRequest,
     ) -> Result<MapAnswer, ApiError> {
-        let targets: Vec<(u64, Mapping)> = if req.internal_port == 0 {
+        let targets: Vec<(u64, Mapping)> = if let Some(external) = req.delete_external {
+            let mut found = None;
+            for (id, m) in self.store.client_mappings(req.client)? {
+                if m.protocol == req.protocol
+                    && self
+                        .store
+                        .get(id)?
+                        .is_some_and(|r| r.reservation.public.ports.first == external)
+                {
+                    found = Some((id, m));
+                }
+            }
+            let (id, m) = found.ok_or_else(|| {
+                refuse(
+                    NO_SUCH_MAPPING,
+                    format!(
+                        "{} holds no mapping on port {external}/{}",
+                        req.client, req.protocol
+                    ),
+                )
+            })?;
+            Self::check_mapping_owner(id, &m, req)?;
+            vec![(id, m)]
+        } else if req.internal_port == 0 {
             self.store
                 .client_mappings(req.client)?
                 .into_iter()

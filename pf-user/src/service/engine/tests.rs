@@ -703,6 +703,7 @@ target_networks = ["10.200.0.0/16"]
             nonce: None,
             prefer_failure: false,
             description: None,
+            delete_external: None,
         }
     }
 

@@ -10,6 +10,7 @@
 
 mod answer;
 mod rate;
+mod upnp;
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -39,14 +40,15 @@ use crate::{
 /// (and counted), as a full socket buffer would drop it.
 const MAX_IN_FLIGHT: usize = 1024;
 
-/// Opens a UDP socket on `addr`:5351 with `IP_FREEBIND`, so the service can start before the
-/// tunnel device (and its address) is up; it answers once the address exists.
-fn bind(addr: Ipv4Addr, port: u16) -> std::io::Result<std::net::UdpSocket> {
+/// Opens a socket of `kind` (`SOCK_DGRAM`, `SOCK_STREAM`) on `addr`:`port` with
+/// `IP_FREEBIND`, so the service can start before the tunnel device (and its address) is up;
+/// it answers once the address exists.
+fn bind(addr: Ipv4Addr, port: u16, kind: libc::c_int) -> std::io::Result<OwnedFd> {
     // SAFETY: socket(2) with constant arguments; the fd is owned at once.
     let fd = unsafe {
         libc::socket(
             libc::AF_INET,
-            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
             0,
         )
     };
@@ -57,18 +59,29 @@ fn bind(addr: Ipv4Addr, port: u16) -> std::io::Result<std::net::UdpSocket> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
     let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a c_int option value of the right size.
-    if unsafe {
-        libc::setsockopt(
-            raw,
-            libc::IPPROTO_IP,
-            libc::IP_FREEBIND,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    } != 0
-    {
-        return Err(std::io::Error::last_os_error());
+    let options: &[(libc::c_int, libc::c_int)] = if kind == libc::SOCK_STREAM {
+        // A restart must not wait out TIME_WAIT connections of the last run.
+        &[
+            (libc::IPPROTO_IP, libc::IP_FREEBIND),
+            (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+        ]
+    } else {
+        &[(libc::IPPROTO_IP, libc::IP_FREEBIND)]
+    };
+    for &(level, name) in options {
+        // SAFETY: setsockopt with a c_int option value of the right size.
+        if unsafe {
+            libc::setsockopt(
+                raw,
+                level,
+                name,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        } != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
     }
     let sin = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
@@ -89,7 +102,11 @@ fn bind(addr: Ipv4Addr, port: u16) -> std::io::Result<std::net::UdpSocket> {
     {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(std::net::UdpSocket::from(fd))
+    // SAFETY: listen(2) on a bound stream socket we own.
+    if kind == libc::SOCK_STREAM && unsafe { libc::listen(raw, 128) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
 }
 
 /// What the server shares between its sockets and tasks.
@@ -108,16 +125,36 @@ impl Shared {
         let now = super::clock::now_ms();
         u32::try_from(now.saturating_sub(self.epoch_ms) / 1000).unwrap_or(u32::MAX)
     }
+
+    /// Asks the engine; `None` if it has stopped.
+    async fn ask(
+        &self,
+        request: Request,
+    ) -> Option<Result<serde_json::Value, super::engine::ApiError>> {
+        let (reply, answered) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Job {
+                request,
+                caller: Caller::SERVICE,
+                reply,
+            })
+            .ok()?;
+        answered.await.ok()
+    }
 }
 
 /// The server's sockets, bound before the service reports itself ready.
 pub struct Server {
     sockets: Vec<(Ipv4Addr, std::net::UdpSocket)>,
+    /// UPnP IGD's HTTP listeners, if `upnp_port` is set.
+    upnp: Vec<(Ipv4Addr, std::net::TcpListener)>,
     shared: Arc<Shared>,
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("binding the port-mapping server to {addr}:{port} (port_mapping.listen): {source}")]
+#[error(
+    "binding the port-mapping server to {addr}:{port} (port_mapping.listen, upnp_port): {source}"
+)]
 pub struct BindError {
     addr: Ipv4Addr,
     port: u16,
@@ -132,21 +169,31 @@ impl Server {
         jobs: mpsc::Sender<Job>,
         counts: MappingCounts,
     ) -> Result<Self, BindError> {
+        let bind_at = |addr: Ipv4Addr, port: u16, kind| {
+            bind(addr, port, kind).map_err(|source| BindError { addr, port, source })
+        };
         let sockets = config
             .listen
             .iter()
             .map(|&addr| {
-                bind(addr, SERVER_PORT)
-                    .map(|s| (addr, s))
-                    .map_err(|source| BindError {
-                        addr,
-                        port: SERVER_PORT,
-                        source,
-                    })
+                bind_at(addr, SERVER_PORT, libc::SOCK_DGRAM)
+                    .map(|fd| (addr, std::net::UdpSocket::from(fd)))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let upnp = match config.upnp_port {
+            Some(port) => config
+                .listen
+                .iter()
+                .map(|&addr| {
+                    bind_at(addr, port, libc::SOCK_STREAM)
+                        .map(|fd| (addr, std::net::TcpListener::from(fd)))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            None => Vec::new(),
+        };
         Ok(Self {
             sockets,
+            upnp,
             shared: Arc::new(Shared {
                 config: config.clone(),
                 target_networks: target_networks.to_vec(),
@@ -164,6 +211,18 @@ impl Server {
             let socket = Arc::new(UdpSocket::from_std(socket)?);
             tracing::info!("answering NAT-PMP and PCP on {addr}:{SERVER_PORT}");
             tokio::spawn(serve_socket(socket, self.shared.clone()));
+        }
+        if !self.upnp.is_empty() {
+            let shared = Arc::new(upnp::Upnp::new(self.shared.clone()));
+            for (addr, listener) in self.upnp {
+                let port = listener.local_addr()?.port();
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                tracing::info!(
+                    "answering UPnP IGD on http://{addr}:{port}{}",
+                    wire::upnp::ROOT_DESCRIPTION_PATH
+                );
+                tokio::spawn(upnp::serve(listener, shared.clone()));
+            }
         }
         Ok(())
     }
@@ -272,6 +331,7 @@ fn handle(
                         nonce: None,
                         prefer_failure: false,
                         description: None,
+                        delete_external: None,
                     };
                     let shared2 = shared.clone();
                     let taken = ask_engine(map, from, socket, shared, move |answered| {
@@ -383,6 +443,7 @@ fn pcp_request(
         nonce: Some(m.nonce),
         prefer_failure: m.prefer_failure,
         description: None,
+        delete_external: None,
     };
     let shared2 = shared.clone();
     let taken = ask_engine(map, from, socket, shared, move |answered| {
@@ -425,22 +486,16 @@ fn ask_engine(
     let Ok(permit) = shared.in_flight.clone().try_acquire_owned() else {
         return false;
     };
-    let (reply, answered) = tokio::sync::oneshot::channel();
-    // If the engine has stopped, the job (and its reply sender) is dropped, and the task
-    // answers "network failure".
-    let _ = shared.jobs.send(Job {
-        request: Request::Map(map),
-        caller: Caller::SERVICE,
-        reply,
-    });
     let socket = socket.clone();
+    let shared = shared.clone();
     tokio::spawn(async move {
-        let result = match answered.await {
-            Ok(Ok(value)) => {
+        // If the engine has stopped, the answer is "network failure".
+        let result = match shared.ask(Request::Map(map)).await {
+            Some(Ok(value)) => {
                 serde_json::from_value::<MapAnswer>(value).map_err(|_| Refused::Unavailable)
             }
-            Ok(Err(e)) => Err(Refused::of(&e)),
-            Err(_) => Err(Refused::Unavailable),
+            Some(Err(e)) => Err(Refused::of(&e)),
+            None => Err(Refused::Unavailable),
         };
         send(&socket, to, &answer(result)).await;
         drop(permit);
