@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::types::{
     ChangeRequest, ErrorBody, ListQuery, ReleasedByOwner, RenewRequest, ReservationView,
-    ReserveRequest, RestoreRequest, StatsView, percent_encode,
+    ReserveRequest, RestoreRequest, StatsView, TunnelOwnerRequest, TunnelOwnerView, percent_encode,
 };
 
 /// How long the CLI waits for the service to answer.
@@ -183,6 +183,30 @@ impl Client {
         request: &RestoreRequest,
     ) -> Result<ReservationView, ClientError> {
         self.typed("POST", &format!("/v1/expired/{id}/restore"), Some(request))
+    }
+
+    /// `GET /v1/tunnel-owners`.
+    pub fn tunnel_owners(&self) -> Result<Vec<TunnelOwnerView>, ClientError> {
+        self.typed("GET", "/v1/tunnel-owners", None::<&()>)
+    }
+
+    /// `PUT /v1/tunnel-owners/{address}` with an owner, `DELETE` without.
+    pub fn set_tunnel_owner(
+        &self,
+        address: std::net::Ipv4Addr,
+        owner: Option<&str>,
+    ) -> Result<TunnelOwnerView, ClientError> {
+        let path = format!("/v1/tunnel-owners/{address}");
+        match owner {
+            Some(owner) => self.typed(
+                "PUT",
+                &path,
+                Some(&TunnelOwnerRequest {
+                    owner: owner.to_string(),
+                }),
+            ),
+            None => self.typed("DELETE", &path, None::<&()>),
+        }
     }
 }
 

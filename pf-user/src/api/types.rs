@@ -146,6 +146,24 @@ pub struct RenewRequest {
     pub ttl_seconds: Option<u64>,
 }
 
+/// `PUT /v1/tunnel-owners/{address}`: the account a tunnel address's mappings (NAT-PMP, PCP,
+/// UPnP) belong to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelOwnerRequest {
+    pub owner: String,
+}
+
+/// A tunnel address and the owner of its mappings, as `GET /v1/tunnel-owners` lists them and
+/// `PUT`/`DELETE /v1/tunnel-owners/{address}` answer (with the mappings a change released).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelOwnerView {
+    pub address: String,
+    pub owner: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub released: Option<Vec<u64>>,
+}
+
 /// `POST /v1/expired/{id}/restore`: a new lifetime, or (none) the one it had.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

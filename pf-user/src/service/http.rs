@@ -51,7 +51,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::net::UnixListener;
 
-use crate::api::types::{RenewRequest, RestoreRequest, lifetime_text};
+use crate::api::types::{RenewRequest, RestoreRequest, TunnelOwnerRequest, lifetime_text};
 
 use super::{
     Job,
@@ -461,6 +461,8 @@ fn change_action(method: &Method, segments: &[&str]) -> Option<&'static str> {
         (&Method::POST, ["v1", "reservations", _, "enable"]) => "enable",
         (&Method::POST, ["v1", "reservations", _, "disable"]) => "disable",
         (&Method::POST, ["v1", "expired", _, "restore"]) => "restore",
+        (&Method::PUT, ["v1", "tunnel-owners", _]) => "set-tunnel-owner",
+        (&Method::DELETE, ["v1", "tunnel-owners", _]) => "unset-tunnel-owner",
         (&Method::GET | &Method::HEAD, _) => return None,
         _ => "unknown",
     })
@@ -484,6 +486,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/reservations/{id}/disable"),
     ("GET", "/v1/expired"),
     ("POST", "/v1/expired/{id}/restore"),
+    ("GET", "/v1/tunnel-owners"),
+    ("PUT", "/v1/tunnel-owners/{address}"),
+    ("DELETE", "/v1/tunnel-owners/{address}"),
 ];
 
 async fn respond(
@@ -811,6 +816,27 @@ async fn route(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
             })
         }
         ["v1", "expired", _, "restore"] => Err(not_allowed()),
+        ["v1", "tunnel-owners"] if method == Method::GET => Ok(Request::TunnelOwners),
+        ["v1", "tunnel-owners"] => Err(not_allowed()),
+        ["v1", "tunnel-owners", address] => {
+            let address = address.parse().map_err(|_| {
+                ApiError::bad_request(format!("'{address}' is not an IPv4 address"))
+            })?;
+            match method {
+                Method::PUT => {
+                    let body: TunnelOwnerRequest = parse_json(&read_body(req).await?)?;
+                    Ok(Request::SetTunnelOwner {
+                        address,
+                        owner: Some(body.owner),
+                    })
+                }
+                Method::DELETE => Ok(Request::SetTunnelOwner {
+                    address,
+                    owner: None,
+                }),
+                _ => Err(not_allowed()),
+            }
+        }
         _ => Err(ApiError {
             kind: Failure::NotFound,
             message: format!("no such API path {path} (the API: GET /v1/openapi.json)"),

@@ -211,6 +211,16 @@ pub trait Store: Send {
     /// When the mapping state began (Unix ms): set once, when the store is made, so NAT-PMP's
     /// and PCP's epoch runs on across restarts and starts again only with a new store.
     fn mapping_epoch_ms(&mut self, now_ms: u64) -> Result<u64, StoreError>;
+    /// The owner the API gave `address`'s mappings, if it gave one.
+    fn tunnel_owner(&self, address: Ipv4Addr) -> Result<Option<String>, StoreError>;
+    /// Gives `address`'s mappings to `owner` (`None`: back to the config's say).
+    fn set_tunnel_owner(
+        &mut self,
+        address: Ipv4Addr,
+        owner: Option<&str>,
+    ) -> Result<(), StoreError>;
+    /// Every owner the API gave, by address.
+    fn tunnel_owners(&self) -> Result<Vec<(Ipv4Addr, String)>, StoreError>;
 }
 
 /// The schema this pf writes; `PRAGMA user_version` records it in the file. Version 2 added
@@ -282,6 +292,12 @@ CREATE TABLE IF NOT EXISTS port_mappings (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS port_mappings_client
     ON port_mappings (client_ip, protocols, internal_port);
+-- Who owns a tunnel address's mappings, as the provider's account system said through the
+-- API (ahead of [port_mapping] owners in the config).
+CREATE TABLE IF NOT EXISTS tunnel_owners (
+    address TEXT PRIMARY KEY,
+    owner   TEXT NOT NULL
+);
 -- The service's own values (the port mappings' epoch).
 CREATE TABLE IF NOT EXISTS settings (
     key   TEXT PRIMARY KEY,
@@ -1079,6 +1095,38 @@ impl Store for SqliteStore {
         )
     }
 
+    fn tunnel_owner(&self, address: Ipv4Addr) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .tunnel_owners_where(Some(address))?
+            .pop()
+            .map(|(_, o)| o))
+    }
+
+    fn set_tunnel_owner(
+        &mut self,
+        address: Ipv4Addr,
+        owner: Option<&str>,
+    ) -> Result<(), StoreError> {
+        match owner {
+            Some(owner) => self.update(
+                "setting a tunnel owner",
+                "INSERT INTO tunnel_owners (address, owner) VALUES (?1, ?2) \
+                 ON CONFLICT (address) DO UPDATE SET owner = ?2",
+                params![address.to_string(), owner],
+            ),
+            None => self.update(
+                "removing a tunnel owner",
+                "DELETE FROM tunnel_owners WHERE address = ?1",
+                params![address.to_string()],
+            ),
+        }
+        .map(drop)
+    }
+
+    fn tunnel_owners(&self) -> Result<Vec<(Ipv4Addr, String)>, StoreError> {
+        self.tunnel_owners_where(None)
+    }
+
     fn mapping_epoch_ms(&mut self, now_ms: u64) -> Result<u64, StoreError> {
         let read = |conn: &Connection| {
             conn.query_row(
@@ -1107,6 +1155,36 @@ impl Store for SqliteStore {
 }
 
 impl SqliteStore {
+    fn tunnel_owners_where(
+        &self,
+        address: Option<Ipv4Addr>,
+    ) -> Result<Vec<(Ipv4Addr, String)>, StoreError> {
+        let what = "reading tunnel owners";
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT address, owner FROM tunnel_owners WHERE ?1 IS NULL OR address = ?1 \
+                 ORDER BY address",
+            )
+            .map_err(sql(what))?;
+        let rows = stmt
+            .query_map([address.map(|a| a.to_string())], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })
+            .map_err(sql(what))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql(what))?;
+        rows.into_iter()
+            .map(|(address, owner)| {
+                let parsed = address.parse().map_err(|_| StoreError::BadRow {
+                    id: 0,
+                    detail: format!("tunnel owner address '{address}'"),
+                })?;
+                Ok((parsed, owner))
+            })
+            .collect()
+    }
+
     fn mappings_where(
         &self,
         where_clause: &str,

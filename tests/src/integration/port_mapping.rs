@@ -742,3 +742,65 @@ fn upnpc_adds_lists_and_deletes_mappings_that_forward() {
     );
     drop(servers);
 }
+
+#[test]
+fn the_provider_names_a_tunnel_address_s_owner_and_a_new_owner_inherits_no_mapping() {
+    require_root();
+    let prefix = format!("pf{}to", std::process::id());
+    let dir = TempPinDir::new();
+    let topo = Topology::new(&prefix).unwrap();
+    let _service = dir.serve_with(Some(&topo.server), &config(20));
+    let map = |args: &[&str]| {
+        let (ok, out) = natpmpc(&topo.client, GATEWAY_TUNNEL_IP, args);
+        assert!(ok, "{out}");
+        mapped_port(&out)
+    };
+
+    // The account system names the address's owner: the mapping is that owner's.
+    let set = pf_ok(
+        &dir,
+        &["tunnel-owner", "set", CLIENT_IP, "acct-42", "--json"],
+    );
+    let set: Value = serde_json::from_str(&set).unwrap();
+    assert_eq!(
+        (
+            set["owner"].as_str(),
+            set["released"].as_array().map(Vec::len)
+        ),
+        (Some("acct-42"), Some(0))
+    );
+    let port = map(&["-a", "0", "40400", "tcp", "600"]);
+    assert_eq!(pf_list(&dir)[0]["owner"], "acct-42");
+    let listed: Value =
+        serde_json::from_str(&pf_ok(&dir, &["tunnel-owner", "list", "--json"])).unwrap();
+    assert_eq!(
+        listed,
+        serde_json::json!([{ "address": CLIENT_IP, "owner": "acct-42" }])
+    );
+
+    // The address goes to another customer: the old one's mapping is released, not handed
+    // over, and forwarding stops.
+    let mut servers = Servers::new();
+    servers.http(&topo.client, 40400);
+    assert!(fetch(&topo.inet, port).is_ok());
+    let moved: Value = serde_json::from_str(&pf_ok(
+        &dir,
+        &["tunnel-owner", "set", CLIENT_IP, "acct-7", "--json"],
+    ))
+    .unwrap();
+    assert_eq!(moved["released"].as_array().unwrap().len(), 1, "{moved}");
+    assert!(fetch(&topo.inet, port).is_err());
+    assert_eq!(pf_list(&dir).as_array().unwrap().len(), 0);
+
+    // Unset: the config decides again (no owners there: tunnel:ADDRESS).
+    let unset = pf_ok(&dir, &["tunnel-owner", "unset", CLIENT_IP]);
+    assert!(
+        unset.contains(&format!("belong to tunnel:{CLIENT_IP}")),
+        "{unset}"
+    );
+    // An address outside the tunnel networks, or not an address, is refused.
+    let out = crate::integration::common::pf(&dir, &["tunnel-owner", "set", "192.0.2.1", "x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("outside the tunnel networks"));
+    drop(servers);
+}

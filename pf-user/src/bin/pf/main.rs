@@ -51,6 +51,35 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum TunnelOwnerCommand {
+    /// Give ADDRESS's mappings (NAT-PMP, PCP, UPnP) to OWNER: the quota is OWNER's, and
+    /// mappings it holds under another owner are released.
+    #[command(after_help = "Example:\n  pf tunnel-owner set 10.8.0.2 acct-42")]
+    Set {
+        address: std::net::Ipv4Addr,
+        owner: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget the owner given to ADDRESS: the config's [port_mapping] owners (or
+    /// tunnel:ADDRESS) decide again.
+    #[command(after_help = "Example:\n  pf tunnel-owner unset 10.8.0.2")]
+    Unset {
+        address: std::net::Ipv4Addr,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The owners given to tunnel addresses.
+    List {
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum Generate {
     /// Man pages (pf.1 and one per command, pf-serve.1 ...) into DIR.
     Man { dir: PathBuf },
@@ -306,6 +335,15 @@ enum Command {
         /// One JSON object per decision.
         #[arg(long)]
         json: bool,
+    },
+    /// Who owns a tunnel address's port mappings (NAT-PMP, PCP, UPnP IGD), as the provider's
+    /// account system says.
+    #[command(
+        after_help = "Examples:\n  pf tunnel-owner set 10.8.0.2 acct-42\n  pf tunnel-owner list\n  pf tunnel-owner unset 10.8.0.2"
+    )]
+    TunnelOwner {
+        #[command(subcommand)]
+        what: TunnelOwnerCommand,
     },
     /// Write pf's man pages or a shell's completions (for packagers: `cargo xtask deb`).
     #[command(hide = true)]
@@ -801,6 +839,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             &hint(client.set_enabled(id, true), "pf list")?,
             json,
         )?,
+        Command::TunnelOwner { what } => match what {
+            TunnelOwnerCommand::Set {
+                address,
+                owner,
+                json,
+            } => {
+                render::print_tunnel_owner(&client.set_tunnel_owner(address, Some(&owner))?, json)?
+            }
+            TunnelOwnerCommand::Unset { address, json } => {
+                render::print_tunnel_owner(&client.set_tunnel_owner(address, None)?, json)?
+            }
+            TunnelOwnerCommand::List { json } => {
+                let owners = client.tunnel_owners()?;
+                if json {
+                    out!("{}", serde_json::to_string_pretty(&owners)?);
+                } else if owners.is_empty() {
+                    out!(
+                        "no owners given: the config's [port_mapping] owners, else tunnel:ADDRESS"
+                    );
+                } else {
+                    for o in owners {
+                        out!("{:<16} {}", o.address, o.owner);
+                    }
+                }
+            }
+        },
         Command::Disable { id, json } => render::print_record(
             "disabled",
             &hint(client.set_enabled(id, false), "pf list")?,

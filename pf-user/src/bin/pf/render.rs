@@ -256,6 +256,31 @@ pub fn print_record(verb: &str, r: &ReservationView, as_json: bool) -> anyhow::R
     Ok(())
 }
 
+/// What `pf tunnel-owner set` or `unset` did.
+pub fn print_tunnel_owner(
+    o: &pf::api::types::TunnelOwnerView,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    if as_json {
+        out!("{}", serde_json::to_string_pretty(o)?);
+        return Ok(());
+    }
+    out!("{}'s mappings belong to {}", o.address, o.owner);
+    if let Some(released) = o.released.as_ref().filter(|r| !r.is_empty()) {
+        let ids: Vec<String> = released.iter().map(u64::to_string).collect();
+        out!(
+            "released {} (held under another owner): {}",
+            if ids.len() == 1 {
+                "mapping"
+            } else {
+                "mappings"
+            },
+            ids.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// The fast paths' devices as JSON.
 pub fn devices_json(devices: &FastPathDevices) -> Value {
     json!({

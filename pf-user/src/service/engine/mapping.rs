@@ -103,7 +103,7 @@ impl Engine {
         {
             return self.renew_mapping(id, &mapping, &req, lifetime);
         }
-        let owner = config.owner_of(req.client);
+        let owner = self.tunnel_owner(req.client)?;
         let public_addr = match req.suggested_addr {
             Some(a) if self.policy.public_ips.contains(&a) => a,
             Some(a) if req.prefer_failure && !a.is_unspecified() => {
@@ -148,6 +148,56 @@ impl Engine {
             renewed: false,
             deleted: Vec::new(),
         })
+    }
+
+    /// Who owns `client`'s mappings: the API's word, else the config's, else `tunnel:<ip>`.
+    fn tunnel_owner(&self, client: Ipv4Addr) -> Result<String, ApiError> {
+        Ok(match self.store.tunnel_owner(client)? {
+            Some(owner) => owner,
+            None => match &self.port_mapping {
+                Some(config) => config.owner_of(client),
+                None => format!("tunnel:{client}"),
+            },
+        })
+    }
+
+    /// Gives `address`'s mappings to `owner` (`None`: the config decides again). Mappings the
+    /// address holds under another owner are released: they were asked for by a device of
+    /// the customer the address belonged to before, and a new customer must not inherit
+    /// them (their peers would reach the new customer's device).
+    pub(super) fn set_tunnel_owner(
+        &mut self,
+        address: Ipv4Addr,
+        owner: Option<String>,
+    ) -> Result<serde_json::Value, ApiError> {
+        if let Some(owner) = &owner {
+            super::check_owner(owner)?;
+        }
+        if !self
+            .policy
+            .target_networks
+            .iter()
+            .any(|n| n.contains(address))
+        {
+            return Err(refuse(
+                "policy.target_networks",
+                format!("{address} is outside the tunnel networks"),
+            ));
+        }
+        self.store.set_tunnel_owner(address, owner.as_deref())?;
+        let now = self.tunnel_owner(address)?;
+        let mut released = Vec::new();
+        for (id, _) in self.store.client_mappings(address)? {
+            if self.get(id)?.owner != now {
+                self.release(id)?;
+                released.push(id);
+            }
+        }
+        Ok(serde_json::json!({
+            "address": address.to_string(),
+            "owner": now,
+            "released": released,
+        }))
     }
 
     /// The lifetime asked for, clamped to `[port_mapping]`'s range and to `policy.max_ttl`.

@@ -219,6 +219,13 @@ pub enum Request {
     Reserve(ReserveRequest),
     /// A mapping a tunnel client asked for with NAT-PMP, PCP or UPnP IGD.
     Map(MapRequest),
+    /// Who owns a tunnel address's mappings (`None`: the config decides again).
+    SetTunnelOwner {
+        address: Ipv4Addr,
+        owner: Option<String>,
+    },
+    /// The owners the API gave tunnel addresses.
+    TunnelOwners,
     Get(u64),
     List(ListFilter),
     Release(u64),
@@ -270,6 +277,8 @@ impl Request {
             Request::Reserve(_) => "reserve",
             Request::Map(m) if m.lifetime_s == 0 => "unmap",
             Request::Map(_) => "map",
+            Request::SetTunnelOwner { owner: Some(_), .. } => "set-tunnel-owner",
+            Request::SetTunnelOwner { owner: None, .. } => "unset-tunnel-owner",
             Request::Release(_) => "release",
             Request::ReleaseOwner(_) => "release-owner",
             Request::Renew { .. } => "renew",
@@ -282,6 +291,7 @@ impl Request {
             | Request::List(_)
             | Request::Expired { .. }
             | Request::Status
+            | Request::TunnelOwners
             | Request::Stats
             | Request::Health
             | Request::Reload { .. } => return None,
@@ -312,6 +322,10 @@ impl Request {
                 "internal_port": m.internal_port,
                 "suggested_port": m.suggested_port,
                 "lifetime": m.lifetime_s,
+            }),
+            Request::SetTunnelOwner { address, owner } => json!({
+                "address": address.to_string(),
+                "owner": owner.as_deref().map(cut),
             }),
             Request::Release(id)
             | Request::Renew { id, .. }
@@ -717,6 +731,15 @@ impl Engine {
             Request::Get(id) => Ok(record_json(&self.get(id)?)),
             Request::List(filter) => super::reads::list_json(self.store.as_ref(), &filter),
             Request::Expired { owner } => expired_json(self.store.as_ref(), owner.as_deref()),
+            Request::TunnelOwners => Ok(json!(
+                self.store
+                    .tunnel_owners()?
+                    .into_iter()
+                    .map(
+                        |(address, owner)| json!({ "address": address.to_string(), "owner": owner })
+                    )
+                    .collect::<Vec<_>>()
+            )),
             Request::Status => Ok(super::reads::status_json(
                 self.published_status(),
                 self.store.count()?,
@@ -786,6 +809,7 @@ impl Engine {
             Request::Map(m) => self
                 .map(m)
                 .map(|a| serde_json::to_value(a).expect("plain struct")),
+            Request::SetTunnelOwner { address, owner } => self.set_tunnel_owner(address, owner),
             Request::Release(id) => self
                 .release(id)
                 .map(|r| serde_json::to_value(r).expect("plain struct")),
