@@ -804,3 +804,51 @@ fn the_provider_names_a_tunnel_address_s_owner_and_a_new_owner_inherits_no_mappi
     assert!(String::from_utf8_lossy(&out.stderr).contains("outside the tunnel networks"));
     drop(servers);
 }
+
+/// ProtonVPN's product on a real WireGuard server: the client loops `natpmpc -a 1 0 udp 60`
+/// and `tcp` to the gateway's tunnel address through the tunnel, and the internet host reaches
+/// its listeners on the port it got; UPnP works the same way over the tunnel.
+#[test]
+fn natpmpc_and_upnpc_over_wireguard() {
+    require_root();
+    let prefix = format!("pf{}pw", std::process::id());
+    let dir = TempPinDir::new();
+    let topo = crate::kit::wireguard::WireguardTopology::new(&prefix)
+        .expect("building the WireGuard topology");
+    let config = config(20).replace(&format!(", \"{SECOND_GATEWAY_IP}\""), "");
+    let _service = dir.serve_with(Some(&topo.server), &config);
+
+    let mut ports = Vec::new();
+    for round in 0..2 {
+        for proto in ["udp", "tcp"] {
+            let (ok, out) = natpmpc(
+                &topo.client,
+                GATEWAY_TUNNEL_IP,
+                &["-a", "1", "0", proto, "60"],
+            );
+            assert!(ok, "round {round} {proto}: {out}");
+            ports.push(mapped_port(&out));
+        }
+    }
+    let port = ports[0];
+    assert!(
+        ports.iter().all(|p| *p == port),
+        "one port for both, every round: {ports:?}"
+    );
+    let mut servers = Servers::new();
+    servers.http(&topo.client, port);
+    servers.udp_echo(&topo.client, port);
+    let page = fetch(&topo.inet, port).expect("TCP through the mapping and the tunnel");
+    assert!(page.contains(&format!("from {INTERNET_IP}")), "{page}");
+    assert_eq!(udp_round_trip(&topo.inet, PUBLIC_IP, port, "wg"), "pong:wg");
+
+    let (ok, out) = upnpc(
+        &topo.client,
+        GATEWAY_TUNNEL_IP,
+        &["-a", CLIENT_IP, "8080", "40080", "TCP", "600"],
+    );
+    assert!(ok && out.contains("is redirected to internal"), "{out}");
+    servers.http(&topo.client, 8080);
+    assert!(fetch(&topo.inet, 40080).unwrap().contains("port 8080"));
+    drop(servers);
+}
