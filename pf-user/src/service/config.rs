@@ -105,6 +105,7 @@ struct RawPortMapping {
     max_lifetime: Option<String>,
     requests_per_second: Option<u32>,
     upnp_port: Option<u16>,
+    ssdp: Option<bool>,
     #[serde(default)]
     owners: Vec<RawTunnelOwner>,
 }
@@ -265,6 +266,8 @@ pub struct PortMappingConfig {
     pub requests_per_second: u32,
     /// UPnP IGD's HTTP port on the listen addresses (off unless set).
     pub upnp_port: Option<u16>,
+    /// With UPnP: answer SSDP searches on the listen addresses' interfaces (default true).
+    pub ssdp: bool,
     /// Tunnel networks and the owner their clients' mappings count against; the most
     /// specific network wins, and an address in none is owner `tunnel:<ip>`.
     pub owners: Vec<(Ipv4Net, String)>,
@@ -360,6 +363,7 @@ fn port_mapping(raw: RawPortMapping, policy: &Policy) -> Result<PortMappingConfi
             Some(0) => return Err("port_mapping.upnp_port must be a port from 1 to 65535".into()),
             port => port,
         },
+        ssdp: raw.ssdp.unwrap_or(true),
         owners,
     })
 }

@@ -649,6 +649,22 @@ fn upnpc_adds_lists_and_deletes_mappings_that_forward() {
         ok && out.contains(&format!("ExternalIPAddress = {PUBLIC_IP}")),
         "{out}"
     );
+    // And by discovery: upnpc's M-SEARCH to 239.255.255.250:1900 crosses the veth (which
+    // carries multicast) and is answered with the root description's URL. (-i: miniupnpc
+    // calls an IGD whose external address is in a documentation range, as the test's is,
+    // "not connected"; a real server's public IP is not.)
+    let out = topo
+        .client
+        .cmd(&["timeout", "20", "upnpc", "-i", "-m", "eth0", "-s"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.contains(&format!(
+            "desc: http://{GATEWAY_TUNNEL_IP}:5000/rootDesc.xml"
+        )) && out.contains(&format!("ExternalIPAddress = {PUBLIC_IP}")),
+        "{out}"
+    );
 
     // Add: the exact external port, towards the client's own address; then traffic.
     let (ok, out) = upnpc(

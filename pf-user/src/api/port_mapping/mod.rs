@@ -7,6 +7,7 @@
 
 pub mod natpmp;
 pub mod pcp;
+pub mod ssdp;
 pub mod upnp;
 
 /// The UDP port NAT-PMP and PCP servers listen on.

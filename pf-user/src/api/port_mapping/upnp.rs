@@ -9,15 +9,21 @@ use std::net::Ipv4Addr;
 pub const ROOT_DESCRIPTION_PATH: &str = "/rootDesc.xml";
 pub const SCPD_PATH: &str = "/WANIPCn.xml";
 pub const CONTROL_PATH: &str = "/ctl/IPConn";
+/// WANCommonInterfaceConfig's control URL and description: miniupnpc takes a device for an
+/// IGD only if its WANDevice has that service.
+pub const LINK_CONTROL_PATH: &str = "/ctl/CmnIfCfg";
+pub const LINK_SCPD_PATH: &str = "/WANCfg.xml";
 /// A request body larger than this is refused (a SOAP action is a few hundred bytes).
 pub const MAX_BODY: usize = 16 * 1024;
 /// Longest description kept (it becomes the reservation's note).
 pub const MAX_DESCRIPTION: usize = 256;
 
-const SERVICE_TYPES: [&str; 2] = [
+const SERVICE_TYPES: [&str; 3] = [
     "urn:schemas-upnp-org:service:WANIPConnection:1",
     "urn:schemas-upnp-org:service:WANIPConnection:2",
+    LINK_SERVICE_TYPE,
 ];
+const LINK_SERVICE_TYPE: &str = "urn:schemas-upnp-org:service:WANCommonInterfaceConfig:1";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
@@ -54,6 +60,8 @@ pub enum Action {
     GetExternalIPAddress,
     GetStatusInfo,
     GetConnectionTypeInfo,
+    /// WANCommonInterfaceConfig's: the link's type and state.
+    GetCommonLinkProperties,
     AddPortMapping(NewMapping),
     AddAnyPortMapping(NewMapping),
     DeletePortMapping {
@@ -75,6 +83,7 @@ impl Action {
             Action::GetExternalIPAddress => "GetExternalIPAddress",
             Action::GetStatusInfo => "GetStatusInfo",
             Action::GetConnectionTypeInfo => "GetConnectionTypeInfo",
+            Action::GetCommonLinkProperties => "GetCommonLinkProperties",
             Action::AddPortMapping(_) => "AddPortMapping",
             Action::AddAnyPortMapping(_) => "AddAnyPortMapping",
             Action::DeletePortMapping { .. } => "DeletePortMapping",
@@ -182,6 +191,7 @@ pub fn parse(name: &str, body: &[u8]) -> Result<Action, Fault> {
         "GetExternalIPAddress" => Action::GetExternalIPAddress,
         "GetStatusInfo" => Action::GetStatusInfo,
         "GetConnectionTypeInfo" => Action::GetConnectionTypeInfo,
+        "GetCommonLinkProperties" => Action::GetCommonLinkProperties,
         "AddPortMapping" => Action::AddPortMapping(new_mapping()?),
         "AddAnyPortMapping" => Action::AddAnyPortMapping(new_mapping()?),
         "DeletePortMapping" => Action::DeletePortMapping {
@@ -280,10 +290,13 @@ pub fn root_description(base: &str, uuid: &str) -> String {
         SERVICE_TYPES[0]
     );
     let connection = device("WANConnectionDevice", 3, &service);
+    let link = format!(
+        "<serviceList><service><serviceType>{LINK_SERVICE_TYPE}</serviceType><serviceId>urn:upnp-org:serviceId:WANCommonIFC1</serviceId><controlURL>{LINK_CONTROL_PATH}</controlURL><eventSubURL>/evt/CmnIfCfg</eventSubURL><SCPDURL>{LINK_SCPD_PATH}</SCPDURL></service></serviceList>"
+    );
     let wan = device(
         "WANDevice",
         2,
-        &format!("<deviceList>{connection}</deviceList>"),
+        &format!("{link}<deviceList>{connection}</deviceList>"),
     );
     let root = device(
         "InternetGatewayDevice",
@@ -292,6 +305,39 @@ pub fn root_description(base: &str, uuid: &str) -> String {
     );
     format!(
         "<?xml version=\"1.0\"?>\r\n<root xmlns=\"urn:schemas-upnp-org:device-1-0\"><specVersion><major>1</major><minor>0</minor></specVersion><URLBase>{base}/</URLBase>{root}</root>\r\n"
+    )
+}
+
+/// The service description (SCPD) of what pf serves of WANCommonInterfaceConfig.
+pub fn link_service_description() -> String {
+    let out = |name: &str, var: &str, kind: &str| {
+        (
+            format!(
+                "<argument><name>{name}</name><direction>out</direction><relatedStateVariable>{var}</relatedStateVariable></argument>"
+            ),
+            format!(
+                "<stateVariable sendEvents=\"no\"><name>{var}</name><dataType>{kind}</dataType></stateVariable>"
+            ),
+        )
+    };
+    let args = [
+        out("NewWANAccessType", "WANAccessType", "string"),
+        out(
+            "NewLayer1UpstreamMaxBitRate",
+            "Layer1UpstreamMaxBitRate",
+            "ui4",
+        ),
+        out(
+            "NewLayer1DownstreamMaxBitRate",
+            "Layer1DownstreamMaxBitRate",
+            "ui4",
+        ),
+        out("NewPhysicalLinkStatus", "PhysicalLinkStatus", "string"),
+    ];
+    let arguments: String = args.iter().map(|(a, _)| a.as_str()).collect();
+    let vars: String = args.iter().map(|(_, v)| v.as_str()).collect();
+    format!(
+        "<?xml version=\"1.0\"?>\r\n<scpd xmlns=\"urn:schemas-upnp-org:service-1-0\"><specVersion><major>1</major><minor>0</minor></specVersion><actionList><action><name>GetCommonLinkProperties</name><argumentList>{arguments}</argumentList></action></actionList><serviceStateTable>{vars}</serviceStateTable></scpd>\r\n"
     )
 }
 

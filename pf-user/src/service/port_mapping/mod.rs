@@ -10,6 +10,7 @@
 
 mod answer;
 mod rate;
+mod ssdp;
 mod upnp;
 
 use std::{
@@ -148,6 +149,8 @@ pub struct Server {
     sockets: Vec<(Ipv4Addr, std::net::UdpSocket)>,
     /// UPnP IGD's HTTP listeners, if `upnp_port` is set.
     upnp: Vec<(Ipv4Addr, std::net::TcpListener)>,
+    /// SSDP's socket, with UPnP unless `ssdp = false`.
+    ssdp: Option<std::net::UdpSocket>,
     shared: Arc<Shared>,
 }
 
@@ -191,9 +194,29 @@ impl Server {
                 .collect::<Result<Vec<_>, _>>()?,
             None => Vec::new(),
         };
+        let ssdp = match config.upnp_port {
+            Some(_) if config.ssdp => {
+                let (socket, unjoined) =
+                    ssdp::bind(&config.listen).map_err(|source| BindError {
+                        addr: wire::ssdp::GROUP,
+                        port: wire::ssdp::PORT,
+                        source,
+                    })?;
+                if !unjoined.is_empty() {
+                    tracing::warn!(
+                        "SSDP: cannot join {} on {}: devices there find UPnP only by its URL (a tunnel without multicast, as WireGuard, never carries SSDP)",
+                        wire::ssdp::GROUP,
+                        unjoined.join(", ")
+                    );
+                }
+                Some(socket)
+            }
+            _ => None,
+        };
         Ok(Self {
             sockets,
             upnp,
+            ssdp,
             shared: Arc::new(Shared {
                 config: config.clone(),
                 target_networks: target_networks.to_vec(),
@@ -211,6 +234,15 @@ impl Server {
             let socket = Arc::new(UdpSocket::from_std(socket)?);
             tracing::info!("answering NAT-PMP and PCP on {addr}:{SERVER_PORT}");
             tokio::spawn(serve_socket(socket, self.shared.clone()));
+        }
+        if let (Some(socket), Some(port)) = (self.ssdp, self.shared.config.upnp_port) {
+            tracing::info!(
+                "answering SSDP searches on {}:{}",
+                wire::ssdp::GROUP,
+                wire::ssdp::PORT
+            );
+            let uuid = upnp::device_uuid(self.shared.epoch_ms);
+            tokio::spawn(ssdp::serve(socket, self.shared.clone(), port, uuid));
         }
         if !self.upnp.is_empty() {
             let shared = Arc::new(upnp::Upnp::new(self.shared.clone()));

@@ -46,16 +46,7 @@ pub(super) struct Upnp {
 
 impl Upnp {
     pub fn new(shared: Arc<Shared>) -> Self {
-        // Stable for the store's life: a device that cached the description finds it again.
-        let e = shared.epoch_ms;
-        let uuid = format!(
-            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-            e >> 32,
-            (e >> 16) & 0xffff,
-            e & 0xfff,
-            (e >> 12) & 0xfff,
-            e & 0xffff_ffff_ffff
-        );
+        let uuid = device_uuid(shared.epoch_ms);
         Self {
             buckets: Mutex::new(Buckets::new(shared.config.requests_per_second)),
             shared,
@@ -63,6 +54,19 @@ impl Upnp {
             uuid,
         }
     }
+}
+
+/// The device's UUID: stable for the store's life (from the mapping epoch), so a device that
+/// cached the description finds it again.
+pub(super) fn device_uuid(e: u64) -> String {
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        e >> 32,
+        (e >> 16) & 0xffff,
+        e & 0xfff,
+        (e >> 12) & 0xfff,
+        e & 0xffff_ffff_ffff
+    )
 }
 
 /// Accepts connections on one listen address until the runtime stops.
@@ -123,7 +127,10 @@ async fn respond(
             upnp::root_description(&format!("http://{local}"), &upnp.uuid),
         ),
         (&Method::GET, upnp::SCPD_PATH) => xml(StatusCode::OK, upnp::service_description()),
-        (&Method::POST, upnp::CONTROL_PATH) => {
+        (&Method::GET, upnp::LINK_SCPD_PATH) => {
+            xml(StatusCode::OK, upnp::link_service_description())
+        }
+        (&Method::POST, upnp::CONTROL_PATH | upnp::LINK_CONTROL_PATH) => {
             let header = req
                 .headers()
                 .get("soapaction")
@@ -323,6 +330,13 @@ async fn act(
             ("NewConnectionStatus", "Connected".into()),
             ("NewLastConnectionError", "ERROR_NONE".into()),
             ("NewUptime", upnp.started.elapsed().as_secs().to_string()),
+        ],
+        // The link's speed is the server's business: 0 is "not known".
+        Action::GetCommonLinkProperties => vec![
+            ("NewWANAccessType", "Ethernet".into()),
+            ("NewLayer1UpstreamMaxBitRate", "0".into()),
+            ("NewLayer1DownstreamMaxBitRate", "0".into()),
+            ("NewPhysicalLinkStatus", "Up".into()),
         ],
         Action::GetConnectionTypeInfo => vec![
             ("NewConnectionType", "IP_Routed".into()),
