@@ -24,6 +24,7 @@ mod memory;
 mod per_packet;
 mod pktgen;
 mod plot;
+mod port_mapping;
 mod service;
 mod tax;
 mod tcp;
@@ -38,11 +39,12 @@ use std::{
 use pf::domain::spec::{PortRange, Protocols, PublicSpec, Reservation, TargetSpec};
 use serde_json::{Value, json};
 
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "per-packet",
     "control",
     "memory",
     "service",
+    "port-mapping",
     "forwarding",
     "tcp",
     "tax",
@@ -254,6 +256,7 @@ fn run(
     let mut control = Vec::new();
     let mut memory = Vec::new();
     let mut service = Value::Null;
+    let mut port_mapping = Value::Null;
     let mut forwarding = Vec::new();
     let mut tcp = Vec::new();
     let mut tax = Value::Null;
@@ -268,6 +271,9 @@ fn run(
     }
     if wanted("service") {
         service = service::run(profile)?;
+    }
+    if wanted("port-mapping") {
+        port_mapping = port_mapping::run(profile)?;
     }
     if wanted("forwarding") {
         forwarding = forwarding::run(profile, generator)?;
@@ -303,6 +309,7 @@ fn run(
         "control_plane": control,
         "memory": memory,
         "service": service,
+        "port_mapping": port_mapping,
         "forwarding": forwarding,
         "tcp": tcp,
         "tax": tax,

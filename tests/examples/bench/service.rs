@@ -180,13 +180,13 @@ fn reboot(profile: &Profile, pf_bin: &Path, files: &Path) -> Result<(Vec<f64>, V
     Ok((starts, stats))
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
 }
 
 /// Milliseconds per call, sorted.
-fn latencies(
+pub fn latencies(
     calls: u32,
     mut call: impl FnMut(u32) -> Result<(), String>,
 ) -> Result<Vec<f64>, String> {

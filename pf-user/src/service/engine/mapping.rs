@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::{ApiError, Engine, duration_ms};
 use crate::{
     domain::spec::{PortRange, Protocols, PublicSpec, Reservation, TargetSpec},
-    kernel::host::Listening,
+    kernel::host::{Listening, LocalAddresses},
     service::{
         config::PortMappingConfig,
         policy::Refusal,
@@ -114,9 +114,12 @@ impl Engine {
             }
             _ => config.public_ip,
         };
+        // Read once: every candidate port and the final check see the same sockets and
+        // addresses.
         let listening = self.listening();
-        let reservation = self.choose_port(&req, public_addr, &listening)?;
-        self.admit(&owner, &reservation, &listening)?;
+        let local = super::local_addresses()?;
+        let reservation = self.choose_port(&req, public_addr, &listening, &local)?;
+        self.admit_with(&owner, &reservation, &listening, &local)?;
         let now = self.now_ms();
         let ttl_ms = duration_ms(std::time::Duration::from_secs(u64::from(lifetime)));
         let note = match &req.description {
@@ -359,6 +362,7 @@ impl Engine {
         req: &MapRequest,
         addr: Ipv4Addr,
         listening: &Listening,
+        local: &LocalAddresses,
     ) -> Result<Reservation, ApiError> {
         let target_port = (req.internal_port != 0).then_some(req.internal_port);
         let target = TargetSpec {
@@ -391,7 +395,7 @@ impl Engine {
                 },
                 target,
             )?;
-            if self.is_free(&r, listening)? {
+            if self.is_free(&r, listening, local)? {
                 return Ok(r);
             }
             if i == 0 && req.suggested_port != 0 && req.prefer_failure {
@@ -417,9 +421,13 @@ impl Engine {
     }
 
     /// Whether `r` passes the policy and overlaps nothing on either side.
-    fn is_free(&self, r: &Reservation, listening: &Listening) -> Result<bool, ApiError> {
-        let local = super::local_addresses()?;
-        if self.policy.check(r, listening, &local).is_err() {
+    fn is_free(
+        &self,
+        r: &Reservation,
+        listening: &Listening,
+        local: &LocalAddresses,
+    ) -> Result<bool, ApiError> {
+        if self.policy.check(r, listening, local).is_err() {
             return Ok(false);
         }
         let public = r.public;

@@ -924,8 +924,18 @@ impl Engine {
         reservation: &Reservation,
         listening: &Listening,
     ) -> Result<(), ApiError> {
-        self.policy
-            .check(reservation, listening, &local_addresses()?)?;
+        self.admit_with(owner, reservation, listening, &local_addresses()?)
+    }
+
+    /// [`Engine::admit`] with the server's addresses as the caller read them.
+    fn admit_with(
+        &self,
+        owner: &str,
+        reservation: &Reservation,
+        listening: &Listening,
+        local: &LocalAddresses,
+    ) -> Result<(), ApiError> {
+        self.policy.check(reservation, listening, local)?;
         let public = reservation.public;
         if let Some(existing) =
             self.store
