@@ -232,6 +232,8 @@ fn natpmpc_maps_keeps_the_port_across_renewals_and_restarts_and_deletes() {
         counts["answered"]["natpmp"]["out_of_resources"], 1,
         "{counts}"
     );
+    let human = pf_ok(&dir, &["status"]);
+    assert!(human.contains("port mapping: answered natpmp: "), "{human}");
     let audit = std::fs::read_to_string(service.audit_log()).unwrap();
     assert!(audit.contains("\"action\":\"map\"") && audit.contains("\"action\":\"unmap\""));
     drop(servers);

@@ -359,6 +359,37 @@ pub fn print_status(s: &Value) {
     } else {
         out!("attached: {}", interfaces.join(", "));
     }
+    if let Some(mapping) = s["port_mapping"].as_object() {
+        let counts = |v: &Value| -> String {
+            let parts: Vec<String> = v
+                .as_object()
+                .map(|o| o.iter().map(|(k, n)| format!("{k} {n}")).collect())
+                .unwrap_or_default();
+            if parts.is_empty() {
+                "none".into()
+            } else {
+                parts.join(", ")
+            }
+        };
+        let answered: Vec<String> = mapping
+            .get("answered")
+            .and_then(Value::as_object)
+            .map(|o| {
+                o.iter()
+                    .map(|(protocol, v)| format!("{protocol}: {}", counts(v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out!(
+            "port mapping: answered {}; dropped {}",
+            if answered.is_empty() {
+                "nothing yet".into()
+            } else {
+                answered.join("; ")
+            },
+            counts(&mapping["dropped"])
+        );
+    }
     let violations = s["policy_violations"]
         .as_array()
         .cloned()
