@@ -706,4 +706,69 @@ mod tests {
             assert!(err.contains(needle), "{text:?}: {err}");
         }
     }
+
+    /// The example config's [port_mapping] section, uncommented, parses; the rules that keep
+    /// the server safe are refused naming their key.
+    #[test]
+    fn the_port_mapping_section_parses_and_its_errors_name_the_key() {
+        let dist = include_str!("../../../dist/pf.toml");
+        let mut in_section = false;
+        let text: String = dist
+            .lines()
+            .map(|l| {
+                if l == "# [port_mapping]" {
+                    in_section = true;
+                } else if !l.starts_with('#') {
+                    in_section = false;
+                }
+                match l.strip_prefix("# ") {
+                    Some(rest) if in_section && !rest.starts_with('#') => rest,
+                    _ => l,
+                }
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = Config::parse(&text).unwrap();
+        let m = c.port_mapping.expect("the section is there");
+        assert_eq!(m.listen, vec![Ipv4Addr::new(10, 8, 0, 1)]);
+        assert_eq!(
+            (m.upnp_port, m.ssdp, m.requests_per_second),
+            (Some(5000), true, 10)
+        );
+        assert_eq!(m.owner_of(Ipv4Addr::new(10, 8, 0, 9)), "team-a");
+        assert_eq!(m.owner_of(Ipv4Addr::new(10, 8, 1, 9)), "tunnel:10.8.1.9");
+        let policy =
+            "[policy]\npublic_ips = [\"203.0.113.10\"]\ntarget_networks = [\"10.8.0.0/16\"]\n";
+        for (section, needle) in [
+            (
+                "listen = [\"203.0.113.10\"]",
+                "port_mapping.listen: 203.0.113.10 is a public IP",
+            ),
+            ("listen = []", "port_mapping.listen is empty"),
+            (
+                "listen = [\"10.8.0.1\"]\npublic_ip = \"198.51.100.1\"",
+                "port_mapping.public_ip",
+            ),
+            (
+                "listen = [\"10.8.0.1\"]\nmin_lifetime = \"2h\"\nmax_lifetime = \"1h\"",
+                "port_mapping.min_lifetime",
+            ),
+            (
+                "listen = [\"10.8.0.1\"]\nrequests_per_second = 0",
+                "port_mapping.requests_per_second",
+            ),
+            (
+                "listen = [\"10.8.0.1\"]\nowners = [{ network = \"10.8.0.0/24\", owner = \"a b\" }]",
+                "port_mapping.owners",
+            ),
+            (
+                "listen = [\"10.8.0.1\"]\nupnp_port = 0",
+                "port_mapping.upnp_port",
+            ),
+        ] {
+            let text = format!("[port_mapping]\n{section}\n{policy}");
+            let err = Config::parse(&text).unwrap_err();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
 }
