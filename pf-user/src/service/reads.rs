@@ -29,10 +29,19 @@ use crate::{
 /// Reader connections kept open between requests.
 const POOL: usize = 4;
 
-/// `GET /v1/status`: the engine's published part, the store's count and the interfaces as the
-/// kernel has them.
-pub fn status_json(mut published: Value, reservations: u64, attached: &[Attachment]) -> Value {
+/// `GET /v1/status`: the engine's published part, the store's count, the interfaces as the
+/// kernel has them, and the port-mapping server's counts as they are now (it counts without
+/// the engine, whose part may be a second old).
+pub fn status_json(
+    mut published: Value,
+    reservations: u64,
+    attached: &[Attachment],
+    metrics: &ServiceMetrics,
+) -> Value {
     published["reservations"] = json!(reservations);
+    if !published["port_mapping"].is_null() {
+        published["port_mapping"] = metrics.port_mapping.json();
+    }
     published["attached"] = json!(
         attached
             .iter()
@@ -153,7 +162,12 @@ impl Reads {
             Request::Status => {
                 let published = self.published.lock().expect("not poisoned").clone();
                 let count = self.with_reader(|store| Ok(store.count()?))?;
-                Ok(status_json(published, count, &attach::inspect(&self.dir)))
+                Ok(status_json(
+                    published,
+                    count,
+                    &attach::inspect(&self.dir),
+                    &self.service_metrics,
+                ))
             }
             other => unreachable!("{other:?} is the engine's"),
         }

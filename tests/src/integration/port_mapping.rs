@@ -162,6 +162,18 @@ fn natpmpc_maps_keeps_the_port_across_renewals_and_restarts_and_deletes() {
         assert!(ok, "{again}");
         assert_eq!(mapped_port(&again), port);
     }
+    // The epoch natpmpc prints ("epoch = N") runs on across the restart: the mapping state
+    // was kept, so clients must not think the gateway lost it.
+    let epoch = |out: &str| -> u32 {
+        out.split("epoch = ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no epoch in:\n{out}"))
+    };
+    std::thread::sleep(Duration::from_millis(1100));
+    let before = epoch(&natpmpc(&topo.client, GATEWAY_TUNNEL_IP, &[]).1);
+    assert!(before >= 1, "{before}");
     service.stop();
     service.spawn().unwrap();
     let (ok, after) = natpmpc(
@@ -171,6 +183,7 @@ fn natpmpc_maps_keeps_the_port_across_renewals_and_restarts_and_deletes() {
     );
     assert!(ok, "{after}");
     assert_eq!(mapped_port(&after), port, "the port survives a restart");
+    assert!(epoch(&after) >= before, "the epoch went back: {after}");
     let mappings = pf_list(&dir);
     assert_eq!(mappings.as_array().unwrap().len(), 2, "{mappings}");
     assert_eq!(mappings[0]["owner"], format!("tunnel:{CLIENT_IP}"));
@@ -869,4 +882,190 @@ fn natpmpc_and_upnpc_over_wireguard() {
     servers.http(&topo.client, 8080);
     assert!(fetch(&topo.inet, 40080).unwrap().contains("port 8080"));
     drop(servers);
+}
+
+/// A SOAP request as miniupnpc writes it, to `pf serve`'s UPnP port: (HTTP status, body).
+fn soap(ns: &Netns, action_header: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut request = format!(
+        "POST /ctl/IPConn HTTP/1.1\r\nHost: {GATEWAY_TUNNEL_IP}:5000\r\nConnection: close\r\nContent-Type: text/xml; charset=\"utf-8\"\r\nSOAPAction: \"{action_header}\"\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    let mut stream = ns
+        .within(|| std::net::TcpStream::connect((GATEWAY_TUNNEL_IP, 5000)))
+        .unwrap()
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(&request).unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, answer)
+}
+
+const IGD: &str = "urn:schemas-upnp-org:service:WANIPConnection:1";
+
+fn add_port_mapping_body(client: &str) -> String {
+    format!(
+        "<?xml version=\"1.0\"?>\r\n<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\"><s:Body><u:AddPortMapping xmlns:u=\"{IGD}\"><NewRemoteHost></NewRemoteHost><NewExternalPort>40500</NewExternalPort><NewProtocol>TCP</NewProtocol><NewInternalPort>8080</NewInternalPort><NewInternalClient>{client}</NewInternalClient><NewEnabled>1</NewEnabled><NewPortMappingDescription>fuzz</NewPortMappingDescription><NewLeaseDuration>3600</NewLeaseDuration></u:AddPortMapping></s:Body></s:Envelope>\r\n"
+    )
+}
+
+/// UPnP's SOAP and SSDP given generated and mutated input over their sockets: each SOAP
+/// request gets the fault UPnP gives it (401 for an action pf does not know, 402 for bad
+/// arguments), each broken search silence, nothing is mapped, and both go on serving.
+#[test]
+fn upnp_and_ssdp_answer_generated_and_mutated_input_as_upnp_says() {
+    require_root();
+    let prefix = format!("pf{}uf", std::process::id());
+    let dir = TempPinDir::new();
+    let topo = Topology::new(&prefix).unwrap();
+    let _client2 = second_client(&topo, &prefix);
+    let _service = dir.serve_with(Some(&topo.server), &config(100_000));
+    let mut rng = StdRng::seed_from_u64(0x1900);
+    let valid = add_port_mapping_body(CLIENT_IP);
+    let lease_close = valid.find("</NewLeaseDuration>").unwrap();
+    let required = [
+        "NewExternalPort",
+        "NewProtocol",
+        "NewInternalPort",
+        "NewInternalClient",
+        "NewLeaseDuration",
+    ];
+    let fault_code = |answer: &str| -> Option<u16> {
+        answer
+            .split("<errorCode>")
+            .nth(1)?
+            .split('<')
+            .next()?
+            .parse()
+            .ok()
+    };
+    for i in 0..400 {
+        let (header, body, want): (String, Vec<u8>, u16) = match rng.random_range(0..6) {
+            0 => (
+                format!(
+                    "urn:schemas-upnp-org:service:Other:{}#AddPortMapping",
+                    rng.random::<u8>()
+                ),
+                valid.clone().into_bytes(),
+                401,
+            ),
+            1 => (
+                format!(
+                    "{IGD}#{}",
+                    ["Reboot", "SetConnectionType", "ForceTermination", "x"]
+                        [rng.random_range(0..4)]
+                ),
+                valid.clone().into_bytes(),
+                401,
+            ),
+            2 => {
+                let name = required[rng.random_range(0..required.len())];
+                let open = valid.find(&format!("<{name}>")).unwrap();
+                let close = valid.find(&format!("</{name}>")).unwrap() + name.len() + 3;
+                let mut body = valid.clone();
+                body.replace_range(open..close, "");
+                (format!("{IGD}#AddPortMapping"), body.into_bytes(), 402)
+            }
+            3 => {
+                let bad = ["65536", "-1", "x", "", "8080x"][rng.random_range(0..5)];
+                (
+                    format!("{IGD}#AddPortMapping"),
+                    valid.replace(">40500<", &format!(">{bad}<")).into_bytes(),
+                    402,
+                )
+            }
+            4 => {
+                let mut body = valid.clone().into_bytes();
+                body.truncate(rng.random_range(0..lease_close));
+                (format!("{IGD}#AddPortMapping"), body, 402)
+            }
+            _ => {
+                let len = rng.random_range(0..600);
+                let mut body: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+                if rng.random_bool(0.5) {
+                    body.push(0xff); // not UTF-8
+                }
+                (format!("{IGD}#AddPortMapping"), body, 402)
+            }
+        };
+        let (status, answer) = soap(&topo.client, &header, &body);
+        assert_eq!(
+            (status, fault_code(&answer)),
+            (500, Some(want)),
+            "request #{i} ({header}): {answer}"
+        );
+    }
+    assert_eq!(
+        pf_list(&dir).as_array().unwrap().len(),
+        0,
+        "the fuzz mapped nothing"
+    );
+    // Still serving, and the same body unbroken maps.
+    let (code, answer) = soap(
+        &topo.client,
+        &format!("{IGD}#AddPortMapping"),
+        valid.as_bytes(),
+    );
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(pf_list(&dir).as_array().unwrap().len(), 1);
+    let counts = status(&dir)["service"]["port_mapping"].clone();
+    assert_eq!(counts["answered"]["upnp"]["success"], 1, "{counts}");
+
+    // SSDP: searches broken in any way are not answered; a whole one is, once.
+    let socket = topo
+        .client
+        .within(|| UdpSocket::bind((CLIENT_IP, 0)))
+        .unwrap()
+        .unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let search = "M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: \"ssdp:discover\"\r\nMX: 1\r\nST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n\r\n";
+    let mut sent = 0;
+    for _ in 0..300 {
+        let d: Vec<u8> = match rng.random_range(0..3) {
+            0 => (0..rng.random_range(1..300))
+                .map(|_| rng.random())
+                .collect(),
+            1 => search.replace("ssdp:discover", "ssdp:alive").into_bytes(),
+            _ => search
+                .replace("InternetGatewayDevice", "MediaServer")
+                .into_bytes(),
+        };
+        socket.send_to(&d, ("239.255.255.250", 1900)).unwrap();
+        sent += 1;
+        // Paced, so that none is lost in the server's socket queue rather than judged.
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut buf = [0u8; 2048];
+    assert!(
+        socket.recv_from(&mut buf).is_err(),
+        "a broken search was answered"
+    );
+    socket
+        .send_to(search.as_bytes(), ("239.255.255.250", 1900))
+        .unwrap();
+    let (n, _) = socket
+        .recv_from(&mut buf)
+        .expect("a whole search is answered");
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        answer.contains(&format!(
+            "LOCATION: http://{GATEWAY_TUNNEL_IP}:5000/rootDesc.xml"
+        )),
+        "{answer}"
+    );
+    let counts = status(&dir)["service"]["port_mapping"].clone();
+    assert_eq!(counts["dropped"]["not_a_search"], sent, "{counts}");
+    assert_eq!(counts["answered"]["ssdp"]["search"], 1, "{counts}");
 }

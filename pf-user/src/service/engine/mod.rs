@@ -744,6 +744,7 @@ impl Engine {
                 self.published_status(),
                 self.store.count()?,
                 &self.dataplane.attachments(),
+                &self.metrics,
             )),
             Request::Stats => {
                 let live = self.open_state()?.traffic_all()?;
