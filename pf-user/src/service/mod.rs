@@ -407,22 +407,6 @@ pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<
         started.elapsed().as_millis()
     );
 
-    // A socket left by a service that died is in the way; the lock says none is running.
-    let _ = std::fs::remove_file(&service.socket);
-    let listener = std::os::unix::net::UnixListener::bind(&service.socket)
-        .map_err(io(format!("binding {}", service.socket.display())))?;
-    std::fs::set_permissions(&service.socket, std::fs::Permissions::from_mode(0o660)).map_err(
-        io(format!("setting the mode of {}", service.socket.display())),
-    )?;
-    if let Some(group) = &service.socket_group {
-        std::os::unix::fs::chown(&service.socket, None, Some(group_id(group)?)).map_err(io(
-            format!("giving {} to group {group}", service.socket.display()),
-        ))?;
-    }
-    listener
-        .set_nonblocking(true)
-        .map_err(io("making the socket non-blocking"))?;
-
     let published = Arc::new(Mutex::new(engine.published_status()));
     let reads = Arc::new(reads::Reads::new(
         service.database.clone(),
@@ -482,6 +466,23 @@ pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<
             .spawn()
             .map_err(io("starting the port-mapping server"))?;
     }
+    // The API's socket last: a client that can connect finds every other listener bound (the
+    // port-mapping server's, the metrics'). A socket left by a service that died is in the
+    // way; the lock says none is running.
+    let _ = std::fs::remove_file(&service.socket);
+    let listener = std::os::unix::net::UnixListener::bind(&service.socket)
+        .map_err(io(format!("binding {}", service.socket.display())))?;
+    std::fs::set_permissions(&service.socket, std::fs::Permissions::from_mode(0o660)).map_err(
+        io(format!("setting the mode of {}", service.socket.display())),
+    )?;
+    if let Some(group) = &service.socket_group {
+        std::os::unix::fs::chown(&service.socket, None, Some(group_id(group)?)).map_err(io(
+            format!("giving {} to group {group}", service.socket.display()),
+        ))?;
+    }
+    listener
+        .set_nonblocking(true)
+        .map_err(io("making the socket non-blocking"))?;
     let follower = links::Follower::start(follower_dir, config.clone())?;
     tracing::info!("listening on {}", service.socket.display());
     let served = runtime.block_on(http::serve(listener, jobs, reads, reloader, metrics));
