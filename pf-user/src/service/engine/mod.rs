@@ -668,7 +668,9 @@ impl Engine {
     /// reaches the log (journald) as well as the audit file. The service's own changes
     /// (expiry, disabling at start) log lines of their own, with what to do about them.
     fn audit(&mut self, caller: Caller, action: &str, result: &str, v: &Value, e: Option<&str>) {
-        if caller != Caller::SERVICE {
+        // A device's mapping comes through the service itself (its caller is the tunnel
+        // client the line names): logged like an API change.
+        if caller != Caller::SERVICE || matches!(action, "map" | "unmap") {
             log_change(caller, action, result, v, e);
         }
         if let Err(err) = self.audit.write(caller, action, result, v, e) {
@@ -716,6 +718,14 @@ impl Engine {
             }
             // A deletion of nothing changed nothing.
             Ok(done) if action == "unmap" && done["deleted"] == json!([]) => {}
+            // What the device asked (protocol, client, ports) and what it got.
+            Ok(done) if matches!(action, "map" | "unmap") => self.audit(
+                caller,
+                action,
+                "ok",
+                &json!({ "asked": subject, "done": done }),
+                None,
+            ),
             Ok(done) => self.audit(caller, action, "ok", done, None),
             Err(e) if e.partial => {
                 self.audit(caller, action, "partial", &subject, Some(&e.message))
