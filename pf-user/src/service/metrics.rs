@@ -20,6 +20,7 @@
 //! | `pf_per_reservation_series_omitted` | | 1 when there were more reservations than the limit |
 //! | `pf_port_mapping_answers_total` | `protocol`, `result` | NAT-PMP and PCP requests answered, by result |
 //! | `pf_port_mapping_dropped_total` | `reason` | datagrams to the port-mapping server left unanswered, by reason |
+//! | `pf_port_mapping_rate_limited_total` | `protocol` | requests answered "out of resources" because the client asked too fast (also in the answers) |
 //!
 //! Cardinality: the global series are fixed; per owner, four series per owner; per
 //! reservation, four per reservation, up to `metrics.per_reservation_limit` (default 10,000)
@@ -91,8 +92,9 @@ pub struct ServiceMetrics {
 #[derive(Clone, Default)]
 pub struct MappingCounts(Arc<Mutex<BTreeMap<(&'static str, &'static str), u64>>>);
 
-/// The protocol name [`MappingCounts`] files drops under.
+/// The names [`MappingCounts`] files drops and rate-limited requests under.
 const DROPPED: &str = "dropped";
+const RATE_LIMITED: &str = "rate_limited";
 
 impl MappingCounts {
     pub fn answered(&self, protocol: &'static str, result: &'static str) {
@@ -108,31 +110,46 @@ impl MappingCounts {
         self.answered(DROPPED, reason);
     }
 
-    /// `{"answered": {PROTOCOL: {RESULT: n}}, "dropped": {REASON: n}}`.
+    /// A request of `protocol` refused because its client asked too fast (its answer is
+    /// counted too).
+    pub fn rate_limited(&self, protocol: &'static str) {
+        self.answered(RATE_LIMITED, protocol);
+    }
+
+    /// `{"answered": {PROTOCOL: {RESULT: n}}, "dropped": {REASON: n}, "rate_limited":
+    /// {PROTOCOL: n}}`.
     pub fn json(&self) -> serde_json::Value {
         let mut answered = serde_json::Map::new();
         let mut dropped = serde_json::Map::new();
+        let mut limited = serde_json::Map::new();
         for (&(protocol, result), &n) in self.0.lock().expect("not poisoned").iter() {
             if protocol == DROPPED {
                 dropped.insert(result.into(), n.into());
+            } else if protocol == RATE_LIMITED {
+                limited.insert(result.into(), n.into());
             } else {
                 answered
                     .entry(protocol)
                     .or_insert_with(|| serde_json::json!({}))[result] = n.into();
             }
         }
-        serde_json::json!({ "answered": answered, "dropped": dropped })
+        serde_json::json!({ "answered": answered, "dropped": dropped, "rate_limited": limited })
     }
 
     fn register(&self, registry: &mut Registry) {
         let answers = Family::<MappingLabels, Counter>::default();
         let dropped = Family::<ReasonLabels, Counter>::default();
+        let limited = Family::<ProtocolLabels, Counter>::default();
         for (&(protocol, result), &n) in self.0.lock().expect("not poisoned").iter() {
             if protocol == DROPPED {
                 dropped
                     .get_or_create(&ReasonLabels {
                         reason: result.to_string(),
                     })
+                    .inc_by(n);
+            } else if protocol == RATE_LIMITED {
+                limited
+                    .get_or_create(&ProtocolLabels { protocol: result })
                     .inc_by(n);
             } else {
                 answers
@@ -150,7 +167,17 @@ impl MappingCounts {
             "Datagrams to the port-mapping server left unanswered, by reason",
             dropped,
         );
+        registry.register(
+            "port_mapping_rate_limited",
+            "Requests refused because the client asked too fast",
+            limited,
+        );
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabels {
+    protocol: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

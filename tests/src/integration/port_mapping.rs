@@ -628,6 +628,9 @@ fn pcp_maps_by_nonce_answers_the_rfc_s_errors_and_survives_fuzzing() {
         })
         .collect();
     assert!(results.contains(&NO_RESOURCES), "{results:?}");
+    let limited = results.iter().filter(|r| **r == NO_RESOURCES).count();
+    let counts = status(&dir)["service"]["port_mapping"].clone();
+    assert_eq!(counts["rate_limited"]["pcp"], limited, "{counts}");
     let other = PcpClient::new(&client2, SECOND_CLIENT_IP, SECOND_GATEWAY_IP);
     let fine = other.ask(&pcp_header(
         PCP_ANNOUNCE,

@@ -381,13 +381,14 @@ pub fn print_status(s: &Value) {
             })
             .unwrap_or_default();
         out!(
-            "port mapping: answered {}; dropped {}",
+            "port mapping: answered {}; dropped {}; rate-limited {}",
             if answered.is_empty() {
                 "nothing yet".into()
             } else {
                 answered.join("; ")
             },
-            counts(&mapping["dropped"])
+            counts(&mapping["dropped"]),
+            counts(&mapping["rate_limited"])
         );
     }
     let violations = s["policy_violations"]

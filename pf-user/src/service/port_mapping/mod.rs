@@ -319,6 +319,9 @@ fn handle(
         }
         Datagram::NatPmp(natpmp::Parsed::Request(request)) => {
             let refused_now = limited.then_some(natpmp::ResultCode::OutOfResources);
+            if limited {
+                counts.rate_limited("natpmp");
+            }
             match request {
                 natpmp::Request::ExternalAddress => {
                     let result = refused_now.unwrap_or(natpmp::ResultCode::Success);
@@ -432,6 +435,7 @@ fn pcp_request(
             return error(pcp::ResultCode::AddressMismatch, pcp::OP_ANNOUNCE);
         }
         pcp::Operation::Announce if limited => {
+            counts.rate_limited("pcp");
             return error(pcp::ResultCode::NoResources, pcp::OP_ANNOUNCE);
         }
         pcp::Operation::Announce => {
@@ -449,6 +453,7 @@ fn pcp_request(
         return refuse(pcp::ResultCode::AddressMismatch);
     }
     if limited {
+        counts.rate_limited("pcp");
         return refuse(pcp::ResultCode::NoResources);
     }
     let protocol = match m.protocol {

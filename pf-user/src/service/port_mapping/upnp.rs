@@ -179,6 +179,7 @@ async fn control(
         .expect("not poisoned")
         .allow(client, Instant::now())
     {
+        upnp.shared.counts.rate_limited("upnp");
         return Err(Fault::ActionFailed);
     }
     let args = act(upnp, &action, client).await?;
