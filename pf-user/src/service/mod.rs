@@ -286,6 +286,8 @@ fn tell_systemd(state: &[sd_notify::NotifyState]) {
 struct Reloader {
     path: PathBuf,
     running: Config,
+    /// The port-mapping server's copy of `policy.target_networks`, which a reload updates.
+    mapping_clients: port_mapping::TunnelNetworks,
 }
 
 impl Reloader {
@@ -304,6 +306,8 @@ impl Reloader {
                     );
                 }
                 self.running.policy = new.policy.clone();
+                *self.mapping_clients.write().expect("not poisoned") =
+                    new.policy.target_networks.clone();
                 Request::Reload {
                     policy: Some(Box::new(new.policy)),
                 }
@@ -373,9 +377,13 @@ pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<
         set.check()?;
     }
     let follower_dir = PinDir::new(&service.bpffs);
+    let mapping_clients: port_mapping::TunnelNetworks = Arc::new(std::sync::RwLock::new(
+        config.policy.target_networks.clone(),
+    ));
     let reloader = Reloader {
         path: config_path.to_path_buf(),
         running: config.clone(),
+        mapping_clients: mapping_clients.clone(),
     };
     let mut engine = Engine::new(
         Box::new(store),
@@ -456,7 +464,7 @@ pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<
     if let (Some(mapping), Some(epoch_ms)) = (&config.port_mapping, mapping_epoch_ms) {
         let server = port_mapping::Server::bind(
             mapping,
-            &config.policy.target_networks,
+            mapping_clients.clone(),
             epoch_ms,
             jobs.clone(),
             mapping_counts,

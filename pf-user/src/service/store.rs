@@ -206,6 +206,8 @@ pub trait Store: Send {
     ) -> Result<Option<(u64, Mapping)>, StoreError>;
     /// Every mapping `client` holds, with its reservation's id.
     fn client_mappings(&self, client: Ipv4Addr) -> Result<Vec<(u64, Mapping)>, StoreError>;
+    /// Makes reservation `id` a plain one: no device's mapping any more.
+    fn forget_mapping(&mut self, id: u64) -> Result<bool, StoreError>;
     /// Gives mapping `id` to `nonce` (PCP taking over a mapping NAT-PMP made).
     fn set_mapping_nonce(&mut self, id: u64, nonce: [u8; 12]) -> Result<bool, StoreError>;
     /// When the mapping state began (Unix ms): set once, when the store is made, so NAT-PMP's
@@ -1084,6 +1086,14 @@ impl Store for SqliteStore {
         self.mappings_where(
             "WHERE client_ip = ?1 ORDER BY id",
             params![client.to_string()],
+        )
+    }
+
+    fn forget_mapping(&mut self, id: u64) -> Result<bool, StoreError> {
+        self.update(
+            "forgetting a port mapping",
+            "DELETE FROM port_mappings WHERE id = ?1",
+            params![id as i64],
         )
     }
 

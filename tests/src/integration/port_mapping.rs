@@ -566,6 +566,34 @@ fn pcp_maps_by_nonce_answers_the_rfc_s_errors_and_survives_fuzzing() {
         );
     }
 
+    // A neighbour on the public side forging a tunnel client's address (the server's reverse
+    // path filter off, as the attack needs) maps nothing: the datagram did not come from the
+    // tunnel side.
+    for key in ["all", "pub0"] {
+        topo.server
+            .run(&["sysctl", "-qw", &format!("net.ipv4.conf.{key}.rp_filter=0")])
+            .unwrap();
+    }
+    topo.inet
+        .run(&["ip", "addr", "add", "10.8.0.5/32", "dev", "inet0"])
+        .unwrap();
+    let forger = topo
+        .inet
+        .within(|| UdpSocket::bind(("10.8.0.5", 0)))
+        .unwrap()
+        .unwrap();
+    // NAT-PMP: map TCP 22 of 10.8.0.5 for an hour.
+    let forged = [0u8, 2, 0, 0, 0, 22, 0, 22, 0, 0, 0x0e, 0x10];
+    forger.send_to(&forged, (GATEWAY_TUNNEL_IP, 5351)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        pf_list(&dir).as_array().unwrap().len(),
+        0,
+        "a forged request mapped"
+    );
+    let counts = status(&dir)["service"]["port_mapping"].clone();
+    assert_eq!(counts["dropped"]["not_from_the_tunnel_side"], 1, "{counts}");
+
     // Generated and mutated datagrams: each gets exactly the answer (or the silence) the
     // RFCs give it, no mapping is made, and pf serve goes on answering.
     let mut rng = StdRng::seed_from_u64(0x6887);

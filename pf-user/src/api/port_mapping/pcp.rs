@@ -277,8 +277,8 @@ pub fn announce_answer(epoch: u32) -> Vec<u8> {
 }
 
 /// The answer to MAP: the request's nonce, protocol and internal port, with the assigned
-/// external port and address (IPv4-mapped). An error carries the error's lifetime and the
-/// suggestion as asked.
+/// external port and address (IPv4-mapped). An error carries the error's lifetime and, in
+/// place of an assignment, the suggestion as asked (RFC 6887 section 11.4).
 pub fn map_answer(
     m: &MapRequest,
     result: ResultCode,
@@ -287,6 +287,10 @@ pub fn map_answer(
     external_port: u16,
     external_addr: Ipv6Addr,
 ) -> Vec<u8> {
+    let (external_port, external_addr) = match result {
+        ResultCode::Success => (external_port, external_addr),
+        _ => (m.suggested_external_port, m.suggested_external_addr),
+    };
     let mut body = Vec::with_capacity(MAP_LEN);
     body.extend_from_slice(&m.nonce);
     body.push(m.protocol);

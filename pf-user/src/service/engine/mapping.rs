@@ -97,13 +97,24 @@ impl Engine {
             return self.delete_mappings(&config, &req);
         }
         let lifetime = self.granted_lifetime(&config, req.lifetime_s);
+        let owner = self.tunnel_owner(req.client)?;
         if let Some((id, mapping)) =
             self.store
                 .mapping(req.client, req.protocol, req.internal_port)?
         {
-            return self.renew_mapping(id, &mapping, &req, lifetime);
+            let record = self.get(id)?;
+            if record.reservation.target_addr != req.client {
+                // Moved elsewhere by the provider: not the device's any more.
+                self.store.forget_mapping(id)?;
+            } else if record.owner == owner {
+                return self.renew_mapping(id, &mapping, &req, lifetime);
+            } else {
+                // The address changed hands (the config's owners changed since): the old
+                // owner's mapping goes, and one is made for the owner in force.
+                Self::check_mapping_owner(id, &mapping, &req)?;
+                self.release(id)?;
+            }
         }
-        let owner = self.tunnel_owner(req.client)?;
         let public_addr = match req.suggested_addr {
             Some(a) if self.policy.public_ips.contains(&a) => a,
             Some(a) if req.prefer_failure && !a.is_unspecified() => {
@@ -317,10 +328,13 @@ impl Engine {
             self.store
                 .client_mappings(req.client)?
                 .into_iter()
+                // PCP: every mapping of its nonce; NAT-PMP: its own, none a nonce owns.
                 .filter(|(_, m)| {
                     m.protocol == req.protocol
-                        && m.via == req.via
-                        && (req.nonce.is_none() || m.nonce == req.nonce)
+                        && match req.nonce {
+                            Some(_) => m.nonce == req.nonce,
+                            None => m.nonce.is_none() && m.via == req.via,
+                        }
                 })
                 .collect()
         } else {

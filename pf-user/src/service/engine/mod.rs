@@ -730,6 +730,11 @@ impl Engine {
             Err(e) if e.partial => {
                 self.audit(caller, action, "partial", &subject, Some(&e.message))
             }
+            // A device repeats a refused request every minute or so: counted (metrics, and
+            // the port-mapping server's answers), logged at debug, not audited.
+            Err(e) if matches!(action, "map" | "unmap") => {
+                tracing::debug!("{action} refused: {subject}: {}", e.message);
+            }
             Err(e) => self.audit(caller, action, "refused", &subject, Some(&e.message)),
         }
         self.refresh_next_expiry();
@@ -1341,6 +1346,11 @@ impl Engine {
             .map(|s| live_traffic(s, &record))
             .unwrap_or_default();
         self.store.change(id, &owner, &reservation, &note)?;
+        // A device's mapping moved elsewhere by the provider is the provider's from now on:
+        // the device that asked for it may no longer renew or delete it.
+        if retarget {
+            self.store.forget_mapping(id)?;
+        }
         if let Some(state) = state.as_deref_mut() {
             let replaced = Self::unmap(state, &record)
                 .and_then(|()| state.reserve(&reservation).map_err(ApiError::from));

@@ -9,6 +9,7 @@
 //! awaited in a task of its own, so a slow change holds up no other client's datagram.
 
 mod answer;
+mod ingress;
 mod rate;
 mod ssdp;
 mod upnp;
@@ -113,15 +114,39 @@ fn bind(addr: Ipv4Addr, port: u16, kind: libc::c_int) -> std::io::Result<OwnedFd
 /// What the server shares between its sockets and tasks.
 struct Shared {
     config: PortMappingConfig,
-    target_networks: Vec<Ipv4Net>,
+    /// `policy.target_networks`, as the last reload left them.
+    target_networks: TunnelNetworks,
     /// When the mapping state began (Unix ms): NAT-PMP's and PCP's epoch counts from it.
     epoch_ms: u64,
     jobs: mpsc::Sender<Job>,
     counts: MappingCounts,
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Each client's request budget, one for every socket and protocol (a client does not
+    /// get more by using another listen address or protocol).
+    buckets: std::sync::Mutex<rate::Buckets>,
 }
 
+/// `policy.target_networks`, shared with the reload that may change them.
+pub type TunnelNetworks = Arc<std::sync::RwLock<Vec<Ipv4Net>>>;
+
 impl Shared {
+    /// Whether `client` is in the tunnel networks: only those are answered.
+    fn is_client(&self, client: Ipv4Addr) -> bool {
+        self.target_networks
+            .read()
+            .expect("not poisoned")
+            .iter()
+            .any(|n| n.contains(client))
+    }
+
+    /// Whether `client` may ask now (taking a token if so).
+    fn allow(&self, client: Ipv4Addr) -> bool {
+        self.buckets
+            .lock()
+            .expect("not poisoned")
+            .allow(client, Instant::now())
+    }
+
     fn epoch(&self) -> u32 {
         let now = super::clock::now_ms();
         u32::try_from(now.saturating_sub(self.epoch_ms) / 1000).unwrap_or(u32::MAX)
@@ -167,7 +192,7 @@ pub struct BindError {
 impl Server {
     pub fn bind(
         config: &PortMappingConfig,
-        target_networks: &[Ipv4Net],
+        target_networks: TunnelNetworks,
         epoch_ms: u64,
         jobs: mpsc::Sender<Job>,
         counts: MappingCounts,
@@ -179,8 +204,16 @@ impl Server {
             .listen
             .iter()
             .map(|&addr| {
-                bind_at(addr, SERVER_PORT, libc::SOCK_DGRAM)
-                    .map(|fd| (addr, std::net::UdpSocket::from(fd)))
+                bind_at(addr, SERVER_PORT, libc::SOCK_DGRAM).and_then(|fd| {
+                    ingress::enable_pktinfo(std::os::fd::AsRawFd::as_raw_fd(&fd)).map_err(
+                        |source| BindError {
+                            addr,
+                            port: SERVER_PORT,
+                            source,
+                        },
+                    )?;
+                    Ok((addr, std::net::UdpSocket::from(fd)))
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let upnp = match config.upnp_port {
@@ -219,11 +252,12 @@ impl Server {
             ssdp,
             shared: Arc::new(Shared {
                 config: config.clone(),
-                target_networks: target_networks.to_vec(),
+                target_networks,
                 epoch_ms,
                 jobs,
                 counts,
                 in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+                buckets: std::sync::Mutex::new(rate::Buckets::new(config.requests_per_second)),
             }),
         })
     }
@@ -261,11 +295,17 @@ impl Server {
 }
 
 async fn serve_socket(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
-    let mut buckets = rate::Buckets::new(shared.config.requests_per_second);
     // One byte more than PCP's largest message, so a longer one is seen as too long.
     let mut buf = vec![0u8; pcp::MAX_LEN + 1];
+    let mut tunnel_side = ingress::TunnelSide::new(&shared.config.listen);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&*socket);
     loop {
-        let (len, from) = match socket.recv_from(&mut buf).await {
+        let received = socket
+            .async_io(tokio::io::Interest::READABLE, || {
+                ingress::recv(fd, &mut buf)
+            })
+            .await;
+        let (len, from, ifindex) = match received {
             Ok(got) => got,
             Err(e) => {
                 tracing::warn!("port-mapping server: receiving: {e}");
@@ -273,15 +313,17 @@ async fn serve_socket(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let SocketAddr::V4(from) = from else {
-            continue;
-        };
         let client = *from.ip();
-        if !shared.target_networks.iter().any(|n| n.contains(client)) {
+        if !shared.is_client(client) {
             shared.counts.dropped("outside_target_networks");
             continue;
         }
-        let limited = !buckets.allow(client, Instant::now());
+        if !tunnel_side.holds(ifindex) {
+            // A tunnel address arriving from elsewhere (the public side) is forged.
+            shared.counts.dropped("not_from_the_tunnel_side");
+            continue;
+        }
+        let limited = !shared.allow(client);
         if let Some(reply) = handle(&buf[..len], from, limited, &socket, &shared) {
             send(&socket, from, &reply).await;
         }

@@ -8,10 +8,9 @@ use std::{
     net::{Ipv4Addr, SocketAddr, UdpSocket},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::Arc,
-    time::Instant,
 };
 
-use super::{Shared, rate::Buckets};
+use super::Shared;
 use crate::api::port_mapping::{ssdp, upnp};
 
 /// Binds the group's port and joins the group on each listen address's interface. An address
@@ -20,6 +19,22 @@ use crate::api::port_mapping::{ssdp, upnp};
 pub(super) fn bind(listen: &[Ipv4Addr]) -> std::io::Result<(UdpSocket, Vec<String>)> {
     let socket = bind_reusable()?;
     socket.set_nonblocking(true)?;
+    // Only the groups this socket joined (Linux otherwise delivers every group any socket of
+    // the host joined on any interface).
+    let zero: libc::c_int = 0;
+    // SAFETY: setsockopt with a c_int of the right size on a socket we own.
+    if unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MULTICAST_ALL,
+            (&zero as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
     let mut unjoined = Vec::new();
     for addr in listen {
         if let Err(e) = socket.join_multicast_v4(&ssdp::GROUP, addr) {
@@ -91,14 +106,19 @@ pub(super) async fn serve(socket: UdpSocket, shared: Arc<Shared>, port: u16, uui
     else {
         return;
     };
-    let mut buckets = Buckets::new(shared.config.requests_per_second);
     let mut buf = vec![0u8; 2048];
     loop {
-        let Ok((len, SocketAddr::V4(from))) = socket.recv_from(&mut buf).await else {
-            continue;
+        let (len, from) = match socket.recv_from(&mut buf).await {
+            Ok((len, SocketAddr::V4(from))) => (len, from),
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::debug!("SSDP: receiving: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
         };
         let client = *from.ip();
-        if !shared.target_networks.iter().any(|n| n.contains(client)) {
+        if !shared.is_client(client) {
             shared.counts.dropped("outside_target_networks");
             continue;
         }
@@ -106,7 +126,7 @@ pub(super) async fn serve(socket: UdpSocket, shared: Arc<Shared>, port: u16, uui
             shared.counts.dropped("not_a_search");
             continue;
         };
-        if !buckets.allow(client, Instant::now()) {
+        if !shared.allow(client) {
             shared.counts.dropped("rate_limited");
             continue;
         }

@@ -5,6 +5,7 @@
 //! read are its own (other customers' tunnel addresses stay private).
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
     net::{Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
@@ -18,7 +19,7 @@ use hyper::{
     service::service_fn,
 };
 
-use super::{Refused, Shared, rate::Buckets};
+use super::{Refused, Shared};
 use crate::{
     api::{
         port_mapping::upnp::{self, Action, Fault, NewMapping, Transport},
@@ -31,24 +32,55 @@ use crate::{
     },
 };
 
-/// Connections open at once, over all clients.
+/// Connections open at once, over all clients, and per client: one client cannot hold every
+/// slot (a device needs one or two).
 const MAX_CONNECTIONS: usize = 64;
+const MAX_CONNECTIONS_PER_CLIENT: usize = 4;
 /// A body must arrive within this.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every connection of the UPnP listener shares.
 pub(super) struct Upnp {
     shared: Arc<Shared>,
-    buckets: Mutex<Buckets>,
+    /// Open connections by client.
+    open: Mutex<HashMap<Ipv4Addr, usize>>,
     started: Instant,
     uuid: String,
+}
+
+/// A connection's place in [`Upnp::open`], given back when it ends.
+struct Opened(Arc<Upnp>, Ipv4Addr);
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        let mut open = self.0.open.lock().expect("not poisoned");
+        if let Some(n) = open.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.1);
+            }
+        }
+    }
+}
+
+impl Upnp {
+    /// Takes a connection slot of `client`'s, if it has one left.
+    fn open(self: &Arc<Self>, client: Ipv4Addr) -> Option<Opened> {
+        let mut open = self.open.lock().expect("not poisoned");
+        let n = open.entry(client).or_default();
+        if *n >= MAX_CONNECTIONS_PER_CLIENT {
+            return None;
+        }
+        *n += 1;
+        Some(Opened(self.clone(), client))
+    }
 }
 
 impl Upnp {
     pub fn new(shared: Arc<Shared>) -> Self {
         let uuid = device_uuid(shared.epoch_ms);
         Self {
-            buckets: Mutex::new(Buckets::new(shared.config.requests_per_second)),
+            open: Mutex::new(HashMap::new()),
             shared,
             started: Instant::now(),
             uuid,
@@ -79,12 +111,7 @@ pub(super) async fn serve(listener: tokio::net::TcpListener, upnp: Arc<Upnp>) {
         };
         let SocketAddr::V4(peer) = peer else { continue };
         let client = *peer.ip();
-        if !upnp
-            .shared
-            .target_networks
-            .iter()
-            .any(|n| n.contains(client))
-        {
+        if !upnp.shared.is_client(client) {
             upnp.shared.counts.dropped("outside_target_networks");
             continue;
         }
@@ -92,12 +119,16 @@ pub(super) async fn serve(listener: tokio::net::TcpListener, upnp: Arc<Upnp>) {
             upnp.shared.counts.dropped("busy");
             continue;
         };
+        let Some(opened) = upnp.open(client) else {
+            upnp.shared.counts.dropped("too_many_connections");
+            continue;
+        };
         let Ok(SocketAddr::V4(local)) = stream.local_addr() else {
             continue;
         };
         let upnp = upnp.clone();
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slot = (slot, opened);
             let service = service_fn(move |req: hyper::Request<Incoming>| {
                 let upnp = upnp.clone();
                 async move { Ok::<_, Infallible>(respond(&upnp, req, client, &local.to_string()).await) }
@@ -115,12 +146,47 @@ fn xml(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         .expect("valid response")
 }
 
+fn refused(status: StatusCode, why: &'static str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .body(Full::new(Bytes::from_static(why.as_bytes())))
+        .expect("valid response")
+}
+
 async fn respond(
     upnp: &Upnp,
     req: hyper::Request<Incoming>,
     client: Ipv4Addr,
     local: &str,
 ) -> Response<Full<Bytes>> {
+    // A web page the client's browser opened may have rebound its own name to this address
+    // (DNS rebinding): the browser then sends the page's name as Host. Devices name the
+    // address itself, as the description's URLs do.
+    let host = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let local_ip = local.split(':').next().unwrap_or_default();
+    if host != local && host != local_ip {
+        upnp.shared.counts.dropped("foreign_host_header");
+        return refused(StatusCode::BAD_REQUEST, "the Host must be this address\n");
+    }
+    if !upnp.shared.allow(client) {
+        upnp.shared.counts.rate_limited("upnp");
+        return match req.uri().path() {
+            upnp::CONTROL_PATH | upnp::LINK_CONTROL_PATH => {
+                upnp.shared
+                    .counts
+                    .answered("upnp", Fault::ActionFailed.name());
+                xml(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    upnp::fault(Fault::ActionFailed),
+                )
+            }
+            _ => refused(StatusCode::TOO_MANY_REQUESTS, "too many requests\n"),
+        };
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, upnp::ROOT_DESCRIPTION_PATH) => xml(
             StatusCode::OK,
@@ -173,15 +239,6 @@ async fn control(
     .map_err(|_| Fault::InvalidArgs)?
     .to_bytes();
     let action = upnp::parse(name, &body)?;
-    if !upnp
-        .buckets
-        .lock()
-        .expect("not poisoned")
-        .allow(client, Instant::now())
-    {
-        upnp.shared.counts.rate_limited("upnp");
-        return Err(Fault::ActionFailed);
-    }
     let args = act(upnp, &action, client).await?;
     Ok(upnp::answer(service, action.name(), &args))
 }
