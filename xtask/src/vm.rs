@@ -58,7 +58,8 @@ pub const KERNELS: &[Kernel] = &[
 /// (TCP, UDP, a range, release, detach) with the service, ICMP errors and fragments, WireGuard
 /// with the kernel's own module, the egress hook as a netlink filter (the only one before 6.6)
 /// with the service's restart and adoption, the shipped nftables ruleset over the kernel's
-/// WireGuard, and the options that depend on the kernel.
+/// WireGuard, port mapping (natpmpc and upnpc) over it, and the options that depend on the
+/// kernel.
 pub const VM_TESTS: &[&str] = &[
     "integration::netfilter::netfilter_ruleset_over_wireguard",
     "integration::fixtures::ingress_fixtures",
@@ -72,6 +73,7 @@ pub const VM_TESTS: &[&str] = &[
     "integration::e2e::icmp_errors_and_fragments",
     "integration::tc_netlink::egress_by_netlink_filter",
     "integration::wireguard::wireguard_default_mode",
+    "integration::port_mapping::natpmpc_and_upnpc_over_wireguard",
 ];
 
 /// The longest a VM run may take before it is killed and fails.
