@@ -14,7 +14,7 @@ use std::{
 use pf::api::client::Client;
 use pf_tests::kit::{
     ScratchDir,
-    netns::{Netns, sh},
+    netns::{Netns, veth},
     serve::Service,
 };
 use serde_json::{Value, json};
@@ -42,27 +42,11 @@ pub fn run(profile: &Profile) -> Result<Value, String> {
     let tag = std::process::id();
     let server = Netns::new(&format!("pfb{tag}pm-server")).map_err(|e| e.to_string())?;
     let client = Netns::new(&format!("pfb{tag}pm-client")).map_err(|e| e.to_string())?;
-    sh(&[
-        "ip",
-        "link",
-        "add",
-        "tun0",
-        "netns",
-        server.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        client.name(),
-    ])
+    veth(
+        (&server, "tun0", &format!("{GATEWAY}/16")),
+        (&client, "eth0", &format!("{CLIENT}/16")),
+    )
     .map_err(|e| e.to_string())?;
-    for (ns, iface, addr) in [(&server, "tun0", GATEWAY), (&client, "eth0", CLIENT)] {
-        ns.run(&["ip", "addr", "add", &format!("{addr}/16"), "dev", iface])
-            .and_then(|_| ns.run(&["ip", "link", "set", iface, "up"]))
-            .map_err(|e| e.to_string())?;
-    }
     let pins = ScratchDir::claim(format!("/sys/fs/bpf/pf-bench-pm-{tag}"));
     let files = ScratchDir::claim(std::env::temp_dir().join(format!("pf-bench-pm-{tag}")));
     let policy = format!(

@@ -26,32 +26,11 @@ const SECOND_CLIENT_IP: &str = "10.8.1.2";
 
 fn second_client(topo: &Topology, prefix: &str) -> Netns {
     let ns = Netns::new(&format!("{prefix}-client2")).unwrap();
-    crate::kit::netns::sh(&[
-        "ip",
-        "link",
-        "add",
-        "tun1",
-        "netns",
-        topo.server.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        ns.name(),
-    ])
+    crate::kit::netns::veth(
+        (&topo.server, "tun1", &format!("{SECOND_GATEWAY_IP}/24")),
+        (&ns, "eth0", &format!("{SECOND_CLIENT_IP}/24")),
+    )
     .unwrap();
-    for (host, iface, addr) in [
-        (&topo.server, "tun1", SECOND_GATEWAY_IP),
-        (&ns, "eth0", SECOND_CLIENT_IP),
-    ] {
-        host.run(&["ip", "addr", "add", &format!("{addr}/24"), "dev", iface])
-            .unwrap();
-        host.run(&["ip", "link", "set", iface, "up"]).unwrap();
-        host.run(&["ethtool", "-K", iface, "tx", "off", "rx", "off"])
-            .unwrap();
-    }
     ns.run(&["ip", "route", "add", "default", "via", SECOND_GATEWAY_IP])
         .unwrap();
     ns

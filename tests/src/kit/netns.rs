@@ -180,3 +180,36 @@ impl Drop for Netns {
             .status();
     }
 }
+
+/// Turns off checksum offload on `iface`, so its packets carry whole checksums as on a wire
+/// and every receiver verifies them.
+pub fn offload_off(ns: &Netns, iface: &str) -> io::Result<()> {
+    ns.run(&["ethtool", "-K", iface, "tx", "off", "rx", "off"])
+        .map(drop)
+}
+
+/// A veth pair between two namespaces, each end (namespace, name, address with its prefix,
+/// `10.8.1.1/24`) addressed and up, offloads off.
+pub fn veth(a: (&Netns, &str, &str), b: (&Netns, &str, &str)) -> io::Result<()> {
+    sh(&[
+        "ip",
+        "link",
+        "add",
+        a.1,
+        "netns",
+        a.0.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b.1,
+        "netns",
+        b.0.name(),
+    ])?;
+    for (ns, iface, addr) in [a, b] {
+        ns.run(&["ip", "addr", "add", addr, "dev", iface])?;
+        ns.run(&["ip", "link", "set", iface, "up"])?;
+        offload_off(ns, iface)?;
+    }
+    Ok(())
+}

@@ -12,7 +12,7 @@
 
 use std::io;
 
-use crate::kit::netns::{Netns, sh};
+use crate::kit::netns::{Netns, offload_off, sh};
 
 pub const PUBLIC_IP: &str = "198.51.100.1";
 pub const INTERNET_IP: &str = "198.51.100.2";
@@ -25,11 +25,6 @@ pub struct Topology {
     pub inet: Netns,
     pub server: Netns,
     pub client: Netns,
-}
-
-fn offload_off(ns: &Netns, iface: &str) -> io::Result<()> {
-    ns.run(&["ethtool", "-K", iface, "tx", "off", "rx", "off"])
-        .map(drop)
 }
 
 impl Topology {

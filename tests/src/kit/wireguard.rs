@@ -28,7 +28,7 @@ use std::{
 };
 
 use crate::kit::{
-    netns::{Netns, run, sh},
+    netns::{Netns, run, sh, veth},
     topology::{CLIENT_IP, GATEWAY_TUNNEL_IP, INTERNET_IP, PUBLIC_IFACE, PUBLIC_IP},
 };
 
@@ -59,36 +59,6 @@ pub struct WireguardTopology {
     pub server: Netns,
     pub client: Netns,
     pub implementation: Implementation,
-}
-
-fn offload_off(ns: &Netns, iface: &str) -> io::Result<()> {
-    ns.run(&["ethtool", "-K", iface, "tx", "off", "rx", "off"])
-        .map(drop)
-}
-
-/// A veth pair between two namespaces, each end addressed (a /24) and up, offloads off.
-fn veth(a: (&Netns, &str, &str), b: (&Netns, &str, &str)) -> io::Result<()> {
-    sh(&[
-        "ip",
-        "link",
-        "add",
-        a.1,
-        "netns",
-        a.0.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        b.1,
-        "netns",
-        b.0.name(),
-    ])?;
-    for (ns, iface, addr) in [a, b] {
-        ns.run(&["ip", "addr", "add", &format!("{addr}/24"), "dev", iface])?;
-        ns.run(&["ip", "link", "set", iface, "up"])?;
-        offload_off(ns, iface)?;
-    }
-    Ok(())
 }
 
 /// A fresh private key and its public key.
@@ -136,12 +106,12 @@ impl WireguardTopology {
             implementation: Implementation::Userspace,
         };
         veth(
-            (&t.inet, "inet0", INTERNET_IP),
-            (&t.server, PUBLIC_IFACE, PUBLIC_IP),
+            (&t.inet, "inet0", &format!("{INTERNET_IP}/24")),
+            (&t.server, PUBLIC_IFACE, &format!("{PUBLIC_IP}/24")),
         )?;
         veth(
-            (&t.inet, "wan0", UNDERLAY_GATEWAY_IP),
-            (&t.client, "ul0", UNDERLAY_CLIENT_IP),
+            (&t.inet, "wan0", &format!("{UNDERLAY_GATEWAY_IP}/24")),
+            (&t.client, "ul0", &format!("{UNDERLAY_CLIENT_IP}/24")),
         )?;
         t.inet.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         t.server.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;

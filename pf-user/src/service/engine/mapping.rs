@@ -273,16 +273,10 @@ impl Engine {
         if let (None, Some(nonce)) = (mapping.nonce, req.nonce) {
             self.store.set_mapping_nonce(id, nonce)?;
         }
-        let ttl_ms = duration_ms(std::time::Duration::from_secs(u64::from(lifetime)));
-        let expires = self.now_ms().saturating_add(ttl_ms);
-        self.store.set_lifetime(id, Some(ttl_ms), Some(expires))?;
-        if self
-            .violations
-            .get(&id)
-            .is_some_and(|v| v.rule == "policy.max_ttl")
-        {
-            self.forget_violation(id);
-        }
+        self.extend(
+            id,
+            duration_ms(std::time::Duration::from_secs(u64::from(lifetime))),
+        )?;
         Ok(MapAnswer {
             public_ip: record.reservation.public.addr,
             external_port: record.reservation.public.ports.first,

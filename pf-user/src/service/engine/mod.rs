@@ -1240,10 +1240,15 @@ impl Engine {
         // Granted under an older policy that this one refuses: not extended.
         self.policy
             .check(&record.reservation, &self.listening(), &local_addresses()?)?;
-        let ttl_ms = duration_ms(ttl);
+        self.extend(id, duration_ms(ttl))?;
+        self.get(id)
+    }
+
+    /// Sets `id`'s expiry to now plus `ttl_ms` (its lifetime from then on). Within max_ttl
+    /// now: a lifetime granted under an older policy is cured.
+    fn extend(&mut self, id: u64, ttl_ms: u64) -> Result<(), ApiError> {
         let expires = self.now_ms().saturating_add(ttl_ms);
         self.store.set_lifetime(id, Some(ttl_ms), Some(expires))?;
-        // Within max_ttl now: a lifetime granted under an older policy is cured.
         if self
             .violations
             .get(&id)
@@ -1251,7 +1256,7 @@ impl Engine {
         {
             self.forget_violation(id);
         }
-        self.get(id)
+        Ok(())
     }
 
     fn set_enabled(&mut self, id: u64, enabled: bool) -> Result<Record, ApiError> {

@@ -2,7 +2,7 @@
 //! on the public side could forge one from the tunnel networks (where the kernel's reverse
 //! path filter is loose or off), with no answer needed to make a NAT-PMP mapping. So a
 //! datagram is taken only from an interface that holds one of the listen addresses: the
-//! tunnel side. `IP_PKTINFO` gives each datagram's ingress interface.
+//! tunnel side. `IP_PKTINFO`, set on the socket, gives each datagram's ingress interface.
 
 use std::{
     collections::HashSet,
@@ -11,25 +11,6 @@ use std::{
     os::fd::RawFd,
     time::{Duration, Instant},
 };
-
-/// Asks the kernel for each datagram's ingress interface on `fd`.
-pub fn enable_pktinfo(fd: RawFd) -> std::io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a c_int of the right size.
-    if unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_IP,
-            libc::IP_PKTINFO,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    } != 0
-    {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
 
 /// Receives one datagram: its length, source, and ingress interface index (0 if the kernel
 /// did not say).

@@ -11,12 +11,13 @@
 mod answer;
 mod ingress;
 mod rate;
+mod socket;
 mod ssdp;
 mod upnp;
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    os::fd::{FromRawFd, OwnedFd},
+    os::fd::OwnedFd,
     sync::{Arc, mpsc},
     time::Instant,
 };
@@ -46,67 +47,18 @@ const MAX_IN_FLIGHT: usize = 1024;
 /// `IP_FREEBIND`, so the service can start before the tunnel device (and its address) is up;
 /// it answers once the address exists.
 fn bind(addr: Ipv4Addr, port: u16, kind: libc::c_int) -> std::io::Result<OwnedFd> {
-    // SAFETY: socket(2) with constant arguments; the fd is owned at once.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_INET,
-            kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-    let one: libc::c_int = 1;
-    let options: &[(libc::c_int, libc::c_int)] = if kind == libc::SOCK_STREAM {
+    let fd = socket::ipv4(kind)?;
+    socket::set_option(&fd, libc::IPPROTO_IP, libc::IP_FREEBIND, 1)?;
+    if kind == libc::SOCK_STREAM {
         // A restart must not wait out TIME_WAIT connections of the last run.
-        &[
-            (libc::IPPROTO_IP, libc::IP_FREEBIND),
-            (libc::SOL_SOCKET, libc::SO_REUSEADDR),
-        ]
+        socket::set_option(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
     } else {
-        &[(libc::IPPROTO_IP, libc::IP_FREEBIND)]
-    };
-    for &(level, name) in options {
-        // SAFETY: setsockopt with a c_int option value of the right size.
-        if unsafe {
-            libc::setsockopt(
-                raw,
-                level,
-                name,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        } != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
+        // Each datagram's ingress interface (see `ingress`).
+        socket::set_option(&fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
     }
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(addr).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: bind with a sockaddr_in of its own size.
-    if unsafe {
-        libc::bind(
-            raw,
-            (&sin as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    } != 0
-    {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: listen(2) on a bound stream socket we own.
-    if kind == libc::SOCK_STREAM && unsafe { libc::listen(raw, 128) } != 0 {
-        return Err(std::io::Error::last_os_error());
+    socket::bind(&fd, addr, port)?;
+    if kind == libc::SOCK_STREAM {
+        socket::listen(&fd)?;
     }
     Ok(fd)
 }
@@ -204,16 +156,8 @@ impl Server {
             .listen
             .iter()
             .map(|&addr| {
-                bind_at(addr, SERVER_PORT, libc::SOCK_DGRAM).and_then(|fd| {
-                    ingress::enable_pktinfo(std::os::fd::AsRawFd::as_raw_fd(&fd)).map_err(
-                        |source| BindError {
-                            addr,
-                            port: SERVER_PORT,
-                            source,
-                        },
-                    )?;
-                    Ok((addr, std::net::UdpSocket::from(fd)))
-                })
+                bind_at(addr, SERVER_PORT, libc::SOCK_DGRAM)
+                    .map(|fd| (addr, std::net::UdpSocket::from(fd)))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let upnp = match config.upnp_port {

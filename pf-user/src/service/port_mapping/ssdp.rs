@@ -6,35 +6,25 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr, UdpSocket},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::Arc,
 };
 
-use super::Shared;
+use super::{Shared, socket};
 use crate::api::port_mapping::{ssdp, upnp};
 
 /// Binds the group's port and joins the group on each listen address's interface. An address
 /// whose interface cannot join (not up yet, or no multicast: WireGuard) is named in the
 /// warning returned; the others are served.
 pub(super) fn bind(listen: &[Ipv4Addr]) -> std::io::Result<(UdpSocket, Vec<String>)> {
-    let socket = bind_reusable()?;
-    socket.set_nonblocking(true)?;
+    let fd = socket::ipv4(libc::SOCK_DGRAM)?;
+    // Another SSDP responder on the server (a media server) may share the port.
+    socket::set_option(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
     // Only the groups this socket joined (Linux otherwise delivers every group any socket of
     // the host joined on any interface).
-    let zero: libc::c_int = 0;
-    // SAFETY: setsockopt with a c_int of the right size on a socket we own.
-    if unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MULTICAST_ALL,
-            (&zero as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    } != 0
-    {
-        return Err(std::io::Error::last_os_error());
-    }
+    socket::set_option(&fd, libc::IPPROTO_IP, libc::IP_MULTICAST_ALL, 0)?;
+    // Bound to the group itself: only datagrams sent to the group reach it.
+    socket::bind(&fd, ssdp::GROUP, ssdp::PORT)?;
+    let socket = UdpSocket::from(fd);
     let mut unjoined = Vec::new();
     for addr in listen {
         if let Err(e) = socket.join_multicast_v4(&ssdp::GROUP, addr) {
@@ -42,46 +32,6 @@ pub(super) fn bind(listen: &[Ipv4Addr]) -> std::io::Result<(UdpSocket, Vec<Strin
         }
     }
     Ok((socket, unjoined))
-}
-
-/// A UDP socket bound to the SSDP group and port (so only datagrams to the group reach it),
-/// with SO_REUSEADDR: another SSDP responder on the server (a media server) may share it.
-fn bind_reusable() -> std::io::Result<UdpSocket> {
-    // SAFETY: as in `bind`.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: ssdp::PORT.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(ssdp::GROUP).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: setsockopt with a c_int; bind with a sockaddr_in of its own size.
-    unsafe {
-        if libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        ) != 0
-            || libc::bind(
-                fd.as_raw_fd(),
-                (&sin as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            ) != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(UdpSocket::from(fd))
 }
 
 /// The server's address towards `client` (the routing table's choice), if it is one of the
