@@ -133,8 +133,10 @@ impl Engine {
         self.admit_with(&owner, &reservation, &listening, &local)?;
         let now = self.now_ms();
         let ttl_ms = duration_ms(std::time::Duration::from_secs(u64::from(lifetime)));
+        // A device's description is kept as the note if it is one the API would take (no
+        // invisible or reordering characters to dress up `pf list`).
         let note = match &req.description {
-            Some(d) if !d.is_empty() => d.clone(),
+            Some(d) if !d.is_empty() && super::check_note(d).is_ok() => d.clone(),
             _ => format!("{} mapping for {}", req.via.as_str(), req.client),
         };
         let new = NewRecord {

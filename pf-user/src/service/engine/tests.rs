@@ -823,4 +823,17 @@ target_networks = ["10.200.0.0/16"]
         );
         assert_eq!(map(&mut e, stranger).unwrap_err().rule, Some(NOT_A_CLIENT));
     }
+
+    #[test]
+    fn a_description_becomes_the_note_only_if_the_api_would_take_it() {
+        let (mut e, _fake, _dir) = engine();
+        let mut named = ask(MappingProtocol::Upnp, A, Protocols::Tcp, 30001);
+        named.description = Some("my web server".into());
+        let id = map(&mut e, named).unwrap().id.unwrap();
+        assert_eq!(e.get(id).unwrap().note, "my web server");
+        let mut spoof = ask(MappingProtocol::Upnp, A, Protocols::Tcp, 30002);
+        spoof.description = Some("admin\u{202e}nimda".into());
+        let id = map(&mut e, spoof).unwrap().id.unwrap();
+        assert_eq!(e.get(id).unwrap().note, "upnp mapping for 10.200.0.2");
+    }
 }
