@@ -12,7 +12,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 use super::types::{
-    ChangeRequest, ErrorBody, ListQuery, ReleasedByOwner, RenewRequest, ReservationView,
+    ChangeRequest, CheckView, ErrorBody, ListQuery, ReleasedByOwner, RenewRequest, ReservationView,
     ReserveRequest, RestoreRequest, StatsView, TunnelOwnerRequest, TunnelOwnerView, percent_encode,
 };
 
@@ -183,6 +183,21 @@ impl Client {
         request: &RestoreRequest,
     ) -> Result<ReservationView, ClientError> {
         self.typed("POST", &format!("/v1/expired/{id}/restore"), Some(request))
+    }
+
+    /// `GET /v1/reservations/{id}/check`: is the port open, link by link.
+    pub fn check(
+        &self,
+        id: u64,
+        port: u16,
+        protocol: &str,
+        udp_probe: Option<&str>,
+    ) -> Result<CheckView, ClientError> {
+        let mut path = format!("/v1/reservations/{id}/check?port={port}&protocol={protocol}");
+        if let Some(probe) = udp_probe {
+            path += &format!("&udp_probe={}", percent_encode(probe));
+        }
+        self.typed("GET", &path, None::<&()>)
     }
 
     /// `GET /v1/tunnel-owners`.

@@ -164,6 +164,30 @@ pub struct TunnelOwnerView {
     pub released: Option<Vec<u64>>,
 }
 
+/// `GET /v1/reservations/{id}/check`: "is my port open?", link by link, in the order a packet
+/// meets them, ending in one verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckView {
+    /// The endpoint checked: `IP:PORT/PROTO`.
+    pub public: String,
+    pub links: Vec<CheckLink>,
+    /// `open`, `closed` or `inconclusive`.
+    pub verdict: String,
+    /// For `closed`, the first link that failed; for `inconclusive`, the one that could not
+    /// tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub because: Option<String>,
+}
+
+/// One link of a check: `reservation`, `maps`, `attached`, `program`, `target`, `traffic`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckLink {
+    pub link: String,
+    /// `ok`, `failed`, `inconclusive`, or `info` (traffic: it says, it does not judge).
+    pub state: String,
+    pub detail: String,
+}
+
 /// `POST /v1/expired/{id}/restore`: a new lifetime, or (none) the one it had.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -809,6 +809,15 @@ pub struct Attachment {
     pub egress: TcAttach,
 }
 
+/// The id of the XDP program pf has attached to `iface` (as its pinned link says), if any.
+pub fn ingress_program_id(dir: &PinDir, iface: &str) -> Option<u32> {
+    let role = role_of(dir, iface)?;
+    bpfinfo::link_state(&dir.link(iface, role.xdp_link()))
+        .ok()
+        .filter(|l| l.ifindex != 0)
+        .map(|l| l.prog_id)
+}
+
 /// Every interface pf has pins for in `dir`, each checked with the kernel.
 pub fn inspect(dir: &PinDir) -> Vec<Attachment> {
     dir.linked_interfaces()

@@ -173,3 +173,64 @@ pub fn pinned_program_id(pin: &Path) -> io::Result<u32> {
     object_info(prog.as_raw_fd(), &mut info)?;
     Ok(read_u32(&info, PROG_ID_OFFSET))
 }
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+/// Runs `frame` once through the loaded program `prog_id` with BPF_PROG_TEST_RUN: its verdict
+/// and the frame as it left. `None` if no such program is loaded. The real program, its real
+/// maps: what it counts (its outcome counters, a reservation's traffic) counts this frame too.
+pub fn test_run(prog_id: u32, frame: &[u8]) -> io::Result<Option<(u32, Vec<u8>)>> {
+    #[repr(C)]
+    struct IdAttr {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let mut id_attr = IdAttr {
+        id: prog_id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    let fd = match bpf(
+        BPF_PROG_GET_FD_BY_ID,
+        (&mut id_attr as *mut IdAttr).cast(),
+        size_of::<IdAttr>(),
+    ) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // union bpf_attr's test member, up to the fields pf uses (the kernel zero-checks none past
+    // the size given).
+    #[repr(C)]
+    struct TestAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+    }
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut attr = TestAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        retval: 0,
+        data_size_in: frame.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        duration: 0,
+    };
+    bpf(
+        BPF_PROG_TEST_RUN,
+        (&mut attr as *mut TestAttr).cast(),
+        size_of::<TestAttr>(),
+    )?;
+    out.truncate((attr.data_size_out as usize).min(out.len()));
+    Ok(Some((attr.retval, out)))
+}

@@ -484,6 +484,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/reservations/{id}/renew"),
     ("POST", "/v1/reservations/{id}/enable"),
     ("POST", "/v1/reservations/{id}/disable"),
+    ("GET", "/v1/reservations/{id}/check"),
     ("GET", "/v1/expired"),
     ("POST", "/v1/expired/{id}/restore"),
     ("GET", "/v1/tunnel-owners"),
@@ -584,32 +585,44 @@ async fn ask(
     answer.await.map_err(|_| stopped())?
 }
 
+/// A query string's parameters, percent-decoded, in order: each must be one of `known`, and
+/// none given twice.
+fn query_params(
+    query: Option<&str>,
+    known: &[&'static str],
+) -> Result<Vec<(&'static str, String)>, ApiError> {
+    let mut found: Vec<(&'static str, String)> = Vec::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let Some(&key) = known.iter().find(|known| **known == k) else {
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter '{k}' (known: {})",
+                known.join(", ")
+            )));
+        };
+        if found.iter().any(|(seen, _)| *seen == key) {
+            return Err(ApiError::bad_request(format!("'{k}' is given twice")));
+        }
+        found.push((key, percent_decode(v)?));
+    }
+    Ok(found)
+}
+
 /// A list's filters and page from its query: `owner`, `public_port`, `target` (an IPv4
 /// address), `expiring_before` (RFC 3339), `after` (an id) and `limit`.
 fn list_filter(query: Option<&str>) -> Result<ListFilter, ApiError> {
-    const KEYS: [&str; 6] = [
-        "owner",
-        "public_port",
-        "target",
-        "expiring_before",
-        "after",
-        "limit",
-    ];
     let mut filter = ListFilter::default();
-    let mut seen = Vec::new();
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if !KEYS.contains(&k) {
-            return Err(ApiError::bad_request(format!(
-                "unknown query parameter '{k}' (known: {})",
-                KEYS.join(", ")
-            )));
-        }
-        if seen.contains(&k) {
-            return Err(ApiError::bad_request(format!("'{k}' is given twice")));
-        }
-        seen.push(k);
-        let v = percent_decode(v)?;
+    for (k, v) in query_params(
+        query,
+        &[
+            "owner",
+            "public_port",
+            "target",
+            "expiring_before",
+            "after",
+            "limit",
+        ],
+    )? {
         let bad = |what: &str| ApiError::bad_request(format!("{k}: '{v}' is not {what}"));
         match k {
             "owner" => filter.owner = Some(v.clone()),
@@ -644,23 +657,9 @@ fn list_filter(query: Option<&str>) -> Result<ListFilter, ApiError> {
     Ok(filter)
 }
 
-/// The value of `key` in a query string, percent-decoded.
-fn query_param(query: Option<&str>, key: &str) -> Result<Option<String>, ApiError> {
-    let Some(query) = query else { return Ok(None) };
-    let mut found = None;
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if k != key {
-            return Err(ApiError::bad_request(format!(
-                "unknown query parameter '{k}' (only '{key}' is known)"
-            )));
-        }
-        if found.is_some() {
-            return Err(ApiError::bad_request(format!("'{key}' is given twice")));
-        }
-        found = Some(percent_decode(v)?);
-    }
-    Ok(found)
+/// The value of `key` in a query string that may hold only it, percent-decoded.
+fn query_param(query: Option<&str>, key: &'static str) -> Result<Option<String>, ApiError> {
+    Ok(query_params(query, &[key])?.pop().map(|(_, v)| v))
 }
 
 fn percent_decode(s: &str) -> Result<String, ApiError> {
@@ -795,6 +794,42 @@ async fn route(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
                     conflict_id: None,
                 }),
             }
+        }
+        ["v1", "reservations", id, "check"] if method == Method::GET => {
+            let id = parse_id(id)?;
+            let mut ask = super::check::CheckRequest {
+                id,
+                port: None,
+                protocol: None,
+                udp_probe: Vec::new(),
+            };
+            for (k, v) in query_params(query.as_deref(), &["port", "protocol", "udp_probe"])? {
+                let bad = |what: &str| ApiError::bad_request(format!("{k}: '{v}' is not {what}"));
+                match k {
+                    "port" => {
+                        ask.port = Some(
+                            v.parse()
+                                .ok()
+                                .filter(|p| *p != 0)
+                                .ok_or_else(|| bad("a port"))?,
+                        )
+                    }
+                    "protocol" => {
+                        ask.protocol = Some(match v.as_str() {
+                            "tcp" => crate::domain::spec::Protocols::Tcp,
+                            "udp" => crate::domain::spec::Protocols::Udp,
+                            _ => return Err(bad("tcp or udp")),
+                        })
+                    }
+                    _ => {
+                        if v.len() > 1024 {
+                            return Err(bad("a probe of at most 1024 bytes"));
+                        }
+                        ask.udp_probe = v.into_bytes();
+                    }
+                }
+            }
+            Ok(Request::Check(ask))
         }
         ["v1", "reservations", _, _] => Err(not_allowed()),
         ["v1", "expired"] if method == Method::GET => Ok(Request::Expired {

@@ -7,6 +7,7 @@
 //! runtime only parses requests and hands them over.
 
 pub mod audit;
+pub mod check;
 pub mod clock;
 pub mod config;
 pub mod dataplane;

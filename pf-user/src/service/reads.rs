@@ -142,7 +142,11 @@ impl Reads {
     pub fn answers(request: &Request) -> bool {
         matches!(
             request,
-            Request::Get(_) | Request::List(_) | Request::Expired { .. } | Request::Status
+            Request::Get(_)
+                | Request::List(_)
+                | Request::Expired { .. }
+                | Request::Status
+                | Request::Check(_)
         )
     }
 
@@ -169,6 +173,10 @@ impl Reads {
                     &self.service_metrics,
                 ))
             }
+            Request::Check(ask) => self.with_reader(|store| {
+                let view = super::check::check(store, &self.dir, &ask, super::clock::now_ms())?;
+                Ok(serde_json::to_value(view).expect("plain struct"))
+            }),
             other => unreachable!("{other:?} is the engine's"),
         }
     }

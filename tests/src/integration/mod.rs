@@ -2,6 +2,7 @@
 //! skips) without them.
 
 mod batch;
+mod check;
 mod cli;
 mod common;
 mod differential;

@@ -336,6 +336,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Is a forwarded port open? Each link a packet crosses (the reservation, the kernel maps,
+    /// the attachment, the loaded program on a test packet, the target itself, its traffic),
+    /// then one verdict. Exits 0 open, 4 closed, 5 inconclusive.
+    #[command(
+        after_help = "Examples:\n  pf check 203.0.113.10:8080/tcp\n  pf check 203.0.113.10:27015/udp --udp-probe 'hello'\n  pf check 203.0.113.10:8080/tcp --json"
+    )]
+    Check {
+        /// The public endpoint: IP:PORT/tcp or IP:PORT/udp.
+        public: String,
+        /// For UDP: what to send the target (a service may answer only what it understands;
+        /// no answer is inconclusive, never closed).
+        #[arg(long, value_name = "TEXT")]
+        udp_probe: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Who owns a tunnel address's port mappings (NAT-PMP, PCP, UPnP IGD), as the provider's
     /// account system says.
     #[command(
@@ -630,6 +647,51 @@ fn status(client: &Client, dir: &PinDir, json: bool) -> anyhow::Result<()> {
     }
 }
 
+/// `pf check`'s exit status for a closed port, and for an inconclusive one.
+const CHECK_CLOSED: u8 = 4;
+const CHECK_INCONCLUSIVE: u8 = 5;
+
+/// `pf check IP:PORT/PROTO`: finds the reservation covering it (none is the first link
+/// failing), asks the service to check it, prints each link and the verdict, and exits with
+/// the verdict's status.
+fn check(client: &Client, public: &str, udp_probe: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let spec: PublicSpec = public.parse()?;
+    if spec.ports.first != spec.ports.last || spec.protocols == pf::domain::spec::Protocols::Both {
+        anyhow::bail!("check one port and one protocol: IP:PORT/tcp or IP:PORT/udp");
+    }
+    let port = spec.ports.first;
+    let covering = client
+        .list_query(&ListQuery {
+            public_port: Some(port),
+            ..ListQuery::default()
+        })?
+        .into_iter()
+        .find(|r| {
+            r.public
+                .parse::<PublicSpec>()
+                .is_ok_and(|p| p.addr == spec.addr && p.protocols.overlaps(spec.protocols))
+        });
+    let view = match covering {
+        Some(r) => client.check(r.id, port, &spec.protocols.to_string(), udp_probe)?,
+        None => pf::api::types::CheckView {
+            public: spec.to_string(),
+            links: vec![pf::api::types::CheckLink {
+                link: "reservation".into(),
+                state: "failed".into(),
+                detail: format!("no reservation covers {spec}"),
+            }],
+            verdict: "closed".into(),
+            because: Some("reservation".into()),
+        },
+    };
+    render::print_check(&view, json)?;
+    match view.verdict.as_str() {
+        "open" => Ok(()),
+        "inconclusive" => std::process::exit(CHECK_INCONCLUSIVE.into()),
+        _ => std::process::exit(CHECK_CLOSED.into()),
+    }
+}
+
 /// An id the service does not know, with where to look: the API's message names no command.
 fn hint<T>(result: Result<T, ClientError>, command: &str) -> anyhow::Result<T> {
     result.map_err(|e| match e {
@@ -839,6 +901,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             &hint(client.set_enabled(id, true), "pf list")?,
             json,
         )?,
+        Command::Check {
+            public,
+            udp_probe,
+            json,
+        } => return check(&client, &public, udp_probe.as_deref(), json),
         Command::TunnelOwner { what } => match what {
             TunnelOwnerCommand::Set {
                 address,

@@ -256,6 +256,23 @@ pub fn print_record(verb: &str, r: &ReservationView, as_json: bool) -> anyhow::R
     Ok(())
 }
 
+/// `pf check`: a line per link, then the verdict.
+pub fn print_check(v: &pf::api::types::CheckView, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        out!("{}", serde_json::to_string_pretty(v)?);
+        return Ok(());
+    }
+    out!("checking {}", v.public);
+    for l in &v.links {
+        out!("  {:<12} {:<12} {}", l.state, l.link, l.detail);
+    }
+    match &v.because {
+        Some(link) => out!("{}: {link}", v.verdict),
+        None => out!("{}", v.verdict),
+    }
+    Ok(())
+}
+
 /// What `pf tunnel-owner set` or `unset` did.
 pub fn print_tunnel_owner(
     o: &pf::api::types::TunnelOwnerView,

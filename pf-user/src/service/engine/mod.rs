@@ -226,6 +226,8 @@ pub enum Request {
     },
     /// The owners the API gave tunnel addresses.
     TunnelOwners,
+    /// "Is my port open?", link by link (answered beside the engine: it probes).
+    Check(super::check::CheckRequest),
     Get(u64),
     List(ListFilter),
     Release(u64),
@@ -292,6 +294,7 @@ impl Request {
             | Request::Expired { .. }
             | Request::Status
             | Request::TunnelOwners
+            | Request::Check(_)
             | Request::Stats
             | Request::Health
             | Request::Reload { .. } => return None,
@@ -815,6 +818,9 @@ impl Engine {
                 );
                 Ok(json!({ "violations": report.violations, "disabled": report.disabled }))
             }
+            Request::Check(_) => Err(ApiError::unavailable(
+                "a check is answered beside the engine, which does not wait on probes",
+            )),
             _ => unreachable!("changes go through Engine::change"),
         }
     }
