@@ -120,9 +120,9 @@ const PROG_NR_MAP_IDS_OFFSET: usize = 52;
 const PROG_MAP_IDS_OFFSET: usize = 56;
 const PROG_INFO_LEN: usize = 256;
 
-/// The ids of the maps program `prog_id` uses; `None` if no such program is loaded. Asked of
-/// that one program by id, so programs others load and unload meanwhile change nothing.
-pub fn program_map_ids(prog_id: u32) -> io::Result<Option<Vec<u32>>> {
+/// A descriptor of the loaded program `prog_id` (BPF_PROG_GET_FD_BY_ID); `None` if no such
+/// program is loaded.
+fn program_fd(prog_id: u32) -> io::Result<Option<OwnedFd>> {
     // union bpf_attr's get-by-id member: the id, next_id, open_flags.
     #[repr(C)]
     struct IdAttr {
@@ -135,17 +135,24 @@ pub fn program_map_ids(prog_id: u32) -> io::Result<Option<Vec<u32>>> {
         next_id: 0,
         open_flags: 0,
     };
-    let fd = match bpf(
+    match bpf(
         BPF_PROG_GET_FD_BY_ID,
         (&mut attr as *mut IdAttr).cast(),
         size_of::<IdAttr>(),
     ) {
-        Ok(fd) => fd,
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
-        Err(e) => return Err(e),
+        // SAFETY: the kernel returned a new descriptor that nothing else owns.
+        Ok(fd) => Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The ids of the maps program `prog_id` uses; `None` if no such program is loaded. Asked of
+/// that one program by id, so programs others load and unload meanwhile change nothing.
+pub fn program_map_ids(prog_id: u32) -> io::Result<Option<Vec<u32>>> {
+    let Some(prog) = program_fd(prog_id)? else {
+        return Ok(None);
     };
-    // SAFETY: the kernel returned a new descriptor that nothing else owns.
-    let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     let query = |info: &mut [u8; PROG_INFO_LEN]| object_info(prog.as_raw_fd(), info);
     // First how many, then the ids into a buffer of that size.
     let mut info = [0u8; PROG_INFO_LEN];
@@ -180,28 +187,9 @@ const BPF_PROG_TEST_RUN: libc::c_long = 10;
 /// and the frame as it left. `None` if no such program is loaded. The real program, its real
 /// maps: what it counts (its outcome counters, a reservation's traffic) counts this frame too.
 pub fn test_run(prog_id: u32, frame: &[u8]) -> io::Result<Option<(u32, Vec<u8>)>> {
-    #[repr(C)]
-    struct IdAttr {
-        id: u32,
-        next_id: u32,
-        open_flags: u32,
-    }
-    let mut id_attr = IdAttr {
-        id: prog_id,
-        next_id: 0,
-        open_flags: 0,
+    let Some(prog) = program_fd(prog_id)? else {
+        return Ok(None);
     };
-    let fd = match bpf(
-        BPF_PROG_GET_FD_BY_ID,
-        (&mut id_attr as *mut IdAttr).cast(),
-        size_of::<IdAttr>(),
-    ) {
-        Ok(fd) => fd,
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    // SAFETY: the kernel returned a new descriptor that nothing else owns.
-    let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     // union bpf_attr's test member, up to the fields pf uses (the kernel zero-checks none past
     // the size given).
     #[repr(C)]

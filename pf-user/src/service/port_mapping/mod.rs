@@ -81,14 +81,27 @@ struct Shared {
 /// `policy.target_networks`, shared with the reload that may change them.
 pub type TunnelNetworks = Arc<std::sync::RwLock<Vec<Ipv4Net>>>;
 
+/// A socket's receive failed (out of memory, say): logged, and the loop pauses rather than
+/// spin.
+async fn receive_failed(what: &str, e: std::io::Error) {
+    tracing::warn!("port-mapping server: {what}: receiving: {e}");
+    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+}
+
 impl Shared {
-    /// Whether `client` is in the tunnel networks: only those are answered.
-    fn is_client(&self, client: Ipv4Addr) -> bool {
-        self.target_networks
+    /// Whether `client` is in the tunnel networks: only those are answered; any other is
+    /// counted as dropped.
+    fn admits(&self, client: Ipv4Addr) -> bool {
+        let inside = self
+            .target_networks
             .read()
             .expect("not poisoned")
             .iter()
-            .any(|n| n.contains(client))
+            .any(|n| n.contains(client));
+        if !inside {
+            self.counts.dropped("outside_target_networks");
+        }
+        inside
     }
 
     /// Whether `client` may ask now (taking a token if so).
@@ -252,14 +265,12 @@ async fn serve_socket(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
         let (len, from, ifindex) = match received {
             Ok(got) => got,
             Err(e) => {
-                tracing::warn!("port-mapping server: receiving: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                receive_failed("NAT-PMP and PCP", e).await;
                 continue;
             }
         };
         let client = *from.ip();
-        if !shared.is_client(client) {
-            shared.counts.dropped("outside_target_networks");
+        if !shared.admits(client) {
             continue;
         }
         if !tunnel_side.holds(ifindex) {

@@ -62,14 +62,12 @@ pub(super) async fn serve(socket: UdpSocket, shared: Arc<Shared>, port: u16, uui
             Ok((len, SocketAddr::V4(from))) => (len, from),
             Ok(_) => continue,
             Err(e) => {
-                tracing::debug!("SSDP: receiving: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                super::receive_failed("SSDP", e).await;
                 continue;
             }
         };
         let client = *from.ip();
-        if !shared.is_client(client) {
-            shared.counts.dropped("outside_target_networks");
+        if !shared.admits(client) {
             continue;
         }
         let Some(st) = ssdp::search_target(&buf[..len]) else {

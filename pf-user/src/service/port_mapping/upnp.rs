@@ -111,8 +111,7 @@ pub(super) async fn serve(listener: tokio::net::TcpListener, upnp: Arc<Upnp>) {
         };
         let SocketAddr::V4(peer) = peer else { continue };
         let client = *peer.ip();
-        if !upnp.shared.is_client(client) {
-            upnp.shared.counts.dropped("outside_target_networks");
+        if !upnp.shared.admits(client) {
             continue;
         }
         let Ok(slot) = slots.clone().try_acquire_owned() else {
