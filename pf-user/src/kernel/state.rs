@@ -630,13 +630,7 @@ impl State {
     /// Removes `r` if the maps hold exactly it (its target too): a store that is not the one
     /// the maps were written from must never remove another reservation on the same ports.
     pub fn release_exact(&mut self, r: &Reservation) -> Result<Reservation, PfError> {
-        let (key, _) = reservation_to_record(r);
-        let held = self
-            .reservations
-            .get(&key, 0)
-            .ok()
-            .and_then(|v| record_to_reservation(&key, &v));
-        match held {
+        match self.record_at(r) {
             Some(held) if held == *r => self.release(&r.public),
             Some(other) => Err(PfError::NoSuchReservation {
                 spec: r.to_string(),
@@ -698,6 +692,21 @@ impl State {
         count_ports(&mut port_use, &r, -1);
         let _ = self.add_port_use(&port_use);
         Ok(r)
+    }
+
+    /// The record the maps hold under `r`'s public side (address, first port, protocols), if
+    /// any: one lookup.
+    fn record_at(&self, r: &Reservation) -> Option<Reservation> {
+        let (key, _) = reservation_to_record(r);
+        self.reservations
+            .get(&key, 0)
+            .ok()
+            .and_then(|v| record_to_reservation(&key, &v))
+    }
+
+    /// Whether the maps hold exactly `r`: its record, and every NAT entry whole.
+    pub fn holds(&self, r: &Reservation) -> Result<bool, PfError> {
+        Ok(self.record_at(r) == Some(*r) && self.is_complete(r)?)
     }
 
     /// Whether every NAT entry of `r` is in the maps with the address and port it must have.

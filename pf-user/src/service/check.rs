@@ -212,9 +212,7 @@ fn maps_link(links: &mut Links, state: Option<&State>, record: &Record) {
         );
         return;
     };
-    let held = state.list().map(|l| l.contains(r)).unwrap_or(false);
-    let complete = state.is_complete(r).unwrap_or(false);
-    match (record.enabled, held && complete) {
+    match (record.enabled, state.holds(r).unwrap_or(false)) {
         (true, true) => links.ok("maps", format!("the kernel maps hold {r}")),
         (true, false) => links.failed(
             "maps",

@@ -340,16 +340,13 @@ fn port_mapping(raw: RawPortMapping, policy: &Policy) -> Result<PortMappingConfi
                 .network
                 .parse()
                 .map_err(|e| format!("port_mapping.owners: {e}"))?;
-            if o.owner.is_empty()
-                || o.owner.len() > crate::service::engine::MAX_OWNER_LEN
-                || !o.owner.chars().all(|c| c.is_ascii_graphic())
-            {
-                return Err(format!(
-                    "port_mapping.owners: owner '{}' of {net} is not an account id (visible ASCII, at most {} characters)",
-                    o.owner,
-                    crate::service::engine::MAX_OWNER_LEN
-                ));
-            }
+            // The API's rule for owners, so a config cannot name one the API would refuse.
+            crate::service::engine::check_owner(&o.owner).map_err(|e| {
+                format!(
+                    "port_mapping.owners: owner '{}' of {net}: {}",
+                    o.owner, e.message
+                )
+            })?;
             Ok((net, o.owner))
         })
         .collect::<Result<Vec<_>, String>>()?;

@@ -147,10 +147,18 @@ fn addr(d: &[u8], at: usize) -> Ipv6Addr {
     Ipv6Addr::from(a)
 }
 
-fn echo_of(d: &[u8]) -> Vec<u8> {
-    let end = d.len().min(MAX_LEN);
-    let body = d.get(HEADER_LEN..end).unwrap_or_default();
-    body[..body.len() / 4 * 4].to_vec()
+impl ErrorAnswer {
+    /// The error `result` for request `d` (opcode from its second byte), echoing what follows
+    /// its header.
+    pub fn for_request(d: &[u8], result: ResultCode) -> Self {
+        let end = d.len().min(MAX_LEN);
+        let body = d.get(HEADER_LEN..end).unwrap_or_default();
+        Self {
+            result,
+            opcode: d.get(1).map_or(0, |op| op & !RESPONSE_BIT),
+            echo: body[..body.len() / 4 * 4].to_vec(),
+        }
+    }
 }
 
 /// Parses a datagram whose first byte is not NAT-PMP's version 0.
@@ -162,13 +170,7 @@ pub fn parse(d: &[u8]) -> Parsed {
         return Parsed::Ignored("a response, not a request");
     }
     let opcode = d[1] & !RESPONSE_BIT;
-    let error = |result| {
-        Parsed::Error(ErrorAnswer {
-            result,
-            opcode,
-            echo: echo_of(d),
-        })
-    };
+    let error = |result| Parsed::Error(ErrorAnswer::for_request(d, result));
     if d[0] != VERSION {
         return error(ResultCode::UnsuppVersion);
     }

@@ -52,6 +52,33 @@ pub struct MapRequest {
     pub delete_external: Option<u16>,
 }
 
+impl MapRequest {
+    /// `client`'s request through `via` for (`protocol`, `internal_port`) for `lifetime_s`
+    /// seconds, with no suggestion, nonce, description or preference: each protocol sets what
+    /// it carries on top.
+    pub fn new(
+        via: MappingProtocol,
+        client: Ipv4Addr,
+        protocol: Protocols,
+        internal_port: u16,
+        lifetime_s: u32,
+    ) -> Self {
+        Self {
+            via,
+            client,
+            protocol,
+            internal_port,
+            suggested_port: 0,
+            suggested_addr: None,
+            lifetime_s,
+            nonce: None,
+            prefer_failure: false,
+            description: None,
+            delete_external: None,
+        }
+    }
+}
+
 /// What a mapping request did.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MapAnswer {

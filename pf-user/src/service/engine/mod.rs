@@ -453,7 +453,7 @@ fn is_invisible(c: char) -> bool {
 
 /// An owner is an account id: visible ASCII only, so two owners that print alike are alike
 /// (no look-alike letters from other scripts, no invisible characters, no spaces).
-fn check_owner(owner: &str) -> Result<(), ApiError> {
+pub(crate) fn check_owner(owner: &str) -> Result<(), ApiError> {
     if owner.is_empty() {
         return Err(ApiError::bad_request("owner is empty: give the account id"));
     }
@@ -920,7 +920,9 @@ impl Engine {
                 "at": rfc3339(at),
                 "drifts": drifts,
             })),
-            "port_mapping": self.port_mapping.as_ref().map(|_| self.metrics.port_mapping.json()),
+            // Whether the port-mapping server runs: its counts are read when the status is
+            // answered (`reads::status_json`), not at every publish.
+            "port_mapping": self.port_mapping.as_ref().map(|_| json!({})),
         })
     }
 

@@ -692,19 +692,7 @@ target_networks = ["10.200.0.0/16"]
         protocol: Protocols,
         internal: u16,
     ) -> MapRequest {
-        MapRequest {
-            via,
-            client: Ipv4Addr::from(client),
-            protocol,
-            internal_port: internal,
-            suggested_port: 0,
-            suggested_addr: None,
-            lifetime_s: 60,
-            nonce: None,
-            prefer_failure: false,
-            description: None,
-            delete_external: None,
-        }
+        MapRequest::new(via, Ipv4Addr::from(client), protocol, internal, 60)
     }
 
     fn map(e: &mut Engine, req: MapRequest) -> Result<MapAnswer, ApiError> {

@@ -6,11 +6,12 @@
 
 use std::{
     collections::HashSet,
-    ffi::CStr,
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::RawFd,
     time::{Duration, Instant},
 };
+
+use crate::kernel::host::LocalAddresses;
 
 /// Receives one datagram: its length, source, and ingress interface index (0 if the kernel
 /// did not say).
@@ -91,30 +92,15 @@ impl TunnelSide {
 
 /// The indexes of the interfaces that hold any of `addrs` now.
 fn interfaces_holding(addrs: &[Ipv4Addr]) -> HashSet<u32> {
-    let mut found = HashSet::new();
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `list`, freed below; each entry is read while the list lives.
-    unsafe {
-        if libc::getifaddrs(&mut list) != 0 {
-            return found;
-        }
-        let mut entry = list;
-        while !entry.is_null() {
-            let a = (*entry).ifa_addr;
-            if !a.is_null() && i32::from((*a).sa_family) == libc::AF_INET {
-                let sin = &*(a as *const libc::sockaddr_in);
-                let addr = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                if addrs.contains(&addr) {
-                    let name = CStr::from_ptr((*entry).ifa_name);
-                    let index = libc::if_nametoindex(name.as_ptr());
-                    if index != 0 {
-                        found.insert(index);
-                    }
-                }
-            }
-            entry = (*entry).ifa_next;
-        }
-        libc::freeifaddrs(list);
-    }
-    found
+    let Ok(local) = LocalAddresses::read() else {
+        return HashSet::new();
+    };
+    addrs
+        .iter()
+        .filter_map(|a| local.owner_of(*a))
+        .filter_map(|iface| std::ffi::CString::new(iface).ok())
+        // SAFETY: if_nametoindex reads a NUL-terminated name.
+        .map(|name| unsafe { libc::if_nametoindex(name.as_ptr()) })
+        .filter(|index| *index != 0)
+        .collect()
 }

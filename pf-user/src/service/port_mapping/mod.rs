@@ -349,21 +349,19 @@ fn handle(
                     if let Some(result) = refused_now {
                         return refuse(result);
                     }
+                    let protocol = match transport {
+                        natpmp::Transport::Tcp => Protocols::Tcp,
+                        natpmp::Transport::Udp => Protocols::Udp,
+                    };
                     let map = MapRequest {
-                        via: MappingProtocol::NatPmp,
-                        client,
-                        protocol: match transport {
-                            natpmp::Transport::Tcp => Protocols::Tcp,
-                            natpmp::Transport::Udp => Protocols::Udp,
-                        },
-                        internal_port,
                         suggested_port: suggested_external_port,
-                        suggested_addr: None,
-                        lifetime_s: lifetime,
-                        nonce: None,
-                        prefer_failure: false,
-                        description: None,
-                        delete_external: None,
+                        ..MapRequest::new(
+                            MappingProtocol::NatPmp,
+                            client,
+                            protocol,
+                            internal_port,
+                            lifetime,
+                        )
                     };
                     let shared2 = shared.clone();
                     let taken = ask_engine(map, from, socket, shared, move |answered| {
@@ -415,25 +413,20 @@ fn pcp_request(
     let client = *from.ip();
     let epoch = shared.epoch();
     let counts = &shared.counts;
-    let error = |result: pcp::ResultCode, opcode: u8| {
+    let error = |result: pcp::ResultCode| {
         counts.answered("pcp", result.name());
-        let echo = d[24.min(d.len())..].to_vec();
         Some(pcp::error_answer(
-            &pcp::ErrorAnswer {
-                result,
-                opcode,
-                echo,
-            },
+            &pcp::ErrorAnswer::for_request(d, result),
             epoch,
         ))
     };
     let m = match request.operation {
         pcp::Operation::Announce if request.client_v4() != Some(client) => {
-            return error(pcp::ResultCode::AddressMismatch, pcp::OP_ANNOUNCE);
+            return error(pcp::ResultCode::AddressMismatch);
         }
         pcp::Operation::Announce if limited => {
             counts.rate_limited("pcp");
-            return error(pcp::ResultCode::NoResources, pcp::OP_ANNOUNCE);
+            return error(pcp::ResultCode::NoResources);
         }
         pcp::Operation::Announce => {
             counts.answered("pcp", pcp::ResultCode::Success.name());
@@ -467,17 +460,17 @@ fn pcp_request(
         .to_ipv4_mapped()
         .filter(|a| !a.is_unspecified());
     let map = MapRequest {
-        via: MappingProtocol::Pcp,
-        client,
-        protocol,
-        internal_port: m.internal_port,
         suggested_port: m.suggested_external_port,
         suggested_addr,
-        lifetime_s: request.lifetime,
         nonce: Some(m.nonce),
         prefer_failure: m.prefer_failure,
-        description: None,
-        delete_external: None,
+        ..MapRequest::new(
+            MappingProtocol::Pcp,
+            client,
+            protocol,
+            m.internal_port,
+            request.lifetime,
+        )
     };
     let shared2 = shared.clone();
     let taken = ask_engine(map, from, socket, shared, move |answered| {

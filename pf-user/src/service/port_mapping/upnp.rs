@@ -291,17 +291,16 @@ async fn map(upnp: &Upnp, m: &NewMapping, client: Ipv4Addr, exact: bool) -> Resu
     let answer = ask(
         upnp,
         Request::Map(MapRequest {
-            via: MappingProtocol::Upnp,
-            client,
-            protocol: protocol(m.protocol),
-            internal_port: m.internal_port,
             suggested_port: m.external_port,
-            suggested_addr: None,
-            lifetime_s: lifetime,
-            nonce: None,
             prefer_failure: exact,
             description: Some(m.description.clone()),
-            delete_external: None,
+            ..MapRequest::new(
+                MappingProtocol::Upnp,
+                client,
+                protocol(m.protocol),
+                m.internal_port,
+                lifetime,
+            )
         }),
     )
     .await?;
@@ -414,17 +413,8 @@ async fn act(
             ask(
                 upnp,
                 Request::Map(MapRequest {
-                    via: MappingProtocol::Upnp,
-                    client,
-                    protocol: protocol(*p),
-                    internal_port: 0,
-                    suggested_port: 0,
-                    suggested_addr: None,
-                    lifetime_s: 0,
-                    nonce: None,
-                    prefer_failure: false,
-                    description: None,
                     delete_external: Some(*external_port),
+                    ..MapRequest::new(MappingProtocol::Upnp, client, protocol(*p), 0, 0)
                 }),
             )
             .await?;
