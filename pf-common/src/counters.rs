@@ -92,8 +92,52 @@ pub const REPLY_FAST_PATH_BASE: u32 = FAST_PATH_BASE + FAST_PATH_OUTCOMES;
 /// or whose headers were not all in the skb's linear data. Every other rewrite took one
 /// store.
 pub const EGRESS_BY_HELPERS: u32 = 2 * OUTCOMES + 2 * FAST_PATH_OUTCOMES;
+/// What the trigger program (TC ingress on a tunnel-side interface) did with a packet: every
+/// packet moves exactly one of these. It never changes or drops a packet.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// A trigger packet whose gate was closed: the gate is open now, and reported.
+    Opened = 0,
+    /// A trigger packet whose gate was open: its idle timeout starts again.
+    Refreshed = 1,
+    /// A whole TCP/UDP packet (or first fragment) to no trigger port of its source.
+    NoTrigger = 2,
+    /// Anything else (not IPv4, not TCP or UDP, a later fragment, a malformed or truncated
+    /// header): passed without a lookup.
+    NotTcpUdp = 3,
+}
+
+/// Trigger outcomes.
+pub const TRIGGER_OUTCOMES: u32 = 4;
+/// First counter of the trigger program.
+pub const TRIGGER_BASE: u32 = EGRESS_BY_HELPERS + 1;
+/// Packets that matched a NAT entry whose trigger gate was closed, either direction: handled as
+/// no entry (their outcome says what that meant), and counted here besides.
+pub const GATE_CLOSED: u32 = TRIGGER_BASE + TRIGGER_OUTCOMES;
+/// Openings whose report found `TRIGGER_EVENTS` full (the gate opened all the same).
+pub const TRIGGER_EVENTS_LOST: u32 = GATE_CLOSED + 1;
 /// Entries in the `COUNTERS` per-CPU array.
-pub const COUNTER_SLOTS: u32 = EGRESS_BY_HELPERS + 1;
+pub const COUNTER_SLOTS: u32 = TRIGGER_EVENTS_LOST + 1;
+
+impl Trigger {
+    pub const ALL: [Trigger; TRIGGER_OUTCOMES as usize] = [
+        Trigger::Opened,
+        Trigger::Refreshed,
+        Trigger::NoTrigger,
+        Trigger::NotTcpUdp,
+    ];
+
+    /// The name `pf stats` prints.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Trigger::Opened => "opened",
+            Trigger::Refreshed => "refreshed",
+            Trigger::NoTrigger => "no_trigger",
+            Trigger::NotTcpUdp => "not_tcp_udp",
+        }
+    }
+}
 
 impl FastPath {
     pub const ALL: [FastPath; FAST_PATH_OUTCOMES as usize] = [

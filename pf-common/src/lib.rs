@@ -62,7 +62,10 @@ pub struct NatEntry {
     pub addr: [u8; 4],
     /// Port written into the packet, network byte order.
     pub port: [u8; 2],
-    pub _pad: [u8; 2],
+    /// The port-triggering gate this entry waits on (an index of `TRIGGER_GATES`, host
+    /// order), or 0 for none: an entry with a gate forwards only while the gate is open, and
+    /// is otherwise handled as no entry at all. Written by userspace only.
+    pub gate: u16,
     /// Packets rewritten through this entry.
     pub packets: u64,
     /// IPv4 bytes (the IP total length) of those packets.
@@ -74,11 +77,48 @@ impl NatEntry {
         Self {
             addr,
             port,
-            _pad: [0; 2],
+            gate: 0,
             packets: 0,
             bytes: 0,
         }
     }
+}
+
+/// A port-triggering gate (`TRIGGER_GATES`, indexed by `NatEntry::gate`): the NAT entries of
+/// a trigger rule's open range forward while `now < expires_ns` (`bpf_ktime_get_ns`, the
+/// monotonic clock). The trigger program opens it when the rule's client sends to a trigger
+/// port, and every packet through an open gate (either direction, or another trigger packet)
+/// pushes the expiry to `now + timeout_ns`: the idle timeout. Nothing closes it but time, so
+/// closing never waits for userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TriggerGate {
+    /// When the opening lapses, in `bpf_ktime_get_ns` nanoseconds; 0 never opened.
+    pub expires_ns: u64,
+    /// The rule's idle timeout in nanoseconds; 0 means the slot holds no rule, and nothing
+    /// opens it.
+    pub timeout_ns: u64,
+}
+
+/// An opening, as the trigger program reports it to `pf serve` (`TRIGGER_EVENTS`): which gate,
+/// when, the expiry it replaced (when the previous opening lapsed), and the packet that opened
+/// it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TriggerOpened {
+    /// `bpf_ktime_get_ns` at the trigger packet.
+    pub at_ns: u64,
+    /// The gate's expiry before (0: never opened before).
+    pub previous_expires_ns: u64,
+    /// The gate (`NatEntry::gate`).
+    pub gate: u32,
+    /// The trigger packet's source and destination, network byte order.
+    pub src_addr: [u8; 4],
+    pub dst_addr: [u8; 4],
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+    pub proto: u8,
+    pub _pad: [u8; 7],
 }
 
 /// Protocol set of a reservation, as a bit mask.
@@ -164,6 +204,8 @@ const _: () = assert!(core::mem::size_of::<TraceConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<TraceEvent>() == 28);
 const _: () = assert!(core::mem::size_of::<FragmentKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FragmentValue>() == 8);
+const _: () = assert!(core::mem::size_of::<TriggerGate>() == 16);
+const _: () = assert!(core::mem::size_of::<TriggerOpened>() == 40);
 
 /// Which program tracks a fragmented datagram, in `FragmentKey::direction`.
 pub const FRAGMENT_INGRESS: u8 = 0;
@@ -205,6 +247,8 @@ mod user {
     unsafe impl aya::Pod for super::FragmentValue {}
     unsafe impl aya::Pod for super::TunnelNetworks {}
     unsafe impl aya::Pod for super::TraceConfig {}
+    unsafe impl aya::Pod for super::TriggerGate {}
+    unsafe impl aya::Pod for super::TriggerOpened {}
 }
 
 /// Which block of `PORTS_IN_USE` a (direction, protocol) counts in: forward (public) ports
@@ -390,6 +434,27 @@ pub const MAP_SHAPES: [MapShape; map_names::COUNT] = {
             value_size: 0,
             max_entries: TRACE_RING_BYTES,
         },
+        MapShape {
+            name: map_names::TRIGGER_PORTS,
+            kind: MapKind::Hash,
+            key_size: size_of::<EndpointKey>() as u32,
+            value_size: 4,
+            max_entries: MAX_TRIGGER_PORTS,
+        },
+        MapShape {
+            name: map_names::TRIGGER_GATES,
+            kind: MapKind::Array,
+            key_size: 4,
+            value_size: size_of::<TriggerGate>() as u32,
+            max_entries: MAX_TRIGGER_GATES,
+        },
+        MapShape {
+            name: map_names::TRIGGER_EVENTS,
+            kind: MapKind::RingBuf,
+            key_size: 0,
+            value_size: 0,
+            max_entries: TRIGGER_RING_BYTES,
+        },
     ]
 };
 
@@ -406,8 +471,11 @@ pub mod map_names {
     pub const PORTS_IN_USE: &str = "PORTS_IN_USE";
     pub const TRACE_CONFIG: &str = "TRACE_CONFIG";
     pub const TRACE_EVENTS: &str = "TRACE_EVENTS";
+    pub const TRIGGER_PORTS: &str = "TRIGGER_PORTS";
+    pub const TRIGGER_GATES: &str = "TRIGGER_GATES";
+    pub const TRIGGER_EVENTS: &str = "TRIGGER_EVENTS";
     /// How many maps pf has.
-    pub const COUNT: usize = 11;
+    pub const COUNT: usize = 14;
     pub const ALL: [&str; COUNT] = [
         FORWARD_NAT,
         REVERSE_NAT,
@@ -420,5 +488,8 @@ pub mod map_names {
         PORTS_IN_USE,
         TRACE_CONFIG,
         TRACE_EVENTS,
+        TRIGGER_PORTS,
+        TRIGGER_GATES,
+        TRIGGER_EVENTS,
     ];
 }

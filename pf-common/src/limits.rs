@@ -29,3 +29,23 @@ pub const MAX_TUNNEL_NETWORKS: usize = 16;
 /// page size): about 14,500 events of 28 bytes (with the ring's 8-byte headers). Events that find it
 /// full are dropped; a trace is for a person watching a few flows, not for a flood.
 pub const TRACE_RING_BYTES: u32 = 1 << 19;
+
+/// Port-triggering gates (`TRIGGER_GATES`, an array indexed by `NatEntry::gate`, a `u16`):
+/// slot 0 means "no gate", so 65,535 trigger rules. Preallocated: 1 MB.
+pub const MAX_TRIGGER_GATES: u32 = 1 << 16;
+
+/// Trigger ports (`TRIGGER_PORTS`: one entry per client, protocol and port of a rule's trigger
+/// range).
+pub const MAX_TRIGGER_PORTS: u32 = 1 << 16;
+
+/// An open gate's expiry is pushed forward by a packet only when this much of its idle
+/// timeout has passed since the last push, so a busy flow writes the shared gate at most once
+/// a second instead of on every packet (and on every CPU). A gate may so close up to this much
+/// before a full timeout of idleness.
+pub const TRIGGER_REFRESH_NS: u64 = 1_000_000_000;
+
+/// Bytes of `TRIGGER_EVENTS`, the ring of openings `pf serve` reads: about 1,300 events of
+/// 40 bytes (with the ring's headers). An opening that finds it full still opens the gate; the
+/// event is lost and counted (`trigger_events_lost`), and the service finds the gate open when it
+/// next looks.
+pub const TRIGGER_RING_BYTES: u32 = 1 << 16;

@@ -11,6 +11,7 @@ mod maps;
 mod nat;
 mod parse;
 mod trace;
+mod trigger;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
@@ -21,6 +22,7 @@ use pf_common::{
     TRACE_NO_FAST_PATH, TraceEndpoints,
     counters::{
         EGRESS_BASE, FAST_PATH_BASE, FastPath, INGRESS_BASE, Outcome, REPLY_FAST_PATH_BASE,
+        TRIGGER_BASE,
     },
     trace_hook,
 };
@@ -162,6 +164,24 @@ pub fn pf_egress(ctx: TcContext) -> i32 {
         );
     }
     if verdict.drop { TC_ACT_SHOT } else { TC_ACT_OK }
+}
+
+/// TC ingress on an Ethernet-like tunnel-side interface (a veth, a tap): port triggering
+/// (`trigger.rs`). Always `TC_ACT_OK`: the packet goes on as it came, whatever it opened.
+#[classifier]
+pub fn pf_trigger(ctx: TcContext) -> i32 {
+    let outcome = trigger::trigger::<true>(&ctx);
+    maps::count(TRIGGER_BASE + outcome as u32);
+    TC_ACT_OK
+}
+
+/// TC ingress on a tunnel-side interface without a link layer (WireGuard, tun), whose packets
+/// start with the IPv4 header: as [`pf_trigger`].
+#[classifier]
+pub fn pf_trigger_l3(ctx: TcContext) -> i32 {
+    let outcome = trigger::trigger::<false>(&ctx);
+    maps::count(TRIGGER_BASE + outcome as u32);
+    TC_ACT_OK
 }
 
 #[cfg(not(test))]

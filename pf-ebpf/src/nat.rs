@@ -12,7 +12,7 @@ use pf_common::{
 };
 
 use crate::{
-    maps::{self, FORWARD_NAT, FRAGMENTS, REVERSE_NAT},
+    maps::{self, FRAGMENTS},
     parse::{
         IP_MF, IP_OFFSET_MASK, IcmpError, Ipv4, MAX_HEADERS_LEN, MAX_ICMP_ERROR_LEN, Ports,
         is_icmp, is_tcp_udp, parse_icmp_error, parse_ipv4, parse_ports, ptr_at, wire,
@@ -61,9 +61,9 @@ fn tracked_entry(key: &FragmentKey, direction: u8) -> Option<*mut NatEntry> {
     // SAFETY: a map value, copied out at once.
     let nat_key = unsafe { FRAGMENTS.get(key) }?.nat_key;
     if direction == FRAGMENT_INGRESS {
-        FORWARD_NAT.get_ptr_mut(&nat_key)
+        maps::forward_entry(&nat_key)
     } else {
-        REVERSE_NAT.get_ptr_mut(&nat_key)
+        maps::reverse_entry(&nat_key)
     }
 }
 
@@ -229,7 +229,7 @@ fn ingress_tcp_udp(start: usize, end: usize, ip: &Ipv4) -> Outcome {
             return Outcome::NoReservation;
         }
         let key = EndpointKey::new(old_addr, old_port, ip.proto);
-        let Some(entry) = FORWARD_NAT.get_ptr_mut(&key) else {
+        let Some(entry) = maps::forward_entry(&key) else {
             return Outcome::NoReservation;
         };
         if ip.frags & IP_MF != 0 {
@@ -316,7 +316,7 @@ pub fn reply(ctx: &XdpContext) -> Option<Reply> {
         return None;
     }
     let key = EndpointKey::new(addr, port, ip.proto);
-    let entry = REVERSE_NAT.get_ptr_mut(&key)?;
+    let entry = maps::reverse_entry(&key)?;
     Some(Reply { ip, ports, entry })
 }
 
@@ -367,7 +367,7 @@ fn ingress_icmp_error(start: usize, end: usize, ip: &Ipv4) -> Outcome {
             return Outcome::NoReservation;
         }
         let key = EndpointKey::new(old_addr, old_port, e.inner_proto);
-        let Some(entry) = FORWARD_NAT.get_ptr_mut(&key) else {
+        let Some(entry) = maps::forward_entry(&key) else {
             return Outcome::NoReservation;
         };
         let (new_addr, new_port) = ((*entry).addr, (*entry).port);
@@ -536,7 +536,7 @@ fn egress_tcp_udp(ctx: &TcContext, ip: &Ipv4) -> EgressVerdict {
         return Outcome::NoReservation.into();
     }
     let key = EndpointKey::new(old_addr, old_port, ip.proto);
-    let Some(entry) = REVERSE_NAT.get_ptr_mut(&key) else {
+    let Some(entry) = maps::reverse_entry(&key) else {
         return Outcome::NoReservation.into();
     };
     // SAFETY: a map value, valid for the rest of the program.
@@ -786,7 +786,7 @@ fn egress_icmp_error(ctx: &TcContext, start: usize, end: usize, ip: &Ipv4) -> Eg
         )
     };
     let key = EndpointKey::new(old_addr, old_port, e.inner_proto);
-    let Some(entry) = REVERSE_NAT.get_ptr_mut(&key) else {
+    let Some(entry) = maps::reverse_entry(&key) else {
         return Outcome::NoReservation.into();
     };
     // SAFETY: a map value.

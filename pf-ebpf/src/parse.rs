@@ -167,7 +167,25 @@ pub fn parse_ipv4(start: usize, end: usize, frame_len: usize) -> Result<Ipv4, Ou
     if ether_type != ETH_P_IPV4 {
         return Err(Outcome::NotIpv4);
     }
+    parse_ipv4_header(start, end, frame_len, l3_off)
+}
 
+/// Parses the IPv4 header at the start of a packet from a device without a link layer
+/// (WireGuard, tun), where an skb starts with its network header. Another version (IPv6) is
+/// `BadIpHeader`.
+#[inline(always)]
+pub fn parse_ipv4_l3(start: usize, end: usize, frame_len: usize) -> Result<Ipv4, Outcome> {
+    parse_ipv4_header(start, end, frame_len, 0)
+}
+
+/// The IPv4 header at `l3_off`.
+#[inline(always)]
+fn parse_ipv4_header(
+    start: usize,
+    end: usize,
+    frame_len: usize,
+    l3_off: usize,
+) -> Result<Ipv4, Outcome> {
     let ip: *mut Ipv4Hdr = ptr_at(start, end, l3_off)?;
     let ihl = header_len(unsafe { (*ip).vihl })?;
     let ip_len = u16::from_be_bytes(unsafe { wire::get2(&raw const (*ip).tot_len) });

@@ -70,6 +70,18 @@ pub enum PfError {
     )]
     Orphan { public: String, proto: &'static str },
 
+    #[error(
+        "{client} already triggers with {trigger} (gate {gate}); one rule per trigger port and client"
+    )]
+    TriggerConflict {
+        client: String,
+        trigger: String,
+        gate: u32,
+    },
+
+    #[error("trigger gate {gate} is {problem}")]
+    TriggerGate { gate: u32, problem: &'static str },
+
     #[error("no reservation {spec}{hint}")]
     NoSuchReservation { spec: String, hint: String },
 

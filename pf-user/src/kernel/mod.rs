@@ -11,6 +11,7 @@
 //!   filters before TCX; `netlink`: the socket both use. [`nftset`]: the nftables set of
 //!   reserved targets that the server's ruleset matches. [`privilege`]: the capability check.
 //! - [`trace`]: `pf trace`'s switch and the ring of the programs' reports.
+//! - [`trigger`]: port triggering's trigger ports and gates, and the ring of openings.
 //! - [`error`]: [`PfError`], the one error type of this layer.
 
 pub mod attach;
@@ -28,5 +29,6 @@ pub mod privilege;
 pub mod state;
 mod tc;
 pub mod trace;
+pub mod trigger;
 
 pub use error::PfError;

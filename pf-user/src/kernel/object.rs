@@ -17,6 +17,10 @@ pub const EGRESS_PROGRAM: &str = "pf_egress";
 pub const FAST_INGRESS_PROGRAM: &str = "pf_ingress_fast";
 /// The reply fast path, for a tunnel-side interface (`pf attach --tunnel-side`).
 pub const REPLY_PROGRAM: &str = "pf_reply_fast";
+/// Port triggering on a tunnel-side interface's TC ingress (`pf attach --trigger`): for
+/// Ethernet frames, and for devices without a link layer (WireGuard, tun).
+pub const TRIGGER_PROGRAM: &str = "pf_trigger";
+pub const TRIGGER_L3_PROGRAM: &str = "pf_trigger_l3";
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pf-ebpf"));
 
@@ -87,6 +91,23 @@ impl Programs {
             .map_err(load_error)
     }
 
+    /// Loads the trigger program for frames with an Ethernet header (`ethernet`) or without a
+    /// link layer; then [`Programs::trigger`] gives it.
+    pub fn load_trigger(&mut self, ethernet: bool) -> Result<(), PfError> {
+        typed_mut::<SchedClassifier>(&mut self.ebpf, trigger_program(ethernet))?
+            .load()
+            .map_err(load_error)
+    }
+
+    /// The trigger program for `ethernet` frames or not; usable once it was loaded.
+    pub fn trigger(&self, ethernet: bool) -> &SchedClassifier {
+        typed(&self.ebpf, trigger_program(ethernet))
+    }
+
+    pub(crate) fn trigger_mut(&mut self, ethernet: bool) -> &mut SchedClassifier {
+        typed_mut(&mut self.ebpf, trigger_program(ethernet)).expect("loaded by the caller")
+    }
+
     /// The fast-path ingress program; usable once it was loaded.
     pub fn fast_ingress(&self) -> &Xdp {
         typed(&self.ebpf, FAST_INGRESS_PROGRAM)
@@ -104,6 +125,15 @@ impl Programs {
 
     pub(crate) fn egress_mut(&mut self) -> &mut SchedClassifier {
         typed_mut(&mut self.ebpf, EGRESS_PROGRAM).expect("checked by Programs::load")
+    }
+}
+
+/// The trigger program's name for frames with an Ethernet header or without a link layer.
+pub fn trigger_program(ethernet: bool) -> &'static str {
+    if ethernet {
+        TRIGGER_PROGRAM
+    } else {
+        TRIGGER_L3_PROGRAM
     }
 }
 

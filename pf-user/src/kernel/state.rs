@@ -15,8 +15,8 @@ use pf_common::{
     EndpointKey, MAP_SHAPES, MapKind, MapShape, NatEntry, PORT_USE_SLOTS, ReservationKey,
     ReservationValue, TunnelNetwork, TunnelNetworks,
     counters::{
-        EGRESS_BASE, EGRESS_BY_HELPERS, FAST_PATH_BASE, FastPath, INGRESS_BASE, Outcome,
-        REPLY_FAST_PATH_BASE,
+        EGRESS_BASE, EGRESS_BY_HELPERS, FAST_PATH_BASE, FastPath, GATE_CLOSED, INGRESS_BASE,
+        Outcome, REPLY_FAST_PATH_BASE, TRIGGER_BASE, TRIGGER_EVENTS_LOST, Trigger,
     },
     limits::MAX_TUNNEL_NETWORKS,
     map_names,
@@ -182,6 +182,9 @@ pub struct State {
     /// whatever is pinned by now.
     ids: [u32; map_names::COUNT],
     ports_in_use: Array<MapData, u32>,
+    /// Port triggering's maps (`super::trigger`).
+    pub(super) trigger_ports: HashMap<MapData, EndpointKey, u32>,
+    pub(super) trigger_gates: Array<MapData, pf_common::TriggerGate>,
     _lock: File,
 }
 
@@ -212,7 +215,7 @@ impl std::ops::Add for Traffic {
 }
 
 /// The global outcome counters of both programs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
     /// XDP ingress outcomes, by name, in `Outcome` order.
     pub ingress: Vec<(&'static str, u64)>,
@@ -227,6 +230,13 @@ pub struct Counters {
     /// Egress rewrites done with the skb helpers (part of egress's `rewritten`): a checksum not
     /// whole in the packet, IPv4 options, or headers outside the skb's linear data.
     pub egress_by_helpers: u64,
+    /// The trigger program's outcomes, by name, in `Trigger` order (all zero unless a
+    /// tunnel-side interface has it).
+    pub trigger: Vec<(&'static str, u64)>,
+    /// Packets that met a closed trigger gate (either direction), handled as no entry.
+    pub gate_closed: u64,
+    /// Openings whose report found the ring full.
+    pub trigger_events_lost: u64,
 }
 
 impl Counters {
@@ -354,6 +364,9 @@ impl State {
             ports_in_use,
             trace_config,
             trace_events,
+            trigger_ports,
+            trigger_gates,
+            trigger_events,
         ] = MAP_SHAPES.each_ref().map(|l| open_map(dir, l));
         let mut ids = [0u32; map_names::COUNT];
         let mut id_of = |index: usize, opened: Result<(Map, u32), PfError>| {
@@ -376,9 +389,15 @@ impl State {
             id_of(8, ports_in_use),
         );
         let (trace_config, trace_events) = (id_of(9, trace_config), id_of(10, trace_events));
+        let (trigger_ports, trigger_gates, trigger_events) = (
+            id_of(11, trigger_ports),
+            id_of(12, trigger_gates),
+            id_of(13, trigger_events),
+        );
         fragments?;
         trace_config?;
         trace_events?;
+        trigger_events?;
         let typed = |name: &'static str| move |source: MapError| PfError::Map { map: name, source };
         Ok(Self {
             forward: forward?.try_into().map_err(typed(map_names::FORWARD_NAT))?,
@@ -399,6 +418,12 @@ impl State {
             ports_in_use: ports_in_use?
                 .try_into()
                 .map_err(typed(map_names::PORTS_IN_USE))?,
+            trigger_ports: trigger_ports?
+                .try_into()
+                .map_err(typed(map_names::TRIGGER_PORTS))?,
+            trigger_gates: trigger_gates?
+                .try_into()
+                .map_err(typed(map_names::TRIGGER_GATES))?,
             ids,
             _lock: lock,
         })
@@ -450,6 +475,16 @@ impl State {
     /// 65,536 entries instead of one per entry). Each is checked against the maps and against
     /// the ones before it in `rs`; the first conflict refuses the whole batch and changes nothing.
     pub fn reserve_all(&mut self, rs: &[Reservation]) -> Result<(), PfError> {
+        self.reserve_batch(rs, 0)
+    }
+
+    /// Adds a reservation whose entries forward only while trigger gate `gate` is open
+    /// (`super::trigger`); otherwise as [`State::reserve`].
+    pub fn reserve_gated(&mut self, r: &Reservation, gate: u16) -> Result<(), PfError> {
+        self.reserve_batch(std::slice::from_ref(r), gate)
+    }
+
+    fn reserve_batch(&mut self, rs: &[Reservation], gate: u16) -> Result<(), PfError> {
         let (mut forward_keys, mut forward_values) = (Vec::new(), Vec::new());
         let (mut reverse_keys, mut reverse_values) = (Vec::new(), Vec::new());
         // Entries claimed earlier in this batch, and by which reservation.
@@ -513,8 +548,14 @@ impl State {
                 }
                 claimed_public.insert(fkey, index);
                 claimed_target.insert(rkey, index);
-                let to_target = NatEntry::new(r.target_addr.octets(), target_port.to_be_bytes());
-                let to_public = NatEntry::new(r.public.addr.octets(), public_port.to_be_bytes());
+                let to_target = NatEntry {
+                    gate,
+                    ..NatEntry::new(r.target_addr.octets(), target_port.to_be_bytes())
+                };
+                let to_public = NatEntry {
+                    gate,
+                    ..NatEntry::new(r.public.addr.octets(), public_port.to_be_bytes())
+                };
                 forward_keys.push(fkey);
                 forward_values.push(to_target);
                 reverse_keys.push(rkey);
@@ -832,6 +873,12 @@ impl State {
             fast_path: fast_path_block(FAST_PATH_BASE)?,
             reply_fast_path: fast_path_block(REPLY_FAST_PATH_BASE)?,
             egress_by_helpers: counter(EGRESS_BY_HELPERS)?,
+            trigger: Trigger::ALL
+                .iter()
+                .map(|&t| Ok((t.name(), counter(TRIGGER_BASE + t as u32)?)))
+                .collect::<Result<Vec<_>, PfError>>()?,
+            gate_closed: counter(GATE_CLOSED)?,
+            trigger_events_lost: counter(TRIGGER_EVENTS_LOST)?,
         })
     }
 

@@ -384,9 +384,7 @@ pub mod fake {
             Ok(Counters {
                 ingress: vec![("rewritten", 0)],
                 egress: vec![("rewritten", 0)],
-                fast_path: Vec::new(),
-                reply_fast_path: Vec::new(),
-                egress_by_helpers: 0,
+                ..Counters::default()
             })
         }
     }

@@ -7,6 +7,7 @@
 //! | --- | --- | --- |
 //! | `pf_ingress_packets_total`, `pf_egress_packets_total` | `outcome` | the programs' outcome counters (`rewritten`, `no_reservation`, each reason to pass) |
 //! | `pf_fast_path_packets_total`, `pf_reply_fast_path_packets_total` | `outcome` | the fast paths' outcomes |
+//! | `pf_trigger_packets_total` | `outcome` | the port-trigger program's outcomes (`opened`, `refreshed`, `no_trigger`, `not_tcp_udp`) |
 //! | `pf_reservation_packets_total`, `pf_reservation_bytes_total` | `id`, `owner`, `direction` | each reservation's traffic since it was made (left out above `per_reservation_limit`) |
 //! | `pf_owner_packets`, `pf_owner_bytes` | `owner`, `direction` | the same summed over the owner's reservations held now (gauges: a release lowers them) |
 //! | `pf_reservations` | `state` (`enabled`, `disabled`) | reservations in the store |
@@ -293,6 +294,12 @@ pub fn encode_text(s: &Snapshot, service: &ServiceMetrics) -> String {
             "reply_fast_path_packets",
             "Reply fast-path outcomes",
             &c.reply_fast_path,
+        );
+        outcomes(
+            &mut registry,
+            "trigger_packets",
+            "Port-trigger program outcomes",
+            &c.trigger,
         );
     }
     let omitted = s.reservations.len() > s.per_reservation_limit;

@@ -155,13 +155,7 @@ pub fn stats_json<'a>(
             .collect::<serde_json::Map<_, _>>()
             .into()
     };
-    let no_counters = Counters {
-        ingress: Vec::new(),
-        egress: Vec::new(),
-        fast_path: Vec::new(),
-        reply_fast_path: Vec::new(),
-        egress_by_helpers: 0,
-    };
+    let no_counters = Counters::default();
     let (c, tunnel_networks) = match stats {
         Some(s) => (&s.counters, s.tunnel_networks.as_slice()),
         None => (&no_counters, &[][..]),
@@ -201,6 +195,12 @@ pub fn stats_json<'a>(
         // Part of egress.rewritten: rewrites by the skb helpers (a checksum not whole in the
         // packet, IPv4 options, headers outside the linear data).
         "egress_rewritten_by_helpers": c.egress_by_helpers,
+        // Port triggering: the trigger program's outcomes, packets that met a closed gate
+        // (either direction; their outcome says no_reservation or what it was), and openings
+        // whose report was lost.
+        "trigger": counters(&c.trigger),
+        "trigger_gate_closed": c.gate_closed,
+        "trigger_events_lost": c.trigger_events_lost,
         "tunnel_networks": tunnel_networks
             .iter()
             .map(ToString::to_string)
@@ -482,6 +482,14 @@ pub fn print_stats(
         out!(
             "egress drops unrewritten packets from the tunnel networks {}",
             nets.join(", ")
+        );
+    }
+    if stats.counters.trigger.iter().any(|(_, n)| *n != 0) || stats.counters.gate_closed != 0 {
+        out!(
+            "trigger:       {}  (met a closed gate: {}, reports lost: {})",
+            line(&stats.counters.trigger),
+            stats.counters.gate_closed,
+            stats.counters.trigger_events_lost
         );
     }
     if attached.iter().any(|a| a.role != Role::Public) {

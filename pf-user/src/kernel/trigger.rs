@@ -1,0 +1,244 @@
+//! Port triggering's maps. A rule is armed in two parts: its gate (`TRIGGER_GATES[gate]`, the
+//! idle timeout; closed until the trigger program opens it) and its trigger ports
+//! (`TRIGGER_PORTS`: client, port and protocol to the gate). Its open range is an ordinary
+//! reservation whose NAT entries carry the gate ([`State::reserve_gated`]). The trigger program
+//! reports each opening on `TRIGGER_EVENTS` ([`Openings`]); closing is the gate's expiry
+//! passing, which the programs check on every packet and userspace reads with
+//! [`State::trigger_gate`].
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use aya::maps::{MapData, MapError, RingBuf};
+use pf_common::{EndpointKey, MAP_SHAPES, TriggerGate, TriggerOpened, limits, map_names};
+
+use super::{
+    PfError,
+    bpffs::PinDir,
+    state::{State, open_map},
+};
+use crate::domain::spec::{PortRange, Protocols};
+
+/// What the kernel needs of a trigger rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TriggerRule {
+    /// Its slot in `TRIGGER_GATES` (1 to 65,535), which its open range's NAT entries carry.
+    pub gate: u16,
+    /// The tunnel client whose packets trigger it.
+    pub client: Ipv4Addr,
+    pub protocols: Protocols,
+    /// Destination ports of the client's outbound packets that open the gate.
+    pub ports: PortRange,
+    /// How long the gate stays open after the last packet through it.
+    pub idle_timeout: Duration,
+}
+
+impl TriggerRule {
+    fn keys(&self) -> impl Iterator<Item = EndpointKey> + '_ {
+        self.protocols
+            .ip_protocols()
+            .iter()
+            .flat_map(move |&proto| {
+                (self.ports.first..=self.ports.last).map(move |port| {
+                    EndpointKey::new(self.client.octets(), port.to_be_bytes(), proto)
+                })
+            })
+    }
+}
+
+/// A gate as the kernel has it now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GateState {
+    /// The slot holds a rule (a timeout is set).
+    pub armed: bool,
+    /// Time left before it closes, if it is open now.
+    pub open_for: Option<Duration>,
+    /// When the last opening lapsed or will lapse, in `bpf_ktime_get_ns` nanoseconds (0: it
+    /// never opened).
+    pub expires_ns: u64,
+}
+
+/// The kernel's monotonic clock, which `bpf_ktime_get_ns` reads: CLOCK_MONOTONIC, in
+/// nanoseconds.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn map_error(map: &'static str) -> impl Fn(MapError) -> PfError {
+    move |source| PfError::Map { map, source }
+}
+
+fn check_gate(gate: u16) -> Result<u32, PfError> {
+    if gate == 0 || u32::from(gate) >= limits::MAX_TRIGGER_GATES {
+        return Err(PfError::TriggerGate {
+            gate: gate.into(),
+            problem: "outside 1-65535",
+        });
+    }
+    Ok(gate.into())
+}
+
+impl State {
+    /// Arms a trigger rule: its gate first (closed, with the rule's timeout), then its trigger
+    /// ports, after checking that none is taken and the gate is free; undone on a failure.
+    pub fn arm_trigger(&mut self, rule: &TriggerRule) -> Result<(), PfError> {
+        let gate = check_gate(rule.gate)?;
+        if self.trigger_gate(rule.gate)?.armed {
+            return Err(PfError::TriggerGate {
+                gate,
+                problem: "taken by another rule",
+            });
+        }
+        for key in rule.keys() {
+            match self.trigger_ports.get(&key, 0) {
+                Ok(other) => {
+                    return Err(PfError::TriggerConflict {
+                        client: rule.client.to_string(),
+                        trigger: format!(
+                            "port {}/{}",
+                            u16::from_be_bytes(key.port),
+                            if key.proto == pf_common::IPPROTO_TCP {
+                                "tcp"
+                            } else {
+                                "udp"
+                            }
+                        ),
+                        gate: other,
+                    });
+                }
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_error(map_names::TRIGGER_PORTS)(e)),
+            }
+        }
+        let timeout_ns = u64::try_from(rule.idle_timeout.as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.trigger_gates
+            .set(
+                gate,
+                TriggerGate {
+                    expires_ns: 0,
+                    timeout_ns,
+                },
+                0,
+            )
+            .map_err(map_error(map_names::TRIGGER_GATES))?;
+        let mut written = Vec::new();
+        for key in rule.keys() {
+            if let Err(e) = self.trigger_ports.insert(key, gate, 0) {
+                for key in &written {
+                    let _ = self.trigger_ports.remove(key);
+                }
+                let _ = self.trigger_gates.set(gate, TriggerGate::default(), 0);
+                return Err(map_error(map_names::TRIGGER_PORTS)(e));
+            }
+            written.push(key);
+        }
+        Ok(())
+    }
+
+    /// Disarms a trigger rule: its trigger ports first (nothing opens it any more), then its
+    /// gate, which closes it at once (an entry still carrying the gate forwards nothing).
+    /// Ports already gone are fine.
+    pub fn disarm_trigger(&mut self, rule: &TriggerRule) -> Result<(), PfError> {
+        let gate = check_gate(rule.gate)?;
+        for key in rule.keys() {
+            match self.trigger_ports.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_error(map_names::TRIGGER_PORTS)(e)),
+            }
+        }
+        self.trigger_gates
+            .set(gate, TriggerGate::default(), 0)
+            .map_err(map_error(map_names::TRIGGER_GATES))
+    }
+
+    /// A gate as the kernel has it now.
+    pub fn trigger_gate(&self, gate: u16) -> Result<GateState, PfError> {
+        let slot = self
+            .trigger_gates
+            .get(&check_gate(gate)?, 0)
+            .map_err(map_error(map_names::TRIGGER_GATES))?;
+        let now = monotonic_ns();
+        Ok(GateState {
+            armed: slot.timeout_ns != 0,
+            open_for: (slot.timeout_ns != 0 && now < slot.expires_ns)
+                .then(|| Duration::from_nanos(slot.expires_ns - now)),
+            expires_ns: slot.expires_ns,
+        })
+    }
+}
+
+/// One opening, as the trigger program reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Opening {
+    pub gate: u16,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at the trigger packet.
+    pub at_ns: u64,
+    /// When the opening before lapsed (0: the gate never opened before).
+    pub previous_expires_ns: u64,
+    pub protocol: Protocols,
+    /// The trigger packet's source (the client) and destination.
+    pub source: SocketAddrV4,
+    pub destination: SocketAddrV4,
+}
+
+impl Opening {
+    fn from_event(e: &TriggerOpened) -> Option<Self> {
+        Some(Self {
+            gate: u16::try_from(e.gate).ok()?,
+            at_ns: e.at_ns,
+            previous_expires_ns: e.previous_expires_ns,
+            protocol: match e.proto {
+                pf_common::IPPROTO_TCP => Protocols::Tcp,
+                pf_common::IPPROTO_UDP => Protocols::Udp,
+                _ => return None,
+            },
+            source: SocketAddrV4::new(e.src_addr.into(), u16::from_be_bytes(e.src_port)),
+            destination: SocketAddrV4::new(e.dst_addr.into(), u16::from_be_bytes(e.dst_port)),
+        })
+    }
+}
+
+/// The ring of openings, open for reading (one reader: `pf serve`).
+pub struct Openings {
+    events: RingBuf<MapData>,
+}
+
+impl Openings {
+    /// Opens the pinned ring (its layout checked).
+    pub fn open(dir: &PinDir) -> Result<Self, PfError> {
+        let shape = MAP_SHAPES
+            .iter()
+            .find(|s| s.name == map_names::TRIGGER_EVENTS)
+            .expect("every map has a shape");
+        let (map, _) = open_map(dir, shape)?;
+        Ok(Self {
+            events: map
+                .try_into()
+                .map_err(map_error(map_names::TRIGGER_EVENTS))?,
+        })
+    }
+
+    /// The openings waiting in the ring, in order.
+    pub fn drain(&mut self) -> Vec<Opening> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            if let Some(opening) = bytemuck::try_from_bytes::<TriggerOpened>(&item)
+                .ok()
+                .and_then(Opening::from_event)
+            {
+                out.push(opening);
+            }
+        }
+        out
+    }
+}
