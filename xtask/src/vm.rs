@@ -74,6 +74,7 @@ pub const VM_TESTS: &[&str] = &[
     "integration::tc_netlink::egress_by_netlink_filter",
     "integration::wireguard::wireguard_default_mode",
     "integration::port_mapping::natpmpc_and_upnpc_over_wireguard",
+    "integration::trigger::trigger_over_wireguard",
 ];
 
 /// The longest a VM run may take before it is killed and fails.

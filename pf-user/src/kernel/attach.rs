@@ -53,7 +53,7 @@ const TC_LINK: &str = "tc";
 const TC_NETLINK_PROGRAM: &str = "tc_netlink_ns";
 
 /// The calling thread's network namespace, by inode.
-fn netns_inode() -> io::Result<u64> {
+pub(super) fn netns_inode() -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
     Ok(std::fs::metadata("/proc/thread-self/ns/net")?.ino())
 }
@@ -121,7 +121,7 @@ impl fmt::Display for TcAttach {
 }
 
 /// The running kernel, refused below [`MIN_KERNEL`] with what it lacks.
-fn kernel_version() -> Result<KernelVersion, PfError> {
+pub(super) fn kernel_version() -> Result<KernelVersion, PfError> {
     let kernel = KernelVersion::current()
         .map_err(|e| PfError::Load(format!("reading the kernel version: {e}")))?;
     if kernel < KernelVersion::new(MIN_KERNEL.0, MIN_KERNEL.1, 0) {
@@ -131,7 +131,7 @@ fn kernel_version() -> Result<KernelVersion, PfError> {
 }
 
 /// `tc` made definite for `kernel`.
-fn resolve_tc(tc: TcAttach, kernel: KernelVersion) -> Result<TcAttach, PfError> {
+pub(super) fn resolve_tc(tc: TcAttach, kernel: KernelVersion) -> Result<TcAttach, PfError> {
     let has_tcx = kernel >= KernelVersion::new(TCX_KERNEL.0, TCX_KERNEL.1, 0);
     match tc {
         TcAttach::Auto if has_tcx => Ok(TcAttach::Tcx),
@@ -230,7 +230,7 @@ fn interface_exists(iface: &str) -> bool {
     netdev::ifindex(iface).is_some()
 }
 
-fn os_error(e: &(dyn Error + 'static)) -> Option<i32> {
+pub(super) fn os_error(e: &(dyn Error + 'static)) -> Option<i32> {
     let mut source: Option<&(dyn Error + 'static)> = Some(e);
     while let Some(err) = source {
         if let Some(io) = err.downcast_ref::<io::Error>() {
@@ -242,7 +242,7 @@ fn os_error(e: &(dyn Error + 'static)) -> Option<i32> {
 }
 
 /// Fails unless every map is pinned or none is (a half-made state must not be extended).
-fn check_pins_consistent(dir: &PinDir) -> Result<(), PfError> {
+pub(super) fn check_pins_consistent(dir: &PinDir) -> Result<(), PfError> {
     let pinned = pf_common::map_names::ALL
         .iter()
         .filter(|n| dir.map(n).exists())
@@ -674,7 +674,7 @@ fn link_pins(dir: &PinDir, iface: &str) -> Vec<std::path::PathBuf> {
 
 /// Where pf's egress filter on an interface is, as this network namespace sees it.
 enum EgressFilterLookup {
-    Found(tc::EgressFilter),
+    Found(tc::ClsactFilter),
     /// The interface is here, the filter is not.
     Gone,
     /// The filter is in another network namespace than the caller's (netlink, unlike a BPF
@@ -853,16 +853,6 @@ fn check_attachment(dir: &PinDir, iface: &str, role: Option<Role>) -> Health {
     let Some(role) = role else {
         return Health::Dead("its XDP link is not pinned".into());
     };
-    let pinned_maps: Vec<(&str, Option<u32>)> = pf_common::map_names::ALL
-        .iter()
-        .map(|name| {
-            let id = aya::maps::MapData::from_pin(dir.map(name))
-                .ok()
-                .and_then(|m| m.info().ok())
-                .map(|info| info.id());
-            (*name, id)
-        })
-        .collect();
     let current = netdev::ifindex(iface);
     // (pin, hook, link type; the namespace of a netlink filter's program pin)
     let mut hooks = vec![(
@@ -922,39 +912,52 @@ fn check_attachment(dir: &PinDir, iface: &str, role: Option<Role>) -> Health {
             }
             link.prog_id
         };
-        let used = match bpfinfo::program_map_ids(prog_id) {
-            Ok(Some(ids)) => ids,
-            Ok(None) => {
-                return Health::Dead(format!("its {hook} program is not loaded"));
-            }
-            Err(e) => {
-                return Health::Unknown(format!("reading its {hook} program's maps: {e}"));
-            }
-        };
-        for id in used {
-            let Some(name) = aya::maps::MapInfo::from_id(id)
-                .ok()
-                .and_then(|info| info.name_as_str().map(str::to_string))
-            else {
-                continue;
-            };
-            let Some((pf_name, pinned)) = pinned_maps
-                .iter()
-                .find(|(n, _)| n[..n.len().min(BPF_OBJ_NAME_MAX)] == name)
-            else {
-                continue; // not one of pf's pinned maps (.rodata and the like)
-            };
-            if *pinned != Some(id) {
-                return Health::Dead(format!(
-                    "its {hook} program uses map {pf_name} id {id}, but {} {}",
-                    dir.map(pf_name).display(),
-                    match pinned {
-                        Some(other) => format!("is map id {other} (the pins were replaced)"),
-                        None => "is not pinned (the pins were removed)".into(),
-                    }
-                ));
-            }
+        if let Err(health) = uses_pinned_maps(dir, prog_id, hook) {
+            return health;
         }
     }
     Health::Live
+}
+
+/// Whether program `prog_id` (attached at `hook`) is loaded and uses the maps pinned in `dir`
+/// now; else why not.
+pub(super) fn uses_pinned_maps(dir: &PinDir, prog_id: u32, hook: &str) -> Result<(), Health> {
+    let used = match bpfinfo::program_map_ids(prog_id) {
+        Ok(Some(ids)) => ids,
+        Ok(None) => return Err(Health::Dead(format!("its {hook} program is not loaded"))),
+        Err(e) => {
+            return Err(Health::Unknown(format!(
+                "reading its {hook} program's maps: {e}"
+            )));
+        }
+    };
+    for id in used {
+        let Some(name) = aya::maps::MapInfo::from_id(id)
+            .ok()
+            .and_then(|info| info.name_as_str().map(str::to_string))
+        else {
+            continue;
+        };
+        let Some(pf_name) = pf_common::map_names::ALL
+            .iter()
+            .find(|n| n[..n.len().min(BPF_OBJ_NAME_MAX)] == name)
+        else {
+            continue; // not one of pf's pinned maps (.rodata and the like)
+        };
+        let pinned = aya::maps::MapData::from_pin(dir.map(pf_name))
+            .ok()
+            .and_then(|m| m.info().ok())
+            .map(|info| info.id());
+        if pinned != Some(id) {
+            return Err(Health::Dead(format!(
+                "its {hook} program uses map {pf_name} id {id}, but {} {}",
+                dir.map(pf_name).display(),
+                match pinned {
+                    Some(other) => format!("is map id {other} (the pins were replaced)"),
+                    None => "is not pinned (the pins were removed)".into(),
+                }
+            )));
+        }
+    }
+    Ok(())
 }

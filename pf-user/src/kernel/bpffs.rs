@@ -52,8 +52,7 @@ impl PinDir {
     /// The directory holding `iface`'s link pins. bpffs refuses names with a '.', which interface
     /// names may contain (`eth0.100`), so '.' is written `%2E` (and '%' itself `%25`).
     pub fn iface_links(&self, iface: &str) -> PathBuf {
-        self.links()
-            .join(iface.replace('%', "%25").replace('.', "%2E"))
+        self.links().join(encode_iface(iface))
     }
 
     /// The pin of `iface`'s link for `hook` ("xdp" or "tc").
@@ -61,17 +60,26 @@ impl PinDir {
         self.iface_links(iface).join(hook)
     }
 
+    /// Where the trigger program's pins are, one directory per interface: apart from
+    /// `links/`, since an interface may have both (an Ethernet tunnel side with the reply fast
+    /// path) or only this one (a WireGuard interface).
+    pub fn triggers(&self) -> PathBuf {
+        self.root.join("triggers")
+    }
+
+    /// `iface`'s trigger pin directory.
+    pub fn trigger_links(&self, iface: &str) -> PathBuf {
+        self.triggers().join(encode_iface(iface))
+    }
+
+    /// Interfaces with a trigger pin directory, decoded.
+    pub fn triggered_interfaces(&self) -> Vec<String> {
+        interfaces_in(&self.triggers())
+    }
+
     /// Interfaces with a link directory, decoded.
     pub fn linked_interfaces(&self) -> Vec<String> {
-        let Ok(entries) = fs::read_dir(self.links()) else {
-            return Vec::new();
-        };
-        let mut names: Vec<String> = entries
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .map(|n| n.replace("%2E", ".").replace("%25", "%"))
-            .collect();
-        names.sort();
-        names
+        interfaces_in(&self.links())
     }
 
     pub fn exists(&self) -> bool {
@@ -170,4 +178,22 @@ fn mount_bpffs(at: &Path) -> Result<(), PfError> {
         });
     }
     Ok(())
+}
+
+/// bpffs refuses dots in names: an interface name is written with `%2E` (and `%` as `%25`).
+fn encode_iface(iface: &str) -> String {
+    iface.replace('%', "%25").replace('.', "%2E")
+}
+
+/// The interfaces named by the entries of `dir`, decoded and sorted.
+fn interfaces_in(dir: &Path) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .map(|n| n.replace("%2E", ".").replace("%25", "%"))
+        .collect();
+    names.sort();
+    names
 }

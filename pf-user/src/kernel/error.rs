@@ -95,6 +95,14 @@ pub enum PfError {
     NotAttached(String),
 
     #[error(
+        "pf's trigger program is already attached to {0} (run `pf detach {0} --trigger` first)"
+    )]
+    TriggerAlreadyAttached(String),
+
+    #[error("pf's trigger program is not attached to {0}")]
+    TriggerNotAttached(String),
+
+    #[error(
         "{0} is not an Ethernet-like interface: --tunnel-side needs Ethernet frames (veth, tap, VXLAN); replies from a layer-3 tunnel such as WireGuard or tun are rewritten by the TC egress program on the public interface, with no attach needed on the tunnel side"
     )]
     NotEthernet(String),

@@ -11,7 +11,8 @@
 //!   filters before TCX; `netlink`: the socket both use. [`nftset`]: the nftables set of
 //!   reserved targets that the server's ruleset matches. [`privilege`]: the capability check.
 //! - [`trace`]: `pf trace`'s switch and the ring of the programs' reports.
-//! - [`trigger`]: port triggering's trigger ports and gates, and the ring of openings.
+//! - [`trigger`]: port triggering's trigger ports and gates, and the ring of openings;
+//!   [`trigger_hook`]: its program on a tunnel-side interface's TC ingress.
 //! - [`error`]: [`PfError`], the one error type of this layer.
 
 pub mod attach;
@@ -30,5 +31,6 @@ pub mod state;
 mod tc;
 pub mod trace;
 pub mod trigger;
+pub mod trigger_hook;
 
 pub use error::PfError;

@@ -12,13 +12,15 @@ use super::netlink::{NLM_F_DUMP, Socket, attributes};
 const RTM_GETTFILTER: u16 = 46;
 /// `TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS)`: the clsact qdisc's egress hook.
 const CLSACT_EGRESS: u32 = 0xffff_fff3;
+/// `TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)`: its ingress hook (the trigger program's).
+const CLSACT_INGRESS: u32 = 0xffff_fff2;
 const TCA_KIND: u16 = 1;
 const TCA_OPTIONS: u16 = 2;
 const TCA_BPF_ID: u16 = 11;
 
-/// A filter on an interface's clsact egress hook.
+/// A filter on one of an interface's clsact hooks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EgressFilter {
+pub struct ClsactFilter {
     /// The filter's priority (lower runs first).
     pub priority: u16,
     /// Its handle within the priority (0 for the priority's own entry).
@@ -30,7 +32,7 @@ pub struct EgressFilter {
 /// The priority pf's filter takes on a hook holding `filters`: after all of them, as a TCX
 /// link is appended after the links already there (the kernel's own choice would put it
 /// first). 49152 on an empty hook, as the kernel would choose.
-pub fn last_priority(filters: &[EgressFilter]) -> Option<u16> {
+pub fn last_priority(filters: &[ClsactFilter]) -> Option<u16> {
     match filters.iter().map(|f| f.priority).max() {
         None => Some(0xc000),
         Some(max) => max.checked_add(1),
@@ -39,14 +41,23 @@ pub fn last_priority(filters: &[EgressFilter]) -> Option<u16> {
 
 /// The filters on `ifindex`'s clsact egress hook. None when the interface has no clsact qdisc
 /// (ENOENT/EINVAL from the kernel mean just that).
-pub fn egress_filters(ifindex: u32) -> io::Result<Vec<EgressFilter>> {
+pub fn egress_filters(ifindex: u32) -> io::Result<Vec<ClsactFilter>> {
+    filters(ifindex, CLSACT_EGRESS)
+}
+
+/// The filters on `ifindex`'s clsact ingress hook, as [`egress_filters`].
+pub fn ingress_filters(ifindex: u32) -> io::Result<Vec<ClsactFilter>> {
+    filters(ifindex, CLSACT_INGRESS)
+}
+
+fn filters(ifindex: u32, hook: u32) -> io::Result<Vec<ClsactFilter>> {
     let mut socket = Socket::open(libc::NETLINK_ROUTE)?;
     // struct tcmsg: family, 3 bytes of padding, ifindex, handle, parent, info.
     let mut tcmsg = Vec::with_capacity(20);
     tcmsg.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
     tcmsg.extend_from_slice(&(ifindex as i32).to_ne_bytes());
     tcmsg.extend_from_slice(&0u32.to_ne_bytes());
-    tcmsg.extend_from_slice(&CLSACT_EGRESS.to_ne_bytes());
+    tcmsg.extend_from_slice(&hook.to_ne_bytes());
     tcmsg.extend_from_slice(&0u32.to_ne_bytes());
     let answers = match socket.request(RTM_GETTFILTER, NLM_F_DUMP, &tcmsg) {
         Ok(answers) => answers,
@@ -57,7 +68,7 @@ pub fn egress_filters(ifindex: u32) -> io::Result<Vec<EgressFilter>> {
 }
 
 /// One RTM_NEWTFILTER answer, with its program's id if it is an eBPF filter.
-fn parse_filter(answer: &[u8]) -> Option<EgressFilter> {
+fn parse_filter(answer: &[u8]) -> Option<ClsactFilter> {
     let tcmsg = answer.get(..20)?;
     let handle = u32::from_ne_bytes(tcmsg[8..12].try_into().unwrap());
     // tcm_info: the priority in the upper 16 bits, the protocol in the lower.
@@ -75,7 +86,7 @@ fn parse_filter(answer: &[u8]) -> Option<EgressFilter> {
             _ => {}
         }
     }
-    Some(EgressFilter {
+    Some(ClsactFilter {
         priority: (info >> 16) as u16,
         handle,
         prog_id: prog_id.filter(|_| kind_is_bpf),
@@ -107,7 +118,7 @@ mod tests {
         .concat();
         assert_eq!(
             parse_filter(&answer(49152, 1, b"bpf\0", options)),
-            Some(EgressFilter {
+            Some(ClsactFilter {
                 priority: 49152,
                 handle: 1,
                 prog_id: Some(42)
@@ -126,7 +137,7 @@ mod tests {
 
     #[test]
     fn pf_goes_after_every_filter_there() {
-        let at = |priority| EgressFilter {
+        let at = |priority| ClsactFilter {
             priority,
             handle: 1,
             prog_id: None,

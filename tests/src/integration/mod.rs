@@ -16,4 +16,5 @@ mod port_mapping;
 mod service;
 mod service_safety;
 mod tc_netlink;
+mod trigger;
 mod wireguard;

@@ -19,6 +19,7 @@ use pf::{
         bpffs::{DEFAULT_PIN_DIR, PinDir},
         privilege,
         state::State,
+        trigger_hook,
     },
     service::{
         self, ServeError,
@@ -107,14 +108,19 @@ enum Command {
         /// Forwarded packets leave by XDP_REDIRECT where the route and the egress device allow
         /// it. They then bypass the server's forwarding path: netfilter (FORWARD and
         /// POSTROUTING rules, conntrack), qdiscs and tcpdump on the way out. Off by default.
-        #[arg(long, conflicts_with = "tunnel_side")]
+        #[arg(long, conflicts_with_all = ["tunnel_side", "trigger"])]
         fast_path: bool,
         /// IFACE is an Ethernet-like tunnel-side interface (veth, tap, VXLAN): attach only the
         /// reply fast path, which sends replies from forwarded ports straight out a public
         /// interface attached with --fast-path, bypassing netfilter as that does.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "trigger")]
         tunnel_side: bool,
-        /// How the TC egress program attaches: auto (TCX on Linux 6.6 and newer, else a
+        /// IFACE is a tunnel-side interface (WireGuard, tun, veth, tap): attach only the port
+        /// trigger program, on its TC ingress, where a client's packet to a trigger port opens
+        /// its rule's ports. Never changes or drops a packet.
+        #[arg(long)]
+        trigger: bool,
+        /// How the TC program attaches (egress; ingress with --trigger): auto (TCX on Linux 6.6 and newer, else a
         /// cls_bpf filter on the clsact qdisc), tcx, or netlink (that filter, on any kernel).
         #[arg(long, default_value = "auto", value_name = "auto|tcx|netlink")]
         tc_attach: TcAttach,
@@ -143,6 +149,9 @@ enum Command {
     Detach {
         /// The interface pf is attached to (or was, if it is gone: its pins are cleared).
         iface: String,
+        /// Remove the port trigger program (`pf attach IFACE --trigger`).
+        #[arg(long)]
+        trigger: bool,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -983,9 +992,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tunnel_side,
             tc_attach,
             redirect_devices,
+            trigger,
             json,
         } => {
             privilege::require_privileges()?;
+            if trigger {
+                let hook = trigger_hook::attach_trigger(&dir, &iface, tc_attach)?;
+                let hook = if hook == TcAttach::Tcx {
+                    "TCX"
+                } else {
+                    "a netlink filter"
+                };
+                if json {
+                    out!(
+                        "{}",
+                        serde_json::json!({ "attached": iface, "role": "trigger", "tc": hook })
+                    );
+                } else {
+                    out!("attached pf's port trigger program to {iface} (TC ingress by {hook})");
+                }
+                return Ok(());
+            }
             let role = match (fast_path, tunnel_side) {
                 (_, true) => Role::TunnelSide,
                 (true, false) => Role::PublicFastPath,
@@ -1052,13 +1079,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             privilege::require_privileges()?;
             return trace(&dir, filter.as_deref(), &duration, off, json);
         }
-        Command::Detach { iface, json } => {
+        Command::Detach {
+            iface,
+            trigger,
+            json,
+        } => {
             privilege::require_privileges()?;
-            attach::detach(&dir, &iface)?;
-            if json {
-                out!("{}", serde_json::json!({ "detached": iface }));
+            if trigger {
+                trigger_hook::detach_trigger(&dir, &iface)?;
             } else {
-                out!("detached pf from {iface}");
+                attach::detach(&dir, &iface)?;
+            }
+            let what = if trigger {
+                "pf's trigger program"
+            } else {
+                "pf"
+            };
+            if json {
+                out!(
+                    "{}",
+                    serde_json::json!({ "detached": iface, "trigger": trigger })
+                );
+            } else {
+                out!("detached {what} from {iface}");
             }
         }
         Command::Stats { json } => {
@@ -1068,6 +1111,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => (None, FastPathDevices::default()),
             };
             let attached = attach::inspect(&dir);
+            let triggers = trigger_hook::trigger_attachments(&dir);
             // The service knows each reservation's id, owner, state and traffic since it was
             // made; without it, the maps say what they hold.
             let rows = render::stats_rows(stats.as_ref(), client.stats().ok());
@@ -1077,12 +1121,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     serde_json::to_string_pretty(&render::stats_json(
                         stats.as_ref(),
                         &attached,
+                        &triggers,
                         &devices,
                         &rows
                     ))?
                 );
             } else {
-                render::print_stats(stats.as_ref(), &attached, &devices, &rows);
+                render::print_stats(stats.as_ref(), &attached, &triggers, &devices, &rows);
             }
         }
     }

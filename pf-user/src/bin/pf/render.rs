@@ -6,6 +6,7 @@ use pf::{
     kernel::{
         attach::{Attached, Attachment, FastPathDevices, Health, Role, TcAttach},
         state::{Counters, Stats, Traffic},
+        trigger_hook::TriggerAttachment,
     },
 };
 use pf_common::counters::Outcome;
@@ -146,6 +147,7 @@ pub struct StatsReport<'a> {
 pub fn stats_json<'a>(
     stats: Option<&Stats>,
     attached: &[Attachment],
+    triggers: &[TriggerAttachment],
     devices: &FastPathDevices,
     rows: &'a [StatsRow],
 ) -> StatsReport<'a> {
@@ -183,6 +185,17 @@ pub fn stats_json<'a>(
             .iter()
             .filter(|a| a.egress != TcAttach::Auto)
             .map(|a| (a.iface.clone(), json!(a.egress.to_string())))
+            .collect::<serde_json::Map<_, _>>(),
+        // Interfaces with the port trigger program: how it is attached, or why it is dead.
+        "triggers": triggers
+            .iter()
+            .map(|t| {
+                let state = match &t.health {
+                    Health::Dead(why) => json!({ "dead": why }),
+                    Health::Live | Health::Unknown(_) => json!({ "tc": t.hook.to_string() }),
+                };
+                (t.iface.clone(), state)
+            })
             .collect::<serde_json::Map<_, _>>(),
         "fast_path_devices": {
             "redirect": devices.redirect,
@@ -445,10 +458,23 @@ pub fn print_status(s: &Value) {
 pub fn print_stats(
     stats: Option<&Stats>,
     attached: &[Attachment],
+    triggers: &[TriggerAttachment],
     devices: &FastPathDevices,
     rows: &[StatsRow],
 ) {
     print_attachments(attached);
+    for t in triggers {
+        match &t.health {
+            Health::Dead(why) => out!("{}: port trigger program dead ({why})", t.iface),
+            Health::Live | Health::Unknown(_) => {
+                out!(
+                    "{}: port trigger program (TC ingress by {})",
+                    t.iface,
+                    t.hook
+                )
+            }
+        }
+    }
     let Some(stats) = stats else {
         out!("no state yet (nothing reserved or attached)");
         return;
