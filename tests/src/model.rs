@@ -1,7 +1,8 @@
-//! The reference model: what pf's two programs must do to any frame, given the NAT maps'
-//! contents. It is the specification, written for clarity rather than speed, and the
-//! differential tests (`tests/src/integration/differential.rs`, `cargo xtask fuzz`) hold the loaded
-//! programs to it byte for byte.
+//! The reference model: what pf's two NAT programs must do to any frame, given the NAT maps'
+//! contents, and what its trigger program must do, given the trigger ports and the open gates.
+//! It is the specification, written for clarity rather than speed, and the differential tests
+//! (`tests/src/integration/differential.rs`, `cargo xtask fuzz`) hold the loaded programs to it
+//! byte for byte.
 //!
 //! Both directions parse alike (the policy ARCHITECTURE.md states):
 //! 1. Ethernet (14 bytes), then at most one VLAN tag (0x8100 or 0x88a8; a second is
@@ -57,17 +58,50 @@
 //! Every frame not rewritten leaves byte for byte as it came. The verdict is XDP_PASS at
 //! ingress and TC_ACT_OK at egress, but for step 11 (and a rewrite that fails half way, which no
 //! frame can cause in BPF_PROG_TEST_RUN).
+//!
+//! Trigger gates:
+//! 12. A NAT entry may wait on a port-triggering gate (`NatEntry::gate`). Behind an open gate it
+//!    is an ordinary entry. Behind a closed gate (never opened, lapsed, or its rule disarmed) it
+//!    is as no entry at all: every lookup of steps 5, 6 and 9 misses it, with the outcome a miss
+//!    has there (and, at egress, step 11 after it); such a lookup also moves `gate_closed`,
+//!    beside the outcome. So the model's NAT tables hold only the entries that may forward now:
+//!    a reservation behind a closed gate is simply left out of them ([`nat_key`] says which
+//!    key a frame is looked up by, for a test that counts `gate_closed`).
+//!
+//! The trigger program (TC ingress on a tunnel-side interface; [`trigger`]):
+//! 13. Steps 1 and 2, then TCP or UDP (step 3) that is not a later fragment, with its header
+//!    whole as step 4 says (a first fragment is fine). Anything else, whatever those steps
+//!    would call it, is `NotTcpUdp`.
+//! 14. (source address, destination port, protocol) is looked up in TRIGGER_PORTS, which holds
+//!    the trigger ports of the armed rules. A miss is `NoTrigger`.
+//! 15. A hit whose gate is open is `Refreshed` (its idle timeout starts again). A hit whose gate
+//!    is closed is `Opened`: the gate opens, and stays open while packets pass through it (or
+//!    further trigger packets arrive) within the rule's idle timeout; the opening is reported
+//!    on TRIGGER_EVENTS with the packet's gate, source and destination.
+//!
+//! The trigger program's verdict is always TC_ACT_OK, and every frame leaves it byte for byte
+//! as it came.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use pf_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, checksum, counters::Outcome};
+use pf_common::{
+    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, checksum,
+    counters::{Outcome, Trigger},
+};
 
 pub const XDP_PASS: u32 = 2;
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
 
+/// A key of a NAT map or of TRIGGER_PORTS: (address, port, protocol), as the packet carries
+/// them.
+pub type NatKey = ([u8; 4], [u8; 2], u8);
+
 /// One NAT map: (address, port, protocol) to (address, port), as the packet carries them.
-pub type NatTable = HashMap<([u8; 4], [u8; 2], u8), ([u8; 4], [u8; 2])>;
+pub type NatTable = HashMap<NatKey, ([u8; 4], [u8; 2])>;
+
+/// TRIGGER_PORTS (step 14): (client address, trigger port, protocol) to the gate it opens.
+pub type TriggerTable = HashMap<NatKey, u32>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Direction {
@@ -173,6 +207,14 @@ fn parse_ip(frame: &[u8]) -> Result<Ip, Outcome> {
         proto: frame[at + 9],
         frags: be16(frame, at + 6),
     })
+}
+
+/// Step 4's check for a whole TCP/UDP packet or first fragment: its header fits in the total
+/// length and in the frame.
+fn l4_header_fits(frame: &[u8], ip: &Ip) -> bool {
+    let l4_header_len = if ip.proto == IPPROTO_TCP { 20 } else { 8 };
+    ip.header_len + l4_header_len <= ip.total_len
+        && ip.at + ip.header_len + l4_header_len <= frame.len()
 }
 
 /// Where an ICMP error's fields lie (step 8).
@@ -342,8 +384,7 @@ impl Model {
         ip: &Ip,
     ) -> Result<(Outcome, Vec<u8>), Outcome> {
         let l4 = ip.at + ip.header_len;
-        let l4_header_len = if ip.proto == IPPROTO_TCP { 20 } else { 8 };
-        if ip.header_len + l4_header_len > ip.total_len || l4 + l4_header_len > frame.len() {
+        if !l4_header_fits(frame, ip) {
             return Err(Outcome::Truncated);
         }
         let addr_at = Self::rewritten_addr(direction, ip.at);
@@ -401,13 +442,7 @@ impl Model {
         ip: &Ip,
     ) -> Result<(Outcome, Vec<u8>), Outcome> {
         let e = parse_icmp_error(frame, ip)?;
-        // The embedded packet went the other way: at ingress it is one egress sent (embedded
-        // source = public endpoint), at egress one ingress delivered (embedded destination =
-        // tunnel endpoint).
-        let (inner_addr_at, inner_port_at, outer_addr_at) = match direction {
-            Direction::Ingress => (e.inner + 12, e.inner_l4, ip.at + 16),
-            Direction::Egress => (e.inner + 16, e.inner_l4 + 2, ip.at + 12),
-        };
+        let (inner_addr_at, inner_port_at, outer_addr_at) = icmp_error_fields(direction, ip, &e);
         let old_addr = addr(frame, inner_addr_at);
         let old_port = port(frame, inner_port_at);
         let outer_matches = addr(frame, outer_addr_at) == old_addr;
@@ -453,5 +488,66 @@ impl Model {
             put(&mut out, ip.at + 10, &ip_check.to_be_bytes());
         }
         Ok((Outcome::IcmpErrorRewritten, out))
+    }
+}
+
+/// Where step 9 reads an ICMP error's embedded address and port, and the outer address it
+/// compares and step 10 rewrites. The embedded packet went the other way: at ingress it is one
+/// egress sent (embedded source = public endpoint), at egress one ingress delivered (embedded
+/// destination = tunnel endpoint).
+fn icmp_error_fields(direction: Direction, ip: &Ip, e: &IcmpError) -> (usize, usize, usize) {
+    match direction {
+        Direction::Ingress => (e.inner + 12, e.inner_l4, ip.at + 16),
+        Direction::Egress => (e.inner + 16, e.inner_l4 + 2, ip.at + 12),
+    }
+}
+
+/// The NAT key the program for `direction` looks `frame` up by, if the frame gets that far
+/// (steps 5 and 9): a whole TCP/UDP packet or first fragment, or an ICMP error that passed
+/// step 8 (at ingress, one addressed to the quoted source). A later fragment (step 6) is
+/// looked up by the key its first fragment was rewritten through, so never by one behind a
+/// gate that was closed all along.
+pub fn nat_key(direction: Direction, frame: &[u8]) -> Option<NatKey> {
+    let ip = parse_ip(frame).ok()?;
+    let (addr_at, port_at) = match ip.proto {
+        IPPROTO_TCP | IPPROTO_UDP if ip.frags & 0x1fff == 0 && l4_header_fits(frame, &ip) => {
+            let l4 = ip.at + ip.header_len;
+            (
+                Model::rewritten_addr(direction, ip.at),
+                Model::rewritten_port(direction, l4),
+            )
+        }
+        IPPROTO_ICMP if ip.frags & 0x3fff == 0 => {
+            let e = parse_icmp_error(frame, &ip).ok()?;
+            let (addr_at, port_at, outer_at) = icmp_error_fields(direction, &ip, &e);
+            if direction == Direction::Ingress && addr(frame, outer_at) != addr(frame, addr_at) {
+                return None;
+            }
+            return Some((addr(frame, addr_at), port(frame, port_at), e.inner_proto));
+        }
+        _ => return None,
+    };
+    Some((addr(frame, addr_at), port(frame, port_at), ip.proto))
+}
+
+/// What the trigger program must do with `frame` (steps 13 to 15), given TRIGGER_PORTS and the
+/// gates open now: the outcome, and the gate the frame opens. (The frame always leaves as it
+/// came, with TC_ACT_OK.)
+pub fn trigger(frame: &[u8], ports: &TriggerTable, open: &HashSet<u32>) -> (Trigger, Option<u32>) {
+    let Ok(ip) = parse_ip(frame) else {
+        return (Trigger::NotTcpUdp, None);
+    };
+    if !matches!(ip.proto, IPPROTO_TCP | IPPROTO_UDP)
+        || ip.frags & 0x1fff != 0
+        || !l4_header_fits(frame, &ip)
+    {
+        return (Trigger::NotTcpUdp, None);
+    }
+    let l4 = ip.at + ip.header_len;
+    let key = (addr(frame, ip.at + 12), port(frame, l4 + 2), ip.proto);
+    match ports.get(&key) {
+        None => (Trigger::NoTrigger, None),
+        Some(gate) if open.contains(gate) => (Trigger::Refreshed, None),
+        Some(&gate) => (Trigger::Opened, Some(gate)),
     }
 }

@@ -4,18 +4,38 @@
 //! program); `cargo xtask fuzz` sets PF_FUZZ_SEED and PF_FUZZ_PACKETS for long random runs. A
 //! mismatch prints the seed, the frame's index and the frame in hex, so it can be replayed and
 //! turned into a fixture.
+//!
+//! Trigger gates: one reservation waits on a gate the rig opens (with the trigger program) and
+//! is in the model's tables like any other; one waits on a gate left closed, and is in the
+//! kernel's maps but not in the model's, which is how the model states a closed gate
+//! (`crate::model`, step 12). The trigger program has its own differential test
+//! ([`trigger_agrees_with_the_model`]).
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddrV4,
+    time::Duration,
+};
 
 use aya::maps::MapData;
-use pf::domain::{net::Ipv4Net, spec::Reservation};
+use pf::{
+    domain::{
+        net::Ipv4Net,
+        spec::{PortRange, Protocols, Reservation},
+    },
+    kernel::trigger::{Openings, TriggerRule},
+};
 use pf_common::{
-    FragmentKey, FragmentValue, IPPROTO_TCP, IPPROTO_UDP, checksum, counters::Outcome, map_names,
+    FragmentKey, FragmentValue, IPPROTO_TCP, IPPROTO_UDP, checksum,
+    counters::{Outcome, Trigger},
+    map_names,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-use super::common::{LoadedPf, counters_moved, hex, reservations, run_program};
+use super::common::{LoadedPf, counters_moved, hex, moved, reservations, run_once, run_program};
 use crate::{
     kit::packet::{ETH_P_ARP, ETH_P_IPV6, Pkt},
-    model::{Direction, Model, NatTable},
+    model::{self, Direction, Model, NatKey, NatTable, TriggerTable},
 };
 
 const RESERVATIONS: [(&str, &str); 4] = [
@@ -24,6 +44,28 @@ const RESERVATIONS: [(&str, &str); 4] = [
     ("198.51.100.1:8810-8815/both", "10.8.0.3:9810"),
     ("198.51.100.7:443/both", "10.8.0.9:8443"),
 ];
+/// Reservations behind trigger gates (public, target, gate, the gate's trigger: client and UDP
+/// port). The rig opens [`OPEN_GATE`] and leaves [`CLOSED_GATE`] closed.
+const GATED: [(&str, &str, u16, [u8; 4], u16); 2] = [
+    (
+        "198.51.100.7:6000-6001/both",
+        "10.8.0.3:7000",
+        OPEN_GATE,
+        [10, 8, 0, 3],
+        9000,
+    ),
+    (
+        "198.51.100.7:6100/both",
+        "10.8.0.9:7100",
+        CLOSED_GATE,
+        [10, 8, 0, 9],
+        9100,
+    ),
+];
+const OPEN_GATE: u16 = 1;
+const CLOSED_GATE: u16 = 2;
+/// Long, so no gate lapses during a run (traffic through the open one keeps it open besides).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// `TUNNEL_NETWORKS` in the kernel and the model: covers two targets (10.8.0.2 and .3), not
 /// the third (10.8.0.9), so egress misses are both dropped and passed.
 const TUNNEL_NETWORK: &str = "10.8.0.0/30";
@@ -48,10 +90,12 @@ fn tables(reservations: &[Reservation]) -> (NatTable, NatTable) {
     (forward, reverse)
 }
 
-/// A random endpoint: usually one a reservation names (so lookups hit), sometimes a near miss
-/// (right address, wrong port or protocol), sometimes anything.
-fn endpoint(rng: &mut StdRng, nat: &NatTable) -> ([u8; 4], u16, Option<u8>) {
-    let keys: Vec<_> = nat.keys().collect();
+/// A random endpoint: usually one a key of `table` names (so lookups hit), sometimes a near
+/// miss (right address, wrong port or protocol), sometimes anything.
+fn endpoint<V>(rng: &mut StdRng, table: &HashMap<NatKey, V>) -> ([u8; 4], u16, Option<u8>) {
+    // Sorted: a HashMap's order differs from run to run, and a seed must replay.
+    let mut keys: Vec<_> = table.keys().collect();
+    keys.sort_unstable();
     match rng.random_range(0..10) {
         0..=5 => {
             let (addr, port, proto) = *keys[rng.random_range(0..keys.len())];
@@ -225,7 +269,12 @@ fn fragment_train(rng: &mut StdRng, direction: Direction, nat: &NatTable) -> Vec
 
 /// A generated frame, broken in one of the ways a forwarder meets on the Internet.
 fn mutated(rng: &mut StdRng, direction: Direction, nat: &NatTable) -> Vec<u8> {
-    let mut f = generated(rng, direction, nat);
+    let f = generated(rng, direction, nat);
+    mutate(rng, f)
+}
+
+/// `f` broken in one of the ways a forwarder meets on the Internet.
+fn mutate(rng: &mut StdRng, mut f: Vec<u8>) -> Vec<u8> {
     let l3 = if u16::from_be_bytes([f[12], f[13]]) == 0x8100 {
         18
     } else {
@@ -354,17 +403,63 @@ fn checksums_hold(before: &[u8], after: &[u8]) -> bool {
         .all(|(&(_, was), (_, is))| !was || is)
 }
 
-/// The loaded programs, their maps filled with `RESERVATIONS`, and the model beside them.
+/// Loads both trigger programs (the verifier must accept each); only the Ethernet one can be
+/// run, as BPF_PROG_TEST_RUN hands a TC program an Ethernet frame.
+fn load_triggers(pf: &mut LoadedPf) {
+    for ethernet in [true, false] {
+        pf.programs
+            .load_trigger(ethernet)
+            .unwrap_or_else(|e| panic!("loading the trigger program (ethernet: {ethernet}): {e}"));
+    }
+}
+
+/// Whether trigger gate `gate` is open now.
+fn gate_open(pf: &LoadedPf, gate: u16) -> bool {
+    pf.state.trigger_gate(gate).unwrap().open_for.is_some()
+}
+
+/// The loaded programs, their maps filled with `RESERVATIONS` and [`GATED`], and the model
+/// beside them (without the reservation behind the closed gate).
 struct Rig {
     pf: LoadedPf,
     model: Model,
+    /// The NAT tables of the reservation behind the closed gate: forward, reverse.
+    closed: (NatTable, NatTable),
     fragments: aya::maps::HashMap<MapData, FragmentKey, FragmentValue>,
 }
 
 impl Rig {
     fn new() -> Self {
-        let reservations = reservations(&RESERVATIONS);
+        let mut reservations = reservations(&RESERVATIONS);
         let mut pf = LoadedPf::new(&reservations);
+        let mut closed = Vec::new();
+        for (public, target, gate, client, port) in GATED {
+            let r = super::common::reservations(&[(public, target)]).remove(0);
+            pf.state.reserve_gated(&r, gate).unwrap();
+            pf.state
+                .arm_trigger(&TriggerRule {
+                    gate,
+                    client: client.into(),
+                    protocols: Protocols::Udp,
+                    ports: PortRange::single(port),
+                    idle_timeout: IDLE_TIMEOUT,
+                })
+                .unwrap();
+            if gate == OPEN_GATE {
+                reservations.push(r);
+            } else {
+                closed.push(r);
+            }
+        }
+        load_triggers(&mut pf);
+        let (client, port) = (GATED[0].3, GATED[0].4);
+        run_once(
+            pf.programs.trigger(true),
+            &Pkt::udp(client, 40000, [203, 0, 113, 7], port).frame(),
+            None,
+        )
+        .unwrap();
+        assert!(gate_open(&pf, OPEN_GATE) && !gate_open(&pf, CLOSED_GATE));
         let (forward, reverse) = tables(&reservations);
         let fragments = pf.map(map_names::FRAGMENTS);
         let net: Ipv4Net = TUNNEL_NETWORK.parse().unwrap();
@@ -374,15 +469,28 @@ impl Rig {
         Self {
             pf,
             model,
+            closed: tables(&closed),
             fragments,
         }
     }
 
-    fn nat(&self, direction: Direction) -> &NatTable {
+    /// The closed gate's NAT table for `direction`.
+    fn closed(&self, direction: Direction) -> &NatTable {
         match direction {
-            Direction::Ingress => &self.model.forward,
-            Direction::Egress => &self.model.reverse,
+            Direction::Ingress => &self.closed.0,
+            Direction::Egress => &self.closed.1,
         }
+    }
+
+    /// The endpoints frames are generated for: every NAT entry of `direction`, the closed
+    /// gate's too.
+    fn nat(&self, direction: Direction) -> NatTable {
+        let mut nat = match direction {
+            Direction::Ingress => self.model.forward.clone(),
+            Direction::Egress => self.model.reverse.clone(),
+        };
+        nat.extend(self.closed(direction).clone());
+        nat
     }
 
     /// Empties the kernel's fragment table and the model's alike.
@@ -395,9 +503,10 @@ impl Rig {
     }
 
     /// Runs `frame` through the loaded program and the model; the outcome if they agree on
-    /// verdict, counter and every byte, and a rewritten frame's checksums hold; what differs if
-    /// not.
-    fn check(&mut self, direction: Direction, frame: &[u8]) -> Result<Outcome, String> {
+    /// verdict, counter and every byte, and a rewritten frame's checksums hold, and
+    /// `gate_closed` moved exactly when the frame was looked up by a key behind the closed gate;
+    /// what differs if not. (The outcome is "gate_closed" for a frame that met the gate.)
+    fn check(&mut self, direction: Direction, frame: &[u8]) -> Result<&'static str, String> {
         let ingress = direction == Direction::Ingress;
         let want = self.model.expected(direction, frame);
         let before = self.pf.state.counters().unwrap();
@@ -408,6 +517,15 @@ impl Rig {
         let wanted = (want.verdict, vec![(want.outcome.name(), 1)]);
         if got != wanted {
             return Err(format!("verdict and counter {got:?}, want {wanted:?}"));
+        }
+        let met_gate = model::nat_key(direction, frame)
+            .is_some_and(|key| self.closed(direction).contains_key(&key));
+        let gate_closed = after.gate_closed - before.gate_closed;
+        if gate_closed != u64::from(met_gate) {
+            return Err(format!(
+                "gate_closed moved {gate_closed}, want {}",
+                u64::from(met_gate)
+            ));
         }
         if out != want.frame {
             return Err(format!(
@@ -423,7 +541,11 @@ impl Rig {
         if rewritten && !checksums_hold(frame, &out) {
             return Err("a rewritten frame's checksums do not hold".into());
         }
-        Ok(want.outcome)
+        Ok(if met_gate {
+            "gate_closed"
+        } else {
+            want.outcome.name()
+        })
     }
 }
 
@@ -473,7 +595,7 @@ fn run_direction(direction: Direction, seed: u64, packets: u64) {
                 next_forget = index + FORGET_EVERY;
                 rig.forget_fragments();
             }
-            let nat = rig.nat(direction).clone();
+            let nat = rig.nat(direction);
             match rng.random_range(0..20) {
                 0..=1 => queue.extend(fragment_train(&mut rng, direction, &nat)),
                 2..=10 => queue.push_back(generated(&mut rng, direction, &nat)),
@@ -487,7 +609,7 @@ fn run_direction(direction: Direction, seed: u64, packets: u64) {
             continue;
         }
         match rig.check(direction, &frame) {
-            Ok(outcome) => *outcomes.entry(outcome.name()).or_default() += 1,
+            Ok(outcome) => *outcomes.entry(outcome).or_default() += 1,
             Err(problem) => {
                 let origin = format!("found by seed {seed:x}, frame {index}");
                 keep_in_corpus(direction, &frame, &origin, &problem);
@@ -504,6 +626,15 @@ fn run_direction(direction: Direction, seed: u64, packets: u64) {
     assert!(
         count("rewritten") * 10 > compared && count("icmp_error_rewritten") * 100 > compared,
         "too few rewrites: {outcomes:?}"
+    );
+    // Frames met the closed gate, and left both gates as they were.
+    assert!(
+        count("gate_closed") * 200 > compared,
+        "too few frames met the closed gate: {outcomes:?}"
+    );
+    assert!(
+        gate_open(&rig.pf, OPEN_GATE) && !gate_open(&rig.pf, CLOSED_GATE),
+        "the gates changed during the run"
     );
     // At egress, misses from a tunnel network are dropped and others passed: both are seen.
     if direction == Direction::Egress {
@@ -565,4 +696,179 @@ fn ingress_agrees_with_the_model() {
 fn egress_agrees_with_the_model() {
     let (seed, packets) = seed_and_count();
     run_direction(Direction::Egress, seed, packets);
+}
+
+/// The trigger rules of [`trigger_agrees_with_the_model`]: (gate, client, protocols, first and
+/// last trigger port).
+const TRIGGER_RULES: [(u16, [u8; 4], Protocols, u16, u16); 4] = [
+    (1, [10, 8, 0, 2], Protocols::Udp, 6970, 6979),
+    (2, [10, 8, 0, 2], Protocols::Tcp, 6667, 6667),
+    (3, [10, 8, 0, 3], Protocols::Both, 5060, 5061),
+    (4, [10, 8, 0, 9], Protocols::Both, 27015, 27015),
+];
+/// Frames between closings of every gate (disarmed and armed again, the model's open gates
+/// forgotten), so that openings keep coming.
+const CLOSE_EVERY: u64 = 200;
+
+/// A frame a tunnel client might send: TCP or UDP (sometimes ICMP, now and then an ICMP error
+/// quoting such a packet) from a trigger rule's client to one of its trigger ports more often
+/// than not, else a near miss or anything; with the dressing and fragment flags of the NAT
+/// frames.
+fn trigger_frame(rng: &mut StdRng, ports: &TriggerTable) -> Vec<u8> {
+    let (client, port, proto) = endpoint(rng, ports);
+    let proto = proto.unwrap_or(match rng.random_range(0..5) {
+        0..=1 => IPPROTO_TCP,
+        2..=3 => IPPROTO_UDP,
+        _ => crate::kit::packet::IPPROTO_ICMP,
+    });
+    let mut p = Pkt::tcp(client, rng.random(), rng.random(), port);
+    p.proto = proto;
+    dress(rng, &mut p);
+    p.frag = [0, 0x4000, 0x8000, 0x2000, 0x2000 | 7, 12][rng.random_range(0..6)];
+    if p.frag & 0x1fff != 0 {
+        p.raw_l4 = Some(
+            (0..rng.random_range(8..100))
+                .map(|_| rng.random())
+                .collect(),
+        );
+    }
+    if rng.random_bool(0.05) {
+        return Pkt::icmp_error(client, rng.random(), 3, 3, &p.ipv4()).frame();
+    }
+    p.frame()
+}
+
+/// An opened frame's source and destination, as the opening reports them.
+fn trigger_endpoints(frame: &[u8]) -> (SocketAddrV4, SocketAddrV4) {
+    let l3 = if matches!(frame[12..14], [0x81, 0x00] | [0x88, 0xa8]) {
+        18
+    } else {
+        14
+    };
+    let l4 = l3 + usize::from(frame[l3] & 0x0f) * 4;
+    let at = |addr: usize, port: usize| {
+        SocketAddrV4::new(
+            <[u8; 4]>::try_from(&frame[addr..addr + 4]).unwrap().into(),
+            u16::from_be_bytes([frame[port], frame[port + 1]]),
+        )
+    };
+    (at(l3 + 12, l4), at(l3 + 16, l4 + 2))
+}
+
+/// The trigger program (`pf_trigger`) against the model (steps 13 to 15) on generated and
+/// mutated frames from tunnel clients, with [`TRIGGER_RULES`] armed: the verdict (always
+/// TC_ACT_OK), every byte (always as it came), the one trigger counter that moves (and no
+/// other), and the opening reported. A gate a frame opens stays open (the timeout is long), so
+/// the model tracks it: the first trigger packet to a closed gate is `opened`, the next ones
+/// `refreshed`, until the gates are closed again every [`CLOSE_EVERY`] frames.
+#[test]
+fn trigger_agrees_with_the_model() {
+    let (seed, packets) = seed_and_count();
+    let mut pf = LoadedPf::new(&[]);
+    load_triggers(&mut pf);
+    let mut openings = Openings::open(&pf.dir.dir).unwrap();
+    let rules: Vec<TriggerRule> = TRIGGER_RULES
+        .iter()
+        .map(|&(gate, client, protocols, first, last)| TriggerRule {
+            gate,
+            client: client.into(),
+            protocols,
+            ports: PortRange::new(first, last).unwrap(),
+            idle_timeout: IDLE_TIMEOUT,
+        })
+        .collect();
+    let mut ports = TriggerTable::new();
+    for r in &rules {
+        pf.state.arm_trigger(r).unwrap();
+        for &proto in r.protocols.ip_protocols() {
+            for port in r.ports.first..=r.ports.last {
+                ports.insert(
+                    (r.client.octets(), port.to_be_bytes(), proto),
+                    r.gate.into(),
+                );
+            }
+        }
+    }
+    let mut open = HashSet::new();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut outcomes = std::collections::BTreeMap::<&str, u64>::new();
+    let (mut compared, mut index) = (0u64, 0u64);
+    while compared < packets {
+        if index % CLOSE_EVERY == 0 {
+            for r in &rules {
+                pf.state.disarm_trigger(r).unwrap();
+                pf.state.arm_trigger(r).unwrap();
+            }
+            open.clear();
+        }
+        let frame = trigger_frame(&mut rng, &ports);
+        let frame = if rng.random_bool(0.4) {
+            mutate(&mut rng, frame)
+        } else {
+            frame
+        };
+        index += 1;
+        assert!(index < packets * 2, "too many frames the kernel refuses");
+        if kernel_refuses(Direction::Egress, &frame) {
+            continue;
+        }
+        let (want, opens) = model::trigger(&frame, &ports, &open);
+        let before = pf.state.counters().unwrap();
+        let (verdict, out) = run_once(pf.programs.trigger(true), &frame, None)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {}: {e}", hex(&frame)));
+        let after = pf.state.counters().unwrap();
+        let mut problems = Vec::new();
+        if verdict != model::TC_ACT_OK || out != frame {
+            problems.push(format!("verdict {verdict}, out {}", hex(&out)));
+        }
+        let got = moved(&before.trigger, &after.trigger);
+        if got != [(want.name(), 1)] {
+            problems.push(format!("trigger counters {got:?}, want {}", want.name()));
+        }
+        let others = [
+            counters_moved(&before, &after, true),
+            counters_moved(&before, &after, false),
+        ]
+        .concat();
+        if !others.is_empty() || after.gate_closed != before.gate_closed {
+            problems.push(format!("other counters moved: {others:?}"));
+        }
+        let reported: Vec<_> = openings
+            .drain()
+            .into_iter()
+            .map(|o| (u32::from(o.gate), o.source, o.destination))
+            .collect();
+        let expected: Vec<_> = opens
+            .map(|gate| {
+                let (source, destination) = trigger_endpoints(&frame);
+                (gate, source, destination)
+            })
+            .into_iter()
+            .collect();
+        if reported != expected {
+            problems.push(format!("openings {reported:?}, want {expected:?}"));
+        }
+        if let Some(gate) = opens {
+            open.insert(gate);
+            if !gate_open(&pf, gate as u16) {
+                problems.push(format!("gate {gate} is not open"));
+            }
+        }
+        assert!(
+            problems.is_empty(),
+            "trigger, seed {seed:x}, frame {index}: {}\n  frame {}",
+            problems.join("; "),
+            hex(&frame)
+        );
+        *outcomes.entry(want.name()).or_default() += 1;
+        compared += 1;
+    }
+    // Every outcome is exercised, openings many times over.
+    let count = |t: Trigger| outcomes.get(t.name()).copied().unwrap_or(0);
+    assert!(
+        count(Trigger::Opened) * 500 > compared
+            && Trigger::ALL.iter().all(|&t| count(t) * 100 > compared),
+        "an outcome is too rare: {outcomes:?}"
+    );
+    println!("trigger: {compared} frames agree with the model: {outcomes:?}");
 }
