@@ -49,3 +49,7 @@ pub const TRIGGER_REFRESH_NS: u64 = 1_000_000_000;
 /// event is lost and counted (`trigger_events_lost`), and the service finds the gate open when it
 /// next looks.
 pub const TRIGGER_RING_BYTES: u32 = 1 << 16;
+
+/// The longest idle timeout a trigger rule may have: a day. Bounded so `now + timeout` in the
+/// programs can never wrap.
+pub const MAX_TRIGGER_IDLE_NS: u64 = 86_400 * 1_000_000_000;

@@ -55,6 +55,36 @@ pub struct ReserveRequest {
     pub ttl_seconds: Option<u64>,
     #[serde(default)]
     pub note: Option<String>,
+    /// Makes it a trigger rule: its ports forward only while the target's own outbound
+    /// packets to the trigger ports keep it open (port triggering).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<TriggerRequest>,
+}
+
+/// The trigger rule of `POST /v1/reservations`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerRequest {
+    /// `PORT[-PORT]/PROTO`: the destination ports of the target's outbound packets that open
+    /// the reservation's ports.
+    pub on: String,
+    /// How long it stays open after the last packet through it, such as `2m` (default 2m).
+    #[serde(default)]
+    pub idle_timeout: Option<String>,
+}
+
+/// A trigger rule, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TriggerView {
+    /// `PORT[-PORT]/PROTO`.
+    pub on: String,
+    pub idle_timeout_ms: u64,
+    /// `armed` (waiting for a trigger packet), `open`, or `off` (the reservation is disabled,
+    /// or the kernel's state could not be read).
+    pub state: String,
+    /// While open: when it closes unless traffic keeps it open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_until: Option<String>,
 }
 
 /// A request's lifetime as text: `ttl` (`"30d"`) or `ttl_seconds` (an integer), not both.
@@ -250,6 +280,9 @@ pub struct ReservationView {
     /// a release or an expiry).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic: Option<Traffic>,
+    /// A trigger rule's: what opens it, and whether it is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<TriggerView>,
 }
 
 /// `GET /v1/stats`: each reservation with its traffic since it was made: across disables,
@@ -315,6 +348,12 @@ mod tests {
             note: String::new(),
             expired: None,
             traffic: None,
+            trigger: Some(TriggerView {
+                on: "6000/udp".into(),
+                idle_timeout_ms: 120_000,
+                state: "armed".into(),
+                open_until: None,
+            }),
         };
         let json = serde_json::to_value(&view).unwrap();
         assert_eq!(json["target_last_port"], 9815);

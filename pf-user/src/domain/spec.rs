@@ -37,6 +37,8 @@ pub enum SpecError {
     BadTtl(String),
     #[error("target ports {first}-{last} would run past 65535")]
     TargetOverflow { first: u16, last: u32 },
+    #[error("'{0}' is not of the form PORT[-PORT]/tcp|udp|both")]
+    TriggerSyntax(String),
 }
 
 /// Which protocols a reservation forwards.
@@ -247,6 +249,40 @@ impl PublicSpec {
 impl fmt::Display for PublicSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}/{}", self.addr, self.ports, self.protocols)
+    }
+}
+
+/// A trigger rule's trigger ports: the destination ports and protocols of a client's outbound
+/// packets that open the rule, `PORT[-PORT]/tcp|udp|both`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TriggerPorts {
+    pub ports: PortRange,
+    pub protocols: Protocols,
+}
+
+impl FromStr for TriggerPorts {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        let (ports, proto) = s
+            .split_once('/')
+            .ok_or_else(|| SpecError::TriggerSyntax(s.to_string()))?;
+        if ports.contains(':') {
+            return Err(SpecError::TriggerSyntax(s.to_string()));
+        }
+        let ports = match ports.split_once('-') {
+            Some((first, last)) => PortRange::new(parse_port(first)?, parse_port(last)?)?,
+            None => PortRange::single(parse_port(ports)?),
+        };
+        Ok(Self {
+            ports,
+            protocols: proto.parse()?,
+        })
+    }
+}
+
+impl fmt::Display for TriggerPorts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.ports, self.protocols)
     }
 }
 

@@ -709,6 +709,17 @@ impl State {
                 hint,
             });
         };
+        // A trigger rule's range goes with its rule: the gate is closed and disarmed first,
+        // which stops its forwarding at once.
+        let gate = nat_pairs(&r)
+            .next()
+            .map(|pair| lookup(&self.forward, map_names::FORWARD_NAT, &pair.forward))
+            .transpose()?
+            .flatten()
+            .map_or(0, |e| e.gate);
+        if gate != 0 {
+            self.disarm_gate(gate)?;
+        }
         // Forward entries first, so no new inbound packet is rewritten while the replies' entries
         // still exist; the record last, so a failure leaves the reservation visible in `pf list`.
         for pair in nat_pairs(&r) {
@@ -747,23 +758,33 @@ impl State {
 
     /// Whether the maps hold exactly `r`: its record, and every NAT entry whole.
     pub fn holds(&self, r: &Reservation) -> Result<bool, PfError> {
-        Ok(self.record_at(r) == Some(*r) && self.is_complete(r)?)
+        self.holds_gated(r, 0)
+    }
+
+    /// [`State::holds`], with every entry waiting on trigger gate `gate` (0: none).
+    pub fn holds_gated(&self, r: &Reservation, gate: u16) -> Result<bool, PfError> {
+        Ok(self.record_at(r) == Some(*r) && self.is_complete_gated(r, gate)?)
     }
 
     /// Whether every NAT entry of `r` is in the maps with the address and port it must have.
     /// A crash part-way through a write or a removal can leave a record whose entries are not
     /// all there.
     pub fn is_complete(&self, r: &Reservation) -> Result<bool, PfError> {
-        fn holds(
-            map: &NatMap,
-            name: &'static str,
-            key: &EndpointKey,
-            addr: Ipv4Addr,
-            port: u16,
-        ) -> Result<bool, PfError> {
-            Ok(lookup(map, name, key)?
-                .is_some_and(|e| e.addr == addr.octets() && e.port == port.to_be_bytes()))
-        }
+        self.is_complete_gated(r, 0)
+    }
+
+    /// [`State::is_complete`], with every entry waiting on trigger gate `gate` (0: none).
+    pub fn is_complete_gated(&self, r: &Reservation, gate: u16) -> Result<bool, PfError> {
+        let holds = |map: &NatMap,
+                     name: &'static str,
+                     key: &EndpointKey,
+                     addr: Ipv4Addr,
+                     port: u16|
+         -> Result<bool, PfError> {
+            Ok(lookup(map, name, key)?.is_some_and(|e| {
+                e.addr == addr.octets() && e.port == port.to_be_bytes() && e.gate == gate
+            }))
+        };
         for pair in nat_pairs(r) {
             let forward = holds(
                 &self.forward,

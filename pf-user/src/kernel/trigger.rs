@@ -36,6 +36,17 @@ pub struct TriggerRule {
 }
 
 impl TriggerRule {
+    /// The idle timeout in nanoseconds, as the gate holds it: 1 ns to a day.
+    fn timeout_ns(&self) -> Result<u64, PfError> {
+        u64::try_from(self.idle_timeout.as_nanos())
+            .ok()
+            .filter(|t| (1..=limits::MAX_TRIGGER_IDLE_NS).contains(t))
+            .ok_or(PfError::TriggerGate {
+                gate: self.gate.into(),
+                problem: "given an idle timeout outside 1 ns to 24 h",
+            })
+    }
+
     fn keys(&self) -> impl Iterator<Item = EndpointKey> + '_ {
         self.protocols
             .ip_protocols()
@@ -91,6 +102,7 @@ impl State {
     /// ports, after checking that none is taken and the gate is free; undone on a failure.
     pub fn arm_trigger(&mut self, rule: &TriggerRule) -> Result<(), PfError> {
         let gate = check_gate(rule.gate)?;
+        rule.timeout_ns()?;
         if self.trigger_gate(rule.gate)?.armed {
             return Err(PfError::TriggerGate {
                 gate,
@@ -118,9 +130,7 @@ impl State {
                 Err(e) => return Err(map_error(map_names::TRIGGER_PORTS)(e)),
             }
         }
-        let timeout_ns = u64::try_from(rule.idle_timeout.as_nanos())
-            .unwrap_or(u64::MAX)
-            .max(1);
+        let timeout_ns = rule.timeout_ns()?;
         self.trigger_gates
             .set(
                 gate,
@@ -161,19 +171,176 @@ impl State {
             .map_err(map_error(map_names::TRIGGER_GATES))
     }
 
+    /// Adds `r` behind `rule`'s gate and arms the rule, all or nothing.
+    pub fn reserve_triggered(
+        &mut self,
+        r: &crate::domain::spec::Reservation,
+        rule: &TriggerRule,
+    ) -> Result<(), PfError> {
+        self.reserve_gated(r, rule.gate)?;
+        if let Err(e) = self.arm_trigger(rule) {
+            let _ = self.release_exact(r);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Makes the trigger maps hold exactly `rules` and returns each difference it repaired.
+    /// A rule already armed as it should be keeps its gate's state: an opening survives a
+    /// restart of `pf serve`.
+    pub fn sync_triggers(&mut self, rules: &[TriggerRule]) -> Result<Vec<String>, PfError> {
+        let mut want = std::collections::HashMap::new();
+        let mut gates = std::collections::HashMap::new();
+        for rule in rules {
+            gates.insert(check_gate(rule.gate)?, rule.timeout_ns()?);
+            for key in rule.keys() {
+                want.insert(key, u32::from(rule.gate));
+            }
+        }
+        let mut drifts = Vec::new();
+        let have: Vec<(EndpointKey, u32)> = self
+            .trigger_ports
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_error(map_names::TRIGGER_PORTS))?;
+        let describe = |key: &EndpointKey| {
+            format!(
+                "trigger {}:{}/{}",
+                Ipv4Addr::from(key.addr),
+                u16::from_be_bytes(key.port),
+                if key.proto == pf_common::IPPROTO_TCP {
+                    "tcp"
+                } else {
+                    "udp"
+                }
+            )
+        };
+        for (key, gate) in &have {
+            if want.get(key) != Some(gate) {
+                match self.trigger_ports.remove(key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_error(map_names::TRIGGER_PORTS)(e)),
+                }
+                drifts.push(format!(
+                    "removed {} (gate {gate}): no rule has it",
+                    describe(key)
+                ));
+            }
+        }
+        for gate in 1..limits::MAX_TRIGGER_GATES {
+            let slot = self
+                .trigger_gates
+                .get(&gate, 0)
+                .map_err(map_error(map_names::TRIGGER_GATES))?;
+            let timeout_ns = gates.get(&gate).copied().unwrap_or(0);
+            if slot.timeout_ns != timeout_ns {
+                // A rule that was not armed, or armed otherwise: closed until triggered.
+                self.trigger_gates
+                    .set(
+                        gate,
+                        TriggerGate {
+                            expires_ns: 0,
+                            timeout_ns,
+                        },
+                        0,
+                    )
+                    .map_err(map_error(map_names::TRIGGER_GATES))?;
+                drifts.push(if timeout_ns == 0 {
+                    format!("cleared trigger gate {gate}: no rule has it")
+                } else {
+                    format!("armed trigger gate {gate}")
+                });
+            }
+        }
+        let had: std::collections::HashMap<EndpointKey, u32> = have.into_iter().collect();
+        for (key, gate) in &want {
+            if had.get(key) != Some(gate) {
+                self.trigger_ports
+                    .insert(*key, *gate, 0)
+                    .map_err(map_error(map_names::TRIGGER_PORTS))?;
+                drifts.push(format!("added {} (gate {gate})", describe(key)));
+            }
+        }
+        Ok(drifts)
+    }
+
+    /// Disarms whatever rule has `gate`: its trigger ports (found by a scan of the small
+    /// `TRIGGER_PORTS`), then the gate itself. Run when a gated reservation is released.
+    pub(super) fn disarm_gate(&mut self, gate: u16) -> Result<(), PfError> {
+        let gate = check_gate(gate)?;
+        let keys: Vec<EndpointKey> = self
+            .trigger_ports
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .filter(|(_, g)| *g == gate)
+            .map(|(key, _)| key)
+            .collect();
+        for key in keys {
+            match self.trigger_ports.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_error(map_names::TRIGGER_PORTS)(e)),
+            }
+        }
+        self.trigger_gates
+            .set(gate, TriggerGate::default(), 0)
+            .map_err(map_error(map_names::TRIGGER_GATES))
+    }
+
     /// A gate as the kernel has it now.
     pub fn trigger_gate(&self, gate: u16) -> Result<GateState, PfError> {
         let slot = self
             .trigger_gates
             .get(&check_gate(gate)?, 0)
             .map_err(map_error(map_names::TRIGGER_GATES))?;
-        let now = monotonic_ns();
-        Ok(GateState {
-            armed: slot.timeout_ns != 0,
-            open_for: (slot.timeout_ns != 0 && now < slot.expires_ns)
-                .then(|| Duration::from_nanos(slot.expires_ns - now)),
-            expires_ns: slot.expires_ns,
-        })
+        Ok(gate_state(&slot))
+    }
+}
+
+/// The gates alone, open for reading without pf's lock: a read of a gate need not wait for
+/// a change in progress (the API's lists are answered beside the engine).
+pub struct Gates {
+    gates: aya::maps::Array<MapData, TriggerGate>,
+}
+
+impl Gates {
+    /// Opens the pinned gate array (its layout checked), or `None` if pf has no maps in `dir`.
+    pub fn open(dir: &PinDir) -> Result<Option<Self>, PfError> {
+        if !dir.map(map_names::TRIGGER_GATES).exists() {
+            return Ok(None);
+        }
+        let (map, _) = open_map(dir, shape(map_names::TRIGGER_GATES))?;
+        Ok(Some(Self {
+            gates: map
+                .try_into()
+                .map_err(map_error(map_names::TRIGGER_GATES))?,
+        }))
+    }
+
+    /// A gate as the kernel has it now.
+    pub fn get(&self, gate: u16) -> Result<GateState, PfError> {
+        let slot = self
+            .gates
+            .get(&check_gate(gate)?, 0)
+            .map_err(map_error(map_names::TRIGGER_GATES))?;
+        Ok(gate_state(&slot))
+    }
+}
+
+fn shape(name: &str) -> &'static pf_common::MapShape {
+    MAP_SHAPES
+        .iter()
+        .find(|s| s.name == name)
+        .expect("every map has a shape")
+}
+
+/// A gate's slot as its state now.
+fn gate_state(slot: &TriggerGate) -> GateState {
+    let now = monotonic_ns();
+    GateState {
+        armed: slot.timeout_ns != 0,
+        open_for: (slot.timeout_ns != 0 && now < slot.expires_ns)
+            .then(|| Duration::from_nanos(slot.expires_ns - now)),
+        expires_ns: slot.expires_ns,
     }
 }
 
@@ -216,11 +383,7 @@ pub struct Openings {
 impl Openings {
     /// Opens the pinned ring (its layout checked).
     pub fn open(dir: &PinDir) -> Result<Self, PfError> {
-        let shape = MAP_SHAPES
-            .iter()
-            .find(|s| s.name == map_names::TRIGGER_EVENTS)
-            .expect("every map has a shape");
-        let (map, _) = open_map(dir, shape)?;
+        let (map, _) = open_map(dir, shape(map_names::TRIGGER_EVENTS))?;
         Ok(Self {
             events: map
                 .try_into()

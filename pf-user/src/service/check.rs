@@ -2,7 +2,8 @@
 //! A customer whose port an outside site calls closed cannot tell why; pf knows each link a
 //! packet crosses and says which one broke, in the order the packet meets them:
 //!
-//! 1. `reservation`: one covers the endpoint, enabled, not expired;
+//! 1. `reservation`: one covers the endpoint, enabled, not expired; for a trigger rule,
+//!    `trigger`: its gate is open (else the client has not triggered it lately);
 //! 2. `maps`: the kernel maps hold the entries the store says they should;
 //! 3. `attached`: pf is attached, live, to the interface that holds the public IP;
 //! 4. `program`: that interface's loaded ingress program rewrites a test packet to the target
@@ -33,7 +34,7 @@ use crate::{
     },
     service::{
         engine::ApiError,
-        store::{Record, Store},
+        store::{Record, Store, Trigger},
     },
 };
 
@@ -148,7 +149,18 @@ pub fn check(
     let mut links = Links(Vec::new());
     reservation_link(&mut links, &record, now_ms);
     let state = State::open_for_read(dir).ok().flatten();
-    maps_link(&mut links, state.as_ref(), &record);
+    let trigger = store.trigger(record.id)?;
+    if let Some(t) = &trigger
+        && record.enabled
+    {
+        trigger_link(&mut links, state.as_ref(), t);
+    }
+    maps_link(
+        &mut links,
+        state.as_ref(),
+        &record,
+        trigger.map_or(0, |t| t.gate),
+    );
     let iface = attached_link(&mut links, dir, r.public.addr);
     program_link(&mut links, dir, iface.as_deref(), &endpoint, target);
     target_link(&mut links, target, protocol, &ask.udp_probe);
@@ -203,7 +215,37 @@ fn reservation_link(links: &mut Links, record: &Record, now_ms: u64) {
     }
 }
 
-fn maps_link(links: &mut Links, state: Option<&State>, record: &Record) {
+/// A trigger rule's gate: open (the client's own packets keep it so), or why not.
+fn trigger_link(links: &mut Links, state: Option<&State>, t: &Trigger) {
+    let idle = humantime::format_duration(Duration::from_millis(t.idle_timeout_ms));
+    match state.map(|s| s.trigger_gate(t.gate)) {
+        Some(Ok(g)) if g.open_for.is_some() => links.ok(
+            "trigger",
+            format!(
+                "open, for {} more unless traffic keeps it open (opened by the client's packets to {})",
+                humantime::format_duration(Duration::from_secs(
+                    g.open_for.unwrap_or_default().as_secs()
+                )),
+                t.on
+            ),
+        ),
+        Some(Ok(g)) if g.armed => links.failed(
+            "trigger",
+            format!(
+                "armed, not open: the client has not sent to {} (or had no traffic through the ports) within the idle timeout of {idle}",
+                t.on
+            ),
+        ),
+        Some(Ok(_)) => links.failed(
+            "trigger",
+            "the rule is not armed in the kernel maps (drift: pf serve's reconcile repairs it; restart it)".into(),
+        ),
+        Some(Err(e)) => links.failed("trigger", format!("reading its gate: {e}")),
+        None => links.failed("trigger", "pf's maps are not pinned".into()),
+    }
+}
+
+fn maps_link(links: &mut Links, state: Option<&State>, record: &Record, gate: u16) {
     let r = &record.reservation;
     let Some(state) = state else {
         links.failed(
@@ -212,7 +254,7 @@ fn maps_link(links: &mut Links, state: Option<&State>, record: &Record) {
         );
         return;
     };
-    match (record.enabled, state.holds(r).unwrap_or(false)) {
+    match (record.enabled, state.holds_gated(r, gate).unwrap_or(false)) {
         (true, true) => links.ok("maps", format!("the kernel maps hold {r}")),
         (true, false) => links.failed(
             "maps",

@@ -93,7 +93,17 @@ struct RawConfig {
     #[serde(default)]
     metrics: RawMetrics,
     port_mapping: Option<RawPortMapping>,
+    #[serde(default)]
+    triggers: RawTriggers,
     policy: RawPolicy,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTriggers {
+    #[serde(default)]
+    interfaces: Vec<String>,
+    tc_attach: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -237,6 +247,10 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[port_mapping]`: NAT-PMP and PCP for tunnel clients, if configured.
     pub port_mapping: Option<PortMappingConfig>,
+    /// `[triggers] interfaces`: the tunnel-side interfaces the trigger program is attached to
+    /// (their TC ingress), and how.
+    pub trigger_interfaces: Vec<String>,
+    pub trigger_tc: TcAttach,
     pub policy: Policy,
 }
 
@@ -536,6 +550,8 @@ impl Config {
             .transpose()?;
         Ok(Config {
             port_mapping,
+            trigger_tc: interface_key("triggers", &raw.triggers.tc_attach)?,
+            trigger_interfaces: raw.triggers.interfaces,
             service: ServiceConfig {
                 socket: s.socket.unwrap_or_else(|| DEFAULT_SOCKET.into()),
                 socket_group: s.socket_group,
@@ -704,16 +720,13 @@ mod tests {
         }
     }
 
-    /// The example config's [port_mapping] section, uncommented, parses; the rules that keep
-    /// the server safe are refused naming their key.
-    #[test]
-    fn the_port_mapping_section_parses_and_its_errors_name_the_key() {
+    /// The example config with its commented-out section `header` (`# [name]`) uncommented.
+    fn dist_with_section(header: &str) -> String {
         let dist = include_str!("../../../dist/pf.toml");
         let mut in_section = false;
-        let text: String = dist
-            .lines()
+        dist.lines()
             .map(|l| {
-                if l == "# [port_mapping]" {
+                if l == header {
                     in_section = true;
                 } else if !l.starts_with('#') {
                     in_section = false;
@@ -724,7 +737,30 @@ mod tests {
                 }
             })
             .map(|l| format!("{l}\n"))
-            .collect();
+            .collect()
+    }
+
+    /// The example config's [triggers] section, uncommented, parses; a bad hook is refused
+    /// naming the section.
+    #[test]
+    fn the_triggers_section_parses() {
+        let c = Config::parse(&dist_with_section("# [triggers]")).unwrap();
+        assert_eq!(c.trigger_interfaces, vec!["wg0".to_string()]);
+        assert_eq!(c.trigger_tc, TcAttach::Auto);
+        let policy =
+            "[policy]\npublic_ips = [\"203.0.113.10\"]\ntarget_networks = [\"10.8.0.0/16\"]\n";
+        let bad = format!("[triggers]\ninterfaces = [\"wg0\"]\ntc_attach = \"xdp\"\n{policy}");
+        let e = Config::parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("triggers") && e.contains("xdp"), "{e}");
+        let unknown = format!("[triggers]\ninterface = [\"wg0\"]\n{policy}");
+        assert!(Config::parse(&unknown).is_err());
+    }
+
+    /// The example config's [port_mapping] section, uncommented, parses; the rules that keep
+    /// the server safe are refused naming their key.
+    #[test]
+    fn the_port_mapping_section_parses_and_its_errors_name_the_key() {
+        let text = dist_with_section("# [port_mapping]");
         let c = Config::parse(&text).unwrap();
         let m = c.port_mapping.expect("the section is there");
         assert_eq!(m.listen, vec![Ipv4Addr::new(10, 8, 0, 1)]);

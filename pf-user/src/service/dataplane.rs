@@ -14,6 +14,7 @@ use crate::{
         bpffs::PinDir,
         nftset::NftSet,
         state::{Counters, State, Traffic},
+        trigger::{GateState, Opening, Openings, TriggerRule},
     },
 };
 
@@ -42,6 +43,16 @@ pub trait Maps {
     fn traffic_all(&self) -> Result<Vec<(Reservation, Traffic)>, PfError>;
     /// The programs' global outcome counters.
     fn counters(&self) -> Result<Counters, PfError>;
+    /// Adds `r` behind trigger `rule`'s gate and arms the rule, all or nothing.
+    fn reserve_triggered(&mut self, r: &Reservation, rule: &TriggerRule) -> Result<(), PfError>;
+    /// Adds `r` behind gate `gate`, leaving the rule to [`Maps::sync_triggers`].
+    fn reserve_gated(&mut self, r: &Reservation, gate: u16) -> Result<(), PfError>;
+    /// [`Maps::is_complete`], with every entry waiting on gate `gate` (0: none).
+    fn is_complete_gated(&self, r: &Reservation, gate: u16) -> Result<bool, PfError>;
+    /// Makes the trigger maps hold exactly `rules`; each difference repaired, as text.
+    fn sync_triggers(&mut self, rules: &[TriggerRule]) -> Result<Vec<String>, PfError>;
+    /// A gate as the kernel has it now.
+    fn trigger_gate(&self, gate: u16) -> Result<GateState, PfError>;
 }
 
 impl Maps for State {
@@ -78,6 +89,21 @@ impl Maps for State {
     fn counters(&self) -> Result<Counters, PfError> {
         State::counters(self)
     }
+    fn reserve_triggered(&mut self, r: &Reservation, rule: &TriggerRule) -> Result<(), PfError> {
+        State::reserve_triggered(self, r, rule)
+    }
+    fn reserve_gated(&mut self, r: &Reservation, gate: u16) -> Result<(), PfError> {
+        State::reserve_gated(self, r, gate)
+    }
+    fn is_complete_gated(&self, r: &Reservation, gate: u16) -> Result<bool, PfError> {
+        State::is_complete_gated(self, r, gate)
+    }
+    fn sync_triggers(&mut self, rules: &[TriggerRule]) -> Result<Vec<String>, PfError> {
+        State::sync_triggers(self, rules)
+    }
+    fn trigger_gate(&self, gate: u16) -> Result<GateState, PfError> {
+        State::trigger_gate(self, gate)
+    }
 }
 
 /// What the engine needs of the data plane.
@@ -86,6 +112,8 @@ pub trait DataPlane: Send {
     fn open(&mut self) -> Result<Box<dyn Maps>, PfError>;
     /// The attachments, as the kernel has them (for `/v1/status`).
     fn attachments(&self) -> Vec<Attachment>;
+    /// The trigger gates opened since the last call, as the trigger program reported them.
+    fn openings(&mut self) -> Vec<Opening>;
 }
 
 /// pf's pinned maps. The first open (the start) makes them if they are missing and records
@@ -97,6 +125,8 @@ pub struct KernelDataPlane {
     map_ids: Option<[u32; pf_common::map_names::COUNT]>,
     /// The nftables set kept equal to the maps' reservations, if the config names one.
     netfilter: Option<NftSet>,
+    /// The ring of trigger openings, opened once the maps exist.
+    openings: Option<Openings>,
 }
 
 impl KernelDataPlane {
@@ -105,6 +135,7 @@ impl KernelDataPlane {
             dir,
             map_ids: None,
             netfilter: None,
+            openings: None,
         }
     }
 
@@ -141,6 +172,19 @@ impl DataPlane for KernelDataPlane {
 
     fn attachments(&self) -> Vec<Attachment> {
         attach::inspect(&self.dir)
+    }
+
+    fn openings(&mut self) -> Vec<Opening> {
+        if self.openings.is_none() && self.map_ids.is_some() {
+            match Openings::open(&self.dir) {
+                Ok(ring) => self.openings = Some(ring),
+                Err(e) => tracing::warn!("reading trigger openings: {e}"),
+            }
+        }
+        self.openings
+            .as_mut()
+            .map(Openings::drain)
+            .unwrap_or_default()
     }
 }
 
@@ -210,6 +254,32 @@ impl Maps for WithNetfilterSet {
     fn counters(&self) -> Result<Counters, PfError> {
         self.maps.counters()
     }
+    fn reserve_triggered(&mut self, r: &Reservation, rule: &TriggerRule) -> Result<(), PfError> {
+        self.maps.reserve_triggered(r, rule)?;
+        if let Err(e) = self.set.add(std::slice::from_ref(r)) {
+            // Releasing it disarms its rule too.
+            let _ = self.maps.release_exact(r);
+            return Err(e);
+        }
+        Ok(())
+    }
+    fn reserve_gated(&mut self, r: &Reservation, gate: u16) -> Result<(), PfError> {
+        self.maps.reserve_gated(r, gate)?;
+        if let Err(e) = self.set.add(std::slice::from_ref(r)) {
+            let _ = self.maps.release_exact(r);
+            return Err(e);
+        }
+        Ok(())
+    }
+    fn is_complete_gated(&self, r: &Reservation, gate: u16) -> Result<bool, PfError> {
+        self.maps.is_complete_gated(r, gate)
+    }
+    fn sync_triggers(&mut self, rules: &[TriggerRule]) -> Result<Vec<String>, PfError> {
+        self.maps.sync_triggers(rules)
+    }
+    fn trigger_gate(&self, gate: u16) -> Result<GateState, PfError> {
+        self.maps.trigger_gate(gate)
+    }
 }
 
 /// A data plane in memory, for host tests of the engine: the same all-or-nothing and
@@ -220,6 +290,7 @@ pub mod fake {
         collections::BTreeMap,
         net::Ipv4Addr,
         sync::{Arc, Mutex},
+        time::Duration,
     };
 
     use super::{DataPlane, Maps};
@@ -232,6 +303,7 @@ pub mod fake {
             PfError,
             attach::Attachment,
             state::{Counters, Traffic},
+            trigger::{GateState, Opening, TriggerRule},
         },
     };
 
@@ -244,6 +316,13 @@ pub mod fake {
         pub traffic: BTreeMap<(Ipv4Addr, u16, u8), Traffic>,
         /// The next write fails with this message.
         pub fail_next_write: Option<String>,
+        /// Armed trigger rules by gate, and the gate each reservation waits on.
+        pub triggers: BTreeMap<u16, TriggerRule>,
+        pub gates: BTreeMap<(Ipv4Addr, u16, u8), u16>,
+        /// Gates open now (a test opens them as a trigger packet would), and the openings
+        /// not yet read.
+        pub open: std::collections::BTreeSet<u16>,
+        pub openings: Vec<Opening>,
     }
 
     /// Cloned handles share one set of maps: the test keeps one to look inside.
@@ -325,6 +404,10 @@ pub mod fake {
             match c.reservations.get(&k) {
                 Some(r) if r.public == *spec => {
                     c.traffic.remove(&k);
+                    // Releasing a gated reservation disarms its rule, as the kernel's does.
+                    if let Some(gate) = c.gates.remove(&k) {
+                        c.triggers.remove(&gate);
+                    }
                     Ok(c.reservations.remove(&k).unwrap())
                 }
                 _ => Err(PfError::NoSuchReservation {
@@ -387,6 +470,58 @@ pub mod fake {
                 ..Counters::default()
             })
         }
+
+        fn reserve_triggered(
+            &mut self,
+            r: &Reservation,
+            rule: &TriggerRule,
+        ) -> Result<(), PfError> {
+            self.reserve_all(std::slice::from_ref(r))?;
+            let mut c = self.0.lock().unwrap();
+            c.gates.insert(key(r), rule.gate);
+            c.triggers.insert(rule.gate, *rule);
+            Ok(())
+        }
+
+        fn reserve_gated(&mut self, r: &Reservation, gate: u16) -> Result<(), PfError> {
+            self.reserve_all(std::slice::from_ref(r))?;
+            self.0.lock().unwrap().gates.insert(key(r), gate);
+            Ok(())
+        }
+
+        fn is_complete_gated(&self, r: &Reservation, gate: u16) -> Result<bool, PfError> {
+            Ok(self
+                .0
+                .lock()
+                .unwrap()
+                .gates
+                .get(&key(r))
+                .copied()
+                .unwrap_or(0)
+                == gate)
+        }
+
+        fn sync_triggers(&mut self, rules: &[TriggerRule]) -> Result<Vec<String>, PfError> {
+            let mut c = self.write()?;
+            let want: BTreeMap<u16, TriggerRule> = rules.iter().map(|r| (r.gate, *r)).collect();
+            let drifts = if c.triggers == want {
+                Vec::new()
+            } else {
+                vec!["trigger rules".to_string()]
+            };
+            c.triggers = want;
+            Ok(drifts)
+        }
+
+        fn trigger_gate(&self, gate: u16) -> Result<GateState, PfError> {
+            let c = self.0.lock().unwrap();
+            let armed = c.triggers.contains_key(&gate);
+            Ok(GateState {
+                armed,
+                open_for: (armed && c.open.contains(&gate)).then(|| Duration::from_secs(60)),
+                expires_ns: 0,
+            })
+        }
     }
 
     impl DataPlane for FakeDataPlane {
@@ -396,6 +531,10 @@ pub mod fake {
 
         fn attachments(&self) -> Vec<Attachment> {
             Vec::new()
+        }
+
+        fn openings(&mut self) -> Vec<Opening> {
+            std::mem::take(&mut self.0.lock().unwrap().openings)
         }
     }
 

@@ -16,6 +16,7 @@
 //! | `pf_interfaces` | `interface`, `role`, `live` | configured and attached interfaces (1 each) |
 //! | `pf_store_read_only` | | 1 when the store takes no changes |
 //! | `pf_expiries_total` | | reservations expired by this process |
+//! | `pf_trigger_openings_total`, `pf_trigger_closings_total` | | trigger rules opened by their client's packets and closed by idleness, as this process saw them |
 //! | `pf_refusals_total` | `reason` | refused changes, by policy rule or error code |
 //! | `pf_change_duration_seconds` | | how long each change took in the engine (store, maps, audit) |
 //! | `pf_per_reservation_series_omitted` | | 1 when there were more reservations than the limit |
@@ -83,6 +84,8 @@ pub struct ReasonLabels {
 pub struct ServiceMetrics {
     refusals: Family<ReasonLabels, Counter>,
     expiries: Counter,
+    trigger_openings: Counter,
+    trigger_closings: Counter,
     change_seconds: Histogram,
     /// The port-mapping server's answers and drops.
     pub port_mapping: MappingCounts,
@@ -192,6 +195,8 @@ impl Default for ServiceMetrics {
         Self {
             refusals: Family::default(),
             expiries: Counter::default(),
+            trigger_openings: Counter::default(),
+            trigger_closings: Counter::default(),
             // 100 µs to ~3 s: a change is a store transaction (fsync), map writes and an
             // audit line.
             change_seconds: Histogram::new([
@@ -214,6 +219,14 @@ impl ServiceMetrics {
 
     pub fn expired(&self) {
         self.expiries.inc();
+    }
+
+    pub fn trigger_opened(&self) {
+        self.trigger_openings.inc();
+    }
+
+    pub fn trigger_closed(&self) {
+        self.trigger_closings.inc();
     }
 
     pub fn change_took(&self, seconds: f64) {
@@ -421,6 +434,16 @@ pub fn encode_text(s: &Snapshot, service: &ServiceMetrics) -> String {
         "expiries",
         "Reservations expired by this pf serve",
         service.expiries.clone(),
+    );
+    registry.register(
+        "trigger_openings",
+        "Trigger rules opened by their client's packets, as this pf serve saw them",
+        service.trigger_openings.clone(),
+    );
+    registry.register(
+        "trigger_closings",
+        "Trigger rules closed by idleness (or by their rule going), as this pf serve saw them",
+        service.trigger_closings.clone(),
     );
     registry.register(
         "refusals",

@@ -29,7 +29,7 @@ use std::{
     time::Duration,
 };
 
-use crate::kernel::{PfError, attach, bpffs::PinDir};
+use crate::kernel::{PfError, attach, bpffs::PinDir, trigger_hook};
 use config::{Config, ConfigError};
 use store::{SqliteStore, Store, StoreError};
 
@@ -244,6 +244,22 @@ fn attach_interfaces(dir: &PinDir, config: &Config) -> Result<(), ServeError> {
                 });
             }
             _ => attach_configured(dir, want, config)?,
+        }
+    }
+    // The trigger program on the tunnel side: adopted when live, attached (again) when not.
+    let triggers = trigger_hook::trigger_attachments(dir);
+    for iface in &config.trigger_interfaces {
+        match triggers.iter().find(|t| &t.iface == iface) {
+            Some(t) if t.health.is_live() => {
+                tracing::info!("adopted the trigger program on {iface}");
+            }
+            found => {
+                if found.is_some() {
+                    trigger_hook::detach_trigger(dir, iface)?;
+                }
+                let hook = trigger_hook::attach_trigger(dir, iface, config.trigger_tc)?;
+                tracing::info!("attached the trigger program to {iface} (TC ingress by {hook})");
+            }
         }
     }
     // A dead attachment outside the config (a `pf attach` by hand) may still run programs

@@ -13,9 +13,9 @@ use std::{
 use serde_json::{Value, json};
 
 use super::{
-    engine::{ApiError, Request, expired_json, record_json, traffic_rows},
+    engine::{ApiError, Request, expired_json, record_view, traffic_rows, trigger::trigger_view},
     metrics::{self, ServiceMetrics},
-    store::{ListFilter, SqliteStore, Store},
+    store::{ListFilter, Record, SqliteStore, Store},
 };
 use crate::{
     api::types::AttachmentView,
@@ -23,6 +23,7 @@ use crate::{
         attach::{self, Attachment},
         bpffs::PinDir,
         state::State,
+        trigger::{GateState, Gates},
     },
 };
 
@@ -51,15 +52,52 @@ pub fn status_json(
     published
 }
 
+/// Reads a trigger gate as the kernel has it (`None`: it could not be read).
+pub type GateReader<'a> = &'a dyn Fn(u16) -> Option<GateState>;
+
+/// Records as the API shows them, each trigger rule's with its gate as `gate` reads it.
+pub fn records_json(
+    store: &dyn Store,
+    records: &[Record],
+    gate: GateReader<'_>,
+    now_ms: u64,
+) -> Result<Vec<Value>, ApiError> {
+    let triggers = if records.is_empty() {
+        Default::default()
+    } else {
+        store.triggers()?
+    };
+    Ok(records
+        .iter()
+        .map(|r| {
+            let mut view = record_view(r);
+            view.trigger = triggers
+                .get(&r.id)
+                .map(|t| trigger_view(t, r.enabled.then(|| gate(t.gate)).flatten(), now_ms));
+            serde_json::to_value(view).expect("plain struct")
+        })
+        .collect())
+}
+
 /// A list of the records `filter` asks for.
-pub fn list_json(store: &dyn Store, filter: &ListFilter) -> Result<Value, ApiError> {
-    Ok(Value::Array(
-        store
-            .list_filtered(filter)?
-            .iter()
-            .map(record_json)
-            .collect(),
-    ))
+pub fn list_json(
+    store: &dyn Store,
+    filter: &ListFilter,
+    gate: GateReader<'_>,
+    now_ms: u64,
+) -> Result<Value, ApiError> {
+    Ok(Value::Array(records_json(
+        store,
+        &store.list_filtered(filter)?,
+        gate,
+        now_ms,
+    )?))
+}
+
+/// The kernel's gates, read without pf's lock (a list never waits for a change), if the maps
+/// exist.
+pub fn kernel_gates(gates: Option<&Gates>) -> impl Fn(u16) -> Option<GateState> + '_ {
+    move |gate| gates.and_then(|g| g.get(gate).ok())
 }
 
 pub struct Reads {
@@ -154,12 +192,16 @@ impl Reads {
     pub fn answer(&self, request: Request) -> Result<Value, ApiError> {
         match request {
             Request::Get(id) => self.with_reader(|store| {
-                store
-                    .get(id)?
-                    .map(|r| record_json(&r))
-                    .ok_or_else(|| ApiError::not_found(id))
+                let record = store.get(id)?.ok_or_else(|| ApiError::not_found(id))?;
+                let gates = Gates::open(&self.dir).ok().flatten();
+                let now = super::clock::now_ms();
+                Ok(records_json(store, &[record], &kernel_gates(gates.as_ref()), now)?.remove(0))
             }),
-            Request::List(filter) => self.with_reader(|store| list_json(store, &filter)),
+            Request::List(filter) => self.with_reader(|store| {
+                let gates = Gates::open(&self.dir).ok().flatten();
+                let now = super::clock::now_ms();
+                list_json(store, &filter, &kernel_gates(gates.as_ref()), now)
+            }),
             Request::Expired { owner } => {
                 self.with_reader(|store| expired_json(store, owner.as_deref()))
             }

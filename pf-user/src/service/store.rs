@@ -11,7 +11,7 @@ use pf_common::limits::MAX_RANGE_PORTS;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::{
-    domain::spec::{PortRange, Protocols, PublicSpec, Reservation},
+    domain::spec::{PortRange, Protocols, PublicSpec, Reservation, TriggerPorts},
     kernel::state::Traffic,
 };
 
@@ -70,6 +70,20 @@ impl MappingProtocol {
             .into_iter()
             .find(|p| p.as_str() == s)
     }
+}
+
+/// A trigger rule: the reservation's ports forward only while its gate is open, which the
+/// client opens by sending to its trigger ports (port triggering, `kernel::trigger`). Stored
+/// beside the reservation, by its id; kept with its expired record, so a restore makes the
+/// rule again, never a reservation that is always open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trigger {
+    /// Its slot in the kernel's gate array (1-65535); one per live rule.
+    pub gate: u16,
+    /// The destination ports and protocols of the client's packets that open it.
+    pub on: TriggerPorts,
+    /// How long it stays open after the last packet through it.
+    pub idle_timeout_ms: u64,
 }
 
 /// What a port-mapping protocol needs beyond the reservation to find it again: who asked,
@@ -223,13 +237,26 @@ pub trait Store: Send {
     ) -> Result<(), StoreError>;
     /// Every owner the API gave, by address.
     fn tunnel_owners(&self) -> Result<Vec<(Ipv4Addr, String)>, StoreError>;
+
+    /// Stores a reservation and its trigger rule, in one transaction.
+    fn insert_triggered(
+        &mut self,
+        new: &NewRecord,
+        trigger: &Trigger,
+    ) -> Result<Record, StoreError>;
+    /// The trigger rule of reservation (or expired record) `id`, if it has one.
+    fn trigger(&self, id: u64) -> Result<Option<Trigger>, StoreError>;
+    /// The trigger rules of the live reservations, by id.
+    fn triggers(&self) -> Result<HashMap<u64, Trigger>, StoreError>;
+    /// Gives `id`'s trigger rule another gate (a restore, whose old gate may be taken).
+    fn set_trigger_gate(&mut self, id: u64, gate: u16) -> Result<bool, StoreError>;
 }
 
 /// The schema this pf writes; `PRAGMA user_version` records it in the file. Version 2 added
 /// the expired history, version 3 the carried-over traffic, version 4 the port mappings and
-/// the settings (new tables only: an older file is brought up to date by creating what it
-/// lacks).
-const SCHEMA_VERSION: i64 = 4;
+/// the settings, version 5 the trigger rules (new tables only: an older file is brought up to
+/// date by creating what it lacks).
+const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS reservations (
@@ -299,6 +326,17 @@ CREATE UNIQUE INDEX IF NOT EXISTS port_mappings_client
 CREATE TABLE IF NOT EXISTS tunnel_owners (
     address TEXT PRIMARY KEY,
     owner   TEXT NOT NULL
+);
+-- Trigger rules: reservations that forward only while their client keeps them open by
+-- sending to their trigger ports. By the reservation's id (or its expired record's); gone
+-- with them. The gate is unique among live reservations (the engine allocates it).
+CREATE TABLE IF NOT EXISTS triggers (
+    id              INTEGER PRIMARY KEY,
+    gate            INTEGER NOT NULL CHECK (gate BETWEEN 1 AND 65535),
+    protocols       INTEGER NOT NULL CHECK (protocols IN (1, 2, 3)),
+    first_port      INTEGER NOT NULL CHECK (first_port BETWEEN 1 AND 65535),
+    last_port       INTEGER NOT NULL CHECK (last_port BETWEEN first_port AND 65535),
+    idle_timeout_ms INTEGER NOT NULL CHECK (idle_timeout_ms > 0)
 );
 -- The service's own values (the port mappings' epoch).
 CREATE TABLE IF NOT EXISTS settings (
@@ -753,6 +791,7 @@ impl Store for SqliteStore {
             .and_then(|n| {
                 tx.execute("DELETE FROM traffic WHERE id = ?1", [id as i64])?;
                 tx.execute("DELETE FROM port_mappings WHERE id = ?1", [id as i64])?;
+                tx.execute("DELETE FROM triggers WHERE id = ?1", [id as i64])?;
                 Ok(n)
             })
             .map_err(sql("deleting a reservation"))?;
@@ -1000,6 +1039,11 @@ impl Store for SqliteStore {
                     "DELETE FROM traffic WHERE id NOT IN \
                      (SELECT id FROM reservations UNION SELECT id FROM expired)",
                     [],
+                )?;
+                tx.execute(
+                    "DELETE FROM triggers WHERE id NOT IN \
+                     (SELECT id FROM reservations UNION SELECT id FROM expired)",
+                    [],
                 )
                 .map(|_| n as u64)
             })
@@ -1105,6 +1149,51 @@ impl Store for SqliteStore {
         )
     }
 
+    fn insert_triggered(
+        &mut self,
+        new: &NewRecord,
+        trigger: &Trigger,
+    ) -> Result<Record, StoreError> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql("starting a transaction"))?;
+        let record = Self::insert_one(&tx, new)?;
+        tx.execute(
+            "INSERT INTO triggers (id, gate, protocols, first_port, last_port, idle_timeout_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                record.id as i64,
+                trigger.gate,
+                trigger.on.protocols.mask(),
+                trigger.on.ports.first,
+                trigger.on.ports.last,
+                trigger.idle_timeout_ms as i64,
+            ],
+        )
+        .map_err(sql("inserting a trigger rule"))?;
+        tx.commit().map_err(sql("committing"))?;
+        Ok(record)
+    }
+
+    fn trigger(&self, id: u64) -> Result<Option<Trigger>, StoreError> {
+        Ok(self
+            .triggers_where("WHERE id = ?1", params![id as i64])?
+            .remove(&id))
+    }
+
+    fn triggers(&self) -> Result<HashMap<u64, Trigger>, StoreError> {
+        self.triggers_where("WHERE id IN (SELECT id FROM reservations)", [])
+    }
+
+    fn set_trigger_gate(&mut self, id: u64, gate: u16) -> Result<bool, StoreError> {
+        self.update(
+            "giving a trigger rule its gate",
+            "UPDATE triggers SET gate = ?2 WHERE id = ?1",
+            params![id as i64, gate],
+        )
+    }
+
     fn tunnel_owner(&self, address: Ipv4Addr) -> Result<Option<String>, StoreError> {
         Ok(self
             .tunnel_owners_where(Some(address))?
@@ -1191,6 +1280,60 @@ impl SqliteStore {
                     detail: format!("tunnel owner address '{address}'"),
                 })?;
                 Ok((parsed, owner))
+            })
+            .collect()
+    }
+
+    fn triggers_where(
+        &self,
+        where_clause: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<HashMap<u64, Trigger>, StoreError> {
+        let what = "reading trigger rules";
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT id, gate, protocols, first_port, last_port, idle_timeout_ms FROM triggers \
+                 {where_clause}"
+            ))
+            .map_err(sql(what))?;
+        let rows = stmt
+            .query_map(params, |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, u8>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            })
+            .map_err(sql(what))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql(what))?;
+        rows.into_iter()
+            .map(|(id, gate, mask, first, last, idle)| {
+                let bad = |detail: String| StoreError::BadRow { id, detail };
+                let port = |v: i64| u16::try_from(v).map_err(|_| bad(format!("trigger port {v}")));
+                Ok((
+                    id as u64,
+                    Trigger {
+                        gate: u16::try_from(gate)
+                            .ok()
+                            .filter(|g| *g != 0)
+                            .ok_or_else(|| bad(format!("trigger gate {gate}")))?,
+                        on: TriggerPorts {
+                            ports: PortRange::new(port(first)?, port(last)?)
+                                .map_err(|e| bad(e.to_string()))?,
+                            protocols: Protocols::from_mask(mask)
+                                .ok_or_else(|| bad(format!("trigger protocols {mask}")))?,
+                        },
+                        idle_timeout_ms: u64::try_from(idle)
+                            .ok()
+                            .filter(|t| *t > 0)
+                            .ok_or_else(|| bad(format!("trigger idle timeout {idle}")))?,
+                    },
+                ))
             })
             .collect()
     }

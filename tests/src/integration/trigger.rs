@@ -27,7 +27,9 @@ use crate::kit::{
     wireguard::{SERVER_WG, WireguardTopology},
 };
 
-use super::common::{TempPinDir, counter, pf_in, pf_stats, require_root, reservations};
+use super::common::{
+    TempPinDir, counter, pf, pf_in, pf_list, pf_ok, pf_stats, require_root, reservations,
+};
 
 /// The rule's open range on the public address: TCP and UDP 8080, to the client's 8080.
 const OPEN_PORT: u16 = 8080;
@@ -259,4 +261,213 @@ fn trigger_over_wireguard() {
     pf_in(&topo.server, &dir, &["attach", PUBLIC_IFACE]);
     pf_in(&topo.server, &dir, &["attach", SERVER_WG, "--trigger"]);
     trigger_life(&dir, &topo.inet, &topo.client);
+}
+
+/// The server's config for a trigger rule made through `pf serve`: pf on pub0, the trigger
+/// program on tun0, a quota of 4 ports.
+fn service_config() -> String {
+    format!(
+        r#"
+[[interfaces]]
+name = "{PUBLIC_IFACE}"
+
+[triggers]
+interfaces = ["tun0"]
+
+[policy]
+public_ips = ["{PUBLIC_IP}"]
+target_networks = ["10.8.0.0/16"]
+port_pool = ["8000-8999", "40000-41999"]
+ports_per_owner = 4
+max_range_ports = 16
+forbid_listening_ports = false
+"#
+    )
+}
+
+fn audit_actions(service: &crate::kit::serve::Service, action: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(service.audit_log())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l["action"] == action)
+        .collect()
+}
+
+/// Waits (at most 5 s) for `pf list` to show reservation `id`'s trigger in `state`.
+fn wait_for_state(dir: &TempPinDir, id: u64, state: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let list = pf_list(dir);
+        let row = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no reservation {id} in {list}"));
+        if row["trigger"]["state"] == state || Instant::now() > deadline {
+            assert_eq!(row["trigger"]["state"], state, "{row}");
+            return row;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A trigger rule as a product: made with `pf trigger`, held by the policy like any
+/// reservation (its range counts against the quota and nobody else can take it), listed as
+/// armed or open with until-when, its openings and closings audited with the packet that
+/// opened it, kept across a restart of `pf serve` (an open gate stays open), refused when it
+/// clashes with another rule of the same client or is malformed, and gone when released.
+#[test]
+fn trigger_rule_through_pf_serve() {
+    require_root();
+    let dir = TempPinDir::new();
+    let topo = Topology::new(&format!("pfts{}", std::process::id())).unwrap();
+    let mut servers = Servers::new();
+    servers.http(&topo.client, OPEN_PORT);
+    servers.udp_echo(&topo.client, OPEN_PORT);
+    let mut service = dir.serve_with(Some(&topo.server), &service_config());
+    assert!(pf_stats(&dir)["triggers"]["tun0"]["tc"].is_string());
+
+    let out = pf_ok(
+        &dir,
+        &[
+            "trigger",
+            &format!("{PUBLIC_IP}:{OPEN_PORT}/both"),
+            "--to",
+            CLIENT_IP,
+            "--on",
+            &format!("{TRIGGER_PORT}/udp"),
+            "--idle",
+            "3s",
+            "--owner",
+            "acct-7",
+            "--json",
+        ],
+    );
+    let made: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = made["id"].as_u64().unwrap();
+    assert_eq!(
+        made["trigger"]["on"],
+        format!("{TRIGGER_PORT}/udp"),
+        "{made}"
+    );
+    assert_eq!(made["trigger"]["idle_timeout_ms"], 3000, "{made}");
+    assert_eq!(made["trigger"]["state"], "armed", "{made}");
+    assert!(!reachable(&topo.inet, "armed, before any trigger"));
+    // `pf check` names the link: the rule is armed, not open.
+    let checked = pf(
+        &dir,
+        &["check", &format!("{PUBLIC_IP}:{OPEN_PORT}/tcp"), "--json"],
+    );
+    let view: serde_json::Value = serde_json::from_slice(&checked.stdout).unwrap();
+    assert_eq!(checked.status.code(), Some(4), "{view}");
+    assert_eq!(view["because"], "trigger", "{view}");
+
+    // The range is held: nobody else can reserve it, and it counts against the quota.
+    let taken = pf(
+        &dir,
+        &[
+            "reserve",
+            &format!("{PUBLIC_IP}:{OPEN_PORT}/tcp"),
+            "--to",
+            "10.8.0.9",
+            "--owner",
+            "acct-8",
+        ],
+    );
+    assert!(!taken.status.success());
+    assert!(
+        String::from_utf8_lossy(&taken.stderr).contains("overlaps"),
+        "{taken:?}"
+    );
+    let over_quota = pf(
+        &dir,
+        &[
+            "reserve",
+            &format!("{PUBLIC_IP}:41000-41003/tcp"),
+            "--to",
+            CLIENT_IP,
+            "--owner",
+            "acct-7",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&over_quota.stderr).contains("policy.ports_per_owner"),
+        "{over_quota:?}"
+    );
+    // A second rule of the same client on the same trigger port, and malformed rules, are
+    // refused and change nothing.
+    for (args, why) in [
+        (vec!["--on", "6000/udp"], "already triggers"),
+        (vec!["--on", "6000:1/udp"], "PORT[-PORT]"),
+        (vec!["--on", "6000/icmp"], "unknown protocol"),
+        (vec!["--on", "6000/udp", "--idle", "0s"], "1s to 24h"),
+        (vec!["--on", "6000-7000/udp"], "policy.max_range_ports"),
+    ] {
+        let mut words = vec!["trigger", "198.51.100.1:40001/udp", "--to", CLIENT_IP];
+        words.extend(args);
+        let out = pf(&dir, &words);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(why),
+            "{words:?}: {stderr}"
+        );
+    }
+    assert_eq!(pf_list(&dir).as_array().unwrap().len(), 1);
+
+    // The client's packet opens it: listed open until a time, audited with the packet.
+    send_trigger(&topo.client, CLIENT_IP);
+    let row = wait_for_state(&dir, id, "open");
+    assert!(row["trigger"]["open_until"].is_string(), "{row}");
+    assert!(reachable(&topo.inet, "after the trigger"));
+    let checked = pf(
+        &dir,
+        &["check", &format!("{PUBLIC_IP}:{OPEN_PORT}/tcp"), "--json"],
+    );
+    let view: serde_json::Value = serde_json::from_slice(&checked.stdout).unwrap();
+    assert_eq!(checked.status.code(), Some(0), "{view}");
+    assert_eq!(view["verdict"], "open", "{view}");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while audit_actions(&service, "trigger-open").is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let opened = audit_actions(&service, "trigger-open");
+    assert_eq!(opened.len(), 1, "{opened:?}");
+    let subject = &opened[0];
+    assert_eq!(subject["reservation"]["id"], id, "{subject}");
+    assert_eq!(
+        subject["reservation"]["by"]["destination"],
+        format!("{INTERNET_IP}:{TRIGGER_PORT}"),
+        "{subject}"
+    );
+
+    // A restart keeps the rule, and the opening: the gate is the kernel's.
+    service.stop();
+    service.spawn().unwrap();
+    assert_eq!(
+        wait_for_state(&dir, id, "open")["trigger"]["on"],
+        "6000/udp"
+    );
+    assert!(reachable(&topo.inet, "after a restart of pf serve"));
+
+    // Idle: closed by the kernel, seen and audited by the service.
+    thread::sleep(IDLE_TIMEOUT + Duration::from_millis(500));
+    assert!(!reachable(&topo.inet, "after the idle timeout"));
+    wait_for_state(&dir, id, "armed");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while audit_actions(&service, "trigger-close").is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(audit_actions(&service, "trigger-close").len(), 1);
+
+    // Released: the rule goes with its range; a trigger opens nothing.
+    pf_ok(&dir, &["release", &id.to_string()]);
+    send_trigger(&topo.client, CLIENT_IP);
+    thread::sleep(Duration::from_millis(300));
+    assert!(!reachable(&topo.inet, "after the release"));
+    let stats = pf_stats(&dir);
+    assert!(counter(&stats, "trigger", "no_trigger") >= 1, "{stats}");
+    drop(service);
 }

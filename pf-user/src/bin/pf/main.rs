@@ -11,9 +11,14 @@ use clap::{Parser, Subcommand};
 use pf::{
     api::{
         client::{Client, ClientError},
-        types::{ChangeRequest, ListQuery, RenewRequest, ReserveRequest, RestoreRequest},
+        types::{
+            ChangeRequest, ListQuery, RenewRequest, ReservationView, ReserveRequest,
+            RestoreRequest, TriggerRequest,
+        },
     },
-    domain::spec::{PublicSpec, Reservation, SpecError, TargetSpec, parse_public_request},
+    domain::spec::{
+        PublicSpec, Reservation, SpecError, TargetSpec, TriggerPorts, parse_public_request,
+    },
     kernel::{
         attach::{self, AttachMode, DeviceChoice, FastPathDevices, Role, TcAttach},
         bpffs::{DEFAULT_PIN_DIR, PinDir},
@@ -203,6 +208,41 @@ enum Command {
         #[arg(long, value_name = "DURATION")]
         ttl: Option<String>,
         /// Free text kept with the reservation (no control or invisible characters).
+        #[arg(long)]
+        note: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forward ports that open only while the target itself keeps them open (port
+    /// triggering): its outbound packets to the trigger ports open the public ports, and they
+    /// close after the idle timeout without traffic. Held, counted and released like any
+    /// reservation (`pf list` shows it armed or open).
+    #[command(after_help = "Examples:
+  pf trigger 203.0.113.10:6112/both --to 10.8.0.2 --on 6112/udp --owner acct-7
+  pf trigger 203.0.113.10:27015-27020/udp --to 10.8.0.3 --on 27015/tcp --idle 5m --owner acct-9")]
+    Trigger {
+        /// The ports it opens: an address of policy.public_ips, a port or range (none: a free
+        /// port from the pool), and the protocols.
+        #[arg(value_name = "PUBLIC_IP[:PORT[-PORT]]/tcp|udp|both")]
+        public: String,
+        /// The tunnel client (and, with a port, where the range starts): its own packets
+        /// trigger the rule.
+        #[arg(long = "to", value_name = "TARGET_IP[:PORT]")]
+        to: TargetSpec,
+        /// The trigger: destination ports and protocols of the client's outbound packets.
+        #[arg(long, value_name = "PORT[-PORT]/tcp|udp|both")]
+        on: TriggerPorts,
+        /// How long the ports stay open after the last packet through them (1s to 24h).
+        #[arg(long, value_name = "DURATION", default_value = "2m")]
+        idle: String,
+        /// The account the rule belongs to.
+        #[arg(long, default_value = "admin")]
+        owner: String,
+        /// Lifetime of the rule, e.g. 30d; without it the policy's default_ttl (or none).
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+        /// Free text kept with it.
         #[arg(long)]
         note: Option<String>,
         /// Print the result as JSON.
@@ -727,6 +767,39 @@ fn is_config_error(e: &anyhow::Error) -> bool {
         )
 }
 
+/// `pf reserve` and `pf trigger`: checked here first (no round trip for a typo), then asked.
+fn reserve(
+    client: &Client,
+    public: String,
+    to: TargetSpec,
+    owner: String,
+    ttl: Option<String>,
+    note: Option<String>,
+    trigger: Option<TriggerRequest>,
+) -> anyhow::Result<ReservationView> {
+    let (addr, ports, protocols) = parse_public_request(&public)?;
+    if let Some(ports) = ports {
+        Reservation::new(
+            PublicSpec {
+                addr,
+                ports,
+                protocols,
+            },
+            to,
+        )?;
+    }
+    check_ttl(&ttl)?;
+    Ok(client.reserve(&ReserveRequest {
+        owner,
+        public,
+        to: to.to_string(),
+        ttl,
+        ttl_seconds: None,
+        note,
+        trigger,
+    })?)
+}
+
 /// Fails early, without a round trip, on a lifetime the service would refuse.
 fn check_ttl(ttl: &Option<String>) -> Result<(), SpecError> {
     match ttl {
@@ -822,27 +895,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             note,
             json,
         } => {
-            let (addr, ports, protocols) = parse_public_request(&public)?;
-            if let Some(ports) = ports {
-                Reservation::new(
-                    PublicSpec {
-                        addr,
-                        ports,
-                        protocols,
-                    },
-                    to,
-                )?;
-            }
-            check_ttl(&ttl)?;
-            let r = client.reserve(&ReserveRequest {
-                owner,
-                public,
-                to: to.to_string(),
-                ttl,
-                ttl_seconds: None,
-                note,
-            })?;
+            let r = reserve(&client, public, to, owner, ttl, note, None)?;
             render::print_record("reserved", &r, json)?;
+        }
+        Command::Trigger {
+            public,
+            to,
+            on,
+            idle,
+            owner,
+            ttl,
+            note,
+            json,
+        } => {
+            humantime::parse_duration(&idle).map_err(|e| {
+                anyhow::anyhow!("--idle '{idle}' is not a duration such as 2m ({e})")
+            })?;
+            let trigger = TriggerRequest {
+                on: on.to_string(),
+                idle_timeout: Some(idle),
+            };
+            let r = reserve(&client, public, to, owner, ttl, note, Some(trigger))?;
+            render::print_record("armed", &r, json)?;
         }
         Command::Release {
             reservation,
@@ -1095,11 +1169,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 "pf"
             };
-            if json {
+            if json && trigger {
                 out!(
                     "{}",
-                    serde_json::json!({ "detached": iface, "trigger": trigger })
+                    serde_json::json!({ "detached": iface, "role": "trigger" })
                 );
+            } else if json {
+                out!("{}", serde_json::json!({ "detached": iface }));
             } else {
                 out!("detached {what} from {iface}");
             }

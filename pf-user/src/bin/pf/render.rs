@@ -46,6 +46,17 @@ pub fn describe(r: &ReservationView) -> String {
     if !r.enabled {
         line += ", disabled";
     }
+    if let Some(t) = &r.trigger {
+        line += &format!(
+            ", trigger on {} idle {}: {}",
+            t.on,
+            humantime::format_duration(std::time::Duration::from_millis(t.idle_timeout_ms)),
+            t.state
+        );
+        if let Some(until) = &t.open_until {
+            line += &format!(" until {until}");
+        }
+    }
     if let Some(expired) = &r.expired {
         line += &format!(", expired {expired}");
     }

@@ -182,7 +182,7 @@ impl Engine {
             internal_port: req.internal_port,
             nonce: req.nonce,
         };
-        let record = self.commit_new(&new, Some(&mapping))?;
+        let record = self.commit_new(&new, super::Added::Mapping(&mapping))?;
         Ok(MapAnswer {
             public_ip: reservation.public.addr,
             external_port: reservation.public.ports.first,

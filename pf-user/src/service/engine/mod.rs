@@ -356,6 +356,16 @@ fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
+/// What a new reservation comes with.
+#[derive(Clone, Copy)]
+enum Added<'a> {
+    Plain,
+    /// A device's port mapping (NAT-PMP, PCP, UPnP IGD).
+    Mapping(&'a super::store::Mapping),
+    /// A trigger rule: its entries wait on the rule's gate.
+    Trigger(&'a super::store::Trigger),
+}
+
 /// A record as the API shows it.
 pub fn record_view(r: &Record) -> ReservationView {
     ReservationView {
@@ -370,6 +380,7 @@ pub fn record_view(r: &Record) -> ReservationView {
         note: r.note.clone(),
         expired: None,
         traffic: None,
+        trigger: None,
     }
 }
 
@@ -574,6 +585,8 @@ pub struct Engine {
     pub metrics: ServiceMetrics,
     /// `[port_mapping]`, if devices may ask for mappings.
     port_mapping: Option<PortMappingConfig>,
+    /// Trigger gates known to be open, and whose (reservation id): watched for closing.
+    open_gates: std::collections::BTreeMap<u16, u64>,
 }
 
 fn kernel_seed() -> u64 {
@@ -616,6 +629,7 @@ impl Engine {
             last_reconcile: None,
             metrics: ServiceMetrics::default(),
             port_mapping: None,
+            open_gates: std::collections::BTreeMap::new(),
         })
     }
 
@@ -746,8 +760,14 @@ impl Engine {
 
     fn read(&mut self, request: Request) -> Result<Value, ApiError> {
         match request {
-            Request::Get(id) => Ok(record_json(&self.get(id)?)),
-            Request::List(filter) => super::reads::list_json(self.store.as_ref(), &filter),
+            Request::Get(id) => {
+                let record = self.get(id)?;
+                Ok(self.records_json(&[record])?.remove(0))
+            }
+            Request::List(filter) => {
+                let records = self.store.list_filtered(&filter)?;
+                Ok(Value::Array(self.records_json(&records)?))
+            }
             Request::Expired { owner } => expired_json(self.store.as_ref(), owner.as_deref()),
             Request::TunnelOwners => Ok(json!(
                 self.store
@@ -827,7 +847,9 @@ impl Engine {
 
     fn change(&mut self, request: Request, caller: Caller) -> Result<Value, ApiError> {
         match request {
-            Request::Reserve(r) => self.reserve(r).map(|r| record_json(&r)),
+            Request::Reserve(r) => self
+                .reserve(r)
+                .and_then(|r| Ok(self.records_json(&[r])?.remove(0))),
             Request::Map(m) => self
                 .map(m)
                 .map(|a| serde_json::to_value(a).expect("plain struct")),
@@ -924,6 +946,14 @@ impl Engine {
             // answered (`reads::status_json`), not at every publish.
             "port_mapping": self.port_mapping.as_ref().map(|_| json!({})),
         })
+    }
+
+    /// Records as the API shows them, trigger rules with their gates as the maps have them.
+    fn records_json(&mut self, records: &[Record]) -> Result<Vec<Value>, ApiError> {
+        let state = self.open_state().ok();
+        let gate = |g: u16| state.as_ref().and_then(|s| s.trigger_gate(g).ok());
+        let now = self.now_ms();
+        super::reads::records_json(self.store.as_ref(), records, &gate, now)
     }
 
     fn get(&self, id: u64) -> Result<Record, ApiError> {
@@ -1070,6 +1100,11 @@ impl Engine {
             None => self.free_port(addr, protocols, target, &listening)?,
         };
         self.admit(owner, &reservation, &listening)?;
+        let trigger = req
+            .trigger
+            .as_ref()
+            .map(|t| self.new_trigger(t, &reservation))
+            .transpose()?;
         let now = self.now_ms();
         let ttl_ms = ttl.map(duration_ms);
         let new = NewRecord {
@@ -1081,25 +1116,31 @@ impl Engine {
             enabled: true,
             note,
         };
-        self.commit_new(&new, None)
+        match trigger {
+            Some(t) => self.commit_new(&new, Added::Trigger(&t)),
+            None => self.commit_new(&new, Added::Plain),
+        }
     }
 
     /// Stores a new reservation (with its port mapping, if a device asked for it) and writes
     /// it into the maps. The store first: once committed, the reservation exists, and a crash
     /// before the maps are written is repaired by the next start's reconcile. If the maps
     /// refuse it, the record goes again.
-    fn commit_new(
-        &mut self,
-        new: &NewRecord,
-        mapping: Option<&super::store::Mapping>,
-    ) -> Result<Record, ApiError> {
+    fn commit_new(&mut self, new: &NewRecord, added: Added<'_>) -> Result<Record, ApiError> {
         let reservation = new.reservation;
         let mut state = self.open_state()?;
-        let record = match mapping {
-            Some(m) => self.store.insert_mapped(new, m)?,
-            None => self.store.insert(new)?,
+        let (record, mapped) = match added {
+            Added::Plain => (self.store.insert(new)?, state.reserve(&reservation)),
+            Added::Mapping(m) => (
+                self.store.insert_mapped(new, m)?,
+                state.reserve(&reservation),
+            ),
+            Added::Trigger(t) => (
+                self.store.insert_triggered(new, t)?,
+                state.reserve_triggered(&reservation, &trigger::kernel_rule(&reservation, t)),
+            ),
         };
-        if let Err(e) = state.reserve(&reservation) {
+        if let Err(e) = mapped {
             let e = ApiError::from(e);
             return Err(match self.store.delete(record.id) {
                 Ok(_) => e,
@@ -1280,8 +1321,7 @@ impl Engine {
                 .check(&record.reservation, &self.listening(), &local_addresses()?)?;
             self.refuse_violation(id, &[])?;
             self.store.set_enabled(id, true)?;
-            if let Err(e) = state.reserve(&record.reservation) {
-                let e = ApiError::from(e);
+            if let Err(e) = self.map_in(state.as_mut(), id, &record.reservation) {
                 return Err(match self.store.set_enabled(id, false) {
                     Ok(_) => e,
                     Err(undo) => ApiError {
@@ -1365,18 +1405,22 @@ impl Engine {
             self.store.forget_mapping(id)?;
         }
         if let Some(state) = state.as_deref_mut() {
-            let replaced = Self::unmap(state, &record)
-                .and_then(|()| state.reserve(&reservation).map_err(ApiError::from));
+            let replaced =
+                Self::unmap(state, &record).and_then(|()| self.map_in(state, id, &reservation));
             if let Err(e) = replaced {
                 // The old entries come back with fresh counters: what they held stays counted.
                 self.carry_traffic(id, live);
                 let undo = self
                     .store
                     .change(id, &record.owner, &record.reservation, &record.note);
-                let back = if state.is_complete(&record.reservation).unwrap_or(false) {
+                let gate = self.store.trigger(id).ok().flatten().map_or(0, |t| t.gate);
+                let back = if state
+                    .is_complete_gated(&record.reservation, gate)
+                    .unwrap_or(false)
+                {
                     Ok(())
                 } else {
-                    state.reserve(&record.reservation)
+                    self.map_in(state, id, &record.reservation)
                 };
                 return Err(match (undo, back) {
                     (Ok(_), Ok(())) => e,
@@ -1389,7 +1433,7 @@ impl Engine {
                                 undo.map(|_| "ok".to_string())
                                     .unwrap_or_else(|u| u.to_string()),
                                 back.map(|()| "ok".to_string())
-                                    .unwrap_or_else(|b| b.to_string()),
+                                    .unwrap_or_else(|b| b.message),
                             ),
                             partial: true,
                             ..e
@@ -1438,10 +1482,15 @@ impl Engine {
             .store
             .restore(id, ttl_ms, expires)?
             .ok_or_else(|| ApiError::internal(format!("expired reservation {id} vanished")))?;
-        if restored.enabled
-            && let Err(e) = state.reserve(&restored.reservation)
-        {
-            let e = ApiError::from(e);
+        // A trigger rule comes back as one (its old gate may have gone to another rule).
+        let mapped = self.regate(id).and_then(|()| {
+            if restored.enabled {
+                self.map_in(state.as_mut(), id, &restored.reservation)
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = mapped {
             return Err(match self.store.expire(id, self.now_ms()) {
                 Ok(_) => e,
                 Err(undo) => ApiError {
@@ -1464,6 +1513,7 @@ mod reconcile;
 mod review;
 #[cfg(test)]
 mod tests;
+pub mod trigger;
 
 pub use reconcile::{ReconcileGuard, ReconcileReport};
 pub use review::{ReloadReport, Violation};

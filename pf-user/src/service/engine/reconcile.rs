@@ -42,6 +42,8 @@ impl Engine {
         self.expire_due();
         let disabled = self.enforce()?.disabled;
         let report = self.reconcile(ReconcileGuard::REPAIR)?;
+        let state = self.open_state()?;
+        self.adopt_open_gates(state.as_ref())?;
         Ok((report, disabled))
     }
 
@@ -87,6 +89,14 @@ impl Engine {
             .filter(|r| r.enabled)
             .map(|r| r.reservation)
             .collect();
+        // The gate each trigger rule's entries wait on (none: 0).
+        let triggers = self.store.triggers()?;
+        let gates: std::collections::HashMap<Reservation, u16> = records
+            .iter()
+            .filter_map(|r| Some((r.reservation, triggers.get(&r.id)?.gate)))
+            .collect();
+        let gate_of = |r: &Reservation| gates.get(r).copied().unwrap_or(0);
+        let rules = self.kernel_rules()?;
         let mut state = self.open_state()?;
         let actual = state.list()?;
         let want: std::collections::HashSet<&Reservation> = desired.iter().collect();
@@ -106,7 +116,7 @@ impl Engine {
         for r in desired.iter() {
             if !have.contains(r) {
                 absent.push(*r);
-            } else if state.is_complete(r)? {
+            } else if state.is_complete_gated(r, gate_of(r))? {
                 intact.push(*r);
             } else {
                 state.release(&r.public)?;
@@ -123,8 +133,18 @@ impl Engine {
                 "removed {entry}: an entry no reservation accounts for"
             ));
         }
-        let missing: Vec<Reservation> = absent.iter().chain(&rewrite).copied().collect();
+        let (gated, missing): (Vec<Reservation>, Vec<Reservation>) = absent
+            .iter()
+            .chain(&rewrite)
+            .copied()
+            .partition(|r| gate_of(r) != 0);
         state.reserve_all(&missing)?;
+        for r in &gated {
+            state.reserve_gated(r, gate_of(r))?;
+        }
+        // The rules last, their ranges in place: a rule armed as it should be keeps its gate
+        // open or closed as it was.
+        let trigger_drifts = state.sync_triggers(&rules)?;
         let guarded = if self.policy.drop_tunnel_source_leaks {
             self.policy.target_networks.clone()
         } else {
@@ -147,6 +167,9 @@ impl Engine {
         }
         // Empty maps are a fresh boot (or a first start), not drift: one line says so.
         let fresh = actual.is_empty() && drifts.is_empty();
+        if !fresh {
+            drifts.extend(trigger_drifts);
+        }
         if fresh {
             if !absent.is_empty() {
                 tracing::info!(

@@ -181,7 +181,15 @@ impl Engine {
             // a repair, which the next tick's reconcile makes).
             let mut state = self.open_state()?;
             self.disable_in_store(state.as_ref(), &record)?;
-            if state.is_complete(&record.reservation).unwrap_or(true)
+            let gate = self
+                .store
+                .trigger(record.id)
+                .ok()
+                .flatten()
+                .map_or(0, |t| t.gate);
+            if state
+                .is_complete_gated(&record.reservation, gate)
+                .unwrap_or(true)
                 && let Err(e) = self.unmap_after_store(state.as_mut(), &record, "disabled")
             {
                 tracing::error!("{}", e.message);

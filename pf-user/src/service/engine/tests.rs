@@ -1,6 +1,7 @@
 //! Host tests of the engine: the in-memory store and the fake data plane, no BPF.
 
 use super::*;
+use crate::kernel::trigger::Opening;
 use crate::service::{
     audit::Audit, config::Config, dataplane::fake::FakeDataPlane, store::SqliteStore,
 };
@@ -54,6 +55,7 @@ fn reserve(
             ttl: ttl.map(Into::into),
             ttl_seconds: None,
             note: None,
+            trigger: None,
         }),
         CALLER,
     )
@@ -824,4 +826,149 @@ target_networks = ["10.200.0.0/16"]
         let id = map(&mut e, spoof).unwrap().id.unwrap();
         assert_eq!(e.get(id).unwrap().note, "upnp mapping for 10.200.0.2");
     }
+}
+
+/// Reserves `public` as a trigger rule of 10.200.0.2 on `on`; the answer.
+fn trigger(e: &mut Engine, public: &str, on: &str, idle: Option<&str>) -> Result<Value, ApiError> {
+    e.handle(
+        Request::Reserve(ReserveRequest {
+            owner: "acct-1".into(),
+            public: public.into(),
+            to: "10.200.0.2".into(),
+            ttl: Some("10s".into()),
+            ttl_seconds: None,
+            note: None,
+            trigger: Some(crate::api::types::TriggerRequest {
+                on: on.into(),
+                idle_timeout: idle.map(Into::into),
+            }),
+        }),
+        CALLER,
+    )
+}
+
+/// The gates the fake maps have armed, and the gate each reservation's entries wait on.
+fn gates(fake: &FakeDataPlane) -> (Vec<u16>, Vec<u16>) {
+    let c = fake.0.lock().unwrap();
+    (
+        c.triggers.keys().copied().collect(),
+        c.gates.values().copied().collect(),
+    )
+}
+
+#[test]
+fn a_trigger_rule_is_a_reservation_behind_its_own_gate_in_every_change() {
+    let (mut e, fake, dir) = engine();
+    let made = trigger(&mut e, "198.51.100.1:30000/both", "6000/udp", Some("30s")).unwrap();
+    let id = made["id"].as_u64().unwrap();
+    assert_eq!(made["trigger"]["on"], "6000/udp");
+    assert_eq!(made["trigger"]["idle_timeout_ms"], 30_000);
+    assert_eq!(made["trigger"]["state"], "armed");
+    assert_eq!(gates(&fake), (vec![1], vec![1]));
+    let rule = fake.0.lock().unwrap().triggers[&1];
+    assert_eq!(rule.client, "10.200.0.2".parse::<Ipv4Addr>().unwrap());
+    assert_eq!(rule.idle_timeout, Duration::from_secs(30));
+
+    // Refused, changing nothing: the same client's trigger port again, a bad rule, and one
+    // wider than max_range_ports.
+    for (on, idle, why) in [
+        ("6000/udp", None, Failure::Conflict),
+        ("6000-6001/both", None, Failure::Conflict),
+        ("6000/udp:", None, Failure::BadRequest),
+        ("6001/udp", Some("0s"), Failure::BadRequest),
+        ("6001/udp", Some("2d"), Failure::BadRequest),
+        ("6001/udp", Some("soon"), Failure::BadRequest),
+    ] {
+        let refused = trigger(&mut e, "198.51.100.1:30001/tcp", on, idle).unwrap_err();
+        assert_eq!(refused.kind, why, "{on} {idle:?}: {}", refused.message);
+    }
+    let wide = trigger(&mut e, "198.51.100.1:30001/tcp", "6001-6100/udp", None).unwrap_err();
+    assert_eq!(wide.rule, Some("policy.max_range_ports"));
+    assert_eq!(fake.held().len(), 1);
+    // Another client's rule on the same trigger port is its own, with the next gate.
+    let other = e
+        .handle(
+            Request::Reserve(ReserveRequest {
+                owner: "acct-2".into(),
+                public: "198.51.100.1:30002/udp".into(),
+                to: "10.200.0.3".into(),
+                ttl: None,
+                ttl_seconds: None,
+                note: None,
+                trigger: Some(crate::api::types::TriggerRequest {
+                    on: "6000/udp".into(),
+                    idle_timeout: None,
+                }),
+            }),
+            CALLER,
+        )
+        .unwrap();
+    assert_eq!(other["trigger"]["idle_timeout_ms"], 120_000, "the default");
+    assert_eq!(gates(&fake).0, vec![1, 2]);
+    let other = other["id"].as_u64().unwrap();
+    e.handle(Request::Release(other), CALLER).unwrap();
+    assert_eq!(gates(&fake), (vec![1], vec![1]));
+
+    // Disabled: out of the maps, rule and all; enabled: behind its gate again.
+    e.handle(Request::SetEnabled { id, enabled: false }, CALLER)
+        .unwrap();
+    assert_eq!(gates(&fake), (vec![], vec![]));
+    let listed = e.handle(Request::Get(id), CALLER).unwrap();
+    assert_eq!(listed["trigger"]["state"], "off", "{listed}");
+    e.handle(Request::SetEnabled { id, enabled: true }, CALLER)
+        .unwrap();
+    assert_eq!(gates(&fake), (vec![1], vec![1]));
+
+    // The kernel opened it: the engine audits the opening with its packet, then the closing.
+    fake.0.lock().unwrap().open.insert(1);
+    fake.0.lock().unwrap().openings.push(Opening {
+        gate: 1,
+        at_ns: crate::kernel::trigger::monotonic_ns(),
+        previous_expires_ns: 0,
+        protocol: Protocols::Udp,
+        source: "10.200.0.2:5555".parse().unwrap(),
+        destination: "203.0.113.9:6000".parse().unwrap(),
+    });
+    e.tick();
+    assert_eq!(
+        e.handle(Request::Get(id), CALLER).unwrap()["trigger"]["state"],
+        "open"
+    );
+    fake.0.lock().unwrap().open.clear();
+    e.tick();
+    let audit = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+    let actions: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["action"].as_str().unwrap().starts_with("trigger-"))
+        .collect();
+    assert_eq!(actions.len(), 2, "{audit}");
+    assert_eq!(actions[0]["action"], "trigger-open");
+    assert_eq!(actions[0]["reservation"]["by"]["source"], "10.200.0.2:5555");
+    assert_eq!(actions[1]["action"], "trigger-close");
+
+    // Expired and restored: a trigger rule again, never a reservation that is always open.
+    e.clock.advance(11_000);
+    e.tick();
+    assert_eq!(gates(&fake), (vec![], vec![]));
+    let back = e
+        .handle(
+            Request::Restore {
+                id,
+                ttl: Some("1h".into()),
+            },
+            CALLER,
+        )
+        .unwrap();
+    assert_eq!(back["id"], json!(id));
+    assert_eq!(gates(&fake), (vec![1], vec![1]));
+    let got = e.handle(Request::Get(id), CALLER).unwrap();
+    assert_eq!(got["trigger"]["on"], "6000/udp", "{got}");
+
+    // A reconcile rearms a rule the maps lost, and leaves a whole one as it is.
+    fake.0.lock().unwrap().triggers.clear();
+    let report = e.reconcile(ReconcileGuard::REPAIR).unwrap();
+    assert_eq!(report.drifts, 1);
+    assert_eq!(gates(&fake), (vec![1], vec![1]));
+    assert_eq!(e.reconcile(ReconcileGuard::REPAIR).unwrap().drifts, 0);
 }
