@@ -1,6 +1,7 @@
 //! `pf serve` following its interfaces while it runs (rtnetlink's link events, see
 //! [`crate::kernel::links`]): a configured interface that goes is reported, and attached to
-//! again when it comes back (re-created, or moved back into the namespace); the fast paths'
+//! again when it comes back (re-created, or moved back into the namespace), the trigger
+//! program's tunnel-side interfaces too; the fast paths'
 //! device maps are refilled after any device changes, so no `pf refresh` is needed under the
 //! service. Each event on a configured interface is logged.
 //!
@@ -16,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use super::{Config, ServeError, attach_configured, io};
+use super::{Config, ServeError, attach_configured, attach_trigger_configured, io};
 use crate::kernel::{
     attach::{self, Health, Role},
     bpffs::PinDir,
@@ -57,6 +58,7 @@ impl Follower {
 fn follow(mut watch: LinkWatch, dir: &PinDir, config: &Config, stop: &AtomicBool) {
     // Whatever changed between the start's attach and the subscription.
     reattach(dir, config);
+    reattach_triggers(dir, config);
     refresh(dir, config);
     while !stop.load(Ordering::Relaxed) {
         let events = match watch.wait() {
@@ -78,7 +80,10 @@ fn follow(mut watch: LinkWatch, dir: &PinDir, config: &Config, stop: &AtomicBool
         if events.is_empty() {
             continue;
         }
-        let configured = |name: &str| config.interfaces.iter().any(|i| i.name == name);
+        let configured = |name: &str| {
+            config.interfaces.iter().any(|i| i.name == name)
+                || config.trigger_interfaces.iter().any(|i| i == name)
+        };
         let mut look = false;
         for event in &events {
             match event {
@@ -95,6 +100,7 @@ fn follow(mut watch: LinkWatch, dir: &PinDir, config: &Config, stop: &AtomicBool
         }
         if look {
             reattach(dir, config);
+            reattach_triggers(dir, config);
         }
         refresh(dir, config);
     }
@@ -127,6 +133,20 @@ fn reattach(dir: &PinDir, config: &Config) {
         match attach_configured(dir, want, config) {
             Ok(()) => tracing::info!("{} is back: attached again", want.name),
             Err(e) => tracing::error!("{} is back, but attaching to it failed: {e}", want.name),
+        }
+    }
+}
+
+/// Attaches the trigger program again to each configured tunnel-side interface that exists
+/// but lost it (WireGuard's `wg-quick down` and `up` make the interface anew).
+fn reattach_triggers(dir: &PinDir, config: &Config) {
+    for iface in config
+        .trigger_interfaces
+        .iter()
+        .filter(|i| interface_exists(i))
+    {
+        if let Err(e) = attach_trigger_configured(dir, iface, config) {
+            tracing::error!("{iface} is back, but attaching the trigger program failed: {e}");
         }
     }
 }

@@ -226,6 +226,23 @@ fn attach_configured(
     Ok(())
 }
 
+/// Attaches the trigger program to `iface` unless it is there, live: a dead attachment (the
+/// interface re-created, as `wg-quick down` and `up` do) is replaced. Whether it attached.
+fn attach_trigger_configured(dir: &PinDir, iface: &str, config: &Config) -> Result<bool, PfError> {
+    let found = trigger_hook::trigger_attachments(dir)
+        .into_iter()
+        .find(|t| t.iface == iface);
+    if found.as_ref().is_some_and(|t| t.health.is_live()) {
+        return Ok(false);
+    }
+    if found.is_some() {
+        trigger_hook::detach_trigger(dir, iface)?;
+    }
+    let hook = trigger_hook::attach_trigger(dir, iface, config.trigger_tc)?;
+    tracing::info!("attached the trigger program to {iface} (TC ingress by {hook})");
+    Ok(true)
+}
+
 /// Attaches to each configured interface, or adopts it when pf is attached already in the same
 /// role (a restart: the data plane stayed pinned and kept forwarding). Whether it is attached
 /// is the kernel's answer, not the pins': a dead attachment is attached again.
@@ -246,20 +263,10 @@ fn attach_interfaces(dir: &PinDir, config: &Config) -> Result<(), ServeError> {
             _ => attach_configured(dir, want, config)?,
         }
     }
-    // The trigger program on the tunnel side: adopted when live, attached (again) when not.
-    let triggers = trigger_hook::trigger_attachments(dir);
+    // The trigger program on the tunnel side.
     for iface in &config.trigger_interfaces {
-        match triggers.iter().find(|t| &t.iface == iface) {
-            Some(t) if t.health.is_live() => {
-                tracing::info!("adopted the trigger program on {iface}");
-            }
-            found => {
-                if found.is_some() {
-                    trigger_hook::detach_trigger(dir, iface)?;
-                }
-                let hook = trigger_hook::attach_trigger(dir, iface, config.trigger_tc)?;
-                tracing::info!("attached the trigger program to {iface} (TC ingress by {hook})");
-            }
+        if !attach_trigger_configured(dir, iface, config)? {
+            tracing::info!("adopted the trigger program on {iface}");
         }
     }
     // A dead attachment outside the config (a `pf attach` by hand) may still run programs

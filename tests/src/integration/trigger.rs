@@ -294,6 +294,14 @@ fn audit_actions(service: &crate::kit::serve::Service, action: &str) -> Vec<serd
         .collect()
 }
 
+fn gate_open_in_list(dir: &TempPinDir, id: u64) -> bool {
+    pf_list(dir)
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["id"] == id && r["trigger"]["state"] == "open")
+}
+
 /// Waits (at most 5 s) for `pf list` to show reservation `id`'s trigger in `state`.
 fn wait_for_state(dir: &TempPinDir, id: u64, state: &str) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -461,6 +469,31 @@ fn trigger_rule_through_pf_serve() {
         thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(audit_actions(&service, "trigger-close").len(), 1);
+
+    // The tunnel interface made anew (as `wg-quick down` and `up` do) loses its programs: pf
+    // serve sees the link come back and attaches the trigger program again.
+    topo.server.run(&["ip", "link", "del", "tun0"]).unwrap();
+    crate::kit::netns::veth(
+        (&topo.server, "tun0", "10.8.0.1/24"),
+        (&topo.client, "eth0", &format!("{CLIENT_IP}/24")),
+    )
+    .unwrap();
+    topo.client
+        .run(&["ip", "route", "add", "default", "via", "10.8.0.1"])
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        send_trigger(&topo.client, CLIENT_IP);
+        thread::sleep(Duration::from_millis(200));
+        if gate_open_in_list(&dir, id) || Instant::now() > deadline {
+            break;
+        }
+    }
+    wait_for_state(&dir, id, "open");
+    assert!(reachable(
+        &topo.inet,
+        "after the tunnel interface came back"
+    ));
 
     // Released: the rule goes with its range; a trigger opens nothing.
     pf_ok(&dir, &["release", &id.to_string()]);
