@@ -8,7 +8,7 @@
 //! userspace.
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::map,
     maps::{Array, HashMap, RingBuf},
     programs::TcContext,
@@ -39,6 +39,27 @@ pub static TRIGGER_GATES: Array<TriggerGate> = Array::pinned(MAX_TRIGGER_GATES, 
 #[map]
 pub static TRIGGER_EVENTS: RingBuf = RingBuf::pinned(TRIGGER_RING_BYTES, 0);
 
+/// Set to 1 by userspace when it loads the object on a kernel with `bpf_ktime_get_coarse_ns`
+/// (5.11). A read-only global: its value is known to the verifier, which therefore never walks
+/// the branch a 5.10 kernel could not verify.
+#[unsafe(no_mangle)]
+static PF_COARSE_CLOCK: u8 = 0;
+
+/// The monotonic clock, as the gates keep it. The coarse read (the last tick's time: a few
+/// milliseconds behind, far finer than an idle timeout of seconds) costs a load where the
+/// precise one reads the clock source: about 30 ns a packet less in the per-packet bench.
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: reads a global; the helpers have no preconditions.
+    unsafe {
+        if core::ptr::read_volatile(&PF_COARSE_CLOCK) != 0 {
+            bpf_ktime_get_coarse_ns()
+        } else {
+            bpf_ktime_get_ns()
+        }
+    }
+}
+
 /// Whether a NAT entry may forward: it has no gate, or its gate is open, in which case the
 /// packet keeps it open (pushing the expiry at most once per `TRIGGER_REFRESH_NS`).
 ///
@@ -55,7 +76,7 @@ pub unsafe fn passes(entry: *const pf_common::NatEntry) -> bool {
     };
     // SAFETY: `slot` is a value of TRIGGER_GATES; aligned 8-byte loads and stores are atomic,
     // and concurrent pushes write nearly the same value, so no lock is needed.
-    let open = unsafe { keep_open(slot, bpf_ktime_get_ns()) };
+    let open = unsafe { keep_open(slot, now_ns()) };
     if !open {
         maps::count(GATE_CLOSED);
     }
@@ -130,7 +151,7 @@ pub fn trigger<const ETHERNET: bool>(ctx: &TcContext) -> Trigger {
     let Some(slot) = TRIGGER_GATES.get_ptr_mut(gate) else {
         return Trigger::NoTrigger;
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     // SAFETY: `slot` is a value of TRIGGER_GATES (see `passes`).
     unsafe {
         if keep_open(slot, now) {

@@ -42,8 +42,14 @@ pub fn load_object(dir: &PinDir) -> Result<Ebpf, PfError> {
     if OBJECT.is_empty() {
         return Err(PfError::NoEmbeddedObject);
     }
+    // The gates' clock: the coarse read where the kernel has it (5.11), else the precise one.
+    let coarse_clock = u8::from(
+        aya::util::KernelVersion::current()
+            .is_ok_and(|k| k >= aya::util::KernelVersion::new(5, 11, 0)),
+    );
     EbpfLoader::new()
         .default_map_pin_directory(dir.root())
+        .set_global("PF_COARSE_CLOCK", &coarse_clock, true)
         .load(OBJECT)
         .map_err(|e| {
             let detail = chain(&e);

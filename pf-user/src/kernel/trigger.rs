@@ -71,8 +71,9 @@ pub struct GateState {
     pub expires_ns: u64,
 }
 
-/// The kernel's monotonic clock, which `bpf_ktime_get_ns` reads: CLOCK_MONOTONIC, in
-/// nanoseconds.
+/// The kernel's monotonic clock, which the gates keep (`bpf_ktime_get_ns`, or where the kernel
+/// has it the coarse `bpf_ktime_get_coarse_ns`, the same clock as of the last tick, a few
+/// milliseconds behind): CLOCK_MONOTONIC, in nanoseconds.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -16,13 +16,14 @@ use aya::{
 use pf::{
     domain::{
         net::Ipv4Net,
-        spec::{Protocols, Reservation},
+        spec::{PortRange, Protocols, Reservation},
     },
     kernel::bpffs::PinDir,
     kernel::object::Programs,
     kernel::state::State,
+    kernel::trigger::TriggerRule,
 };
-use pf_common::counters::Outcome;
+use pf_common::counters::{Outcome, Trigger};
 use pf_tests::{
     kit::ScratchDir,
     kit::packet::{ETH_P_ARP, Pkt},
@@ -39,6 +40,13 @@ const OTHER_ADDR: [u8; 4] = [198, 51, 100, 2];
 /// WireGuard's usual listen port; no reservation in the bench uses it.
 const WIREGUARD_PORT: u16 = 51820;
 
+/// The counter a case must move once per run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Count {
+    Outcome(Outcome),
+    Trigger(Trigger),
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Which {
     Noop,
@@ -47,6 +55,8 @@ enum Which {
     Ingress,
     NoopTc,
     Egress,
+    /// The trigger program (TC ingress on the tunnel side), Ethernet frames.
+    Trigger,
 }
 
 /// One measured case: the program, the packet it runs on, and the counter that must move once
@@ -55,7 +65,7 @@ struct Case<'a> {
     name: &'static str,
     program: Which,
     packet: &'a [u8],
-    must_count: Option<Outcome>,
+    must_count: Option<Count>,
     /// `TUNNEL_NETWORKS` while the case runs (egress checks unrewritten sources against it).
     tunnel_networks: &'a [Ipv4Net],
     /// `pf trace` on for this port while the case runs (a port the packet does not use: the
@@ -136,7 +146,41 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
     state
         .reserve(&reservation(hit, 5353, Protocols::Udp, hit, 5353))
         .map_err(err)?;
-    let programs = Programs::load(&dir).map_err(err)?;
+    // Port triggering: the identity reservation's twin behind an open gate (1) and one behind
+    // a closed gate (2); the rule's client is its target, so a packet from the hit address to
+    // the trigger port opens gate 1 (done once below) and refreshes it after.
+    let gated_open = reservation(hit, 8081, Protocols::Tcp, hit, 8081);
+    let gated_closed = reservation(hit, 8082, Protocols::Tcp, hit, 8082);
+    for (r, gate, trigger_port) in [(&gated_open, 1, 6000), (&gated_closed, 2, 6001)] {
+        state.reserve_gated(r, gate).map_err(err)?;
+        state
+            .arm_trigger(&TriggerRule {
+                gate,
+                client: hit,
+                protocols: Protocols::Udp,
+                ports: PortRange::single(trigger_port),
+                idle_timeout: std::time::Duration::from_secs(3600),
+            })
+            .map_err(err)?;
+    }
+    let mut programs = Programs::load(&dir).map_err(err)?;
+    programs.load_trigger(true).map_err(err)?;
+    let trigger_packet = Pkt::udp(HIT_ADDR, 40000, REMOTE, 6000).frame();
+    programs
+        .trigger(true)
+        .test_run(TestRunOptions {
+            data_in: Some(&trigger_packet),
+            ..Default::default()
+        })
+        .map_err(|e| format!("opening the bench's gate: {e}"))?;
+    if state.trigger_gate(1).map_err(err)?.open_for.is_none() {
+        return Err("the trigger packet did not open the bench's gate".into());
+    }
+    let gated_hit = Pkt::tcp(REMOTE, 40000, HIT_ADDR, 8081).frame();
+    let gated_shut = Pkt::tcp(REMOTE, 40000, HIT_ADDR, 8082).frame();
+    // A tunnel client's ordinary packet (web traffic): what the trigger program sees nearly
+    // always.
+    let client_traffic = Pkt::tcp(HIT_ADDR, 40000, REMOTE, 443).frame();
     let mut trace = pf::kernel::trace::Trace::open(&dir)
         .map_err(err)?
         .ok_or("pf's trace maps are missing")?;
@@ -201,7 +245,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             name: "ingress hit TCP",
             program: Which::Ingress,
             packet: &tcp_hit,
-            must_count: Some(Outcome::Rewritten),
+            must_count: Some(Count::Outcome(Outcome::Rewritten)),
             tunnel_networks: &[],
             trace_port: None,
         },
@@ -209,7 +253,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             name: "ingress hit TCP, tracing another port",
             program: Which::Ingress,
             packet: &tcp_hit,
-            must_count: Some(Outcome::Rewritten),
+            must_count: Some(Count::Outcome(Outcome::Rewritten)),
             tunnel_networks: &[],
             trace_port: Some(9),
         },
@@ -217,7 +261,23 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             name: "ingress hit UDP",
             program: Which::Ingress,
             packet: &udp_hit,
-            must_count: Some(Outcome::Rewritten),
+            must_count: Some(Count::Outcome(Outcome::Rewritten)),
+            tunnel_networks: &[],
+            trace_port: None,
+        },
+        Case {
+            name: "ingress hit TCP, open gate",
+            program: Which::Ingress,
+            packet: &gated_hit,
+            must_count: Some(Count::Outcome(Outcome::Rewritten)),
+            tunnel_networks: &[],
+            trace_port: None,
+        },
+        Case {
+            name: "ingress, closed gate",
+            program: Which::Ingress,
+            packet: &gated_shut,
+            must_count: Some(Count::Outcome(Outcome::NoReservation)),
             tunnel_networks: &[],
             trace_port: None,
         },
@@ -225,7 +285,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             name: "ingress miss, port in use",
             program: Which::Ingress,
             packet: &miss,
-            must_count: Some(Outcome::NoReservation),
+            must_count: Some(Count::Outcome(Outcome::NoReservation)),
             tunnel_networks: &[],
             trace_port: None,
         },
@@ -233,7 +293,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             name: "ingress miss, WireGuard",
             program: Which::Ingress,
             packet: &wireguard_in,
-            must_count: Some(Outcome::NoReservation),
+            must_count: Some(Count::Outcome(Outcome::NoReservation)),
             tunnel_networks: &[],
             trace_port: None,
         },
@@ -241,7 +301,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             name: "ingress non-IPv4",
             program: Which::Ingress,
             packet: &not_ipv4,
-            must_count: Some(Outcome::NotIpv4),
+            must_count: Some(Count::Outcome(Outcome::NotIpv4)),
             tunnel_networks: &[],
             trace_port: None,
         },
@@ -257,7 +317,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             name: "egress hit TCP",
             program: Which::Egress,
             packet: &egress_hit,
-            must_count: Some(Outcome::Rewritten),
+            must_count: Some(Count::Outcome(Outcome::Rewritten)),
             tunnel_networks: &networks,
             trace_port: None,
         },
@@ -265,7 +325,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             name: "egress miss, no guard",
             program: Which::Egress,
             packet: &egress_miss,
-            must_count: Some(Outcome::NoReservation),
+            must_count: Some(Count::Outcome(Outcome::NoReservation)),
             tunnel_networks: &[],
             trace_port: None,
         },
@@ -273,7 +333,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             name: "egress miss, port in use",
             program: Which::Egress,
             packet: &egress_miss_port_in_use,
-            must_count: Some(Outcome::NoReservation),
+            must_count: Some(Count::Outcome(Outcome::NoReservation)),
             tunnel_networks: &[],
             trace_port: None,
         },
@@ -281,7 +341,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             name: "egress miss, WireGuard",
             program: Which::Egress,
             packet: &wireguard_out,
-            must_count: Some(Outcome::NoReservation),
+            must_count: Some(Count::Outcome(Outcome::NoReservation)),
             tunnel_networks: &networks,
             trace_port: None,
         },
@@ -289,15 +349,31 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             name: "egress miss, 4 networks",
             program: Which::Egress,
             packet: &egress_miss,
-            must_count: Some(Outcome::NoReservation),
+            must_count: Some(Count::Outcome(Outcome::NoReservation)),
             tunnel_networks: &networks,
+            trace_port: None,
+        },
+        Case {
+            name: "trigger: client traffic",
+            program: Which::Trigger,
+            packet: &client_traffic,
+            must_count: Some(Count::Trigger(Trigger::NoTrigger)),
+            tunnel_networks: &[],
+            trace_port: None,
+        },
+        Case {
+            name: "trigger: refresh open gate",
+            program: Which::Trigger,
+            packet: &trigger_packet,
+            must_count: Some(Count::Trigger(Trigger::Refreshed)),
+            tunnel_networks: &[],
             trace_port: None,
         },
         Case {
             name: "egress leak dropped",
             program: Which::Egress,
             packet: &egress_leak,
-            must_count: Some(Outcome::TunnelSourceDropped),
+            must_count: Some(Count::Outcome(Outcome::TunnelSourceDropped)),
             tunnel_networks: &networks,
             trace_port: None,
         },
@@ -353,26 +429,31 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
                     Which::NoopTc => noop_tc.test_run(opts),
                     Which::Ingress => programs.ingress().test_run(opts),
                     Which::Egress => programs.egress().test_run(opts),
+                    Which::Trigger => programs.trigger(true).test_run(opts),
                 }
                 .map_err(|e| format!("{name}: BPF_PROG_TEST_RUN: {e}"))?;
-                let dropped = *must_count == Some(Outcome::TunnelSourceDropped);
+                let dropped = *must_count == Some(Count::Outcome(Outcome::TunnelSourceDropped));
                 if *program == Which::Egress && (result.return_value == TC_ACT_SHOT) != dropped {
                     return Err(format!("{name}: verdict {}", result.return_value));
                 }
                 if *program == Which::LookupOnly && result.return_value != XDP_PASS {
                     return Err(format!("{name}: the lookup missed"));
                 }
-                if let Some(outcome) = *must_count {
+                if let Some(count) = *must_count {
                     let after = state.counters().map_err(err)?;
-                    let moved = if *program == Which::Ingress {
-                        after.ingress(outcome) - before.ingress(outcome)
-                    } else {
-                        after.egress(outcome) - before.egress(outcome)
+                    let (counter, moved) = match count {
+                        Count::Outcome(o) if *program == Which::Ingress => {
+                            (o.name(), after.ingress(o) - before.ingress(o))
+                        }
+                        Count::Outcome(o) => (o.name(), after.egress(o) - before.egress(o)),
+                        Count::Trigger(t) => (
+                            t.name(),
+                            after.trigger[t as usize].1 - before.trigger[t as usize].1,
+                        ),
                     };
                     if moved != u64::from(profile.repeat) {
                         return Err(format!(
-                            "{name}: counter {} moved {moved}, not {}: the case did not take its path every run",
-                            outcome.name(),
+                            "{name}: counter {counter} moved {moved}, not {}: the case did not take its path every run",
                             profile.repeat
                         ));
                     }
