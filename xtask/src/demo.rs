@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: pf's main job, shown with real traffic. Three network namespaces play the
 //! internet host, the VPN server and the tunnel client. `pf serve` on the server attaches to
 //! the public interface; a customer's reservation, made through it, forwards a public port to
-//! the client's web server. Everything is torn down at the end, also on failure.
+//! the client's web server. Then a trigger rule: a port that stays closed until the client's
+//! own packet opens it. Everything is torn down at the end, also on failure.
 
 use std::process::Command;
 
@@ -54,17 +55,23 @@ pub fn run() -> Result<()> {
 
     let web_root = ScratchDir::claim(std::env::temp_dir().join("pf-demo-web"));
     std::fs::create_dir_all(web_root.path())?;
-    let page = format!("Hello from the tunnel client {CLIENT_IP}, port 80, reached through pf.\n");
+    let page = format!("Hello from the tunnel client {CLIENT_IP}, reached through pf.\n");
     std::fs::write(web_root.path().join("index.html"), &page)?;
     let web_root_str = web_root.path().display().to_string();
     topo.client
         .serve_directory(CLIENT_IP, 80, &web_root_str)
         .context("starting the client's web server")?;
-    println!("the tunnel client serves a page on {CLIENT_IP}:80 (python3 -m http.server)");
+    topo.client
+        .serve_directory(CLIENT_IP, 8090, &web_root_str)
+        .context("starting the client's second web server")?;
+    println!(
+        "the tunnel client serves a page on {CLIENT_IP}:80 and :8090 (python3 -m http.server)"
+    );
 
     show("on the server: pf serve attaches to the public interface and serves the API");
     let policy = format!(
-        "[[interfaces]]\nname = \"{PUBLIC_IFACE}\"\n\n[policy]\npublic_ips = [\"{PUBLIC_IP}\"]\n\
+        "[[interfaces]]\nname = \"{PUBLIC_IFACE}\"\n\n[triggers]\ninterfaces = [\"tun0\"]\n\n\
+         [policy]\npublic_ips = [\"{PUBLIC_IP}\"]\n\
          target_networks = [\"10.8.0.0/24\"]\nport_pool = [\"8000-8999\"]\nforbidden_ports = [8022]\n\
          ports_per_owner = 20\n"
     );
@@ -120,6 +127,57 @@ pub fn run() -> Result<()> {
             "the internet host got {body:?}, not the client's page"
         );
 
+        show("port triggering: a port that opens only when the client itself asks");
+        let public = format!("{PUBLIC_IP}:8090/tcp");
+        let target = format!("{CLIENT_IP}:8090");
+        step(
+            &format!(
+                "pf trigger {public} --to {target} --on 6000/udp --idle 30s --owner customer-42"
+            ),
+            &mut on_server(&[
+                "trigger",
+                &public,
+                "--to",
+                &target,
+                "--on",
+                "6000/udp",
+                "--idle",
+                "30s",
+                "--owner",
+                "customer-42",
+            ]),
+        )?;
+        let url = format!("http://{PUBLIC_IP}:8090/");
+        let curl = |label: &str| {
+            println!("$ curl {url}    # {label}");
+            topo.inet
+                .cmd(&["curl", "--silent", "--fail", "--max-time", "3", &url])
+                .output()
+                .context("running curl")
+        };
+        let closed = curl("on the internet host, before the trigger")?;
+        ensure!(
+            !closed.status.success(),
+            "the armed rule's port answered before any trigger"
+        );
+        println!("(refused: the rule is armed, its port closed)");
+        step(
+            &format!("echo hi | nc -u -w1 {INTERNET_IP} 6000    # on the tunnel client"),
+            &mut topo.client.cmd(&[
+                "sh",
+                "-c",
+                &format!("echo hi | nc -u -w1 {INTERNET_IP} 6000 || true"),
+            ]),
+        )?;
+        let open = curl("on the internet host, after the trigger")?;
+        let body = String::from_utf8_lossy(&open.stdout);
+        print!("{body}");
+        ensure!(
+            open.status.success() && body == page,
+            "the triggered port did not answer with the client's page"
+        );
+        step("pf list", &mut on_server(&["list"]))?;
+
         show("on the server: what pf counted");
         step("pf stats", &mut on_server(&["stats"]))?;
         step("pf list", &mut on_server(&["list"]))?;
@@ -129,6 +187,10 @@ pub fn run() -> Result<()> {
         step(
             &format!("pf detach {PUBLIC_IFACE}"),
             &mut on_server(&["detach", PUBLIC_IFACE]),
+        )?;
+        step(
+            "pf detach tun0 --trigger",
+            &mut on_server(&["detach", "tun0", "--trigger"]),
         )?;
         Ok(())
     })();
