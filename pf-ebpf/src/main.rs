@@ -14,7 +14,7 @@ mod trace;
 mod trigger;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -167,12 +167,14 @@ pub fn pf_egress(ctx: TcContext) -> i32 {
 }
 
 /// TC ingress on an Ethernet-like tunnel-side interface (a veth, a tap): port triggering
-/// (`trigger.rs`). Always `TC_ACT_OK`: the packet goes on as it came, whatever it opened.
+/// (`trigger.rs`). Always `TC_ACT_UNSPEC`, TCX's "next": the packet goes on as it came,
+/// whatever it opened, and the programs or filters after pf's still see it (`TC_ACT_OK` would
+/// end the hook's chain there).
 #[classifier]
 pub fn pf_trigger(ctx: TcContext) -> i32 {
     let outcome = trigger::trigger::<true>(&ctx);
     maps::count(TRIGGER_BASE + outcome as u32);
-    TC_ACT_OK
+    TC_ACT_UNSPEC
 }
 
 /// TC ingress on a tunnel-side interface without a link layer (WireGuard, tun), whose packets
@@ -181,7 +183,7 @@ pub fn pf_trigger(ctx: TcContext) -> i32 {
 pub fn pf_trigger_l3(ctx: TcContext) -> i32 {
     let outcome = trigger::trigger::<false>(&ctx);
     maps::count(TRIGGER_BASE + outcome as u32);
-    TC_ACT_OK
+    TC_ACT_UNSPEC
 }
 
 #[cfg(not(test))]

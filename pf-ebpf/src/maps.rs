@@ -79,20 +79,21 @@ pub fn is_tunnel_source(addr: [u8; 4]) -> bool {
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 
 /// The `FORWARD_NAT` entry for `key`, if it exists and may forward now (no trigger gate, or
-/// an open one: `trigger::passes`).
+/// an open one: `trigger::passes`). A packet of the flow (`REFRESH`) keeps an open gate open;
+/// an ICMP error about it passes but does not.
 #[inline(always)]
-pub fn forward_entry(key: &EndpointKey) -> Option<*mut NatEntry> {
+pub fn forward_entry<const REFRESH: bool>(key: &EndpointKey) -> Option<*mut NatEntry> {
     let entry = FORWARD_NAT.get_ptr_mut(key)?;
     // SAFETY: a value of FORWARD_NAT from this lookup.
-    unsafe { crate::trigger::passes(entry) }.then_some(entry)
+    unsafe { crate::trigger::passes::<REFRESH>(entry) }.then_some(entry)
 }
 
 /// The `REVERSE_NAT` entry for `key`, as [`forward_entry`].
 #[inline(always)]
-pub fn reverse_entry(key: &EndpointKey) -> Option<*mut NatEntry> {
+pub fn reverse_entry<const REFRESH: bool>(key: &EndpointKey) -> Option<*mut NatEntry> {
     let entry = REVERSE_NAT.get_ptr_mut(key)?;
     // SAFETY: a value of REVERSE_NAT from this lookup.
-    unsafe { crate::trigger::passes(entry) }.then_some(entry)
+    unsafe { crate::trigger::passes::<REFRESH>(entry) }.then_some(entry)
 }
 
 /// Adds one packet of `ip_len` bytes to a NAT entry's counters. The entry is shared by every

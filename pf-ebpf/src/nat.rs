@@ -61,9 +61,9 @@ fn tracked_entry(key: &FragmentKey, direction: u8) -> Option<*mut NatEntry> {
     // SAFETY: a map value, copied out at once.
     let nat_key = unsafe { FRAGMENTS.get(key) }?.nat_key;
     if direction == FRAGMENT_INGRESS {
-        maps::forward_entry(&nat_key)
+        maps::forward_entry::<true>(&nat_key)
     } else {
-        maps::reverse_entry(&nat_key)
+        maps::reverse_entry::<true>(&nat_key)
     }
 }
 
@@ -229,7 +229,7 @@ fn ingress_tcp_udp(start: usize, end: usize, ip: &Ipv4) -> Outcome {
             return Outcome::NoReservation;
         }
         let key = EndpointKey::new(old_addr, old_port, ip.proto);
-        let Some(entry) = maps::forward_entry(&key) else {
+        let Some(entry) = maps::forward_entry::<true>(&key) else {
             return Outcome::NoReservation;
         };
         if ip.frags & IP_MF != 0 {
@@ -316,7 +316,7 @@ pub fn reply(ctx: &XdpContext) -> Option<Reply> {
         return None;
     }
     let key = EndpointKey::new(addr, port, ip.proto);
-    let entry = maps::reverse_entry(&key)?;
+    let entry = maps::reverse_entry::<true>(&key)?;
     Some(Reply { ip, ports, entry })
 }
 
@@ -367,7 +367,7 @@ fn ingress_icmp_error(start: usize, end: usize, ip: &Ipv4) -> Outcome {
             return Outcome::NoReservation;
         }
         let key = EndpointKey::new(old_addr, old_port, e.inner_proto);
-        let Some(entry) = maps::forward_entry(&key) else {
+        let Some(entry) = maps::forward_entry::<false>(&key) else {
             return Outcome::NoReservation;
         };
         let (new_addr, new_port) = ((*entry).addr, (*entry).port);
@@ -536,7 +536,7 @@ fn egress_tcp_udp(ctx: &TcContext, ip: &Ipv4) -> EgressVerdict {
         return Outcome::NoReservation.into();
     }
     let key = EndpointKey::new(old_addr, old_port, ip.proto);
-    let Some(entry) = maps::reverse_entry(&key) else {
+    let Some(entry) = maps::reverse_entry::<true>(&key) else {
         return Outcome::NoReservation.into();
     };
     // SAFETY: a map value, valid for the rest of the program.
@@ -786,7 +786,7 @@ fn egress_icmp_error(ctx: &TcContext, start: usize, end: usize, ip: &Ipv4) -> Eg
         )
     };
     let key = EndpointKey::new(old_addr, old_port, e.inner_proto);
-    let Some(entry) = maps::reverse_entry(&key) else {
+    let Some(entry) = maps::reverse_entry::<false>(&key) else {
         return Outcome::NoReservation.into();
     };
     // SAFETY: a map value.

@@ -65,7 +65,7 @@ fn now_ns() -> u64 {
 ///
 /// SAFETY: `entry` must be a value of `FORWARD_NAT` or `REVERSE_NAT` from a lookup in this run.
 #[inline(always)]
-pub unsafe fn passes(entry: *const pf_common::NatEntry) -> bool {
+pub unsafe fn passes<const REFRESH: bool>(entry: *const pf_common::NatEntry) -> bool {
     let gate = unsafe { (*entry).gate };
     if gate == 0 {
         return true;
@@ -76,18 +76,19 @@ pub unsafe fn passes(entry: *const pf_common::NatEntry) -> bool {
     };
     // SAFETY: `slot` is a value of TRIGGER_GATES; aligned 8-byte loads and stores are atomic,
     // and concurrent pushes write nearly the same value, so no lock is needed.
-    let open = unsafe { keep_open(slot, now_ns()) };
+    let open = unsafe { keep_open::<REFRESH>(slot, now_ns()) };
     if !open {
         maps::count(GATE_CLOSED);
     }
     open
 }
 
-/// If the gate is open at `now`, pushes its expiry when due and says so.
+/// If the gate is open at `now`, pushes its expiry when due (for a packet that `REFRESH`es)
+/// and says so.
 ///
 /// SAFETY: `slot` must be a value of `TRIGGER_GATES`.
 #[inline(always)]
-unsafe fn keep_open(slot: *mut TriggerGate, now: u64) -> bool {
+unsafe fn keep_open<const REFRESH: bool>(slot: *mut TriggerGate, now: u64) -> bool {
     unsafe {
         let expires = core::ptr::read_volatile(&raw const (*slot).expires_ns);
         let timeout = core::ptr::read_volatile(&raw const (*slot).timeout_ns);
@@ -95,7 +96,7 @@ unsafe fn keep_open(slot: *mut TriggerGate, now: u64) -> bool {
             return false;
         }
         // `expires - timeout` is when it was last pushed.
-        if now + timeout >= expires + TRIGGER_REFRESH_NS {
+        if REFRESH && now + timeout >= expires + TRIGGER_REFRESH_NS {
             core::ptr::write_volatile(&raw mut (*slot).expires_ns, now + timeout);
         }
         true
@@ -154,7 +155,7 @@ pub fn trigger<const ETHERNET: bool>(ctx: &TcContext) -> Trigger {
     let now = now_ns();
     // SAFETY: `slot` is a value of TRIGGER_GATES (see `passes`).
     unsafe {
-        if keep_open(slot, now) {
+        if keep_open::<true>(slot, now) {
             return Trigger::Refreshed;
         }
         let timeout = core::ptr::read_volatile(&raw const (*slot).timeout_ns);

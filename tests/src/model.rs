@@ -79,7 +79,7 @@
 //!    further trigger packets arrive) within the rule's idle timeout; the opening is reported
 //!    on TRIGGER_EVENTS with the packet's gate, source and destination.
 //!
-//! The trigger program's verdict is always TC_ACT_OK, and every frame leaves it byte for byte
+//! The trigger program's verdict is always TC_ACT_UNSPEC (TCX's "next"), and every frame leaves it byte for byte
 //! as it came.
 
 use std::collections::{HashMap, HashSet};
@@ -91,6 +91,8 @@ use pf_common::{
 
 pub const XDP_PASS: u32 = 2;
 pub const TC_ACT_OK: u32 = 0;
+/// TC_ACT_UNSPEC (-1): the trigger program's verdict, "next" to TCX and to a cls_bpf chain.
+pub const TC_ACT_UNSPEC: u32 = u32::MAX;
 pub const TC_ACT_SHOT: u32 = 2;
 
 /// A key of a NAT map or of TRIGGER_PORTS: (address, port, protocol), as the packet carries
@@ -532,7 +534,7 @@ pub fn nat_key(direction: Direction, frame: &[u8]) -> Option<NatKey> {
 
 /// What the trigger program must do with `frame` (steps 13 to 15), given TRIGGER_PORTS and the
 /// gates open now: the outcome, and the gate the frame opens. (The frame always leaves as it
-/// came, with TC_ACT_OK.)
+/// came, with TC_ACT_UNSPEC.)
 pub fn trigger(frame: &[u8], ports: &TriggerTable, open: &HashSet<u32>) -> (Trigger, Option<u32>) {
     let Ok(ip) = parse_ip(frame) else {
         return (Trigger::NotTcpUdp, None);

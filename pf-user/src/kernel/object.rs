@@ -49,7 +49,7 @@ pub fn load_object(dir: &PinDir) -> Result<Ebpf, PfError> {
     );
     EbpfLoader::new()
         .default_map_pin_directory(dir.root())
-        .set_global("PF_COARSE_CLOCK", &coarse_clock, true)
+        .override_global("PF_COARSE_CLOCK", &coarse_clock, true)
         .load(OBJECT)
         .map_err(|e| {
             let detail = chain(&e);
@@ -184,12 +184,10 @@ mod tests {
         );
         let object = aya_obj::Object::parse(OBJECT).expect("parsing pf's eBPF object");
         let docs = include_str!("../../../ARCHITECTURE.md");
-        assert_eq!(
-            object.maps.len(),
-            MAP_SHAPES.len(),
-            "{:?}",
-            object.maps.keys()
-        );
+        // `.rodata` holds the programs' read-only globals (the gates' clock switch), set at each
+        // load and never pinned.
+        let pinned = object.maps.keys().filter(|n| !n.starts_with('.')).count();
+        assert_eq!(pinned, MAP_SHAPES.len(), "{:?}", object.maps.keys());
         for (shape, name) in MAP_SHAPES.iter().zip(map_names::ALL) {
             assert_eq!(
                 shape.name, name,

@@ -711,12 +711,14 @@ impl State {
         };
         // A trigger rule's range goes with its rule: the gate is closed and disarmed first,
         // which stops its forwarding at once.
-        let gate = nat_pairs(&r)
-            .next()
-            .map(|pair| lookup(&self.forward, map_names::FORWARD_NAT, &pair.forward))
-            .transpose()?
-            .flatten()
-            .map_or(0, |e| e.gate);
+        // From the first entry still there: a crash may have left the range half written.
+        let mut gate = 0;
+        for pair in nat_pairs(&r) {
+            if let Some(e) = lookup(&self.forward, map_names::FORWARD_NAT, &pair.forward)? {
+                gate = e.gate;
+                break;
+            }
+        }
         if gate != 0 {
             self.disarm_gate(gate)?;
         }

@@ -102,6 +102,13 @@ impl State {
     /// Arms a trigger rule: its gate first (closed, with the rule's timeout), then its trigger
     /// ports, after checking that none is taken and the gate is free; undone on a failure.
     pub fn arm_trigger(&mut self, rule: &TriggerRule) -> Result<(), PfError> {
+        self.check_arm(rule)?;
+        self.write_arm(rule)
+    }
+
+    /// Refuses a rule whose gate is taken or whose trigger ports another rule has, changing
+    /// nothing.
+    fn check_arm(&self, rule: &TriggerRule) -> Result<(), PfError> {
         let gate = check_gate(rule.gate)?;
         rule.timeout_ns()?;
         if self.trigger_gate(rule.gate)?.armed {
@@ -131,6 +138,12 @@ impl State {
                 Err(e) => return Err(map_error(map_names::TRIGGER_PORTS)(e)),
             }
         }
+        Ok(())
+    }
+
+    /// Arms a rule [`State::check_arm`] admitted; undone whole on a failure.
+    fn write_arm(&mut self, rule: &TriggerRule) -> Result<(), PfError> {
+        let gate = check_gate(rule.gate)?;
         let timeout_ns = rule.timeout_ns()?;
         self.trigger_gates
             .set(
@@ -178,8 +191,11 @@ impl State {
         r: &crate::domain::spec::Reservation,
         rule: &TriggerRule,
     ) -> Result<(), PfError> {
+        // Checked before the range is written: undoing the range disarms its gate, which must
+        // never be another rule's.
+        self.check_arm(rule)?;
         self.reserve_gated(r, rule.gate)?;
-        if let Err(e) = self.arm_trigger(rule) {
+        if let Err(e) = self.write_arm(rule) {
             let _ = self.release_exact(r);
             return Err(e);
         }

@@ -7,8 +7,8 @@
 //! `triggers/IFACE/tcx`; before that (Debian 12's 6.1) a `cls_bpf` filter on the clsact
 //! qdisc's ingress hook, after every filter there, whose program is pinned as
 //! `triggers/IFACE/netlink_ns<INODE>` and by whose id pf finds its filter again. The trigger
-//! program never changes or drops a packet, so its place among other filters does not matter
-//! to them.
+//! program never changes or drops a packet and answers "next" (`TC_ACT_UNSPEC`), so the
+//! programs and filters after it see every packet as they would without it.
 
 use std::io;
 

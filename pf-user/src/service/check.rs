@@ -31,6 +31,7 @@ use crate::{
         bpfinfo,
         host::LocalAddresses,
         state::State,
+        trigger_hook,
     },
     service::{
         engine::ApiError,
@@ -153,7 +154,7 @@ pub fn check(
     if let Some(t) = &trigger
         && record.enabled
     {
-        trigger_link(&mut links, state.as_ref(), t);
+        trigger_link(&mut links, dir, state.as_ref(), t);
     }
     maps_link(
         &mut links,
@@ -216,7 +217,11 @@ fn reservation_link(links: &mut Links, record: &Record, now_ms: u64) {
 }
 
 /// A trigger rule's gate: open (the client's own packets keep it so), or why not.
-fn trigger_link(links: &mut Links, state: Option<&State>, t: &Trigger) {
+fn trigger_link(links: &mut Links, dir: &PinDir, state: Option<&State>, t: &Trigger) {
+    // Whether any tunnel interface has the trigger program, live.
+    let listening = trigger_hook::trigger_attachments(dir)
+        .iter()
+        .any(|a| a.health.is_live());
     let idle = humantime::format_duration(Duration::from_millis(t.idle_timeout_ms));
     match state.map(|s| s.trigger_gate(t.gate)) {
         Some(Ok(g)) if g.open_for.is_some() => links.ok(
@@ -226,6 +231,13 @@ fn trigger_link(links: &mut Links, state: Option<&State>, t: &Trigger) {
                 humantime::format_duration(Duration::from_secs(
                     g.open_for.unwrap_or_default().as_secs()
                 )),
+                t.on
+            ),
+        ),
+        Some(Ok(g)) if g.armed && !listening => links.failed(
+            "trigger",
+            format!(
+                "armed, not open, and no tunnel interface has the trigger program, so nothing can open it: pf attach IFACE --trigger, or [triggers] interfaces = [\"IFACE\"] (the client's packets to {} come in there)",
                 t.on
             ),
         ),

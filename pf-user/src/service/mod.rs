@@ -263,10 +263,16 @@ fn attach_interfaces(dir: &PinDir, config: &Config) -> Result<(), ServeError> {
             _ => attach_configured(dir, want, config)?,
         }
     }
-    // The trigger program on the tunnel side.
+    // The trigger program on the tunnel side. A tunnel interface may come up after pf serve
+    // (wg-quick's unit ordered after it): the link follower attaches it when it appears.
     for iface in &config.trigger_interfaces {
-        if !attach_trigger_configured(dir, iface, config)? {
-            tracing::info!("adopted the trigger program on {iface}");
+        match attach_trigger_configured(dir, iface, config) {
+            Ok(true) => {}
+            Ok(false) => tracing::info!("adopted the trigger program on {iface}"),
+            Err(PfError::UnknownInterface(_)) => tracing::warn!(
+                "{iface} does not exist yet: trigger rules open nothing from it until it appears, when pf serve attaches the trigger program"
+            ),
+            Err(e) => return Err(e.into()),
         }
     }
     // A dead attachment outside the config (a `pf attach` by hand) may still run programs

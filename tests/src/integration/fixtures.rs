@@ -15,8 +15,8 @@ use pf_common::counters::{Outcome, Trigger};
 use super::common::{LoadedPf, counters_moved, hex, moved, reservations, run_once, run_program};
 use crate::{
     fixtures::{
-        self, CLOSED_GATE, Fixture, GATED_RESERVATIONS, OPEN_GATE, RESERVATIONS, TC_ACT_OK,
-        leak_guard, trigger,
+        self, CLOSED_GATE, Fixture, GATED_RESERVATIONS, OPEN_GATE, RESERVATIONS, leak_guard,
+        trigger,
     },
     kit::packet::Pkt,
 };
@@ -45,7 +45,7 @@ impl Harness {
             None,
         )
         .expect("BPF_PROG_TEST_RUN on the trigger program");
-        assert_eq!(action, TC_ACT_OK);
+        assert_eq!(action, fixtures::TC_ACT_UNSPEC);
         assert_eq!(
             moved(&before.trigger, &pf.state.counters().unwrap().trigger),
             [(Trigger::Opened.name(), 1)],

@@ -1366,6 +1366,14 @@ impl Engine {
         if retarget {
             self.policy
                 .check(&reservation, &self.listening(), &local_addresses()?)?;
+            // A trigger rule's client is its target: the new one may already trigger on its
+            // ports (another rule of that address).
+            if let Some(t) = self.store.trigger(id)?
+                && reservation.target_addr != record.reservation.target_addr
+            {
+                let live = self.store.triggers()?;
+                self.check_trigger_clash(&live, reservation.target_addr, &t.on, Some(id))?;
+            }
             if let Some(existing) = self.store.target_overlap(
                 reservation.target_addr,
                 reservation.target_ports(),

@@ -830,11 +830,22 @@ target_networks = ["10.200.0.0/16"]
 
 /// Reserves `public` as a trigger rule of 10.200.0.2 on `on`; the answer.
 fn trigger(e: &mut Engine, public: &str, on: &str, idle: Option<&str>) -> Result<Value, ApiError> {
+    trigger_to(e, public, "10.200.0.2", on, idle)
+}
+
+/// Reserves `public` as a trigger rule of `to` on `on`; the answer.
+fn trigger_to(
+    e: &mut Engine,
+    public: &str,
+    to: &str,
+    on: &str,
+    idle: Option<&str>,
+) -> Result<Value, ApiError> {
     e.handle(
         Request::Reserve(ReserveRequest {
             owner: "acct-1".into(),
             public: public.into(),
-            to: "10.200.0.2".into(),
+            to: to.into(),
             ttl: Some("10s".into()),
             ttl_seconds: None,
             note: None,
@@ -971,4 +982,108 @@ fn a_trigger_rule_is_a_reservation_behind_its_own_gate_in_every_change() {
     assert_eq!(report.drifts, 1);
     assert_eq!(gates(&fake), (vec![1], vec![1]));
     assert_eq!(e.reconcile(ReconcileGuard::REPAIR).unwrap().drifts, 0);
+}
+
+/// An opening as the trigger program reports it: gate `gate`, opened by `source`.
+fn opening(gate: u16, source: &str) -> Opening {
+    Opening {
+        gate,
+        at_ns: crate::kernel::trigger::monotonic_ns(),
+        previous_expires_ns: 0,
+        protocol: Protocols::Udp,
+        source: source.parse().unwrap(),
+        destination: "203.0.113.9:6000".parse().unwrap(),
+    }
+}
+
+fn trigger_audit(dir: &std::path::Path) -> Vec<(String, u64)> {
+    std::fs::read_to_string(dir.join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["action"].as_str().unwrap().starts_with("trigger-"))
+        .map(|l| {
+            (
+                l["action"].as_str().unwrap().to_string(),
+                l["reservation"]["id"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_gate_is_not_handed_on_while_watched_and_reports_are_the_rule_s_own() {
+    let (mut e, fake, dir) = engine();
+    let id = |v: Value| v["id"].as_u64().unwrap();
+    let a = id(trigger(&mut e, "198.51.100.1:30000/tcp", "6000/udp", None).unwrap());
+    fake.0.lock().unwrap().open.insert(1);
+    fake.0
+        .lock()
+        .unwrap()
+        .openings
+        .push(opening(1, "10.200.0.2:5555"));
+    e.tick();
+    assert_eq!(trigger_audit(&dir), vec![("trigger-open".to_string(), a)]);
+
+    // Released while open: the next rule gets another gate, so no report of the old rule's
+    // can be taken for it, and the old rule's closing is audited as its own.
+    e.handle(Request::Release(a), CALLER).unwrap();
+    let b = id(trigger(&mut e, "198.51.100.1:30001/tcp", "6000/udp", None).unwrap());
+    assert_eq!(gates(&fake).0, vec![2]);
+    e.tick();
+    assert_eq!(
+        trigger_audit(&dir),
+        vec![
+            ("trigger-open".to_string(), a),
+            ("trigger-close".to_string(), a)
+        ]
+    );
+    // A report on b's gate whose source is not b's client is not b's.
+    fake.0
+        .lock()
+        .unwrap()
+        .openings
+        .push(opening(2, "10.200.0.9:5555"));
+    e.tick();
+    assert_eq!(trigger_audit(&dir).len(), 2);
+    // The gate is free again once its closing is audited.
+    let c = trigger_to(
+        &mut e,
+        "198.51.100.1:30002/tcp",
+        "10.200.0.3",
+        "6000/udp",
+        None,
+    )
+    .unwrap();
+    assert_eq!(gates(&fake).0, vec![1, 2], "{c}");
+
+    // Retargeting b onto a client that already triggers on 6000/udp is refused, and changes
+    // nothing; onto one that does not, the rule follows (closed until its new client asks).
+    let clash = e
+        .handle(
+            Request::Change {
+                id: b,
+                change: ChangeRequest {
+                    to: Some("10.200.0.3".into()),
+                    ..ChangeRequest::default()
+                },
+            },
+            CALLER,
+        )
+        .unwrap_err();
+    assert_eq!(clash.kind, Failure::Conflict, "{}", clash.message);
+    e.handle(
+        Request::Change {
+            id: b,
+            change: ChangeRequest {
+                to: Some("10.200.0.4".into()),
+                ..ChangeRequest::default()
+            },
+        },
+        CALLER,
+    )
+    .unwrap();
+    let rules = fake.0.lock().unwrap().triggers.clone();
+    assert_eq!(rules[&2].client, "10.200.0.4".parse::<Ipv4Addr>().unwrap());
+    assert_eq!(gates(&fake).0, vec![1, 2]);
 }

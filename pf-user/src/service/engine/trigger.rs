@@ -90,28 +90,70 @@ impl Engine {
             )));
         }
         let live = self.store.triggers()?;
-        for (id, other) in &live {
+        self.check_trigger_clash(&live, r.target_addr, &on, None)?;
+        // Each trigger port and protocol of a rule is an entry of the kernel's TRIGGER_PORTS.
+        let entries =
+            |t: &TriggerPorts| u64::from(t.ports.len()) * t.protocols.ip_protocols().len() as u64;
+        let held: u64 = live.values().map(|t| entries(&t.on)).sum();
+        if held + entries(&on) > u64::from(pf_common::limits::MAX_TRIGGER_PORTS) {
+            return Err(ApiError::unavailable(format!(
+                "the kernel's trigger ports are full ({held} of {} held): no room for {} more",
+                pf_common::limits::MAX_TRIGGER_PORTS,
+                entries(&on)
+            )));
+        }
+        Ok(Trigger {
+            gate: self.free_gate(&live)?,
+            on,
+            idle_timeout_ms: idle.as_millis() as u64,
+        })
+    }
+
+    /// Refuses a rule of `client` on `on` when another live rule of the same client (other
+    /// than reservation `except`) has one of those trigger ports: the kernel keys a trigger by
+    /// client, port and protocol, so it could open only one of them.
+    pub(super) fn check_trigger_clash(
+        &self,
+        live: &HashMap<u64, Trigger>,
+        client: std::net::Ipv4Addr,
+        on: &TriggerPorts,
+        except: Option<u64>,
+    ) -> Result<(), ApiError> {
+        for (id, other) in live {
+            if Some(*id) == except
+                || !other.on.protocols.overlaps(on.protocols)
+                || !other.on.ports.overlaps(on.ports)
+            {
+                continue;
+            }
             let Some(record) = self.store.get(*id)? else {
                 continue;
             };
-            if record.reservation.target_addr == r.target_addr
-                && other.on.protocols.overlaps(on.protocols)
-                && other.on.ports.overlaps(on.ports)
-            {
+            if record.reservation.target_addr == client {
                 return Err(ApiError::conflict_with(
                     *id,
                     format!(
-                        "{} already triggers reservation {id} on {}: one rule per trigger port of a client",
-                        r.target_addr, other.on
+                        "{client} already triggers reservation {id} on {}: one rule per trigger port of a client",
+                        other.on
                     ),
                 ));
             }
         }
-        Ok(Trigger {
-            gate: free_gate(&live)?,
-            on,
-            idle_timeout_ms: idle.as_millis() as u64,
-        })
+        Ok(())
+    }
+
+    /// The lowest gate no live rule has and the watch is not still following: a gate that
+    /// was open when its rule went is not handed out before its closing is audited, so the
+    /// trigger program's reports are never taken for another rule's.
+    fn free_gate(&self, live: &HashMap<u64, Trigger>) -> Result<u16, ApiError> {
+        let used: std::collections::HashSet<u16> = live
+            .values()
+            .map(|t| t.gate)
+            .chain(self.open_gates.keys().copied())
+            .collect();
+        (1..=u16::MAX)
+            .find(|g| !used.contains(g))
+            .ok_or_else(|| ApiError::unavailable("every trigger gate (65,535) is in use"))
     }
 
     /// Writes reservation `id` (as `r`) into the maps: behind its trigger rule's gate, armed,
@@ -136,7 +178,7 @@ impl Engine {
         }
         let mut live = self.store.triggers()?;
         live.remove(&id);
-        let gate = free_gate(&live)?;
+        let gate = self.free_gate(&live)?;
         self.store.set_trigger_gate(id, gate)?;
         Ok(())
     }
@@ -171,6 +213,13 @@ impl Engine {
             }
         };
         let by_gate: HashMap<u16, u64> = triggers.iter().map(|(id, t)| (t.gate, *id)).collect();
+        // Each rule's client: a report whose source is not the rule's client is a stale one,
+        // of a rule that had the gate before.
+        let clients: HashMap<u64, std::net::Ipv4Addr> = openings
+            .iter()
+            .filter_map(|o| by_gate.get(&o.gate))
+            .filter_map(|&id| Some((id, self.store.get(id).ok()??.reservation.target_addr)))
+            .collect();
         let now_ns = monotonic_ns();
         let wall = self.now_ms();
         // When a monotonic instant was, on the wall clock.
@@ -179,9 +228,17 @@ impl Engine {
             let Some(&id) = by_gate.get(&o.gate) else {
                 continue; // a rule released since
             };
-            // Reopened before this tick saw it close: its closing first.
-            if self.open_gates.remove(&o.gate).is_some() && o.previous_expires_ns != 0 {
-                self.audit_closed(id, o.gate, at(o.previous_expires_ns));
+            if clients.get(&id) != Some(o.source.ip()) {
+                continue;
+            }
+            match self.open_gates.remove(&o.gate) {
+                // Reopened before this tick saw it close: its closing first.
+                Some(was) if was == id && o.previous_expires_ns != 0 => {
+                    self.audit_closed(was, o.gate, at(o.previous_expires_ns));
+                }
+                // The gate's rule before this one: closed when it went.
+                Some(was) if was != id => self.audit_closed(was, o.gate, wall),
+                _ => {}
             }
             self.open_gates.insert(o.gate, id);
             let line = json!({
@@ -250,12 +307,4 @@ impl Engine {
         }
         Ok(())
     }
-}
-
-/// The lowest gate no live rule has.
-fn free_gate(live: &HashMap<u64, Trigger>) -> Result<u16, ApiError> {
-    let used: std::collections::HashSet<u16> = live.values().map(|t| t.gate).collect();
-    (1..=u16::MAX)
-        .find(|g| !used.contains(g))
-        .ok_or_else(|| ApiError::unavailable("every trigger gate (65,535) is in use"))
 }
