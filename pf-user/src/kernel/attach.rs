@@ -18,7 +18,7 @@ use std::{error::Error, fmt, io, str::FromStr};
 
 use aya::{
     programs::{
-        LinkOrder, TcAttachType, XdpMode,
+        LinkOrder, SchedClassifier, TcAttachType, XdpMode,
         links::{FdLink, Link, LinkError, PinnedLink},
         tc::{self as aya_tc, NlOptions, SchedClassifierLink, TcAttachOptions},
     },
@@ -544,44 +544,59 @@ enum Egress {
 fn attach_egress(programs: &mut Programs, iface: &str, tc: TcAttach) -> Result<Egress, String> {
     let egress = programs.egress_mut();
     if tc == TcAttach::Netlink {
-        // clsact holds the ingress and egress filter hooks; another tool may have added it.
-        if let Err(e) = aya_tc::qdisc_add_clsact(iface)
-            && os_error(&e) != Some(libc::EEXIST)
-        {
-            return Err(format!("adding the clsact qdisc: {}", chain(&e)));
-        }
-        let ifindex = netdev::ifindex(iface).ok_or_else(|| format!("{iface} is gone"))?;
-        let filters = tc::egress_filters(ifindex)
-            .map_err(|e| format!("listing the filters on {iface}: {e}"))?;
-        let priority = tc::last_priority(&filters)
-            .ok_or_else(|| format!("{iface}'s egress hook has a filter at the last priority"))?;
-        let id = egress
-            .attach_with_options(
-                iface,
-                TcAttachType::Egress,
-                TcAttachOptions::Netlink(NlOptions {
-                    priority,
-                    ..NlOptions::default()
-                }),
-            )
-            .map_err(|e| chain(&e))?;
-        return egress
-            .take_link(id)
-            .map(Egress::Netlink)
-            .map_err(|e| chain(&e));
+        return attach_filter(egress, iface, TcAttachType::Egress).map(Egress::Netlink);
     }
-    let id = egress
+    attach_tcx(egress, iface, TcAttachType::Egress).map(Egress::Tcx)
+}
+
+/// Attaches `program` to `iface`'s clsact `hook` as a netlink `cls_bpf` filter, after every
+/// filter already there (as a TCX link is appended last); its link, not pinned.
+pub(super) fn attach_filter(
+    program: &mut SchedClassifier,
+    iface: &str,
+    hook: TcAttachType,
+) -> Result<SchedClassifierLink, String> {
+    // clsact holds the ingress and egress filter hooks; another tool may have added it.
+    if let Err(e) = aya_tc::qdisc_add_clsact(iface)
+        && os_error(&e) != Some(libc::EEXIST)
+    {
+        return Err(format!("adding the clsact qdisc: {}", chain(&e)));
+    }
+    let ifindex = netdev::ifindex(iface).ok_or_else(|| format!("{iface} is gone"))?;
+    let (filters, name) = match hook {
+        TcAttachType::Ingress => (tc::ingress_filters(ifindex), "ingress"),
+        _ => (tc::egress_filters(ifindex), "egress"),
+    };
+    let filters = filters.map_err(|e| format!("listing the {name} filters on {iface}: {e}"))?;
+    let priority = tc::last_priority(&filters)
+        .ok_or_else(|| format!("{iface}'s {name} hook has a filter at the last priority"))?;
+    let id = program
         .attach_with_options(
             iface,
-            TcAttachType::Egress,
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
+            hook,
+            TcAttachOptions::Netlink(NlOptions {
+                priority,
+                ..NlOptions::default()
+            }),
         )
         .map_err(|e| chain(&e))?;
-    egress
+    program.take_link(id).map_err(|e| chain(&e))
+}
+
+/// Attaches `program` to `iface`'s `hook` as a TCX link, after the links already there; not
+/// pinned (dropped, it detaches).
+pub(super) fn attach_tcx(
+    program: &mut SchedClassifier,
+    iface: &str,
+    hook: TcAttachType,
+) -> Result<FdLink, String> {
+    let id = program
+        .attach_with_options(iface, hook, TcAttachOptions::TcxOrder(LinkOrder::default()))
+        .map_err(|e| chain(&e))?;
+    program
         .take_link(id)
         .map_err(|e| chain(&e))
         .and_then(|l| l.try_into().map_err(|e: LinkError| chain(&e)))
-        .map(Egress::Tcx)
 }
 
 /// The role pf is attached to `iface` in, read from its XDP link's pin name.

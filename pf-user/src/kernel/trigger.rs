@@ -145,23 +145,14 @@ impl State {
     fn write_arm(&mut self, rule: &TriggerRule) -> Result<(), PfError> {
         let gate = check_gate(rule.gate)?;
         let timeout_ns = rule.timeout_ns()?;
-        self.trigger_gates
-            .set(
-                gate,
-                TriggerGate {
-                    expires_ns: 0,
-                    timeout_ns,
-                },
-                0,
-            )
-            .map_err(map_error(map_names::TRIGGER_GATES))?;
+        self.set_closed_gate(gate, timeout_ns)?;
         let mut written = Vec::new();
         for key in rule.keys() {
             if let Err(e) = self.trigger_ports.insert(key, gate, 0) {
                 for key in &written {
                     let _ = self.trigger_ports.remove(key);
                 }
-                let _ = self.trigger_gates.set(gate, TriggerGate::default(), 0);
+                let _ = self.set_closed_gate(gate, 0);
                 return Err(map_error(map_names::TRIGGER_PORTS)(e));
             }
             written.push(key);
@@ -180,8 +171,20 @@ impl State {
                 Err(e) => return Err(map_error(map_names::TRIGGER_PORTS)(e)),
             }
         }
+        self.set_closed_gate(gate, 0)
+    }
+
+    /// Sets gate slot `gate` closed with idle timeout `timeout_ns` (0: it holds no rule).
+    fn set_closed_gate(&mut self, gate: u32, timeout_ns: u64) -> Result<(), PfError> {
         self.trigger_gates
-            .set(gate, TriggerGate::default(), 0)
+            .set(
+                gate,
+                TriggerGate {
+                    expires_ns: 0,
+                    timeout_ns,
+                },
+                0,
+            )
             .map_err(map_error(map_names::TRIGGER_GATES))
     }
 
@@ -252,16 +255,7 @@ impl State {
             let timeout_ns = gates.get(&gate).copied().unwrap_or(0);
             if slot.timeout_ns != timeout_ns {
                 // A rule that was not armed, or armed otherwise: closed until triggered.
-                self.trigger_gates
-                    .set(
-                        gate,
-                        TriggerGate {
-                            expires_ns: 0,
-                            timeout_ns,
-                        },
-                        0,
-                    )
-                    .map_err(map_error(map_names::TRIGGER_GATES))?;
+                self.set_closed_gate(gate, timeout_ns)?;
                 drifts.push(if timeout_ns == 0 {
                     format!("cleared trigger gate {gate}: no rule has it")
                 } else {
@@ -298,9 +292,7 @@ impl State {
                 Err(e) => return Err(map_error(map_names::TRIGGER_PORTS)(e)),
             }
         }
-        self.trigger_gates
-            .set(gate, TriggerGate::default(), 0)
-            .map_err(map_error(map_names::TRIGGER_GATES))
+        self.set_closed_gate(gate, 0)
     }
 
     /// A gate as the kernel has it now.

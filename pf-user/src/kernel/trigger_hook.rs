@@ -13,16 +13,16 @@
 use std::io;
 
 use aya::programs::{
-    LinkOrder, TcAttachType,
-    links::{FdLink, Link, LinkError, PinnedLink},
-    tc::{self as aya_tc, NlOptions, SchedClassifierLink, TcAttachOptions},
+    TcAttachType,
+    links::{Link, PinnedLink},
+    tc::SchedClassifierLink,
 };
 
 use super::{
     PfError,
     attach::{
-        Health, TcAttach, check_pins_consistent, kernel_version, netns_inode, os_error, resolve_tc,
-        uses_pinned_maps,
+        Health, TcAttach, attach_filter, attach_tcx, check_pins_consistent, kernel_version,
+        netns_inode, resolve_tc, uses_pinned_maps,
     },
     bpffs::PinDir,
     bpfinfo, netdev,
@@ -100,27 +100,7 @@ fn attach_program(
 ) -> Result<(), String> {
     let program = programs.trigger_mut(ethernet);
     if tc == TcAttach::Netlink {
-        if let Err(e) = aya_tc::qdisc_add_clsact(iface)
-            && os_error(&e) != Some(libc::EEXIST)
-        {
-            return Err(format!("adding the clsact qdisc: {}", chain(&e)));
-        }
-        let ifindex = netdev::ifindex(iface).ok_or_else(|| format!("{iface} is gone"))?;
-        let filters = tc::ingress_filters(ifindex)
-            .map_err(|e| format!("listing the ingress filters on {iface}: {e}"))?;
-        let priority = tc::last_priority(&filters)
-            .ok_or_else(|| format!("{iface}'s ingress hook has a filter at the last priority"))?;
-        let id = program
-            .attach_with_options(
-                iface,
-                TcAttachType::Ingress,
-                TcAttachOptions::Netlink(NlOptions {
-                    priority,
-                    ..NlOptions::default()
-                }),
-            )
-            .map_err(|e| chain(&e))?;
-        let link = program.take_link(id).map_err(|e| chain(&e))?;
+        let link = attach_filter(program, iface, TcAttachType::Ingress)?;
         let pin = netns_inode()
             .map(|inode| {
                 dir.trigger_links(iface)
@@ -140,19 +120,9 @@ fn attach_program(
             }
         };
     }
-    let id = program
-        .attach_with_options(
-            iface,
-            TcAttachType::Ingress,
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
-        )
-        .map_err(|e| chain(&e))?;
-    let link: FdLink = program
-        .take_link(id)
-        .map_err(|e| chain(&e))
-        .and_then(|l| l.try_into().map_err(|e: LinkError| chain(&e)))?;
     // Dropped unpinned on an error, which detaches it.
-    link.pin(dir.trigger_links(iface).join(TCX_PIN))
+    attach_tcx(program, iface, TcAttachType::Ingress)?
+        .pin(dir.trigger_links(iface).join(TCX_PIN))
         .map(drop)
         .map_err(|e| format!("pinning: {}", chain(&e)))
 }
