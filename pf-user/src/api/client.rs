@@ -13,7 +13,8 @@ use serde_json::Value;
 
 use super::types::{
     ChangeRequest, CheckView, ErrorBody, ListQuery, ReleasedByOwner, RenewRequest, ReservationView,
-    ReserveRequest, RestoreRequest, StatsView, TunnelOwnerRequest, TunnelOwnerView, percent_encode,
+    ReserveRequest, RestoreRequest, StatsView, TunnelOwnerRequest, TunnelOwnerView, WhoView,
+    percent_encode,
 };
 
 /// How long the CLI waits for the service to answer.
@@ -196,6 +197,15 @@ impl Client {
         let mut path = format!("/v1/reservations/{id}/check?port={port}&protocol={protocol}");
         if let Some(probe) = udp_probe {
             path += &format!("&udp_probe={}", percent_encode(probe));
+        }
+        self.typed("GET", &path, None::<&()>)
+    }
+
+    /// `GET /v1/who`: who held `public` (`IP:PORT/PROTO`) at `at` (RFC 3339; now if none).
+    pub fn who(&self, public: &str, at: Option<&str>) -> Result<WhoView, ClientError> {
+        let mut path = format!("/v1/who?public={}", percent_encode(public));
+        if let Some(at) = at {
+            path += &format!("&at={}", percent_encode(at));
         }
         self.typed("GET", &path, None::<&()>)
     }

@@ -209,6 +209,35 @@ pub struct CheckView {
     pub because: Option<String>,
 }
 
+/// `GET /v1/who?public=IP:PORT/PROTO&at=TIME`: who held a public endpoint at a time, from the
+/// reservation records alone (pf keeps no flow or traffic logs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhoView {
+    /// The endpoint asked about: `IP:PORT/PROTO`.
+    pub public: String,
+    /// The time asked about (RFC 3339).
+    pub at: String,
+    /// Who held it then: none, one, or (at the instant of a hand-over) both.
+    pub holders: Vec<HolderView>,
+}
+
+/// One holding of a public range.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HolderView {
+    /// The reservation's id.
+    pub id: u64,
+    pub owner: String,
+    /// The reservation's public range: `IP:PORT[-PORT]/PROTO`.
+    pub public: String,
+    pub from: String,
+    /// When the holding ended; absent while it goes on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    /// How it ended: `released`, `expired` or `owner-changed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<String>,
+}
+
 /// One link of a check: `reservation`, `maps`, `attached`, `program`, `target`, `traffic`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckLink {

@@ -204,6 +204,10 @@ struct RawPolicy {
     drop_tunnel_source_leaks: Option<bool>,
     #[serde(default)]
     on_violation: Option<String>,
+    #[serde(default)]
+    quarantine: Option<String>,
+    #[serde(default)]
+    history_retention: Option<String>,
 }
 
 /// An interface `pf serve` attaches to on start (or adopts, when already attached).
@@ -475,6 +479,9 @@ impl Config {
                 .map(str::parse)
                 .transpose()?
                 .unwrap_or_default(),
+            quarantine: duration("policy.quarantine", &p.quarantine)?,
+            history_retention: duration("policy.history_retention", &p.history_retention)?
+                .unwrap_or(crate::service::policy::DEFAULT_HISTORY_RETENTION),
         };
         // With the leak guard on, egress drops what leaves from a target network: one that
         // holds a public IP (or everything, /0) would cut the server off.
@@ -508,6 +515,13 @@ impl Config {
             && d > m
         {
             return Err("policy.default_ttl is longer than policy.max_ttl".into());
+        }
+        // The quarantine reads the past holders: they must be kept at least as long.
+        if policy
+            .quarantine
+            .is_some_and(|q| q > policy.history_retention)
+        {
+            return Err("policy.quarantine is longer than policy.history_retention".into());
         }
         let interfaces = raw
             .interfaces
@@ -692,6 +706,14 @@ mod tests {
             (
                 "[policy]\npublic_ips = [\"198.51.100.1\"]\ntarget_networks = [\"10.8.0.0/16\"]\ndefault_ttl = \"soon\"",
                 "policy.default_ttl: 'soon'",
+            ),
+            (
+                "[policy]\npublic_ips = [\"198.51.100.1\"]\ntarget_networks = [\"10.8.0.0/16\"]\nquarantine = \"100d\"",
+                "policy.quarantine is longer than policy.history_retention",
+            ),
+            (
+                "[policy]\npublic_ips = [\"198.51.100.1\"]\ntarget_networks = [\"10.8.0.0/16\"]\nhistory_retention = \"never\"",
+                "policy.history_retention: 'never'",
             ),
             (
                 "[policy]\npublic_ips = [\"198.51.100.1\"]\ntarget_networks = [\"10.8.0.0/16\"]\n[[interfaces]]\nname = \"eth0\"\nrole = \"inside\"",

@@ -17,6 +17,7 @@
 //! | `POST /v1/reservations/{id}/disable`   | stop forwarding, keep the ports              |
 //! | `GET /v1/expired[?owner=X]`            | the expired history (restorable for 7 days)  |
 //! | `POST /v1/expired/{id}/restore`        | restore (`{"ttl": "30d"}`, or the same again)|
+//! | `GET /v1/who?public=IP:PORT/PROTO&at=T`| who held the endpoint at T (default now)     |
 //!
 //! Every error is a 4xx/5xx with `{"error": "...", "code": "...", "rule"?: "policy....",
 //! "conflict_id"?: N}` (`ErrorBody`): `rule` for a policy refusal, `conflict_id` for a conflict.
@@ -468,6 +469,17 @@ fn change_action(method: &Method, segments: &[&str]) -> Option<&'static str> {
     })
 }
 
+/// One public endpoint, `IP:PORT/tcp|udp`, as `GET /v1/who` takes it.
+fn who_endpoint(text: &str) -> Result<crate::domain::spec::PublicSpec, ApiError> {
+    let spec: crate::domain::spec::PublicSpec = text.parse().map_err(ApiError::from)?;
+    if spec.ports.len() != 1 || spec.protocols == crate::domain::spec::Protocols::Both {
+        return Err(ApiError::bad_request(format!(
+            "public: '{text}' must name one port and one protocol (IP:PORT/tcp or /udp)"
+        )));
+    }
+    Ok(spec)
+}
+
 /// Every route the API serves, as (method, path template): the OpenAPI description lists
 /// exactly these (a host test checks), and an integration test asks the real service for each.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -485,6 +497,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/reservations/{id}/enable"),
     ("POST", "/v1/reservations/{id}/disable"),
     ("GET", "/v1/reservations/{id}/check"),
+    ("GET", "/v1/who"),
     ("GET", "/v1/expired"),
     ("POST", "/v1/expired/{id}/restore"),
     ("GET", "/v1/tunnel-owners"),
@@ -832,6 +845,32 @@ async fn route(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
             Ok(Request::Check(ask))
         }
         ["v1", "reservations", _, _] => Err(not_allowed()),
+        ["v1", "who"] if method == Method::GET => {
+            let (mut public, mut at_ms) = (None, None);
+            for (k, v) in query_params(query.as_deref(), &["public", "at"])? {
+                if k == "public" {
+                    public = Some(who_endpoint(&v)?);
+                } else {
+                    let at = humantime::parse_rfc3339_weak(&v).map_err(|e| {
+                        ApiError::bad_request(format!(
+                            "at: '{v}' is not a time such as 2026-11-30T12:00:00Z ({e})"
+                        ))
+                    })?;
+                    at_ms = Some(
+                        at.duration_since(std::time::UNIX_EPOCH)
+                            .map_err(|_| ApiError::bad_request("at: before 1970"))?
+                            .as_millis() as u64,
+                    );
+                }
+            }
+            let public =
+                public.ok_or_else(|| ApiError::bad_request("give public=IP:PORT/tcp|udp"))?;
+            Ok(Request::Who {
+                public,
+                at_ms: at_ms.unwrap_or_else(super::clock::now_ms),
+            })
+        }
+        ["v1", "who"] => Err(not_allowed()),
         ["v1", "expired"] if method == Method::GET => Ok(Request::Expired {
             owner: query_param(query.as_deref(), "owner")?,
         }),

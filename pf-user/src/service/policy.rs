@@ -72,7 +72,16 @@ pub struct Policy {
     pub drop_tunnel_source_leaks: bool,
     /// What a start or a reload does with a reservation this policy would refuse.
     pub on_violation: OnViolation,
+    /// How long a released or expired range stays out of other owners' reach (and out of
+    /// their automatic ports): their peers (torrent swarms, game clients) would otherwise
+    /// reach the next customer's device. None: no quarantine.
+    pub quarantine: Option<Duration>,
+    /// How long the past holders of each range are kept (`pf who`), then forgotten.
+    pub history_retention: Duration,
 }
+
+/// `policy.history_retention` when unset: 90 days.
+pub const DEFAULT_HISTORY_RETENTION: Duration = Duration::from_secs(90 * 86_400);
 
 /// `policy.on_violation`: what happens to reservations granted before the policy narrowed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -13,12 +13,15 @@ use std::{
 use serde_json::{Value, json};
 
 use super::{
-    engine::{ApiError, Request, expired_json, record_view, traffic_rows, trigger::trigger_view},
+    engine::{
+        ApiError, Request, expired_json, record_view, rfc3339, traffic_rows, trigger::trigger_view,
+    },
     metrics::{self, ServiceMetrics},
     store::{ListFilter, Record, SqliteStore, Store},
 };
 use crate::{
-    api::types::AttachmentView,
+    api::types::{AttachmentView, HolderView, WhoView},
+    domain::spec::PublicSpec,
     kernel::{
         attach::{self, Attachment},
         bpffs::PinDir,
@@ -92,6 +95,28 @@ pub fn list_json(
         gate,
         now_ms,
     )?))
+}
+
+/// `GET /v1/who`: who held `public` (one port, one protocol) at `at_ms`, from the store's
+/// records of reservations and past holders.
+pub fn who_json(store: &dyn Store, public: &PublicSpec, at_ms: u64) -> Result<Value, ApiError> {
+    let holders = store.who(public.addr, public.ports.first, public.protocols, at_ms)?;
+    let view = WhoView {
+        public: public.to_string(),
+        at: rfc3339(at_ms),
+        holders: holders
+            .into_iter()
+            .map(|h| HolderView {
+                id: h.id,
+                owner: h.owner,
+                public: h.public.to_string(),
+                from: rfc3339(h.from_ms),
+                until: h.until_ms.map(rfc3339),
+                ended: h.ended,
+            })
+            .collect(),
+    };
+    Ok(serde_json::to_value(view).expect("plain struct"))
 }
 
 /// The kernel's gates, read without pf's lock (a list never waits for a change), if the maps
@@ -185,6 +210,7 @@ impl Reads {
                 | Request::Expired { .. }
                 | Request::Status
                 | Request::Check(_)
+                | Request::Who { .. }
         )
     }
 
@@ -214,6 +240,9 @@ impl Reads {
                     &attach::inspect(&self.dir),
                     &self.service_metrics,
                 ))
+            }
+            Request::Who { public, at_ms } => {
+                self.with_reader(|store| who_json(store, &public, at_ms))
             }
             Request::Check(ask) => self.with_reader(|store| {
                 let view = super::check::check(store, &self.dir, &ask, super::clock::now_ms())?;

@@ -72,6 +72,26 @@ impl MappingProtocol {
     }
 }
 
+/// Who held a public range from when until when (`until_ms` none: holds it now).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    /// The reservation's id.
+    pub id: u64,
+    pub owner: String,
+    pub public: PublicSpec,
+    pub from_ms: u64,
+    pub until_ms: Option<u64>,
+    /// How the holding ended: `released`, `expired` or `owner-changed`.
+    pub ended: Option<String>,
+}
+
+/// The SQL that records reservation ?1's present holding as past, ending at ?2 as ?3.
+const RECORD_HOLDER: &str = "INSERT INTO holders (id, owner, public_ip, first_port, last_port, \
+     protocols, from_ms, until_ms, ended) \
+     SELECT r.id, r.owner, r.public_ip, r.first_port, r.last_port, r.protocols, \
+     COALESCE((SELECT since_ms FROM held_since h WHERE h.id = r.id), r.created_ms), ?2, ?3 \
+     FROM reservations r WHERE r.id = ?1";
+
 /// A trigger rule: the reservation's ports forward only while its gate is open, which the
 /// client opens by sending to its trigger ports (port triggering, `kernel::trigger`). Stored
 /// beside the reservation, by its id; kept with its expired record, so a restore makes the
@@ -141,12 +161,14 @@ pub trait Store: Send {
     fn delete(&mut self, id: u64) -> Result<bool, StoreError>;
     fn set_enabled(&mut self, id: u64, enabled: bool) -> Result<bool, StoreError>;
     /// Changes a record in place: its owner, note and target (the public side stays).
+    /// A new owner's holding begins at `at_ms`, and the old one's is recorded as past.
     fn change(
         &mut self,
         id: u64,
         owner: &str,
         reservation: &Reservation,
         note: &str,
+        at_ms: u64,
     ) -> Result<bool, StoreError>;
     fn set_lifetime(
         &mut self,
@@ -196,6 +218,7 @@ pub trait Store: Send {
         id: u64,
         ttl_ms: Option<u64>,
         expires_ms: Option<u64>,
+        at_ms: u64,
     ) -> Result<Option<Record>, StoreError>;
     /// Forgets history that expired before `before_ms`; how many records went.
     fn purge_history(&mut self, before_ms: u64) -> Result<u64, StoreError>;
@@ -238,6 +261,30 @@ pub trait Store: Send {
     /// Every owner the API gave, by address.
     fn tunnel_owners(&self) -> Result<Vec<(Ipv4Addr, String)>, StoreError>;
 
+    /// Ends reservation `id`'s holding at `at_ms` (`released`): its past holder is recorded,
+    /// then it is deleted as [`Store::delete`] does; false if there was none.
+    fn end(&mut self, id: u64, at_ms: u64) -> Result<bool, StoreError>;
+    /// Who held `addr:port/protocol` at `at_ms`: the live reservation covering it (if its
+    /// holding had begun) and the past holders whose holding spanned it.
+    fn who(
+        &self,
+        addr: Ipv4Addr,
+        port: u16,
+        protocol: Protocols,
+        at_ms: u64,
+    ) -> Result<Vec<Holder>, StoreError>;
+    /// Past holders of any of `ports`/`protocols` on `addr` whose holding ended at or after
+    /// `since_ms`.
+    fn recent_holders(
+        &self,
+        addr: Ipv4Addr,
+        ports: PortRange,
+        protocols: Protocols,
+        since_ms: u64,
+    ) -> Result<Vec<Holder>, StoreError>;
+    /// Forgets past holders whose holding ended before `before_ms`; how many.
+    fn purge_holders(&mut self, before_ms: u64) -> Result<u64, StoreError>;
+
     /// Stores a reservation and its trigger rule, in one transaction.
     fn insert_triggered(
         &mut self,
@@ -254,9 +301,9 @@ pub trait Store: Send {
 
 /// The schema this pf writes; `PRAGMA user_version` records it in the file. Version 2 added
 /// the expired history, version 3 the carried-over traffic, version 4 the port mappings and
-/// the settings, version 5 the trigger rules (new tables only: an older file is brought up to
-/// date by creating what it lacks).
-const SCHEMA_VERSION: i64 = 5;
+/// the settings, version 5 the trigger rules, version 6 the past holders of each range (new
+/// tables only: an older file is brought up to date by creating what it lacks).
+const SCHEMA_VERSION: i64 = 6;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS reservations (
@@ -337,6 +384,30 @@ CREATE TABLE IF NOT EXISTS triggers (
     first_port      INTEGER NOT NULL CHECK (first_port BETWEEN 1 AND 65535),
     last_port       INTEGER NOT NULL CHECK (last_port BETWEEN first_port AND 65535),
     idle_timeout_ms INTEGER NOT NULL CHECK (idle_timeout_ms > 0)
+);
+-- Who held a public range, and when: a row each time a holding ended (a release, an expiry,
+-- an owner change), kept for policy.history_retention, for an abuse desk's question (who had this
+-- port then? `pf who`) and the quarantine of released ports. Owners and ranges only: no
+-- target, no traffic.
+CREATE TABLE IF NOT EXISTS holders (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         INTEGER NOT NULL,
+    owner      TEXT    NOT NULL,
+    public_ip  TEXT    NOT NULL,
+    first_port INTEGER NOT NULL,
+    last_port  INTEGER NOT NULL,
+    protocols  INTEGER NOT NULL,
+    from_ms    INTEGER NOT NULL,
+    until_ms   INTEGER NOT NULL,
+    ended      TEXT    NOT NULL CHECK (ended IN ('released', 'expired', 'owner-changed'))
+);
+CREATE INDEX IF NOT EXISTS holders_public ON holders (public_ip, first_port);
+CREATE INDEX IF NOT EXISTS holders_until ON holders (until_ms);
+-- When a reservation's present owner began to hold it, where that was not its creation (an
+-- owner change, a restore). By the reservation's id; gone with it.
+CREATE TABLE IF NOT EXISTS held_since (
+    id       INTEGER PRIMARY KEY,
+    since_ms INTEGER NOT NULL
 );
 -- The service's own values (the port mappings' epoch).
 CREATE TABLE IF NOT EXISTS settings (
@@ -792,6 +863,7 @@ impl Store for SqliteStore {
                 tx.execute("DELETE FROM traffic WHERE id = ?1", [id as i64])?;
                 tx.execute("DELETE FROM port_mappings WHERE id = ?1", [id as i64])?;
                 tx.execute("DELETE FROM triggers WHERE id = ?1", [id as i64])?;
+                tx.execute("DELETE FROM held_since WHERE id = ?1", [id as i64])?;
                 Ok(n)
             })
             .map_err(sql("deleting a reservation"))?;
@@ -813,19 +885,48 @@ impl Store for SqliteStore {
         owner: &str,
         reservation: &Reservation,
         note: &str,
+        at_ms: u64,
     ) -> Result<bool, StoreError> {
-        self.update(
-            "changing a reservation",
-            "UPDATE reservations SET owner = ?2, target_ip = ?3, target_first_port = ?4, \
-             note = ?5 WHERE id = ?1",
-            params![
-                id as i64,
-                owner,
-                reservation.target_addr.to_string(),
-                reservation.target_first_port,
-                note
-            ],
-        )
+        let what = "changing a reservation";
+        let tx = self.conn.transaction().map_err(sql(what))?;
+        let new_owner: bool = tx
+            .query_row(
+                "SELECT owner != ?2 FROM reservations WHERE id = ?1",
+                params![id as i64, owner],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql(what))?
+            .unwrap_or(false);
+        if new_owner {
+            tx.execute(
+                RECORD_HOLDER,
+                params![id as i64, at_ms as i64, "owner-changed"],
+            )
+            .and_then(|_| {
+                tx.execute(
+                    "INSERT INTO held_since (id, since_ms) VALUES (?1, ?2) \
+                         ON CONFLICT (id) DO UPDATE SET since_ms = excluded.since_ms",
+                    params![id as i64, at_ms as i64],
+                )
+            })
+            .map_err(sql(what))?;
+        }
+        let n = tx
+            .execute(
+                "UPDATE reservations SET owner = ?2, target_ip = ?3, target_first_port = ?4, \
+                 note = ?5 WHERE id = ?1",
+                params![
+                    id as i64,
+                    owner,
+                    reservation.target_addr.to_string(),
+                    reservation.target_first_port,
+                    note
+                ],
+            )
+            .map_err(sql(what))?;
+        tx.commit().map_err(sql("committing a change"))?;
+        Ok(n > 0)
     }
 
     fn set_lifetime(
@@ -956,8 +1057,10 @@ impl Store for SqliteStore {
                 params![id as i64, at_ms as i64],
             )
             .map_err(sql("keeping an expired reservation"))?;
-        tx.execute("DELETE FROM reservations WHERE id = ?1", [id as i64])
+        tx.execute(RECORD_HOLDER, params![id as i64, at_ms as i64, "expired"])
+            .and_then(|_| tx.execute("DELETE FROM reservations WHERE id = ?1", [id as i64]))
             .and_then(|_| tx.execute("DELETE FROM port_mappings WHERE id = ?1", [id as i64]))
+            .and_then(|_| tx.execute("DELETE FROM held_since WHERE id = ?1", [id as i64]))
             .map_err(sql("deleting an expired reservation"))?;
         tx.commit().map_err(sql("committing"))?;
         Ok(moved > 0)
@@ -992,6 +1095,7 @@ impl Store for SqliteStore {
         id: u64,
         ttl_ms: Option<u64>,
         expires_ms: Option<u64>,
+        at_ms: u64,
     ) -> Result<Option<Record>, StoreError> {
         let tx = self
             .conn
@@ -1019,6 +1123,13 @@ impl Store for SqliteStore {
         )
         .map_err(sql("restoring an expired reservation"))?;
         tx.execute("DELETE FROM expired WHERE id = ?1", [id as i64])
+            .and_then(|_| {
+                tx.execute(
+                    "INSERT INTO held_since (id, since_ms) VALUES (?1, ?2) \
+                     ON CONFLICT (id) DO UPDATE SET since_ms = excluded.since_ms",
+                    params![id as i64, at_ms as i64],
+                )
+            })
             .map_err(sql("restoring an expired reservation"))?;
         tx.commit().map_err(sql("committing"))?;
         self.get(id)
@@ -1147,6 +1258,81 @@ impl Store for SqliteStore {
             "UPDATE port_mappings SET nonce = ?2 WHERE id = ?1",
             params![id as i64, nonce.to_vec()],
         )
+    }
+
+    fn end(&mut self, id: u64, at_ms: u64) -> Result<bool, StoreError> {
+        self.conn
+            .execute(RECORD_HOLDER, params![id as i64, at_ms as i64, "released"])
+            .map_err(sql("recording a past holder"))?;
+        self.delete(id)
+    }
+
+    fn who(
+        &self,
+        addr: Ipv4Addr,
+        port: u16,
+        protocol: Protocols,
+        at_ms: u64,
+    ) -> Result<Vec<Holder>, StoreError> {
+        let ports = PortRange::single(port);
+        let mut found = self.holders_where(
+            "WHERE public_ip = ?1 AND first_port BETWEEN ?2 AND ?3 AND last_port >= ?4 \
+             AND (protocols & ?5) != 0 AND from_ms <= ?6 AND until_ms > ?6",
+            addr,
+            ports,
+            protocol,
+            at_ms,
+        )?;
+        if let Some(r) = self.public_overlap(addr, ports, protocol)? {
+            let since: Option<i64> = self
+                .conn
+                .query_row(
+                    "SELECT since_ms FROM held_since WHERE id = ?1",
+                    [r.id as i64],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(sql("reading when a holding began"))?;
+            let from_ms = since.map_or(r.created_ms, |s| s as u64);
+            if from_ms <= at_ms {
+                found.push(Holder {
+                    id: r.id,
+                    owner: r.owner.clone(),
+                    public: r.reservation.public,
+                    from_ms,
+                    until_ms: None,
+                    ended: None,
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    fn recent_holders(
+        &self,
+        addr: Ipv4Addr,
+        ports: PortRange,
+        protocols: Protocols,
+        since_ms: u64,
+    ) -> Result<Vec<Holder>, StoreError> {
+        self.holders_where(
+            "WHERE public_ip = ?1 AND first_port BETWEEN ?2 AND ?3 AND last_port >= ?4 \
+             AND (protocols & ?5) != 0 AND until_ms >= ?6",
+            addr,
+            ports,
+            protocols,
+            since_ms,
+        )
+    }
+
+    fn purge_holders(&mut self, before_ms: u64) -> Result<u64, StoreError> {
+        self.conn
+            .execute(
+                "DELETE FROM holders WHERE until_ms < ?1",
+                [before_ms as i64],
+            )
+            .map(|n| n as u64)
+            .map_err(sql("purging past holders"))
     }
 
     fn insert_triggered(
@@ -1280,6 +1466,73 @@ impl SqliteStore {
                     detail: format!("tunnel owner address '{address}'"),
                 })?;
                 Ok((parsed, owner))
+            })
+            .collect()
+    }
+
+    /// Past holders `where_clause` finds for `addr` (?1), a first port in the index range a
+    /// row overlapping `ports` can start in (?2 to ?3), the range's other end (?4), the
+    /// protocols (?5) and a time (?6).
+    fn holders_where(
+        &self,
+        where_clause: &str,
+        addr: Ipv4Addr,
+        ports: PortRange,
+        protocols: Protocols,
+        at_ms: u64,
+    ) -> Result<Vec<Holder>, StoreError> {
+        let what = "reading past holders";
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT id, owner, first_port, last_port, protocols, from_ms, until_ms, ended \
+                 FROM holders {where_clause} ORDER BY until_ms"
+            ))
+            .map_err(sql(what))?;
+        let rows = stmt
+            .query_map(
+                params![
+                    addr.to_string(),
+                    lowest_overlapping_first(ports),
+                    ports.last,
+                    ports.first,
+                    protocols.mask(),
+                    at_ms as i64
+                ],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, u8>(4)?,
+                        r.get::<_, i64>(5)?,
+                        r.get::<_, i64>(6)?,
+                        r.get::<_, String>(7)?,
+                    ))
+                },
+            )
+            .map_err(sql(what))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql(what))?;
+        rows.into_iter()
+            .map(|(id, owner, first, last, mask, from, until, ended)| {
+                let bad = |detail: String| StoreError::BadRow { id, detail };
+                let port = |v: i64| u16::try_from(v).map_err(|_| bad(format!("port {v}")));
+                Ok(Holder {
+                    id: id as u64,
+                    owner,
+                    public: PublicSpec {
+                        addr,
+                        ports: PortRange::new(port(first)?, port(last)?)
+                            .map_err(|e| bad(e.to_string()))?,
+                        protocols: Protocols::from_mask(mask)
+                            .ok_or_else(|| bad(format!("protocols {mask}")))?,
+                    },
+                    from_ms: from.max(0) as u64,
+                    until_ms: Some(until.max(0) as u64),
+                    ended: Some(ended),
+                })
             })
             .collect()
     }
@@ -1548,16 +1801,83 @@ mod tests {
         assert_eq!(store.history(Some("acct-2")).unwrap(), vec![]);
         // Restored under its id, with the new lifetime.
         let back = store
-            .restore(a.id, Some(5_000), Some(9_000))
+            .restore(a.id, Some(5_000), Some(9_000), 4_000)
             .unwrap()
             .unwrap();
         assert_eq!((back.id, back.expires_ms), (a.id, Some(9_000)));
         assert!(store.history(None).unwrap().is_empty());
-        assert_eq!(store.restore(a.id, None, None).unwrap(), None);
+        assert_eq!(store.restore(a.id, None, None, 4_000).unwrap(), None);
         store.expire(a.id, 3_000).unwrap();
         assert_eq!(store.purge_history(3_000).unwrap(), 0);
         assert_eq!(store.purge_history(3_001).unwrap(), 1);
         assert!(store.history(None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn who_held_a_port_and_when() {
+        let mut store = SqliteStore::in_memory().unwrap();
+        let addr = Ipv4Addr::new(198, 51, 100, 1);
+        let who = |store: &SqliteStore, port: u16, at: u64| -> Vec<(String, Option<u64>)> {
+            store
+                .who(addr, port, Protocols::Tcp, at)
+                .unwrap()
+                .into_iter()
+                .map(|h| (h.owner, h.until_ms))
+                .collect()
+        };
+        let mut a = new("acct-1", "198.51.100.1:8810-8812/tcp", "10.8.0.2");
+        a.created_ms = 1_000;
+        let a = store.insert(&a).unwrap();
+        assert_eq!(who(&store, 8811, 999), vec![], "before it was made");
+        assert_eq!(who(&store, 8811, 1_000), vec![("acct-1".into(), None)]);
+        // Given to another owner at 2,000: each held it for their own time.
+        store
+            .change(a.id, "acct-2", &a.reservation, "", 2_000)
+            .unwrap();
+        assert_eq!(
+            who(&store, 8812, 1_500),
+            vec![("acct-1".into(), Some(2_000))]
+        );
+        assert_eq!(who(&store, 8812, 2_000), vec![("acct-2".into(), None)]);
+        // A change that keeps the owner records nothing.
+        store
+            .change(a.id, "acct-2", &a.reservation, "note", 2_500)
+            .unwrap();
+        assert_eq!(who(&store, 8812, 2_400), vec![("acct-2".into(), None)]);
+        // Expired at 3,000, restored at 4,000: nobody in between.
+        store.expire(a.id, 3_000).unwrap();
+        assert_eq!(who(&store, 8810, 3_500), vec![]);
+        store.restore(a.id, None, None, 4_000).unwrap();
+        assert_eq!(who(&store, 8810, 3_500), vec![]);
+        assert_eq!(who(&store, 8810, 4_000), vec![("acct-2".into(), None)]);
+        // Released at 5,000; other ports, protocols and addresses were never held.
+        assert!(store.end(a.id, 5_000).unwrap());
+        assert_eq!(
+            who(&store, 8810, 4_500),
+            vec![("acct-2".into(), Some(5_000))]
+        );
+        assert_eq!(who(&store, 8810, 5_000), vec![]);
+        assert_eq!(who(&store, 8813, 4_500), vec![]);
+        assert!(
+            store
+                .who(addr, 8810, Protocols::Udp, 4_500)
+                .unwrap()
+                .is_empty()
+        );
+        let owners = |since| -> Vec<String> {
+            store
+                .recent_holders(addr, PortRange::single(8811), Protocols::Both, since)
+                .unwrap()
+                .into_iter()
+                .map(|h| h.owner)
+                .collect()
+        };
+        assert_eq!(owners(2_999), vec!["acct-2", "acct-2"]);
+        assert_eq!(owners(4_999), vec!["acct-2"]);
+        assert_eq!(owners(5_001), Vec::<String>::new());
+        assert_eq!(store.purge_holders(3_001).unwrap(), 2);
+        assert_eq!(who(&store, 8812, 1_500), vec![], "purged");
+        assert_eq!(store.purge_holders(u64::MAX >> 1).unwrap(), 1);
     }
 
     #[test]

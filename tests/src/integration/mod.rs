@@ -1,6 +1,7 @@
 //! pf's privileged tests. Each one needs root and the kernel's BPF support, and fails (never
 //! skips) without them.
 
+mod abuse;
 mod batch;
 mod check;
 mod cli;

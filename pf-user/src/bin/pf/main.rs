@@ -402,6 +402,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Who held a public endpoint at a time (an abuse desk's question), from reservation
+    /// records alone: pf keeps no flow or traffic logs. Past holders are kept for
+    /// policy.history_retention (default 90 days).
+    #[command(
+        after_help = "Examples:\n  pf who 203.0.113.10:8080/tcp --at 2026-11-02T14:03:00Z\n  pf who 203.0.113.10:51413/udp"
+    )]
+    Who {
+        /// The public endpoint: IP:PORT/tcp or IP:PORT/udp.
+        public: String,
+        /// The time, RFC 3339 (2026-11-02T14:03:00Z); now if not given.
+        #[arg(long, value_name = "TIME")]
+        at: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Who owns a tunnel address's port mappings (NAT-PMP, PCP, UPnP IGD), as the provider's
     /// account system says.
     #[command(
@@ -989,6 +1005,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             udp_probe,
             json,
         } => return check(&client, &public, udp_probe.as_deref(), json),
+        Command::Who { public, at, json } => {
+            if let Some(at) = &at {
+                humantime::parse_rfc3339_weak(at).map_err(|e| {
+                    anyhow::anyhow!("--at '{at}' is not a time such as 2026-11-30T12:00:00Z ({e})")
+                })?;
+            }
+            render::print_who(&client.who(&public, at.as_deref())?, json)?;
+        }
         Command::TunnelOwner { what } => match what {
             TunnelOwnerCommand::Set {
                 address,

@@ -280,6 +280,34 @@ pub fn print_record(verb: &str, r: &ReservationView, as_json: bool) -> anyhow::R
     Ok(())
 }
 
+/// `pf who`: who held the endpoint then, one line each, or nobody.
+pub fn print_who(v: &pf::api::types::WhoView, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        out!("{}", serde_json::to_string_pretty(v)?);
+        return Ok(());
+    }
+    if v.holders.is_empty() {
+        out!("{} at {}: nobody held it", v.public, v.at);
+    }
+    for h in &v.holders {
+        let until = match (&h.until, &h.ended) {
+            (Some(until), Some(how)) => format!("until {until} ({how})"),
+            (Some(until), None) => format!("until {until}"),
+            _ => "and still does".to_string(),
+        };
+        out!(
+            "{} at {}: owner {} (reservation {}, {}), from {} {until}",
+            v.public,
+            v.at,
+            h.owner,
+            h.id,
+            h.public,
+            h.from
+        );
+    }
+    Ok(())
+}
+
 /// `pf check`: a line per link, then the verdict.
 pub fn print_check(v: &pf::api::types::CheckView, as_json: bool) -> anyhow::Result<()> {
     if as_json {

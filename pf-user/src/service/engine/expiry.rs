@@ -41,6 +41,16 @@ impl Engine {
                 ),
                 Err(e) => tracing::error!("{e}"),
             }
+            let retention = self.policy.history_retention;
+            let before = self.now_ms().saturating_sub(duration_ms(retention));
+            match self.store.purge_holders(before) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    "forgot {n} past holders whose holding ended more than {} ago (policy.history_retention)",
+                    humantime::format_duration(retention)
+                ),
+                Err(e) => tracing::error!("{e}"),
+            }
             self.purged = Some(Instant::now());
         }
     }

@@ -156,7 +156,7 @@ impl Engine {
         // addresses.
         let listening = self.listening();
         let local = super::local_addresses()?;
-        let reservation = self.choose_port(&req, public_addr, &listening, &local)?;
+        let reservation = self.choose_port(&req, &owner, public_addr, &listening, &local)?;
         self.admit_with(&owner, &reservation, &listening, &local)?;
         let now = self.now_ms();
         let ttl_ms = duration_ms(std::time::Duration::from_secs(u64::from(lifetime)));
@@ -397,6 +397,7 @@ impl Engine {
     fn choose_port(
         &mut self,
         req: &MapRequest,
+        owner: &str,
         addr: Ipv4Addr,
         listening: &Listening,
         local: &LocalAddresses,
@@ -432,7 +433,9 @@ impl Engine {
                 },
                 target,
             )?;
-            if self.is_free(&r, listening, local)? {
+            if self.is_free(&r, listening, local)?
+                && self.quarantined_until(owner, &r.public)?.is_none()
+            {
                 return Ok(r);
             }
             if i == 0 && req.suggested_port != 0 && req.prefer_failure {
@@ -443,10 +446,10 @@ impl Engine {
             }
         }
         // Free for both protocols first, then for this one.
-        let both = self.free_port(addr, Protocols::Both, target, listening);
+        let both = self.free_port(owner, addr, Protocols::Both, target, listening);
         let r = match both {
             Ok(r) => r,
-            Err(_) => self.free_port(addr, req.protocol, target, listening)?,
+            Err(_) => self.free_port(owner, addr, req.protocol, target, listening)?,
         };
         Ok(Reservation::new(
             PublicSpec {

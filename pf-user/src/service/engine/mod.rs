@@ -228,6 +228,11 @@ pub enum Request {
     TunnelOwners,
     /// "Is my port open?", link by link (answered beside the engine: it probes).
     Check(super::check::CheckRequest),
+    /// Who held `public` (one port, one protocol) at `at_ms`.
+    Who {
+        public: PublicSpec,
+        at_ms: u64,
+    },
     Get(u64),
     List(ListFilter),
     Release(u64),
@@ -295,6 +300,7 @@ impl Request {
             | Request::Status
             | Request::TunnelOwners
             | Request::Check(_)
+            | Request::Who { .. }
             | Request::Stats
             | Request::Health
             | Request::Reload { .. } => return None,
@@ -350,7 +356,7 @@ impl Request {
 /// The last instant RFC 3339 (four-digit years) can write: 9999-12-31T23:59:59.999Z.
 const LATEST_RFC3339_MS: u64 = 253_402_300_799_999;
 
-fn rfc3339(ms: u64) -> String {
+pub fn rfc3339(ms: u64) -> String {
     // A hand-edited row could hold any number; humantime panics past year 9999.
     let ms = ms.min(LATEST_RFC3339_MS);
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
@@ -838,6 +844,9 @@ impl Engine {
                 );
                 Ok(json!({ "violations": report.violations, "disabled": report.disabled }))
             }
+            Request::Who { public, at_ms } => {
+                super::reads::who_json(self.store.as_ref(), &public, at_ms)
+            }
             Request::Check(_) => Err(ApiError::unavailable(
                 "a check is answered beside the engine, which does not wait on probes",
             )),
@@ -1022,7 +1031,58 @@ impl Engine {
                 ),
             ));
         }
+        if let Some(until) = self.quarantined_until(owner, &public)? {
+            return Err(crate::service::policy::Refusal {
+                rule: "policy.quarantine",
+                detail: format!(
+                    "{public} was released by another owner and is quarantined until {}",
+                    rfc3339(until)
+                ),
+            }
+            .into());
+        }
         self.check_quota(owner, u64::from(public.ports.len()))
+    }
+
+    /// Until when `public` is out of `owner`'s reach: another owner's holding of any of its
+    /// ports ended within `policy.quarantine` (the same owner may take its own ports back).
+    fn quarantined_until(&self, owner: &str, public: &PublicSpec) -> Result<Option<u64>, ApiError> {
+        let Some(q) = self.policy.quarantine else {
+            return Ok(None);
+        };
+        let since = self.now_ms().saturating_sub(duration_ms(q));
+        Ok(self
+            .store
+            .recent_holders(public.addr, public.ports, public.protocols, since)?
+            .iter()
+            .filter(|h| h.owner != owner)
+            .filter_map(|h| h.until_ms)
+            .max()
+            .map(|until| until.saturating_add(duration_ms(q))))
+    }
+
+    /// The ranges on `addr` quarantined for `owner` now (see [`Engine::quarantined_until`]).
+    fn quarantined_ports(
+        &self,
+        owner: &str,
+        addr: Ipv4Addr,
+        protocols: Protocols,
+    ) -> Result<Vec<PortRange>, ApiError> {
+        let Some(q) = self.policy.quarantine else {
+            return Ok(Vec::new());
+        };
+        let since = self.now_ms().saturating_sub(duration_ms(q));
+        let everywhere = PortRange {
+            first: 1,
+            last: u16::MAX,
+        };
+        Ok(self
+            .store
+            .recent_holders(addr, everywhere, protocols, since)?
+            .into_iter()
+            .filter(|h| h.owner != owner)
+            .map(|h| h.public.ports)
+            .collect())
     }
 
     /// Adds what `id`'s map entries counted (`live`, read just before they went) to the
@@ -1097,7 +1157,7 @@ impl Engine {
                 },
                 target,
             )?,
-            None => self.free_port(addr, protocols, target, &listening)?,
+            None => self.free_port(owner, addr, protocols, target, &listening)?,
         };
         self.admit(owner, &reservation, &listening)?;
         let trigger = req
@@ -1162,13 +1222,20 @@ impl Engine {
     /// target names one) is free too.
     fn free_port(
         &mut self,
+        owner: &str,
         addr: Ipv4Addr,
         protocols: Protocols,
         target: TargetSpec,
         listening: &Listening,
     ) -> Result<Reservation, ApiError> {
         let mut taken = vec![false; 65536];
-        for r in self.store.used_public_ports(addr, protocols)? {
+        let quarantined = self.quarantined_ports(owner, addr, protocols)?;
+        for r in self
+            .store
+            .used_public_ports(addr, protocols)?
+            .into_iter()
+            .chain(quarantined)
+        {
             for p in r.ports() {
                 taken[usize::from(p)] = true;
             }
@@ -1225,7 +1292,8 @@ impl Engine {
         let record = self.get(id)?;
         let mut state = self.open_state()?;
         let total = self.store.traffic(id)? + live_traffic(state.as_ref(), &record);
-        self.store.delete(id)?;
+        let now = self.now_ms();
+        self.store.end(id, now)?;
         self.forget_violation(id);
         self.unmap_after_store(state.as_mut(), &record, "released")?;
         Ok(ReservationView {
@@ -1406,7 +1474,8 @@ impl Engine {
             .as_deref()
             .map(|s| live_traffic(s, &record))
             .unwrap_or_default();
-        self.store.change(id, &owner, &reservation, &note)?;
+        let now = self.now_ms();
+        self.store.change(id, &owner, &reservation, &note, now)?;
         // A device's mapping moved elsewhere by the provider is the provider's from now on:
         // the device that asked for it may no longer renew or delete it.
         if retarget {
@@ -1418,9 +1487,9 @@ impl Engine {
             if let Err(e) = replaced {
                 // The old entries come back with fresh counters: what they held stays counted.
                 self.carry_traffic(id, live);
-                let undo = self
-                    .store
-                    .change(id, &record.owner, &record.reservation, &record.note);
+                let undo =
+                    self.store
+                        .change(id, &record.owner, &record.reservation, &record.note, now);
                 let gate = self.store.trigger(id).ok().flatten().map_or(0, |t| t.gate);
                 let back = if state
                     .is_complete_gated(&record.reservation, gate)
@@ -1488,7 +1557,7 @@ impl Engine {
         let expires = ttl_ms.map(|t| self.now_ms().saturating_add(t));
         let restored = self
             .store
-            .restore(id, ttl_ms, expires)?
+            .restore(id, ttl_ms, expires, self.now_ms())?
             .ok_or_else(|| ApiError::internal(format!("expired reservation {id} vanished")))?;
         // A trigger rule comes back as one (its old gate may have gone to another rule).
         let mapped = self.regate(id).and_then(|()| {

@@ -1087,3 +1087,109 @@ fn a_gate_is_not_handed_on_while_watched_and_reports_are_the_rule_s_own() {
     assert_eq!(rules[&2].client, "10.200.0.4".parse::<Ipv4Addr>().unwrap());
     assert_eq!(gates(&fake).0, vec![1, 2]);
 }
+
+#[test]
+fn a_released_port_is_quarantined_from_other_owners_and_who_names_its_holder() {
+    let (mut e, _fake, _dir) = engine();
+    e.policy.quarantine = Some(Duration::from_secs(3600));
+    let t0 = e.now_ms();
+    let a = reserve(
+        &mut e,
+        "acct-1",
+        "198.51.100.1:30000/tcp",
+        "10.200.0.2",
+        None,
+    )
+    .unwrap();
+    let a = a["id"].as_u64().unwrap();
+    e.clock.advance(60_000);
+    e.handle(Request::Release(a), CALLER).unwrap();
+    let released = e.now_ms();
+
+    // Another owner: refused by name of the rule, until when; the same owner takes it back.
+    let refused = reserve(
+        &mut e,
+        "acct-2",
+        "198.51.100.1:30000/both",
+        "10.200.0.3",
+        None,
+    )
+    .unwrap_err();
+    assert_eq!(
+        refused.rule,
+        Some("policy.quarantine"),
+        "{}",
+        refused.message
+    );
+    assert!(
+        !refused.message.contains("acct-1"),
+        "names no owner: {}",
+        refused.message
+    );
+    let back = reserve(
+        &mut e,
+        "acct-1",
+        "198.51.100.1:30000/tcp",
+        "10.200.0.2",
+        None,
+    )
+    .unwrap();
+    e.clock.advance(1_000);
+    e.handle(Request::Release(back["id"].as_u64().unwrap()), CALLER)
+        .unwrap();
+    // Automatic ports pass it by: nine other owners get the pool's nine other ports, and the
+    // tenth finds none.
+    for n in 0..9 {
+        let got = reserve(
+            &mut e,
+            &format!("acct-{}", n + 10),
+            "198.51.100.1/tcp",
+            &format!("10.200.1.{}", n + 1),
+            None,
+        )
+        .unwrap();
+        assert_ne!(got["first_port"], 30000, "{got}");
+    }
+    let none = reserve(&mut e, "acct-30", "198.51.100.1/tcp", "10.200.2.1", None).unwrap_err();
+    assert_eq!(none.rule, Some("policy.port_pool"), "{}", none.message);
+    // After the quarantine, anyone.
+    e.clock.advance(3_600_001);
+    reserve(
+        &mut e,
+        "acct-2",
+        "198.51.100.1:30000/tcp",
+        "10.200.0.3",
+        None,
+    )
+    .unwrap();
+
+    // Who held it: acct-1 while reserved, nobody between its release and acct-2's
+    // reservation, acct-2 now.
+    let who = |e: &mut Engine, at_ms: u64| -> Vec<String> {
+        let v = e
+            .handle(
+                Request::Who {
+                    public: "198.51.100.1:30000/tcp".parse().unwrap(),
+                    at_ms,
+                },
+                CALLER,
+            )
+            .unwrap();
+        v["holders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["owner"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(who(&mut e, t0 + 1), vec!["acct-1"]);
+    assert_eq!(
+        who(&mut e, released + 500),
+        vec!["acct-1"],
+        "taken back by acct-1"
+    );
+    assert!(who(&mut e, released + 600_000).is_empty());
+    let now = e.now_ms();
+    assert_eq!(who(&mut e, now), vec!["acct-2"]);
+    assert!(who(&mut e, t0 - 1).is_empty());
+}

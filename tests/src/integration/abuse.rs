@@ -1,0 +1,150 @@
+//! Answering an abuse desk, and keeping a released port from the next customer (issue 20's
+//! service half), through the real `pf serve` and the `pf` command: `pf who` names the owner
+//! that held an endpoint at a time from the reservation records alone, across a restart;
+//! a quarantined port is refused to other owners by name of the rule and handed back to its
+//! own.
+
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+
+use super::common::{TempPinDir, pf, pf_ok, require_root};
+
+fn policy() -> &'static str {
+    r#"
+[policy]
+public_ips = ["198.51.100.1"]
+target_networks = ["10.8.0.0/16"]
+port_pool = ["7000-7001"]
+forbid_listening_ports = false
+quarantine = "1h"
+"#
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+fn who(dir: &TempPinDir, at: &str) -> Vec<String> {
+    let v: Value = serde_json::from_str(&pf_ok(
+        dir,
+        &["who", "198.51.100.1:7000/tcp", "--at", at, "--json"],
+    ))
+    .unwrap();
+    v["holders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["owner"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn who_held_a_port_and_a_released_port_waits_in_quarantine() {
+    require_root();
+    let dir = TempPinDir::new();
+    let mut service = dir.serve_with(None, policy());
+    let before = now();
+    std::thread::sleep(Duration::from_millis(20));
+    pf_ok(
+        &dir,
+        &[
+            "reserve",
+            "198.51.100.1:7000/tcp",
+            "--to",
+            "10.8.0.2",
+            "--owner",
+            "acct-7",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(20));
+    let held = now();
+    std::thread::sleep(Duration::from_millis(20));
+    pf_ok(&dir, &["release", "198.51.100.1:7000/tcp"]);
+    std::thread::sleep(Duration::from_millis(20));
+    let after = now();
+
+    assert!(who(&dir, &before).is_empty());
+    assert_eq!(who(&dir, &held), vec!["acct-7"]);
+    assert!(who(&dir, &after).is_empty());
+    let text = pf_ok(&dir, &["who", "198.51.100.1:7000/tcp", "--at", &held]);
+    assert!(
+        text.contains("owner acct-7") && text.contains("(released)"),
+        "{text}"
+    );
+
+    // Another owner cannot have it, by hand or from the pool (whose other port it gets);
+    // the owner who released it can.
+    let refused = pf(
+        &dir,
+        &[
+            "reserve",
+            "198.51.100.1:7000/tcp",
+            "--to",
+            "10.8.0.3",
+            "--owner",
+            "acct-8",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("policy.quarantine"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("acct-7"),
+        "the refusal names no owner: {stderr}"
+    );
+    let auto: Value = serde_json::from_str(&pf_ok(
+        &dir,
+        &[
+            "reserve",
+            "198.51.100.1/tcp",
+            "--to",
+            "10.8.0.3",
+            "--owner",
+            "acct-8",
+            "--json",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(auto["first_port"], 7001, "{auto}");
+    pf_ok(
+        &dir,
+        &[
+            "reserve",
+            "198.51.100.1:7000/tcp",
+            "--to",
+            "10.8.0.2",
+            "--owner",
+            "acct-7",
+        ],
+    );
+
+    // The records outlive a restart; bad questions are refused.
+    service.stop();
+    service.spawn().unwrap();
+    assert_eq!(who(&dir, &held), vec!["acct-7"]);
+    assert_eq!(who(&dir, &now()), vec!["acct-7"]);
+    for (args, why) in [
+        (
+            vec!["who", "198.51.100.1:7000/both"],
+            "one port and one protocol",
+        ),
+        (
+            vec!["who", "198.51.100.1:7000-7001/tcp"],
+            "one port and one protocol",
+        ),
+        (
+            vec!["who", "198.51.100.1:7000/tcp", "--at", "yesterday"],
+            "not a time",
+        ),
+    ] {
+        let out = pf(&dir, &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(why),
+            "{args:?}: {stderr}"
+        );
+    }
+}
