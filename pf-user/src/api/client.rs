@@ -12,9 +12,9 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 use super::types::{
-    ChangeRequest, CheckView, ErrorBody, ListQuery, ReleasedByOwner, RenewRequest, ReservationView,
-    ReserveRequest, RestoreRequest, StatsView, TunnelOwnerRequest, TunnelOwnerView, WhoView,
-    percent_encode,
+    ChangeRequest, CheckView, DisableOwnerRequest, DisabledByOwner, ErrorBody, ListQuery,
+    ReleasedByOwner, RenewRequest, ReservationView, ReserveRequest, RestoreRequest, StatsView,
+    TunnelOwnerRequest, TunnelOwnerView, WhoView, percent_encode,
 };
 
 /// How long the CLI waits for the service to answer.
@@ -154,6 +154,17 @@ impl Client {
             "DELETE",
             &with_owner("/v1/reservations", Some(owner)),
             None::<&()>,
+        )
+    }
+
+    /// `POST /v1/owners/{owner}/disable`.
+    pub fn disable_owner(&self, owner: &str, reason: &str) -> Result<DisabledByOwner, ClientError> {
+        self.typed(
+            "POST",
+            &format!("/v1/owners/{}/disable", percent_encode(owner)),
+            Some(&DisableOwnerRequest {
+                reason: reason.to_string(),
+            }),
         )
     }
 

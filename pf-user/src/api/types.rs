@@ -340,6 +340,22 @@ pub struct ReleasedByOwner {
     pub released: Vec<ReservationView>,
 }
 
+/// `POST /v1/owners/{owner}/disable`: every reservation of an owner stops forwarding (a
+/// complaint), with the reason the audit log keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisableOwnerRequest {
+    pub reason: String,
+}
+
+/// The answer to `POST /v1/owners/{owner}/disable`: the reservations it disabled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisabledByOwner {
+    pub owner: String,
+    pub reason: String,
+    pub disabled: Vec<ReservationView>,
+}
+
 /// Every error's body: what is wrong (one line, for people), what kind of failure (`code`, for
 /// programs: `bad_request`, `refused`, `not_found`, `method_not_allowed`, `body_timeout`,
 /// `conflict`, `too_large`, `internal`, `unavailable`), the policy rule that refused, if one

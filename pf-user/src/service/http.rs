@@ -18,6 +18,7 @@
 //! | `GET /v1/expired[?owner=X]`            | the expired history (restorable for 7 days)  |
 //! | `POST /v1/expired/{id}/restore`        | restore (`{"ttl": "30d"}`, or the same again)|
 //! | `GET /v1/who?public=IP:PORT/PROTO&at=T`| who held the endpoint at T (default now)     |
+//! | `POST /v1/owners/{owner}/disable`      | disable all of an owner's (`{"reason": ...}`)|
 //!
 //! Every error is a 4xx/5xx with `{"error": "...", "code": "...", "rule"?: "policy....",
 //! "conflict_id"?: N}` (`ErrorBody`): `rule` for a policy refusal, `conflict_id` for a conflict.
@@ -464,6 +465,7 @@ fn change_action(method: &Method, segments: &[&str]) -> Option<&'static str> {
         (&Method::POST, ["v1", "expired", _, "restore"]) => "restore",
         (&Method::PUT, ["v1", "tunnel-owners", _]) => "set-tunnel-owner",
         (&Method::DELETE, ["v1", "tunnel-owners", _]) => "unset-tunnel-owner",
+        (&Method::POST, ["v1", "owners", _, "disable"]) => "disable-owner",
         (&Method::GET | &Method::HEAD, _) => return None,
         _ => "unknown",
     })
@@ -498,6 +500,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/reservations/{id}/disable"),
     ("GET", "/v1/reservations/{id}/check"),
     ("GET", "/v1/who"),
+    ("POST", "/v1/owners/{owner}/disable"),
     ("GET", "/v1/expired"),
     ("POST", "/v1/expired/{id}/restore"),
     ("GET", "/v1/tunnel-owners"),
@@ -845,6 +848,14 @@ async fn route(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
             Ok(Request::Check(ask))
         }
         ["v1", "reservations", _, _] => Err(not_allowed()),
+        ["v1", "owners", owner, "disable"] if method == Method::POST => {
+            let body: crate::api::types::DisableOwnerRequest = parse_json(&read_body(req).await?)?;
+            Ok(Request::DisableOwner {
+                owner: percent_decode(owner)?,
+                reason: body.reason,
+            })
+        }
+        ["v1", "owners", _, "disable"] => Err(not_allowed()),
         ["v1", "who"] if method == Method::GET => {
             let (mut public, mut at_ms) = (None, None);
             for (k, v) in query_params(query.as_deref(), &["public", "at"])? {

@@ -148,3 +148,94 @@ fn who_held_a_port_and_a_released_port_waits_in_quarantine() {
         );
     }
 }
+
+/// A complaint about an owner: every one of its enabled reservations disabled in one call,
+/// each audited with the reason; its ports stay held (nobody else takes them meanwhile);
+/// without a reason, refused.
+#[test]
+fn an_owner_s_reservations_are_disabled_at_once_with_the_reason() {
+    require_root();
+    let dir = TempPinDir::new();
+    let service = dir.serve();
+    for (port, owner) in [(7100, "acct-9"), (7101, "acct-9"), (7102, "acct-10")] {
+        pf_ok(
+            &dir,
+            &[
+                "reserve",
+                &format!("198.51.100.1:{port}/tcp"),
+                "--to",
+                &format!("10.8.1.{}", port - 7099),
+                "--owner",
+                owner,
+            ],
+        );
+    }
+    let missing = pf(&dir, &["disable", "--owner", "acct-9"]);
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("--reason"),
+        "{missing:?}"
+    );
+    let done: Value = serde_json::from_str(&pf_ok(
+        &dir,
+        &[
+            "disable",
+            "--owner",
+            "acct-9",
+            "--reason",
+            "abuse report 1142",
+            "--json",
+        ],
+    ))
+    .unwrap();
+    let disabled = done["disabled"].as_array().unwrap();
+    assert_eq!(disabled.len(), 2, "{done}");
+    assert!(disabled.iter().all(|r| r["enabled"] == false), "{done}");
+    let list: Value = serde_json::from_str(&pf_ok(&dir, &["list", "--json"])).unwrap();
+    let enabled: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["enabled"] == true)
+        .map(|r| r["owner"].as_str().unwrap())
+        .collect();
+    assert_eq!(enabled, vec!["acct-10"]);
+    // The ports stay held.
+    let taken = pf(
+        &dir,
+        &[
+            "reserve",
+            "198.51.100.1:7100/tcp",
+            "--to",
+            "10.8.1.9",
+            "--owner",
+            "acct-11",
+        ],
+    );
+    assert!(!taken.status.success());
+    let audit = std::fs::read_to_string(service.audit_log()).unwrap();
+    let lines: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|l: &Value| l["action"] == "disable" || l["action"] == "disable-owner")
+        .collect();
+    assert_eq!(lines.len(), 3, "{audit}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["reservation"]["reason"] == "abuse report 1142"),
+        "{audit}"
+    );
+    // Again: nothing left to disable.
+    let again = pf_ok(
+        &dir,
+        &[
+            "disable",
+            "--owner",
+            "acct-9",
+            "--reason",
+            "abuse report 1142",
+        ],
+    );
+    assert!(again.contains("nothing disabled"), "{again}");
+}

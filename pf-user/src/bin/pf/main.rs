@@ -312,10 +312,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Stop forwarding a reservation but keep its ports.
+    /// Stop forwarding a reservation but keep its ports; or every reservation of an owner (a
+    /// complaint), with a reason the audit log keeps.
+    #[command(
+        after_help = "Examples:\n  pf disable 12\n  pf disable --owner acct-7 --reason 'abuse report 2026-1142'"
+    )]
     Disable {
         /// The reservation's id (`pf list` shows it).
-        id: u64,
+        #[arg(required_unless_present = "owner", conflicts_with = "owner")]
+        id: Option<u64>,
+        /// Every enabled reservation of this owner.
+        #[arg(long, requires = "reason")]
+        owner: Option<String>,
+        /// Why (with --owner): kept in each audit line.
+        #[arg(long, requires = "owner")]
+        reason: Option<String>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -1039,11 +1050,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         },
-        Command::Disable { id, json } => render::print_record(
-            "disabled",
-            &hint(client.set_enabled(id, false), "pf list")?,
+        Command::Disable {
+            id,
+            owner,
+            reason,
             json,
-        )?,
+        } => match (id, owner, reason) {
+            (Some(id), _, _) => render::print_record(
+                "disabled",
+                &hint(client.set_enabled(id, false), "pf list")?,
+                json,
+            )?,
+            (None, Some(owner), Some(reason)) => {
+                let done = client.disable_owner(&owner, &reason)?;
+                if json {
+                    out!("{}", serde_json::to_string_pretty(&done)?);
+                } else if done.disabled.is_empty() {
+                    out!("{owner} has no enabled reservation: nothing disabled");
+                }
+                for r in done.disabled.iter().filter(|_| !json) {
+                    out!("disabled {}", describe(r));
+                }
+            }
+            _ => anyhow::bail!("name a reservation, or --owner with --reason"),
+        },
         Command::Restore { id, ttl, json } => {
             check_ttl(&ttl)?;
             let r = hint(

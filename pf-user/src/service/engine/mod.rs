@@ -237,6 +237,11 @@ pub enum Request {
     List(ListFilter),
     Release(u64),
     ReleaseOwner(String),
+    /// Disables every enabled reservation of `owner`, with a reason for the audit.
+    DisableOwner {
+        owner: String,
+        reason: String,
+    },
     Renew {
         id: u64,
         ttl: Option<String>,
@@ -288,6 +293,7 @@ impl Request {
             Request::SetTunnelOwner { owner: None, .. } => "unset-tunnel-owner",
             Request::Release(_) => "release",
             Request::ReleaseOwner(_) => "release-owner",
+            Request::DisableOwner { .. } => "disable-owner",
             Request::Renew { .. } => "renew",
             Request::SetEnabled { enabled: true, .. } => "enable",
             Request::SetEnabled { enabled: false, .. } => "disable",
@@ -341,6 +347,9 @@ impl Request {
             | Request::SetEnabled { id, .. }
             | Request::Restore { id, .. } => json!({ "id": id }),
             Request::ReleaseOwner(owner) => json!({ "owner": cut(owner) }),
+            Request::DisableOwner { owner, reason } => {
+                json!({ "owner": cut(owner), "reason": cut(reason) })
+            }
             Request::Change { id, change } => json!({
                 "id": id,
                 "to": change.to.as_deref().map(cut),
@@ -732,8 +741,9 @@ impl Engine {
             self.metrics.refused(e.rule.unwrap_or(e.kind.code()));
         }
         match &result {
-            // A release by owner wrote a line per release and its summary as it went.
-            Ok(_) if matches!(action, "release-owner") => {}
+            // A release or disable by owner wrote a line per reservation and its summary as
+            // it went.
+            Ok(_) if matches!(action, "release-owner" | "disable-owner") => {}
             // A device renews its mappings every minute or so: a renewal moves an expiry and
             // nothing else, and is logged at debug level rather than audited.
             Ok(done) if action == "map" && done["renewed"] == true => {
@@ -867,6 +877,7 @@ impl Engine {
                 .release(id)
                 .map(|r| serde_json::to_value(r).expect("plain struct")),
             Request::ReleaseOwner(owner) => self.release_owner(&owner, caller),
+            Request::DisableOwner { owner, reason } => self.disable_owner(&owner, &reason, caller),
             Request::Renew { id, ttl } => self.renew(id, ttl).map(|r| record_json(&r)),
             Request::SetEnabled { id, enabled } => {
                 self.set_enabled(id, enabled).map(|r| record_json(&r))
@@ -931,6 +942,76 @@ impl Engine {
         Ok(serde_json::to_value(ReleasedByOwner {
             owner: owner.to_string(),
             released,
+        })
+        .expect("plain struct"))
+    }
+
+    /// Disables every enabled reservation of `owner` (a complaint about it): one audit line
+    /// per reservation with the reason, then a summary. Its ports stay held, so nobody else
+    /// gets them meanwhile; `pf enable` undoes it one by one.
+    fn disable_owner(
+        &mut self,
+        owner: &str,
+        reason: &str,
+        caller: Caller,
+    ) -> Result<Value, ApiError> {
+        check_owner(owner)?;
+        if reason.trim().is_empty() {
+            return Err(ApiError::bad_request(
+                "give a reason: the audit log keeps it with each reservation disabled",
+            ));
+        }
+        check_note(reason)?;
+        let mut disabled = Vec::new();
+        for r in self
+            .store
+            .list(Some(owner))?
+            .into_iter()
+            .filter(|r| r.enabled)
+        {
+            match self.set_enabled(r.id, false) {
+                Ok(done) => {
+                    let view = record_view(&done);
+                    self.audit(
+                        caller,
+                        "disable",
+                        "ok",
+                        &json!({ "owner_asked": owner, "reason": reason, "reservation": view }),
+                        None,
+                    );
+                    disabled.push(view);
+                }
+                Err(e) => {
+                    let ids: Vec<String> = disabled.iter().map(|r| r.id.to_string()).collect();
+                    return Err(ApiError {
+                        message: format!(
+                            "disabled {} reservations of {owner} ({}), then reservation {}: {}",
+                            ids.len(),
+                            if ids.is_empty() {
+                                "none".into()
+                            } else {
+                                ids.join(", ")
+                            },
+                            r.id,
+                            e.message
+                        ),
+                        ..e
+                    });
+                }
+            }
+        }
+        let ids: Vec<u64> = disabled.iter().map(|r| r.id).collect();
+        self.audit(
+            caller,
+            "disable-owner",
+            "ok",
+            &json!({ "owner": owner, "reason": reason, "disabled_ids": ids }),
+            None,
+        );
+        Ok(serde_json::to_value(crate::api::types::DisabledByOwner {
+            owner: owner.to_string(),
+            reason: reason.to_string(),
+            disabled,
         })
         .expect("plain struct"))
     }
