@@ -12,9 +12,9 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 use super::types::{
-    ChangeRequest, CheckView, DisableOwnerRequest, DisabledByOwner, ErrorBody, ListQuery,
-    ReleasedByOwner, RenewRequest, ReservationView, ReserveRequest, RestoreRequest, StatsView,
-    TunnelOwnerRequest, TunnelOwnerView, WhoView, percent_encode,
+    ChangeRequest, CheckView, DisableOwnerRequest, DisabledByOwner, DrainRequest, DrainView,
+    ErrorBody, ListQuery, ReleasedByOwner, RenewRequest, ReservationView, ReserveRequest,
+    RestoreRequest, StatsView, TunnelOwnerRequest, TunnelOwnerView, WhoView, percent_encode,
 };
 
 /// How long the CLI waits for the service to answer.
@@ -155,6 +155,21 @@ impl Client {
             &with_owner("/v1/reservations", Some(owner)),
             None::<&()>,
         )
+    }
+
+    /// `POST /v1/drains`.
+    pub fn schedule_drain(&self, request: &DrainRequest) -> Result<DrainView, ClientError> {
+        self.typed("POST", "/v1/drains", Some(request))
+    }
+
+    /// `GET /v1/drains`.
+    pub fn drains(&self) -> Result<Vec<DrainView>, ClientError> {
+        self.typed("GET", "/v1/drains", None::<&()>)
+    }
+
+    /// `DELETE /v1/drains/{id}`.
+    pub fn cancel_drain(&self, id: u64) -> Result<Value, ClientError> {
+        self.typed("DELETE", &format!("/v1/drains/{id}"), None::<&()>)
     }
 
     /// `POST /v1/owners/{owner}/disable`.

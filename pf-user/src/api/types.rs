@@ -340,6 +340,34 @@ pub struct ReleasedByOwner {
     pub released: Vec<ReservationView>,
 }
 
+/// `POST /v1/drains`: winding down. At `at` (RFC 3339), every reservation (or `owner`'s) is
+/// disabled, or with `release` released; audited, and kept across restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRequest {
+    pub at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default)]
+    pub release: bool,
+}
+
+/// A scheduled drain, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainView {
+    pub id: u64,
+    pub at: String,
+    /// Only this owner's reservations; all when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// `disable` or `release`.
+    pub action: String,
+    pub created: String,
+    /// When it was carried out; absent while pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done: Option<String>,
+}
+
 /// `POST /v1/owners/{owner}/disable`: every reservation of an owner stops forwarding (a
 /// complaint), with the reason the audit log keeps.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

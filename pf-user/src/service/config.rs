@@ -208,6 +208,10 @@ struct RawPolicy {
     quarantine: Option<String>,
     #[serde(default)]
     history_retention: Option<String>,
+    #[serde(default)]
+    accept_new: Option<bool>,
+    #[serde(default)]
+    accept_renewals: Option<bool>,
 }
 
 /// An interface `pf serve` attaches to on start (or adopts, when already attached).
@@ -482,6 +486,8 @@ impl Config {
             quarantine: duration("policy.quarantine", &p.quarantine)?,
             history_retention: duration("policy.history_retention", &p.history_retention)?
                 .unwrap_or(crate::service::policy::DEFAULT_HISTORY_RETENTION),
+            accept_new: p.accept_new.unwrap_or(true),
+            accept_renewals: p.accept_renewals.unwrap_or(true),
         };
         // With the leak guard on, egress drops what leaves from a target network: one that
         // holds a public IP (or everything, /0) would cut the server off.

@@ -19,6 +19,8 @@
 //! | `POST /v1/expired/{id}/restore`        | restore (`{"ttl": "30d"}`, or the same again)|
 //! | `GET /v1/who?public=IP:PORT/PROTO&at=T`| who held the endpoint at T (default now)     |
 //! | `POST /v1/owners/{owner}/disable`      | disable all of an owner's (`{"reason": ...}`)|
+//! | `GET /v1/drains`, `POST /v1/drains`    | scheduled drains; schedule one (`DrainRequest`)|
+//! | `DELETE /v1/drains/{id}`               | cancel a pending drain                       |
 //!
 //! Every error is a 4xx/5xx with `{"error": "...", "code": "...", "rule"?: "policy....",
 //! "conflict_id"?: N}` (`ErrorBody`): `rule` for a policy refusal, `conflict_id` for a conflict.
@@ -466,6 +468,8 @@ fn change_action(method: &Method, segments: &[&str]) -> Option<&'static str> {
         (&Method::PUT, ["v1", "tunnel-owners", _]) => "set-tunnel-owner",
         (&Method::DELETE, ["v1", "tunnel-owners", _]) => "unset-tunnel-owner",
         (&Method::POST, ["v1", "owners", _, "disable"]) => "disable-owner",
+        (&Method::POST, ["v1", "drains"]) => "schedule-drain",
+        (&Method::DELETE, ["v1", "drains", _]) => "cancel-drain",
         (&Method::GET | &Method::HEAD, _) => return None,
         _ => "unknown",
     })
@@ -501,6 +505,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/reservations/{id}/check"),
     ("GET", "/v1/who"),
     ("POST", "/v1/owners/{owner}/disable"),
+    ("GET", "/v1/drains"),
+    ("POST", "/v1/drains"),
+    ("DELETE", "/v1/drains/{id}"),
     ("GET", "/v1/expired"),
     ("POST", "/v1/expired/{id}/restore"),
     ("GET", "/v1/tunnel-owners"),
@@ -848,6 +855,13 @@ async fn route(req: hyper::Request<Incoming>) -> Result<Request, ApiError> {
             Ok(Request::Check(ask))
         }
         ["v1", "reservations", _, _] => Err(not_allowed()),
+        ["v1", "drains"] => match method {
+            Method::GET => Ok(Request::Drains),
+            Method::POST => Ok(Request::Drain(parse_json(&read_body(req).await?)?)),
+            _ => Err(not_allowed()),
+        },
+        ["v1", "drains", id] if method == Method::DELETE => Ok(Request::CancelDrain(parse_id(id)?)),
+        ["v1", "drains", _] => Err(not_allowed()),
         ["v1", "owners", owner, "disable"] if method == Method::POST => {
             let body: crate::api::types::DisableOwnerRequest = parse_json(&read_body(req).await?)?;
             Ok(Request::DisableOwner {

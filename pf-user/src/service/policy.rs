@@ -78,6 +78,12 @@ pub struct Policy {
     pub quarantine: Option<Duration>,
     /// How long the past holders of each range are kept (`pf who`), then forgotten.
     pub history_retention: Duration,
+    /// New reservations (and port mappings, and restores) are taken; false while the feature
+    /// winds down (existing ones are kept).
+    pub accept_new: bool,
+    /// Renewals are taken (`pf renew`, a device's mapping renewals); false lets existing
+    /// reservations run out.
+    pub accept_renewals: bool,
 }
 
 /// `policy.history_retention` when unset: 90 days.
@@ -116,6 +122,28 @@ fn in_ranges(ranges: &[PortRange], port: u16) -> bool {
 pub const TARGET_NOT_SERVER: &str = "policy.target_not_server";
 
 impl Policy {
+    /// Refuses a new reservation while the policy takes none (`accept_new = false`).
+    pub fn check_new(&self) -> Result<(), Refusal> {
+        if self.accept_new {
+            return Ok(());
+        }
+        Err(refuse(
+            "policy.accept_new",
+            "this server takes no new reservations (port forwarding is winding down)",
+        ))
+    }
+
+    /// Refuses a renewal while the policy takes none (`accept_renewals = false`).
+    pub fn check_renewal(&self) -> Result<(), Refusal> {
+        if self.accept_renewals {
+            return Ok(());
+        }
+        Err(refuse(
+            "policy.accept_renewals",
+            "this server renews no reservation (port forwarding is winding down: it runs out at its expiry)",
+        ))
+    }
+
     /// Refuses a target that is the server itself: one of its addresses (read from the
     /// kernel by the caller, at each reservation), or a network or broadcast address of one
     /// of its subnets or of a target network (delivered to the server's own sockets).

@@ -72,6 +72,24 @@ impl MappingProtocol {
     }
 }
 
+/// A drain to schedule: at `at_ms`, every reservation (or `owner`'s) is disabled, or
+/// released (`release`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewDrain {
+    pub at_ms: u64,
+    pub owner: Option<String>,
+    pub release: bool,
+    pub created_ms: u64,
+}
+
+/// A scheduled drain, and when it was done.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Drain {
+    pub id: u64,
+    pub drain: NewDrain,
+    pub done_ms: Option<u64>,
+}
+
 /// Who held a public range from when until when (`until_ms` none: holds it now).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Holder {
@@ -285,6 +303,15 @@ pub trait Store: Send {
     /// Forgets past holders whose holding ended before `before_ms`; how many.
     fn purge_holders(&mut self, before_ms: u64) -> Result<u64, StoreError>;
 
+    /// Schedules a drain; its id.
+    fn add_drain(&mut self, drain: &NewDrain) -> Result<u64, StoreError>;
+    /// Every drain, by id (done ones with when).
+    fn drains(&self) -> Result<Vec<Drain>, StoreError>;
+    /// Cancels a drain not done yet; false if there is no such pending drain.
+    fn cancel_drain(&mut self, id: u64) -> Result<bool, StoreError>;
+    /// Marks a drain done at `at_ms`.
+    fn drain_done(&mut self, id: u64, at_ms: u64) -> Result<bool, StoreError>;
+
     /// Stores a reservation and its trigger rule, in one transaction.
     fn insert_triggered(
         &mut self,
@@ -302,8 +329,9 @@ pub trait Store: Send {
 /// The schema this pf writes; `PRAGMA user_version` records it in the file. Version 2 added
 /// the expired history, version 3 the carried-over traffic, version 4 the port mappings and
 /// the settings, version 5 the trigger rules, version 6 the past holders of each range (new
-/// tables only: an older file is brought up to date by creating what it lacks).
-const SCHEMA_VERSION: i64 = 6;
+/// tables only: an older file is brought up to date by creating what it lacks), version 7
+/// the scheduled drains.
+const SCHEMA_VERSION: i64 = 7;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS reservations (
@@ -408,6 +436,16 @@ CREATE INDEX IF NOT EXISTS holders_until ON holders (until_ms);
 CREATE TABLE IF NOT EXISTS held_since (
     id       INTEGER PRIMARY KEY,
     since_ms INTEGER NOT NULL
+);
+-- Scheduled drains (`pf drain`): at a time, every reservation (or one owner's) is disabled or
+-- released, audited. Kept once done, with when.
+CREATE TABLE IF NOT EXISTS drains (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms      INTEGER NOT NULL,
+    owner      TEXT,
+    action     TEXT    NOT NULL CHECK (action IN ('disable', 'release')),
+    created_ms INTEGER NOT NULL,
+    done_ms    INTEGER
 );
 -- The service's own values (the port mappings' epoch).
 CREATE TABLE IF NOT EXISTS settings (
@@ -1333,6 +1371,64 @@ impl Store for SqliteStore {
             )
             .map(|n| n as u64)
             .map_err(sql("purging past holders"))
+    }
+
+    fn add_drain(&mut self, drain: &NewDrain) -> Result<u64, StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO drains (at_ms, owner, action, created_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    drain.at_ms as i64,
+                    drain.owner,
+                    if drain.release { "release" } else { "disable" },
+                    drain.created_ms as i64
+                ],
+            )
+            .map_err(sql("scheduling a drain"))?;
+        Ok(self.conn.last_insert_rowid() as u64)
+    }
+
+    fn drains(&self) -> Result<Vec<Drain>, StoreError> {
+        let what = "reading the drains";
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, at_ms, owner, action, created_ms, done_ms FROM drains ORDER BY id",
+            )
+            .map_err(sql(what))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Drain {
+                    id: r.get::<_, i64>(0)? as u64,
+                    drain: NewDrain {
+                        at_ms: r.get::<_, i64>(1)?.max(0) as u64,
+                        owner: r.get(2)?,
+                        release: r.get::<_, String>(3)? == "release",
+                        created_ms: r.get::<_, i64>(4)?.max(0) as u64,
+                    },
+                    done_ms: r.get::<_, Option<i64>>(5)?.map(|t| t.max(0) as u64),
+                })
+            })
+            .map_err(sql(what))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql(what))?;
+        Ok(rows)
+    }
+
+    fn cancel_drain(&mut self, id: u64) -> Result<bool, StoreError> {
+        self.update(
+            "cancelling a drain",
+            "DELETE FROM drains WHERE id = ?1 AND done_ms IS NULL",
+            params![id as i64],
+        )
+    }
+
+    fn drain_done(&mut self, id: u64, at_ms: u64) -> Result<bool, StoreError> {
+        self.update(
+            "marking a drain done",
+            "UPDATE drains SET done_ms = ?2 WHERE id = ?1",
+            params![id as i64, at_ms as i64],
+        )
     }
 
     fn insert_triggered(

@@ -239,3 +239,78 @@ fn an_owner_s_reservations_are_disabled_at_once_with_the_reason() {
     );
     assert!(again.contains("nothing disabled"), "{again}");
 }
+
+/// Winding down through the real service: a drain scheduled a few seconds ahead is shown by
+/// `pf status` and `pf drain --list`, survives a restart of `pf serve`, disables what it names
+/// at its time (audited), and a cancelled one does nothing.
+#[test]
+fn a_scheduled_drain_survives_a_restart_and_runs_at_its_time() {
+    require_root();
+    let dir = TempPinDir::new();
+    let mut service = dir.serve();
+    for (port, owner) in [(7200, "acct-1"), (7201, "acct-2")] {
+        pf_ok(
+            &dir,
+            &[
+                "reserve",
+                &format!("198.51.100.1:{port}/tcp"),
+                "--to",
+                &format!("10.8.2.{}", port - 7199),
+                "--owner",
+                owner,
+            ],
+        );
+    }
+    let at =
+        humantime::format_rfc3339_millis(SystemTime::now() + Duration::from_secs(4)).to_string();
+    let drain: Value = serde_json::from_str(&pf_ok(
+        &dir,
+        &["drain", "--at", &at, "--owner", "acct-1", "--json"],
+    ))
+    .unwrap();
+    assert_eq!(drain["action"], "disable", "{drain}");
+    let cancelled: Value =
+        serde_json::from_str(&pf_ok(&dir, &["drain", "--at", &at, "--release", "--json"])).unwrap();
+    pf_ok(&dir, &["drain", "--cancel", &cancelled["id"].to_string()]);
+    let status = pf_ok(&dir, &["status"]);
+    assert!(
+        status.contains("drain") && status.contains("acct-1's reservations"),
+        "{status}"
+    );
+    let bad = pf(&dir, &["drain", "--at", "next week"]);
+    assert!(!bad.status.success());
+
+    service.stop();
+    service.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let enabled = |dir: &TempPinDir| -> Vec<String> {
+        let list: Value = serde_json::from_str(&pf_ok(dir, &["list", "--json"])).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["enabled"] == true)
+            .map(|r| r["owner"].as_str().unwrap().to_string())
+            .collect()
+    };
+    while enabled(&dir).len() == 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        enabled(&dir),
+        vec!["acct-2"],
+        "the drain ran after the restart"
+    );
+    assert_eq!(pf_list_len(&dir), 2, "disabled, not released");
+    let list = pf_ok(&dir, &["drain", "--list"]);
+    assert!(list.contains("done"), "{list}");
+    let audit = std::fs::read_to_string(service.audit_log()).unwrap();
+    assert!(audit.contains("\"action\":\"drain\""), "{audit}");
+}
+
+fn pf_list_len(dir: &TempPinDir) -> usize {
+    serde_json::from_str::<Value>(&pf_ok(dir, &["list", "--json"]))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .len()
+}

@@ -12,7 +12,7 @@ use pf::{
     api::{
         client::{Client, ClientError},
         types::{
-            ChangeRequest, ListQuery, RenewRequest, ReservationView, ReserveRequest,
+            ChangeRequest, DrainRequest, ListQuery, RenewRequest, ReservationView, ReserveRequest,
             RestoreRequest, TriggerRequest,
         },
     },
@@ -409,6 +409,31 @@ enum Command {
         /// no answer is inconclusive, never closed).
         #[arg(long, value_name = "TEXT")]
         udp_probe: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Winding down: at a time, disable (or --release) every reservation, or one owner's;
+    /// audited, kept across restarts. With policy.accept_new = false no new ones come.
+    #[command(
+        after_help = "Examples:\n  pf drain --at 2026-12-31T00:00:00Z\n  pf drain --at 2027-01-31T00:00:00Z --release\n  pf drain --at 2026-12-01T12:00:00Z --owner acct-7\n  pf drain --list\n  pf drain --cancel 2"
+    )]
+    Drain {
+        /// When (RFC 3339).
+        #[arg(long, value_name = "TIME", required_unless_present_any = ["list", "cancel"], conflicts_with_all = ["list", "cancel"])]
+        at: Option<String>,
+        /// Only this owner's reservations.
+        #[arg(long, requires = "at")]
+        owner: Option<String>,
+        /// Release them (their ports go back to the pool) rather than disable them.
+        #[arg(long, requires = "at")]
+        release: bool,
+        /// The drains scheduled, pending and done.
+        #[arg(long, conflicts_with = "cancel")]
+        list: bool,
+        /// Cancel a pending drain, by id.
+        #[arg(long, value_name = "ID")]
+        cancel: Option<u64>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -1016,6 +1041,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             udp_probe,
             json,
         } => return check(&client, &public, udp_probe.as_deref(), json),
+        Command::Drain {
+            at,
+            owner,
+            release,
+            list,
+            cancel,
+            json,
+        } => {
+            if list {
+                render::print_drains(&client.drains()?, json)?;
+            } else if let Some(id) = cancel {
+                let done = client.cancel_drain(id)?;
+                if json {
+                    out!("{done}");
+                } else {
+                    out!("cancelled drain {id}");
+                }
+            } else if let Some(at) = at {
+                humantime::parse_rfc3339_weak(&at).map_err(|e| {
+                    anyhow::anyhow!("--at '{at}' is not a time such as 2026-12-31T00:00:00Z ({e})")
+                })?;
+                let d = client.schedule_drain(&DrainRequest { at, owner, release })?;
+                if json {
+                    out!("{}", serde_json::to_string_pretty(&d)?);
+                } else {
+                    render::print_drains(std::slice::from_ref(&d), false)?;
+                }
+            }
+        }
         Command::Who { public, at, json } => {
             if let Some(at) = &at {
                 humantime::parse_rfc3339_weak(at).map_err(|e| {

@@ -280,6 +280,29 @@ pub fn print_record(verb: &str, r: &ReservationView, as_json: bool) -> anyhow::R
     Ok(())
 }
 
+/// `pf drain --list`: one line per drain, pending or done.
+pub fn print_drains(drains: &[pf::api::types::DrainView], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        out!("{}", serde_json::to_string_pretty(drains)?);
+        return Ok(());
+    }
+    if drains.is_empty() {
+        out!("no drains scheduled");
+    }
+    for d in drains {
+        let whose = match &d.owner {
+            Some(owner) => format!("{owner}'s reservations"),
+            None => "every reservation".into(),
+        };
+        let state = match &d.done {
+            Some(done) => format!("done {done}"),
+            None => "pending".into(),
+        };
+        out!("drain {} at {}: {} {whose} ({state})", d.id, d.at, d.action);
+    }
+    Ok(())
+}
+
 /// `pf who`: who held the endpoint then, one line each, or nobody.
 pub fn print_who(v: &pf::api::types::WhoView, as_json: bool) -> anyhow::Result<()> {
     if as_json {
@@ -387,6 +410,33 @@ pub fn print_status(s: &Value) {
     match &s["store_read_only"] {
         Value::Null => out!("store: writable"),
         why => out!("store: READ-ONLY ({}): changes are refused", text(why)),
+    }
+    if s["accept_new"] == false || s["accept_renewals"] == false {
+        out!(
+            "winding down: new reservations {}, renewals {}",
+            if s["accept_new"] == false {
+                "refused"
+            } else {
+                "taken"
+            },
+            if s["accept_renewals"] == false {
+                "refused"
+            } else {
+                "taken"
+            }
+        );
+    }
+    for d in s["drains"].as_array().into_iter().flatten() {
+        out!(
+            "drain {} at {}: {} {}",
+            d["id"],
+            text(&d["at"]),
+            text(&d["action"]),
+            match d["owner"].as_str() {
+                Some(owner) => format!("{owner}'s reservations"),
+                None => "every reservation".into(),
+            }
+        );
     }
     match s["clock_offset_seconds"].as_i64() {
         Some(0) | None => {}

@@ -26,6 +26,7 @@ impl Engine {
             }
         }
         self.expire_due();
+        self.run_due_drains();
         self.watch_triggers();
         if self.store.read_only().is_none()
             && self

@@ -134,6 +134,7 @@ impl Engine {
                 // Moved elsewhere by the provider: not the device's any more.
                 self.store.forget_mapping(id)?;
             } else if record.owner == owner {
+                self.policy.check_renewal()?;
                 return self.renew_mapping(id, &mapping, &req, lifetime);
             } else {
                 // The address changed hands (the config's owners changed since): the old
@@ -142,6 +143,7 @@ impl Engine {
                 self.release(id)?;
             }
         }
+        self.policy.check_new()?;
         let public_addr = match req.suggested_addr {
             Some(a) if self.policy.public_ips.contains(&a) => a,
             Some(a) if req.prefer_failure && !a.is_unspecified() => {

@@ -237,6 +237,12 @@ pub enum Request {
     List(ListFilter),
     Release(u64),
     ReleaseOwner(String),
+    /// Schedules a drain (winding down).
+    Drain(crate::api::types::DrainRequest),
+    /// The drains, pending and done.
+    Drains,
+    /// Cancels a pending drain.
+    CancelDrain(u64),
     /// Disables every enabled reservation of `owner`, with a reason for the audit.
     DisableOwner {
         owner: String,
@@ -294,6 +300,8 @@ impl Request {
             Request::Release(_) => "release",
             Request::ReleaseOwner(_) => "release-owner",
             Request::DisableOwner { .. } => "disable-owner",
+            Request::Drain(_) => "schedule-drain",
+            Request::CancelDrain(_) => "cancel-drain",
             Request::Renew { .. } => "renew",
             Request::SetEnabled { enabled: true, .. } => "enable",
             Request::SetEnabled { enabled: false, .. } => "disable",
@@ -307,6 +315,7 @@ impl Request {
             | Request::TunnelOwners
             | Request::Check(_)
             | Request::Who { .. }
+            | Request::Drains
             | Request::Stats
             | Request::Health
             | Request::Reload { .. } => return None,
@@ -350,6 +359,12 @@ impl Request {
             Request::DisableOwner { owner, reason } => {
                 json!({ "owner": cut(owner), "reason": cut(reason) })
             }
+            Request::Drain(d) => json!({
+                "at": cut(&d.at),
+                "owner": d.owner.as_deref().map(cut),
+                "release": d.release,
+            }),
+            Request::CancelDrain(id) => json!({ "drain": id }),
             Request::Change { id, change } => json!({
                 "id": id,
                 "to": change.to.as_deref().map(cut),
@@ -857,6 +872,7 @@ impl Engine {
             Request::Who { public, at_ms } => {
                 super::reads::who_json(self.store.as_ref(), &public, at_ms)
             }
+            Request::Drains => self.drains_json(),
             Request::Check(_) => Err(ApiError::unavailable(
                 "a check is answered beside the engine, which does not wait on probes",
             )),
@@ -878,6 +894,8 @@ impl Engine {
                 .map(|r| serde_json::to_value(r).expect("plain struct")),
             Request::ReleaseOwner(owner) => self.release_owner(&owner, caller),
             Request::DisableOwner { owner, reason } => self.disable_owner(&owner, &reason, caller),
+            Request::Drain(d) => self.schedule_drain(d),
+            Request::CancelDrain(id) => self.cancel_drain(id),
             Request::Renew { id, ttl } => self.renew(id, ttl).map(|r| record_json(&r)),
             Request::SetEnabled { id, enabled } => {
                 self.set_enabled(id, enabled).map(|r| record_json(&r))
@@ -1022,6 +1040,11 @@ impl Engine {
     pub fn published_status(&mut self) -> Value {
         json!({
             "version": env!("CARGO_PKG_VERSION"),
+            // Winding down: whether new reservations and renewals are taken, and the drains
+            // still to come.
+            "accept_new": self.policy.accept_new,
+            "accept_renewals": self.policy.accept_renewals,
+            "drains": self.pending_drains(),
             "next_expiry": self.next_expiry.map(rfc3339),
             "store_read_only": self.store.read_only(),
             "clock_offset_seconds": self.clock.offset_ms() / 1000,
@@ -1214,6 +1237,7 @@ impl Engine {
     }
 
     fn reserve(&mut self, req: ReserveRequest) -> Result<Record, ApiError> {
+        self.policy.check_new()?;
         let owner = req.owner.as_str();
         check_owner(owner)?;
         let note = req.note.unwrap_or_default();
@@ -1423,6 +1447,7 @@ impl Engine {
 
     fn renew(&mut self, id: u64, ttl: Option<String>) -> Result<Record, ApiError> {
         let record = self.get(id)?;
+        self.policy.check_renewal()?;
         let asked = asked_lifetime(ttl, &record)?;
         // A permanent reservation stays so unless a lifetime is given: renew never starts an
         // expiry nobody asked for (not even the policy's default_ttl).
@@ -1630,6 +1655,7 @@ impl Engine {
                 conflict_id: None,
             });
         };
+        self.policy.check_new()?;
         let asked = asked_lifetime(ttl, &record)?;
         let ttl = self.policy.lifetime(asked)?;
         self.admit(&record.owner, &record.reservation, &self.listening())?;
@@ -1665,6 +1691,7 @@ impl Engine {
     }
 }
 
+mod drain;
 mod expiry;
 pub mod mapping;
 mod reconcile;

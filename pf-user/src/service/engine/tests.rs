@@ -1193,3 +1193,138 @@ fn a_released_port_is_quarantined_from_other_owners_and_who_names_its_holder() {
     assert_eq!(who(&mut e, now), vec!["acct-2"]);
     assert!(who(&mut e, t0 - 1).is_empty());
 }
+
+#[test]
+fn winding_down_refuses_new_then_renewals_and_a_drain_runs_at_its_time() {
+    let (mut e, fake, dir) = engine();
+    let a = reserved(&mut e, "198.51.100.1:30000/tcp", Some("1h"));
+    let b = reserve(
+        &mut e,
+        "acct-2",
+        "198.51.100.1:30001/tcp",
+        "10.200.0.3",
+        Some("1h"),
+    )
+    .unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    e.policy.accept_new = false;
+    let refused = reserve(
+        &mut e,
+        "acct-1",
+        "198.51.100.1:30002/tcp",
+        "10.200.0.4",
+        None,
+    )
+    .unwrap_err();
+    assert_eq!(
+        refused.rule,
+        Some("policy.accept_new"),
+        "{}",
+        refused.message
+    );
+    // Existing ones are kept and renewed, until renewals stop too.
+    e.handle(Request::Renew { id: a, ttl: None }, CALLER)
+        .unwrap();
+    e.policy.accept_renewals = false;
+    let renewal = e
+        .handle(Request::Renew { id: a, ttl: None }, CALLER)
+        .unwrap_err();
+    assert_eq!(renewal.rule, Some("policy.accept_renewals"));
+
+    // A drain of acct-1's in ten seconds: nothing before, acct-1's disabled at its time.
+    let at =
+        humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(e.now_ms() + 10_000))
+            .to_string();
+    let drain = e
+        .handle(
+            Request::Drain(crate::api::types::DrainRequest {
+                at,
+                owner: Some("acct-1".into()),
+                release: false,
+            }),
+            CALLER,
+        )
+        .unwrap();
+    assert_eq!(drain["action"], "disable");
+    e.tick();
+    assert_eq!(fake.held().len(), 2);
+    assert_eq!(e.published_status()["drains"].as_array().unwrap().len(), 1);
+    e.clock.advance(10_001);
+    e.tick();
+    assert_eq!(
+        fake.held(),
+        vec!["198.51.100.1:30001/tcp -> 10.200.0.3:30001"]
+    );
+    let drains = e.handle(Request::Drains, CALLER).unwrap();
+    assert!(drains[0]["done"].is_string(), "{drains}");
+    assert!(
+        e.published_status()["drains"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    // A release drain of everything; a cancelled one never runs.
+    let later = |ms: u64| {
+        humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+    };
+    let cancelled = e
+        .handle(
+            Request::Drain(crate::api::types::DrainRequest {
+                at: later(e.now_ms() + 1_000),
+                owner: None,
+                release: false,
+            }),
+            CALLER,
+        )
+        .unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    e.handle(Request::CancelDrain(cancelled), CALLER).unwrap();
+    assert_eq!(
+        e.handle(Request::CancelDrain(cancelled), CALLER)
+            .unwrap_err()
+            .kind,
+        Failure::NotFound
+    );
+    e.handle(
+        Request::Drain(crate::api::types::DrainRequest {
+            at: later(e.now_ms() + 2_000),
+            owner: None,
+            release: true,
+        }),
+        CALLER,
+    )
+    .unwrap();
+    e.clock.advance(2_001);
+    e.tick();
+    assert!(fake.held().is_empty());
+    assert_eq!(
+        e.handle(Request::List(ListFilter::default()), CALLER)
+            .unwrap(),
+        json!([])
+    );
+    let bad = e
+        .handle(
+            Request::Drain(crate::api::types::DrainRequest {
+                at: "tomorrow".into(),
+                owner: None,
+                release: false,
+            }),
+            CALLER,
+        )
+        .unwrap_err();
+    assert_eq!(bad.kind, Failure::BadRequest);
+    let audit = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+    let drained: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["actor"] == "pf serve" && l["reservation"]["drain"].is_u64())
+        .collect();
+    let actions: Vec<&str> = drained
+        .iter()
+        .map(|l| l["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["disable", "release", "release"], "{audit}");
+    let _ = b;
+}
