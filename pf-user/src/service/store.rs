@@ -891,22 +891,7 @@ impl Store for SqliteStore {
     }
 
     fn delete(&mut self, id: u64) -> Result<bool, StoreError> {
-        let tx = self
-            .conn
-            .transaction()
-            .map_err(sql("starting a transaction"))?;
-        let deleted = tx
-            .execute("DELETE FROM reservations WHERE id = ?1", [id as i64])
-            .and_then(|n| {
-                tx.execute("DELETE FROM traffic WHERE id = ?1", [id as i64])?;
-                tx.execute("DELETE FROM port_mappings WHERE id = ?1", [id as i64])?;
-                tx.execute("DELETE FROM triggers WHERE id = ?1", [id as i64])?;
-                tx.execute("DELETE FROM held_since WHERE id = ?1", [id as i64])?;
-                Ok(n)
-            })
-            .map_err(sql("deleting a reservation"))?;
-        tx.commit().map_err(sql("committing a deletion"))?;
-        Ok(deleted > 0)
+        self.delete_recording(id, None)
     }
 
     fn set_enabled(&mut self, id: u64, enabled: bool) -> Result<bool, StoreError> {
@@ -1299,10 +1284,7 @@ impl Store for SqliteStore {
     }
 
     fn end(&mut self, id: u64, at_ms: u64) -> Result<bool, StoreError> {
-        self.conn
-            .execute(RECORD_HOLDER, params![id as i64, at_ms as i64, "released"])
-            .map_err(sql("recording a past holder"))?;
-        self.delete(id)
+        self.delete_recording(id, Some(at_ms))
     }
 
     fn who(
@@ -1631,6 +1613,31 @@ impl SqliteStore {
                 })
             })
             .collect()
+    }
+
+    /// Deletes reservation `id` and what goes with it, in one transaction; with
+    /// `Some(at_ms)`, its holding is first recorded as past (`released` then).
+    fn delete_recording(&mut self, id: u64, ended_at_ms: Option<u64>) -> Result<bool, StoreError> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql("starting a transaction"))?;
+        if let Some(at_ms) = ended_at_ms {
+            tx.execute(RECORD_HOLDER, params![id as i64, at_ms as i64, "released"])
+                .map_err(sql("recording a past holder"))?;
+        }
+        let deleted = tx
+            .execute("DELETE FROM reservations WHERE id = ?1", [id as i64])
+            .and_then(|n| {
+                tx.execute("DELETE FROM traffic WHERE id = ?1", [id as i64])?;
+                tx.execute("DELETE FROM port_mappings WHERE id = ?1", [id as i64])?;
+                tx.execute("DELETE FROM triggers WHERE id = ?1", [id as i64])?;
+                tx.execute("DELETE FROM held_since WHERE id = ?1", [id as i64])?;
+                Ok(n)
+            })
+            .map_err(sql("deleting a reservation"))?;
+        tx.commit().map_err(sql("committing a deletion"))?;
+        Ok(deleted > 0)
     }
 
     fn triggers_where(
