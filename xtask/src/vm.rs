@@ -76,7 +76,6 @@ pub const VM_TESTS: &[&str] = &[
     "integration::port_mapping::natpmpc_and_upnpc_over_wireguard",
     "integration::trigger::trigger_over_wireguard",
     "integration::fixtures::trigger_fixtures",
-    "integration::differential::trigger_agrees_with_the_model",
 ];
 
 /// The longest a VM run may take before it is killed and fails.
