@@ -38,10 +38,14 @@ pub enum Outcome {
     /// (a reply on a connection whose reservation is gone, or any unmasqueraded tunnel
     /// address): dropped, so no tunnel address leaves the public interface.
     TunnelSourceDropped = 10,
+    /// Ingress only: a packet to a reservation with limits that one of them refused (its
+    /// source, or a rate): dropped (`XDP_DROP`), and counted per reservation and reason in
+    /// `LIMIT_DROPS`.
+    LimitDropped = 11,
 }
 
 /// Outcomes per direction.
-pub const OUTCOMES: u32 = 11;
+pub const OUTCOMES: u32 = 12;
 /// First counter of the XDP ingress program.
 pub const INGRESS_BASE: u32 = 0;
 /// First counter of the TC egress program.
@@ -179,6 +183,7 @@ impl Outcome {
         Outcome::BadIpHeader,
         Outcome::RewriteFailed,
         Outcome::TunnelSourceDropped,
+        Outcome::LimitDropped,
     ];
 
     /// The name `pf stats` prints.
@@ -195,6 +200,7 @@ impl Outcome {
             Outcome::BadIpHeader => "bad_ip_header",
             Outcome::RewriteFailed => "rewrite_failed",
             Outcome::TunnelSourceDropped => "tunnel_source_dropped",
+            Outcome::LimitDropped => "limit_dropped",
         }
     }
 }

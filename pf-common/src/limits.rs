@@ -53,3 +53,20 @@ pub const TRIGGER_RING_BYTES: u32 = 1 << 16;
 /// The longest idle timeout a trigger rule may have: a day. Bounded so `now + timeout` in the
 /// programs can never wrap.
 pub const MAX_TRIGGER_IDLE_NS: u64 = 86_400 * 1_000_000_000;
+
+/// Reservations with limits (`LIMITS` and `LIMIT_DROPS`, indexed by `NatEntry::limit`; slot 0
+/// means "no limits"): 16,383. `LIMITS` is 80 bytes a slot (1.3 MB); `LIMIT_DROPS` is per
+/// CPU, 32 bytes a slot (512 KB per CPU).
+pub const MAX_LIMITS: u32 = 1 << 14;
+
+/// Source networks of all reservations' allow- and deny-lists together (`LIMIT_SOURCES`, an
+/// LPM trie, allocated as used).
+pub const MAX_LIMIT_SOURCES: u32 = 1 << 16;
+
+/// Source networks one reservation's list may have.
+pub const MAX_SOURCES_PER_LIMIT: usize = 256;
+
+/// The burst a rate limit lets through from a full bucket, as time at its rate: 100 ms (so a
+/// limit of 1,000 packets/s passes a burst of 101 packets). Under a flood longer than a second
+/// the burst is within 10% of what a limit admits.
+pub const LIMIT_BURST_NS: u64 = 100_000_000;

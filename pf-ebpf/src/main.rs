@@ -6,7 +6,9 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod clock;
 mod fast;
+mod limit;
 mod maps;
 mod nat;
 mod parse;
@@ -59,9 +61,21 @@ fn trace_xdp(ctx: &XdpContext, traced: &trace::Before, hook: u8, outcome: u8, fa
     }
 }
 
-/// XDP on the public NIC. Always `XDP_PASS`: a rewritten packet goes on into the kernel, which
-/// routes it to the tunnel (and decrements its TTL); everything else goes on untouched. Either way
-/// one counter says what happened.
+/// The XDP action for a packet the ingress program did not redirect: `XDP_DROP` for one a
+/// reservation's limits refused, `XDP_PASS` for everything else (a rewritten packet goes on
+/// into the kernel, which routes it to the tunnel and decrements its TTL; anything else goes
+/// on untouched).
+#[inline(always)]
+fn pass_or_drop(outcome: Outcome) -> u32 {
+    if outcome == Outcome::LimitDropped {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
+}
+
+/// XDP on the public NIC. `XDP_PASS`, or `XDP_DROP` for a packet over a reservation's limits
+/// (`pass_or_drop`); either way one counter says what happened.
 #[xdp]
 pub fn pf_ingress(ctx: XdpContext) -> u32 {
     let tracing = trace_before(&ctx);
@@ -74,7 +88,7 @@ pub fn pf_ingress(ctx: XdpContext) -> u32 {
         outcome as u8,
         TRACE_NO_FAST_PATH,
     );
-    xdp_action::XDP_PASS
+    pass_or_drop(outcome)
 }
 
 /// XDP on the public NIC with the fast path (`pf attach --fast-path`): the same rewrite, then a
@@ -93,7 +107,7 @@ pub fn pf_ingress_fast(ctx: XdpContext) -> u32 {
             outcome as u8,
             TRACE_NO_FAST_PATH,
         );
-        return xdp_action::XDP_PASS;
+        return pass_or_drop(outcome);
     }
     let (fast, action) = match fast::route(&ctx, &maps::REDIRECT_DEVICES) {
         Ok(hop) => (FastPath::Redirected, fast::finish(hop)),

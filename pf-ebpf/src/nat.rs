@@ -7,11 +7,12 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use pf_common::{
-    EndpointKey, FRAGMENT_EGRESS, FRAGMENT_INGRESS, FragmentKey, FragmentValue, IPPROTO_UDP,
-    NatEntry, checksum, counters::Outcome,
+    EndpointKey, FRAGMENT_EGRESS, FRAGMENT_INGRESS, FragmentKey, FragmentValue, IPPROTO_TCP,
+    IPPROTO_UDP, NatEntry, checksum, counters::Outcome,
 };
 
 use crate::{
+    limit,
     maps::{self, FRAGMENTS},
     parse::{
         IP_MF, IP_OFFSET_MASK, IcmpError, Ipv4, MAX_HEADERS_LEN, MAX_ICMP_ERROR_LEN, Ports,
@@ -232,6 +233,12 @@ fn ingress_tcp_udp(start: usize, end: usize, ip: &Ipv4) -> Outcome {
         let Some(entry) = maps::forward_entry::<true>(&key) else {
             return Outcome::NoReservation;
         };
+        if (*entry).limit != 0 {
+            let src = wire::get4(&raw const (*ip.ip).src_addr);
+            if !limit::admits(entry, src, ip.ip_len, is_syn(start, end, ip)) {
+                return Outcome::LimitDropped;
+            }
+        }
         if ip.frags & IP_MF != 0 {
             // A first fragment: the key is taken before the destination changes.
             track_datagram(&fragment_key(ip, FRAGMENT_INGRESS), key);
@@ -239,6 +246,22 @@ fn ingress_tcp_udp(start: usize, end: usize, ip: &Ipv4) -> Outcome {
         rewrite_xdp(ip, &h, Endpoint::Destination, entry);
     }
     Outcome::Rewritten
+}
+
+/// Whether a packet is a TCP SYN without ACK: a new connection, as the SYN rate counts them.
+#[inline(always)]
+fn is_syn(start: usize, end: usize, ip: &Ipv4) -> bool {
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    if ip.proto != IPPROTO_TCP {
+        return false;
+    }
+    // Data offset and flags: bytes 12 and 13 of the TCP header, inside what the parser checked.
+    match ptr_at::<[u8; 2]>(start, end, ip.l4_off + 12) {
+        // SAFETY: bounds-checked by ptr_at.
+        Ok(p) => (unsafe { (*p)[1] } & (SYN | ACK)) == SYN,
+        Err(_) => false,
+    }
 }
 
 /// Which endpoint of a packet a rewrite replaces.
@@ -340,6 +363,9 @@ fn ingress_later_fragment(ip: &Ipv4) -> Outcome {
         else {
             return Outcome::Fragment;
         };
+        if (*entry).limit != 0 && !limit::admits(entry, (*ip.ip).src_addr, ip.ip_len, false) {
+            return Outcome::LimitDropped;
+        }
         let new_addr = (*entry).addr;
         let old_addr = (*ip.ip).dst_addr;
         let ip_check = u16::from_be_bytes((*ip.ip).check);

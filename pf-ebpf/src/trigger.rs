@@ -8,7 +8,6 @@
 //! userspace.
 
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::map,
     maps::{Array, HashMap, RingBuf},
     programs::TcContext,
@@ -20,6 +19,7 @@ use pf_common::{
 };
 
 use crate::{
+    clock::now_ns,
     maps,
     parse::{
         IP_OFFSET_MASK, MAX_HEADERS_LEN, is_tcp_udp, parse_ipv4, parse_ipv4_l3, parse_ports, wire,
@@ -38,27 +38,6 @@ pub static TRIGGER_GATES: Array<TriggerGate> = Array::pinned(MAX_TRIGGER_GATES, 
 /// Openings, read by `pf serve`.
 #[map]
 pub static TRIGGER_EVENTS: RingBuf = RingBuf::pinned(TRIGGER_RING_BYTES, 0);
-
-/// Set to 1 by userspace when it loads the object on a kernel with `bpf_ktime_get_coarse_ns`
-/// (5.11). A read-only global: its value is known to the verifier, which therefore never walks
-/// the branch a 5.10 kernel could not verify.
-#[unsafe(no_mangle)]
-static PF_COARSE_CLOCK: u8 = 0;
-
-/// The monotonic clock, as the gates keep it. The coarse read (the last tick's time: a few
-/// milliseconds behind, far finer than an idle timeout of seconds) costs a load where the
-/// precise one reads the clock source: about 30 ns a packet less in the per-packet bench.
-#[inline(always)]
-fn now_ns() -> u64 {
-    // SAFETY: reads a global; the helpers have no preconditions.
-    unsafe {
-        if core::ptr::read_volatile(&PF_COARSE_CLOCK) != 0 {
-            bpf_ktime_get_coarse_ns()
-        } else {
-            bpf_ktime_get_ns()
-        }
-    }
-}
 
 /// Whether a NAT entry may forward: it has no gate, or its gate is open, in which case the
 /// packet keeps it open (pushing the expiry at most once per `TRIGGER_REFRESH_NS`).

@@ -5,7 +5,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    domain::spec::Reservation,
+    domain::{
+        limits::{Limits, Rate, SourceList},
+        spec::Reservation,
+    },
     kernel::{
         attach::{Attachment, Health},
         state::Traffic,
@@ -59,6 +62,111 @@ pub struct ReserveRequest {
     /// packets to the trigger ports keep it open (port triggering).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger: Option<TriggerRequest>,
+    /// Limits on what reaches it, within the policy's (which apply when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsRequest>,
+}
+
+/// The limits of `POST /v1/reservations`. Rates are numbers or text with a scale (`"10M"`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packets_per_second: Option<RateValue>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bits_per_second: Option<RateValue>,
+    /// New TCP connections (SYNs) per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syns_per_second: Option<RateValue>,
+    /// Sources let in (networks or addresses); nothing else is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
+    /// Sources kept out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny: Option<Vec<String>>,
+}
+
+/// A rate in a request: a number, or text such as `"10M"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RateValue {
+    Number(u64),
+    Text(String),
+}
+
+impl LimitsRequest {
+    /// The limits asked for, each error naming its field.
+    pub fn parse(&self) -> Result<Limits, String> {
+        let rate = |name: &str, v: &Option<RateValue>| -> Result<Option<u64>, String> {
+            let text = match v {
+                None => return Ok(None),
+                Some(RateValue::Number(n)) => n.to_string(),
+                Some(RateValue::Text(t)) => t.clone(),
+            };
+            text.parse::<Rate>()
+                .map(|r| Some(r.0))
+                .map_err(|e| format!("limits.{name}: {e}"))
+        };
+        let sources = match (&self.allow, &self.deny) {
+            (Some(_), Some(_)) => {
+                return Err("limits: allow and deny are both set; a reservation has one list".into());
+            }
+            (Some(n), None) => Some(SourceList::parse(true, n).map_err(|e| format!("limits: {e}"))?),
+            (None, Some(n)) => Some(SourceList::parse(false, n).map_err(|e| format!("limits: {e}"))?),
+            (None, None) => None,
+        };
+        let limits = Limits {
+            packets_per_second: rate("packets_per_second", &self.packets_per_second)?,
+            bits_per_second: rate("bits_per_second", &self.bits_per_second)?,
+            syns_per_second: rate("syns_per_second", &self.syns_per_second)?,
+            sources,
+        };
+        limits.check().map_err(|e| format!("limits.{e}"))?;
+        Ok(limits)
+    }
+}
+
+/// A reservation's limits as the API shows them, with what they dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitsView {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packets_per_second: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bits_per_second: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syns_per_second: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny: Option<Vec<String>>,
+    /// Packets dropped since it was made (or restored), by reason: `source`, `syn_rate`,
+    /// `packet_rate`, `bit_rate`. Absent when the kernel's counters could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<std::collections::BTreeMap<String, u64>>,
+}
+
+impl LimitsView {
+    pub fn new(l: &Limits, drops: Option<[u64; pf_common::LIMIT_DROP_REASONS]>) -> Self {
+        let nets = |allow: bool| {
+            l.sources
+                .as_ref()
+                .filter(|s| s.is_allow() == allow)
+                .map(|s| s.networks().iter().map(ToString::to_string).collect())
+        };
+        LimitsView {
+            packets_per_second: l.packets_per_second,
+            bits_per_second: l.bits_per_second,
+            syns_per_second: l.syns_per_second,
+            allow: nets(true),
+            deny: nets(false),
+            dropped: drops.map(|d| {
+                pf_common::LimitDrop::ALL
+                    .iter()
+                    .map(|r| (r.name().to_string(), d[*r as usize]))
+                    .collect()
+            }),
+        }
+    }
 }
 
 /// The trigger rule of `POST /v1/reservations`.
@@ -312,6 +420,9 @@ pub struct ReservationView {
     /// A trigger rule's: what opens it, and whether it is open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger: Option<TriggerView>,
+    /// Its limits, if it has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsView>,
 }
 
 /// `GET /v1/stats`: each reservation with its traffic since it was made: across disables,
@@ -427,6 +538,7 @@ mod tests {
                 state: "armed".into(),
                 open_until: None,
             }),
+            limits: None,
         };
         let json = serde_json::to_value(&view).unwrap();
         assert_eq!(json["target_last_port"], 9815);

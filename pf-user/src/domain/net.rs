@@ -3,7 +3,7 @@
 use std::{fmt, net::Ipv4Addr, str::FromStr};
 
 /// An IPv4 network, `10.8.0.0/16`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Ipv4Net {
     pub addr: Ipv4Addr,
     pub prefix: u8,

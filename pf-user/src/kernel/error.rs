@@ -82,6 +82,9 @@ pub enum PfError {
     #[error("trigger gate {gate} is {problem}")]
     TriggerGate { gate: u32, problem: &'static str },
 
+    #[error("limit slot {slot} is {problem}")]
+    LimitSlot { slot: u32, problem: &'static str },
+
     #[error("no reservation {spec}{hint}")]
     NoSuchReservation { spec: String, hint: String },
 

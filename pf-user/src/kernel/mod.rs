@@ -13,6 +13,7 @@
 //! - [`trace`]: `pf trace`'s switch and the ring of the programs' reports.
 //! - [`trigger`]: port triggering's trigger ports and gates, and the ring of openings;
 //!   [`trigger_hook`]: its program on a tunnel-side interface's TC ingress.
+//! - [`limit`]: a reservation's limits (rates, source list) and its drops.
 //! - [`error`]: [`PfError`], the one error type of this layer.
 
 pub mod attach;
@@ -21,6 +22,7 @@ pub mod bpffs;
 pub mod bpfinfo;
 pub mod error;
 pub mod host;
+pub mod limit;
 pub mod links;
 pub mod netdev;
 mod netlink;

@@ -9,7 +9,7 @@ use std::{fs::File, net::Ipv4Addr, os::fd::AsFd};
 
 use aya::maps::xdp::XdpMapError;
 use aya::maps::{
-    Array, DevMapHash, HashMap, IterableMap, Map, MapData, MapError, MapType, PerCpuArray,
+    Array, DevMapHash, HashMap, IterableMap, Map, MapData, MapError, MapType, PerCpuArray, LpmTrie,
 };
 use pf_common::{
     EndpointKey, MAP_SHAPES, MapKind, MapShape, NatEntry, PORT_USE_SLOTS, ReservationKey,
@@ -185,7 +185,27 @@ pub struct State {
     /// Port triggering's maps (`super::trigger`).
     pub(super) trigger_ports: HashMap<MapData, EndpointKey, u32>,
     pub(super) trigger_gates: Array<MapData, pf_common::TriggerGate>,
+    /// Limits' maps (`super::limit`).
+    pub(super) limits: Array<MapData, pf_common::Limit>,
+    pub(super) limit_drops: PerCpuArray<MapData, pf_common::LimitDrops>,
+    pub(super) limit_sources: LpmTrie<MapData, pf_common::SourceNet, u8>,
     _lock: File,
+}
+
+/// What a reservation's NAT entries carry besides their rewrite: the trigger gate they wait
+/// on and the limits their inbound packets pass (slots; 0 is none). Reply entries carry the
+/// gate only: limits are for what comes in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EntryTags {
+    pub gate: u16,
+    pub limit: u16,
+}
+
+impl EntryTags {
+    /// Entries behind trigger gate `gate`, without limits.
+    pub fn gated(gate: u16) -> Self {
+        Self { gate, limit: 0 }
+    }
 }
 
 /// Traffic through one reservation, summed over its ports, protocols and CPUs.
@@ -266,6 +286,7 @@ fn map_type(kind: MapKind) -> MapType {
         MapKind::LruHash => MapType::LruHash,
         MapKind::DevMapHash => MapType::DevMapHash,
         MapKind::RingBuf => MapType::RingBuf,
+        MapKind::LpmTrie => MapType::LpmTrie,
     }
 }
 
@@ -367,6 +388,9 @@ impl State {
             trigger_ports,
             trigger_gates,
             trigger_events,
+            limits,
+            limit_drops,
+            limit_sources,
         ] = MAP_SHAPES.each_ref().map(|l| open_map(dir, l));
         let mut ids = [0u32; map_names::COUNT];
         let mut id_of = |index: usize, opened: Result<(Map, u32), PfError>| {
@@ -393,6 +417,11 @@ impl State {
             id_of(11, trigger_ports),
             id_of(12, trigger_gates),
             id_of(13, trigger_events),
+        );
+        let (limits, limit_drops, limit_sources) = (
+            id_of(14, limits),
+            id_of(15, limit_drops),
+            id_of(16, limit_sources),
         );
         fragments?;
         trace_config?;
@@ -424,6 +453,13 @@ impl State {
             trigger_gates: trigger_gates?
                 .try_into()
                 .map_err(typed(map_names::TRIGGER_GATES))?,
+            limits: limits?.try_into().map_err(typed(map_names::LIMITS))?,
+            limit_drops: limit_drops?
+                .try_into()
+                .map_err(typed(map_names::LIMIT_DROPS))?,
+            limit_sources: limit_sources?
+                .try_into()
+                .map_err(typed(map_names::LIMIT_SOURCES))?,
             ids,
             _lock: lock,
         })
@@ -475,16 +511,19 @@ impl State {
     /// 65,536 entries instead of one per entry). Each is checked against the maps and against
     /// the ones before it in `rs`; the first conflict refuses the whole batch and changes nothing.
     pub fn reserve_all(&mut self, rs: &[Reservation]) -> Result<(), PfError> {
-        self.reserve_batch(rs, 0)
+        self.reserve_batch(rs, EntryTags::default())
     }
 
-    /// Adds a reservation whose entries forward only while trigger gate `gate` is open
-    /// (`super::trigger`); otherwise as [`State::reserve`].
-    pub fn reserve_gated(&mut self, r: &Reservation, gate: u16) -> Result<(), PfError> {
-        self.reserve_batch(std::slice::from_ref(r), gate)
+    /// Adds a reservation whose entries carry `tags`: they forward only while trigger gate
+    /// `tags.gate` is open (`super::trigger`), and their inbound packets pass limit slot
+    /// `tags.limit` (`super::limit`); otherwise as [`State::reserve`]. The gate's rule and
+    /// the limit are armed apart.
+    pub fn reserve_tagged(&mut self, r: &Reservation, tags: EntryTags) -> Result<(), PfError> {
+        self.reserve_batch(std::slice::from_ref(r), tags)
     }
 
-    fn reserve_batch(&mut self, rs: &[Reservation], gate: u16) -> Result<(), PfError> {
+    fn reserve_batch(&mut self, rs: &[Reservation], tags: EntryTags) -> Result<(), PfError> {
+        let EntryTags { gate, limit } = tags;
         let (mut forward_keys, mut forward_values) = (Vec::new(), Vec::new());
         let (mut reverse_keys, mut reverse_values) = (Vec::new(), Vec::new());
         // Entries claimed earlier in this batch, and by which reservation.
@@ -550,6 +589,7 @@ impl State {
                 claimed_target.insert(rkey, index);
                 let to_target = NatEntry {
                     gate,
+                    limit,
                     ..NatEntry::new(r.target_addr.octets(), target_port.to_be_bytes())
                 };
                 let to_public = NatEntry {
@@ -712,10 +752,10 @@ impl State {
         // A trigger rule's range goes with its rule: the gate is closed and disarmed first,
         // which stops its forwarding at once.
         // From the first entry still there: a crash may have left the range half written.
-        let mut gate = 0;
+        let (mut gate, mut limit) = (0, 0);
         for pair in nat_pairs(&r) {
             if let Some(e) = lookup(&self.forward, map_names::FORWARD_NAT, &pair.forward)? {
-                gate = e.gate;
+                (gate, limit) = (e.gate, e.limit);
                 break;
             }
         }
@@ -729,6 +769,10 @@ impl State {
         }
         for pair in nat_pairs(&r) {
             remove_entry(&mut self.reverse, map_names::REVERSE_NAT, &pair.reverse)?;
+        }
+        // Its limits go once no entry carries them.
+        if limit != 0 {
+            self.disarm_limit(limit)?;
         }
         match self.reservations.remove(&key) {
             Err(e) if !not_found(&e) => {
@@ -760,31 +804,35 @@ impl State {
 
     /// Whether the maps hold exactly `r`: its record, and every NAT entry whole.
     pub fn holds(&self, r: &Reservation) -> Result<bool, PfError> {
-        self.holds_gated(r, 0)
+        self.holds_tagged(r, EntryTags::default())
     }
 
-    /// [`State::holds`], with every entry waiting on trigger gate `gate` (0: none).
-    pub fn holds_gated(&self, r: &Reservation, gate: u16) -> Result<bool, PfError> {
-        Ok(self.record_at(r) == Some(*r) && self.is_complete_gated(r, gate)?)
+    /// [`State::holds`], with every entry carrying `tags`.
+    pub fn holds_tagged(&self, r: &Reservation, tags: EntryTags) -> Result<bool, PfError> {
+        Ok(self.record_at(r) == Some(*r) && self.is_complete_tagged(r, tags)?)
     }
 
     /// Whether every NAT entry of `r` is in the maps with the address and port it must have.
     /// A crash part-way through a write or a removal can leave a record whose entries are not
     /// all there.
     pub fn is_complete(&self, r: &Reservation) -> Result<bool, PfError> {
-        self.is_complete_gated(r, 0)
+        self.is_complete_tagged(r, EntryTags::default())
     }
 
-    /// [`State::is_complete`], with every entry waiting on trigger gate `gate` (0: none).
-    pub fn is_complete_gated(&self, r: &Reservation, gate: u16) -> Result<bool, PfError> {
+    /// [`State::is_complete`], with every entry carrying `tags` (reply entries: the gate).
+    pub fn is_complete_tagged(&self, r: &Reservation, tags: EntryTags) -> Result<bool, PfError> {
         let holds = |map: &NatMap,
                      name: &'static str,
                      key: &EndpointKey,
                      addr: Ipv4Addr,
-                     port: u16|
+                     port: u16,
+                     limit: u16|
          -> Result<bool, PfError> {
             Ok(lookup(map, name, key)?.is_some_and(|e| {
-                e.addr == addr.octets() && e.port == port.to_be_bytes() && e.gate == gate
+                e.addr == addr.octets()
+                    && e.port == port.to_be_bytes()
+                    && e.gate == tags.gate
+                    && e.limit == limit
             }))
         };
         for pair in nat_pairs(r) {
@@ -794,6 +842,7 @@ impl State {
                 &pair.forward,
                 r.target_addr,
                 pair.target_port,
+                tags.limit,
             )?;
             let reverse = holds(
                 &self.reverse,
@@ -801,6 +850,7 @@ impl State {
                 &pair.reverse,
                 r.public.addr,
                 pair.public_port,
+                0,
             )?;
             if !(forward && reverse) {
                 return Ok(false);
@@ -1068,7 +1118,7 @@ impl State {
 }
 
 /// Every element of a map that holds one value per key, read with batched lookups.
-fn dump<K: bytemuck::Pod, V: bytemuck::Pod>(
+pub(super) fn dump<K: bytemuck::Pod, V: bytemuck::Pod>(
     map: &MapData,
     name: &'static str,
 ) -> Result<Vec<(K, V)>, PfError> {

@@ -17,8 +17,16 @@ use pf_common::{EndpointKey, MAP_SHAPES, TriggerGate, TriggerOpened, limits, map
 use super::{
     PfError,
     bpffs::PinDir,
-    state::{State, open_map},
+    limit::LimitRule,
+    state::{EntryTags, State, open_map},
 };
+
+/// What guards a reservation's entries besides its ports: a trigger rule's gate, limits.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Guards<'a> {
+    pub trigger: Option<&'a TriggerRule>,
+    pub limit: Option<&'a LimitRule>,
+}
 use crate::domain::spec::{PortRange, Protocols};
 
 /// What the kernel needs of a trigger rule.
@@ -188,17 +196,35 @@ impl State {
             .map_err(map_error(map_names::TRIGGER_GATES))
     }
 
-    /// Adds `r` behind `rule`'s gate and arms the rule, all or nothing.
-    pub fn reserve_triggered(
+    /// Adds `r` with its guards, all or nothing: its limits armed first (its first packet
+    /// meets them), then its entries, then its trigger rule (its gate closed until triggered).
+    pub fn reserve_guarded(
         &mut self,
         r: &crate::domain::spec::Reservation,
-        rule: &TriggerRule,
+        guards: Guards<'_>,
     ) -> Result<(), PfError> {
-        // Checked before the range is written: undoing the range disarms its gate, which must
-        // never be another rule's.
-        self.check_arm(rule)?;
-        self.reserve_gated(r, rule.gate)?;
-        if let Err(e) = self.write_arm(rule) {
+        // Checked before the range is written: undoing the range disarms its gate and its
+        // limit slot, which must never be another reservation's.
+        if let Some(rule) = guards.trigger {
+            self.check_arm(rule)?;
+        }
+        if let Some(rule) = guards.limit {
+            self.check_limit(rule)?;
+            self.arm_limit(rule)?;
+        }
+        let tags = EntryTags {
+            gate: guards.trigger.map_or(0, |t| t.gate),
+            limit: guards.limit.map_or(0, |l| l.slot),
+        };
+        if let Err(e) = self.reserve_tagged(r, tags) {
+            if let Some(rule) = guards.limit {
+                let _ = self.disarm_limit(rule.slot);
+            }
+            return Err(e);
+        }
+        if let Some(rule) = guards.trigger
+            && let Err(e) = self.write_arm(rule)
+        {
             let _ = self.release_exact(r);
             return Err(e);
         }

@@ -156,12 +156,11 @@ pub fn check(
     {
         trigger_link(&mut links, dir, state.as_ref(), t);
     }
-    maps_link(
-        &mut links,
-        state.as_ref(),
-        &record,
-        trigger.map_or(0, |t| t.gate),
-    );
+    let tags = crate::kernel::state::EntryTags {
+        gate: trigger.map_or(0, |t| t.gate),
+        limit: store.limits(record.id)?.map_or(0, |l| l.slot),
+    };
+    maps_link(&mut links, state.as_ref(), &record, tags);
     let iface = attached_link(&mut links, dir, r.public.addr);
     program_link(&mut links, dir, iface.as_deref(), &endpoint, target);
     target_link(&mut links, target, protocol, &ask.udp_probe);
@@ -257,7 +256,12 @@ fn trigger_link(links: &mut Links, dir: &PinDir, state: Option<&State>, t: &Trig
     }
 }
 
-fn maps_link(links: &mut Links, state: Option<&State>, record: &Record, gate: u16) {
+fn maps_link(
+    links: &mut Links,
+    state: Option<&State>,
+    record: &Record,
+    tags: crate::kernel::state::EntryTags,
+) {
     let r = &record.reservation;
     let Some(state) = state else {
         links.failed(
@@ -266,7 +270,7 @@ fn maps_link(links: &mut Links, state: Option<&State>, record: &Record, gate: u1
         );
         return;
     };
-    match (record.enabled, state.holds_gated(r, gate).unwrap_or(false)) {
+    match (record.enabled, state.holds_tagged(r, tags).unwrap_or(false)) {
         (true, true) => links.ok("maps", format!("the kernel maps hold {r}")),
         (true, false) => links.failed(
             "maps",

@@ -15,7 +15,11 @@ use super::policy::{
     DEFAULT_MAX_RANGE_PORTS, DEFAULT_PORT_POOL, DEFAULT_PORTS_PER_OWNER, Policy, parse_ttl,
 };
 use crate::{
-    domain::{net::Ipv4Net, spec::PortRange},
+    domain::{
+        limits::{Limits, Rate, SourceList},
+        net::Ipv4Net,
+        spec::PortRange,
+    },
     kernel::{
         attach::{AttachMode, DeviceChoice, Role, TcAttach},
         bpffs::DEFAULT_PIN_DIR,
@@ -212,6 +216,72 @@ struct RawPolicy {
     accept_new: Option<bool>,
     #[serde(default)]
     accept_renewals: Option<bool>,
+    #[serde(default)]
+    limits: Option<RawLimits>,
+    #[serde(default)]
+    owner_limits: std::collections::BTreeMap<String, RawLimits>,
+}
+
+/// A rate in the config: a number, or text with a scale (`"10M"`).
+#[derive(Deserialize, Clone, Debug)]
+#[serde(untagged)]
+enum RawRate {
+    Number(u64),
+    Text(String),
+}
+
+/// `[policy.limits]` and each `[policy.owner_limits.OWNER]`.
+#[derive(Deserialize, Clone, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default)]
+    packets_per_second: Option<RawRate>,
+    #[serde(default)]
+    bits_per_second: Option<RawRate>,
+    #[serde(default)]
+    syns_per_second: Option<RawRate>,
+    #[serde(default)]
+    allow: Option<Vec<String>>,
+    #[serde(default)]
+    deny: Option<Vec<String>>,
+}
+
+impl RawLimits {
+    /// The limits, each error named by `at` (the table's name) and the key.
+    fn parse(&self, at: &str) -> Result<Limits, String> {
+        let rate = |key: &str, r: &Option<RawRate>| -> Result<Option<u64>, String> {
+            let text = match r {
+                None => return Ok(None),
+                Some(RawRate::Number(n)) => n.to_string(),
+                Some(RawRate::Text(t)) => t.clone(),
+            };
+            text.parse::<Rate>()
+                .map(|r| Some(r.0))
+                .map_err(|e| format!("{at}.{key}: {e}"))
+        };
+        let sources = match (&self.allow, &self.deny) {
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "{at}: both allow and deny are set; a reservation has one list"
+                ));
+            }
+            (Some(nets), None) => Some(
+                SourceList::parse(true, nets).map_err(|e| format!("{at}.allow: {e}"))?,
+            ),
+            (None, Some(nets)) => Some(
+                SourceList::parse(false, nets).map_err(|e| format!("{at}.deny: {e}"))?,
+            ),
+            (None, None) => None,
+        };
+        let limits = Limits {
+            packets_per_second: rate("packets_per_second", &self.packets_per_second)?,
+            bits_per_second: rate("bits_per_second", &self.bits_per_second)?,
+            syns_per_second: rate("syns_per_second", &self.syns_per_second)?,
+            sources,
+        };
+        limits.check().map_err(|e| format!("{at}.{e}"))?;
+        Ok(limits)
+    }
 }
 
 /// An interface `pf serve` attaches to on start (or adopts, when already attached).
@@ -488,6 +558,22 @@ impl Config {
                 .unwrap_or(crate::service::policy::DEFAULT_HISTORY_RETENTION),
             accept_new: p.accept_new.unwrap_or(true),
             accept_renewals: p.accept_renewals.unwrap_or(true),
+            limits: p
+                .limits
+                .as_ref()
+                .map(|l| l.parse("policy.limits"))
+                .transpose()?
+                .unwrap_or_default(),
+            owner_limits: p
+                .owner_limits
+                .iter()
+                .map(|(owner, l)| {
+                    let at = format!("policy.owner_limits.{owner}");
+                    crate::service::engine::check_owner(owner)
+                        .map_err(|e| format!("{at}: {}", e.message))?;
+                    Ok((owner.clone(), l.parse(&at)?))
+                })
+                .collect::<Result<_, String>>()?,
         };
         // With the leak guard on, egress drops what leaves from a target network: one that
         // holds a public IP (or everything, /0) would cut the server off.

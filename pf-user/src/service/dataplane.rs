@@ -13,8 +13,9 @@ use crate::{
         attach::{self, Attachment},
         bpffs::PinDir,
         nftset::NftSet,
-        state::{Counters, State, Traffic},
-        trigger::{GateState, Opening, Openings, TriggerRule},
+        limit::{Drops, LimitRule},
+        state::{Counters, EntryTags, State, Traffic},
+        trigger::{GateState, Guards, Opening, Openings, TriggerRule},
     },
 };
 
@@ -43,14 +44,20 @@ pub trait Maps {
     fn traffic_all(&self) -> Result<Vec<(Reservation, Traffic)>, PfError>;
     /// The programs' global outcome counters.
     fn counters(&self) -> Result<Counters, PfError>;
-    /// Adds `r` behind trigger `rule`'s gate and arms the rule, all or nothing.
-    fn reserve_triggered(&mut self, r: &Reservation, rule: &TriggerRule) -> Result<(), PfError>;
-    /// Adds `r` behind gate `gate`, leaving the rule to [`Maps::sync_triggers`].
-    fn reserve_gated(&mut self, r: &Reservation, gate: u16) -> Result<(), PfError>;
-    /// [`Maps::is_complete`], with every entry waiting on gate `gate` (0: none).
-    fn is_complete_gated(&self, r: &Reservation, gate: u16) -> Result<bool, PfError>;
+    /// Adds `r` with its limits and behind its trigger rule's gate, arming both, all or
+    /// nothing.
+    fn reserve_guarded(&mut self, r: &Reservation, guards: Guards<'_>) -> Result<(), PfError>;
+    /// Adds `r` with entries carrying `tags`, leaving the rules to [`Maps::sync_triggers`] and
+    /// [`Maps::sync_limits`].
+    fn reserve_tagged(&mut self, r: &Reservation, tags: EntryTags) -> Result<(), PfError>;
+    /// [`Maps::is_complete`], with every entry carrying `tags`.
+    fn is_complete_tagged(&self, r: &Reservation, tags: EntryTags) -> Result<bool, PfError>;
     /// Makes the trigger maps hold exactly `rules`; each difference repaired, as text.
     fn sync_triggers(&mut self, rules: &[TriggerRule]) -> Result<Vec<String>, PfError>;
+    /// Makes the limit maps hold exactly `rules`; each difference repaired, as text.
+    fn sync_limits(&mut self, rules: &[LimitRule]) -> Result<Vec<String>, PfError>;
+    /// What limit slot `slot` dropped, by reason.
+    fn limit_drops(&self, slot: u16) -> Result<Drops, PfError>;
     /// A gate as the kernel has it now.
     fn trigger_gate(&self, gate: u16) -> Result<GateState, PfError>;
 }
@@ -89,17 +96,23 @@ impl Maps for State {
     fn counters(&self) -> Result<Counters, PfError> {
         State::counters(self)
     }
-    fn reserve_triggered(&mut self, r: &Reservation, rule: &TriggerRule) -> Result<(), PfError> {
-        State::reserve_triggered(self, r, rule)
+    fn reserve_guarded(&mut self, r: &Reservation, guards: Guards<'_>) -> Result<(), PfError> {
+        State::reserve_guarded(self, r, guards)
     }
-    fn reserve_gated(&mut self, r: &Reservation, gate: u16) -> Result<(), PfError> {
-        State::reserve_gated(self, r, gate)
+    fn reserve_tagged(&mut self, r: &Reservation, tags: EntryTags) -> Result<(), PfError> {
+        State::reserve_tagged(self, r, tags)
     }
-    fn is_complete_gated(&self, r: &Reservation, gate: u16) -> Result<bool, PfError> {
-        State::is_complete_gated(self, r, gate)
+    fn is_complete_tagged(&self, r: &Reservation, tags: EntryTags) -> Result<bool, PfError> {
+        State::is_complete_tagged(self, r, tags)
     }
     fn sync_triggers(&mut self, rules: &[TriggerRule]) -> Result<Vec<String>, PfError> {
         State::sync_triggers(self, rules)
+    }
+    fn sync_limits(&mut self, rules: &[LimitRule]) -> Result<Vec<String>, PfError> {
+        State::sync_limits(self, rules)
+    }
+    fn limit_drops(&self, slot: u16) -> Result<Drops, PfError> {
+        State::limit_drops(self, slot)
     }
     fn trigger_gate(&self, gate: u16) -> Result<GateState, PfError> {
         State::trigger_gate(self, gate)
@@ -254,28 +267,34 @@ impl Maps for WithNetfilterSet {
     fn counters(&self) -> Result<Counters, PfError> {
         self.maps.counters()
     }
-    fn reserve_triggered(&mut self, r: &Reservation, rule: &TriggerRule) -> Result<(), PfError> {
-        self.maps.reserve_triggered(r, rule)?;
+    fn reserve_guarded(&mut self, r: &Reservation, guards: Guards<'_>) -> Result<(), PfError> {
+        self.maps.reserve_guarded(r, guards)?;
         if let Err(e) = self.set.add(std::slice::from_ref(r)) {
-            // Releasing it disarms its rule too.
+            // Releasing it disarms its rule and its limits too.
             let _ = self.maps.release_exact(r);
             return Err(e);
         }
         Ok(())
     }
-    fn reserve_gated(&mut self, r: &Reservation, gate: u16) -> Result<(), PfError> {
-        self.maps.reserve_gated(r, gate)?;
+    fn reserve_tagged(&mut self, r: &Reservation, tags: EntryTags) -> Result<(), PfError> {
+        self.maps.reserve_tagged(r, tags)?;
         if let Err(e) = self.set.add(std::slice::from_ref(r)) {
             let _ = self.maps.release_exact(r);
             return Err(e);
         }
         Ok(())
     }
-    fn is_complete_gated(&self, r: &Reservation, gate: u16) -> Result<bool, PfError> {
-        self.maps.is_complete_gated(r, gate)
+    fn is_complete_tagged(&self, r: &Reservation, tags: EntryTags) -> Result<bool, PfError> {
+        self.maps.is_complete_tagged(r, tags)
     }
     fn sync_triggers(&mut self, rules: &[TriggerRule]) -> Result<Vec<String>, PfError> {
         self.maps.sync_triggers(rules)
+    }
+    fn sync_limits(&mut self, rules: &[LimitRule]) -> Result<Vec<String>, PfError> {
+        self.maps.sync_limits(rules)
+    }
+    fn limit_drops(&self, slot: u16) -> Result<Drops, PfError> {
+        self.maps.limit_drops(slot)
     }
     fn trigger_gate(&self, gate: u16) -> Result<GateState, PfError> {
         self.maps.trigger_gate(gate)
@@ -302,8 +321,9 @@ pub mod fake {
         kernel::{
             PfError,
             attach::Attachment,
-            state::{Counters, Traffic},
-            trigger::{GateState, Opening, TriggerRule},
+            limit::{Drops, LimitRule},
+            state::{Counters, EntryTags, Traffic},
+            trigger::{GateState, Guards, Opening, TriggerRule},
         },
     };
 
@@ -316,9 +336,13 @@ pub mod fake {
         pub traffic: BTreeMap<(Ipv4Addr, u16, u8), Traffic>,
         /// The next write fails with this message.
         pub fail_next_write: Option<String>,
-        /// Armed trigger rules by gate, and the gate each reservation waits on.
+        /// Armed trigger rules by gate, armed limits by slot, and what each reservation's
+        /// entries carry.
         pub triggers: BTreeMap<u16, TriggerRule>,
-        pub gates: BTreeMap<(Ipv4Addr, u16, u8), u16>,
+        pub limits: BTreeMap<u16, LimitRule>,
+        pub tags: BTreeMap<(Ipv4Addr, u16, u8), EntryTags>,
+        /// Drops a test says a limit slot counted, as the programs would.
+        pub drops: BTreeMap<u16, Drops>,
         /// Gates open now (a test opens them as a trigger packet would), and the openings
         /// not yet read.
         pub open: std::collections::BTreeSet<u16>,
@@ -405,8 +429,9 @@ pub mod fake {
                 Some(r) if r.public == *spec => {
                     c.traffic.remove(&k);
                     // Releasing a gated reservation disarms its rule, as the kernel's does.
-                    if let Some(gate) = c.gates.remove(&k) {
-                        c.triggers.remove(&gate);
+                    if let Some(tags) = c.tags.remove(&k) {
+                        c.triggers.remove(&tags.gate);
+                        c.limits.remove(&tags.limit);
                     }
                     Ok(c.reservations.remove(&k).unwrap())
                 }
@@ -471,34 +496,59 @@ pub mod fake {
             })
         }
 
-        fn reserve_triggered(
+        fn reserve_guarded(
             &mut self,
             r: &Reservation,
-            rule: &TriggerRule,
+            guards: Guards<'_>,
         ) -> Result<(), PfError> {
             self.reserve_all(std::slice::from_ref(r))?;
             let mut c = self.0.lock().unwrap();
-            c.gates.insert(key(r), rule.gate);
-            c.triggers.insert(rule.gate, *rule);
+            let mut tags = EntryTags::default();
+            if let Some(rule) = guards.trigger {
+                tags.gate = rule.gate;
+                c.triggers.insert(rule.gate, *rule);
+            }
+            if let Some(rule) = guards.limit {
+                tags.limit = rule.slot;
+                c.limits.insert(rule.slot, rule.clone());
+            }
+            c.tags.insert(key(r), tags);
             Ok(())
         }
 
-        fn reserve_gated(&mut self, r: &Reservation, gate: u16) -> Result<(), PfError> {
+        fn reserve_tagged(&mut self, r: &Reservation, tags: EntryTags) -> Result<(), PfError> {
             self.reserve_all(std::slice::from_ref(r))?;
-            self.0.lock().unwrap().gates.insert(key(r), gate);
+            self.0.lock().unwrap().tags.insert(key(r), tags);
             Ok(())
         }
 
-        fn is_complete_gated(&self, r: &Reservation, gate: u16) -> Result<bool, PfError> {
+        fn is_complete_tagged(&self, r: &Reservation, tags: EntryTags) -> Result<bool, PfError> {
+            let c = self.0.lock().unwrap();
+            Ok(c.tags.get(&key(r)).copied().unwrap_or_default() == tags)
+        }
+
+        fn sync_limits(&mut self, rules: &[LimitRule]) -> Result<Vec<String>, PfError> {
+            let mut c = self.write()?;
+            let want: BTreeMap<u16, LimitRule> =
+                rules.iter().map(|r| (r.slot, r.clone())).collect();
+            let drifts = if c.limits == want {
+                Vec::new()
+            } else {
+                vec!["limits".to_string()]
+            };
+            c.limits = want;
+            Ok(drifts)
+        }
+
+        fn limit_drops(&self, slot: u16) -> Result<Drops, PfError> {
             Ok(self
                 .0
                 .lock()
                 .unwrap()
-                .gates
-                .get(&key(r))
+                .drops
+                .get(&slot)
                 .copied()
-                .unwrap_or(0)
-                == gate)
+                .unwrap_or_default())
         }
 
         fn sync_triggers(&mut self, rules: &[TriggerRule]) -> Result<Vec<String>, PfError> {

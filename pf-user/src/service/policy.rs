@@ -5,6 +5,7 @@ use std::{fmt, net::Ipv4Addr, time::Duration};
 
 use crate::{
     domain::{
+        limits::Limits,
         net::Ipv4Net,
         spec::{PortRange, Protocols, Reservation},
     },
@@ -84,6 +85,12 @@ pub struct Policy {
     /// Renewals are taken (`pf renew`, a device's mapping renewals); false lets existing
     /// reservations run out.
     pub accept_renewals: bool,
+    /// The limits every reservation gets (`[policy.limits]`), and the most it may ask for:
+    /// a reservation may ask for lower rates, never higher or none.
+    pub limits: Limits,
+    /// Owners whose limits are others (`[policy.owner_limits.OWNER]`), in place of
+    /// `limits`.
+    pub owner_limits: std::collections::HashMap<String, Limits>,
 }
 
 /// `policy.history_retention` when unset: 90 days.
@@ -122,6 +129,35 @@ fn in_ranges(ranges: &[PortRange], port: u16) -> bool {
 pub const TARGET_NOT_SERVER: &str = "policy.target_not_server";
 
 impl Policy {
+    /// The limits reservation of `owner` gets when it asks for `asked`: each rate it asks
+    /// for, if no higher than its owner's (or the policy's); each it does not, its owner's.
+    /// A source list of its own is taken unless the owner's limits have one.
+    pub fn limits_for(&self, owner: &str, asked: &Limits) -> Result<Limits, Refusal> {
+        let (rule, defaults) = match self.owner_limits.get(owner) {
+            Some(l) => ("policy.owner_limits", l),
+            None => ("policy.limits", &self.limits),
+        };
+        if let Some((name, want, max)) = asked.above(defaults).first() {
+            return Err(refuse(
+                rule,
+                format!("{name} {want} is above the {max} allowed for owner {owner}"),
+            ));
+        }
+        if asked.sources.is_some()
+            && let Some(list) = &defaults.sources
+            && asked.sources.as_ref() != Some(list)
+        {
+            return Err(refuse(
+                rule,
+                format!(
+                    "owner {owner}'s reservations have the policy's {}-list; a list of their own is not taken",
+                    if list.is_allow() { "allow" } else { "deny" }
+                ),
+            ));
+        }
+        Ok(asked.or(defaults))
+    }
+
     /// Refuses a new reservation while the policy takes none (`accept_new = false`).
     pub fn check_new(&self) -> Result<(), Refusal> {
         if self.accept_new {

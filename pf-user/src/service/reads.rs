@@ -20,12 +20,13 @@ use super::{
     store::{ListFilter, Record, SqliteStore, Store},
 };
 use crate::{
-    api::types::{AttachmentView, HolderView, WhoView},
+    api::types::{AttachmentView, HolderView, LimitsView, WhoView},
     domain::spec::PublicSpec,
     kernel::{
         attach::{self, Attachment},
         bpffs::PinDir,
         state::State,
+        limit::{DropCounters, Drops},
         trigger::{GateState, Gates},
     },
 };
@@ -58,25 +59,36 @@ pub fn status_json(
 /// Reads a trigger gate as the kernel has it (`None`: it could not be read).
 pub type GateReader<'a> = &'a dyn Fn(u16) -> Option<GateState>;
 
+/// What the kernel says of the records a list shows: their trigger gates and their limits'
+/// drops (`None`: not read).
+#[derive(Clone, Copy)]
+pub struct KernelReader<'a> {
+    pub gate: GateReader<'a>,
+    pub drops: &'a dyn Fn(u16) -> Option<Drops>,
+}
+
 /// Records as the API shows them, each trigger rule's with its gate as `gate` reads it.
 pub fn records_json(
     store: &dyn Store,
     records: &[Record],
-    gate: GateReader<'_>,
+    kernel: KernelReader<'_>,
     now_ms: u64,
 ) -> Result<Vec<Value>, ApiError> {
-    let triggers = if records.is_empty() {
+    let (triggers, limits) = if records.is_empty() {
         Default::default()
     } else {
-        store.triggers()?
+        (store.triggers()?, store.all_limits()?)
     };
     Ok(records
         .iter()
         .map(|r| {
             let mut view = record_view(r);
-            view.trigger = triggers
-                .get(&r.id)
-                .map(|t| trigger_view(t, r.enabled.then(|| gate(t.gate)).flatten(), now_ms));
+            view.trigger = triggers.get(&r.id).map(|t| {
+                trigger_view(t, r.enabled.then(|| (kernel.gate)(t.gate)).flatten(), now_ms)
+            });
+            view.limits = limits.get(&r.id).map(|l| {
+                LimitsView::new(&l.limits, r.enabled.then(|| (kernel.drops)(l.slot)).flatten())
+            });
             serde_json::to_value(view).expect("plain struct")
         })
         .collect())
@@ -86,13 +98,13 @@ pub fn records_json(
 pub fn list_json(
     store: &dyn Store,
     filter: &ListFilter,
-    gate: GateReader<'_>,
+    kernel: KernelReader<'_>,
     now_ms: u64,
 ) -> Result<Value, ApiError> {
     Ok(Value::Array(records_json(
         store,
         &store.list_filtered(filter)?,
-        gate,
+        kernel,
         now_ms,
     )?))
 }
@@ -119,10 +131,30 @@ pub fn who_json(store: &dyn Store, public: &PublicSpec, at_ms: u64) -> Result<Va
     Ok(serde_json::to_value(view).expect("plain struct"))
 }
 
-/// The kernel's gates, read without pf's lock (a list never waits for a change), if the maps
-/// exist.
-pub fn kernel_gates(gates: Option<&Gates>) -> impl Fn(u16) -> Option<GateState> + '_ {
-    move |gate| gates.and_then(|g| g.get(gate).ok())
+/// The kernel's gates and drop counters, read without pf's lock (a list never waits for a
+/// change), where the maps exist.
+pub struct KernelReads {
+    gates: Option<Gates>,
+    drops: Option<DropCounters>,
+}
+
+impl KernelReads {
+    pub fn open(dir: &PinDir) -> Self {
+        Self {
+            gates: Gates::open(dir).ok().flatten(),
+            drops: DropCounters::open(dir).ok().flatten(),
+        }
+    }
+
+    /// Runs `f` with a reader of these.
+    pub fn read<R>(&self, f: impl FnOnce(KernelReader<'_>) -> R) -> R {
+        let gate = |g: u16| self.gates.as_ref().and_then(|x| x.get(g).ok());
+        let drops = |slot: u16| self.drops.as_ref().and_then(|x| x.get(slot).ok());
+        f(KernelReader {
+            gate: &gate,
+            drops: &drops,
+        })
+    }
 }
 
 pub struct Reads {
@@ -219,14 +251,13 @@ impl Reads {
         match request {
             Request::Get(id) => self.with_reader(|store| {
                 let record = store.get(id)?.ok_or_else(|| ApiError::not_found(id))?;
-                let gates = Gates::open(&self.dir).ok().flatten();
                 let now = super::clock::now_ms();
-                Ok(records_json(store, &[record], &kernel_gates(gates.as_ref()), now)?.remove(0))
+                KernelReads::open(&self.dir)
+                    .read(|kernel| Ok(records_json(store, &[record], kernel, now)?.remove(0)))
             }),
             Request::List(filter) => self.with_reader(|store| {
-                let gates = Gates::open(&self.dir).ok().flatten();
                 let now = super::clock::now_ms();
-                list_json(store, &filter, &kernel_gates(gates.as_ref()), now)
+                KernelReads::open(&self.dir).read(|kernel| list_json(store, &filter, kernel, now))
             }),
             Request::Expired { owner } => {
                 self.with_reader(|store| expired_json(store, owner.as_deref()))

@@ -11,7 +11,10 @@ use pf_common::limits::MAX_RANGE_PORTS;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::{
-    domain::spec::{PortRange, Protocols, PublicSpec, Reservation, TriggerPorts},
+    domain::{
+        limits::{Limits, SourceList},
+        spec::{PortRange, Protocols, PublicSpec, Reservation, TriggerPorts},
+    },
     kernel::state::Traffic,
 };
 
@@ -122,6 +125,25 @@ pub struct Trigger {
     pub on: TriggerPorts,
     /// How long it stays open after the last packet through it.
     pub idle_timeout_ms: u64,
+}
+
+/// A reservation's limits (`kernel::limit`), stored beside it by its id with its slot in the
+/// kernel's limit array; kept with its expired record, so a restore limits it again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotLimits {
+    /// Its slot in the kernel's `LIMITS` (1-16383); one per live reservation with limits.
+    pub slot: u16,
+    pub limits: Limits,
+}
+
+/// What a new reservation is stored with, in the same transaction.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Extras<'a> {
+    /// A device's port mapping (NAT-PMP, PCP, UPnP IGD).
+    pub mapping: Option<&'a Mapping>,
+    /// A trigger rule: its entries wait on the rule's gate.
+    pub trigger: Option<&'a Trigger>,
+    pub limits: Option<&'a SlotLimits>,
 }
 
 /// What a port-mapping protocol needs beyond the reservation to find it again: who asked,
@@ -251,7 +273,9 @@ pub trait Store: Send {
     fn read_only(&self) -> Option<&str>;
 
     /// Stores a reservation a device asked for and its mapping, in one transaction.
-    fn insert_mapped(&mut self, new: &NewRecord, mapping: &Mapping) -> Result<Record, StoreError>;
+    /// Stores a reservation with what comes with it (a port mapping, a trigger rule, limits),
+    /// in one transaction.
+    fn insert_with(&mut self, new: &NewRecord, extras: Extras<'_>) -> Result<Record, StoreError>;
     /// The mapping `client` holds for (`protocol`, `internal_port`), with its reservation's id.
     fn mapping(
         &self,
@@ -312,26 +336,27 @@ pub trait Store: Send {
     /// Marks a drain done at `at_ms`.
     fn drain_done(&mut self, id: u64, at_ms: u64) -> Result<bool, StoreError>;
 
-    /// Stores a reservation and its trigger rule, in one transaction.
-    fn insert_triggered(
-        &mut self,
-        new: &NewRecord,
-        trigger: &Trigger,
-    ) -> Result<Record, StoreError>;
     /// The trigger rule of reservation (or expired record) `id`, if it has one.
     fn trigger(&self, id: u64) -> Result<Option<Trigger>, StoreError>;
     /// The trigger rules of the live reservations, by id.
     fn triggers(&self) -> Result<HashMap<u64, Trigger>, StoreError>;
     /// Gives `id`'s trigger rule another gate (a restore, whose old gate may be taken).
     fn set_trigger_gate(&mut self, id: u64, gate: u16) -> Result<bool, StoreError>;
+
+    /// The limits of reservation (or expired record) `id`, if it has any.
+    fn limits(&self, id: u64) -> Result<Option<SlotLimits>, StoreError>;
+    /// The limits of the live reservations, by id.
+    fn all_limits(&self) -> Result<HashMap<u64, SlotLimits>, StoreError>;
+    /// Gives `id`'s limits another slot (a restore, whose old slot may be taken).
+    fn set_limit_slot(&mut self, id: u64, slot: u16) -> Result<bool, StoreError>;
 }
 
 /// The schema this pf writes; `PRAGMA user_version` records it in the file. Version 2 added
 /// the expired history, version 3 the carried-over traffic, version 4 the port mappings and
 /// the settings, version 5 the trigger rules, version 6 the past holders of each range (new
 /// tables only: an older file is brought up to date by creating what it lacks), version 7
-/// the scheduled drains.
-const SCHEMA_VERSION: i64 = 7;
+/// the scheduled drains, version 8 the reservations' limits.
+const SCHEMA_VERSION: i64 = 8;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS reservations (
@@ -412,6 +437,19 @@ CREATE TABLE IF NOT EXISTS triggers (
     first_port      INTEGER NOT NULL CHECK (first_port BETWEEN 1 AND 65535),
     last_port       INTEGER NOT NULL CHECK (last_port BETWEEN first_port AND 65535),
     idle_timeout_ms INTEGER NOT NULL CHECK (idle_timeout_ms > 0)
+);
+-- Limits on what reaches a reservation, enforced in XDP: rates (NULL: none) and a source
+-- list. By the reservation's id (or its expired record's); gone with them. The slot is unique
+-- among live reservations (the engine allocates it).
+CREATE TABLE IF NOT EXISTS limits (
+    id                 INTEGER PRIMARY KEY,
+    slot               INTEGER NOT NULL CHECK (slot BETWEEN 1 AND 16383),
+    packets_per_second INTEGER CHECK (packets_per_second > 0),
+    bits_per_second    INTEGER CHECK (bits_per_second > 0),
+    syns_per_second    INTEGER CHECK (syns_per_second > 0),
+    source_list        TEXT CHECK (source_list IN ('allow', 'deny')),
+    -- The list's networks, comma-separated (NULL without a list).
+    networks           TEXT
 );
 -- Who held a public range, and when: a row each time a holding ended (a release, an expiry,
 -- an owner change), kept for policy.history_retention, for an abuse desk's question (who had this
@@ -1178,6 +1216,11 @@ impl Store for SqliteStore {
                     "DELETE FROM triggers WHERE id NOT IN \
                      (SELECT id FROM reservations UNION SELECT id FROM expired)",
                     [],
+                )?;
+                tx.execute(
+                    "DELETE FROM limits WHERE id NOT IN \
+                     (SELECT id FROM reservations UNION SELECT id FROM expired)",
+                    [],
                 )
                 .map(|_| n as u64)
             })
@@ -1223,25 +1266,73 @@ impl Store for SqliteStore {
         self.read_only.as_deref()
     }
 
-    fn insert_mapped(&mut self, new: &NewRecord, mapping: &Mapping) -> Result<Record, StoreError> {
+    fn insert_with(&mut self, new: &NewRecord, extras: Extras<'_>) -> Result<Record, StoreError> {
         let tx = self
             .conn
             .transaction()
             .map_err(sql("starting a transaction"))?;
         let record = Self::insert_one(&tx, new)?;
-        tx.execute(
-            "INSERT INTO port_mappings (id, via, client_ip, protocols, internal_port, nonce) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                record.id as i64,
-                mapping.via.as_str(),
-                mapping.client.to_string(),
-                mapping.protocol.mask(),
-                mapping.internal_port,
-                mapping.nonce.map(|n| n.to_vec()),
-            ],
-        )
-        .map_err(sql("inserting a port mapping"))?;
+        let id = record.id as i64;
+        if let Some(mapping) = extras.mapping {
+            tx.execute(
+                "INSERT INTO port_mappings (id, via, client_ip, protocols, internal_port, nonce) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    id,
+                    mapping.via.as_str(),
+                    mapping.client.to_string(),
+                    mapping.protocol.mask(),
+                    mapping.internal_port,
+                    mapping.nonce.map(|n| n.to_vec()),
+                ],
+            )
+            .map_err(sql("inserting a port mapping"))?;
+        }
+        if let Some(trigger) = extras.trigger {
+            tx.execute(
+                "INSERT INTO triggers (id, gate, protocols, first_port, last_port, idle_timeout_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    id,
+                    trigger.gate,
+                    trigger.on.protocols.mask(),
+                    trigger.on.ports.first,
+                    trigger.on.ports.last,
+                    trigger.idle_timeout_ms as i64,
+                ],
+            )
+            .map_err(sql("inserting a trigger rule"))?;
+        }
+        if let Some(l) = extras.limits {
+            let rate = |r: Option<u64>| r.map(|v| v.min(i64::MAX as u64) as i64);
+            let (list, networks) = match &l.limits.sources {
+                None => (None, None),
+                Some(list) => (
+                    Some(if list.is_allow() { "allow" } else { "deny" }),
+                    Some(
+                        list.networks()
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ),
+                ),
+            };
+            tx.execute(
+                "INSERT INTO limits (id, slot, packets_per_second, bits_per_second, \
+                 syns_per_second, source_list, networks) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    id,
+                    l.slot,
+                    rate(l.limits.packets_per_second),
+                    rate(l.limits.bits_per_second),
+                    rate(l.limits.syns_per_second),
+                    list,
+                    networks,
+                ],
+            )
+            .map_err(sql("inserting a reservation's limits"))?;
+        }
         tx.commit().map_err(sql("committing"))?;
         Ok(record)
     }
@@ -1413,33 +1504,6 @@ impl Store for SqliteStore {
         )
     }
 
-    fn insert_triggered(
-        &mut self,
-        new: &NewRecord,
-        trigger: &Trigger,
-    ) -> Result<Record, StoreError> {
-        let tx = self
-            .conn
-            .transaction()
-            .map_err(sql("starting a transaction"))?;
-        let record = Self::insert_one(&tx, new)?;
-        tx.execute(
-            "INSERT INTO triggers (id, gate, protocols, first_port, last_port, idle_timeout_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                record.id as i64,
-                trigger.gate,
-                trigger.on.protocols.mask(),
-                trigger.on.ports.first,
-                trigger.on.ports.last,
-                trigger.idle_timeout_ms as i64,
-            ],
-        )
-        .map_err(sql("inserting a trigger rule"))?;
-        tx.commit().map_err(sql("committing"))?;
-        Ok(record)
-    }
-
     fn trigger(&self, id: u64) -> Result<Option<Trigger>, StoreError> {
         Ok(self
             .triggers_where("WHERE id = ?1", params![id as i64])?
@@ -1455,6 +1519,24 @@ impl Store for SqliteStore {
             "giving a trigger rule its gate",
             "UPDATE triggers SET gate = ?2 WHERE id = ?1",
             params![id as i64, gate],
+        )
+    }
+
+    fn limits(&self, id: u64) -> Result<Option<SlotLimits>, StoreError> {
+        Ok(self
+            .limits_where("WHERE id = ?1", params![id as i64])?
+            .remove(&id))
+    }
+
+    fn all_limits(&self) -> Result<HashMap<u64, SlotLimits>, StoreError> {
+        self.limits_where("WHERE id IN (SELECT id FROM reservations)", [])
+    }
+
+    fn set_limit_slot(&mut self, id: u64, slot: u16) -> Result<bool, StoreError> {
+        self.update(
+            "giving a reservation's limits their slot",
+            "UPDATE limits SET slot = ?2 WHERE id = ?1",
+            params![id as i64, slot],
         )
     }
 
@@ -1632,12 +1714,88 @@ impl SqliteStore {
                 tx.execute("DELETE FROM traffic WHERE id = ?1", [id as i64])?;
                 tx.execute("DELETE FROM port_mappings WHERE id = ?1", [id as i64])?;
                 tx.execute("DELETE FROM triggers WHERE id = ?1", [id as i64])?;
+                tx.execute("DELETE FROM limits WHERE id = ?1", [id as i64])?;
                 tx.execute("DELETE FROM held_since WHERE id = ?1", [id as i64])?;
                 Ok(n)
             })
             .map_err(sql("deleting a reservation"))?;
         tx.commit().map_err(sql("committing a deletion"))?;
         Ok(deleted > 0)
+    }
+
+    fn limits_where(
+        &self,
+        where_clause: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<HashMap<u64, SlotLimits>, StoreError> {
+        type Row = (
+            i64,
+            i64,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+        );
+        let what = "reading reservations' limits";
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT id, slot, packets_per_second, bits_per_second, syns_per_second, \
+                 source_list, networks FROM limits {where_clause}"
+            ))
+            .map_err(sql(what))?;
+        let rows: Vec<Row> = stmt
+            .query_map(params, |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            })
+            .map_err(sql(what))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql(what))?;
+        rows.into_iter()
+            .map(|(id, slot, pps, bps, sps, list, networks)| {
+                let bad = |detail: String| StoreError::BadRow { id, detail };
+                let rate = |v: Option<i64>| -> Result<Option<u64>, StoreError> {
+                    v.map(|v| u64::try_from(v).map_err(|_| bad(format!("limit rate {v}"))))
+                        .transpose()
+                };
+                let sources = match list.as_deref() {
+                    None => None,
+                    Some(kind) => {
+                        let nets: Vec<String> = networks
+                            .as_deref()
+                            .unwrap_or("")
+                            .split(',')
+                            .map(str::to_string)
+                            .collect();
+                        Some(SourceList::parse(kind == "allow", &nets).map_err(bad)?)
+                    }
+                };
+                Ok((
+                    id as u64,
+                    SlotLimits {
+                        slot: u16::try_from(slot)
+                            .ok()
+                            .filter(|s| *s != 0)
+                            .ok_or_else(|| bad(format!("limit slot {slot}")))?,
+                        limits: Limits {
+                            packets_per_second: rate(pps)?,
+                            bits_per_second: rate(bps)?,
+                            syns_per_second: rate(sps)?,
+                            sources,
+                        },
+                    },
+                ))
+            })
+            .collect()
     }
 
     fn triggers_where(

@@ -31,7 +31,7 @@ impl Harness {
         for (public, target, gate) in GATED_RESERVATIONS {
             let r = &reservations(&[(public, target)])[0];
             pf.state
-                .reserve_gated(r, gate)
+                .reserve_tagged(r, pf::kernel::state::EntryTags::gated(gate))
                 .expect("reserving behind a gate");
         }
         for rule in fixtures::gate_rules() {
@@ -373,7 +373,7 @@ fn gates_close_when_idle() {
 
     let mut pf = LoadedPf::new(&[]);
     let r = &reservations(&[("198.51.100.1:7000/udp", "10.8.0.2:7070")])[0];
-    pf.state.reserve_gated(r, 1).unwrap();
+    pf.state.reserve_tagged(r, pf::kernel::state::EntryTags::gated(1)).unwrap();
     let rule = TriggerRule {
         gate: 1,
         client: CLIENT.into(),

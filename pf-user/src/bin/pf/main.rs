@@ -12,12 +12,15 @@ use pf::{
     api::{
         client::{Client, ClientError},
         types::{
-            ChangeRequest, DrainRequest, ListQuery, RenewRequest, ReservationView, ReserveRequest,
-            RestoreRequest, TriggerRequest,
+            ChangeRequest, DrainRequest, LimitsRequest, ListQuery, RateValue, RenewRequest,
+            ReservationView, ReserveRequest, RestoreRequest, TriggerRequest,
         },
     },
-    domain::spec::{
-        PublicSpec, Reservation, SpecError, TargetSpec, TriggerPorts, parse_public_request,
+    domain::{
+        limits::Rate,
+        spec::{
+            PublicSpec, Reservation, SpecError, TargetSpec, TriggerPorts, parse_public_request,
+        },
     },
     kernel::{
         attach::{self, AttachMode, DeviceChoice, FastPathDevices, Role, TcAttach},
@@ -194,25 +197,8 @@ enum Command {
         after_help = "Examples:\n  pf reserve 203.0.113.10:8080/tcp --to 10.8.0.2:80 --owner acct-7\n  pf reserve 203.0.113.10:8810-8815/both --to 10.8.0.3 --owner acct-7\n  pf reserve 203.0.113.10/tcp --to 10.8.0.4 --owner acct-9 --ttl 30d"
     )]
     Reserve {
-        /// The public side: an address of policy.public_ips, a port or range (none: a free
-        /// port from the pool), and the protocols.
-        #[arg(value_name = "PUBLIC_IP[:PORT[-PORT]]/tcp|udp|both")]
-        public: String,
-        /// Target address; with a port, the range is shifted to start there.
-        #[arg(long = "to", value_name = "TARGET_IP[:PORT]")]
-        to: TargetSpec,
-        /// The account the reservation belongs to.
-        #[arg(long, default_value = "admin")]
-        owner: String,
-        /// Lifetime, e.g. 30d, 12h, 90s; without it the policy's default_ttl (or none).
-        #[arg(long, value_name = "DURATION")]
-        ttl: Option<String>,
-        /// Free text kept with the reservation (no control or invisible characters).
-        #[arg(long)]
-        note: Option<String>,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        new: NewReservation,
     },
     /// Forward ports that open only while the target itself keeps them open (port
     /// triggering): its outbound packets to the trigger ports open the public ports, and they
@@ -222,32 +208,15 @@ enum Command {
   pf trigger 203.0.113.10:6112/both --to 10.8.0.2 --on 6112/udp --owner acct-7
   pf trigger 203.0.113.10:27015-27020/udp --to 10.8.0.3 --on 27015/tcp --idle 5m --owner acct-9")]
     Trigger {
-        /// The ports it opens: an address of policy.public_ips, a port or range (none: a free
-        /// port from the pool), and the protocols.
-        #[arg(value_name = "PUBLIC_IP[:PORT[-PORT]]/tcp|udp|both")]
-        public: String,
-        /// The tunnel client (and, with a port, where the range starts): its own packets
-        /// trigger the rule.
-        #[arg(long = "to", value_name = "TARGET_IP[:PORT]")]
-        to: TargetSpec,
-        /// The trigger: destination ports and protocols of the client's outbound packets.
+        #[command(flatten)]
+        new: NewReservation,
+        /// The trigger: destination ports and protocols of the tunnel client's (the
+        /// target's) outbound packets.
         #[arg(long, value_name = "PORT[-PORT]/tcp|udp|both")]
         on: TriggerPorts,
         /// How long the ports stay open after the last packet through them (1s to 24h).
         #[arg(long, value_name = "DURATION", default_value = "2m")]
         idle: String,
-        /// The account the rule belongs to.
-        #[arg(long, default_value = "admin")]
-        owner: String,
-        /// Lifetime of the rule, e.g. 30d; without it the policy's default_ttl (or none).
-        #[arg(long, value_name = "DURATION")]
-        ttl: Option<String>,
-        /// Free text kept with it.
-        #[arg(long)]
-        note: Option<String>,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Remove a reservation, by id or named exactly as it was made; or all of one owner's.
     #[command(
@@ -819,16 +788,83 @@ fn is_config_error(e: &anyhow::Error) -> bool {
         )
 }
 
+/// What `pf reserve` and `pf trigger` both take.
+#[derive(clap::Args, Debug)]
+struct NewReservation {
+    /// The public side: an address of policy.public_ips, a port or range (none: a free port
+    /// from the pool), and the protocols.
+    #[arg(value_name = "PUBLIC_IP[:PORT[-PORT]]/tcp|udp|both")]
+    public: String,
+    /// Target address; with a port, the range is shifted to start there. For `pf trigger`,
+    /// the tunnel client whose own packets trigger it.
+    #[arg(long = "to", value_name = "TARGET_IP[:PORT]")]
+    to: TargetSpec,
+    /// The account the reservation belongs to.
+    #[arg(long, default_value = "admin")]
+    owner: String,
+    /// Lifetime, e.g. 30d, 12h, 90s; without it the policy's default_ttl (or none).
+    #[arg(long, value_name = "DURATION")]
+    ttl: Option<String>,
+    /// Free text kept with the reservation (no control or invisible characters).
+    #[arg(long)]
+    note: Option<String>,
+    /// Inbound packets per second it takes (5000, 20k); more are dropped in XDP. At most
+    /// the policy's (policy.limits), which applies without it.
+    #[arg(long, value_name = "RATE")]
+    max_pps: Option<Rate>,
+    /// Inbound bits per second it takes (10M, 1G), as --max-pps.
+    #[arg(long, value_name = "RATE")]
+    max_bps: Option<Rate>,
+    /// New inbound TCP connections (SYNs) per second it takes, as --max-pps.
+    #[arg(long, value_name = "RATE")]
+    max_syn: Option<Rate>,
+    /// The only sources let in: networks or addresses, comma-separated or repeated.
+    #[arg(long, value_name = "CIDR", value_delimiter = ',', conflicts_with = "deny")]
+    allow: Vec<String>,
+    /// Sources kept out, as --allow.
+    #[arg(long, value_name = "CIDR", value_delimiter = ',')]
+    deny: Vec<String>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl NewReservation {
+    /// The limits asked for, if any.
+    fn limits(&self) -> anyhow::Result<Option<LimitsRequest>> {
+        let rate = |r: Option<Rate>| r.map(|r| RateValue::Number(r.0));
+        let list = |nets: &[String]| (!nets.is_empty()).then(|| nets.to_vec());
+        let req = LimitsRequest {
+            packets_per_second: rate(self.max_pps),
+            bits_per_second: rate(self.max_bps),
+            syns_per_second: rate(self.max_syn),
+            allow: list(&self.allow),
+            deny: list(&self.deny),
+        };
+        if req == LimitsRequest::default() {
+            return Ok(None);
+        }
+        // The lists checked here, without a round trip.
+        req.parse().map_err(|e| anyhow::anyhow!(e))?;
+        Ok(Some(req))
+    }
+}
+
 /// `pf reserve` and `pf trigger`: checked here first (no round trip for a typo), then asked.
 fn reserve(
     client: &Client,
-    public: String,
-    to: TargetSpec,
-    owner: String,
-    ttl: Option<String>,
-    note: Option<String>,
+    new: NewReservation,
     trigger: Option<TriggerRequest>,
 ) -> anyhow::Result<ReservationView> {
+    let limits = new.limits()?;
+    let NewReservation {
+        public,
+        to,
+        owner,
+        ttl,
+        note,
+        ..
+    } = new;
     let (addr, ports, protocols) = parse_public_request(&public)?;
     if let Some(ports) = ports {
         Reservation::new(
@@ -849,6 +885,7 @@ fn reserve(
         ttl_seconds: None,
         note,
         trigger,
+        limits,
     })?)
 }
 
@@ -939,27 +976,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         PathBuf::new()
     });
     match cli.command {
-        Command::Reserve {
-            public,
-            to,
-            owner,
-            ttl,
-            note,
-            json,
-        } => {
-            let r = reserve(&client, public, to, owner, ttl, note, None)?;
+        Command::Reserve { new } => {
+            let json = new.json;
+            let r = reserve(&client, new, None)?;
             render::print_record("reserved", &r, json)?;
         }
-        Command::Trigger {
-            public,
-            to,
-            on,
-            idle,
-            owner,
-            ttl,
-            note,
-            json,
-        } => {
+        Command::Trigger { new, on, idle } => {
             humantime::parse_duration(&idle).map_err(|e| {
                 anyhow::anyhow!("--idle '{idle}' is not a duration such as 2m ({e})")
             })?;
@@ -967,7 +989,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 on: on.to_string(),
                 idle_timeout: Some(idle),
             };
-            let r = reserve(&client, public, to, owner, ttl, note, Some(trigger))?;
+            let json = new.json;
+            let r = reserve(&client, new, Some(trigger))?;
             render::print_record("armed", &r, json)?;
         }
         Command::Release {

@@ -57,6 +57,9 @@ pub fn describe(r: &ReservationView) -> String {
             line += &format!(" until {until}");
         }
     }
+    if let Some(l) = &r.limits {
+        line += &format!(", limits {}", describe_limits(l));
+    }
     if let Some(expired) = &r.expired {
         line += &format!(", expired {expired}");
     }
@@ -64,6 +67,39 @@ pub fn describe(r: &ReservationView) -> String {
         line += &format!(", note {:?}", r.note);
     }
     line + ")"
+}
+
+/// A reservation's limits and what they dropped, as `describe` shows them.
+fn describe_limits(l: &pf::api::types::LimitsView) -> String {
+    use pf::domain::limits::Rate;
+    let mut parts = Vec::new();
+    if let Some(p) = l.packets_per_second {
+        parts.push(format!("{} pps", Rate(p)));
+    }
+    if let Some(b) = l.bits_per_second {
+        parts.push(format!("{} bps", Rate(b)));
+    }
+    if let Some(s) = l.syns_per_second {
+        parts.push(format!("{} syn/s", Rate(s)));
+    }
+    if let Some(nets) = &l.allow {
+        parts.push(format!("allow {}", nets.join(",")));
+    }
+    if let Some(nets) = &l.deny {
+        parts.push(format!("deny {}", nets.join(",")));
+    }
+    let mut text = parts.join(" ");
+    if let Some(dropped) = &l.dropped {
+        let nonzero: Vec<String> = dropped
+            .iter()
+            .filter(|(_, n)| **n != 0)
+            .map(|(why, n)| format!("{why} {n}"))
+            .collect();
+        if !nonzero.is_empty() {
+            text += &format!("; dropped {}", nonzero.join(" "));
+        }
+    }
+    text
 }
 
 /// The reservations, one line each, or as the API's JSON.

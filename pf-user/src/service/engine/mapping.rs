@@ -184,7 +184,14 @@ impl Engine {
             internal_port: req.internal_port,
             nonce: req.nonce,
         };
-        let record = self.commit_new(&new, super::Added::Mapping(&mapping))?;
+        // A device's mapping gets its owner's limits, as any reservation.
+        let limits = self.new_limits(&new.owner, None)?;
+        let extras = super::Extras {
+            mapping: Some(&mapping),
+            limits: limits.as_ref(),
+            ..super::Extras::default()
+        };
+        let record = self.commit_new(&new, extras)?;
         Ok(MapAnswer {
             public_ip: reservation.public.addr,
             external_port: reservation.public.ports.first,

@@ -14,7 +14,7 @@ use super::{
     clock::Clock,
     dataplane::{DataPlane, Maps},
     policy::{Policy, parse_ttl},
-    store::{ListFilter, NewRecord, Record, Store, StoreError},
+    store::{Extras, ListFilter, NewRecord, Record, Store, StoreError},
 };
 use crate::{
     api::types::{
@@ -386,15 +386,6 @@ pub fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
-/// What a new reservation comes with.
-#[derive(Clone, Copy)]
-enum Added<'a> {
-    Plain,
-    /// A device's port mapping (NAT-PMP, PCP, UPnP IGD).
-    Mapping(&'a super::store::Mapping),
-    /// A trigger rule: its entries wait on the rule's gate.
-    Trigger(&'a super::store::Trigger),
-}
 
 /// A record as the API shows it.
 pub fn record_view(r: &Record) -> ReservationView {
@@ -411,6 +402,7 @@ pub fn record_view(r: &Record) -> ReservationView {
         expired: None,
         traffic: None,
         trigger: None,
+        limits: None,
     }
 }
 
@@ -1065,8 +1057,13 @@ impl Engine {
     fn records_json(&mut self, records: &[Record]) -> Result<Vec<Value>, ApiError> {
         let state = self.open_state().ok();
         let gate = |g: u16| state.as_ref().and_then(|s| s.trigger_gate(g).ok());
+        let drops = |slot: u16| state.as_ref().and_then(|s| s.limit_drops(slot).ok());
         let now = self.now_ms();
-        super::reads::records_json(self.store.as_ref(), records, &gate, now)
+        let kernel = super::reads::KernelReader {
+            gate: &gate,
+            drops: &drops,
+        };
+        super::reads::records_json(self.store.as_ref(), records, kernel, now)
     }
 
     fn get(&self, id: u64) -> Result<Record, ApiError> {
@@ -1270,6 +1267,7 @@ impl Engine {
             .as_ref()
             .map(|t| self.new_trigger(t, &reservation))
             .transpose()?;
+        let limits = self.new_limits(owner, req.limits.as_ref())?;
         let now = self.now_ms();
         let ttl_ms = ttl.map(duration_ms);
         let new = NewRecord {
@@ -1281,32 +1279,24 @@ impl Engine {
             enabled: true,
             note,
         };
-        match trigger {
-            Some(t) => self.commit_new(&new, Added::Trigger(&t)),
-            None => self.commit_new(&new, Added::Plain),
-        }
+        let extras = Extras {
+            trigger: trigger.as_ref(),
+            limits: limits.as_ref(),
+            ..Extras::default()
+        };
+        self.commit_new(&new, extras)
     }
 
     /// Stores a new reservation (with its port mapping, if a device asked for it) and writes
     /// it into the maps. The store first: once committed, the reservation exists, and a crash
     /// before the maps are written is repaired by the next start's reconcile. If the maps
     /// refuse it, the record goes again.
-    fn commit_new(&mut self, new: &NewRecord, added: Added<'_>) -> Result<Record, ApiError> {
+    fn commit_new(&mut self, new: &NewRecord, extras: Extras<'_>) -> Result<Record, ApiError> {
         let reservation = new.reservation;
         let mut state = self.open_state()?;
-        let (record, mapped) = match added {
-            Added::Plain => (self.store.insert(new)?, state.reserve(&reservation)),
-            Added::Mapping(m) => (
-                self.store.insert_mapped(new, m)?,
-                state.reserve(&reservation),
-            ),
-            Added::Trigger(t) => (
-                self.store.insert_triggered(new, t)?,
-                state.reserve_triggered(&reservation, &trigger::kernel_rule(&reservation, t)),
-            ),
-        };
+        let record = self.store.insert_with(new, extras)?;
+        let mapped = self.map_in(state.as_mut(), record.id, &reservation);
         if let Err(e) = mapped {
-            let e = ApiError::from(e);
             return Err(match self.store.delete(record.id) {
                 Ok(_) => e,
                 // The record stays, and a start would forward it: say so, not "refused".
@@ -1596,9 +1586,9 @@ impl Engine {
                 let undo =
                     self.store
                         .change(id, &record.owner, &record.reservation, &record.note, now);
-                let gate = self.store.trigger(id).ok().flatten().map_or(0, |t| t.gate);
+                let tags = self.entry_tags(id).unwrap_or_default();
                 let back = if state
-                    .is_complete_gated(&record.reservation, gate)
+                    .is_complete_tagged(&record.reservation, tags)
                     .unwrap_or(false)
                 {
                     Ok(())
@@ -1667,7 +1657,7 @@ impl Engine {
             .restore(id, ttl_ms, expires, self.now_ms())?
             .ok_or_else(|| ApiError::internal(format!("expired reservation {id} vanished")))?;
         // A trigger rule comes back as one (its old gate may have gone to another rule).
-        let mapped = self.regate(id).and_then(|()| {
+        let mapped = self.regate(id).and_then(|()| self.reslot(id)).and_then(|()| {
             if restored.enabled {
                 self.map_in(state.as_mut(), id, &restored.reservation)
             } else {
@@ -1698,6 +1688,7 @@ mod reconcile;
 mod review;
 #[cfg(test)]
 mod tests;
+pub mod limits;
 pub mod trigger;
 
 pub use reconcile::{ReconcileGuard, ReconcileReport};

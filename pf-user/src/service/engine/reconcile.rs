@@ -2,7 +2,9 @@
 //! reservations, guarded against a store that is the wrong one.
 
 use super::{ApiError, DRIFT_LOG_LIMIT, Engine};
-use crate::{domain::spec::Reservation, service::dataplane::Maps};
+use crate::{
+    domain::spec::Reservation, kernel::state::EntryTags, service::dataplane::Maps,
+};
 
 /// What a start's reconcile may do without the admin's say-so.
 #[derive(Debug, Clone, Copy)]
@@ -89,14 +91,22 @@ impl Engine {
             .filter(|r| r.enabled)
             .map(|r| r.reservation)
             .collect();
-        // The gate each trigger rule's entries wait on (none: 0).
+        // What each reservation's entries carry: its trigger rule's gate, its limit slot.
         let triggers = self.store.triggers()?;
-        let gates: std::collections::HashMap<Reservation, u16> = records
+        let limits = self.store.all_limits()?;
+        let tags: std::collections::HashMap<Reservation, EntryTags> = records
             .iter()
-            .filter_map(|r| Some((r.reservation, triggers.get(&r.id)?.gate)))
+            .map(|r| {
+                let tags = EntryTags {
+                    gate: triggers.get(&r.id).map_or(0, |t| t.gate),
+                    limit: limits.get(&r.id).map_or(0, |l| l.slot),
+                };
+                (r.reservation, tags)
+            })
             .collect();
-        let gate_of = |r: &Reservation| gates.get(r).copied().unwrap_or(0);
+        let tags_of = |r: &Reservation| tags.get(r).copied().unwrap_or_default();
         let rules = self.kernel_rules()?;
+        let limit_rules = self.limit_rules()?;
         let mut state = self.open_state()?;
         let actual = state.list()?;
         let want: std::collections::HashSet<&Reservation> = desired.iter().collect();
@@ -116,7 +126,7 @@ impl Engine {
         for r in desired.iter() {
             if !have.contains(r) {
                 absent.push(*r);
-            } else if state.is_complete_gated(r, gate_of(r))? {
+            } else if state.is_complete_tagged(r, tags_of(r))? {
                 intact.push(*r);
             } else {
                 state.release(&r.public)?;
@@ -133,18 +143,20 @@ impl Engine {
                 "removed {entry}: an entry no reservation accounts for"
             ));
         }
-        let (gated, missing): (Vec<Reservation>, Vec<Reservation>) = absent
+        let (tagged, missing): (Vec<Reservation>, Vec<Reservation>) = absent
             .iter()
             .chain(&rewrite)
             .copied()
-            .partition(|r| gate_of(r) != 0);
+            .partition(|r| tags_of(r) != EntryTags::default());
+        // Limits before the entries that carry them, so their first packet meets them.
+        let mut trigger_drifts = state.sync_limits(&limit_rules)?;
         state.reserve_all(&missing)?;
-        for r in &gated {
-            state.reserve_gated(r, gate_of(r))?;
+        for r in &tagged {
+            state.reserve_tagged(r, tags_of(r))?;
         }
-        // The rules last, their ranges in place: a rule armed as it should be keeps its gate
-        // open or closed as it was.
-        let trigger_drifts = state.sync_triggers(&rules)?;
+        // The trigger rules last, their ranges in place: a rule armed as it should be keeps
+        // its gate open or closed as it was.
+        trigger_drifts.extend(state.sync_triggers(&rules)?);
         let guarded = if self.policy.drop_tunnel_source_leaks {
             self.policy.target_networks.clone()
         } else {

@@ -181,14 +181,9 @@ impl Engine {
             // a repair, which the next tick's reconcile makes).
             let mut state = self.open_state()?;
             self.disable_in_store(state.as_ref(), &record)?;
-            let gate = self
-                .store
-                .trigger(record.id)
-                .ok()
-                .flatten()
-                .map_or(0, |t| t.gate);
+            let tags = self.entry_tags(record.id).unwrap_or_default();
             if state
-                .is_complete_gated(&record.reservation, gate)
+                .is_complete_tagged(&record.reservation, tags)
                 .unwrap_or(true)
                 && let Err(e) = self.unmap_after_store(state.as_mut(), &record, "disabled")
             {

@@ -56,6 +56,7 @@ fn reserve(
             ttl_seconds: None,
             note: None,
             trigger: None,
+            limits: None,
         }),
         CALLER,
     )
@@ -853,6 +854,7 @@ fn trigger_to(
                 on: on.into(),
                 idle_timeout: idle.map(Into::into),
             }),
+            limits: None,
         }),
         CALLER,
     )
@@ -863,7 +865,7 @@ fn gates(fake: &FakeDataPlane) -> (Vec<u16>, Vec<u16>) {
     let c = fake.0.lock().unwrap();
     (
         c.triggers.keys().copied().collect(),
-        c.gates.values().copied().collect(),
+        c.tags.values().map(|t| t.gate).collect(),
     )
 }
 
@@ -910,6 +912,7 @@ fn a_trigger_rule_is_a_reservation_behind_its_own_gate_in_every_change() {
                     on: "6000/udp".into(),
                     idle_timeout: None,
                 }),
+                limits: None,
             }),
             CALLER,
         )

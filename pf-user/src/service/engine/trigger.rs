@@ -156,21 +156,6 @@ impl Engine {
             .ok_or_else(|| ApiError::unavailable("every trigger gate (65,535) is in use"))
     }
 
-    /// Writes reservation `id` (as `r`) into the maps: behind its trigger rule's gate, armed,
-    /// if it has one.
-    pub(super) fn map_in(
-        &mut self,
-        state: &mut dyn Maps,
-        id: u64,
-        r: &Reservation,
-    ) -> Result<(), ApiError> {
-        match self.store.trigger(id)? {
-            Some(t) => state.reserve_triggered(r, &kernel_rule(r, &t)),
-            None => state.reserve(r),
-        }
-        .map_err(ApiError::from)
-    }
-
     /// Gives restored reservation `id`'s trigger rule, if it has one, a gate free now.
     pub(super) fn regate(&mut self, id: u64) -> Result<(), ApiError> {
         if self.store.trigger(id)?.is_none() {

@@ -1,0 +1,115 @@
+//! Limits in the engine. A reservation's limits (`domain::limits`) are the policy's for its
+//! owner, lowered where the request asks; they are fixed when it is made and stored beside
+//! it with a slot of the kernel's limit array, which its forward entries carry. The kernel
+//! enforces them per packet (`kernel::limit`); the engine only places them.
+
+use std::collections::{HashMap, HashSet};
+
+use super::{ApiError, Engine};
+use crate::{
+    api::types::LimitsRequest,
+    kernel::{limit::LimitRule, state::EntryTags, trigger::Guards},
+    service::{dataplane::Maps, store::SlotLimits},
+};
+
+impl Engine {
+    /// The limits a new reservation of `owner` gets, with a free slot; `None` if it gets
+    /// none.
+    pub(super) fn new_limits(
+        &self,
+        owner: &str,
+        asked: Option<&LimitsRequest>,
+    ) -> Result<Option<SlotLimits>, ApiError> {
+        let asked = match asked {
+            Some(req) => req.parse().map_err(ApiError::bad_request)?,
+            None => Default::default(),
+        };
+        let limits = self.policy.limits_for(owner, &asked)?;
+        if limits.is_empty() {
+            return Ok(None);
+        }
+        let live = self.store.all_limits()?;
+        Ok(Some(SlotLimits {
+            slot: free_slot(&live)?,
+            limits,
+        }))
+    }
+
+    /// What reservation `id`'s entries carry: its trigger rule's gate and its limit slot.
+    pub(super) fn entry_tags(&self, id: u64) -> Result<EntryTags, ApiError> {
+        Ok(EntryTags {
+            gate: self.store.trigger(id)?.map_or(0, |t| t.gate),
+            limit: self.store.limits(id)?.map_or(0, |l| l.slot),
+        })
+    }
+
+    /// Writes reservation `id` (as `r`) into the maps: with its limits and behind its
+    /// trigger rule's gate, armed, where it has them.
+    pub(super) fn map_in(
+        &mut self,
+        state: &mut dyn Maps,
+        id: u64,
+        r: &crate::domain::spec::Reservation,
+    ) -> Result<(), ApiError> {
+        let trigger = self
+            .store
+            .trigger(id)?
+            .map(|t| super::trigger::kernel_rule(r, &t));
+        let limit = self.store.limits(id)?.map(kernel_limit);
+        state
+            .reserve_guarded(
+                r,
+                Guards {
+                    trigger: trigger.as_ref(),
+                    limit: limit.as_ref(),
+                },
+            )
+            .map_err(ApiError::from)
+    }
+
+    /// Gives restored reservation `id`'s limits, if it has any, a slot free now.
+    pub(super) fn reslot(&mut self, id: u64) -> Result<(), ApiError> {
+        if self.store.limits(id)?.is_none() {
+            return Ok(());
+        }
+        let mut live = self.store.all_limits()?;
+        live.remove(&id);
+        let slot = free_slot(&live)?;
+        self.store.set_limit_slot(id, slot)?;
+        Ok(())
+    }
+
+    /// The kernel's limits of every enabled reservation that has some.
+    pub(super) fn limit_rules(&self) -> Result<Vec<LimitRule>, ApiError> {
+        let mut rules = Vec::new();
+        for (id, l) in self.store.all_limits()? {
+            if let Some(record) = self.store.get(id)?
+                && record.enabled
+            {
+                rules.push(kernel_limit(l));
+            }
+        }
+        Ok(rules)
+    }
+}
+
+fn kernel_limit(l: SlotLimits) -> LimitRule {
+    LimitRule {
+        slot: l.slot,
+        limits: l.limits,
+    }
+}
+
+/// The lowest slot no live reservation's limits have.
+fn free_slot(live: &HashMap<u64, SlotLimits>) -> Result<u16, ApiError> {
+    let used: HashSet<u16> = live.values().map(|l| l.slot).collect();
+    let max = pf_common::limits::MAX_LIMITS;
+    (1..max as u16)
+        .find(|s| !used.contains(s))
+        .ok_or_else(|| {
+            ApiError::unavailable(format!(
+                "every limit slot ({}) is in use: no more reservations with limits",
+                max - 1
+            ))
+        })
+}
