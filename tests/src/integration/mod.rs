@@ -11,6 +11,7 @@ mod e2e;
 mod fast_path;
 mod fixtures;
 mod lifecycle;
+mod limits;
 mod netfilter;
 mod package;
 mod port_mapping;

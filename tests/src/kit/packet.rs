@@ -36,6 +36,8 @@ pub struct Pkt {
     /// Bytes to carry after the IPv4 header instead of a built TCP/UDP/ICMP header and payload:
     /// a later fragment's.
     pub raw_l4: Option<Vec<u8>>,
+    /// TCP flags (PSH, ACK unless a test says otherwise; SYN is 0x02).
+    pub tcp_flags: u8,
 }
 
 impl Pkt {
@@ -57,6 +59,7 @@ impl Pkt {
             trailer: Vec::new(),
             icmp_header: [8, 0, 0, 0, 0, 1, 0, 1], // echo request, id 1, seq 1
             raw_l4: None,
+            tcp_flags: 0x18,
         }
     }
 
@@ -133,7 +136,7 @@ impl Pkt {
                 h[2..4].copy_from_slice(&self.dport.to_be_bytes());
                 h[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes()); // seq
                 h[12] = 5 << 4; // data offset
-                h[13] = 0x18; // PSH, ACK
+                h[13] = self.tcp_flags;
                 h[14..16].copy_from_slice(&64240u16.to_be_bytes());
                 h
             }
