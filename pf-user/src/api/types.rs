@@ -109,10 +109,16 @@ impl LimitsRequest {
         };
         let sources = match (&self.allow, &self.deny) {
             (Some(_), Some(_)) => {
-                return Err("limits: allow and deny are both set; a reservation has one list".into());
+                return Err(
+                    "limits: allow and deny are both set; a reservation has one list".into(),
+                );
             }
-            (Some(n), None) => Some(SourceList::parse(true, n).map_err(|e| format!("limits: {e}"))?),
-            (None, Some(n)) => Some(SourceList::parse(false, n).map_err(|e| format!("limits: {e}"))?),
+            (Some(n), None) => {
+                Some(SourceList::parse(true, n).map_err(|e| format!("limits: {e}"))?)
+            }
+            (None, Some(n)) => {
+                Some(SourceList::parse(false, n).map_err(|e| format!("limits: {e}"))?)
+            }
             (None, None) => None,
         };
         let limits = Limits {

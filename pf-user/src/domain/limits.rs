@@ -202,7 +202,7 @@ impl fmt::Display for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0;
         for (scale, suffix) in [(1_000_000_000, "G"), (1_000_000, "M"), (1_000, "k")] {
-            if n >= scale && n % scale == 0 {
+            if n >= scale && n.is_multiple_of(scale) {
                 return write!(f, "{}{suffix}", n / scale);
             }
         }
@@ -227,7 +227,16 @@ mod tests {
         ] {
             assert_eq!(text.parse::<Rate>(), Ok(Rate(want)), "{text}");
         }
-        for bad in ["", "0", "-1", "1.5M", "10X", "M", "2000T", "99999999999999999999"] {
+        for bad in [
+            "",
+            "0",
+            "-1",
+            "1.5M",
+            "10X",
+            "M",
+            "2000T",
+            "99999999999999999999",
+        ] {
             let e = bad.parse::<Rate>().unwrap_err();
             assert!(e.contains(&format!("'{bad}'")), "{bad}: {e}");
         }
@@ -237,15 +246,21 @@ mod tests {
 
     #[test]
     fn source_lists_take_networks_and_bare_addresses() {
-        let list = SourceList::parse(true, &["198.51.100.7".into(), "203.0.113.0/24".into()])
-            .unwrap();
+        let list =
+            SourceList::parse(true, &["198.51.100.7".into(), "203.0.113.0/24".into()]).unwrap();
         assert!(list.is_allow());
         assert_eq!(list.networks()[0].to_string(), "198.51.100.7/32");
         assert!(SourceList::parse(false, &[]).unwrap_err().contains("empty"));
         let e = SourceList::parse(false, &["10.0.0.1/8".into()]).unwrap_err();
         assert!(e.contains("host bits"), "{e}");
-        let many: Vec<String> = (0..=MAX_SOURCES).map(|i| format!("10.0.{}.{}", i / 256, i % 256)).collect();
-        assert!(SourceList::parse(true, &many).unwrap_err().contains("at most"));
+        let many: Vec<String> = (0..=MAX_SOURCES)
+            .map(|i| format!("10.0.{}.{}", i / 256, i % 256))
+            .collect();
+        assert!(
+            SourceList::parse(true, &many)
+                .unwrap_err()
+                .contains("at most")
+        );
     }
 
     #[test]

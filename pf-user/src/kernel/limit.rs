@@ -160,7 +160,11 @@ impl State {
     /// Checks `rule` before anything is written: its slot, and its list's size.
     pub(super) fn check_limit(&self, rule: &LimitRule) -> Result<(), PfError> {
         check_slot(rule.slot)?;
-        let n = rule.limits.sources.as_ref().map_or(0, |l| l.networks().len());
+        let n = rule
+            .limits
+            .sources
+            .as_ref()
+            .map_or(0, |l| l.networks().len());
         if n > limits::MAX_SOURCES_PER_LIMIT {
             return Err(PfError::LimitSlot {
                 slot: rule.slot.into(),
@@ -176,7 +180,10 @@ impl State {
         self.check_limit(rule)?;
         let slot = u32::from(rule.slot);
         let want: HashSet<Source> = rule.sources().collect();
-        let have = self.sources_by_slot()?.remove(&rule.slot).unwrap_or_default();
+        let have = self
+            .sources_by_slot()?
+            .remove(&rule.slot)
+            .unwrap_or_default();
         for source in have.into_iter().filter(|s| !want.contains(s)) {
             self.remove_source(source)?;
         }

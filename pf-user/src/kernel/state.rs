@@ -9,7 +9,7 @@ use std::{fs::File, net::Ipv4Addr, os::fd::AsFd};
 
 use aya::maps::xdp::XdpMapError;
 use aya::maps::{
-    Array, DevMapHash, HashMap, IterableMap, Map, MapData, MapError, MapType, PerCpuArray, LpmTrie,
+    Array, DevMapHash, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, MapType, PerCpuArray,
 };
 use pf_common::{
     EndpointKey, MAP_SHAPES, MapKind, MapShape, NatEntry, PORT_USE_SLOTS, ReservationKey,

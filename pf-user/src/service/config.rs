@@ -265,12 +265,12 @@ impl RawLimits {
                     "{at}: both allow and deny are set; a reservation has one list"
                 ));
             }
-            (Some(nets), None) => Some(
-                SourceList::parse(true, nets).map_err(|e| format!("{at}.allow: {e}"))?,
-            ),
-            (None, Some(nets)) => Some(
-                SourceList::parse(false, nets).map_err(|e| format!("{at}.deny: {e}"))?,
-            ),
+            (Some(nets), None) => {
+                Some(SourceList::parse(true, nets).map_err(|e| format!("{at}.allow: {e}"))?)
+            }
+            (None, Some(nets)) => {
+                Some(SourceList::parse(false, nets).map_err(|e| format!("{at}.deny: {e}"))?)
+            }
             (None, None) => None,
         };
         let limits = Limits {
@@ -852,6 +852,51 @@ mod tests {
             })
             .map(|l| format!("{l}\n"))
             .collect()
+    }
+
+    /// The example config's limits, uncommented, parse; a bad one is refused naming its key.
+    #[test]
+    fn the_limits_section_parses_and_its_errors_name_the_key() {
+        use crate::domain::limits::SourceList;
+        let c = Config::parse(&dist_with_section("# [policy.limits]")).unwrap();
+        let l = &c.policy.limits;
+        assert_eq!(
+            (l.packets_per_second, l.bits_per_second, l.syns_per_second),
+            (Some(20_000), Some(200_000_000), Some(200))
+        );
+        assert_eq!(
+            l.sources,
+            Some(SourceList::Deny(vec!["192.0.2.0/24".parse().unwrap()]))
+        );
+        let premium = &c.policy.owner_limits["acct-premium"];
+        assert_eq!(premium.bits_per_second, Some(1_000_000_000));
+        assert_eq!(premium.packets_per_second, None);
+        let policy =
+            "[policy]\npublic_ips = [\"203.0.113.10\"]\ntarget_networks = [\"10.8.0.0/16\"]\n";
+        for (table, needle) in [
+            (
+                "[policy.limits]\nbits_per_second = 100",
+                "policy.limits.bits_per_second 100 is below the lowest",
+            ),
+            (
+                "[policy.limits]\npackets_per_second = \"lots\"",
+                "policy.limits.packets_per_second: 'lots' is not a rate",
+            ),
+            (
+                "[policy.limits]\nallow = [\"10.0.0.0/8\"]\ndeny = [\"10.1.0.0/16\"]",
+                "policy.limits: both allow and deny",
+            ),
+            (
+                "[policy.owner_limits.acct-1]\ndeny = [\"10.0.0.1/8\"]",
+                "policy.owner_limits.acct-1.deny",
+            ),
+            ("[policy.limits]\npps = 5", "pps"),
+        ] {
+            let e = Config::parse(&format!("{policy}{table}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{table}: {e}");
+        }
     }
 
     /// The example config's [triggers] section, uncommented, parses; a bad hook is refused

@@ -12,8 +12,8 @@ use crate::{
         PfError,
         attach::{self, Attachment},
         bpffs::PinDir,
-        nftset::NftSet,
         limit::{Drops, LimitRule},
+        nftset::NftSet,
         state::{Counters, EntryTags, State, Traffic},
         trigger::{GateState, Guards, Opening, Openings, TriggerRule},
     },
@@ -496,11 +496,7 @@ pub mod fake {
             })
         }
 
-        fn reserve_guarded(
-            &mut self,
-            r: &Reservation,
-            guards: Guards<'_>,
-        ) -> Result<(), PfError> {
+        fn reserve_guarded(&mut self, r: &Reservation, guards: Guards<'_>) -> Result<(), PfError> {
             self.reserve_all(std::slice::from_ref(r))?;
             let mut c = self.0.lock().unwrap();
             let mut tags = EntryTags::default();

@@ -25,8 +25,8 @@ use crate::{
     kernel::{
         attach::{self, Attachment},
         bpffs::PinDir,
-        state::State,
         limit::{DropCounters, Drops},
+        state::State,
         trigger::{GateState, Gates},
     },
 };
@@ -84,10 +84,17 @@ pub fn records_json(
         .map(|r| {
             let mut view = record_view(r);
             view.trigger = triggers.get(&r.id).map(|t| {
-                trigger_view(t, r.enabled.then(|| (kernel.gate)(t.gate)).flatten(), now_ms)
+                trigger_view(
+                    t,
+                    r.enabled.then(|| (kernel.gate)(t.gate)).flatten(),
+                    now_ms,
+                )
             });
             view.limits = limits.get(&r.id).map(|l| {
-                LimitsView::new(&l.limits, r.enabled.then(|| (kernel.drops)(l.slot)).flatten())
+                LimitsView::new(
+                    &l.limits,
+                    r.enabled.then(|| (kernel.drops)(l.slot)).flatten(),
+                )
             });
             serde_json::to_value(view).expect("plain struct")
         })

@@ -15,13 +15,15 @@ use aya::{
 };
 use pf::{
     domain::{
+        limits::{Limits, MAX_RATE, SourceList},
         net::Ipv4Net,
         spec::{PortRange, Protocols, Reservation},
     },
     kernel::bpffs::PinDir,
+    kernel::limit::LimitRule,
     kernel::object::Programs,
-    kernel::state::State,
-    kernel::trigger::TriggerRule,
+    kernel::state::{EntryTags, State},
+    kernel::trigger::{Guards, TriggerRule},
 };
 use pf_common::counters::{Outcome, Trigger};
 use pf_tests::{
@@ -152,7 +154,9 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
     let gated_open = reservation(hit, 8081, Protocols::Tcp, hit, 8081);
     let gated_closed = reservation(hit, 8082, Protocols::Tcp, hit, 8082);
     for (r, gate, trigger_port) in [(&gated_open, 1, 6000), (&gated_closed, 2, 6001)] {
-        state.reserve_gated(r, gate).map_err(err)?;
+        state
+            .reserve_tagged(r, EntryTags::gated(gate))
+            .map_err(err)?;
         state
             .arm_trigger(&TriggerRule {
                 gate,
@@ -163,8 +167,49 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             })
             .map_err(err)?;
     }
+    // Limits: the identity reservation's twin with every limit set (rates far above what
+    // the bench sends, and an allow-list that holds the sender), and one over its rate, whose
+    // every packet after the first is dropped: the cost of a flood.
+    let limited = reservation(hit, 8083, Protocols::Tcp, hit, 8083);
+    let over_limit = reservation(hit, 8084, Protocols::Tcp, hit, 8084);
+    let allow = SourceList::Allow(vec![Ipv4Net {
+        addr: REMOTE.into(),
+        prefix: 32,
+    }]);
+    let generous = Limits {
+        packets_per_second: Some(MAX_RATE),
+        bits_per_second: Some(MAX_RATE),
+        syns_per_second: Some(MAX_RATE),
+        sources: Some(allow),
+    };
+    let strict = Limits {
+        packets_per_second: Some(1),
+        ..Limits::default()
+    };
+    for (r, slot, limits) in [(&limited, 1, generous), (&over_limit, 2, strict)] {
+        let rule = LimitRule { slot, limits };
+        state
+            .reserve_guarded(
+                r,
+                Guards {
+                    trigger: None,
+                    limit: Some(&rule),
+                },
+            )
+            .map_err(err)?;
+    }
     let mut programs = Programs::load(&dir).map_err(err)?;
     programs.load_trigger(true).map_err(err)?;
+    let limited_hit = Pkt::tcp(REMOTE, 40000, HIT_ADDR, 8083).frame();
+    let over_limit_hit = Pkt::tcp(REMOTE, 40000, HIT_ADDR, 8084).frame();
+    // The over-limit reservation's one packet of burst, spent before the cases run.
+    programs
+        .ingress()
+        .test_run(TestRunOptions {
+            data_in: Some(&over_limit_hit),
+            ..Default::default()
+        })
+        .map_err(|e| format!("spending the over-limit reservation's burst: {e}"))?;
     let trigger_packet = Pkt::udp(HIT_ADDR, 40000, REMOTE, 6000).frame();
     programs
         .trigger(true)
@@ -262,6 +307,22 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             program: Which::Ingress,
             packet: &udp_hit,
             must_count: Some(Count::Outcome(Outcome::Rewritten)),
+            tunnel_networks: &[],
+            trace_port: None,
+        },
+        Case {
+            name: "ingress hit TCP, limits",
+            program: Which::Ingress,
+            packet: &limited_hit,
+            must_count: Some(Count::Outcome(Outcome::Rewritten)),
+            tunnel_networks: &[],
+            trace_port: None,
+        },
+        Case {
+            name: "ingress, over limit (drop)",
+            program: Which::Ingress,
+            packet: &over_limit_hit,
+            must_count: Some(Count::Outcome(Outcome::LimitDropped)),
             tunnel_networks: &[],
             trace_port: None,
         },

@@ -435,7 +435,9 @@ impl Rig {
         let mut closed = Vec::new();
         for (public, target, gate, client, port) in GATED {
             let r = super::common::reservations(&[(public, target)]).remove(0);
-            pf.state.reserve_tagged(&r, pf::kernel::state::EntryTags::gated(gate)).unwrap();
+            pf.state
+                .reserve_tagged(&r, pf::kernel::state::EntryTags::gated(gate))
+                .unwrap();
             pf.state
                 .arm_trigger(&TriggerRule {
                     gate,

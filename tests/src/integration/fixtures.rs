@@ -373,7 +373,9 @@ fn gates_close_when_idle() {
 
     let mut pf = LoadedPf::new(&[]);
     let r = &reservations(&[("198.51.100.1:7000/udp", "10.8.0.2:7070")])[0];
-    pf.state.reserve_tagged(r, pf::kernel::state::EntryTags::gated(1)).unwrap();
+    pf.state
+        .reserve_tagged(r, pf::kernel::state::EntryTags::gated(1))
+        .unwrap();
     let rule = TriggerRule {
         gate: 1,
         client: CLIENT.into(),

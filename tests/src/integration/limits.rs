@@ -296,7 +296,11 @@ fn limits_hold_under_a_flood_and_spare_everything_else() {
     };
     reserve("198.51.100.1:7000/udp", "10.8.0.2", &["--max-pps", "1000"]);
     reserve("198.51.100.1:7001/udp", "10.8.0.2", &[]);
-    reserve("198.51.100.1:7002/udp", "10.8.0.2", &["--allow", INTERNET_IP]);
+    reserve(
+        "198.51.100.1:7002/udp",
+        "10.8.0.2",
+        &["--allow", INTERNET_IP],
+    );
     reserve("198.51.100.1:8080/tcp", "10.8.0.2:80", &["--max-syn", "20"]);
 
     // A bounded flood (3 s, 10,000 datagrams a second to each port) at the limited
@@ -350,7 +354,8 @@ fn limits_hold_under_a_flood_and_spare_everything_else() {
     // A SYN flood on a limited TCP reservation: an established connection keeps working.
     let mut servers = Servers::new();
     servers.tcp(&topo.client, 80, |mut conn, _| {
-        conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         let mut buf = [0u8; 64];
         while let Ok(n @ 1..) = conn.read(&mut buf) {
             if conn.write_all(&buf[..n]).is_err() {
@@ -377,7 +382,11 @@ fn limits_hold_under_a_flood_and_spare_everything_else() {
     // its first retransmission).
     let syns = topo
         .inet
-        .within(|| (0..1000).filter_map(|_| half_open(8080)).collect::<Vec<_>>())
+        .within(|| {
+            (0..1000)
+                .filter_map(|_| half_open(8080))
+                .collect::<Vec<_>>()
+        })
         .unwrap();
     assert!(syns.len() >= 900, "{} half-open connections", syns.len());
     echo(&mut established, b"during the flood");
@@ -400,7 +409,8 @@ fn limits_hold_under_a_flood_and_spare_everything_else() {
         topo.inet
             .within(move || {
                 let s = UdpSocket::bind((src, 0)).unwrap();
-                s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(500)))
+                    .unwrap();
                 s.send_to(b"hi", ("198.51.100.1", 7002)).unwrap();
                 let mut buf = [0u8; 64];
                 s.recv(&mut buf).map(|n| buf[..n].to_vec()).ok()
@@ -412,5 +422,8 @@ fn limits_hold_under_a_flood_and_spare_everything_else() {
     let dropped = listed_drops(&dir, "198.51.100.1:7002/udp");
     assert_eq!(dropped["source"], 1, "{dropped}");
     let human = pf_ok(&dir, &["list"]);
-    assert!(human.contains("allow 198.51.100.2/32; dropped source 1"), "{human}");
+    assert!(
+        human.contains("allow 198.51.100.2/32; dropped source 1"),
+        "{human}"
+    );
 }

@@ -132,7 +132,9 @@ fn arm(dir: &TempPinDir) {
         &format!("{PUBLIC_IP}:{OPEN_PORT}/both") as &str,
         &format!("{CLIENT_IP}:{OPEN_PORT}") as &str,
     )]);
-    state.reserve_tagged(&open[0], pf::kernel::state::EntryTags::gated(GATE)).unwrap();
+    state
+        .reserve_tagged(&open[0], pf::kernel::state::EntryTags::gated(GATE))
+        .unwrap();
     state.arm_trigger(&rule()).unwrap();
 }
 

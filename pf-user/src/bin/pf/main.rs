@@ -819,7 +819,12 @@ struct NewReservation {
     #[arg(long, value_name = "RATE")]
     max_syn: Option<Rate>,
     /// The only sources let in: networks or addresses, comma-separated or repeated.
-    #[arg(long, value_name = "CIDR", value_delimiter = ',', conflicts_with = "deny")]
+    #[arg(
+        long,
+        value_name = "CIDR",
+        value_delimiter = ',',
+        conflicts_with = "deny"
+    )]
     allow: Vec<String>,
     /// Sources kept out, as --allow.
     #[arg(long, value_name = "CIDR", value_delimiter = ',')]

@@ -104,12 +104,10 @@ fn kernel_limit(l: SlotLimits) -> LimitRule {
 fn free_slot(live: &HashMap<u64, SlotLimits>) -> Result<u16, ApiError> {
     let used: HashSet<u16> = live.values().map(|l| l.slot).collect();
     let max = pf_common::limits::MAX_LIMITS;
-    (1..max as u16)
-        .find(|s| !used.contains(s))
-        .ok_or_else(|| {
-            ApiError::unavailable(format!(
-                "every limit slot ({}) is in use: no more reservations with limits",
-                max - 1
-            ))
-        })
+    (1..max as u16).find(|s| !used.contains(s)).ok_or_else(|| {
+        ApiError::unavailable(format!(
+            "every limit slot ({}) is in use: no more reservations with limits",
+            max - 1
+        ))
+    })
 }

@@ -386,7 +386,6 @@ pub fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
-
 /// A record as the API shows it.
 pub fn record_view(r: &Record) -> ReservationView {
     ReservationView {
@@ -1657,13 +1656,16 @@ impl Engine {
             .restore(id, ttl_ms, expires, self.now_ms())?
             .ok_or_else(|| ApiError::internal(format!("expired reservation {id} vanished")))?;
         // A trigger rule comes back as one (its old gate may have gone to another rule).
-        let mapped = self.regate(id).and_then(|()| self.reslot(id)).and_then(|()| {
-            if restored.enabled {
-                self.map_in(state.as_mut(), id, &restored.reservation)
-            } else {
-                Ok(())
-            }
-        });
+        let mapped = self
+            .regate(id)
+            .and_then(|()| self.reslot(id))
+            .and_then(|()| {
+                if restored.enabled {
+                    self.map_in(state.as_mut(), id, &restored.reservation)
+                } else {
+                    Ok(())
+                }
+            });
         if let Err(e) = mapped {
             return Err(match self.store.expire(id, self.now_ms()) {
                 Ok(_) => e,
@@ -1683,12 +1685,12 @@ impl Engine {
 
 mod drain;
 mod expiry;
+pub mod limits;
 pub mod mapping;
 mod reconcile;
 mod review;
 #[cfg(test)]
 mod tests;
-pub mod limits;
 pub mod trigger;
 
 pub use reconcile::{ReconcileGuard, ReconcileReport};

@@ -2,9 +2,7 @@
 //! reservations, guarded against a store that is the wrong one.
 
 use super::{ApiError, DRIFT_LOG_LIMIT, Engine};
-use crate::{
-    domain::spec::Reservation, kernel::state::EntryTags, service::dataplane::Maps,
-};
+use crate::{domain::spec::Reservation, kernel::state::EntryTags, service::dataplane::Maps};
 
 /// What a start's reconcile may do without the admin's say-so.
 #[derive(Debug, Clone, Copy)]

@@ -1332,3 +1332,88 @@ fn winding_down_refuses_new_then_renewals_and_a_drain_runs_at_its_time() {
     assert_eq!(actions, ["disable", "release", "release"], "{audit}");
     let _ = b;
 }
+
+/// Limits: the policy's for every reservation, lower where the request asks, an owner's in
+/// place of the policy's; higher refused naming the rule; each with a slot of its own, armed
+/// with the reservation and gone with it.
+#[test]
+fn a_reservation_gets_its_owners_limits_and_may_only_lower_them() {
+    let (mut e, fake, _dir) = engine();
+    e.reload(policy(
+        r#"
+public_ips = ["198.51.100.1"]
+target_networks = ["10.200.0.0/16"]
+port_pool = ["30000-30009"]
+forbid_listening_ports = false
+[policy.limits]
+packets_per_second = 1000
+bits_per_second = "10M"
+[policy.owner_limits.acct-2]
+"#,
+    ))
+    .unwrap();
+    use crate::api::types::{LimitsRequest, RateValue};
+    let ask = |e: &mut Engine, owner: &str, public: &str, limits: Option<LimitsRequest>| {
+        e.handle(
+            Request::Reserve(ReserveRequest {
+                owner: owner.into(),
+                public: public.into(),
+                to: "10.200.0.2".into(),
+                ttl: None,
+                ttl_seconds: None,
+                note: None,
+                trigger: None,
+                limits,
+            }),
+            CALLER,
+        )
+    };
+    let plain = ask(&mut e, "acct-1", "198.51.100.1:30000/tcp", None).unwrap();
+    assert_eq!(plain["limits"]["packets_per_second"], 1000, "{plain}");
+    assert_eq!(plain["limits"]["bits_per_second"], 10_000_000);
+    let lower = LimitsRequest {
+        packets_per_second: Some(RateValue::Text("500".into())),
+        allow: Some(vec!["192.0.2.7".into()]),
+        ..LimitsRequest::default()
+    };
+    let lowered = ask(&mut e, "acct-1", "198.51.100.1:30001/tcp", Some(lower)).unwrap();
+    assert_eq!(lowered["limits"]["packets_per_second"], 500);
+    assert_eq!(lowered["limits"]["allow"][0], "192.0.2.7/32");
+    let higher = LimitsRequest {
+        bits_per_second: Some(RateValue::Text("1G".into())),
+        ..LimitsRequest::default()
+    };
+    let refused = ask(
+        &mut e,
+        "acct-1",
+        "198.51.100.1:30002/tcp",
+        Some(higher.clone()),
+    )
+    .unwrap_err();
+    assert_eq!(refused.rule, Some("policy.limits"), "{}", refused.message);
+    assert!(
+        refused.message.contains("bits_per_second"),
+        "{}",
+        refused.message
+    );
+    let bad = LimitsRequest {
+        syns_per_second: Some(RateValue::Text("fast".into())),
+        ..LimitsRequest::default()
+    };
+    let refused = ask(&mut e, "acct-1", "198.51.100.1:30002/tcp", Some(bad)).unwrap_err();
+    assert_eq!(refused.kind, Failure::BadRequest, "{}", refused.message);
+    // acct-2's limits are its own: none, and so no ceiling either.
+    let free = ask(&mut e, "acct-2", "198.51.100.1:30003/tcp", Some(higher)).unwrap();
+    assert_eq!(free["limits"]["bits_per_second"], 1_000_000_000);
+    let none = ask(&mut e, "acct-2", "198.51.100.1:30004/tcp", None).unwrap();
+    assert!(none.get("limits").is_none(), "{none}");
+    assert_eq!(fake.held().len(), 4);
+    {
+        let c = fake.0.lock().unwrap();
+        assert_eq!(c.limits.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
+    }
+    let id = plain["id"].as_u64().unwrap();
+    e.handle(Request::Release(id), CALLER).unwrap();
+    let c = fake.0.lock().unwrap();
+    assert_eq!(c.limits.keys().copied().collect::<Vec<_>>(), vec![2, 3]);
+}
