@@ -73,9 +73,9 @@ pub const VM_TESTS: &[&str] = &[
     "integration::e2e::icmp_errors_and_fragments",
     "integration::tc_netlink::egress_by_netlink_filter",
     "integration::wireguard::wireguard_default_mode",
-    "integration::port_mapping::natpmpc_and_upnpc_over_wireguard",
     "integration::trigger::trigger_over_wireguard",
     "integration::fixtures::trigger_fixtures",
+    "integration::limits::limits_drop_what_they_refuse_and_count_why",
 ];
 
 /// The longest a VM run may take before it is killed and fails.

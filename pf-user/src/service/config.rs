@@ -769,7 +769,7 @@ mod tests {
             );
             checked += 1;
         }
-        assert_eq!(checked, 3, "the README's reserve examples moved");
+        assert_eq!(checked, 6, "the README's reserve examples moved");
     }
 
     #[test]

@@ -73,6 +73,9 @@ struct Case<'a> {
     /// `pf trace` on for this port while the case runs (a port the packet does not use: the
     /// cost of tracing without the ring writes); off for `None`.
     trace_port: Option<u16>,
+    /// Runs the packet once before each repetition, unmeasured: spends what a rate limit let
+    /// back in meanwhile, so every measured run takes the over-limit path.
+    spend_first: bool,
 }
 
 /// Four tunnel networks, more than a VPN server usually has: a source outside all of them is
@@ -202,14 +205,6 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
     programs.load_trigger(true).map_err(err)?;
     let limited_hit = Pkt::tcp(REMOTE, 40000, HIT_ADDR, 8083).frame();
     let over_limit_hit = Pkt::tcp(REMOTE, 40000, HIT_ADDR, 8084).frame();
-    // The over-limit reservation's one packet of burst, spent before the cases run.
-    programs
-        .ingress()
-        .test_run(TestRunOptions {
-            data_in: Some(&over_limit_hit),
-            ..Default::default()
-        })
-        .map_err(|e| format!("spending the over-limit reservation's burst: {e}"))?;
     let trigger_packet = Pkt::udp(HIT_ADDR, 40000, REMOTE, 6000).frame();
     programs
         .trigger(true)
@@ -277,6 +272,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             must_count: None,
             tunnel_networks: &[],
             trace_port: None,
+            spend_first: false,
         },
         Case {
             name: "hash lookup only",
@@ -285,6 +281,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             must_count: None,
             tunnel_networks: &[],
             trace_port: None,
+            spend_first: false,
         },
         Case {
             name: "ingress hit TCP",
@@ -293,6 +290,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             must_count: Some(Count::Outcome(Outcome::Rewritten)),
             tunnel_networks: &[],
             trace_port: None,
+            spend_first: false,
         },
         Case {
             name: "ingress hit TCP, tracing another port",
@@ -301,6 +299,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             must_count: Some(Count::Outcome(Outcome::Rewritten)),
             tunnel_networks: &[],
             trace_port: Some(9),
+            spend_first: false,
         },
         Case {
             name: "ingress hit UDP",
@@ -309,6 +308,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             must_count: Some(Count::Outcome(Outcome::Rewritten)),
             tunnel_networks: &[],
             trace_port: None,
+            spend_first: false,
         },
         Case {
             name: "ingress hit TCP, limits",
@@ -317,6 +317,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             must_count: Some(Count::Outcome(Outcome::Rewritten)),
             tunnel_networks: &[],
             trace_port: None,
+            spend_first: false,
         },
         Case {
             name: "ingress, over limit (drop)",
@@ -325,6 +326,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             must_count: Some(Count::Outcome(Outcome::LimitDropped)),
             tunnel_networks: &[],
             trace_port: None,
+            spend_first: true,
         },
         Case {
             name: "ingress hit TCP, open gate",
@@ -333,6 +335,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             must_count: Some(Count::Outcome(Outcome::Rewritten)),
             tunnel_networks: &[],
             trace_port: None,
+            spend_first: false,
         },
         Case {
             name: "ingress, closed gate",
@@ -341,6 +344,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             must_count: Some(Count::Outcome(Outcome::NoReservation)),
             tunnel_networks: &[],
             trace_port: None,
+            spend_first: false,
         },
         Case {
             name: "ingress miss, port in use",
@@ -349,6 +353,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             must_count: Some(Count::Outcome(Outcome::NoReservation)),
             tunnel_networks: &[],
             trace_port: None,
+            spend_first: false,
         },
         Case {
             name: "ingress miss, WireGuard",
@@ -357,6 +362,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             must_count: Some(Count::Outcome(Outcome::NoReservation)),
             tunnel_networks: &[],
             trace_port: None,
+            spend_first: false,
         },
         Case {
             name: "ingress non-IPv4",
@@ -365,6 +371,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             must_count: Some(Count::Outcome(Outcome::NotIpv4)),
             tunnel_networks: &[],
             trace_port: None,
+            spend_first: false,
         },
         Case {
             name: "no-op TC (baseline)",
@@ -373,6 +380,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             must_count: None,
             tunnel_networks: &[],
             trace_port: None,
+            spend_first: false,
         },
         Case {
             name: "egress hit TCP",
@@ -381,6 +389,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             must_count: Some(Count::Outcome(Outcome::Rewritten)),
             tunnel_networks: &networks,
             trace_port: None,
+            spend_first: false,
         },
         Case {
             name: "egress miss, no guard",
@@ -389,6 +398,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             must_count: Some(Count::Outcome(Outcome::NoReservation)),
             tunnel_networks: &[],
             trace_port: None,
+            spend_first: false,
         },
         Case {
             name: "egress miss, port in use",
@@ -397,6 +407,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             must_count: Some(Count::Outcome(Outcome::NoReservation)),
             tunnel_networks: &[],
             trace_port: None,
+            spend_first: false,
         },
         Case {
             name: "egress miss, WireGuard",
@@ -405,6 +416,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             must_count: Some(Count::Outcome(Outcome::NoReservation)),
             tunnel_networks: &networks,
             trace_port: None,
+            spend_first: false,
         },
         Case {
             name: "egress miss, 4 networks",
@@ -413,6 +425,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             must_count: Some(Count::Outcome(Outcome::NoReservation)),
             tunnel_networks: &networks,
             trace_port: None,
+            spend_first: false,
         },
         Case {
             name: "trigger: client traffic",
@@ -421,6 +434,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             must_count: Some(Count::Trigger(Trigger::NoTrigger)),
             tunnel_networks: &[],
             trace_port: None,
+            spend_first: false,
         },
         Case {
             name: "trigger: refresh open gate",
@@ -429,6 +443,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             must_count: Some(Count::Trigger(Trigger::Refreshed)),
             tunnel_networks: &[],
             trace_port: None,
+            spend_first: false,
         },
         Case {
             name: "egress leak dropped",
@@ -437,6 +452,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             must_count: Some(Count::Outcome(Outcome::TunnelSourceDropped)),
             tunnel_networks: &networks,
             trace_port: None,
+            spend_first: false,
         },
     ];
 
@@ -469,6 +485,7 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             must_count,
             tunnel_networks,
             trace_port,
+            spend_first,
         } in &cases
         {
             state.set_tunnel_networks(tunnel_networks).map_err(err)?;
@@ -478,6 +495,16 @@ pub fn run(profile: &Profile) -> Result<(Vec<Value>, Vec<Value>), String> {
             }
             let mut runs = Vec::new();
             for _ in 0..profile.repetitions {
+                if *spend_first {
+                    // Whatever the limit let back in since the last run.
+                    programs
+                        .ingress()
+                        .test_run(TestRunOptions {
+                            data_in: Some(packet),
+                            ..Default::default()
+                        })
+                        .map_err(|e| format!("{name}: BPF_PROG_TEST_RUN: {e}"))?;
+                }
                 let before = state.counters().map_err(err)?;
                 let opts = TestRunOptions {
                     data_in: Some(packet),
