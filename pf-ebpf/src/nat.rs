@@ -230,7 +230,9 @@ fn ingress_tcp_udp(start: usize, end: usize, ip: &Ipv4) -> Outcome {
             return Outcome::NoReservation;
         }
         let key = EndpointKey::new(old_addr, old_port, ip.proto);
-        let Some(entry) = maps::forward_entry::<true>(&key) else {
+        // The gate is checked here but kept open only by a packet the limits let through: a
+        // flood they drop must not hold a trigger rule's ports open.
+        let Some(entry) = maps::forward_entry::<false>(&key) else {
             return Outcome::NoReservation;
         };
         if (*entry).limit != 0 {
@@ -238,6 +240,9 @@ fn ingress_tcp_udp(start: usize, end: usize, ip: &Ipv4) -> Outcome {
             if !limit::admits(entry, src, ip.ip_len, is_syn(start, end, ip)) {
                 return Outcome::LimitDropped;
             }
+        }
+        if (*entry).gate != 0 {
+            crate::trigger::passes::<true>(entry);
         }
         if ip.frags & IP_MF != 0 {
             // A first fragment: the key is taken before the destination changes.

@@ -145,8 +145,9 @@ pub struct LimitsView {
     pub allow: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deny: Option<Vec<String>>,
-    /// Packets dropped since it was made (or restored), by reason: `source`, `syn_rate`,
-    /// `packet_rate`, `bit_rate`. Absent when the kernel's counters could not be read.
+    /// Packets dropped since its limits were last armed (made, enabled, retargeted,
+    /// restored), by reason: `source`, `syn_rate`, `packet_rate`, `bit_rate`. Absent while
+    /// disabled or when the kernel's counters could not be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dropped: Option<std::collections::BTreeMap<String, u64>>,
 }
@@ -165,12 +166,7 @@ impl LimitsView {
             syns_per_second: l.syns_per_second,
             allow: nets(true),
             deny: nets(false),
-            dropped: drops.map(|d| {
-                pf_common::LimitDrop::ALL
-                    .iter()
-                    .map(|r| (r.name().to_string(), d[*r as usize]))
-                    .collect()
-            }),
+            dropped: drops.as_ref().map(drops_by_reason),
         }
     }
 }
@@ -448,6 +444,20 @@ pub struct ReservationTraffic {
     #[serde(flatten)]
     pub forward: ForwardView,
     pub traffic: Traffic,
+    /// Packets its limits dropped, by reason (only a reservation with limits, while enabled):
+    /// since its limits were last armed (made, enabled, retargeted, restored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<std::collections::BTreeMap<String, u64>>,
+}
+
+/// Drops by reason as the API names them.
+pub fn drops_by_reason(
+    d: &[u64; pf_common::LIMIT_DROP_REASONS],
+) -> std::collections::BTreeMap<String, u64> {
+    pf_common::LimitDrop::ALL
+        .iter()
+        .map(|r| (r.name().to_string(), d[*r as usize]))
+        .collect()
 }
 
 /// `DELETE /v1/reservations?owner=X`.

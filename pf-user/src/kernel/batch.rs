@@ -136,8 +136,34 @@ unsafe fn batch_call(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> 
 /// only the programs' counters change.
 pub(crate) fn lookup_all<K: Pod, V: Pod>(map: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
     let mut out = Vec::new();
+    lookup_chunks::<K, V>(map, 1, |key, values| out.push((key, values[0])))?;
+    Ok(out)
+}
+
+/// Every key of a per-CPU map with its value on each of `cpus` possible CPUs, read in chunks
+/// as [`lookup_all`]. `V`'s size must be a multiple of 8: the kernel lays each CPU's value out
+/// 8-byte aligned.
+pub(crate) fn lookup_all_per_cpu<K: Pod, V: Pod>(
+    map: BorrowedFd<'_>,
+    cpus: usize,
+) -> io::Result<Vec<(K, Vec<V>)>> {
+    assert!(
+        size_of::<V>().is_multiple_of(8),
+        "per-CPU values are 8-byte aligned"
+    );
+    let mut out = Vec::new();
+    lookup_chunks::<K, V>(map, cpus, |key, values| out.push((key, values.to_vec())))?;
+    Ok(out)
+}
+
+/// Reads every element in chunks, handing each key and its `per_key` values to `each`.
+fn lookup_chunks<K: Pod, V: Pod>(
+    map: BorrowedFd<'_>,
+    per_key: usize,
+    mut each: impl FnMut(K, &[V]),
+) -> io::Result<()> {
     let mut keys = vec![K::zeroed(); CHUNK];
-    let mut values = vec![V::zeroed(); CHUNK];
+    let mut values = vec![V::zeroed(); CHUNK * per_key];
     // The position to go on from: a bucket number for a hash map, a key for an array; 16 bytes
     // hold either for every map pf reads this way.
     let mut token = [0u8; 16];
@@ -153,19 +179,16 @@ pub(crate) fn lookup_all<K: Pod, V: Pod>(map: BorrowedFd<'_>) -> io::Result<Vec<
             map_fd: map.as_raw_fd() as u32,
             ..Default::default()
         };
-        // SAFETY: `keys` and `values` hold `count` elements of the map's key and value sizes
-        // (the caller's types), the tokens 16 bytes each.
+        // SAFETY: `keys` holds `count` keys of the map's key size and `values` `count` times
+        // `per_key` values of its value size (the caller's types), the tokens 16 bytes each.
         let error = unsafe { batch_call(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
         let read = (attr.count as usize).min(CHUNK);
-        out.extend(
-            keys[..read]
-                .iter()
-                .copied()
-                .zip(values[..read].iter().copied()),
-        );
+        for (key, values) in keys[..read].iter().zip(values.chunks(per_key)) {
+            each(*key, values);
+        }
         match error {
             // The end of the map.
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
             Some(e) => return Err(e),
             None => {}
         }

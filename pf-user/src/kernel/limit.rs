@@ -175,17 +175,32 @@ impl State {
     }
 
     /// Writes `rule` into its slot: the list first, then the rates and the list's mode, so
-    /// entries that carry the slot never see a mode without its networks. Buckets start full.
+    /// entries that carry the slot never see a mode without its networks. Buckets start full
+    /// and drops at zero. On failure the slot is cleared again (best effort: the error is the
+    /// one to report, and a reconcile makes the maps exact).
     pub fn arm_limit(&mut self, rule: &LimitRule) -> Result<(), PfError> {
         self.check_limit(rule)?;
+        let result = self.write_limit(rule);
+        if result.is_err() {
+            let _ = self.disarm_limit(rule.slot);
+        }
+        result
+    }
+
+    fn write_limit(&mut self, rule: &LimitRule) -> Result<(), PfError> {
         let slot = u32::from(rule.slot);
         let want: HashSet<Source> = rule.sources().collect();
-        let have = self
-            .sources_by_slot()?
-            .remove(&rule.slot)
-            .unwrap_or_default();
-        for source in have.into_iter().filter(|s| !want.contains(s)) {
-            self.remove_source(source)?;
+        // Only a slot that has (or had) a list is looked for in the trie: a scan of it costs
+        // a syscall per network of every list.
+        let had_list = self.limit_at(rule.slot)?.sources != source_list::NONE;
+        if had_list {
+            let have = self
+                .sources_by_slot()?
+                .remove(&rule.slot)
+                .unwrap_or_default();
+            for source in have.into_iter().filter(|s| !want.contains(s)) {
+                self.remove_source(source)?;
+            }
         }
         for source in want {
             self.add_source(source)?;
@@ -193,39 +208,71 @@ impl State {
         self.limits
             .set(slot, kernel_limit(&rule.limits), 0)
             .map_err(map_error(map_names::LIMITS))?;
-        // The drops start again with the rule.
+        self.zero_drops(rule.slot)
+    }
+
+    /// What slot `slot` holds now.
+    fn limit_at(&self, slot: u16) -> Result<Limit, PfError> {
+        self.limits
+            .get(&check_slot(slot)?, 0)
+            .map_err(map_error(map_names::LIMITS))
+    }
+
+    fn zero_drops(&mut self, slot: u16) -> Result<(), PfError> {
         let cpus = aya::util::nr_cpus().map_err(|(what, e)| PfError::io(what.to_string(), e))?;
         let zeros = aya::maps::PerCpuValues::try_from(vec![LimitDrops::default(); cpus])
             .map_err(|e| PfError::io("zeroing a limit's drops", e))?;
         self.limit_drops
-            .set(slot, zeros, 0)
+            .set(u32::from(slot), zeros, 0)
             .map_err(map_error(map_names::LIMIT_DROPS))
     }
 
-    /// Clears slot `slot`: its rates, then its list. Run when a limited reservation is
+    /// Clears slot `slot`: its rates, its list, its drops. Run when a limited reservation is
     /// released, once its entries are gone.
     pub(super) fn disarm_limit(&mut self, slot: u16) -> Result<(), PfError> {
         let index = check_slot(slot)?;
+        let had_list = self.limit_at(slot)?.sources != source_list::NONE;
         self.limits
             .set(index, Limit::default(), 0)
             .map_err(map_error(map_names::LIMITS))?;
-        for source in self.sources_by_slot()?.remove(&slot).unwrap_or_default() {
-            self.remove_source(source)?;
+        if had_list {
+            for source in self.sources_by_slot()?.remove(&slot).unwrap_or_default() {
+                self.remove_source(source)?;
+            }
         }
-        Ok(())
+        self.zero_drops(slot)
     }
 
     /// Makes `LIMITS` and `LIMIT_SOURCES` hold exactly `rules` and returns each difference
-    /// it repaired. A slot already holding its rule keeps its buckets as they are.
+    /// it repaired: the networks a list lacks first, then the slots, then the networks no
+    /// list has, so no entry ever meets a mode without its networks. A slot already holding
+    /// its rule keeps its buckets and drops as they are; one changed starts with zero drops.
     pub fn sync_limits(&mut self, rules: &[LimitRule]) -> Result<Vec<String>, PfError> {
         let mut want: HashMap<u32, Limit> = HashMap::new();
         let mut want_sources: HashSet<Source> = HashSet::new();
         for rule in rules {
             self.check_limit(rule)?;
-            want.insert(rule.slot.into(), kernel_limit(&rule.limits));
+            if want
+                .insert(rule.slot.into(), kernel_limit(&rule.limits))
+                .is_some()
+            {
+                return Err(PfError::LimitSlot {
+                    slot: rule.slot.into(),
+                    problem: "given to two reservations",
+                });
+            }
             want_sources.extend(rule.sources());
         }
         let mut drifts = Vec::new();
+        let have_sources: HashSet<Source> =
+            self.sources_by_slot()?.into_values().flatten().collect();
+        for &source in want_sources.difference(&have_sources) {
+            self.add_source(source)?;
+            drifts.push(format!(
+                "added source {} of limit slot {}",
+                source.net, source.slot
+            ));
+        }
         let have: Vec<(u32, Limit)> = super::state::dump(self.limits.map(), map_names::LIMITS)?;
         for (slot, limit) in have {
             if slot == 0 {
@@ -236,6 +283,7 @@ impl State {
                 self.limits
                     .set(slot, wanted, 0)
                     .map_err(map_error(map_names::LIMITS))?;
+                self.zero_drops(slot as u16)?;
                 drifts.push(if wanted == Limit::default() {
                     format!("cleared limit slot {slot}: no reservation has it")
                 } else {
@@ -243,8 +291,6 @@ impl State {
                 });
             }
         }
-        let have_sources: HashSet<Source> =
-            self.sources_by_slot()?.into_values().flatten().collect();
         for &source in have_sources.difference(&want_sources) {
             self.remove_source(source)?;
             drifts.push(format!(
@@ -252,14 +298,40 @@ impl State {
                 source.net, source.slot
             ));
         }
-        for &source in want_sources.difference(&have_sources) {
-            self.add_source(source)?;
-            drifts.push(format!(
-                "added source {} of limit slot {}",
-                source.net, source.slot
-            ));
-        }
         Ok(drifts)
+    }
+
+    /// The drops of every slot that dropped anything, summed over the CPUs: one batched read
+    /// of the whole per-CPU array (a few syscalls, whatever the number of reservations).
+    pub fn limit_drops_all(&self) -> Result<HashMap<u16, Drops>, PfError> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| PfError::io(what.to_string(), e))?;
+        let all = super::batch::lookup_all_per_cpu::<u32, LimitDrops>(
+            std::os::fd::AsFd::as_fd(self.limit_drops.map().fd()),
+            cpus,
+        )
+        .map_err(|e| {
+            PfError::io(
+                format!(
+                    "reading map {} (BPF_MAP_LOOKUP_BATCH)",
+                    map_names::LIMIT_DROPS
+                ),
+                e,
+            )
+        })?;
+        Ok(all
+            .into_iter()
+            .filter(|(slot, _)| *slot != 0)
+            .map(|(slot, per_cpu)| {
+                let mut sum = [0u64; LIMIT_DROP_REASONS];
+                for cpu in &per_cpu {
+                    for (s, v) in sum.iter_mut().zip(cpu.by_reason) {
+                        *s += v;
+                    }
+                }
+                (slot as u16, sum)
+            })
+            .filter(|(_, sum)| sum.iter().any(|n| *n != 0))
+            .collect())
     }
 
     /// The drops of limit slot `slot`, summed over the CPUs.

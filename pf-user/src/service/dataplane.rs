@@ -58,6 +58,8 @@ pub trait Maps {
     fn sync_limits(&mut self, rules: &[LimitRule]) -> Result<Vec<String>, PfError>;
     /// What limit slot `slot` dropped, by reason.
     fn limit_drops(&self, slot: u16) -> Result<Drops, PfError>;
+    /// What every slot that dropped anything dropped, by reason (one batched read).
+    fn limit_drops_all(&self) -> Result<std::collections::HashMap<u16, Drops>, PfError>;
     /// A gate as the kernel has it now.
     fn trigger_gate(&self, gate: u16) -> Result<GateState, PfError>;
 }
@@ -113,6 +115,9 @@ impl Maps for State {
     }
     fn limit_drops(&self, slot: u16) -> Result<Drops, PfError> {
         State::limit_drops(self, slot)
+    }
+    fn limit_drops_all(&self) -> Result<std::collections::HashMap<u16, Drops>, PfError> {
+        State::limit_drops_all(self)
     }
     fn trigger_gate(&self, gate: u16) -> Result<GateState, PfError> {
         State::trigger_gate(self, gate)
@@ -295,6 +300,9 @@ impl Maps for WithNetfilterSet {
     }
     fn limit_drops(&self, slot: u16) -> Result<Drops, PfError> {
         self.maps.limit_drops(slot)
+    }
+    fn limit_drops_all(&self) -> Result<std::collections::HashMap<u16, Drops>, PfError> {
+        self.maps.limit_drops_all()
     }
     fn trigger_gate(&self, gate: u16) -> Result<GateState, PfError> {
         self.maps.trigger_gate(gate)
@@ -545,6 +553,10 @@ pub mod fake {
                 .get(&slot)
                 .copied()
                 .unwrap_or_default())
+        }
+
+        fn limit_drops_all(&self) -> Result<std::collections::HashMap<u16, Drops>, PfError> {
+            Ok(self.0.lock().unwrap().drops.clone().into_iter().collect())
         }
 
         fn sync_triggers(&mut self, rules: &[TriggerRule]) -> Result<Vec<String>, PfError> {

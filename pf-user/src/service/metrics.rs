@@ -9,6 +9,7 @@
 //! | `pf_fast_path_packets_total`, `pf_reply_fast_path_packets_total` | `outcome` | the fast paths' outcomes |
 //! | `pf_trigger_packets_total` | `outcome` | the port-trigger program's outcomes (`opened`, `refreshed`, `no_trigger`, `not_tcp_udp`) |
 //! | `pf_reservation_packets_total`, `pf_reservation_bytes_total` | `id`, `owner`, `direction` | each reservation's traffic since it was made (left out above `per_reservation_limit`) |
+//! | `pf_reservation_dropped_packets_total` | `id`, `owner`, `reason` | packets a reservation's limits dropped (`source`, `syn_rate`, `packet_rate`, `bit_rate`), for each reservation with limits (left out with the others) |
 //! | `pf_owner_packets`, `pf_owner_bytes` | `owner`, `direction` | the same summed over the owner's reservations held now (gauges: a release lowers them) |
 //! | `pf_reservations` | `state` (`enabled`, `disabled`) | reservations in the store |
 //! | `pf_policy_violations` | | reservations the policy in force would refuse |
@@ -54,6 +55,13 @@ struct ReservationLabels {
     id: String,
     owner: String,
     direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    id: String,
+    owner: String,
+    reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -320,6 +328,7 @@ pub fn encode_text(s: &Snapshot, service: &ServiceMetrics) -> String {
         Family::<ReservationLabels, Counter>::default(),
         Family::<ReservationLabels, Counter>::default(),
     );
+    let dropped = Family::<DropLabels, Counter>::default();
     let mut owners: HashMap<(&str, &'static str), (u64, u64)> = HashMap::new();
     let (mut enabled, mut disabled) = (0, 0);
     for r in s.reservations {
@@ -327,6 +336,16 @@ pub fn encode_text(s: &Snapshot, service: &ServiceMetrics) -> String {
             enabled += 1;
         } else {
             disabled += 1;
+        }
+        if !omitted && let Some(by_reason) = &r.dropped {
+            for (reason, n) in by_reason {
+                let labels = DropLabels {
+                    id: r.id.to_string(),
+                    owner: label(&r.owner),
+                    reason: reason.clone(),
+                };
+                dropped.get_or_create(&labels).inc_by(*n);
+            }
         }
         let t = &r.traffic;
         for (direction, p, b) in [
@@ -356,6 +375,11 @@ pub fn encode_text(s: &Snapshot, service: &ServiceMetrics) -> String {
         "reservation_bytes",
         "Bytes through each reservation since it was made",
         bytes,
+    );
+    registry.register(
+        "reservation_dropped_packets",
+        "Packets each reservation's limits dropped, by reason",
+        dropped,
     );
     // Gauges, not counters: a sum over the reservations held now drops when one goes.
     let (owner_packets, owner_bytes) = (
@@ -483,6 +507,7 @@ mod tests {
             enabled: true,
             forward: crate::api::types::ForwardView::from(&r),
             traffic,
+            dropped: Some(crate::api::types::drops_by_reason(&[0, 0, 7, 0])),
         }];
         let text = encode_text(
             &Snapshot {
@@ -499,6 +524,12 @@ mod tests {
         assert!(
             text.contains(
                 r#"pf_reservation_packets_total{id="1",owner="x\",direction=\"out\\",direction="in"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"pf_reservation_dropped_packets_total{id="1",owner="x\",direction=\"out\\",reason="packet_rate"} 7"#
             ),
             "{text}"
         );

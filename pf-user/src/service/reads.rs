@@ -200,8 +200,12 @@ impl Reads {
             .as_ref()
             .and_then(|s| s.traffic_all().ok())
             .unwrap_or_default();
+        let drops = state
+            .as_ref()
+            .and_then(|s| s.limit_drops_all().ok())
+            .unwrap_or_default();
         drop(state);
-        let reservations = self.with_reader(|store| traffic_rows(store, live))?;
+        let reservations = self.with_reader(|store| traffic_rows(store, live, &drops))?;
         let published = self.published.lock().expect("not poisoned").clone();
         let interfaces: Vec<AttachmentView> = attach::inspect(&self.dir)
             .iter()

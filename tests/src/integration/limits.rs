@@ -321,7 +321,20 @@ fn limits_hold_under_a_flood_and_spare_everything_else() {
         .unwrap();
     let length = Duration::from_secs(3);
     let started = Instant::now();
-    let sent = paced_udp(&sender, &[7000, 7001], 10_000, length);
+    // `pf top` watches one second in the middle of the flood, by drops and by packets.
+    let (sent, tops) = std::thread::scope(|scope| {
+        let watch = |by: &'static str| {
+            let dir = &dir;
+            scope.spawn(move || {
+                std::thread::sleep(Duration::from_millis(700));
+                let text = pf_ok(dir, &["top", "--by", by, "--interval", "1s", "--json"]);
+                serde_json::from_str::<Value>(&text).unwrap()
+            })
+        };
+        let tops = [watch("drops"), watch("packets")];
+        let sent = paced_udp(&sender, &[7000, 7001], 10_000, length);
+        (sent, tops.map(|t| t.join().unwrap()))
+    });
     let took = started.elapsed();
     let (limited_got, open_got) = (limited_count.join().unwrap(), open_count.join().unwrap());
     // The limit admits its burst (101) and 1,000 a second; within 10%.
@@ -343,6 +356,32 @@ fn limits_hold_under_a_flood_and_spare_everything_else() {
         open_got as f64 >= 0.95 * sent[1] as f64,
         "the unlimited reservation got {open_got} of {}",
         sent[1]
+    );
+    // pf top: the limited reservation drops most (about 9,000 a second), the unlimited one
+    // moves most packets (about 10,000 a second), each rate within a third of the flood's.
+    let [by_drops, by_packets] = &tops;
+    let near = |got: &Value, want: f64| (got.as_f64().unwrap() - want).abs() <= want / 3.0;
+    assert_eq!(
+        by_drops[0]["spec"], "198.51.100.1:7000/udp -> 10.8.0.2:7000",
+        "{by_drops}"
+    );
+    assert!(near(&by_drops[0]["drops_per_second"], 9000.0), "{by_drops}");
+    assert!(
+        near(&by_drops[0]["packets_per_second"], 1000.0),
+        "{by_drops}"
+    );
+    assert_eq!(
+        by_drops.as_array().unwrap().len(),
+        1,
+        "only it dropped: {by_drops}"
+    );
+    assert_eq!(
+        by_packets[0]["spec"], "198.51.100.1:7001/udp -> 10.8.0.2:7001",
+        "{by_packets}"
+    );
+    assert!(
+        near(&by_packets[0]["packets_per_second"], 10_000.0),
+        "{by_packets}"
     );
     let dropped = &listed_drops(&dir, "198.51.100.1:7000/udp");
     assert_eq!(

@@ -5,12 +5,17 @@
 mod log;
 mod render;
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use clap::{Parser, Subcommand};
 use pf::{
     api::{
         client::{Client, ClientError},
+        top::{self, TopBy},
         types::{
             ChangeRequest, DrainRequest, LimitsRequest, ListQuery, RateValue, RenewRequest,
             ReservationView, ReserveRequest, RestoreRequest, TriggerRequest,
@@ -442,6 +447,23 @@ enum Command {
     #[command(after_help = "Examples:\n  pf stats\n  pf stats --json")]
     Stats {
         /// Print everything as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The reservations with the most packets, bytes or drops (by their limits) over an
+    /// interval: two readings of the service's counters, `--interval` apart.
+    #[command(after_help = "Examples:\n  pf top\n  pf top --by drops --interval 10s -n 20")]
+    Top {
+        /// How long to watch (100ms to 1h).
+        #[arg(long, value_name = "DURATION", default_value = "2s")]
+        interval: String,
+        /// What to rank by: packets, bytes or drops.
+        #[arg(long, value_name = "packets|bytes|drops", default_value = "packets")]
+        by: TopBy,
+        /// How many to show.
+        #[arg(short = 'n', long, default_value_t = 10)]
+        count: usize,
+        /// Print the rows as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -1315,6 +1337,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 out!("detached {what} from {iface}");
             }
+        }
+        Command::Top {
+            interval,
+            by,
+            count,
+            json,
+        } => {
+            let wait = humantime::parse_duration(&interval)
+                .ok()
+                .filter(|d| (Duration::from_millis(100)..=Duration::from_secs(3600)).contains(d))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--interval '{interval}' is not a duration from 100ms to 1h")
+                })?;
+            let before = client.stats()?;
+            let started = Instant::now();
+            std::thread::sleep(wait);
+            let after = client.stats()?;
+            let rows = top::top(&before, &after, started.elapsed(), by, count);
+            render::print_top(&rows, by, wait, json)?;
         }
         Command::Stats { json } => {
             privilege::require_privileges()?;

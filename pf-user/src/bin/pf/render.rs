@@ -693,3 +693,44 @@ pub fn print_stats(
     }
     out!("{table}");
 }
+
+/// `pf top`'s rows: a table, or JSON.
+pub fn print_top(
+    rows: &[pf::api::top::TopRow],
+    by: pf::api::top::TopBy,
+    interval: std::time::Duration,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    if as_json {
+        out!("{}", serde_json::to_string_pretty(rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        out!(
+            "no reservation moved any {} in {}",
+            format!("{by:?}").to_lowercase(),
+            humantime::format_duration(interval)
+        );
+        return Ok(());
+    }
+    out!(
+        "{:>6}  {:>12}  {:>14}  {:>10}  {:<16}  forward",
+        "id",
+        "packets/s",
+        "bytes/s",
+        "drops/s",
+        "owner"
+    );
+    for r in rows {
+        out!(
+            "{:>6}  {:>12.0}  {:>14.0}  {:>10.0}  {:<16}  {}",
+            r.id,
+            r.packets_per_second,
+            r.bytes_per_second,
+            r.drops_per_second,
+            r.owner,
+            r.spec
+        );
+    }
+    Ok(())
+}

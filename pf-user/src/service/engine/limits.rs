@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::{ApiError, Engine};
+use crate::service::policy::Refusal;
 use crate::{
     api::types::LimitsRequest,
     kernel::{limit::LimitRule, state::EntryTags, trigger::Guards},
@@ -29,10 +30,70 @@ impl Engine {
             return Ok(None);
         }
         let live = self.store.all_limits()?;
+        // The kernel's trie holds every list's networks: refused here, by name, rather than
+        // by the map.
+        let networks = |l: &crate::domain::limits::Limits| {
+            l.sources.as_ref().map_or(0, |s| s.networks().len())
+        };
+        let held: usize = live.values().map(|l| networks(&l.limits)).sum();
+        let max = pf_common::limits::MAX_LIMIT_SOURCES as usize;
+        if held + networks(&limits) > max {
+            return Err(ApiError::unavailable(format!(
+                "the kernel's source lists are full ({held} of {max} networks held): no room for {} more",
+                networks(&limits)
+            )));
+        }
         Ok(Some(SlotLimits {
             slot: free_slot(&live)?,
             limits,
         }))
+    }
+
+    /// Refuses to give reservation `id` to `owner` unless its limits are exactly what a
+    /// reservation of `owner` asking for them would get: limits are fixed when a reservation is
+    /// made, and an owner change must neither lift the new owner's limits nor add any.
+    pub(super) fn check_limits_follow(&self, id: u64, owner: &str) -> Result<(), ApiError> {
+        let current = self.store.limits(id)?.map(|l| l.limits).unwrap_or_default();
+        let refused = |detail: String| {
+            ApiError::from(Refusal {
+                rule: "policy.limits",
+                detail,
+            })
+        };
+        match self.policy.limits_for(owner, &current) {
+            Ok(theirs) if theirs == current => Ok(()),
+            Ok(theirs) => Err(refused(format!(
+                "reservation {id}'s limits ({current}) are not owner {owner}'s ({theirs}): release it and reserve it anew for {owner}"
+            ))),
+            Err(e) => Err(refused(format!(
+                "reservation {id}'s limits ({current}) are above owner {owner}'s: {}",
+                e.detail
+            ))),
+        }
+    }
+
+    /// Gives a slot of its own to each live reservation whose limits share one with another's
+    /// (a crash between a restore and its new slot can leave that): the lowest id keeps it.
+    /// Run before a reconcile reads the slots.
+    pub(super) fn separate_limit_slots(&mut self) -> Result<Vec<String>, ApiError> {
+        let mut live: Vec<(u64, SlotLimits)> = self.store.all_limits()?.into_iter().collect();
+        live.sort_by_key(|(id, _)| *id);
+        let mut seen = HashSet::new();
+        let mut moved = Vec::new();
+        for (id, l) in &live {
+            if seen.insert(l.slot) {
+                continue;
+            }
+            let all = self.store.all_limits()?;
+            let slot = free_slot(&all)?;
+            self.store.set_limit_slot(*id, slot)?;
+            seen.insert(slot);
+            moved.push(format!(
+                "gave reservation {id} limit slot {slot}: slot {} was another's too",
+                l.slot
+            ));
+        }
+        Ok(moved)
     }
 
     /// What reservation `id`'s entries carry: its trigger rule's gate and its limit slot.

@@ -415,8 +415,10 @@ pub fn record_json(r: &Record) -> Value {
 pub fn traffic_rows(
     store: &dyn Store,
     live: Vec<(Reservation, Traffic)>,
+    drops: &std::collections::HashMap<u16, crate::kernel::limit::Drops>,
 ) -> Result<Vec<ReservationTraffic>, ApiError> {
     let carried = store.all_traffic()?;
+    let limits = store.all_limits()?;
     let live: std::collections::HashMap<Reservation, Traffic> = live.into_iter().collect();
     Ok(store
         .list(None)?
@@ -432,6 +434,9 @@ pub fn traffic_rows(
                 } else {
                     Traffic::default()
                 },
+            dropped: limits.get(&r.id).filter(|_| r.enabled).map(|l| {
+                crate::api::types::drops_by_reason(&drops.get(&l.slot).copied().unwrap_or_default())
+            }),
         })
         .collect())
 }
@@ -807,9 +812,12 @@ impl Engine {
                 &self.metrics,
             )),
             Request::Stats => {
-                let live = self.open_state()?.traffic_all()?;
+                let state = self.open_state()?;
+                let live = state.traffic_all()?;
+                let drops = state.limit_drops_all()?;
+                drop(state);
                 Ok(serde_json::to_value(StatsView {
-                    reservations: traffic_rows(self.store.as_ref(), live)?,
+                    reservations: traffic_rows(self.store.as_ref(), live, &drops)?,
                 })
                 .expect("plain struct"))
             }
@@ -873,9 +881,7 @@ impl Engine {
 
     fn change(&mut self, request: Request, caller: Caller) -> Result<Value, ApiError> {
         match request {
-            Request::Reserve(r) => self
-                .reserve(r)
-                .and_then(|r| Ok(self.records_json(&[r])?.remove(0))),
+            Request::Reserve(r) => self.reserve(r).and_then(|r| self.view(r)),
             Request::Map(m) => self
                 .map(m)
                 .map(|a| serde_json::to_value(a).expect("plain struct")),
@@ -887,13 +893,14 @@ impl Engine {
             Request::DisableOwner { owner, reason } => self.disable_owner(&owner, &reason, caller),
             Request::Drain(d) => self.schedule_drain(d),
             Request::CancelDrain(id) => self.cancel_drain(id),
-            Request::Renew { id, ttl } => self.renew(id, ttl).map(|r| record_json(&r)),
+            // Answered as a list shows them: with their trigger rules and limits.
+            Request::Renew { id, ttl } => self.renew(id, ttl).and_then(|r| self.view(r)),
             Request::SetEnabled { id, enabled } => {
-                self.set_enabled(id, enabled).map(|r| record_json(&r))
+                self.set_enabled(id, enabled).and_then(|r| self.view(r))
             }
-            Request::Restore { id, ttl } => self.restore(id, ttl).map(|r| record_json(&r)),
+            Request::Restore { id, ttl } => self.restore(id, ttl).and_then(|r| self.view(r)),
             Request::Change { id, change } => {
-                self.change_in_place(id, change).map(|r| record_json(&r))
+                self.change_in_place(id, change).and_then(|r| self.view(r))
             }
             _ => unreachable!("reads go through Engine::read"),
         }
@@ -1050,6 +1057,11 @@ impl Engine {
             // answered (`reads::status_json`), not at every publish.
             "port_mapping": self.port_mapping.as_ref().map(|_| json!({})),
         })
+    }
+
+    /// One record as the API shows it.
+    fn view(&mut self, r: Record) -> Result<Value, ApiError> {
+        Ok(self.records_json(&[r])?.remove(0))
     }
 
     /// Records as the API shows them, trigger rules with their gates as the maps have them.
@@ -1559,6 +1571,7 @@ impl Engine {
         }
         if owner != record.owner {
             self.check_quota(&owner, u64::from(record.reservation.public.ports.len()))?;
+            self.check_limits_follow(id, &owner)?;
         }
         let mut state = if retarget && record.enabled {
             Some(self.open_state()?)

@@ -83,6 +83,8 @@ impl Engine {
     /// any change) a reconcile that would remove what a new store or a large share implies
     /// was lost, not meant.
     pub fn reconcile(&mut self, guard: ReconcileGuard) -> Result<ReconcileReport, ApiError> {
+        // Slots are the store's to give: two reservations sharing one are separated first.
+        let separated = self.separate_limit_slots()?;
         let records = self.store.list(None)?;
         let desired: Vec<Reservation> = records
             .iter()
@@ -110,7 +112,7 @@ impl Engine {
         let want: std::collections::HashSet<&Reservation> = desired.iter().collect();
         let have: std::collections::HashSet<&Reservation> = actual.iter().collect();
         self.check_guard(state.as_ref(), guard)?;
-        let mut drifts = Vec::new();
+        let mut drifts = separated;
         // Records the store does not have go, with their entries.
         for r in actual.iter().filter(|r| !want.contains(r)) {
             state.release(&r.public)?;

@@ -1412,8 +1412,45 @@ bits_per_second = "10M"
         let c = fake.0.lock().unwrap();
         assert_eq!(c.limits.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
     }
+    // An owner change keeps the limits when the new owner's policy would give them (acct-2
+    // has no ceiling, so stricter limits stand), and is refused, naming the rule, when it
+    // would lift or add any.
     let id = plain["id"].as_u64().unwrap();
+    let free_id = free["id"].as_u64().unwrap();
+    let moved = change(&mut e, id, None, Some("acct-2"), None).unwrap();
+    assert_eq!(moved["limits"]["packets_per_second"], 1000, "{moved}");
+    let refused = change(&mut e, free_id, None, Some("acct-1"), None).unwrap_err();
+    assert_eq!(refused.rule, Some("policy.limits"), "{}", refused.message);
+    assert!(
+        refused.message.contains("above owner acct-1's"),
+        "{}",
+        refused.message
+    );
+    let none_id = none["id"].as_u64().unwrap();
+    let refused = change(&mut e, none_id, None, Some("acct-1"), None).unwrap_err();
+    assert!(
+        refused.message.contains("are not owner acct-1's"),
+        "{}",
+        refused.message
+    );
     e.handle(Request::Release(id), CALLER).unwrap();
+    {
+        let c = fake.0.lock().unwrap();
+        assert_eq!(c.limits.keys().copied().collect::<Vec<_>>(), vec![2, 3]);
+    }
+    // Two reservations left sharing a slot (a crash between a restore and its new slot) are
+    // separated by the next reconcile, the lower id keeping it.
+    let lowered_id = lowered["id"].as_u64().unwrap();
+    e.store.set_limit_slot(free_id, 2).unwrap();
+    e.reconcile(ReconcileGuard {
+        force: true,
+        store_was_new: false,
+        removal_limit: 1.0,
+    })
+    .unwrap();
+    let slots = e.store.all_limits().unwrap();
+    assert_eq!(slots[&lowered_id].slot, 2);
+    assert_eq!(slots[&free_id].slot, 1);
     let c = fake.0.lock().unwrap();
-    assert_eq!(c.limits.keys().copied().collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!(c.limits.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
 }
