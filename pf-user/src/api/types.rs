@@ -5,10 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    domain::{
-        limits::{Limits, Rate, SourceList},
-        spec::Reservation,
-    },
+    domain::{limits::Limits, spec::Reservation},
     kernel::{
         attach::{Attachment, Health},
         state::Traffic,
@@ -94,41 +91,28 @@ pub enum RateValue {
     Text(String),
 }
 
+impl RateValue {
+    fn text(r: &Option<RateValue>) -> Option<String> {
+        r.as_ref().map(|r| match r {
+            RateValue::Number(n) => n.to_string(),
+            RateValue::Text(t) => t.clone(),
+        })
+    }
+}
+
 impl LimitsRequest {
     /// The limits asked for, each error naming its field.
     pub fn parse(&self) -> Result<Limits, String> {
-        let rate = |name: &str, v: &Option<RateValue>| -> Result<Option<u64>, String> {
-            let text = match v {
-                None => return Ok(None),
-                Some(RateValue::Number(n)) => n.to_string(),
-                Some(RateValue::Text(t)) => t.clone(),
-            };
-            text.parse::<Rate>()
-                .map(|r| Some(r.0))
-                .map_err(|e| format!("limits.{name}: {e}"))
-        };
-        let sources = match (&self.allow, &self.deny) {
-            (Some(_), Some(_)) => {
-                return Err(
-                    "limits: allow and deny are both set; a reservation has one list".into(),
-                );
-            }
-            (Some(n), None) => {
-                Some(SourceList::parse(true, n).map_err(|e| format!("limits: {e}"))?)
-            }
-            (None, Some(n)) => {
-                Some(SourceList::parse(false, n).map_err(|e| format!("limits: {e}"))?)
-            }
-            (None, None) => None,
-        };
-        let limits = Limits {
-            packets_per_second: rate("packets_per_second", &self.packets_per_second)?,
-            bits_per_second: rate("bits_per_second", &self.bits_per_second)?,
-            syns_per_second: rate("syns_per_second", &self.syns_per_second)?,
-            sources,
-        };
-        limits.check().map_err(|e| format!("limits.{e}"))?;
-        Ok(limits)
+        Limits::parse(
+            "limits",
+            [
+                RateValue::text(&self.packets_per_second),
+                RateValue::text(&self.bits_per_second),
+                RateValue::text(&self.syns_per_second),
+            ],
+            self.allow.as_deref(),
+            self.deny.as_deref(),
+        )
     }
 }
 

@@ -76,6 +76,44 @@ impl SourceList {
 pub const MIN_BIT_RATE: u64 = 8_000;
 
 impl Limits {
+    /// Limits as a config table or an API request writes them: each rate as text (`"5000"`,
+    /// `"10M"`), at most one of the lists. Each error names `at` (the table or field) and the
+    /// key.
+    pub fn parse(
+        at: &str,
+        [packets, bits, syns]: [Option<String>; 3],
+        allow: Option<&[String]>,
+        deny: Option<&[String]>,
+    ) -> Result<Limits, String> {
+        let rate = |key: &str, text: Option<String>| -> Result<Option<u64>, String> {
+            text.map(|t| t.parse::<Rate>().map(|r| r.0))
+                .transpose()
+                .map_err(|e| format!("{at}.{key}: {e}"))
+        };
+        let sources = match (allow, deny) {
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "{at}: both allow and deny are set; a reservation has one list"
+                ));
+            }
+            (Some(nets), None) => {
+                Some(SourceList::parse(true, nets).map_err(|e| format!("{at}.allow: {e}"))?)
+            }
+            (None, Some(nets)) => {
+                Some(SourceList::parse(false, nets).map_err(|e| format!("{at}.deny: {e}"))?)
+            }
+            (None, None) => None,
+        };
+        let limits = Limits {
+            packets_per_second: rate("packets_per_second", packets)?,
+            bits_per_second: rate("bits_per_second", bits)?,
+            syns_per_second: rate("syns_per_second", syns)?,
+            sources,
+        };
+        limits.check().map_err(|e| format!("{at}.{e}"))?;
+        Ok(limits)
+    }
+
     /// Refuses what the kernel cannot enforce: a bit rate under [`MIN_BIT_RATE`].
     pub fn check(&self) -> Result<(), String> {
         match self.bits_per_second {

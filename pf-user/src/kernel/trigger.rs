@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{MapData, MapError, RingBuf};
+use aya::maps::{IterableMap, MapData, MapError, RingBuf};
 use pf_common::{EndpointKey, MAP_SHAPES, TriggerGate, TriggerOpened, limits, map_names};
 
 use super::{
@@ -273,11 +273,13 @@ impl State {
                 ));
             }
         }
-        for gate in 1..limits::MAX_TRIGGER_GATES {
-            let slot = self
-                .trigger_gates
-                .get(&gate, 0)
-                .map_err(map_error(map_names::TRIGGER_GATES))?;
+        // The whole gate array in one batched read (a few syscalls, not 65,535).
+        let slots: Vec<(u32, TriggerGate)> =
+            super::state::dump(self.trigger_gates.map(), map_names::TRIGGER_GATES)?;
+        for (gate, slot) in slots {
+            if gate == 0 {
+                continue;
+            }
             let timeout_ns = gates.get(&gate).copied().unwrap_or(0);
             if slot.timeout_ns != timeout_ns {
                 // A rule that was not armed, or armed otherwise: closed until triggered.

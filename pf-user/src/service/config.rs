@@ -15,11 +15,7 @@ use super::policy::{
     DEFAULT_MAX_RANGE_PORTS, DEFAULT_PORT_POOL, DEFAULT_PORTS_PER_OWNER, Policy, parse_ttl,
 };
 use crate::{
-    domain::{
-        limits::{Limits, Rate, SourceList},
-        net::Ipv4Net,
-        spec::PortRange,
-    },
+    domain::{limits::Limits, net::Ipv4Net, spec::PortRange},
     kernel::{
         attach::{AttachMode, DeviceChoice, Role, TcAttach},
         bpffs::DEFAULT_PIN_DIR,
@@ -246,41 +242,28 @@ struct RawLimits {
     deny: Option<Vec<String>>,
 }
 
+impl RawRate {
+    fn text(r: &Option<RawRate>) -> Option<String> {
+        r.as_ref().map(|r| match r {
+            RawRate::Number(n) => n.to_string(),
+            RawRate::Text(t) => t.clone(),
+        })
+    }
+}
+
 impl RawLimits {
     /// The limits, each error named by `at` (the table's name) and the key.
     fn parse(&self, at: &str) -> Result<Limits, String> {
-        let rate = |key: &str, r: &Option<RawRate>| -> Result<Option<u64>, String> {
-            let text = match r {
-                None => return Ok(None),
-                Some(RawRate::Number(n)) => n.to_string(),
-                Some(RawRate::Text(t)) => t.clone(),
-            };
-            text.parse::<Rate>()
-                .map(|r| Some(r.0))
-                .map_err(|e| format!("{at}.{key}: {e}"))
-        };
-        let sources = match (&self.allow, &self.deny) {
-            (Some(_), Some(_)) => {
-                return Err(format!(
-                    "{at}: both allow and deny are set; a reservation has one list"
-                ));
-            }
-            (Some(nets), None) => {
-                Some(SourceList::parse(true, nets).map_err(|e| format!("{at}.allow: {e}"))?)
-            }
-            (None, Some(nets)) => {
-                Some(SourceList::parse(false, nets).map_err(|e| format!("{at}.deny: {e}"))?)
-            }
-            (None, None) => None,
-        };
-        let limits = Limits {
-            packets_per_second: rate("packets_per_second", &self.packets_per_second)?,
-            bits_per_second: rate("bits_per_second", &self.bits_per_second)?,
-            syns_per_second: rate("syns_per_second", &self.syns_per_second)?,
-            sources,
-        };
-        limits.check().map_err(|e| format!("{at}.{e}"))?;
-        Ok(limits)
+        Limits::parse(
+            at,
+            [
+                RawRate::text(&self.packets_per_second),
+                RawRate::text(&self.bits_per_second),
+                RawRate::text(&self.syns_per_second),
+            ],
+            self.allow.as_deref(),
+            self.deny.as_deref(),
+        )
     }
 }
 

@@ -1633,6 +1633,23 @@ impl SqliteStore {
     /// Past holders `where_clause` finds for `addr` (?1), a first port in the index range a
     /// row overlapping `ports` can start in (?2 to ?3), the range's other end (?4), the
     /// protocols (?5) and a time (?6).
+    /// Every row `statement` selects, as the tuple `R` of its columns (checked by the caller).
+    fn select<R>(
+        &self,
+        what: &'static str,
+        statement: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<R>, StoreError>
+    where
+        R: for<'a> TryFrom<&'a Row<'a>, Error = rusqlite::Error>,
+    {
+        let mut stmt = self.conn.prepare_cached(statement).map_err(sql(what))?;
+        stmt.query_map(params, |r| R::try_from(r))
+            .map_err(sql(what))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql(what))
+    }
+
     fn holders_where(
         &self,
         where_clause: &str,
@@ -1641,40 +1658,22 @@ impl SqliteStore {
         protocols: Protocols,
         at_ms: u64,
     ) -> Result<Vec<Holder>, StoreError> {
-        let what = "reading past holders";
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!(
+        type Row = (i64, String, i64, i64, u8, i64, i64, String);
+        let rows: Vec<Row> = self.select(
+            "reading past holders",
+            &format!(
                 "SELECT id, owner, first_port, last_port, protocols, from_ms, until_ms, ended \
                  FROM holders {where_clause} ORDER BY until_ms"
-            ))
-            .map_err(sql(what))?;
-        let rows = stmt
-            .query_map(
-                params![
-                    addr.to_string(),
-                    lowest_overlapping_first(ports),
-                    ports.last,
-                    ports.first,
-                    protocols.mask(),
-                    at_ms as i64
-                ],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, u8>(4)?,
-                        r.get::<_, i64>(5)?,
-                        r.get::<_, i64>(6)?,
-                        r.get::<_, String>(7)?,
-                    ))
-                },
-            )
-            .map_err(sql(what))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(sql(what))?;
+            ),
+            params![
+                addr.to_string(),
+                lowest_overlapping_first(ports),
+                ports.last,
+                ports.first,
+                protocols.mask(),
+                at_ms as i64
+            ],
+        )?;
         rows.into_iter()
             .map(|(id, owner, first, last, mask, from, until, ended)| {
                 let bad = |detail: String| StoreError::BadRow { id, detail };
@@ -1737,29 +1736,14 @@ impl SqliteStore {
             Option<String>,
             Option<String>,
         );
-        let what = "reading reservations' limits";
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!(
+        let rows: Vec<Row> = self.select(
+            "reading reservations' limits",
+            &format!(
                 "SELECT id, slot, packets_per_second, bits_per_second, syns_per_second, \
                  source_list, networks FROM limits {where_clause}"
-            ))
-            .map_err(sql(what))?;
-        let rows: Vec<Row> = stmt
-            .query_map(params, |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                ))
-            })
-            .map_err(sql(what))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(sql(what))?;
+            ),
+            params,
+        )?;
         rows.into_iter()
             .map(|(id, slot, pps, bps, sps, list, networks)| {
                 let bad = |detail: String| StoreError::BadRow { id, detail };
@@ -1803,28 +1787,15 @@ impl SqliteStore {
         where_clause: &str,
         params: impl rusqlite::Params,
     ) -> Result<HashMap<u64, Trigger>, StoreError> {
-        let what = "reading trigger rules";
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!(
+        type Row = (i64, i64, u8, i64, i64, i64);
+        let rows: Vec<Row> = self.select(
+            "reading trigger rules",
+            &format!(
                 "SELECT id, gate, protocols, first_port, last_port, idle_timeout_ms FROM triggers \
                  {where_clause}"
-            ))
-            .map_err(sql(what))?;
-        let rows = stmt
-            .query_map(params, |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, u8>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, i64>(5)?,
-                ))
-            })
-            .map_err(sql(what))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(sql(what))?;
+            ),
+            params,
+        )?;
         rows.into_iter()
             .map(|(id, gate, mask, first, last, idle)| {
                 let bad = |detail: String| StoreError::BadRow { id, detail };
@@ -1857,28 +1828,15 @@ impl SqliteStore {
         where_clause: &str,
         params: impl rusqlite::Params,
     ) -> Result<Vec<(u64, Mapping)>, StoreError> {
-        let what = "reading port mappings";
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!(
+        type Row = (i64, String, String, u8, u16, Option<Vec<u8>>);
+        let rows: Vec<Row> = self.select(
+            "reading port mappings",
+            &format!(
                 "SELECT id, via, client_ip, protocols, internal_port, nonce FROM port_mappings \
                  {where_clause}"
-            ))
-            .map_err(sql(what))?;
-        let rows = stmt
-            .query_map(params, |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, u8>(3)?,
-                    r.get::<_, u16>(4)?,
-                    r.get::<_, Option<Vec<u8>>>(5)?,
-                ))
-            })
-            .map_err(sql(what))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(sql(what))?;
+            ),
+            params,
+        )?;
         rows.into_iter()
             .map(|(id, via, client, mask, internal_port, nonce)| {
                 let bad = |detail: String| StoreError::BadRow { id, detail };
