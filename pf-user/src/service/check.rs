@@ -11,7 +11,9 @@
 //!    reservation's traffic and in `rewritten`);
 //! 5. `target`: the target answers, a TCP connect from the server (through the tunnel), or
 //!    for UDP a probe whose silence is inconclusive, never "closed";
-//! 6. `traffic`: what the reservation's entries counted (information, not a judgement).
+//! 6. `traffic`: what the reservation's entries counted (information, not a judgement);
+//!    `limits`, for a reservation with limits: them, and what they dropped, by reason (a
+//!    test packet they refuse makes `program` fail, saying so).
 //!
 //! Probes go only to the reservation's own target, one each, bounded by [`PROBE_TIMEOUT`].
 //! Answered beside the engine (on a blocking thread): a probe waits, a change must not.
@@ -47,6 +49,7 @@ const TEST_SOURCE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const TEST_SOURCE_PORT: u16 = 40_000;
 /// XDP's verdicts a rewritten packet may leave with: pass to the kernel, or (fast path)
 /// redirect.
+const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
 
@@ -174,6 +177,27 @@ pub fn check(
             ),
         ),
         _ => links.push("traffic", "info", "not readable from the maps".into()),
+    }
+    if let Some(l) = store.limits(record.id)? {
+        let drops = crate::kernel::limit::DropCounters::open(dir)
+            .ok()
+            .flatten()
+            .and_then(|d| d.get(l.slot).ok());
+        let dropped = match drops {
+            Some(d) if d.iter().any(|n| *n != 0) => pf_common::LimitDrop::ALL
+                .iter()
+                .filter(|r| d[**r as usize] != 0)
+                .map(|r| format!("{} {}", r.name(), d[*r as usize]))
+                .collect::<Vec<_>>()
+                .join(", "),
+            Some(_) => "nothing".into(),
+            None => "not readable from the maps".into(),
+        };
+        links.push(
+            "limits",
+            "info",
+            format!("{}; dropped: {dropped}", l.limits),
+        );
     }
     let first = |state: &str| {
         links
@@ -361,6 +385,13 @@ fn program_link(
                     "program",
                     format!(
                         "{iface}'s ingress program (id {prog_id}) rewrites a test packet to {endpoint} towards {target}"
+                    ),
+                );
+            } else if verdict == XDP_DROP {
+                links.failed(
+                    "program",
+                    format!(
+                        "{iface}'s ingress program (id {prog_id}) dropped a test packet from {TEST_SOURCE} to {endpoint}: the reservation's limits refuse it (its source list, or a rate it is over now; see `limits`)"
                     ),
                 );
             } else {

@@ -460,9 +460,32 @@ fn limits_hold_under_a_flood_and_spare_everything_else() {
     assert_eq!(ask("198.51.100.3"), None, "a source off the allow-list");
     let dropped = listed_drops(&dir, "198.51.100.1:7002/udp");
     assert_eq!(dropped["source"], 1, "{dropped}");
+    // pf check: the test packet (from 192.0.2.1) is off the allow-list, and says so; the
+    // limits link shows the list and the drop.
+    let out = super::common::pf(&dir, &["check", "198.51.100.1:7002/udp", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&v["verdict"], &v["because"]),
+        (&"closed".into(), &"program".into()),
+        "{v}"
+    );
+    let link = |name: &str| {
+        v["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["link"] == name)
+            .unwrap_or_else(|| panic!("no {name} link: {v}"))["detail"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(link("program").contains("limits refuse it"), "{v}");
+    assert!(link("limits").contains("allow 198.51.100.2/32"), "{v}");
     let human = pf_ok(&dir, &["list"]);
+    // The check's test packet was dropped, and counted, too.
     assert!(
-        human.contains("allow 198.51.100.2/32; dropped source 1"),
+        human.contains("allow 198.51.100.2/32; dropped source 2"),
         "{human}"
     );
 }
