@@ -79,6 +79,13 @@
 //!    further trigger packets arrive) within the rule's idle timeout; the opening is reported
 //!    on TRIGGER_EVENTS with the packet's gate, source and destination.
 //!
+//! Source lists (a reservation's limits):
+//! 16. A forward entry may carry a source list (an allow-list: only its networks; a deny-list:
+//!    all but them). At ingress, a hit of step 5 or 6 whose source the list refuses is dropped:
+//!    verdict XDP_DROP, the frame as it came, outcome `LimitDropped`; a first fragment so
+//!    dropped records no datagram. ICMP errors (step 9) are not checked. (Rates are limits
+//!    too, but they depend on time; the fixtures test them.)
+//!
 //! The trigger program's verdict is always TC_ACT_UNSPEC (TCX's "next"), and every frame leaves it byte for byte
 //! as it came.
 
@@ -89,6 +96,7 @@ use pf_common::{
     counters::{Outcome, Trigger},
 };
 
+pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const TC_ACT_OK: u32 = 0;
 /// TC_ACT_UNSPEC (-1): the trigger program's verdict, "next" to TCX and to a cls_bpf chain.
@@ -101,6 +109,10 @@ pub type NatKey = ([u8; 4], [u8; 2], u8);
 
 /// One NAT map: (address, port, protocol) to (address, port), as the packet carries them.
 pub type NatTable = HashMap<NatKey, ([u8; 4], [u8; 2])>;
+
+/// A source list (step 16): whether it is an allow-list, and its networks as (address, mask),
+/// network byte order.
+pub type SourceList = (bool, Vec<([u8; 4], [u8; 4])>);
 
 /// TRIGGER_PORTS (step 14): (client address, trigger port, protocol) to the gate it opens.
 pub type TriggerTable = HashMap<NatKey, u32>;
@@ -132,6 +144,8 @@ pub struct Model {
     pub reverse: NatTable,
     /// `TUNNEL_NETWORKS`: (network address, mask), network byte order.
     pub tunnel_networks: Vec<([u8; 4], [u8; 4])>,
+    /// The forward keys whose entries carry a source list (step 16), and the list.
+    pub sources: HashMap<NatKey, SourceList>,
     /// Datagram to the NAT key its first fragment matched.
     fragments: HashMap<DatagramKey, ([u8; 4], [u8; 2], u8)>,
 }
@@ -280,7 +294,20 @@ impl Model {
             forward,
             reverse,
             tunnel_networks: Vec::new(),
+            sources: HashMap::new(),
             fragments: HashMap::new(),
+        }
+    }
+
+    /// Whether step 16 drops a frame from `source` that hit forward key `key`.
+    fn refused(&self, direction: Direction, key: &NatKey, source: [u8; 4]) -> bool {
+        let in_net =
+            |(net, mask): &([u8; 4], [u8; 4])| (0..4).all(|i| source[i] & mask[i] == net[i]);
+        match self.sources.get(key) {
+            Some((allow, nets)) if direction == Direction::Ingress => {
+                nets.iter().any(in_net) != *allow
+            }
+            _ => false,
         }
     }
 
@@ -313,6 +340,13 @@ impl Model {
             Ok((outcome, out)) => (outcome, out),
             Err(outcome) => (outcome, frame.to_vec()),
         };
+        if outcome == Outcome::LimitDropped {
+            return Expected {
+                verdict: XDP_DROP,
+                frame: out,
+                outcome,
+            };
+        }
         // The source the frame would leave with: an ICMP error's after step 10.
         let leaving = parse_ip(frame).ok().map(|ip| match outcome {
             Outcome::IcmpErrorRewritten => addr(&out, ip.at + 12),
@@ -396,6 +430,9 @@ impl Model {
             .nat(direction)
             .get(&key)
             .ok_or(Outcome::NoReservation)?;
+        if self.refused(direction, &key, addr(frame, ip.at + 12)) {
+            return Err(Outcome::LimitDropped);
+        }
         if ip.frags & 0x2000 != 0 {
             self.fragments
                 .insert(Self::datagram(direction, frame, ip), key);
@@ -428,6 +465,9 @@ impl Model {
             .get(&Self::datagram(direction, frame, ip))
             .ok_or(Outcome::Fragment)?;
         let &(new_addr, _) = self.nat(direction).get(nat_key).ok_or(Outcome::Fragment)?;
+        if self.refused(direction, nat_key, addr(frame, ip.at + 12)) {
+            return Err(Outcome::LimitDropped);
+        }
         let addr_at = Self::rewritten_addr(direction, ip.at);
         let mut out = frame.to_vec();
         put(&mut out, addr_at, &new_addr);

@@ -20,10 +20,14 @@ use std::{
 use aya::maps::MapData;
 use pf::{
     domain::{
+        limits::{Limits, SourceList},
         net::Ipv4Net,
         spec::{PortRange, Protocols, Reservation},
     },
-    kernel::trigger::{Openings, TriggerRule},
+    kernel::{
+        limit::LimitRule,
+        trigger::{Guards, Openings, TriggerRule},
+    },
 };
 use pf_common::{
     FragmentKey, FragmentValue, IPPROTO_TCP, IPPROTO_UDP, checksum,
@@ -44,6 +48,34 @@ const RESERVATIONS: [(&str, &str); 4] = [
     ("198.51.100.1:8810-8815/both", "10.8.0.3:9810"),
     ("198.51.100.7:443/both", "10.8.0.9:8443"),
 ];
+/// Reservations with a source list (public, target, limit slot, allow-list or deny-list, its
+/// networks); the generator sends from inside and outside them ([`LISTED_SOURCES`]).
+const LISTED: [(&str, &str, u16, bool, &[&str]); 2] = [
+    (
+        "198.51.100.1:9000-9001/both",
+        "10.8.0.4:9000",
+        1,
+        true,
+        &["203.0.113.0/25", "192.0.2.7/32"],
+    ),
+    (
+        "198.51.100.7:9100/udp",
+        "10.8.0.4:9100",
+        2,
+        false,
+        &["203.0.113.0/26"],
+    ),
+];
+/// Sources on both sides of [`LISTED`]'s networks.
+const LISTED_SOURCES: [[u8; 4]; 6] = [
+    [203, 0, 113, 1],
+    [203, 0, 113, 100],
+    [203, 0, 113, 200],
+    [192, 0, 2, 7],
+    [192, 0, 2, 8],
+    [198, 51, 100, 99],
+];
+
 /// Reservations behind trigger gates (public, target, gate, the gate's trigger: client and UDP
 /// port). The rig opens [`OPEN_GATE`] and leaves [`CLOSED_GATE`] closed.
 const GATED: [(&str, &str, u16, [u8; 4], u16); 2] = [
@@ -137,7 +169,12 @@ fn transport(rng: &mut StdRng, direction: Direction, nat: &NatTable) -> Pkt {
         2..=3 => IPPROTO_UDP,
         _ => crate::kit::packet::IPPROTO_ICMP,
     });
-    let (other_addr, other_port) = (rng.random::<[u8; 4]>(), rng.random::<u16>());
+    let other_addr = if rng.random_bool(0.4) {
+        LISTED_SOURCES[rng.random_range(0..LISTED_SOURCES.len())]
+    } else {
+        rng.random::<[u8; 4]>()
+    };
+    let other_port = rng.random::<u16>();
     let mut p = match direction {
         Direction::Ingress => Pkt::tcp(other_addr, other_port, addr, port),
         Direction::Egress => Pkt::tcp(addr, port, other_addr, other_port),
@@ -453,6 +490,42 @@ impl Rig {
                 closed.push(r);
             }
         }
+        let mut sources = std::collections::HashMap::new();
+        for (public, target, slot, allow, networks) in LISTED {
+            let r = super::common::reservations(&[(public, target)]).remove(0);
+            let nets: Vec<Ipv4Net> = networks.iter().map(|n| n.parse().unwrap()).collect();
+            let list = if allow {
+                SourceList::Allow(nets.clone())
+            } else {
+                SourceList::Deny(nets.clone())
+            };
+            let rule = LimitRule {
+                slot,
+                limits: Limits {
+                    sources: Some(list),
+                    ..Limits::default()
+                },
+            };
+            pf.state
+                .reserve_guarded(
+                    &r,
+                    Guards {
+                        trigger: None,
+                        limit: Some(&rule),
+                    },
+                )
+                .unwrap();
+            let model_list: model::SourceList = (
+                allow,
+                nets.iter()
+                    .map(|n| (n.addr.octets(), n.mask().to_be_bytes()))
+                    .collect(),
+            );
+            for key in tables(std::slice::from_ref(&r)).0.into_keys() {
+                sources.insert(key, model_list.clone());
+            }
+            reservations.push(r);
+        }
         load_triggers(&mut pf);
         let (client, port) = (GATED[0].3, GATED[0].4);
         run_once(
@@ -468,6 +541,7 @@ impl Rig {
         pf.state.set_tunnel_networks(&[net]).unwrap();
         let mut model = Model::new(forward, reverse);
         model.tunnel_networks = vec![(net.addr.octets(), net.mask().to_be_bytes())];
+        model.sources = sources;
         Self {
             pf,
             model,
@@ -638,6 +712,13 @@ fn run_direction(direction: Direction, seed: u64, packets: u64) {
         gate_open(&rig.pf, OPEN_GATE) && !gate_open(&rig.pf, CLOSED_GATE),
         "the gates changed during the run"
     );
+    // At ingress, source lists both drop and pass.
+    if direction == Direction::Ingress {
+        assert!(
+            count("limit_dropped") * 100 > compared,
+            "too few frames a source list dropped: {outcomes:?}"
+        );
+    }
     // At egress, misses from a tunnel network are dropped and others passed: both are seen.
     if direction == Direction::Egress {
         assert!(
