@@ -2,7 +2,8 @@
 //! internet host, the VPN server and the tunnel client. `pf serve` on the server attaches to
 //! the public interface; a customer's reservation, made through it, forwards a public port to
 //! the client's web server. Then a trigger rule: a port that stays closed until the client's
-//! own packet opens it. Everything is torn down at the end, also on failure.
+//! own packet opens it; and a reservation with limits, whose deny-list drops the internet
+//! host's packets in XDP. Everything is torn down at the end, also on failure.
 
 use std::process::Command;
 
@@ -177,6 +178,43 @@ pub fn run() -> Result<()> {
             "the triggered port did not answer with the client's page"
         );
         step("pf list", &mut on_server(&["list"]))?;
+
+        show("limits: what reaches a reservation, enforced in XDP");
+        let public = format!("{PUBLIC_IP}:8081/tcp");
+        step(
+            &format!(
+                "pf reserve {public} --to {CLIENT_IP}:8081 --owner customer-42 --max-pps 1000 --deny {INTERNET_IP}"
+            ),
+            &mut on_server(&[
+                "reserve",
+                &public,
+                "--to",
+                &format!("{CLIENT_IP}:8081"),
+                "--owner",
+                "customer-42",
+                "--max-pps",
+                "1000",
+                "--deny",
+                INTERNET_IP,
+            ]),
+        )?;
+        let url = format!("http://{PUBLIC_IP}:8081/");
+        println!("$ curl {url}    # on the internet host, whose address is on the deny-list");
+        let denied = topo
+            .inet
+            .cmd(&["curl", "--silent", "--fail", "--max-time", "2", &url])
+            .output()
+            .context("running curl")?;
+        ensure!(
+            !denied.status.success(),
+            "a source on the deny-list got through"
+        );
+        println!("(no answer: its packets were dropped on the public NIC, and counted)");
+        let listed = step("pf list", &mut on_server(&["list"]))?;
+        ensure!(
+            listed.contains("deny 198.51.100.2/32; dropped source"),
+            "pf list does not show the deny-list's drops"
+        );
 
         show("on the server: what pf counted");
         step("pf stats", &mut on_server(&["stats"]))?;

@@ -695,5 +695,94 @@ fn contention(
         results.push(json!({ "contention": name, "runs_ns": runs, "median_ns": m, "ratio_to_one_cpu": m / alone }));
     }
     state.release(&second.public).map_err(err)?;
+    results.push(limit_across_cpus(profile, state, programs, &cpus)?);
     Ok(results)
+}
+
+/// A packet-rate limit shared by two CPUs flooding it at once: what it admitted against what
+/// its rate and burst allow over the time the CPUs ran (the kernel's own measure of each run).
+/// The bucket is one word both CPUs read and add to (`pf-ebpf/src/limit.rs`); this measures
+/// the error that leaves.
+fn limit_across_cpus(
+    profile: &Profile,
+    state: &mut State,
+    programs: &Programs,
+    cpus: &[usize],
+) -> Result<Value, String> {
+    const RATE: u64 = 1_000_000;
+    let err = |e: pf::PfError| e.to_string();
+    let hit = Ipv4Addr::from(HIT_ADDR);
+    let limited = reservation(hit, 8085, Protocols::Tcp, hit, 8085);
+    let rule = LimitRule {
+        slot: 3,
+        limits: Limits {
+            packets_per_second: Some(RATE),
+            ..Limits::default()
+        },
+    };
+    state
+        .reserve_guarded(
+            &limited,
+            Guards {
+                trigger: None,
+                limit: Some(&rule),
+            },
+        )
+        .map_err(err)?;
+    let packet = Pkt::tcp(REMOTE, 40000, HIT_ADDR, 8085).frame();
+    let mut errors = Vec::new();
+    for _ in 0..profile.repetitions {
+        // A full bucket at the start of every run.
+        state.arm_limit(&rule).map_err(err)?;
+        let before = state.counters().map_err(err)?;
+        let durations: Vec<u128> = std::thread::scope(|scope| {
+            let handles: Vec<_> = cpus[..2]
+                .iter()
+                .map(|&cpu| {
+                    let packet = &packet;
+                    scope.spawn(move || -> Result<u128, String> {
+                        pin_to_cpu(cpu)?;
+                        let result = programs
+                            .ingress()
+                            .test_run(TestRunOptions {
+                                data_in: Some(packet),
+                                repeat: profile.repeat * 4,
+                                ..Default::default()
+                            })
+                            .map_err(|e| format!("BPF_PROG_TEST_RUN: {e}"))?;
+                        Ok(result.duration.as_nanos() * u128::from(profile.repeat * 4))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .map_err(|_| "a bench thread panicked".to_string())?
+                })
+                .collect::<Result<_, String>>()
+        })?;
+        let after = state.counters().map_err(err)?;
+        let admitted = after.ingress(Outcome::Rewritten) - before.ingress(Outcome::Rewritten);
+        let window_ns = *durations.iter().max().unwrap() as f64;
+        let burst = RATE as f64 * pf_common::limits::LIMIT_BURST_NS as f64 / 1e9 + 1.0;
+        let expected = burst + RATE as f64 * window_ns / 1e9;
+        errors.push((admitted as f64 - expected) / expected);
+    }
+    state.release(&limited.public).map_err(err)?;
+    let m = median(&errors);
+    println!(
+        "{:<34} {:>13.1}%   (1,000,000 packets/s shared by 2 CPUs flooding it)",
+        "limit admitted vs its rate",
+        m * 100.0
+    );
+    if m.abs() > 0.10 {
+        return Err(format!(
+            "the limit admitted {:.1}% off its rate across 2 CPUs: more than 10%",
+            m * 100.0
+        ));
+    }
+    Ok(
+        json!({ "contention": "limit admitted vs its rate, 2 CPUs", "errors": errors, "median_error": m }),
+    )
 }

@@ -619,9 +619,17 @@ pub fn print_stats(
         .filter(|(name, _)| *name != Outcome::TunnelSourceDropped.name())
         .collect();
     out!("ingress (XDP): {}", line(&ingress));
+    // limit_dropped is ingress's alone.
+    let egress: Vec<(&str, u64)> = stats
+        .counters
+        .egress
+        .iter()
+        .copied()
+        .filter(|(name, _)| *name != Outcome::LimitDropped.name())
+        .collect();
     out!(
         "egress  (TC):  {}  (rewritten by the skb helpers: {})",
-        line(&stats.counters.egress),
+        line(&egress),
         stats.counters.egress_by_helpers
     );
     if !stats.tunnel_networks.is_empty() {
