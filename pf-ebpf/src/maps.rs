@@ -9,7 +9,7 @@ use aya_ebpf::{
 use pf_common::{
     EndpointKey, FragmentKey, FragmentValue, NatEntry, PORT_USE_SLOTS, ReservationKey,
     ReservationValue, TunnelNetworks,
-    counters::COUNTER_SLOTS,
+    counters::{COUNTER_SLOTS, Outcome},
     limits::{MAX_FORWARDS, MAX_REDIRECT_DEVICES, MAX_RESERVATIONS, MAX_TRACKED_DATAGRAMS},
 };
 
@@ -86,6 +86,41 @@ pub fn forward_entry<const REFRESH: bool>(key: &EndpointKey) -> Option<*mut NatE
     let entry = FORWARD_NAT.get_ptr_mut(key)?;
     // SAFETY: a value of FORWARD_NAT from this lookup.
     unsafe { crate::trigger::passes::<REFRESH>(entry) }.then_some(entry)
+}
+
+/// The `FORWARD_NAT` entry an inbound packet of the flow to `key` goes through, as
+/// [`forward_entry::<true>`], with the entry's limits (`admit`) deciding before the packet
+/// keeps an open gate open: a flood the limits drop must not hold a trigger rule's ports
+/// open. An entry without limits costs what [`forward_entry`] does.
+///
+/// SAFETY: `admit` is handed a value of `FORWARD_NAT` from this lookup.
+#[inline(always)]
+pub unsafe fn forward_entry_admitted(
+    key: &EndpointKey,
+    admit: impl FnOnce(*const NatEntry) -> bool,
+) -> Result<*mut NatEntry, Outcome> {
+    use crate::trigger::passes;
+    let entry = FORWARD_NAT.get_ptr_mut(key).ok_or(Outcome::NoReservation)?;
+    // SAFETY (each use of `entry`): a value of FORWARD_NAT from this lookup.
+    unsafe {
+        if (*entry).limit == 0 {
+            return if passes::<true>(entry) {
+                Ok(entry)
+            } else {
+                Err(Outcome::NoReservation)
+            };
+        }
+        if !passes::<false>(entry) {
+            return Err(Outcome::NoReservation);
+        }
+        if !admit(entry) {
+            return Err(Outcome::LimitDropped);
+        }
+        if (*entry).gate != 0 {
+            passes::<true>(entry);
+        }
+    }
+    Ok(entry)
 }
 
 /// The `REVERSE_NAT` entry for `key`, as [`forward_entry`].

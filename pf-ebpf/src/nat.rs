@@ -55,17 +55,11 @@ fn track_datagram(key: &FragmentKey, nat_key: EndpointKey) {
     let _ = FRAGMENTS.insert(key, &FragmentValue { nat_key }, 0);
 }
 
-/// The NAT entry a later fragment's datagram was rewritten through, if its first fragment was
-/// rewritten and the reservation still exists.
+/// The NAT key a later fragment's datagram was rewritten through, if its first fragment was.
 #[inline(always)]
-fn tracked_entry(key: &FragmentKey, direction: u8) -> Option<*mut NatEntry> {
+fn tracked_key(key: &FragmentKey) -> Option<EndpointKey> {
     // SAFETY: a map value, copied out at once.
-    let nat_key = unsafe { FRAGMENTS.get(key) }?.nat_key;
-    if direction == FRAGMENT_INGRESS {
-        maps::forward_entry::<true>(&nat_key)
-    } else {
-        maps::reverse_entry::<true>(&nat_key)
-    }
+    Some(unsafe { FRAGMENTS.get(key) }?.nat_key)
 }
 
 /// The three checksums every ICMP error translation updates, before or after it. The embedded
@@ -230,20 +224,14 @@ fn ingress_tcp_udp(start: usize, end: usize, ip: &Ipv4) -> Outcome {
             return Outcome::NoReservation;
         }
         let key = EndpointKey::new(old_addr, old_port, ip.proto);
-        // The gate is checked here but kept open only by a packet the limits let through: a
-        // flood they drop must not hold a trigger rule's ports open.
-        let Some(entry) = maps::forward_entry::<false>(&key) else {
-            return Outcome::NoReservation;
-        };
-        if (*entry).limit != 0 {
+        let admit = |entry| {
             let src = wire::get4(&raw const (*ip.ip).src_addr);
-            if !limit::admits(entry, src, ip.ip_len, is_syn(start, end, ip)) {
-                return Outcome::LimitDropped;
-            }
-        }
-        if (*entry).gate != 0 {
-            crate::trigger::passes::<true>(entry);
-        }
+            limit::admits(entry, src, ip.ip_len, is_syn(start, end, ip))
+        };
+        let entry = match maps::forward_entry_admitted(&key, admit) {
+            Ok(entry) => entry,
+            Err(outcome) => return outcome,
+        };
         if ip.frags & IP_MF != 0 {
             // A first fragment: the key is taken before the destination changes.
             track_datagram(&fragment_key(ip, FRAGMENT_INGRESS), key);
@@ -364,13 +352,16 @@ pub fn rewrite_reply(reply: &Reply) {
 fn ingress_later_fragment(ip: &Ipv4) -> Outcome {
     // SAFETY: the parser bounds-checked `ip.ip`.
     unsafe {
-        let Some(entry) = tracked_entry(&fragment_key(ip, FRAGMENT_INGRESS), FRAGMENT_INGRESS)
-        else {
+        let Some(nat_key) = tracked_key(&fragment_key(ip, FRAGMENT_INGRESS)) else {
             return Outcome::Fragment;
         };
-        if (*entry).limit != 0 && !limit::admits(entry, (*ip.ip).src_addr, ip.ip_len, false) {
-            return Outcome::LimitDropped;
-        }
+        let admit = |entry| limit::admits(entry, (*ip.ip).src_addr, ip.ip_len, false);
+        let entry = match maps::forward_entry_admitted(&nat_key, admit) {
+            Ok(entry) => entry,
+            // The reservation went (or its gate closed) since the first fragment.
+            Err(Outcome::NoReservation) => return Outcome::Fragment,
+            Err(outcome) => return outcome,
+        };
         let new_addr = (*entry).addr;
         let old_addr = (*ip.ip).dst_addr;
         let ip_check = u16::from_be_bytes((*ip.ip).check);
@@ -776,7 +767,7 @@ fn egress_later_fragment(ctx: &TcContext, ip: &Ipv4) -> EgressVerdict {
             ip.ip as usize - start + 12,
         )
     };
-    let Some(entry) = tracked_entry(&key, FRAGMENT_EGRESS) else {
+    let Some(entry) = tracked_key(&key).and_then(|k| maps::reverse_entry::<true>(&k)) else {
         return Outcome::Fragment.into();
     };
     // SAFETY: a map value, valid for the rest of the program.
