@@ -64,7 +64,8 @@ pub struct ReserveRequest {
     pub limits: Option<LimitsRequest>,
 }
 
-/// The limits of `POST /v1/reservations`. Rates are numbers or text with a scale (`"10M"`).
+/// The limits of `POST /v1/reservations`, and of the config's `[policy.limits]` tables. Rates
+/// are numbers or text with a scale (`"10M"`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsRequest {
@@ -103,8 +104,15 @@ impl RateValue {
 impl LimitsRequest {
     /// The limits asked for, each error naming its field.
     pub fn parse(&self) -> Result<Limits, String> {
+        self.parse_at("limits")
+    }
+
+    /// The limits, each error named by `at` (the field, or the config table, they were
+    /// written in) and the key: the config's `[policy.limits]` tables are written as this
+    /// request is.
+    pub fn parse_at(&self, at: &str) -> Result<Limits, String> {
         Limits::parse(
-            "limits",
+            at,
             [
                 RateValue::text(&self.packets_per_second),
                 RateValue::text(&self.bits_per_second),

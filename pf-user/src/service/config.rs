@@ -15,7 +15,8 @@ use super::policy::{
     DEFAULT_MAX_RANGE_PORTS, DEFAULT_PORT_POOL, DEFAULT_PORTS_PER_OWNER, Policy, parse_ttl,
 };
 use crate::{
-    domain::{limits::Limits, net::Ipv4Net, spec::PortRange},
+    api::types::LimitsRequest,
+    domain::{net::Ipv4Net, spec::PortRange},
     kernel::{
         attach::{AttachMode, DeviceChoice, Role, TcAttach},
         bpffs::DEFAULT_PIN_DIR,
@@ -213,58 +214,9 @@ struct RawPolicy {
     #[serde(default)]
     accept_renewals: Option<bool>,
     #[serde(default)]
-    limits: Option<RawLimits>,
+    limits: Option<LimitsRequest>,
     #[serde(default)]
-    owner_limits: std::collections::BTreeMap<String, RawLimits>,
-}
-
-/// A rate in the config: a number, or text with a scale (`"10M"`).
-#[derive(Deserialize, Clone, Debug)]
-#[serde(untagged)]
-enum RawRate {
-    Number(u64),
-    Text(String),
-}
-
-/// `[policy.limits]` and each `[policy.owner_limits.OWNER]`.
-#[derive(Deserialize, Clone, Debug, Default)]
-#[serde(deny_unknown_fields)]
-struct RawLimits {
-    #[serde(default)]
-    packets_per_second: Option<RawRate>,
-    #[serde(default)]
-    bits_per_second: Option<RawRate>,
-    #[serde(default)]
-    syns_per_second: Option<RawRate>,
-    #[serde(default)]
-    allow: Option<Vec<String>>,
-    #[serde(default)]
-    deny: Option<Vec<String>>,
-}
-
-impl RawRate {
-    fn text(r: &Option<RawRate>) -> Option<String> {
-        r.as_ref().map(|r| match r {
-            RawRate::Number(n) => n.to_string(),
-            RawRate::Text(t) => t.clone(),
-        })
-    }
-}
-
-impl RawLimits {
-    /// The limits, each error named by `at` (the table's name) and the key.
-    fn parse(&self, at: &str) -> Result<Limits, String> {
-        Limits::parse(
-            at,
-            [
-                RawRate::text(&self.packets_per_second),
-                RawRate::text(&self.bits_per_second),
-                RawRate::text(&self.syns_per_second),
-            ],
-            self.allow.as_deref(),
-            self.deny.as_deref(),
-        )
-    }
+    owner_limits: std::collections::BTreeMap<String, LimitsRequest>,
 }
 
 /// An interface `pf serve` attaches to on start (or adopts, when already attached).
@@ -544,7 +496,7 @@ impl Config {
             limits: p
                 .limits
                 .as_ref()
-                .map(|l| l.parse("policy.limits"))
+                .map(|l| l.parse_at("policy.limits"))
                 .transpose()?
                 .unwrap_or_default(),
             owner_limits: p
@@ -554,7 +506,7 @@ impl Config {
                     let at = format!("policy.owner_limits.{owner}");
                     crate::service::engine::check_owner(owner)
                         .map_err(|e| format!("{at}: {}", e.message))?;
-                    Ok((owner.clone(), l.parse(&at)?))
+                    Ok((owner.clone(), l.parse_at(&at)?))
                 })
                 .collect::<Result<_, String>>()?,
         };

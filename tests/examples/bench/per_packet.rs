@@ -623,37 +623,6 @@ fn contention(
             .find(|(r, _)| r.public.addr == hit && r.public.ports.first == port)
             .map_or(0, |(_, t)| t.in_packets))
     };
-    // ns/packet on each CPU, run at the same moment.
-    let run_on = |packets: &[&[u8]]| -> Result<Vec<f64>, String> {
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = packets
-                .iter()
-                .zip(&cpus)
-                .map(|(packet, &cpu)| {
-                    scope.spawn(move || -> Result<f64, String> {
-                        pin_to_cpu(cpu)?;
-                        let opts = TestRunOptions {
-                            data_in: Some(packet),
-                            repeat: profile.repeat,
-                            ..Default::default()
-                        };
-                        let result = programs
-                            .ingress()
-                            .test_run(opts)
-                            .map_err(|e| format!("BPF_PROG_TEST_RUN: {e}"))?;
-                        Ok(result.duration.as_nanos() as f64)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .map_err(|_| "a bench thread panicked".to_string())?
-                })
-                .collect()
-        })
-    };
     println!();
     println!(
         "contention: ingress hit TCP on 2 CPUs at once (BPF_PROG_TEST_RUN repeat={}, median of {})",
@@ -676,7 +645,7 @@ fn contention(
         let mut runs = Vec::new();
         for _ in 0..profile.repetitions {
             let before = in_packets(state, 8080)?;
-            let per_cpu = run_on(&packets)?;
+            let per_cpu = ingress_on_cpus(programs, &cpus, &packets, profile.repeat)?;
             let moved = in_packets(state, 8080)? - before;
             let want = u64::from(profile.repeat)
                 * packets.iter().filter(|p| **p == &first_packet[..]).count() as u64;
@@ -697,6 +666,44 @@ fn contention(
     state.release(&second.public).map_err(err)?;
     results.push(limit_across_cpus(profile, state, programs, &cpus)?);
     Ok(results)
+}
+
+/// Runs the ingress program at the same moment on one CPU per packet (`cpus` in order), each
+/// `repeat` times: each CPU's mean ns a packet, as the kernel measured it.
+fn ingress_on_cpus(
+    programs: &Programs,
+    cpus: &[usize],
+    packets: &[&[u8]],
+    repeat: u32,
+) -> Result<Vec<f64>, String> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = packets
+            .iter()
+            .zip(cpus)
+            .map(|(packet, &cpu)| {
+                scope.spawn(move || -> Result<f64, String> {
+                    pin_to_cpu(cpu)?;
+                    let opts = TestRunOptions {
+                        data_in: Some(packet),
+                        repeat,
+                        ..Default::default()
+                    };
+                    let result = programs
+                        .ingress()
+                        .test_run(opts)
+                        .map_err(|e| format!("BPF_PROG_TEST_RUN: {e}"))?;
+                    Ok(result.duration.as_nanos() as f64)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| "a bench thread panicked".to_string())?
+            })
+            .collect()
+    })
 }
 
 /// A packet-rate limit shared by two CPUs flooding it at once: what it admitted against what
@@ -742,36 +749,10 @@ fn limit_across_cpus(
         // A full bucket at the start of every run.
         state.arm_limit(&rule).map_err(err)?;
         let before = state.counters().map_err(err)?;
-        let durations: Vec<u128> = std::thread::scope(|scope| {
-            let handles: Vec<_> = cpus[..2]
-                .iter()
-                .map(|&cpu| {
-                    let packet = &packet;
-                    scope.spawn(move || -> Result<u128, String> {
-                        pin_to_cpu(cpu)?;
-                        let result = programs
-                            .ingress()
-                            .test_run(TestRunOptions {
-                                data_in: Some(packet),
-                                repeat: runs,
-                                ..Default::default()
-                            })
-                            .map_err(|e| format!("BPF_PROG_TEST_RUN: {e}"))?;
-                        Ok(result.duration.as_nanos() * u128::from(runs))
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .map_err(|_| "a bench thread panicked".to_string())?
-                })
-                .collect::<Result<_, String>>()
-        })?;
+        let per_packet_ns = ingress_on_cpus(programs, &cpus[..2], &[&packet, &packet], runs)?;
         let after = state.counters().map_err(err)?;
         let admitted = after.ingress(Outcome::Rewritten) - before.ingress(Outcome::Rewritten);
-        let window_ns = *durations.iter().max().unwrap() as f64;
+        let window_ns = per_packet_ns.iter().copied().fold(0.0, f64::max) * f64::from(runs);
         let burst = RATE as f64 * pf_common::limits::LIMIT_BURST_NS as f64 / 1e9 + 1.0;
         let expected = burst + RATE as f64 * window_ns / 1e9;
         println!(

@@ -46,17 +46,21 @@ fn who_held_a_port_and_a_released_port_waits_in_quarantine() {
     let mut service = dir.serve_with(None, policy());
     let before = now();
     std::thread::sleep(Duration::from_millis(20));
-    pf_ok(
-        &dir,
-        &[
-            "reserve",
-            "198.51.100.1:7000/tcp",
-            "--to",
-            "10.8.0.2",
-            "--owner",
-            "acct-7",
-        ],
-    );
+    // acct-7's reservation of the port, made at the start and again after its release.
+    let reserve_for_acct_7 = || {
+        pf_ok(
+            &dir,
+            &[
+                "reserve",
+                "198.51.100.1:7000/tcp",
+                "--to",
+                "10.8.0.2",
+                "--owner",
+                "acct-7",
+            ],
+        )
+    };
+    reserve_for_acct_7();
     std::thread::sleep(Duration::from_millis(20));
     let held = now();
     std::thread::sleep(Duration::from_millis(20));
@@ -109,17 +113,7 @@ fn who_held_a_port_and_a_released_port_waits_in_quarantine() {
     ))
     .unwrap();
     assert_eq!(auto["first_port"], 7001, "{auto}");
-    pf_ok(
-        &dir,
-        &[
-            "reserve",
-            "198.51.100.1:7000/tcp",
-            "--to",
-            "10.8.0.2",
-            "--owner",
-            "acct-7",
-        ],
-    );
+    reserve_for_acct_7();
 
     // The records outlive a restart; bad questions are refused.
     service.stop();

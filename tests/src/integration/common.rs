@@ -245,6 +245,17 @@ impl LoadedPf {
     pub fn map<T: TryFrom<Map, Error = MapError>>(&self, name: &str) -> T {
         self.dir.map(name)
     }
+
+    /// Reserves `r` with `rule`'s limits, armed before its entries.
+    pub fn reserve_limited(&mut self, r: &Reservation, rule: &pf::kernel::limit::LimitRule) {
+        let guards = pf::kernel::trigger::Guards {
+            trigger: None,
+            limit: Some(rule),
+        };
+        self.state
+            .reserve_guarded(r, guards)
+            .expect("reserving with limits");
+    }
 }
 
 /// Reservations written as the CLI takes them: (public, target).

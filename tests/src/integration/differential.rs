@@ -26,7 +26,7 @@ use pf::{
     },
     kernel::{
         limit::LimitRule,
-        trigger::{Guards, Openings, TriggerRule},
+        trigger::{Openings, TriggerRule},
     },
 };
 use pf_common::{
@@ -506,15 +506,7 @@ impl Rig {
                     ..Limits::default()
                 },
             };
-            pf.state
-                .reserve_guarded(
-                    &r,
-                    Guards {
-                        trigger: None,
-                        limit: Some(&rule),
-                    },
-                )
-                .unwrap();
+            pf.reserve_limited(&r, &rule);
             let model_list: model::SourceList = (
                 allow,
                 nets.iter()

@@ -14,7 +14,7 @@ use std::{
 
 use pf::{
     domain::limits::{Limits, SourceList},
-    kernel::{limit::LimitRule, trigger::Guards},
+    kernel::limit::LimitRule,
 };
 use pf_common::{LimitDrop, counters::Outcome};
 use serde_json::Value;
@@ -36,16 +36,7 @@ const XDP_DROP: u32 = 1;
 
 fn limited(pf: &mut LoadedPf, public: &str, target: &str, slot: u16, limits: Limits) {
     let r = reservations(&[(public, target)])[0];
-    let rule = LimitRule { slot, limits };
-    pf.state
-        .reserve_guarded(
-            &r,
-            Guards {
-                trigger: None,
-                limit: Some(&rule),
-            },
-        )
-        .expect("reserving with limits");
+    pf.reserve_limited(&r, &LimitRule { slot, limits });
 }
 
 /// Runs `frame` `times` times through XDP ingress: how many passed (rewritten), how many

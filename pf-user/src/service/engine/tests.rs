@@ -1062,30 +1062,9 @@ fn a_gate_is_not_handed_on_while_watched_and_reports_are_the_rule_s_own() {
 
     // Retargeting b onto a client that already triggers on 6000/udp is refused, and changes
     // nothing; onto one that does not, the rule follows (closed until its new client asks).
-    let clash = e
-        .handle(
-            Request::Change {
-                id: b,
-                change: ChangeRequest {
-                    to: Some("10.200.0.3".into()),
-                    ..ChangeRequest::default()
-                },
-            },
-            CALLER,
-        )
-        .unwrap_err();
+    let clash = change(&mut e, b, Some("10.200.0.3"), None, None).unwrap_err();
     assert_eq!(clash.kind, Failure::Conflict, "{}", clash.message);
-    e.handle(
-        Request::Change {
-            id: b,
-            change: ChangeRequest {
-                to: Some("10.200.0.4".into()),
-                ..ChangeRequest::default()
-            },
-        },
-        CALLER,
-    )
-    .unwrap();
+    change(&mut e, b, Some("10.200.0.4"), None, None).unwrap();
     let rules = fake.0.lock().unwrap().triggers.clone();
     assert_eq!(rules[&2].client, "10.200.0.4".parse::<Ipv4Addr>().unwrap());
     assert_eq!(gates(&fake).0, vec![1, 2]);
