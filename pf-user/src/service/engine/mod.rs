@@ -405,6 +405,21 @@ pub fn record_view(r: &Record) -> ReservationView {
     }
 }
 
+/// A change to each of an owner's reservations that stopped at reservation `failed` with `e`:
+/// `done` (what went, counted), the ids of `went`, then the error.
+fn stopped_part_way(done: &str, went: &[ReservationView], failed: u64, e: ApiError) -> ApiError {
+    let ids: Vec<String> = went.iter().map(|r| r.id.to_string()).collect();
+    let ids = if ids.is_empty() {
+        "none".to_string()
+    } else {
+        ids.join(", ")
+    };
+    ApiError {
+        message: format!("{done} ({ids}), then reservation {failed}: {}", e.message),
+        ..e
+    }
+}
+
 /// A record as the API's JSON.
 pub fn record_json(r: &Record) -> Value {
     serde_json::to_value(record_view(r)).expect("plain struct")
@@ -925,24 +940,11 @@ impl Engine {
                     released.push(done);
                 }
                 Err(e) => {
-                    let ids: Vec<String> = released
-                        .iter()
-                        .map(|r: &ReservationView| r.id.to_string())
-                        .collect();
-                    return Err(ApiError {
-                        message: format!(
-                            "released {} of {total} reservations of {owner} ({}), then reservation {}: {}",
-                            ids.len(),
-                            if ids.is_empty() {
-                                "none".to_string()
-                            } else {
-                                ids.join(", ")
-                            },
-                            r.id,
-                            e.message
-                        ),
-                        ..e
-                    });
+                    let done = format!(
+                        "released {} of {total} reservations of {owner}",
+                        released.len()
+                    );
+                    return Err(stopped_part_way(&done, &released, r.id, e));
                 }
             }
         }
@@ -998,21 +1000,8 @@ impl Engine {
                     disabled.push(view);
                 }
                 Err(e) => {
-                    let ids: Vec<String> = disabled.iter().map(|r| r.id.to_string()).collect();
-                    return Err(ApiError {
-                        message: format!(
-                            "disabled {} reservations of {owner} ({}), then reservation {}: {}",
-                            ids.len(),
-                            if ids.is_empty() {
-                                "none".into()
-                            } else {
-                                ids.join(", ")
-                            },
-                            r.id,
-                            e.message
-                        ),
-                        ..e
-                    });
+                    let done = format!("disabled {} reservations of {owner}", disabled.len());
+                    return Err(stopped_part_way(&done, &disabled, r.id, e));
                 }
             }
         }
