@@ -139,22 +139,10 @@ impl Engine {
         self.store.set_limit_slot(id, slot)?;
         Ok(())
     }
-
-    /// The kernel's limits of every enabled reservation that has some.
-    pub(super) fn limit_rules(&self) -> Result<Vec<LimitRule>, ApiError> {
-        let mut rules = Vec::new();
-        for (id, l) in self.store.all_limits()? {
-            if let Some(record) = self.store.get(id)?
-                && record.enabled
-            {
-                rules.push(kernel_limit(l));
-            }
-        }
-        Ok(rules)
-    }
 }
 
-fn kernel_limit(l: SlotLimits) -> LimitRule {
+/// The kernel's form of a reservation's stored limits.
+pub(super) fn kernel_limit(l: SlotLimits) -> LimitRule {
     LimitRule {
         slot: l.slot,
         limits: l.limits,

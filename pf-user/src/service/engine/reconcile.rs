@@ -105,8 +105,19 @@ impl Engine {
             })
             .collect();
         let tags_of = |r: &Reservation| tags.get(r).copied().unwrap_or_default();
-        let rules = self.kernel_rules()?;
-        let limit_rules = self.limit_rules()?;
+        // The kernel's trigger rules and limits: those of the enabled reservations.
+        let enabled = || records.iter().filter(|r| r.enabled);
+        let rules: Vec<_> = enabled()
+            .filter_map(|r| {
+                Some(super::trigger::kernel_rule(
+                    &r.reservation,
+                    triggers.get(&r.id)?,
+                ))
+            })
+            .collect();
+        let limit_rules: Vec<_> = enabled()
+            .filter_map(|r| Some(super::limits::kernel_limit(limits.get(&r.id)?.clone())))
+            .collect();
         let mut state = self.open_state()?;
         let actual = state.list()?;
         let want: std::collections::HashSet<&Reservation> = desired.iter().collect();

@@ -168,20 +168,6 @@ impl Engine {
         Ok(())
     }
 
-    /// The kernel rules of every enabled reservation that has one.
-    pub(super) fn kernel_rules(&self) -> Result<Vec<TriggerRule>, ApiError> {
-        let triggers = self.store.triggers()?;
-        let mut rules = Vec::new();
-        for (id, t) in &triggers {
-            if let Some(record) = self.store.get(*id)?
-                && record.enabled
-            {
-                rules.push(kernel_rule(&record.reservation, t));
-            }
-        }
-        Ok(rules)
-    }
-
     /// The engine's watch over the gates, at every tick: each opening the trigger program
     /// reported is audited (with the packet that opened it), and each open gate found closed
     /// is audited as closed. Nothing here decides anything; the kernel has.
