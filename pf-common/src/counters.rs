@@ -186,6 +186,16 @@ impl Outcome {
         Outcome::LimitDropped,
     ];
 
+    /// Whether the program of a direction (ingress: `true`) can have this outcome: `TunnelSourceDropped` is
+    /// egress's alone, `LimitDropped` ingress's.
+    pub const fn seen_at(self, ingress: bool) -> bool {
+        match self {
+            Outcome::TunnelSourceDropped => !ingress,
+            Outcome::LimitDropped => ingress,
+            _ => true,
+        }
+    }
+
     /// The name `pf stats` prints.
     pub const fn name(self) -> &'static str {
         match self {

@@ -610,23 +610,21 @@ pub fn print_stats(
             .collect::<Vec<_>>()
             .join("  ")
     };
-    // tunnel_source_dropped is egress's alone: not shown as an ingress count of 0.
-    let ingress: Vec<(&str, u64)> = stats
-        .counters
-        .ingress
-        .iter()
-        .copied()
-        .filter(|(name, _)| *name != Outcome::TunnelSourceDropped.name())
-        .collect();
+    // Each direction's outcomes, without those only the other program has (not shown as a
+    // count of 0).
+    let seen = |counts: &[(&'static str, u64)], ingress: bool| -> Vec<(&'static str, u64)> {
+        counts
+            .iter()
+            .zip(Outcome::ALL)
+            .filter(|(_, o)| o.seen_at(ingress))
+            .map(|(c, _)| *c)
+            .collect()
+    };
+    let (ingress, egress) = (
+        seen(&stats.counters.ingress, true),
+        seen(&stats.counters.egress, false),
+    );
     out!("ingress (XDP): {}", line(&ingress));
-    // limit_dropped is ingress's alone.
-    let egress: Vec<(&str, u64)> = stats
-        .counters
-        .egress
-        .iter()
-        .copied()
-        .filter(|(name, _)| *name != Outcome::LimitDropped.name())
-        .collect();
     out!(
         "egress  (TC):  {}  (rewritten by the skb helpers: {})",
         line(&egress),
