@@ -10,5 +10,7 @@ pub mod api;
 pub mod domain;
 pub mod kernel;
 pub mod service;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use kernel::PfError;

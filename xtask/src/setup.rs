@@ -33,6 +33,9 @@ const PACKAGES: &[&str] = &[
     // (`upnpc`).
     "natpmpc",
     "miniupnpc",
+    // A real PostgreSQL server for the fleet store's tests (each test starts its own on a
+    // temporary data directory).
+    "postgresql",
     // WireGuard in userspace (this kernel has no module) and `wg` to configure it.
     "wireguard-go",
     "wireguard-tools",

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use super::policy::{
     DEFAULT_MAX_RANGE_PORTS, DEFAULT_PORT_POOL, DEFAULT_PORTS_PER_OWNER, Policy, parse_ttl,
 };
+use super::store::{PostgresLocation, StoreLocation};
 use crate::{
     api::types::LimitsRequest,
     domain::{net::Ipv4Net, spec::PortRange},
@@ -153,6 +154,9 @@ struct RawService {
     socket: Option<PathBuf>,
     socket_group: Option<String>,
     database: Option<PathBuf>,
+    store: Option<String>,
+    store_password_file: Option<PathBuf>,
+    agent: Option<String>,
     audit_log: Option<PathBuf>,
     bpffs: Option<PathBuf>,
     reconcile_removal_limit: Option<f64>,
@@ -235,12 +239,75 @@ pub struct ServiceConfig {
     pub socket: PathBuf,
     /// The group given the socket (mode 0660): its members may use the API.
     pub socket_group: Option<String>,
+    /// The SQLite store's file (and, beside it, its lock); unused with a PostgreSQL store.
     pub database: PathBuf,
+    /// Where the reservations are kept: `database`, or `service.store`'s PostgreSQL.
+    pub store: StoreLocation,
+    /// This server's name in a fleet on a shared store (`service.agent`; default: the host
+    /// name).
+    pub agent: String,
     pub audit_log: PathBuf,
     pub bpffs: PathBuf,
     /// The largest share of the maps' reservations (0 to 1) that a start's reconcile removes
     /// without `--force-reconcile` (beyond a handful, which is ordinary drift).
     pub reconcile_removal_limit: f64,
+}
+
+/// The environment variable that may hold a PostgreSQL store's password (instead of
+/// `service.store_password_file`).
+pub const STORE_PASSWORD_ENV: &str = "PF_STORE_PASSWORD";
+
+/// `service.store`: unset, the SQLite file `database`; a `postgres://` URL, that database, its
+/// password from `service.store_password_file` or the environment (never from the URL, nor a
+/// command line, where others could read it).
+fn store_location(
+    url: Option<&str>,
+    password_file: Option<&Path>,
+    database: &Path,
+) -> Result<StoreLocation, String> {
+    let Some(url) = url else {
+        if password_file.is_some() {
+            return Err(
+                "service.store_password_file is set, but service.store is not a PostgreSQL URL"
+                    .into(),
+            );
+        }
+        return Ok(StoreLocation::Sqlite(database.to_path_buf()));
+    };
+    let password = match password_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| {
+                    format!(
+                        "service.store_password_file: reading {}: {e}",
+                        path.display()
+                    )
+                })?
+                .trim_end_matches(['\n', '\r'])
+                .to_string(),
+        ),
+        None => std::env::var(STORE_PASSWORD_ENV).ok(),
+    };
+    PostgresLocation::parse(url, password.as_deref())
+        .map(|db| StoreLocation::Postgres(Box::new(db)))
+        .map_err(|e| format!("service.store: {e}"))
+}
+
+/// `service.agent`, or the host's name: letters, digits, '.', '-' and '_', 1 to 64 of them.
+fn agent_name(agent: Option<String>) -> Result<String, String> {
+    let name = match agent {
+        Some(name) => name,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default(),
+    };
+    let fine = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+    if name.is_empty() || name.len() > 64 || !name.chars().all(fine) {
+        return Err(format!(
+            "service.agent: '{name}' is not a name for this server (1 to 64 letters, digits, '.', '-' or '_')"
+        ));
+    }
+    Ok(name)
 }
 
 /// Default `service.reconcile_removal_limit`.
@@ -472,6 +539,7 @@ impl Config {
             ));
         }
         let policy = Policy {
+            fleet_ips: Vec::new(),
             public_ips: p.public_ips,
             target_networks,
             port_pool,
@@ -576,6 +644,12 @@ impl Config {
             })
             .collect::<Result<Vec<_>, String>>()?;
         let s = raw.service;
+        let database: PathBuf = s.database.unwrap_or_else(|| DEFAULT_DATABASE.into());
+        let store = store_location(
+            s.store.as_deref(),
+            s.store_password_file.as_deref(),
+            &database,
+        )?;
         let reconcile_removal_limit = s
             .reconcile_removal_limit
             .unwrap_or(DEFAULT_RECONCILE_REMOVAL_LIMIT);
@@ -596,7 +670,9 @@ impl Config {
             service: ServiceConfig {
                 socket: s.socket.unwrap_or_else(|| DEFAULT_SOCKET.into()),
                 socket_group: s.socket_group,
-                database: s.database.unwrap_or_else(|| DEFAULT_DATABASE.into()),
+                database,
+                store,
+                agent: agent_name(s.agent)?,
                 audit_log: s.audit_log.unwrap_or_else(|| DEFAULT_AUDIT_LOG.into()),
                 bpffs: s.bpffs.unwrap_or_else(|| DEFAULT_PIN_DIR.into()),
                 reconcile_removal_limit,
@@ -897,5 +973,55 @@ mod tests {
             let err = Config::parse(&text).unwrap_err();
             assert!(err.contains(needle), "{text:?}: {err}");
         }
+    }
+
+    /// `service.store`: a PostgreSQL URL takes the store there, its password from a file
+    /// (never from the URL); the errors name the key.
+    #[test]
+    fn a_postgresql_store_takes_its_password_from_a_file_never_the_url() {
+        let dir = std::env::temp_dir().join(format!("pf-config-store-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("password");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let with = |service: &str| format!("[service]\n{service}\n{MINIMAL}");
+        let c = Config::parse(&with(&format!(
+            "store = \"postgres://pf@db.example:5432/pf\"\nstore_password_file = \"{}\"",
+            secret.display()
+        )))
+        .unwrap();
+        match &c.service.store {
+            StoreLocation::Postgres(db) => {
+                assert_eq!(db.url(), "postgres://pf@db.example:5432/pf");
+                assert!(!format!("{:?}", c.service).contains("s3cret"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            Config::parse(MINIMAL).unwrap().service.store,
+            StoreLocation::Sqlite(DEFAULT_DATABASE.into())
+        );
+        for (service, needle) in [
+            (
+                "store = \"postgres://pf:s3cret@db/pf\"".to_string(),
+                "service.store: reservation store postgres://pf:***@db/pf: the URL holds a password",
+            ),
+            (
+                "store = \"sqlite:///var/lib/pf/pf.db\"".into(),
+                "service.store: reservation store sqlite:///var/lib/pf/pf.db: a PostgreSQL store is a postgres:// URL",
+            ),
+            (
+                format!("store_password_file = \"{}\"", secret.display()),
+                "service.store_password_file is set, but service.store is not",
+            ),
+            (
+                "store = \"postgres://pf@db/pf\"\nstore_password_file = \"/nonexistent/pw\"".into(),
+                "service.store_password_file: reading /nonexistent/pw",
+            ),
+        ] {
+            let err = Config::parse(&with(&service)).unwrap_err();
+            assert!(err.contains(needle), "{service}: {err}");
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -14,6 +14,7 @@ pub mod dataplane;
 pub mod engine;
 mod http;
 pub use http::ROUTES;
+pub mod fleet;
 mod links;
 pub mod metrics;
 pub mod policy;
@@ -31,7 +32,7 @@ use std::{
 
 use crate::kernel::{PfError, attach, bpffs::PinDir, trigger_hook};
 use config::{Config, ConfigError};
-use store::{SqliteStore, Store, StoreError};
+use store::{PostgresStore, SqliteStore, Store, StoreError, StoreLocation};
 
 use audit::{Audit, Caller};
 use engine::{ApiError, Engine, ReconcileGuard, Request};
@@ -158,9 +159,17 @@ fn raise_file_limit() {
     }
 }
 
-/// Opens the store; on a full disk, read-only (the service starts, reconciles and answers
-/// reads, and refuses changes until restarted with room).
-fn open_store(path: &Path) -> Result<SqliteStore, ServeError> {
+/// Opens the store. An SQLite file on a full disk opens read-only (the service starts,
+/// reconciles and answers reads, and refuses changes until restarted with room).
+fn open_store(location: &StoreLocation) -> Result<Box<dyn Store>, ServeError> {
+    let path = match location {
+        StoreLocation::Postgres(db) => {
+            let store = PostgresStore::open(db)?;
+            tracing::info!("the reservation store is PostgreSQL at {}", db.url());
+            return Ok(Box::new(store));
+        }
+        StoreLocation::Sqlite(path) => path,
+    };
     match SqliteStore::open(path) {
         Ok(store) => {
             if let Some(why) = store.read_only() {
@@ -169,7 +178,7 @@ fn open_store(path: &Path) -> Result<SqliteStore, ServeError> {
                     path.display()
                 );
             }
-            Ok(store)
+            Ok(Box::new(store))
         }
         Err(e) if SqliteStore::cannot_write(&e) && path.exists() => {
             let why = format!("opening it for writing failed: {e}");
@@ -178,7 +187,7 @@ fn open_store(path: &Path) -> Result<SqliteStore, ServeError> {
                 "the reservation store {} is read-only ({why}); changes are refused until pf serve restarts with room on its disk",
                 path.display()
             );
-            Ok(store)
+            Ok(Box::new(store))
         }
         Err(e) => Err(e.into()),
     }
@@ -368,11 +377,18 @@ pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<
     raise_file_limit();
     let service = &config.service;
     create_parent(&service.socket, 0o755)?;
-    create_parent(&service.database, 0o750)?;
     let _socket_lock = lock_file(&service.socket.with_extension("lock"), &service.socket)?;
-    let mut database_lock = service.database.clone().into_os_string();
-    database_lock.push(".lock");
-    let _database_lock = lock_file(Path::new(&database_lock), &service.database)?;
+    // One pf serve per SQLite file. A PostgreSQL store is shared by design: every agent of
+    // the fleet uses it.
+    let _database_lock = match &service.store {
+        StoreLocation::Sqlite(path) => {
+            create_parent(path, 0o750)?;
+            let mut database_lock = path.clone().into_os_string();
+            database_lock.push(".lock");
+            Some(lock_file(Path::new(&database_lock), path)?)
+        }
+        StoreLocation::Postgres(_) => None,
+    };
 
     let dir = PinDir::new(&service.bpffs);
     dir.prepare()?;
@@ -384,20 +400,20 @@ pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<
     if let Some(group) = &service.socket_group {
         group_id(group)?;
     }
-    let store_was_new = SqliteStore::is_new(&service.database);
+    let store_was_new = service.store.is_new()?;
     if store_was_new && !options.force_reconcile {
         // Refused here, before the store file is made, if the maps hold reservations.
         if let Some(state) = crate::kernel::state::State::open_for_read(&dir)? {
             let held = state.list()?.len();
             if held > 0 {
                 return Err(ServeError::Reconcile(format!(
-                    "the reservation store {} is missing or empty, but the kernel maps hold {held} reservations: starting would stop forwarding them all. If the path is wrong, fix service.database; if the store really was lost and those reservations should go, start once with `pf serve --force-reconcile`",
-                    service.database.display()
+                    "the reservation store {} is missing or empty, but the kernel maps hold {held} reservations: starting would stop forwarding them all. If the path is wrong, fix service.database (or service.store); if the store really was lost and those reservations should go, start once with `pf serve --force-reconcile`",
+                    service.store
                 )));
             }
         }
     }
-    let store = open_store(&service.database)?;
+    let store = open_store(&service.store)?;
     let audit = Audit::open(&service.audit_log).map_err(io(format!(
         "opening the audit log {}",
         service.audit_log.display()
@@ -416,7 +432,7 @@ pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<
         mapping_clients: mapping_clients.clone(),
     };
     let mut engine = Engine::new(
-        Box::new(store),
+        store,
         Box::new(
             dataplane::KernelDataPlane::new(dir).with_netfilter_set(config.netfilter_set.clone()),
         ),
@@ -424,6 +440,11 @@ pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<
         audit,
     )?;
     engine.set_port_mapping(config.port_mapping.clone());
+    if let StoreLocation::Postgres(_) = &service.store {
+        engine
+            .join_fleet(service.agent.clone())
+            .map_err(|e| ServeError::Reconcile(e.message))?;
+    }
     let started = std::time::Instant::now();
     let (report, disabled) = engine
         .start(ReconcileGuard {
@@ -447,7 +468,7 @@ pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<
 
     let published = Arc::new(Mutex::new(engine.published_status()));
     let reads = Arc::new(reads::Reads::new(
-        service.database.clone(),
+        service.store.clone(),
         PinDir::new(&service.bpffs),
         published.clone(),
         engine.metrics.clone(),
@@ -459,6 +480,28 @@ pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<
     };
     let mapping_counts = engine.metrics.port_mapping.clone();
     let (jobs, queue) = mpsc::channel::<Job>();
+    // A fleet's store announces each change: the engine follows it at once, not at its next
+    // tick. The watcher's way to the engine is taken away when the service stops (so it does
+    // not keep the engine's queue open), and the watcher ends with it.
+    let wake = Arc::new(Mutex::new(Some(jobs.clone())));
+    if let StoreLocation::Postgres(db) = &service.store {
+        let wake = wake.clone();
+        store::watch_changes((**db).clone(), move || {
+            let (reply, _) = tokio::sync::oneshot::channel();
+            wake.lock()
+                .expect("not poisoned")
+                .as_ref()
+                .is_some_and(|jobs| {
+                    jobs.send(Job {
+                        request: Request::Wake,
+                        caller: Caller::SERVICE,
+                        reply,
+                    })
+                    .is_ok()
+                })
+        })
+        .map_err(io("starting the store's change watcher"))?;
+    }
     let engine_thread = std::thread::Builder::new()
         .name("pf-engine".into())
         .spawn(move || {
@@ -524,6 +567,7 @@ pub fn run(config: Config, config_path: &Path, options: StartOptions) -> Result<
     let follower = links::Follower::start(follower_dir, config.clone())?;
     tracing::info!("listening on {}", service.socket.display());
     let served = runtime.block_on(http::serve(listener, jobs, reads, reloader, metrics));
+    wake.lock().expect("not poisoned").take();
     tell_systemd(&[sd_notify::NotifyState::Stopping]);
     // Dropping the runtime drops every connection and with them the last job senders: the
     // engine finishes the job it is on and any queued, then stops.

@@ -58,6 +58,9 @@ pub const DEFAULT_PORT_POOL: PortRange = PortRange {
 #[derive(Clone, Debug)]
 pub struct Policy {
     pub public_ips: Vec<Ipv4Addr>,
+    /// In a fleet on a shared store: the other agents' public IPs, which a change made
+    /// through this agent may name too (their own agents forward them). Not from the config.
+    pub fleet_ips: Vec<Ipv4Addr>,
     pub target_networks: Vec<Ipv4Net>,
     pub port_pool: Vec<PortRange>,
     pub forbidden_ports: Vec<PortRange>,
@@ -231,11 +234,19 @@ impl Policy {
         local: &LocalAddresses,
     ) -> Result<(), Refusal> {
         let public = r.public;
-        if !self.public_ips.contains(&public.addr) {
+        if !self.public_ips.contains(&public.addr) && !self.fleet_ips.contains(&public.addr) {
+            let fleet = if self.fleet_ips.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", nor of the fleet's other servers ({})",
+                    join(&self.fleet_ips)
+                )
+            };
             return Err(refuse(
                 "policy.public_ips",
                 format!(
-                    "{} is not one of this server's forwarded public IPs ({})",
+                    "{} is not one of this server's forwarded public IPs ({}){fleet}",
                     public.addr,
                     join(&self.public_ips)
                 ),

@@ -5,10 +5,7 @@
 //! status never waits behind a change. The engine answers the same requests the same way
 //! (host tests, and the functions here are the ones it uses).
 
-use std::{
-    path::PathBuf,
-    sync::{Arc, Mutex},
-};
+use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
 
@@ -17,7 +14,7 @@ use super::{
         ApiError, Request, expired_json, record_view, rfc3339, traffic_rows, trigger::trigger_view,
     },
     metrics::{self, ServiceMetrics},
-    store::{ListFilter, Record, SqliteStore, Store},
+    store::{ListFilter, Record, Store, StoreLocation},
 };
 use crate::{
     api::types::{AttachmentView, HolderView, LimitsView, WhoView},
@@ -165,9 +162,9 @@ impl KernelReads {
 }
 
 pub struct Reads {
-    database: PathBuf,
+    store: StoreLocation,
     dir: PinDir,
-    pool: Mutex<Vec<SqliteStore>>,
+    pool: Mutex<Vec<Box<dyn Store>>>,
     /// The engine's part of the status, as it last published it.
     pub published: Arc<Mutex<Value>>,
     /// The engine's own counters (refusals, expiries, change durations), shared.
@@ -176,13 +173,13 @@ pub struct Reads {
 
 impl Reads {
     pub fn new(
-        database: PathBuf,
+        store: StoreLocation,
         dir: PinDir,
         published: Arc<Mutex<Value>>,
         service_metrics: ServiceMetrics,
     ) -> Self {
         Self {
-            database,
+            store,
             dir,
             pool: Mutex::new(Vec::new()),
             published,
@@ -229,14 +226,14 @@ impl Reads {
 
     fn with_reader<T>(
         &self,
-        f: impl FnOnce(&SqliteStore) -> Result<T, ApiError>,
+        f: impl FnOnce(&dyn Store) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
         let pooled = self.pool.lock().expect("not poisoned").pop();
         let reader = match pooled {
             Some(reader) => reader,
-            None => SqliteStore::open_reader(&self.database)?,
+            None => self.store.open_reader()?,
         };
-        let result = f(&reader);
+        let result = f(reader.as_ref());
         let mut pool = self.pool.lock().expect("not poisoned");
         if pool.len() < POOL {
             pool.push(reader);

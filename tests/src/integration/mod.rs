@@ -10,6 +10,7 @@ mod differential;
 mod e2e;
 mod fast_path;
 mod fixtures;
+mod fleet;
 mod lifecycle;
 mod limits;
 mod netfilter;

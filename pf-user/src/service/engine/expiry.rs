@@ -13,6 +13,20 @@ impl Engine {
     /// One tick of the engine's own work: repairs, expiry, history purge, clock steps.
     pub fn tick(&mut self) {
         self.clock.notice_steps();
+        // A store that cannot be reached (PostgreSQL down or cut off) is said once, not every
+        // second, and waited for: the maps go on forwarding what they hold.
+        if let Err(e) = self.store.reachable() {
+            say_once(&mut self.store_down, e.to_string(), |m| {
+                format!(
+                    "{m}; forwarding goes on as the maps are, and changes are refused until it is back"
+                )
+            });
+            return;
+        }
+        if self.store_down.take().is_some() {
+            tracing::info!("the reservation store is reachable again");
+        }
+        self.follow_fleet();
         if self.repair {
             match self.reconcile(ReconcileGuard::REPAIR) {
                 Ok(_) => {

@@ -184,8 +184,14 @@ impl From<SpecError> for ApiError {
 }
 
 impl From<StoreError> for ApiError {
+    /// A store that cannot be reached is the service unavailable (503: try again), not a
+    /// fault of pf's (500).
     fn from(e: StoreError) -> Self {
-        Self::internal(e.to_string())
+        if e.is_unavailable() {
+            Self::unavailable(e.to_string())
+        } else {
+            Self::internal(e.to_string())
+        }
     }
 }
 
@@ -286,6 +292,9 @@ pub enum Request {
     Reload {
         policy: Option<Box<Policy>>,
     },
+    /// The fleet's shared store announced a change: the tick after it follows the store
+    /// now, not at the next second. Never from the API.
+    Wake,
 }
 
 impl Request {
@@ -318,6 +327,7 @@ impl Request {
             | Request::Drains
             | Request::Stats
             | Request::Health
+            | Request::Wake
             | Request::Reload { .. } => return None,
         })
     }
@@ -618,6 +628,10 @@ pub struct Engine {
     expiry_blocked: Option<String>,
     /// Why the last repair failed, once logged.
     repair_failing: Option<String>,
+    /// Why the store could not be reached at the last tick, said once until it is back.
+    store_down: Option<String>,
+    /// This agent's place in a fleet on a shared store, if it is one.
+    fleet: Option<fleet::FleetState>,
     /// Reservations the policy in force would refuse, as the last review found them.
     violations: std::collections::BTreeMap<u64, Violation>,
     /// When the last reconcile ran (Unix ms) and how many drifts it repaired.
@@ -666,6 +680,8 @@ impl Engine {
             purged: None,
             expiry_blocked: None,
             repair_failing: None,
+            store_down: None,
+            fleet: None,
             violations: std::collections::BTreeMap::new(),
             last_reconcile: None,
             metrics: ServiceMetrics::default(),
@@ -701,9 +717,17 @@ impl Engine {
         }
     }
 
-    /// pf's maps, for a change (see [`DataPlane::open`]).
+    /// pf's maps, for a change (see [`DataPlane::open`]); in a fleet, seen through this
+    /// server's scope, so a change to another server's reservation leaves them alone.
     fn open_state(&mut self) -> Result<Box<dyn Maps>, PfError> {
-        self.dataplane.open()
+        let maps = self.dataplane.open()?;
+        Ok(match &self.fleet {
+            Some(fleet) => Box::new(crate::service::fleet::ScopedMaps {
+                inner: maps,
+                scope: fleet.scope.clone(),
+            }),
+            None => maps,
+        })
     }
 
     /// Why changes are refused now, if they are.
@@ -802,6 +826,7 @@ impl Engine {
 
     fn read(&mut self, request: Request) -> Result<Value, ApiError> {
         match request {
+            Request::Wake => Ok(Value::Null),
             Request::Get(id) => {
                 let record = self.get(id)?;
                 Ok(self.records_json(&[record])?.remove(0))
@@ -1687,6 +1712,7 @@ impl Engine {
 
 mod drain;
 mod expiry;
+mod fleet;
 pub mod limits;
 pub mod mapping;
 mod reconcile;

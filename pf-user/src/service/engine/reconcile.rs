@@ -83,9 +83,21 @@ impl Engine {
     /// any change) a reconcile that would remove what a new store or a large share implies
     /// was lost, not meant.
     pub fn reconcile(&mut self, guard: ReconcileGuard) -> Result<ReconcileReport, ApiError> {
+        self.reconcile_as(guard, false)
+    }
+
+    /// [`Engine::reconcile`]; `following`: to apply what the fleet's other agents changed in
+    /// the shared store, which is news, not drift (logged as followed, not counted).
+    pub(super) fn reconcile_as(
+        &mut self,
+        guard: ReconcileGuard,
+        following: bool,
+    ) -> Result<ReconcileReport, ApiError> {
         // Slots are the store's to give: two reservations sharing one are separated first.
         let separated = self.separate_limit_slots()?;
-        let records = self.store.list(None)?;
+        // Another server's reservations are its own agent's to forward.
+        let mut records = self.store.list(None)?;
+        records.retain(|r| self.is_local(r));
         let desired: Vec<Reservation> = records
             .iter()
             .filter(|r| r.enabled)
@@ -204,6 +216,22 @@ impl Engine {
             for r in &absent {
                 drifts.push(format!("added {r}: in the store, not in the maps"));
             }
+        }
+        if following {
+            for d in drifts.iter().take(DRIFT_LOG_LIMIT) {
+                tracing::info!("followed the fleet's store: {d}");
+            }
+            if drifts.len() > DRIFT_LOG_LIMIT {
+                tracing::info!(
+                    "followed the fleet's store: ... and {} more",
+                    drifts.len() - DRIFT_LOG_LIMIT
+                );
+            }
+            return Ok(ReconcileReport {
+                reservations: desired.len(),
+                loaded: 0,
+                drifts: drifts.len(),
+            });
         }
         for d in drifts.iter().take(DRIFT_LOG_LIMIT) {
             tracing::warn!("drift: {d}");

@@ -47,7 +47,8 @@ impl Engine {
     /// against `max_ttl`, and the owner's quota (counted in id order, so the newest
     /// reservations are the ones past it).
     fn find_violations(&self) -> Result<Vec<(Record, Refusal)>, ApiError> {
-        // By id (the store lists so): the quota falls on the newest.
+        // By id (the store lists so): the quota falls on the newest. The quota counts the
+        // owner's ports on every server; the other checks are for this server's own.
         let records = self.store.list(None)?;
         let listening = self.listening();
         let local = local_addresses()?;
@@ -57,6 +58,9 @@ impl Engine {
         for record in records {
             let ports = held.entry(record.owner.clone()).or_default();
             *ports += u64::from(record.reservation.public.ports.len());
+            if !self.is_local(&record) {
+                continue;
+            }
             // The server itself first: that one is disabled whatever else it breaks.
             let verdict = self
                 .policy
@@ -211,7 +215,16 @@ impl Engine {
 
     /// A reload's new policy: takes it, enforces it on every reservation as it says, and
     /// brings the maps in line (the egress leak guard's networks included).
-    pub fn reload(&mut self, policy: Policy) -> Result<ReloadReport, ApiError> {
+    pub fn reload(&mut self, mut policy: Policy) -> Result<ReloadReport, ApiError> {
+        // In a fleet: the other agents' IPs stay, and this server's scope is its new
+        // public IPs, recorded at the next tick.
+        policy.fleet_ips = std::mem::take(&mut self.policy.fleet_ips);
+        if let Some(fleet) = self.fleet.as_mut() {
+            let mut scope = (*fleet.scope).clone();
+            scope.own = policy.public_ips.iter().copied().collect();
+            fleet.scope = std::sync::Arc::new(scope);
+            fleet.registered_ms = 0;
+        }
         self.policy = policy;
         let report = self.enforce()?;
         self.reconcile(super::ReconcileGuard::REPAIR)?;
