@@ -193,6 +193,21 @@ fn parse_addr(s: &str) -> Result<Ipv4Addr, SpecError> {
     Err(SpecError::UnusableAddress { addr, why })
 }
 
+/// The public address of a fleet-wide reservation (`fleet:PORT/PROTO`): the same port on
+/// every server of a fleet on a shared store, each forwarding it on its own public IP. Stored
+/// as the unspecified address, which no real reservation can have.
+pub const FLEET: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
+/// How a fleet-wide reservation's address is written.
+pub const FLEET_WORD: &str = "fleet";
+
+/// A public address: an IP a NIC can carry, or `fleet` ([`FLEET`]).
+fn parse_public_addr(s: &str) -> Result<Ipv4Addr, SpecError> {
+    if s == FLEET_WORD {
+        return Ok(FLEET);
+    }
+    parse_addr(s)
+}
+
 /// The public side of a reservation: `IP:PORT[-PORT]/tcp|udp|both`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PublicSpec {
@@ -207,7 +222,7 @@ impl FromStr for PublicSpec {
         let syntax = || SpecError::PublicSyntax(s.to_string());
         let (endpoint, proto) = s.split_once('/').ok_or_else(syntax)?;
         let (addr, ports) = endpoint.rsplit_once(':').ok_or_else(syntax)?;
-        let addr = parse_addr(addr)?;
+        let addr = parse_public_addr(addr)?;
         let ports = match ports.split_once('-') {
             Some((first, last)) => PortRange::new(parse_port(first)?, parse_port(last)?)?,
             None => {
@@ -231,7 +246,7 @@ pub fn parse_public_request(
     if let Some((addr, proto)) = s.split_once('/')
         && !addr.contains(':')
     {
-        return Ok((parse_addr(addr)?, None, proto.parse()?));
+        return Ok((parse_public_addr(addr)?, None, proto.parse()?));
     }
     let spec: PublicSpec = s.parse()?;
     Ok((spec.addr, Some(spec.ports), spec.protocols))
@@ -246,9 +261,20 @@ impl PublicSpec {
     }
 }
 
+impl PublicSpec {
+    /// Whether this is a fleet-wide reservation's (`fleet:PORT/PROTO`).
+    pub fn is_fleet(&self) -> bool {
+        self.addr == FLEET
+    }
+}
+
 impl fmt::Display for PublicSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.ports, self.protocols)
+        if self.is_fleet() {
+            write!(f, "{FLEET_WORD}:{}/{}", self.ports, self.protocols)
+        } else {
+            write!(f, "{}:{}/{}", self.addr, self.ports, self.protocols)
+        }
     }
 }
 

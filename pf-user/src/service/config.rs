@@ -540,6 +540,7 @@ impl Config {
         }
         let policy = Policy {
             fleet_ips: Vec::new(),
+            in_fleet: false,
             public_ips: p.public_ips,
             target_networks,
             port_pool,

@@ -32,9 +32,15 @@ pub struct Scope {
 }
 
 impl Scope {
-    /// Whether this server forwards `r`.
-    pub fn is_local(&self, r: &Reservation) -> bool {
-        self.own.contains(&r.public.addr)
+    /// `r` as this server forwards it: a reservation on one of its public IPs as it is, a
+    /// fleet-wide one on its first public IP; `None` for another server's.
+    pub fn localize(&self, r: &Reservation) -> Option<Reservation> {
+        if r.public.is_fleet() {
+            let mut local = *r;
+            local.public.addr = *self.own.first()?;
+            return Some(local);
+        }
+        self.own.contains(&r.public.addr).then_some(*r)
     }
 }
 
@@ -55,8 +61,8 @@ pub struct ScopedMaps {
 }
 
 impl ScopedMaps {
-    fn local(&self, r: &Reservation) -> bool {
-        self.scope.is_local(r)
+    fn local(&self, r: &Reservation) -> Option<Reservation> {
+        self.scope.localize(r)
     }
 }
 
@@ -65,24 +71,22 @@ impl Maps for ScopedMaps {
         self.inner.list()
     }
     fn reserve_all(&mut self, rs: &[Reservation]) -> Result<(), PfError> {
-        let local: Vec<Reservation> = rs.iter().filter(|r| self.local(r)).copied().collect();
+        let local: Vec<Reservation> = rs.iter().filter_map(|r| self.local(r)).collect();
         self.inner.reserve_all(&local)
     }
     fn release(&mut self, spec: &PublicSpec) -> Result<Reservation, PfError> {
         self.inner.release(spec)
     }
     fn release_exact(&mut self, r: &Reservation) -> Result<Reservation, PfError> {
-        if self.local(r) {
-            self.inner.release_exact(r)
-        } else {
-            Ok(*r)
+        match self.local(r) {
+            Some(r) => self.inner.release_exact(&r),
+            None => Ok(*r),
         }
     }
     fn is_complete(&self, r: &Reservation) -> Result<bool, PfError> {
-        if self.local(r) {
-            self.inner.is_complete(r)
-        } else {
-            Ok(true)
+        match self.local(r) {
+            Some(r) => self.inner.is_complete(&r),
+            None => Ok(true),
         }
     }
     fn prune(&mut self, keep: &[Reservation]) -> Result<Vec<String>, PfError> {
@@ -95,10 +99,9 @@ impl Maps for ScopedMaps {
         self.inner.set_tunnel_networks(networks)
     }
     fn traffic(&self, r: &Reservation) -> Result<Traffic, PfError> {
-        if self.local(r) {
-            self.inner.traffic(r)
-        } else {
-            Ok(Traffic::default())
+        match self.local(r) {
+            Some(r) => self.inner.traffic(&r),
+            None => Ok(Traffic::default()),
         }
     }
     fn traffic_all(&self) -> Result<Vec<(Reservation, Traffic)>, PfError> {
@@ -108,24 +111,21 @@ impl Maps for ScopedMaps {
         self.inner.counters()
     }
     fn reserve_guarded(&mut self, r: &Reservation, guards: Guards<'_>) -> Result<(), PfError> {
-        if self.local(r) {
-            self.inner.reserve_guarded(r, guards)
-        } else {
-            Ok(())
+        match self.local(r) {
+            Some(r) => self.inner.reserve_guarded(&r, guards),
+            None => Ok(()),
         }
     }
     fn reserve_tagged(&mut self, r: &Reservation, tags: EntryTags) -> Result<(), PfError> {
-        if self.local(r) {
-            self.inner.reserve_tagged(r, tags)
-        } else {
-            Ok(())
+        match self.local(r) {
+            Some(r) => self.inner.reserve_tagged(&r, tags),
+            None => Ok(()),
         }
     }
     fn is_complete_tagged(&self, r: &Reservation, tags: EntryTags) -> Result<bool, PfError> {
-        if self.local(r) {
-            self.inner.is_complete_tagged(r, tags)
-        } else {
-            Ok(true)
+        match self.local(r) {
+            Some(r) => self.inner.is_complete_tagged(&r, tags),
+            None => Ok(true),
         }
     }
     fn sync_triggers(&mut self, rules: &[TriggerRule]) -> Result<Vec<String>, PfError> {
@@ -142,5 +142,35 @@ impl Maps for ScopedMaps {
     }
     fn trigger_gate(&self, gate: u16) -> Result<GateState, PfError> {
         self.inner.trigger_gate(gate)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fleet_wide_reservation_is_forwarded_on_each_servers_own_ip() {
+        let scope = Scope {
+            agent: "a".into(),
+            own: [Ipv4Addr::new(198, 18, 1, 1), Ipv4Addr::new(198, 18, 1, 9)].into(),
+        };
+        let r = |public: &str| {
+            Reservation::new(public.parse().unwrap(), "10.8.0.2".parse().unwrap()).unwrap()
+        };
+        let fleet = r("fleet:8080/tcp");
+        assert_eq!(fleet.public.to_string(), "fleet:8080/tcp");
+        assert_eq!(scope.localize(&fleet), Some(r("198.18.1.1:8080/tcp")));
+        assert_eq!(
+            scope.localize(&r("198.18.1.9:80/udp")),
+            Some(r("198.18.1.9:80/udp"))
+        );
+        assert_eq!(
+            scope.localize(&r("198.18.2.1:80/udp")),
+            None,
+            "another server's"
+        );
+        // The unspecified address itself is never a public side; only the word is.
+        assert!("0.0.0.0:8080/tcp".parse::<PublicSpec>().is_err());
     }
 }

@@ -61,6 +61,9 @@ pub struct Policy {
     /// In a fleet on a shared store: the other agents' public IPs, which a change made
     /// through this agent may name too (their own agents forward them). Not from the config.
     pub fleet_ips: Vec<Ipv4Addr>,
+    /// Whether this server is an agent of a fleet on a shared store, where fleet-wide
+    /// reservations (`fleet:PORT/PROTO`) can be made. Not from the config.
+    pub in_fleet: bool,
     pub target_networks: Vec<Ipv4Net>,
     pub port_pool: Vec<PortRange>,
     pub forbidden_ports: Vec<PortRange>,
@@ -234,7 +237,15 @@ impl Policy {
         local: &LocalAddresses,
     ) -> Result<(), Refusal> {
         let public = r.public;
-        if !self.public_ips.contains(&public.addr) && !self.fleet_ips.contains(&public.addr) {
+        if public.is_fleet() {
+            if !self.in_fleet {
+                return Err(refuse(
+                    "policy.public_ips",
+                    "a fleet-wide reservation needs a fleet: a store shared by every server (service.store on PostgreSQL)".to_string(),
+                ));
+            }
+        } else if !self.public_ips.contains(&public.addr) && !self.fleet_ips.contains(&public.addr)
+        {
             let fleet = if self.fleet_ips.is_empty() {
                 String::new()
             } else {

@@ -18,6 +18,7 @@
 //! CPU model and core count; a PNG plot beside it (`plot`); a table with ratios on stdout.
 
 mod control;
+mod fleet;
 mod forwarding;
 mod iperf;
 mod memory;
@@ -39,11 +40,12 @@ use std::{
 use pf::domain::spec::{PortRange, Protocols, PublicSpec, Reservation, TargetSpec};
 use serde_json::{Value, json};
 
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "per-packet",
     "control",
     "memory",
     "service",
+    "fleet",
     "port-mapping",
     "forwarding",
     "tcp",
@@ -256,6 +258,7 @@ fn run(
     let mut control = Vec::new();
     let mut memory = Vec::new();
     let mut service = Value::Null;
+    let mut fleet = Value::Null;
     let mut port_mapping = Value::Null;
     let mut forwarding = Vec::new();
     let mut tcp = Vec::new();
@@ -271,6 +274,9 @@ fn run(
     }
     if wanted("service") {
         service = service::run(profile)?;
+    }
+    if wanted("fleet") {
+        fleet = fleet::run(profile)?;
     }
     if wanted("port-mapping") {
         port_mapping = port_mapping::run(profile)?;
@@ -309,6 +315,7 @@ fn run(
         "control_plane": control,
         "memory": memory,
         "service": service,
+        "fleet": fleet,
         "port_mapping": port_mapping,
         "forwarding": forwarding,
         "tcp": tcp,

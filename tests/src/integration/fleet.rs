@@ -4,13 +4,18 @@
 //! goes on and changes are refused as "unavailable", changing nothing; started again, the
 //! service takes changes again without a restart, and a restart rebuilds the maps from it.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
 
-use pf::{kernel::state::State, testing::postgres::TempPostgres};
+use pf::{domain::spec::PublicSpec, kernel::state::State, testing::postgres::TempPostgres};
+use serde_json::Value;
 
-use super::common::{TempPinDir, pf, pf_list, pf_ok, require_root};
+use super::common::{TempPinDir, pf, pf_list, pf_ok, pf_words, require_root};
 use crate::kit::{
-    serve::TEST_POLICY,
+    netns::{Netns, veth},
+    serve::{Service, TEST_POLICY},
     topology::{PUBLIC_IFACE, PUBLIC_IP, Topology},
     traffic::Servers,
 };
@@ -18,7 +23,9 @@ use crate::kit::{
 /// A policy for `pf serve` with its store on `url`: keys before the first table belong to
 /// `[service]`.
 fn on_store(url: &str, policy: &str) -> String {
-    format!("store = \"{url}\"\nagent = \"solo\"\n[[interfaces]]\nname = \"{PUBLIC_IFACE}\"\n{policy}")
+    format!(
+        "store = \"{url}\"\nagent = \"solo\"\n[[interfaces]]\nname = \"{PUBLIC_IFACE}\"\n{policy}"
+    )
 }
 
 fn maps_hold(dir: &TempPinDir) -> Vec<String> {
@@ -133,4 +140,317 @@ fn a_store_on_postgresql_forwards_and_outlives_the_database_going_away() {
     assert_eq!(listed.len(), 2, "{listed:?}");
     assert_eq!(maps_hold(&dir).len(), 2);
     assert!(topo.inet.curl(&page).unwrap().contains("port 80"));
+}
+
+/// One server of a fleet: its namespace (public interface `pub0` on `198.18.K.1/24`, linked
+/// to the internet host's `upK` on `.2`), its tunnel client (`10.8.0.2`, the same tunnel
+/// address on every server, as a VPN gives a device), its pin directory and its agent.
+struct FleetServer {
+    public: String,
+    server: Netns,
+    _client: Netns,
+    dir: TempPinDir,
+    service: Option<Service>,
+    _servers: Servers,
+}
+
+impl FleetServer {
+    fn new(prefix: &str, k: u8, inet: &Netns) -> Self {
+        let server = Netns::new(&format!("{prefix}{k}s")).unwrap();
+        let client = Netns::new(&format!("{prefix}{k}c")).unwrap();
+        let public = format!("198.18.{k}.1");
+        veth(
+            (inet, &format!("up{k}"), &format!("198.18.{k}.2/24")),
+            (&server, PUBLIC_IFACE, &format!("{public}/24")),
+        )
+        .unwrap();
+        veth(
+            (&server, "tun0", "10.8.0.1/24"),
+            (&client, "eth0", "10.8.0.2/24"),
+        )
+        .unwrap();
+        server
+            .run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            .unwrap();
+        client
+            .run(&["ip", "route", "add", "default", "via", "10.8.0.1"])
+            .unwrap();
+        let mut servers = Servers::new();
+        for port in [80, 81, 82] {
+            servers.http(&client, port);
+        }
+        Self {
+            public,
+            server,
+            _client: client,
+            dir: TempPinDir::new(),
+            service: None,
+            _servers: servers,
+        }
+    }
+
+    /// Starts (or restarts) this server's agent on the fleet's store.
+    fn serve(&mut self, name: &str, url: &str, pool: &str) {
+        let policy = format!(
+            "store = \"{url}\"\nagent = \"{name}\"\n[[interfaces]]\nname = \"{PUBLIC_IFACE}\"\n\
+             [policy]\npublic_ips = [\"{}\"]\ntarget_networks = [\"10.8.0.0/16\"]\n\
+             port_pool = [\"{pool}\"]\nports_per_owner = 1000000\nforbid_listening_ports = false\n",
+            self.public
+        );
+        match self.service.as_mut() {
+            Some(service) => service.spawn().unwrap(),
+            None => self.service = Some(self.dir.serve_with(Some(&self.server), &policy)),
+        }
+    }
+
+    fn log(&self) -> String {
+        self.service.as_ref().map(Service::log).unwrap_or_default()
+    }
+}
+
+/// The public ports of every reservation this server's maps hold, sorted.
+fn ports_in_maps(s: &FleetServer) -> Vec<u16> {
+    let state = State::open_for_read(&s.dir.dir)
+        .unwrap()
+        .expect("pf's maps");
+    let mut ports: Vec<u16> = state
+        .list()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.public.ports.ports())
+        .collect();
+    ports.sort();
+    ports
+}
+
+/// Whether every server's maps come to hold exactly `want` (sorted) within `within`.
+fn converge(fleet: &[FleetServer], want: &[u16], within: Duration) -> bool {
+    eventually(within, || fleet.iter().all(|s| ports_in_maps(s) == want))
+}
+
+#[test]
+fn three_agents_on_one_database_converge_and_never_share_a_port() {
+    require_root();
+    let mut db = TempPostgres::start().expect("a PostgreSQL server for the test");
+    db.database("fleet").unwrap();
+    let url = db.socket_url("fleet");
+    let prefix = format!("pf{}f", std::process::id());
+    let inet = Netns::new(&format!("{prefix}i")).unwrap();
+    let mut fleet: Vec<FleetServer> = (0..3)
+        .map(|k| FleetServer::new(&prefix, k, &inet))
+        .collect();
+    let pool = "8080-8081\", \"20000-20079";
+    for (k, s) in fleet.iter_mut().enumerate() {
+        s.serve(&format!("agent-{k}"), &url, pool);
+    }
+    assert!(
+        fleet[2].log().contains("of a fleet of 3"),
+        "{}",
+        fleet[2].log()
+    );
+    let page = |s: &FleetServer, port: u16| format!("http://{}:{port}/", s.public);
+
+    // A fleet-wide reservation made through agent 0 forwards on all three servers, each on
+    // its own public IP, within a second (each agent follows the store's notification).
+    let made: Value = serde_json::from_str(&pf_ok(
+        &fleet[0].dir,
+        &["reserve", "fleet:8080/tcp", "--to", "10.8.0.2:80", "--json"],
+    ))
+    .unwrap();
+    assert_eq!(made["spec"], "fleet:8080/tcp -> 10.8.0.2:80", "{made}");
+    let id = made["id"].as_u64().unwrap().to_string();
+    assert!(
+        converge(&fleet, &[8080], Duration::from_secs(1)),
+        "every server forwards it within 1 s: {:?}",
+        fleet.iter().map(ports_in_maps).collect::<Vec<_>>()
+    );
+    for (k, s) in fleet.iter().enumerate() {
+        let answer = inet.curl(&page(s, 8080)).unwrap();
+        assert_eq!(answer, format!("port 80 from 198.18.{k}.2"), "server {k}");
+    }
+    // A reservation on one server's IP is that server's alone: made through agent 2 for
+    // server 1, it forwards there and nowhere else.
+    pf_ok(
+        &fleet[2].dir,
+        &[
+            "reserve",
+            &format!("{}:8081/tcp", fleet[1].public),
+            "--to",
+            "10.8.0.2:81",
+        ],
+    );
+    assert!(eventually(Duration::from_secs(1), || ports_in_maps(
+        &fleet[1]
+    ) == [8080, 8081]));
+    assert_eq!(ports_in_maps(&fleet[0]), [8080]);
+    assert_eq!(ports_in_maps(&fleet[2]), [8080]);
+    assert!(
+        inet.curl(&page(&fleet[1], 8081))
+            .unwrap()
+            .contains("port 81")
+    );
+
+    // Released through agent 2: gone from every server within a second.
+    pf_ok(&fleet[2].dir, &["release", &id]);
+    assert!(eventually(Duration::from_secs(1), || fleet
+        .iter()
+        .all(|s| !ports_in_maps(s).contains(&8080))));
+    assert!(inet.curl(&page(&fleet[0], 8080)).is_err());
+    pf_ok(&fleet[0].dir, &["release", "--owner", "admin"]);
+    assert!(converge(&fleet, &[], Duration::from_secs(2)));
+
+    // 50 automatic fleet-wide ports at once, from 80, spread over the three agents: no two
+    // the same, and every server forwards all 50.
+    let handles: Vec<_> = (0..50u16)
+        .map(|i| {
+            let words = pf_words(
+                &fleet[usize::from(i % 3)].dir,
+                &[
+                    "reserve",
+                    "fleet/tcp",
+                    "--to",
+                    &format!("10.8.0.2:{}", 1000 + i),
+                    "--json",
+                ],
+            );
+            std::thread::spawn(move || {
+                let out = std::process::Command::new(&words[0])
+                    .args(&words[1..])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let made: Value = serde_json::from_slice(&out.stdout).unwrap();
+                made["spec"].as_str().unwrap().to_string()
+            })
+        })
+        .collect();
+    let mut ports: Vec<u16> = handles
+        .into_iter()
+        .map(|h| {
+            let spec = h.join().unwrap();
+            let public = spec.split(" -> ").next().unwrap();
+            public.parse::<PublicSpec>().unwrap().ports.first
+        })
+        .collect();
+    ports.sort();
+    let distinct: BTreeSet<u16> = ports.iter().copied().collect();
+    assert_eq!(distinct.len(), 50, "automatic ports collided: {ports:?}");
+    assert!(
+        ports
+            .iter()
+            .all(|p| (20000..20080).contains(p) || (8080..=8081).contains(p))
+    );
+    // Two ports the 50 left free, for the changes that follow.
+    let mut free = (20000..20080u16).filter(|p| !ports.contains(p));
+    let mut next_free = || free.next().unwrap();
+    let (web, later, last) = (next_free(), next_free(), next_free());
+    // One more, towards the client's web server, to see forwarding while the database is
+    // away.
+    pf_ok(
+        &fleet[0].dir,
+        &[
+            "reserve",
+            &format!("fleet:{web}/tcp"),
+            "--to",
+            "10.8.0.2:80",
+        ],
+    );
+    ports.push(web);
+    ports.sort();
+    assert!(converge(&fleet, &ports, Duration::from_secs(1)));
+    assert!(
+        converge(&fleet, &ports, Duration::from_secs(3)),
+        "every server forwards the 50"
+    );
+
+    // The database goes away: every server keeps forwarding, a change is refused cleanly;
+    // back, the change is taken and every server follows.
+    db.stop();
+    for s in &fleet {
+        assert!(inet.curl(&page(s, web)).is_ok(), "{}", s.public);
+    }
+    let later_spec = format!("fleet:{later}/tcp");
+    let refused = pf(
+        &fleet[1].dir,
+        &["reserve", &later_spec, "--to", "10.8.0.2:81"],
+    );
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("unavailable"));
+    db.run().unwrap();
+    assert!(eventually(Duration::from_secs(10), || pf(
+        &fleet[1].dir,
+        &["reserve", &later_spec, "--to", "10.8.0.2:81"]
+    )
+    .status
+    .success()));
+    let mut want = ports.clone();
+    want.push(later);
+    want.sort();
+    assert!(
+        converge(&fleet, &want, Duration::from_secs(5)),
+        "converged after the database came back: {:?}",
+        fleet.iter().map(ports_in_maps).collect::<Vec<_>>()
+    );
+
+    // Agent 1 killed: changes go on through the others; restarted, it converges and reports
+    // the drift it repaired.
+    fleet[1].service.as_mut().unwrap().kill();
+    let listed = pf_list(&fleet[0].dir);
+    let gone: Vec<String> = listed.as_array().unwrap()[..10]
+        .iter()
+        .map(|r| r["id"].as_u64().unwrap().to_string())
+        .collect();
+    for id in &gone {
+        pf_ok(&fleet[0].dir, &["release", id]);
+    }
+    pf_ok(
+        &fleet[2].dir,
+        &[
+            "reserve",
+            &format!("fleet:{last}/tcp"),
+            "--to",
+            "10.8.0.2:82",
+        ],
+    );
+    let want: Vec<u16> = pf_list(&fleet[0].dir)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let spec = r["spec"].as_str().unwrap();
+            spec.split(" -> ")
+                .next()
+                .unwrap()
+                .parse::<PublicSpec>()
+                .unwrap()
+                .ports
+                .first
+        })
+        .collect::<BTreeSet<u16>>()
+        .into_iter()
+        .collect();
+    assert_eq!(want.len(), 52 - 10 + 1);
+    assert!(converge(&fleet[..1], &want, Duration::from_secs(2)));
+    assert_ne!(ports_in_maps(&fleet[1]), want, "agent 1 was down");
+    fleet[1].serve("agent-1", &url, pool);
+    assert_eq!(ports_in_maps(&fleet[1]), want, "converged at its start");
+    let log = fleet[1].log();
+    assert_eq!(
+        log.matches("drift: removed").count(),
+        10,
+        "the restart reports each reservation it removed: {log}"
+    );
+    assert!(
+        log.contains(&format!("drift: added 198.18.1.1:{last}/tcp")),
+        "the restart reports the one it added: {log}"
+    );
+    assert!(
+        inet.curl(&page(&fleet[1], last))
+            .unwrap()
+            .contains("port 82")
+    );
 }

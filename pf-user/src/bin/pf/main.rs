@@ -813,8 +813,9 @@ fn is_config_error(e: &anyhow::Error) -> bool {
 /// What `pf reserve` and `pf trigger` both take.
 #[derive(clap::Args, Debug)]
 struct NewReservation {
-    /// The public side: an address of policy.public_ips, a port or range (none: a free port
-    /// from the pool), and the protocols.
+    /// The public side: an address of policy.public_ips (or, in a fleet on a shared store,
+    /// another server's, or `fleet` for the same port on every server), a port or range (none:
+    /// a free port from the pool), and the protocols.
     #[arg(value_name = "PUBLIC_IP[:PORT[-PORT]]/tcp|udp|both")]
     public: String,
     /// Target address; with a port, the range is shifted to start there. For `pf trigger`,

@@ -115,13 +115,19 @@ impl Engine {
             // Kept with its expired record: a restore goes on counting from there, and the
             // audit line has its totals.
             let live = super::live_traffic(state.as_ref(), &record);
-            if let Err(e) = self.store.expire(record.id, now) {
-                failed = true;
-                tracing::warn!(
-                    "could not expire reservation {}: {e} (trying again in {EXPIRY_RETRY_MS} ms)",
-                    record.id
-                );
-                continue;
+            match self.store.expire(record.id, now) {
+                Ok(true) => {}
+                // Another agent of the fleet expired it first: its line is in that agent's
+                // audit log, and this server's maps follow the store.
+                Ok(false) => continue,
+                Err(e) => {
+                    failed = true;
+                    tracing::warn!(
+                        "could not expire reservation {}: {e} (trying again in {EXPIRY_RETRY_MS} ms)",
+                        record.id
+                    );
+                    continue;
+                }
             }
             self.forget_violation(record.id);
             self.carry_traffic(record.id, live);

@@ -58,6 +58,7 @@ impl Engine {
             )));
         }
         self.take_fleet_ips(&agents, &scope.agent);
+        self.policy.in_fleet = true;
         tracing::info!(
             "agent {} of a fleet of {}: forwarding the reservations on {}",
             scope.agent,
@@ -86,11 +87,20 @@ impl Engine {
             .collect();
     }
 
-    /// Whether this server forwards `record` (every record, without a fleet).
-    pub(super) fn is_local(&self, record: &Record) -> bool {
-        self.fleet
-            .as_ref()
-            .is_none_or(|f| f.scope.is_local(&record.reservation))
+    /// `record` as this server forwards it (a fleet-wide one on this server's public IP);
+    /// `None` for another server's. Every record is this server's without a fleet.
+    pub(super) fn localized(&self, record: Record) -> Option<Record> {
+        let Some(fleet) = &self.fleet else {
+            return Some(record);
+        };
+        let reservation = fleet.scope.localize(&record.reservation)?;
+        Some(Record {
+            id: record.id,
+            data: crate::service::store::NewRecord {
+                reservation,
+                ..record.data
+            },
+        })
     }
 
     /// At a tick: says this agent is there now and then, and follows the store if another

@@ -47,6 +47,9 @@ const EXPIRY_RETRY_MS: u64 = 1000;
 
 /// Reconcile logs this many drifts one by one, then a count.
 const DRIFT_LOG_LIMIT: usize = 20;
+/// How many automatic ports a reserve picks before it gives up, when other agents of the
+/// fleet keep taking the one it picked first.
+const AUTOMATIC_PORT_TRIES: u32 = 5;
 
 /// Longest text of a request an audit line records.
 const SUBJECT_TEXT_MAX: usize = 256;
@@ -185,8 +188,11 @@ impl From<SpecError> for ApiError {
 
 impl From<StoreError> for ApiError {
     /// A store that cannot be reached is the service unavailable (503: try again), not a
-    /// fault of pf's (500).
+    /// fault of pf's (500); ports another agent took first are a conflict.
     fn from(e: StoreError) -> Self {
+        if let StoreError::Taken { by, .. } = &e {
+            return Self::conflict_with(*by, e.to_string());
+        }
         if e.is_unavailable() {
             Self::unavailable(e.to_string())
         } else {
@@ -1273,43 +1279,55 @@ impl Engine {
         let ttl = self.policy.lifetime(ttl)?;
         let (addr, ports, protocols) = parse_public_request(&req.public)?;
         let target: TargetSpec = req.to.parse()?;
-        // Read once: the automatic port and the policy check see the same sockets.
-        let listening = self.listening();
-        let reservation = match ports {
-            Some(ports) => Reservation::new(
-                PublicSpec {
-                    addr,
-                    ports,
-                    protocols,
-                },
-                target,
-            )?,
-            None => self.free_port(owner, addr, protocols, target, &listening)?,
-        };
-        self.admit(owner, &reservation, &listening)?;
-        let trigger = req
-            .trigger
-            .as_ref()
-            .map(|t| self.new_trigger(t, &reservation))
-            .transpose()?;
-        let limits = self.new_limits(owner, req.limits.as_ref())?;
-        let now = self.now_ms();
-        let ttl_ms = ttl.map(duration_ms);
-        let new = NewRecord {
-            owner: owner.to_string(),
-            reservation,
-            created_ms: now,
-            ttl_ms,
-            expires_ms: ttl_ms.map(|t| now.saturating_add(t)),
-            enabled: true,
-            note,
-        };
-        let extras = Extras {
-            trigger: trigger.as_ref(),
-            limits: limits.as_ref(),
-            ..Extras::default()
-        };
-        self.commit_new(&new, extras)
+        // A port the service picks may be taken by another agent of the fleet between the
+        // pick and the store's transaction, which checks again under the fleet's lock: then
+        // another is picked, a few times.
+        let mut picks_left = AUTOMATIC_PORT_TRIES;
+        loop {
+            // Read once: the automatic port and the policy check see the same sockets.
+            let listening = self.listening();
+            let reservation = match ports {
+                Some(ports) => Reservation::new(
+                    PublicSpec {
+                        addr,
+                        ports,
+                        protocols,
+                    },
+                    target,
+                )?,
+                None => self.free_port(owner, addr, protocols, target, &listening)?,
+            };
+            self.admit(owner, &reservation, &listening)?;
+            let trigger = req
+                .trigger
+                .as_ref()
+                .map(|t| self.new_trigger(t, &reservation))
+                .transpose()?;
+            let limits = self.new_limits(owner, req.limits.as_ref())?;
+            let now = self.now_ms();
+            let ttl_ms = ttl.map(duration_ms);
+            let new = NewRecord {
+                owner: owner.to_string(),
+                reservation,
+                created_ms: now,
+                ttl_ms,
+                expires_ms: ttl_ms.map(|t| now.saturating_add(t)),
+                enabled: true,
+                note: note.clone(),
+            };
+            let extras = Extras {
+                trigger: trigger.as_ref(),
+                limits: limits.as_ref(),
+                ..Extras::default()
+            };
+            // Past admit, a conflict is the store's own check finding the port taken.
+            match self.commit_new(&new, extras) {
+                Err(e) if e.kind == Failure::Conflict && ports.is_none() && picks_left > 1 => {
+                    picks_left -= 1
+                }
+                done => return done,
+            }
+        }
     }
 
     /// Stores a new reservation (with its port mapping, if a device asked for it) and writes

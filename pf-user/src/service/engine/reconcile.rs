@@ -54,7 +54,13 @@ impl Engine {
             return Ok(());
         }
         let actual = state.list()?;
-        let records = self.store.list(None)?;
+        // As this server forwards them: a fleet-wide record on its own public IP.
+        let records: Vec<_> = self
+            .store
+            .list(None)?
+            .into_iter()
+            .filter_map(|r| self.localized(r))
+            .collect();
         let stored: std::collections::HashSet<&Reservation> =
             records.iter().map(|r| &r.reservation).collect();
         let unknown = actual.iter().filter(|r| !stored.contains(r)).count();
@@ -95,9 +101,14 @@ impl Engine {
     ) -> Result<ReconcileReport, ApiError> {
         // Slots are the store's to give: two reservations sharing one are separated first.
         let separated = self.separate_limit_slots()?;
-        // Another server's reservations are its own agent's to forward.
-        let mut records = self.store.list(None)?;
-        records.retain(|r| self.is_local(r));
+        // Another server's reservations are its own agent's to forward; a fleet-wide one is
+        // forwarded on this server's own public IP.
+        let records: Vec<_> = self
+            .store
+            .list(None)?
+            .into_iter()
+            .filter_map(|r| self.localized(r))
+            .collect();
         let desired: Vec<Reservation> = records
             .iter()
             .filter(|r| r.enabled)

@@ -58,9 +58,9 @@ impl Engine {
         for record in records {
             let ports = held.entry(record.owner.clone()).or_default();
             *ports += u64::from(record.reservation.public.ports.len());
-            if !self.is_local(&record) {
+            let Some(record) = self.localized(record) else {
                 continue;
-            }
+            };
             // The server itself first: that one is disabled whatever else it breaks.
             let verdict = self
                 .policy
@@ -219,6 +219,7 @@ impl Engine {
         // In a fleet: the other agents' IPs stay, and this server's scope is its new
         // public IPs, recorded at the next tick.
         policy.fleet_ips = std::mem::take(&mut self.policy.fleet_ips);
+        policy.in_fleet = self.policy.in_fleet;
         if let Some(fleet) = self.fleet.as_mut() {
             let mut scope = (*fleet.scope).clone();
             scope.own = policy.public_ips.iter().copied().collect();

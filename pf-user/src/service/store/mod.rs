@@ -197,6 +197,14 @@ pub enum StoreError {
     Unavailable { what: &'static str, detail: String },
     #[error("reservation store {location}: {detail}")]
     Config { location: String, detail: String },
+    /// Checked again inside the store's transaction, under the fleet's lock: another change
+    /// (another agent's) took these ports first.
+    #[error("{public} overlaps reservation {by} ({held}), made meanwhile")]
+    Taken {
+        public: PublicSpec,
+        by: u64,
+        held: Reservation,
+    },
 }
 
 impl StoreError {

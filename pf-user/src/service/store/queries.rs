@@ -119,6 +119,31 @@ impl<C: Conn> SqlStore<C> {
         Ok(self.query(what, where_clause, &params)?.pop())
     }
 
+    /// Which public addresses a public-side query for ?1 meets. In a shared store a
+    /// fleet-wide record (`0.0.0.0`) holds its ports on every server's address, and a
+    /// fleet-wide request meets every record; a store of one server's own has neither.
+    fn public_addr_where(&self) -> &'static str {
+        if self.conn.shared() {
+            "(public_ip = ?1 OR public_ip = '0.0.0.0' OR ?1 = '0.0.0.0')"
+        } else {
+            "public_ip = ?1"
+        }
+    }
+
+    /// A record in the way of `new`'s public side, checked inside the transaction that
+    /// stores it (which holds the fleet's lock).
+    fn check_free(&self, new: &Reservation) -> Result<(), StoreError> {
+        let public = new.public;
+        match self.public_overlap(public.addr, public.ports, public.protocols)? {
+            Some(existing) => Err(StoreError::Taken {
+                public,
+                by: existing.id,
+                held: existing.reservation,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The traffic table's rows, all or one id's.
     fn all_traffic_where(&self, id: Option<u64>) -> Result<HashMap<u64, Traffic>, StoreError> {
         let rows: Vec<(i64, i64, i64, i64, i64)> = self.select(
@@ -552,7 +577,12 @@ impl<C: Conn> Store for SqlStore<C> {
 
     fn insert_all(&mut self, new: &[NewRecord]) -> Result<Vec<Record>, StoreError> {
         self.transaction(true, |conn| {
-            new.iter().map(|n| insert_one(conn, n)).collect()
+            new.iter()
+                .map(|n| {
+                    self.check_free(&n.reservation)?;
+                    insert_one(conn, n)
+                })
+                .collect()
         })
     }
 
@@ -662,8 +692,11 @@ impl<C: Conn> Store for SqlStore<C> {
     ) -> Result<Option<Record>, StoreError> {
         self.first_overlap(
             "checking public ports",
-            "WHERE public_ip = ?1 AND first_port BETWEEN ?2 AND ?3 AND last_port >= ?4 \
-             AND (protocols & ?5) != 0 ORDER BY first_port LIMIT 1",
+            &format!(
+                "WHERE {} AND first_port BETWEEN ?2 AND ?3 AND last_port >= ?4 \
+                 AND (protocols & ?5) != 0 ORDER BY first_port LIMIT 1",
+                self.public_addr_where()
+            ),
             addr,
             ports,
             protocols,
@@ -698,8 +731,11 @@ impl<C: Conn> Store for SqlStore<C> {
     ) -> Result<Vec<PortRange>, StoreError> {
         let rows: Vec<(u16, u16)> = self.select(
             "reading used ports",
-            "SELECT first_port, last_port FROM reservations \
-             WHERE public_ip = ?1 AND (protocols & ?2) != 0",
+            &format!(
+                "SELECT first_port, last_port FROM reservations \
+                 WHERE {} AND (protocols & ?2) != 0",
+                self.public_addr_where()
+            ),
             &params![addr.to_string(), protocols.mask()],
         )?;
         Ok(rows
@@ -746,7 +782,9 @@ impl<C: Conn> Store for SqlStore<C> {
     }
 
     fn expire(&mut self, id: u64, at_ms: u64) -> Result<bool, StoreError> {
-        self.transaction(false, |conn| {
+        // Under the fleet's lock: agents expiring the same fleet-wide record at once move it
+        // once (the second finds nothing left to move).
+        self.transaction(true, |conn| {
             let moved = conn.execute(
                 "keeping an expired reservation",
                 &format!(
@@ -792,7 +830,17 @@ impl<C: Conn> Store for SqlStore<C> {
     ) -> Result<Option<Record>, StoreError> {
         let what = "restoring an expired reservation";
         let moved = self.transaction(true, |conn| {
-            let moved = conn.execute(
+            let expired: Vec<RawRowAnd<i64>> = select(
+                conn,
+                what,
+                &format!("SELECT {COLUMNS}, expired_ms FROM expired WHERE id = ?1"),
+                &params![id],
+            )?;
+            let Some(RawRowAnd(raw, _)) = expired.into_iter().next() else {
+                return Ok(false);
+            };
+            self.check_free(&raw.into_record()?.reservation)?;
+            conn.execute(
                 what,
                 &format!(
                     "INSERT INTO reservations ({COLUMNS}) \
@@ -800,9 +848,6 @@ impl<C: Conn> Store for SqlStore<C> {
                 ),
                 &params![id],
             )?;
-            if moved == 0 {
-                return Ok(false);
-            }
             conn.execute(
                 what,
                 "UPDATE reservations SET ttl_ms = ?2, expires_ms = ?3 WHERE id = ?1",
@@ -875,6 +920,7 @@ impl<C: Conn> Store for SqlStore<C> {
 
     fn insert_with(&mut self, new: &NewRecord, extras: Extras<'_>) -> Result<Record, StoreError> {
         self.transaction(true, |conn| {
+            self.check_free(&new.reservation)?;
             let record = insert_one(conn, new)?;
             let id = record.id;
             if let Some(mapping) = extras.mapping {

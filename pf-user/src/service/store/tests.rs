@@ -331,3 +331,72 @@ fn a_bad_row_is_reported_not_trusted<C: Conn>(backend: &impl Backend<C>) {
     let err = store.list(None).unwrap_err().to_string();
     assert!(err.contains("address '198.51.100'"), "{err}");
 }
+
+/// On a shared store, a fleet-wide record (`fleet:PORT`) holds its port on every server's
+/// address, a request for fleet-wide ports meets every record, and the transaction that
+/// stores a record checks again (under the fleet's lock) and refuses ports taken meanwhile.
+#[test]
+fn on_a_shared_store_a_fleet_wide_port_is_taken_everywhere() {
+    let Some(db) = PostgresDatabase::new("fleet_wide_ports") else {
+        return;
+    };
+    let mut store = db.open();
+    let a = Ipv4Addr::new(198, 18, 0, 1);
+    let b = Ipv4Addr::new(198, 18, 1, 1);
+    let fleet = store
+        .insert(&new("acct-1", "fleet:8080/tcp", "10.8.0.2:80"))
+        .unwrap();
+    for addr in [a, b] {
+        let found = store
+            .public_overlap(addr, range(8080, 8080), Protocols::Tcp)
+            .unwrap();
+        assert_eq!(found.map(|r| r.id), Some(fleet.id), "{addr}");
+        assert_eq!(
+            store.used_public_ports(addr, Protocols::Tcp).unwrap(),
+            vec![range(8080, 8080)]
+        );
+    }
+    let on_b = store
+        .insert(&new("acct-2", "198.18.1.1:9000/tcp", "10.8.0.3:80"))
+        .unwrap();
+    assert!(
+        store
+            .public_overlap(a, range(9000, 9000), Protocols::Tcp)
+            .unwrap()
+            .is_none(),
+        "a server's own port is its own"
+    );
+    let found = store
+        .public_overlap(
+            crate::domain::spec::FLEET,
+            range(9000, 9000),
+            Protocols::Tcp,
+        )
+        .unwrap();
+    assert_eq!(found.map(|r| r.id), Some(on_b.id));
+    // Stored anyway, the check in the transaction refuses it and stores nothing.
+    for (spec, by) in [
+        ("198.18.0.1:8080/tcp", fleet.id),
+        ("fleet:9000/both", on_b.id),
+    ] {
+        match store.insert(&new("acct-3", spec, "10.8.0.4:80")) {
+            Err(StoreError::Taken { by: got, .. }) => assert_eq!(got, by, "{spec}"),
+            other => panic!("{spec}: {other:?}"),
+        }
+    }
+    assert_eq!(store.count().unwrap(), 2);
+    assert!(store.fleet_version().unwrap().unwrap() >= 2);
+}
+
+/// A store of one server's own has no fleet: no change counter, no agents.
+#[test]
+fn a_store_of_ones_own_has_no_fleet() {
+    let mut store = SqliteStore::in_memory().unwrap();
+    assert_eq!(store.fleet_version().unwrap(), None);
+    let me = crate::service::fleet::Agent {
+        name: "solo".into(),
+        public_ips: vec![Ipv4Addr::new(198, 51, 100, 1)],
+        seen_ms: 1,
+    };
+    assert!(store.register_agent(&me).unwrap().is_empty());
+}
