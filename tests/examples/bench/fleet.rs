@@ -15,6 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::maps::{HashMap as AyaHashMap, Map, MapData};
 use pf::{
     api::client::Client,
     kernel::{bpffs::PinDir, state::State},
@@ -27,6 +28,7 @@ use pf::{
     },
     testing::postgres::TempPostgres,
 };
+use pf_common::{ReservationKey, ReservationValue, map_names};
 use pf_tests::kit::{ScratchDir, serve::Service};
 use serde_json::{Value, json};
 
@@ -96,27 +98,23 @@ fn records(size: u32) -> Vec<NewRecord> {
         .collect()
 }
 
-/// Milliseconds until every map in `dirs` holds (`present`) or lacks a reservation on
-/// `port`, read every 0.2 ms for at most 5 s.
-fn until_maps(dirs: &[PinDir], port: u16, present: bool, from: Instant) -> Result<f64, String> {
-    let states: Vec<State> = dirs
-        .iter()
-        .map(|d| {
-            State::open_for_read(d)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| "an agent left no maps".to_string())
-        })
-        .collect::<Result<_, _>>()?;
+/// Milliseconds until every agent's `RESERVATIONS` map (`maps`) holds (`present`) or lacks
+/// a reservation on `port`, read every 0.2 ms for at most 5 s. The pinned maps are read as
+/// bpftool reads them, without pf's lock, so that looking never holds up the agent's write.
+fn until_maps(
+    maps: &[AyaHashMap<MapData, ReservationKey, ReservationValue>],
+    port: u16,
+    present: bool,
+    from: Instant,
+) -> Result<f64, String> {
     loop {
-        let mut all = true;
-        for state in &states {
-            let has = state
-                .list()
-                .map_err(|e| e.to_string())?
-                .iter()
-                .any(|r| r.public.ports.first == port);
-            all &= has == present;
-        }
+        let all = maps.iter().all(|map| {
+            let has = map
+                .keys()
+                .filter_map(Result::ok)
+                .any(|k| u16::from_be_bytes(k.first_port) == port);
+            has == present
+        });
         if all {
             return Ok(from.elapsed().as_secs_f64() * 1e3);
         }
@@ -197,10 +195,14 @@ pub fn run(profile: &Profile) -> Result<Value, String> {
         );
         agent_pins.push(pin_dir);
     }
-    let followers: Vec<PinDir> = agent_pins[1..]
+    let followers: Vec<AyaHashMap<MapData, ReservationKey, ReservationValue>> = agent_pins[1..]
         .iter()
-        .map(|p| PinDir::new(p.path()))
-        .collect();
+        .map(|p| {
+            MapData::from_pin(PinDir::new(p.path()).map(map_names::RESERVATIONS))
+                .map_err(|e| e.to_string())
+                .and_then(|m| AyaHashMap::try_from(Map::HashMap(m)).map_err(|e| e.to_string()))
+        })
+        .collect::<Result<_, _>>()?;
     let client = Client::new(&agents[0].socket());
     let changes = (profile.repetitions as u16 * 20).max(20);
     let (mut call_ms, mut follow_ms) = (Vec::new(), Vec::new());
@@ -219,14 +221,27 @@ pub fn run(profile: &Profile) -> Result<Value, String> {
             )
             .map_err(|e| e.to_string())?;
         call_ms.push(start.elapsed().as_secs_f64() * 1e3);
-        follow_ms.push(until_maps(&followers, port, true, start)?);
+        let logs = || {
+            agents
+                .iter()
+                .map(Service::log)
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        follow_ms.push(
+            until_maps(&followers, port, true, start)
+                .map_err(|e| format!("{e}; the agents' logs:\n{}", logs()))?,
+        );
         let id = made["id"].as_u64().ok_or("no id in the answer")?;
         let start = Instant::now();
         client
             .call("DELETE", &format!("/v1/reservations/{id}"), None)
             .map_err(|e| e.to_string())?;
         call_ms.push(start.elapsed().as_secs_f64() * 1e3);
-        follow_ms.push(until_maps(&followers, port, false, start)?);
+        follow_ms.push(
+            until_maps(&followers, port, false, start)
+                .map_err(|e| format!("{e}; the agents' logs:\n{}", logs()))?,
+        );
     }
     for agent in &mut agents {
         agent.stop();

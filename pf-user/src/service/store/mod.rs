@@ -254,7 +254,8 @@ impl StoreLocation {
 /// service runs one operation at a time); the store answers the questions they need.
 pub trait Store: Send {
     fn insert(&mut self, new: &NewRecord) -> Result<Record, StoreError>;
-    /// Inserts all of `new` in one transaction (bulk loads and benchmarks).
+    /// Inserts all of `new` in one transaction (bulk loads and benchmarks), unchecked: the
+    /// caller has made sure they overlap nothing.
     fn insert_all(&mut self, new: &[NewRecord]) -> Result<Vec<Record>, StoreError>;
     fn get(&self, id: u64) -> Result<Option<Record>, StoreError>;
     /// Every record, or one owner's, by id.

@@ -90,13 +90,21 @@ impl PostgresLocation {
         if let Some(password) = password {
             config.password(password);
         }
+        // Statements are prepared once per connection, often while a table is small or still
+        // filling (a bulk load in one transaction): a plan cached then would scan the whole
+        // table for ever after. Planned at each run, they use the indexes. The URL's own
+        // options come after, so an admin can still set either.
+        let options = format!(
+            "-c statement_timeout={STATEMENT_TIMEOUT} -c plan_cache_mode=force_custom_plan {}",
+            config.get_options().unwrap_or("")
+        );
         config
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_user_timeout(TCP_USER_TIMEOUT)
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(5))
             .application_name("pf serve")
-            .options(&format!("-c statement_timeout={STATEMENT_TIMEOUT}"));
+            .options(options.trim_end());
         Ok(Self {
             url: url.to_string(),
             config,
@@ -168,10 +176,16 @@ fn dollar_params(statement: &str) -> String {
 const FLEET_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS pf_version (version BIGINT NOT NULL);
 INSERT INTO pf_version (version) SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM pf_version);
+-- Once per transaction: a bulk load's 100,000 statements move the counter once (updating one
+-- row again and again in one transaction costs ever more). The new value is seen with the
+-- transaction's changes, at its commit, and so is the notification.
 CREATE OR REPLACE FUNCTION pf_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    UPDATE pf_version SET version = version + 1;
-    PERFORM pg_notify('pf_changes', '');
+    IF current_setting('pf.changed_in', true) IS DISTINCT FROM txid_current()::text THEN
+        UPDATE pf_version SET version = version + 1;
+        PERFORM pg_notify('pf_changes', '');
+        PERFORM set_config('pf.changed_in', txid_current()::text, true);
+    END IF;
     RETURN NULL;
 END $$;
 DROP TRIGGER IF EXISTS pf_changed ON reservations;
@@ -183,6 +197,8 @@ CREATE TRIGGER pf_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON trigge
 DROP TRIGGER IF EXISTS pf_changed ON limits;
 CREATE TRIGGER pf_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON limits
     FOR EACH STATEMENT EXECUTE FUNCTION pf_changed();
+-- A fleet-wide request's overlap check looks at every address's ports.
+CREATE INDEX IF NOT EXISTS reservations_ports ON reservations (first_port);
 -- The fleet's agents (pf serve on each server): name, public IPs, when last seen.
 CREATE TABLE IF NOT EXISTS agents (
     name       TEXT   PRIMARY KEY,

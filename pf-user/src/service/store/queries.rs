@@ -13,7 +13,7 @@ use super::{
 use crate::{
     domain::{
         limits::{Limits, SourceList},
-        spec::{PortRange, Protocols, PublicSpec, Reservation, TriggerPorts},
+        spec::{FLEET, PortRange, Protocols, PublicSpec, Reservation, TriggerPorts},
     },
     kernel::state::Traffic,
     service::fleet::Agent,
@@ -119,14 +119,19 @@ impl<C: Conn> SqlStore<C> {
         Ok(self.query(what, where_clause, &params)?.pop())
     }
 
-    /// Which public addresses a public-side query for ?1 meets. In a shared store a
+    /// Which public addresses a public-side query for `addr` (?1) meets. In a shared store a
     /// fleet-wide record (`0.0.0.0`) holds its ports on every server's address, and a
-    /// fleet-wide request meets every record; a store of one server's own has neither.
-    fn public_addr_where(&self) -> &'static str {
-        if self.conn.shared() {
-            "(public_ip = ?1 OR public_ip = '0.0.0.0' OR ?1 = '0.0.0.0')"
-        } else {
+    /// fleet-wide request meets every record; a store of one server's own has neither. Each
+    /// form is an index scan: (public_ip, first_port) for an address, first_port for the
+    /// fleet.
+    fn public_addr_where(&self, addr: Ipv4Addr) -> &'static str {
+        if !self.conn.shared() {
             "public_ip = ?1"
+        } else if addr == FLEET {
+            // ?1 is still named, so that its type is known.
+            "CAST(?1 AS TEXT) IS NOT NULL"
+        } else {
+            "public_ip IN (?1, '0.0.0.0')"
         }
     }
 
@@ -576,13 +581,9 @@ impl<C: Conn> Store for SqlStore<C> {
     }
 
     fn insert_all(&mut self, new: &[NewRecord]) -> Result<Vec<Record>, StoreError> {
+        // A bulk load, checked by its caller: no overlap query per record.
         self.transaction(true, |conn| {
-            new.iter()
-                .map(|n| {
-                    self.check_free(&n.reservation)?;
-                    insert_one(conn, n)
-                })
-                .collect()
+            new.iter().map(|n| insert_one(conn, n)).collect()
         })
     }
 
@@ -695,7 +696,7 @@ impl<C: Conn> Store for SqlStore<C> {
             &format!(
                 "WHERE {} AND first_port BETWEEN ?2 AND ?3 AND last_port >= ?4 \
                  AND (protocols & ?5) != 0 ORDER BY first_port LIMIT 1",
-                self.public_addr_where()
+                self.public_addr_where(addr)
             ),
             addr,
             ports,
@@ -734,7 +735,7 @@ impl<C: Conn> Store for SqlStore<C> {
             &format!(
                 "SELECT first_port, last_port FROM reservations \
                  WHERE {} AND (protocols & ?2) != 0",
-                self.public_addr_where()
+                self.public_addr_where(addr)
             ),
             &params![addr.to_string(), protocols.mask()],
         )?;
