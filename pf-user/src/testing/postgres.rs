@@ -5,8 +5,8 @@
 //! what was left.
 
 use std::{
-    net::TcpListener,
-    os::unix::process::CommandExt,
+    net::{Ipv4Addr, TcpListener},
+    os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -23,7 +23,7 @@ const PREFIX: &str = "pf-test-postgres-";
 #[error("starting a test PostgreSQL server: {0}")]
 pub struct StartError(String);
 
-/// A running server; the superuser is `pf`, trusted on loopback.
+/// A running server; the superuser is `pf`, trusted on its socket and TCP address.
 pub struct TempPostgres {
     dir: PathBuf,
     port: u16,
@@ -31,6 +31,10 @@ pub struct TempPostgres {
     server: Option<Child>,
     bin: PathBuf,
     user: Option<(u32, u32)>,
+    /// The address it listens on for TCP: loopback, or an address of `netns`.
+    listen: Ipv4Addr,
+    /// The network namespace it runs in (a `/run/netns` file, held open), if not the test's.
+    netns: Option<std::fs::File>,
 }
 
 /// The newest installed PostgreSQL's binaries (Debian: /usr/lib/postgresql/VERSION/bin).
@@ -105,8 +109,22 @@ fn free_port() -> Result<u16, StartError> {
 }
 
 impl TempPostgres {
-    /// Makes a data directory and starts a server on it.
+    /// Makes a data directory and starts a server on it, on loopback in the test's own
+    /// network namespace.
     pub fn start() -> Result<Self, StartError> {
+        Self::start_with(None, Ipv4Addr::LOCALHOST)
+    }
+
+    /// A server inside network namespace `netns` (its `/run/netns` path), listening on
+    /// `listen`, an address of that namespace's: reached over TCP only from namespaces
+    /// routed to it, so a test can cut the way (its socket file still reaches it from here).
+    pub fn start_in(netns: &str, listen: Ipv4Addr) -> Result<Self, StartError> {
+        let file = std::fs::File::open(netns)
+            .map_err(|e| StartError(format!("opening the network namespace {netns}: {e}")))?;
+        Self::start_with(Some(file), listen)
+    }
+
+    fn start_with(netns: Option<std::fs::File>, listen: Ipv4Addr) -> Result<Self, StartError> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         remove_leftovers();
         let bin = bin_dir()?;
@@ -124,6 +142,8 @@ impl TempPostgres {
             server: None,
             bin,
             user,
+            listen,
+            netns,
         };
         if let Some((uid, gid)) = user {
             std::os::unix::fs::chown(&server.dir, Some(uid), Some(gid)).map_err(|e| {
@@ -152,6 +172,14 @@ impl TempPostgres {
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
+        // Trusted from any address it can be reached from: only the test's own namespaces
+        // reach a server in one of them, and loopback is the test process's.
+        let hba = server.dir.join("data/pg_hba.conf");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&hba)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"host all all 0.0.0.0/0 trust\n"))
+            .map_err(|e| StartError(format!("{}: {e}", hba.display())))?;
         server.run()?;
         Ok(server)
     }
@@ -182,10 +210,17 @@ impl TempPostgres {
             if let Some((uid, gid)) = self.user {
                 let _ = std::os::unix::fs::chown(self.dir.join("server.log"), Some(uid), Some(gid));
             }
-            let mut cmd = self.command("postgres");
+            // As its user, but switched to it below, after entering the namespace (which needs
+            // root's privilege).
+            let mut cmd = Command::new(self.bin.join("postgres"));
+            cmd.current_dir(&self.dir)
+                .env("LC_ALL", "C.UTF-8")
+                .env("HOME", &self.dir);
             cmd.args(["-D", "data", "-p", &self.port.to_string(), "-k"])
                 .arg(&self.dir)
-                .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+                .arg("-c")
+                .arg(format!("listen_addresses={}", self.listen))
+                .args(["-c", "fsync=off"])
                 .args([
                     "-c",
                     "max_connections=200",
@@ -195,10 +230,26 @@ impl TempPostgres {
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().map_err(|e| StartError(e.to_string()))?)
                 .stderr(log);
-            // SAFETY: prctl is async-signal-safe. Set after the uid change (which clears it):
-            // if the test process dies, the server gets a fast shutdown.
+            let netns = self.netns.as_ref().map(|f| f.as_raw_fd());
+            let user = self.user;
+            // SAFETY: only async-signal-safe calls (setns, setgroups, setgid, setuid, prctl)
+            // between fork and exec. The parent-death signal is set after the uid change
+            // (which clears it): if the test process dies, the server gets a fast shutdown.
             unsafe {
-                cmd.pre_exec(|| {
+                cmd.pre_exec(move || {
+                    let fail = || Err(std::io::Error::last_os_error());
+                    if let Some(fd) = netns
+                        && libc::setns(fd, libc::CLONE_NEWNET) != 0
+                    {
+                        return fail();
+                    }
+                    if let Some((uid, gid)) = user
+                        && (libc::setgroups(0, std::ptr::null()) != 0
+                            || libc::setgid(gid) != 0
+                            || libc::setuid(uid) != 0)
+                    {
+                        return fail();
+                    }
                     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT);
                     Ok(())
                 });
@@ -230,7 +281,7 @@ impl TempPostgres {
                 return Err(format!("postgres exited ({status}): {}", log.trim()));
             }
             if postgres::Config::new()
-                .host("127.0.0.1")
+                .host_path(&self.dir)
                 .port(self.port)
                 .user("pf")
                 .dbname("postgres")
@@ -274,7 +325,7 @@ impl TempPostgres {
     /// Makes database `name` and gives its URL (user `pf`, no password).
     pub fn database(&self, name: &str) -> Result<String, StartError> {
         let mut client = postgres::Config::new()
-            .host("127.0.0.1")
+            .host_path(&self.dir)
             .port(self.port)
             .user("pf")
             .dbname("postgres")
@@ -297,9 +348,10 @@ impl TempPostgres {
         Ok(self.url(name))
     }
 
-    /// `database`'s URL over loopback TCP (in the test process's network namespace).
+    /// `database`'s URL over TCP (loopback in the test process's network namespace, or the
+    /// address given [`start_in`](Self::start_in)).
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://pf@127.0.0.1:{}/{database}", self.port)
+        format!("postgres://pf@{}:{}/{database}", self.listen, self.port)
     }
 
     /// `database`'s URL over the server's Unix socket, which a `pf serve` in any network

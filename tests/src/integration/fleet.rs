@@ -454,3 +454,81 @@ fn three_agents_on_one_database_converge_and_never_share_a_port() {
             .contains("port 82")
     );
 }
+
+/// The agent cut off from its database by a partition (packets to and from the database's
+/// namespace silently dropped, as a broken path drops them): forwarding goes on untouched,
+/// a change is refused as unavailable once the connection times out, and when the path is
+/// back the agent connects again and takes changes, with nothing it forwarded lost.
+#[test]
+fn a_partition_from_the_database_never_stops_forwarding() {
+    require_root();
+    let topo = Topology::new(&format!("pf{}pp", std::process::id())).unwrap();
+    let db_ns = Netns::new(&format!("pf{}pd", std::process::id())).unwrap();
+    veth(
+        (&db_ns, "db0", "10.99.0.1/24"),
+        (&topo.server, "dbl", "10.99.0.2/24"),
+    )
+    .unwrap();
+    let db = TempPostgres::start_in(&db_ns.path(), "10.99.0.1".parse().unwrap())
+        .expect("a PostgreSQL server in its own namespace");
+    db.database("fleet").unwrap();
+    let url = db.url("fleet");
+    assert!(url.contains("@10.99.0.1:"), "{url}");
+    let dir = TempPinDir::new();
+    let service = dir.serve_with(Some(&topo.server), &on_store(&url, TEST_POLICY));
+    let mut servers = Servers::new();
+    servers.http(&topo.client, 80);
+    servers.http(&topo.client, 81);
+    pf_ok(
+        &dir,
+        &["reserve", "198.51.100.1:8080/tcp", "--to", "10.8.0.2:80"],
+    );
+    let page = format!("http://{PUBLIC_IP}:8080/");
+    topo.inet.wait_for_http(&page).unwrap();
+    let before = maps_hold(&dir);
+
+    // The cut: the server's packets to the database and the database's to it are dropped.
+    let cut = |words: &[&str]| topo.server.run(words).unwrap();
+    cut(&["nft", "add", "table", "inet", "pfcut"]);
+    for (chain, hook, dir_word) in [("out", "output", "daddr"), ("in", "input", "saddr")] {
+        cut(&[
+            "nft",
+            &format!("add chain inet pfcut {chain} {{ type filter hook {hook} priority 0; }}"),
+        ]);
+        cut(&[
+            "nft",
+            &format!("add rule inet pfcut {chain} ip {dir_word} 10.99.0.1 drop"),
+        ]);
+    }
+    assert!(topo.inet.curl(&page).unwrap().contains("port 80"));
+    let refused = pf(
+        &dir,
+        &["reserve", "198.51.100.1:8081/tcp", "--to", "10.8.0.2:81"],
+    );
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "a change across a partition");
+    assert!(said.contains("unavailable"), "{said}");
+    assert_eq!(maps_hold(&dir), before, "nothing changed in the maps");
+    assert!(
+        topo.inet.curl(&page).unwrap().contains("port 80"),
+        "forwarding goes on across the partition"
+    );
+
+    // Healed: the agent connects again and takes the change; what it forwarded stayed.
+    cut(&["nft", "delete", "table", "inet", "pfcut"]);
+    assert!(
+        eventually(Duration::from_secs(30), || pf(
+            &dir,
+            &["reserve", "198.51.100.1:8081/tcp", "--to", "10.8.0.2:81"]
+        )
+        .status
+        .success()),
+        "changes are taken again after the partition: {}",
+        service.log()
+    );
+    topo.inet
+        .wait_for_http(&format!("http://{PUBLIC_IP}:8081/"))
+        .unwrap();
+    assert!(topo.inet.curl(&page).unwrap().contains("port 80"));
+    assert_eq!(maps_hold(&dir).len(), 2);
+}

@@ -14,6 +14,9 @@ use crate::service::{
 pub const AGENT_STALE: Duration = Duration::from_secs(60);
 /// How often an agent says it is there (and reads which IPs the fleet's others have).
 const AGENT_HEARTBEAT: Duration = Duration::from_secs(10);
+/// How often an agent reconciles in full, whatever the counter says, reporting drift as a
+/// server on its own store does (maps changed under it, a change the counter missed).
+const FULL_RECONCILE: Duration = Duration::from_secs(300);
 
 /// This agent's fleet state inside the engine.
 pub(super) struct FleetState {
@@ -22,6 +25,8 @@ pub(super) struct FleetState {
     pub followed: Option<i64>,
     /// When this agent last recorded itself (engine ms).
     pub registered_ms: u64,
+    /// When this agent last reconciled in full (engine ms).
+    pub reconciled_ms: u64,
 }
 
 impl Engine {
@@ -74,6 +79,7 @@ impl Engine {
             scope: Arc::new(scope),
             followed: self.store.fleet_version()?,
             registered_ms: now,
+            reconciled_ms: now,
         });
         Ok(())
     }
@@ -103,6 +109,17 @@ impl Engine {
         })
     }
 
+    /// Every record this server forwards, as it forwards them (see [`Engine::localized`]):
+    /// another server's reservations are its own agent's to forward.
+    pub(super) fn local_records(&self) -> Result<Vec<Record>, ApiError> {
+        Ok(self
+            .store
+            .list(None)?
+            .into_iter()
+            .filter_map(|r| self.localized(r))
+            .collect())
+    }
+
     /// At a tick: says this agent is there now and then, and follows the store if another
     /// agent (or anyone) changed it since the last time.
     pub(super) fn follow_fleet(&mut self) {
@@ -124,6 +141,16 @@ impl Engine {
                     }
                 }
                 Err(e) => tracing::warn!("{e}"),
+            }
+        }
+        if self.fleet.as_ref().is_some_and(|f| {
+            now.saturating_sub(f.reconciled_ms) >= FULL_RECONCILE.as_millis() as u64
+        }) {
+            if let Some(f) = self.fleet.as_mut() {
+                f.reconciled_ms = now;
+            }
+            if let Err(e) = self.reconcile(ReconcileGuard::REPAIR) {
+                tracing::warn!("the periodic reconcile: {}", e.message);
             }
         }
         let version = match self.store.fleet_version() {

@@ -54,13 +54,7 @@ impl Engine {
             return Ok(());
         }
         let actual = state.list()?;
-        // As this server forwards them: a fleet-wide record on its own public IP.
-        let records: Vec<_> = self
-            .store
-            .list(None)?
-            .into_iter()
-            .filter_map(|r| self.localized(r))
-            .collect();
+        let records = self.local_records()?;
         let stored: std::collections::HashSet<&Reservation> =
             records.iter().map(|r| &r.reservation).collect();
         let unknown = actual.iter().filter(|r| !stored.contains(r)).count();
@@ -101,14 +95,7 @@ impl Engine {
     ) -> Result<ReconcileReport, ApiError> {
         // Slots are the store's to give: two reservations sharing one are separated first.
         let separated = self.separate_limit_slots()?;
-        // Another server's reservations are its own agent's to forward; a fleet-wide one is
-        // forwarded on this server's own public IP.
-        let records: Vec<_> = self
-            .store
-            .list(None)?
-            .into_iter()
-            .filter_map(|r| self.localized(r))
-            .collect();
+        let records = self.local_records()?;
         let desired: Vec<Reservation> = records
             .iter()
             .filter(|r| r.enabled)
