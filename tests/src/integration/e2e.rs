@@ -474,10 +474,19 @@ fn egress_rewrites_partial_and_whole_checksums() {
         let helpers = |s: &Value| s["egress_rewritten_by_helpers"].as_u64().unwrap();
         let by_helpers = helpers(&after) - helpers(&before);
         assert!(rewritten > 0, "offload {offload}: {after}");
-        let want = if partial { rewritten } else { 0 };
-        assert_eq!(
-            by_helpers, want,
+        let message = format!(
             "offload {offload}: {rewritten} replies rewritten, {by_helpers} by the helpers"
         );
+        if partial {
+            // The client's own sockets send partial sums; a reply the kernel builds by itself
+            // (a TIME_WAIT socket's ACK to a late FIN, a RST) carries a whole one even with
+            // offload on. A slow run meets one now and then (seen once in CI: 8 of 9).
+            assert!(
+                by_helpers > 0 && by_helpers + 2 >= rewritten && by_helpers <= rewritten,
+                "{message}"
+            );
+        } else {
+            assert_eq!(by_helpers, 0, "{message}");
+        }
     }
 }
