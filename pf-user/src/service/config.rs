@@ -294,7 +294,10 @@ fn store_location(
 }
 
 /// `service.agent`, or the host's name: letters, digits, '.', '-' and '_', 1 to 64 of them.
-fn agent_name(agent: Option<String>) -> Result<String, String> {
+/// The host's name is only checked where it is used, in a fleet (`fleet`): a server on a store
+/// of its own may have any (a VM's is "(none)").
+fn agent_name(agent: Option<String>, fleet: bool) -> Result<String, String> {
+    let given = agent.is_some();
     let name = match agent {
         Some(name) => name,
         None => std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -302,7 +305,11 @@ fn agent_name(agent: Option<String>) -> Result<String, String> {
             .unwrap_or_default(),
     };
     let fine = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
-    if name.is_empty() || name.len() > 64 || !name.chars().all(fine) {
+    let valid = !name.is_empty() && name.len() <= 64 && name.chars().all(fine);
+    if !valid && !given && !fleet {
+        return Ok(String::new());
+    }
+    if !valid {
         return Err(format!(
             "service.agent: '{name}' is not a name for this server (1 to 64 letters, digits, '.', '-' or '_')"
         ));
@@ -651,6 +658,7 @@ impl Config {
             s.store_password_file.as_deref(),
             &database,
         )?;
+        let agent = agent_name(s.agent, matches!(store, StoreLocation::Postgres(_)))?;
         let reconcile_removal_limit = s
             .reconcile_removal_limit
             .unwrap_or(DEFAULT_RECONCILE_REMOVAL_LIMIT);
@@ -673,7 +681,7 @@ impl Config {
                 socket_group: s.socket_group,
                 database,
                 store,
-                agent: agent_name(s.agent)?,
+                agent,
                 audit_log: s.audit_log.unwrap_or_else(|| DEFAULT_AUDIT_LOG.into()),
                 bpffs: s.bpffs.unwrap_or_else(|| DEFAULT_PIN_DIR.into()),
                 reconcile_removal_limit,
@@ -1017,6 +1025,10 @@ mod tests {
             (
                 "store = \"postgres://pf@db/pf\"\nstore_password_file = \"/nonexistent/pw\"".into(),
                 "service.store_password_file: reading /nonexistent/pw",
+            ),
+            (
+                "agent = \"vpn ams 1\"".into(),
+                "service.agent: 'vpn ams 1' is not a name for this server",
             ),
         ] {
             let err = Config::parse(&with(&service)).unwrap_err();
