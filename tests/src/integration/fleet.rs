@@ -54,92 +54,120 @@ fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// One agent on a store at `url`, in `topo`'s server: web servers on the client's ports 80
+/// and 81, and a reservation of 8080 to port 80 that forwards curl.
+struct OneAgent {
+    dir: TempPinDir,
+    service: Service,
+    page: String,
+    _servers: Servers,
+}
+
+/// The second reservation the one-agent tests try while the store is away and again after.
+const SECOND: [&str; 4] = ["reserve", "198.51.100.1:8081/tcp", "--to", "10.8.0.2:81"];
+
+impl OneAgent {
+    fn start(topo: &Topology, url: &str) -> Self {
+        let dir = TempPinDir::new();
+        let service = dir.serve_with(Some(&topo.server), &on_store(url, TEST_POLICY));
+        let mut servers = Servers::new();
+        servers.http(&topo.client, 80);
+        servers.http(&topo.client, 81);
+        pf_ok(
+            &dir,
+            &["reserve", "198.51.100.1:8080/tcp", "--to", "10.8.0.2:80"],
+        );
+        let page = format!("http://{PUBLIC_IP}:8080/");
+        topo.inet.wait_for_http(&page).unwrap();
+        Self {
+            dir,
+            service,
+            page,
+            _servers: servers,
+        }
+    }
+
+    /// With the store out of reach: the second reservation is refused as unavailable and
+    /// changes nothing in the maps, and the first goes on forwarding.
+    fn refused_while_away(&self, topo: &Topology) {
+        let before = maps_hold(&self.dir);
+        let refused = pf(&self.dir, &SECOND);
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "a change without its store");
+        assert!(
+            said.contains("unavailable"),
+            "the refusal says the store is unavailable: {said}"
+        );
+        assert_eq!(maps_hold(&self.dir), before, "nothing changed in the maps");
+        assert!(
+            topo.inet.curl(&self.page).unwrap().contains("port 80"),
+            "forwarding goes on without the store"
+        );
+    }
+
+    /// The store back: the second reservation is taken (within `within`) and forwards, with
+    /// no restart.
+    fn taken_again(&self, topo: &Topology, within: Duration) {
+        assert!(
+            eventually(within, || pf(&self.dir, &SECOND).status.success()),
+            "changes are taken again once the store is back: {}",
+            self.service.log()
+        );
+        topo.inet
+            .wait_for_http(&format!("http://{PUBLIC_IP}:8081/"))
+            .unwrap();
+    }
+}
+
 #[test]
 fn a_store_on_postgresql_forwards_and_outlives_the_database_going_away() {
     require_root();
     let mut db = TempPostgres::start().expect("a PostgreSQL server for the test");
     db.database("fleet").unwrap();
     let url = db.socket_url("fleet");
-    let dir = TempPinDir::new();
     let topo = Topology::new(&format!("pf{}pg", std::process::id())).unwrap();
-    let mut service = dir.serve_with(Some(&topo.server), &on_store(&url, TEST_POLICY));
-    assert!(
-        service
-            .log()
-            .contains("the reservation store is PostgreSQL"),
-        "{}",
-        service.log()
-    );
-    let mut servers = Servers::new();
-    servers.http(&topo.client, 80);
-    servers.http(&topo.client, 81);
-
-    pf_ok(
-        &dir,
-        &["reserve", "198.51.100.1:8080/tcp", "--to", "10.8.0.2:80"],
-    );
-    let page = format!("http://{PUBLIC_IP}:8080/");
-    topo.inet.wait_for_http(&page).unwrap();
+    let mut agent = OneAgent::start(&topo, &url);
+    let log = agent.service.log();
+    assert!(log.contains("the reservation store is PostgreSQL"), "{log}");
 
     // The database goes away: forwarding goes on, a change is refused as unavailable and
     // changes nothing, in the store or the maps.
     db.stop();
-    let before = maps_hold(&dir);
-    let refused = pf(
-        &dir,
-        &["reserve", "198.51.100.1:8081/tcp", "--to", "10.8.0.2:81"],
-    );
-    let said = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success(), "a change without its store");
-    assert!(
-        said.contains("unavailable"),
-        "the refusal says the store is unavailable: {said}"
-    );
-    assert_eq!(maps_hold(&dir), before);
-    assert!(
-        topo.inet.curl(&page).unwrap().contains("port 80"),
-        "forwarding goes on without the database"
-    );
+    agent.refused_while_away(&topo);
     // Said once, not at every tick of the seconds it is down.
     std::thread::sleep(Duration::from_millis(2500));
     let said_down = |log: &str| log.matches("changes are refused until it is back").count();
-    assert_eq!(said_down(&service.log()), 1, "{}", service.log());
+    assert_eq!(
+        said_down(&agent.service.log()),
+        1,
+        "{}",
+        agent.service.log()
+    );
 
     // Back: the service takes changes again (a new connection), with no restart.
     db.run().unwrap();
+    agent.taken_again(&topo, Duration::from_secs(10));
     assert!(
-        eventually(Duration::from_secs(10), || pf(
-            &dir,
-            &["reserve", "198.51.100.1:8081/tcp", "--to", "10.8.0.2:81"]
-        )
-        .status
-        .success()),
-        "changes are taken again once the database is back: {}",
-        service.log()
-    );
-    topo.inet
-        .wait_for_http(&format!("http://{PUBLIC_IP}:8081/"))
-        .unwrap();
-    assert!(
-        eventually(Duration::from_secs(3), || service
+        eventually(Duration::from_secs(3), || agent
+            .service
             .log()
             .contains("the reservation store is reachable again")),
         "{}",
-        service.log()
+        agent.service.log()
     );
 
     // A restart rebuilds the maps from the database, and the store lists both.
-    service.stop();
-    service.spawn().unwrap();
-    let listed: Vec<String> = pf_list(&dir)
+    agent.service.stop();
+    agent.service.spawn().unwrap();
+    let listed: Vec<String> = pf_list(&agent.dir)
         .as_array()
         .unwrap()
         .iter()
         .map(|r| r["spec"].as_str().unwrap_or_default().to_string())
         .collect();
     assert_eq!(listed.len(), 2, "{listed:?}");
-    assert_eq!(maps_hold(&dir).len(), 2);
-    assert!(topo.inet.curl(&page).unwrap().contains("port 80"));
+    assert_eq!(maps_hold(&agent.dir).len(), 2);
+    assert!(topo.inet.curl(&agent.page).unwrap().contains("port 80"));
 }
 
 /// One server of a fleet: its namespace (public interface `pub0` on `198.18.K.1/24`, linked
@@ -474,18 +502,7 @@ fn a_partition_from_the_database_never_stops_forwarding() {
     db.database("fleet").unwrap();
     let url = db.url("fleet");
     assert!(url.contains("@10.99.0.1:"), "{url}");
-    let dir = TempPinDir::new();
-    let service = dir.serve_with(Some(&topo.server), &on_store(&url, TEST_POLICY));
-    let mut servers = Servers::new();
-    servers.http(&topo.client, 80);
-    servers.http(&topo.client, 81);
-    pf_ok(
-        &dir,
-        &["reserve", "198.51.100.1:8080/tcp", "--to", "10.8.0.2:80"],
-    );
-    let page = format!("http://{PUBLIC_IP}:8080/");
-    topo.inet.wait_for_http(&page).unwrap();
-    let before = maps_hold(&dir);
+    let agent = OneAgent::start(&topo, &url);
 
     // The cut: the server's packets to the database and the database's to it are dropped.
     let cut = |words: &[&str]| topo.server.run(words).unwrap();
@@ -500,35 +517,12 @@ fn a_partition_from_the_database_never_stops_forwarding() {
             &format!("add rule inet pfcut {chain} ip {dir_word} 10.99.0.1 drop"),
         ]);
     }
-    assert!(topo.inet.curl(&page).unwrap().contains("port 80"));
-    let refused = pf(
-        &dir,
-        &["reserve", "198.51.100.1:8081/tcp", "--to", "10.8.0.2:81"],
-    );
-    let said = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success(), "a change across a partition");
-    assert!(said.contains("unavailable"), "{said}");
-    assert_eq!(maps_hold(&dir), before, "nothing changed in the maps");
-    assert!(
-        topo.inet.curl(&page).unwrap().contains("port 80"),
-        "forwarding goes on across the partition"
-    );
+    assert!(topo.inet.curl(&agent.page).unwrap().contains("port 80"));
+    agent.refused_while_away(&topo);
 
     // Healed: the agent connects again and takes the change; what it forwarded stayed.
     cut(&["nft", "delete", "table", "inet", "pfcut"]);
-    assert!(
-        eventually(Duration::from_secs(30), || pf(
-            &dir,
-            &["reserve", "198.51.100.1:8081/tcp", "--to", "10.8.0.2:81"]
-        )
-        .status
-        .success()),
-        "changes are taken again after the partition: {}",
-        service.log()
-    );
-    topo.inet
-        .wait_for_http(&format!("http://{PUBLIC_IP}:8081/"))
-        .unwrap();
-    assert!(topo.inet.curl(&page).unwrap().contains("port 80"));
-    assert_eq!(maps_hold(&dir).len(), 2);
+    agent.taken_again(&topo, Duration::from_secs(30));
+    assert!(topo.inet.curl(&agent.page).unwrap().contains("port 80"));
+    assert_eq!(maps_hold(&agent.dir).len(), 2);
 }

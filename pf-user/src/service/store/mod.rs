@@ -340,9 +340,8 @@ pub trait Store: Send {
     /// if it was lost (at most once per back-off period, so a dead server is not hammered).
     fn reachable(&self) -> Result<(), StoreError>;
 
-    /// Stores a reservation a device asked for and its mapping, in one transaction.
     /// Stores a reservation with what comes with it (a port mapping, a trigger rule, limits),
-    /// in one transaction.
+    /// in one transaction, which checks its public side is still free (`StoreError::Taken`).
     fn insert_with(&mut self, new: &NewRecord, extras: Extras<'_>) -> Result<Record, StoreError>;
     /// The mapping `client` holds for (`protocol`, `internal_port`), with its reservation's id.
     fn mapping(
